@@ -1,0 +1,109 @@
+"""Request/reply over any Transport: correlation by message id, timeouts, scatter/gather."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+
+from . import codec
+from .errors import ProtocolError, TransportError
+from .messages import Body, Envelope
+from .transport import Transport
+
+log = logging.getLogger("fedcore.rpc")
+
+
+class Client:
+    """The researcher's side of the conversation with nodes."""
+
+    def __init__(self, transport: Transport, *, max_frame_size: int = codec.DEFAULT_MAX_FRAME):
+        self.transport = transport
+        self.identity = transport.identity
+        self.max_frame_size = max_frame_size
+        self._pending: dict[str, asyncio.Future[Envelope]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the transport and start reading replies."""
+        await self.transport.start()
+        self._reader = asyncio.create_task(self._read())
+
+    async def close(self) -> None:
+        """Close the transport; pending requests fail with ``TransportError``."""
+        await self.transport.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                await self._reader
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(TransportError("The connection was closed."))
+        self._pending.clear()
+
+    async def _read(self) -> None:
+        while True:
+            peer, frame = await self.transport.receive()
+            try:
+                env = codec.decode(frame, max_size=self.max_frame_size)
+            except ProtocolError as exc:
+                log.warning("Ignored a malformed frame from %s: %s", peer, exc)
+                continue
+            fut = self._pending.pop(env.reply_to, None)
+            if fut is None:
+                log.debug("Ignored an unsolicited %s from %s", env.tag, peer)
+            elif not fut.done():
+                fut.set_result(env)
+
+    def peers(self) -> set[str]:
+        """Nodes connected now."""
+        return self.transport.peers()
+
+    async def wait_for_peers(self, wanted: int, timeout: float) -> set[str]:
+        """Wait until ``wanted`` nodes are connected or ``timeout`` passes; return them."""
+        deadline = time.monotonic() + timeout
+        while len(self.peers()) < wanted and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.peers()
+
+    async def request(self, peer: str, body: Body, *, experiment: str = "", round: int = 0,
+                      timeout: float = 60.0) -> Envelope:
+        """Send ``body`` to ``peer`` and wait for its reply."""
+        env = Envelope(body=body, sender=self.identity, recipient=peer,
+                       experiment=experiment, round=round)
+        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._pending[env.id] = fut
+        try:
+            await self.transport.send(peer, codec.encode(env, max_size=self.max_frame_size))
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise TransportError(
+                f"Node {peer!r} did not answer {body.TAG} within {timeout:g} s."
+            ) from None
+        finally:
+            self._pending.pop(env.id, None)
+
+    async def scatter(
+        self, bodies: Mapping[str, Body], *, experiment: str = "", round: int = 0,
+        timeout: float = 60.0,
+    ) -> AsyncIterator[tuple[str, Envelope | Exception, float]]:
+        """Send one body per peer; yield ``(peer, reply or error, seconds)`` as each ends."""
+        start = time.perf_counter()
+
+        async def one(peer: str, body: Body) -> tuple[str, Envelope | Exception, float]:
+            try:
+                result: Envelope | Exception = await self.request(
+                    peer, body, experiment=experiment, round=round, timeout=timeout)
+            except (TransportError, ProtocolError) as exc:
+                result = exc
+            return peer, result, time.perf_counter() - start
+
+        tasks = [asyncio.create_task(one(p, b)) for p, b in bodies.items()]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for t in tasks:
+                t.cancel()

@@ -1,0 +1,70 @@
+"""The background event loop that runs fedcore's networking for synchronous callers.
+
+Experiments and simulated nodes run their coroutines on one daemon thread's loop, so the
+synchronous API works the same in a script and inside Jupyter, whose own loop is already
+running (``asyncio.run`` would refuse there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from .errors import ConfigurationError
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def loop() -> asyncio.AbstractEventLoop:
+    """The runtime loop, started on first use."""
+    global _loop, _thread
+    with _lock:
+        if _loop is None or not _loop.is_running():
+            ready = threading.Event()
+            new_loop = asyncio.new_event_loop()
+
+            def main() -> None:
+                asyncio.set_event_loop(new_loop)
+                new_loop.call_soon(ready.set)
+                new_loop.run_forever()
+
+            _thread = threading.Thread(target=main, name="fedcore-runtime", daemon=True)
+            _thread.start()
+            ready.wait()
+            _loop = new_loop
+        return _loop
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Schedule ``coro`` on the runtime loop from any thread."""
+    return asyncio.run_coroutine_threadsafe(coro, loop())
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the runtime loop and wait for its result (from any other thread)."""
+    if threading.current_thread() is _thread:
+        coro.close()
+        raise ConfigurationError(
+            "A synchronous fedcore call was made from fedcore's own event loop: use the "
+            "async twin (e.g. `await experiment.arun()`) there."
+        )
+    future = submit(coro)
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        future.cancel()
+        raise
+
+
+async def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` run on the runtime loop, from any event loop (e.g. Jupyter's)."""
+    if threading.current_thread() is _thread:
+        return await coro
+    return await asyncio.wrap_future(submit(coro))

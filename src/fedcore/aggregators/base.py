@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import Any, ClassVar
+
+from ..params import ParameterSet
+
+
+class Aggregator(abc.ABC):
+    """Folds node updates, one at a time, into the next global model.
+
+    A round calls :meth:`start` with the current global parameters, :meth:`add` once per
+    successful node (in a fixed node order, so results are reproducible), then
+    :meth:`result`. Streaming aggregators keep memory O(model) whatever the number of nodes;
+    those that need every update at once set ``streaming = False``.
+
+    Configuration lives in the constructor (see :meth:`get_params`); state that must survive
+    a checkpoint is returned by :meth:`state_dict`.
+    """
+
+    name: ClassVar[str] = ""
+    streaming: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def start(self, global_params: ParameterSet, round: int) -> None:
+        """Begin a round from ``global_params``."""
+
+    @abc.abstractmethod
+    def add(self, update: ParameterSet, weight: float, node: str = "") -> None:
+        """Fold one node's update, weighted by ``weight`` (usually its sample count)."""
+
+    @abc.abstractmethod
+    def result(self) -> ParameterSet:
+        """The aggregated parameters; raises if no update was added."""
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor arguments, for inspection, cloning and checkpoints."""
+        sig = inspect.signature(type(self).__init__)
+        return {
+            name: getattr(self, name)
+            for name in sig.parameters
+            if name != "self" and hasattr(self, name)
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Learned state carried across rounds (server momentum...); empty by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,80 @@
+"""One exception root for fedcore, split by what the caller can do about it.
+
+``FedcoreError``
+    ``TransportError``      the network failed; retrying may help.
+    ``ProtocolError``       a frame was malformed, oversized, of an unknown type or version.
+    ``GovernanceError``     a node refused the request; ``reason`` says why.
+    ``PlanError``           the researcher's training plan failed (on a node or locally).
+    ``DatasetError``        a dataset is missing, unavailable or does not fit the request.
+    ``ConfigurationError``  the call was wrong: fix the arguments or install an extra.
+    ``RoundError``          no node produced a usable update in a round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "DatasetError",
+    "FedcoreError",
+    "GovernanceError",
+    "PlanError",
+    "ProtocolError",
+    "RoundError",
+    "TransportError",
+]
+
+
+class FedcoreError(Exception):
+    """Root of every error fedcore raises on purpose."""
+
+
+class TransportError(FedcoreError):
+    """The network failed to carry a frame (retryable)."""
+
+
+class ProtocolError(FedcoreError):
+    """A frame could not be understood: malformed, oversized, unknown type or version."""
+
+
+class GovernanceError(FedcoreError):
+    """A node refused a request under its own policy."""
+
+    def __init__(self, message: str, *, node: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.node = node
+        self.reason = reason or message
+
+
+class PlanError(FedcoreError):
+    """The researcher's training plan raised, on a node or while being prepared."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node: str | None = None,
+        exc_type: str | None = None,
+        traceback: str | None = None,
+    ):
+        super().__init__(message)
+        self.node = node
+        self.exc_type = exc_type
+        self.traceback = traceback
+
+
+class DatasetError(FedcoreError):
+    """A dataset is missing, unavailable, ambiguous or does not fit the request."""
+
+
+class ConfigurationError(FedcoreError, ValueError):
+    """The arguments or the installation are wrong; the message says how to fix it."""
+
+
+class RoundError(FedcoreError):
+    """No node produced a usable update in a round; ``failures`` maps node to its error."""
+
+    def __init__(self, message: str, *, failures: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})

@@ -1,0 +1,576 @@
+"""Experiment: the researcher's interactive object."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import _runtime, codec, plugins
+from ._rpc import Client
+from .aggregators import Aggregator
+from .data import merge_metadata
+from .errors import (
+    ConfigurationError,
+    DatasetError,
+    FedcoreError,
+    PlanError,
+    RoundError,
+)
+from .messages import (
+    Checkpoint,
+    Envelope,
+    ErrorReply,
+    SearchReply,
+    SearchRequest,
+    TrainReply,
+    TrainRequest,
+)
+from .params import ParameterSet
+from .plan import PlanBundle, TrainingPlan
+from .transport import open_transport
+
+__all__ = ["Experiment"]
+
+log = logging.getLogger("fedcore.experiment")
+
+_CHECKPOINT_VERSION = 1
+
+
+class Experiment:
+    """Train ``plan`` on the datasets tagged ``tags`` across a federation, round by round.
+
+    The same code runs in simulation (``federation="inproc://name"``) and against deployed
+    nodes; only the URL changes. Every setting is a constructor argument and a property that
+    may change between rounds. Synchronous methods work in scripts and inside Jupyter; each
+    has an async twin (``asearch``, ``arun``, ``arun_once``).
+
+    Example::
+
+        exp = Experiment(MyPlan, tags=["breast-cancer"], federation=fed.url,
+                         training_args={"epochs": 1}, round_limit=5)
+        exp.run()
+        exp.history          # one row per node and round
+        exp.parameters       # the global model
+    """
+
+    def __init__(
+        self,
+        plan: type[TrainingPlan],
+        *,
+        tags: Sequence[str],
+        federation: str,
+        model_args: Mapping[str, Any] | None = None,
+        training_args: Mapping[str, Any] | None = None,
+        aggregator: str | Aggregator = "fedavg",
+        round_limit: int | None = None,
+        nodes: Sequence[str] | None = None,
+        test_ratio: float = 0.2,
+        seed: int = 0,
+        evaluate_global: bool = True,
+        evaluate_local: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+        progress: bool = True,
+        name: str | None = None,
+    ):
+        self.plan = plan
+        self.tags = tags
+        self.federation = federation
+        self.model_args = model_args or {}
+        self.training_args = training_args or {}
+        self.aggregator = aggregator
+        self.round_limit = round_limit
+        self.nodes = nodes
+        self.test_ratio = test_ratio
+        self.seed = int(seed)
+        self.evaluate_global = evaluate_global
+        self.evaluate_local = evaluate_local
+        self.checkpoint_dir = checkpoint_dir
+        self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.progress = progress
+        self.name = name or "experiment"
+        self.id = uuid.uuid4().hex
+        self.round = 0
+        self._params: ParameterSet | None = None
+        self._history: list[dict[str, Any]] = []
+        self._targets: dict[str, dict[str, Any]] | None = None
+        self._client: Client | None = None
+        self._saved_data_info: dict[str, Any] = {}
+
+    # --- configuration (validated setters) --------------------------------------------------
+
+    @property
+    def plan(self) -> type[TrainingPlan]:
+        """The training plan class; setting it ships new source (nodes may re-approve)."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: type[TrainingPlan]) -> None:
+        self._bundle = PlanBundle.from_class(plan)
+        self._plan = plan
+
+    @property
+    def plan_hash(self) -> str:
+        """SHA-256 of the shipped plan, as node administrators see it."""
+        return self._bundle.sha256
+
+    @property
+    def tags(self) -> list[str]:
+        """Dataset tags to train on; changing them repeats the search."""
+        return list(self._tags)
+
+    @tags.setter
+    def tags(self, tags: Sequence[str]) -> None:
+        if isinstance(tags, str):
+            tags = [tags]
+        if not tags:
+            raise ConfigurationError("Expected at least one dataset tag. Received: []")
+        self._tags = [str(t) for t in tags]
+        self._targets = None
+
+    @property
+    def nodes(self) -> list[str] | None:
+        """Only these nodes take part (``None``: every node with matching data)."""
+        return None if self._nodes is None else list(self._nodes)
+
+    @nodes.setter
+    def nodes(self, nodes: Sequence[str] | None) -> None:
+        self._nodes = None if nodes is None else [str(n) for n in nodes]
+        self._targets = None
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """Arguments that shape the model; may change between rounds."""
+        return dict(self._model_args)
+
+    @model_args.setter
+    def model_args(self, value: Mapping[str, Any]) -> None:
+        self._model_args = _as_dict(value, "model_args")
+
+    @property
+    def training_args(self) -> dict[str, Any]:
+        """Arguments of local training (epochs, batch size, learning rate...)."""
+        return dict(self._training_args)
+
+    @training_args.setter
+    def training_args(self, value: Mapping[str, Any]) -> None:
+        self._training_args = _as_dict(value, "training_args")
+
+    @property
+    def aggregator(self) -> Aggregator:
+        """How node updates become the next global model."""
+        return self._aggregator
+
+    @aggregator.setter
+    def aggregator(self, value: str | Aggregator) -> None:
+        if isinstance(value, str):
+            value = plugins.load("aggregators", value)()
+        if not isinstance(value, Aggregator):
+            raise ConfigurationError(
+                f"Expected an Aggregator or a registered aggregator name. Received: {value!r}"
+            )
+        self._aggregator = value
+
+    @property
+    def test_ratio(self) -> float:
+        """Fraction of each node's samples held out for evaluation."""
+        return self._test_ratio
+
+    @test_ratio.setter
+    def test_ratio(self, value: float) -> None:
+        if not 0.0 <= float(value) < 1.0:
+            raise ConfigurationError(f"test_ratio must be in [0, 1). Received: {value!r}")
+        self._test_ratio = float(value)
+
+    @property
+    def round_limit(self) -> int | None:
+        """Total number of rounds :meth:`run` goes up to."""
+        return self._round_limit
+
+    @round_limit.setter
+    def round_limit(self, value: int | None) -> None:
+        if value is not None and int(value) < 0:
+            raise ConfigurationError(f"round_limit must be >= 0. Received: {value!r}")
+        self._round_limit = None if value is None else int(value)
+
+    # --- results ----------------------------------------------------------------------------
+
+    @property
+    def parameters(self) -> ParameterSet | None:
+        """The global model's parameters (``None`` before the first round)."""
+        return self._params
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per node and round: status, sample counts, metrics, durations, errors."""
+        return pd.DataFrame(self._history)
+
+    def metrics(self, which: str = "global") -> pd.DataFrame:
+        """Per-round metrics averaged over nodes, weighted by their test-sample counts.
+
+        ``which="global"`` evaluates the model each round started from (the aggregated
+        model of the round before); ``"local"`` the nodes' updates.
+        """
+        prefix = f"{which}_"
+        rows = []
+        for rnd, group in self.history.groupby("round") if self._history else []:
+            ok = group[(group["status"] == "ok") & (group["n_test"] > 0)]
+            row: dict[str, Any] = {"round": rnd, "nodes": len(ok)}
+            for col in [c for c in ok.columns if c.startswith(prefix)]:
+                valid = ok[ok[col].notna()]
+                if len(valid):
+                    weights = valid["n_test"]
+                    row[col[len(prefix):]] = float((valid[col] * weights).sum() / weights.sum())
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def trained_plan(self) -> TrainingPlan:
+        """A plan instance holding the global model, for use on local data.
+
+        ``trained_plan().model`` is the backend's model (an estimator, a ``torch.nn.Module``).
+        """
+        if self._params is None:
+            raise ConfigurationError("No global model yet: run at least one round.")
+        plan = self._plan(self._model_args, self._training_args, self._data_info())
+        plan.build(seed=self.seed)
+        plan.set_parameters(self._params)
+        return plan
+
+    # --- network ----------------------------------------------------------------------------
+
+    async def _connect(self) -> Client:
+        if self._client is None:
+            transport = open_transport(self.federation, role="researcher",
+                                       identity=f"researcher-{self.id[:8]}")
+            client = Client(transport)
+            await client.start()
+            self._client = client
+        wanted = len(self._nodes) if self._nodes else 1
+        await self._client.wait_for_peers(wanted, self.connect_timeout)
+        return self._client
+
+    async def aclose(self) -> None:
+        """Disconnect from the federation."""
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def close(self) -> None:
+        """Disconnect from the federation (the experiment can reconnect later)."""
+        _runtime.run(self.aclose())
+
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def asearch(self) -> pd.DataFrame:
+        """Async twin of :meth:`search`."""
+        client = await self._connect()
+        peers = sorted(client.peers())
+        if self._nodes is not None:
+            missing = sorted(set(self._nodes) - set(peers))
+            if missing:
+                raise ConfigurationError(
+                    f"Nodes {missing} are not connected to {self.federation}. "
+                    f"Connected: {peers}"
+                )
+            peers = [p for p in peers if p in self._nodes]
+        if not peers:
+            raise ConfigurationError(
+                f"No node is connected to {self.federation} (waited "
+                f"{self.connect_timeout:g} s). Start the nodes, or check the URL."
+            )
+        rows: list[dict[str, Any]] = []
+        targets: dict[str, dict[str, Any]] = {}
+        tags_by_node: dict[str, list[str]] = {}
+        async for node, result, _ in client.scatter(
+            {p: SearchRequest(tags=self._tags) for p in peers},
+            experiment=self.id, timeout=self.connect_timeout,
+        ):
+            if isinstance(result, Exception) or not isinstance(result.body, SearchReply):
+                log.warning("Node %s did not answer the search: %s", node,
+                            _describe(result))
+                continue
+            reply: SearchReply = result.body
+            tags_by_node[node] = reply.available_tags
+            for ds in reply.datasets:
+                rows.append({"node": node, "dataset": ds["id"], "name": ds["name"],
+                             "tags": ds["tags"], "available": ds.get("available", True),
+                             "n_samples": ds["metadata"].get("n_samples"),
+                             "metadata": ds["metadata"]})
+            usable = [ds for ds in reply.datasets if ds.get("available", True)]
+            if len(usable) > 1:
+                raise DatasetError(
+                    f"Node {node!r} has {len(usable)} datasets tagged {self._tags}: "
+                    f"{[d['name'] for d in usable]}. Add a tag that tells them apart."
+                )
+            if usable:
+                targets[node] = usable[0]
+        if not targets:
+            held = "; ".join(f"{n}: {t}" for n, t in sorted(tags_by_node.items()))
+            raise DatasetError(
+                f"No node has an available dataset tagged {self._tags}. Tags the nodes "
+                f"have: {held or 'none'}."
+            )
+        for row in rows:
+            if not row["available"]:
+                log.warning("Dataset %r on node %s is unavailable (its file is missing).",
+                            row["name"], row["node"])
+        self._targets = dict(sorted(targets.items()))
+        return pd.DataFrame(rows, columns=["node", "dataset", "name", "tags", "available",
+                                           "n_samples", "metadata"])
+
+    def search(self) -> pd.DataFrame:
+        """Find the datasets tagged ``tags``: one row per node and dataset."""
+        return _runtime.run(self.asearch())
+
+    def _data_info(self) -> dict[str, Any]:
+        if self._targets is None:
+            return dict(self._saved_data_info)
+        return merge_metadata([t["metadata"] for t in self._targets.values()])
+
+    # --- rounds -----------------------------------------------------------------------------
+
+    async def arun_once(self) -> pd.DataFrame:
+        """Async twin of :meth:`run_once`."""
+        client = await self._connect()
+        if self._targets is None:
+            await self.asearch()
+        assert self._targets is not None
+        data_info = self._data_info()
+        if self._params is None:
+            self._params = self._initial_parameters(data_info)
+        rnd = self.round + 1
+        plan_wire = self._bundle.to_wire()
+        bodies = {
+            node: TrainRequest(
+                plan=plan_wire, params=self._params, dataset_id=target["id"],
+                model_args=self._model_args, training_args=self._training_args,
+                data_info=data_info, test_ratio=self._test_ratio, seed=self.seed,
+                evaluate_global=self.evaluate_global, evaluate_local=self.evaluate_local,
+            )
+            for node, target in self._targets.items()
+        }
+        agg = self._aggregator
+        agg.start(self._params, rnd)
+        order = list(bodies)  # sorted node ids: updates are folded in this order
+        arrived: dict[str, tuple[Envelope | Exception, float]] = {}
+        rows: dict[str, dict[str, Any]] = {}
+        failures: dict[str, str] = {}
+        folded = 0
+        async for node, result, seconds in client.scatter(
+            bodies, experiment=self.id, round=rnd, timeout=self.timeout
+        ):
+            arrived[node] = (result, seconds)
+            while folded < len(order) and order[folded] in arrived:
+                name = order[folded]
+                res, secs = arrived.pop(name)
+                rows[name] = self._fold(agg, rnd, name, res, secs, failures)
+                folded += 1
+        if len(failures) == len(order):
+            self._history.extend(rows[n] for n in order)
+            detail = "; ".join(f"{n}: {e}" for n, e in failures.items())
+            raise RoundError(f"Round {rnd} failed on every node. {detail}", failures=failures)
+        self._params = agg.result()
+        self.round = rnd
+        new_rows = [rows[n] for n in order]
+        self._history.extend(new_rows)
+        for node, err in failures.items():
+            log.warning("Round %d: node %s failed: %s", rnd, node, err)
+        if self.checkpoint_dir is not None:
+            self.save(Path(self.checkpoint_dir) / f"round_{rnd:04d}.fedcore")
+        return pd.DataFrame(new_rows)
+
+    def _fold(self, agg: Aggregator, rnd: int, node: str, result: Envelope | Exception,
+              seconds: float, failures: dict[str, str]) -> dict[str, Any]:
+        row: dict[str, Any] = {"round": rnd, "node": node,
+                               "dataset": self._targets[node]["name"] if self._targets else "",
+                               "status": "ok", "round_trip_s": seconds}
+        body = result.body if isinstance(result, Envelope) else None
+        if isinstance(body, TrainReply):
+            try:
+                agg.add(body.params, float(body.n_samples), node)
+            except (ValueError, FedcoreError) as exc:
+                body = None
+                result = exc
+        if isinstance(body, TrainReply):
+            row.update(n_samples=body.n_samples, n_test=body.n_test, device=body.device)
+            row.update({f"train_{k}": v for k, v in body.train_stats.items()})
+            row.update({f"global_{k}": v for k, v in body.metrics_global.items()})
+            row.update({f"local_{k}": v for k, v in body.metrics_local.items()})
+            row.update(body.timings)
+            return row
+        error = _describe(result)
+        failures[node] = error
+        row.update(status="failed", n_samples=0, n_test=0, error=error)
+        if isinstance(body, ErrorReply):
+            row["error_kind"] = body.kind
+        return row
+
+    def _initial_parameters(self, data_info: dict[str, Any]) -> ParameterSet:
+        try:
+            plan = self._plan(self._model_args, self._training_args, data_info)
+            plan.build(seed=self.seed)
+            return ParameterSet(plan.get_parameters()).copy()
+        except FedcoreError:
+            raise
+        except Exception as exc:
+            raise PlanError(
+                f"The plan failed to build its initial model: {type(exc).__name__}: {exc}",
+                exc_type=type(exc).__name__,
+            ) from exc
+
+    def run_once(self) -> pd.DataFrame:
+        """Run one round; return its rows of :attr:`history`."""
+        return _runtime.run(self.arun_once())
+
+    async def arun(self, rounds: int | None = None) -> pd.DataFrame:
+        """Async twin of :meth:`run`."""
+        if rounds is None:
+            if self._round_limit is None:
+                raise ConfigurationError(
+                    "Give run() a number of rounds, or set round_limit on the experiment."
+                )
+            rounds = max(self._round_limit - self.round, 0)
+        elif self._round_limit is not None:
+            rounds = min(int(rounds), max(self._round_limit - self.round, 0))
+        from tqdm.auto import tqdm
+
+        with tqdm(total=rounds, desc=self.name, unit="round", disable=not self.progress) as bar:
+            for _ in range(rounds):
+                rows = await self.arun_once()
+                bar.set_postfix(_postfix(rows), refresh=False)
+                bar.update(1)
+        return self.history
+
+    def run(self, rounds: int | None = None) -> pd.DataFrame:
+        """Run ``rounds`` more rounds (default: up to ``round_limit``); return the history."""
+        return _runtime.run(self.arun(rounds))
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the experiment to one file, atomically (never a half-written checkpoint)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": _CHECKPOINT_VERSION,
+            "id": self.id, "name": self.name, "round": self.round,
+            "round_limit": self._round_limit, "tags": self._tags, "nodes": self._nodes,
+            "federation": self.federation, "model_args": self._model_args,
+            "training_args": self._training_args, "test_ratio": self._test_ratio,
+            "seed": self.seed, "evaluate_global": self.evaluate_global,
+            "evaluate_local": self.evaluate_local, "timeout": self.timeout,
+            "connect_timeout": self.connect_timeout,
+            "plan": self._bundle.to_wire(),
+            "aggregator": {"name": self._aggregator.name,
+                           "params": self._aggregator.get_params()},
+            "targets": self._targets, "data_info": self._data_info(),
+        }
+        body = Checkpoint(state=state, params=self._params, history=self._history,
+                          aggregator_state=self._aggregator.state_dict())
+        frame = codec.encode(Envelope(body=body))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        done = False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(frame)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            done = True
+        finally:
+            if not done:
+                Path(tmp).unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        federation: str | None = None,
+        plan: type[TrainingPlan] | None = None,
+        aggregator: Aggregator | None = None,
+        **overrides: Any,
+    ) -> Experiment:
+        """Resume an experiment from :meth:`save` (or the newest file of a checkpoint folder).
+
+        The plan is rebuilt from the shipped source unless ``plan`` is given; ``federation``
+        and any constructor argument can be overridden.
+        """
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(path.glob("*.fedcore"))
+            if not files:
+                raise ConfigurationError(f"No *.fedcore checkpoint in {path}.")
+            path = files[-1]
+        try:
+            body = codec.decode(path.read_bytes()).body
+        except FileNotFoundError:
+            raise ConfigurationError(f"No checkpoint at {path}.") from None
+        if not isinstance(body, Checkpoint) or body.state.get("format") != _CHECKPOINT_VERSION:
+            raise ConfigurationError(f"{path} is not a fedcore experiment checkpoint.")
+        s = body.state
+        if plan is None:
+            plan = PlanBundle.from_wire(s["plan"]).load()
+        if aggregator is None:
+            agg_cls = plugins.load("aggregators", s["aggregator"]["name"])
+            aggregator = agg_cls(**s["aggregator"]["params"])
+        aggregator.load_state_dict(body.aggregator_state)
+        kwargs: dict[str, Any] = {
+            k: s[k] for k in ("tags", "nodes", "model_args", "training_args", "round_limit",
+                              "test_ratio", "seed", "evaluate_global", "evaluate_local",
+                              "timeout", "connect_timeout", "name")
+        }
+        kwargs.update(overrides)
+        exp = cls(plan, federation=federation or s["federation"], aggregator=aggregator,
+                  **kwargs)
+        exp.id = s["id"]
+        exp.round = int(s["round"])
+        exp._params = body.params
+        exp._history = list(body.history)
+        exp._saved_data_info = s.get("data_info") or {}
+        return exp
+
+
+def _as_dict(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{what} must be a dict. Received: {type(value).__name__}")
+    return dict(value)
+
+
+def _describe(result: Any) -> str:
+    if isinstance(result, Envelope) and isinstance(result.body, ErrorReply):
+        body = result.body
+        kind = f"{body.exc_type}: " if body.exc_type else ""
+        return f"{kind}{body.message} ({body.kind} error)"
+    if isinstance(result, Exception):
+        return f"{type(result).__name__}: {result}"
+    if isinstance(result, Envelope):
+        return f"unexpected reply {result.tag!r}"
+    return repr(result)
+
+
+def _postfix(rows: pd.DataFrame) -> dict[str, str]:
+    ok = rows[rows["status"] == "ok"] if "status" in rows else rows
+    out = {"nodes": f"{len(ok)}/{len(rows)}"}
+    for key in ("global_accuracy", "global_mse", "train_loss"):
+        if key in ok and ok[key].notna().any():
+            out[key.split("_", 1)[1]] = f"{ok[key].mean():.4f}"
+            break
+    return out
+

@@ -1,0 +1,264 @@
+"""Typed, versioned message bodies and the envelope that routes them.
+
+Every body is a frozen dataclass registered under a stable type tag. Changes are additive:
+a decoder ignores fields it does not know and fills missing optional ones with defaults, so
+an older peer can read a newer peer's message. Nothing here names a Python class on the wire:
+the tag is looked up in this module's own registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from .errors import ProtocolError
+from .params import ParameterSet
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Body",
+    "Checkpoint",
+    "Envelope",
+    "ErrorReply",
+    "Ping",
+    "Pong",
+    "SearchReply",
+    "SearchRequest",
+    "TrainReply",
+    "TrainRequest",
+    "body_type",
+    "message_types",
+]
+
+PROTOCOL_VERSION = 1
+
+_REGISTRY: dict[str, type[Body]] = {}
+_B = TypeVar("_B", bound="type[Body]")
+
+
+def message(tag: str) -> typing.Callable[[_B], _B]:
+    """Register a frozen dataclass as a message body under ``tag`` (a stable wire name)."""
+
+    def register(cls: _B) -> _B:
+        if tag in _REGISTRY:
+            raise ValueError(f"Message tag {tag!r} is already used by {_REGISTRY[tag].__name__}")
+        cls.TAG = tag
+        _REGISTRY[tag] = cls
+        return cls
+
+    return register
+
+
+def body_type(tag: str) -> type[Body]:
+    """The body class registered under ``tag``; ``ProtocolError`` when there is none."""
+    try:
+        return _REGISTRY[tag]
+    except KeyError:
+        raise ProtocolError(
+            f"Unknown message type {tag!r}. Known types: {sorted(_REGISTRY)}. "
+            "The peer may run a newer fedcore: upgrade this side."
+        ) from None
+
+
+def message_types() -> dict[str, type[Body]]:
+    """Every registered message type, by tag."""
+    return dict(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class Body:
+    """Base of every message body."""
+
+    TAG: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The body's fields as a dict (arrays and ParameterSets stay as they are)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Body:
+        """Build the body from decoded fields, checking the types of known fields."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{cls.TAG} body must be a map. Received: {type(data).__name__}")
+        hints = _hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ProtocolError(f"{cls.TAG} body lacks the required field {f.name!r}.")
+                continue
+            value = data[f.name]
+            expected = hints[f.name]
+            if not _matches(value, expected):
+                raise ProtocolError(
+                    f"{cls.TAG}.{f.name} must be {_type_name(expected)}. "
+                    f"Received: {type(value).__name__}"
+                )
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    origin = typing.get_origin(expected)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, arg) for arg in typing.get_args(expected))
+    if expected is Any:
+        return True
+    if expected is type(None):
+        return value is None
+    base = origin or expected
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is list:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, base)
+
+
+def _type_name(expected: Any) -> str:
+    return getattr(expected, "__name__", None) or str(expected)
+
+
+def new_id() -> str:
+    """A fresh message id."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Routing around a body: who sent it, to whom, for which experiment and round."""
+
+    body: Body
+    sender: str = ""
+    recipient: str = ""
+    experiment: str = ""
+    round: int = 0
+    id: str = field(default_factory=new_id)
+    reply_to: str = ""
+    version: int = PROTOCOL_VERSION
+
+    @property
+    def tag(self) -> str:
+        """The body's wire type tag."""
+        return self.body.TAG
+
+    def reply(self, body: Body, *, sender: str = "") -> Envelope:
+        """An envelope answering this one: routing reversed, ``reply_to`` set."""
+        return Envelope(
+            body=body,
+            sender=sender or self.recipient,
+            recipient=self.sender,
+            experiment=self.experiment,
+            round=self.round,
+            reply_to=self.id,
+        )
+
+
+# --- bodies ---------------------------------------------------------------------------------
+
+
+@message("ping")
+@dataclass(frozen=True)
+class Ping(Body):
+    """Liveness probe; a node answers with :class:`Pong`."""
+
+
+@message("pong")
+@dataclass(frozen=True)
+class Pong(Body):
+    """A node's identity and capabilities."""
+
+    node_id: str
+    name: str = ""
+    fedcore_version: str = ""
+    backends: list[str] = field(default_factory=list)
+
+
+@message("search")
+@dataclass(frozen=True)
+class SearchRequest(Body):
+    """Which datasets carry all of these tags?"""
+
+    tags: list[str]
+
+
+@message("search-reply")
+@dataclass(frozen=True)
+class SearchReply(Body):
+    """Matching datasets (metadata only, never a path) and every tag the node holds."""
+
+    node_id: str
+    datasets: list[dict[str, Any]] = field(default_factory=list)
+    available_tags: list[str] = field(default_factory=list)
+
+
+@message("train")
+@dataclass(frozen=True)
+class TrainRequest(Body):
+    """Run one round of training of a shipped plan on one dataset."""
+
+    plan: dict[str, Any]
+    params: ParameterSet
+    dataset_id: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    training_args: dict[str, Any] = field(default_factory=dict)
+    data_info: dict[str, Any] = field(default_factory=dict)
+    test_ratio: float = 0.0
+    seed: int = 0
+    evaluate_global: bool = True
+    evaluate_local: bool = True
+
+
+@message("train-reply")
+@dataclass(frozen=True)
+class TrainReply(Body):
+    """A node's local update with what the researcher needs to weigh and judge it."""
+
+    params: ParameterSet
+    n_samples: int
+    n_test: int = 0
+    metrics_global: dict[str, float] = field(default_factory=dict)
+    metrics_local: dict[str, float] = field(default_factory=dict)
+    train_stats: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+
+@message("error")
+@dataclass(frozen=True)
+class ErrorReply(Body):
+    """A request failed on the node; ``kind`` says whose fault and what can be done.
+
+    Kinds: ``protocol`` (bad frame), ``governance`` (refused), ``plan`` (the plan raised),
+    ``dataset`` (missing or unavailable), ``internal`` (a node bug).
+    """
+
+    kind: str
+    message: str
+    exc_type: str = ""
+    traceback: str = ""
+
+
+@message("checkpoint")
+@dataclass(frozen=True)
+class Checkpoint(Body):
+    """An experiment saved to disk (same codec as the wire: no pickle)."""
+
+    state: dict[str, Any]
+    params: ParameterSet | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    aggregator_state: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tinydb.storages import Storage
+
+
+class AtomicJSONStorage(Storage):
+    """TinyDB storage that replaces the file atomically on every write.
+
+    TinyDB's default storage rewrites the file in place, so a crash mid-write leaves a
+    truncated or NUL-filled database. Here a write goes to a temporary file in the same
+    folder, is flushed to disk and renamed over the old one: readers see the old or the new
+    database, never half of one.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def read(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        return json.loads(text) if text.strip() else None
+
+    def write(self, data: dict[str, dict[str, Any]]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        done = False
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            done = True
+        finally:
+            if not done:
+                Path(tmp).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,96 @@
+"""ParameterSet: the one currency of aggregation (ordered name -> numpy array)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ParameterSet"]
+
+
+class ParameterSet(Mapping[str, np.ndarray]):
+    """An ordered, immutable-by-convention mapping from parameter names to numpy arrays.
+
+    Order is part of the value: two sets with the same names in another order are different
+    models. Arrays may be read-only views into a received frame; use :meth:`copy` before
+    changing them in place.
+    """
+
+    __slots__ = ("_arrays",)
+
+    def __init__(self, arrays: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()):
+        items = arrays.items() if isinstance(arrays, Mapping) else arrays
+        self._arrays: dict[str, np.ndarray] = {}
+        for name, value in items:
+            if not isinstance(name, str):
+                raise TypeError(f"Parameter names must be str. Received: {name!r}")
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "biufc":
+                raise TypeError(
+                    f"Parameter {name!r} must be a numeric array. Received dtype={arr.dtype}"
+                )
+            self._arrays[name] = arr
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __repr__(self) -> str:
+        return f"ParameterSet({len(self)} arrays, {self.nbytes} bytes)"
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the arrays in bytes."""
+        return sum(a.nbytes for a in self._arrays.values())
+
+    @property
+    def n_values(self) -> int:
+        """Total number of scalar values."""
+        return sum(a.size for a in self._arrays.values())
+
+    def copy(self) -> ParameterSet:
+        """A deep copy whose arrays are writable and own their memory."""
+        return ParameterSet((k, np.array(v, copy=True)) for k, v in self._arrays.items())
+
+    def same_layout(self, other: Mapping[str, np.ndarray]) -> bool:
+        """True when ``other`` has the same names, in order, with the same shapes and dtypes."""
+        if list(self) != list(other):
+            return False
+        return all(
+            a.shape == other[k].shape and a.dtype == other[k].dtype for k, a in self.items()
+        )
+
+    def check_layout(self, other: Mapping[str, np.ndarray], *, what: str = "update") -> None:
+        """Raise ``ValueError`` naming the first difference between the two layouts."""
+        if list(self) != list(other):
+            missing = [k for k in self if k not in other]
+            extra = [k for k in other if k not in self]
+            raise ValueError(
+                f"The {what} does not have the global model's parameter names. "
+                f"Missing: {missing}; unexpected: {extra}."
+            )
+        for k, a in self.items():
+            b = np.asarray(other[k])
+            if a.shape != b.shape:
+                raise ValueError(
+                    f"The {what}'s parameter {k!r} has shape {b.shape}; expected {a.shape}."
+                )
+
+    def allclose(self, other: Mapping[str, np.ndarray], **kwargs: Any) -> bool:
+        """True when both have the same layout and values within ``np.allclose`` tolerance."""
+        return list(self) == list(other) and all(
+            np.allclose(a, other[k], **kwargs) for k, a in self.items()
+        )
+
+    def equal(self, other: Mapping[str, np.ndarray]) -> bool:
+        """True when both are bit-identical: same names, order, dtypes, shapes and values."""
+        return self.same_layout(other) and all(
+            np.array_equal(a, other[k]) for k, a in self.items()
+        )

@@ -1,0 +1,101 @@
+"""Entry-point registry: backends, transports, aggregators and secure-aggregation schemes.
+
+Plug-ins are found through the entry-point groups ``fedcore.backends``,
+``fedcore.transports``, ``fedcore.aggregators`` and ``fedcore.secagg``, resolved lazily on
+first use and never scanned at import time. The built-in table below keeps fedcore working
+from a source checkout that was not pip-installed, and tells the user which extra to install
+when an import fails.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["available", "load", "register"]
+
+GROUPS = ("backends", "transports", "aggregators", "secagg")
+
+# name -> (import string, extra that provides it)
+_BUILTIN: dict[str, dict[str, tuple[str, str | None]]] = {
+    "backends": {
+        "sklearn": ("fedcore_sklearn:SklearnTrainingPlan", "sklearn"),
+        "torch": ("fedcore_torch:TorchTrainingPlan", "torch"),
+        "tf": ("fedcore_tf:KerasTrainingPlan", "tf"),
+        "jax": ("fedcore_jax:JaxTrainingPlan", "jax"),
+    },
+    "transports": {
+        "inproc": ("fedcore_transport.inprocess:InProcessTransport", None),
+    },
+    "aggregators": {
+        "fedavg": ("fedcore.aggregators.fedavg:FedAvg", None),
+    },
+    "secagg": {},
+}
+
+_registered: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+_cache: dict[tuple[str, str], Any] = {}
+
+
+def _check_group(group: str) -> None:
+    if group not in GROUPS:
+        raise ConfigurationError(f"Unknown plug-in group {group!r}. Expected one of {GROUPS}.")
+
+
+def register(group: str, name: str, obj: Any) -> None:
+    """Register ``obj`` under ``name`` in ``group`` for this process (tests, notebooks)."""
+    _check_group(group)
+    _registered[group][name] = obj
+    _cache.pop((group, name), None)
+
+
+def _entry_points(group: str) -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group=f"fedcore.{group}")}
+
+
+def available(group: str) -> list[str]:
+    """Names known in ``group`` (registered, installed entry points and built-ins)."""
+    _check_group(group)
+    names = set(_registered[group]) | set(_BUILTIN[group]) | set(_entry_points(group))
+    return sorted(names)
+
+
+def load(group: str, name: str) -> Any:
+    """The object registered as ``name`` in ``group``, imported on first use.
+
+    Raises :class:`ConfigurationError` naming the close matches when ``name`` is unknown, or
+    the ``pip install`` that fixes a missing dependency.
+    """
+    _check_group(group)
+    key = (group, name)
+    if key in _cache:
+        return _cache[key]
+    if name in _registered[group]:
+        return _registered[group][name]
+    target = _entry_points(group).get(name)
+    builtin = _BUILTIN[group].get(name)
+    if target is None and builtin is not None:
+        target = builtin[0]
+    if target is None:
+        known = available(group)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigurationError(
+            f"No {group[:-1]} named {name!r}.{hint} Known {group}: {', '.join(known) or 'none'}."
+        )
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = builtin[1] if builtin else None
+        fix = f' Install it with: pip install "fedcore[{extra}]"' if extra else ""
+        raise ConfigurationError(
+            f"The {group[:-1]} {name!r} cannot be imported ({exc}).{fix}"
+        ) from exc
+    obj = getattr(module, attr) if attr else module
+    _cache[key] = obj
+    return obj

@@ -1,0 +1,165 @@
+"""SklearnTrainingPlan: federated training of estimators with ``partial_fit``."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator, is_classifier
+
+from fedcore.data import Dataset
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+from fedcore.plan import TrainingPlan
+
+from . import convert
+
+_RESERVED = ("features", "target", "task")
+
+
+class SklearnTrainingPlan(TrainingPlan):
+    """A plan around one scikit-learn estimator with ``partial_fit``.
+
+    Set ``estimator`` to the class (model_args other than ``features``/``target`` become
+    its constructor arguments), or override :meth:`init_model`. Classes and the number of
+    features come from the datasets' metadata, so no boilerplate is needed::
+
+        class Plan(SklearnTrainingPlan):
+            estimator = SGDClassifier
+
+        Experiment(Plan, model_args={"loss": "log_loss", "target": "diagnosis"}, ...)
+
+    training_args: ``epochs`` (default 1), ``batch_size`` (default: the whole dataset per
+    ``partial_fit`` call).
+    """
+
+    backend = "sklearn"
+    estimator: ClassVar[type[BaseEstimator] | None] = None
+
+    model: Any = None
+
+    def init_model(self) -> BaseEstimator:
+        """Build the estimator; default: ``estimator(**model_args)``."""
+        if self.estimator is None:
+            raise ConfigurationError(
+                f"{type(self).__name__} needs an estimator: set `estimator = SGDClassifier` "
+                "(or another class with partial_fit), or override init_model()."
+            )
+        kwargs = {k: v for k, v in self.model_args.items() if k not in _RESERVED}
+        accepted = inspect.signature(self.estimator).parameters
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ConfigurationError(
+                f"{self.estimator.__name__} does not accept {unknown}. Accepted: "
+                f"{sorted(accepted)}"
+            )
+        return self.estimator(**kwargs)
+
+    # --- TrainingPlan -----------------------------------------------------------------------
+
+    @property
+    def task(self) -> str:  # noqa: D102 - inherits the doc
+        if "task" in self.model_args:
+            return str(self.model_args["task"])
+        return "classification" if is_classifier(self.model) else "regression"
+
+    def build(self, seed: int) -> None:  # noqa: D102
+        model = self.init_model()
+        if not hasattr(model, "partial_fit"):
+            raise ConfigurationError(
+                f"{type(model).__name__} has no partial_fit, so it cannot be trained "
+                "round after round. Use SGDClassifier, SGDRegressor, Perceptron, "
+                "MLPClassifier, MLPRegressor, GaussianNB..."
+            )
+        if "random_state" in model.get_params() and model.get_params()["random_state"] is None:
+            model.set_params(random_state=seed)
+        self.model = model
+        self._prime()
+
+    def _prime(self) -> None:
+        """Give the estimator its learned attributes without training on real data."""
+        n_features = self._n_features()
+        model = self.model
+        if is_classifier(model):
+            classes = self.classes()
+            X = np.zeros((len(classes), n_features))
+            model.partial_fit(X, np.asarray(classes), classes=np.asarray(classes))
+        else:
+            model.partial_fit(np.zeros((1, n_features)), np.zeros(1))
+        fam = convert.family(model)[0]
+        if fam == "linear":
+            model.coef_ = np.zeros_like(model.coef_)
+            model.intercept_ = np.zeros_like(model.intercept_)
+        self._reset_optimizer()
+
+    def _reset_optimizer(self) -> None:
+        # Each round starts local training afresh, as FedAvg prescribes: drop the solver
+        # state the priming step (or an earlier round) left behind.
+        model = self.model
+        if hasattr(model, "_optimizer"):
+            del model._optimizer
+        if hasattr(model, "t_"):
+            model.t_ = 1.0 if not hasattr(model, "coefs_") else 0
+
+    def classes(self) -> list[Any]:
+        """The target's classes, united over every node's dataset."""
+        key = self.model_args.get("target") or "target"
+        cats = (self.data_info.get("categories") or {}).get(key)
+        if not cats:
+            raise ConfigurationError(
+                f"The datasets' metadata lists no classes for target {key!r}: is it a "
+                "discrete column (at most 64 distinct values)? Set model_args['target']."
+            )
+        return list(cats)
+
+    def _n_features(self) -> int:
+        info = self.data_info
+        if info.get("kind") == "array":
+            return int(math.prod(info.get("feature_shape") or [1]))
+        if self.model_args.get("features") is not None:
+            return len(self.model_args["features"])
+        columns = info.get("columns")
+        if not columns:
+            raise ConfigurationError(
+                "No dataset metadata to size the model: run a search first (the Experiment "
+                "does) or pass data_info."
+            )
+        return len(columns) - (1 if self.model_args.get("target") in columns else 0)
+
+    def get_parameters(self) -> ParameterSet:  # noqa: D102
+        return convert.get_parameters(self.model)
+
+    def set_parameters(self, params: ParameterSet) -> None:  # noqa: D102
+        convert.set_parameters(self.model, params)
+        self._reset_optimizer()
+
+    def training_data(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """``(X, y)`` with ``X`` flattened to 2-D; override to transform features."""
+        X, y = super().training_data(dataset)
+        if y is None:
+            raise ConfigurationError("Training needs a target: set model_args['target'].")
+        return np.asarray(X).reshape(len(X), -1), np.asarray(y)
+
+    def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:  # noqa: D102
+        X, y = self.training_data(dataset)
+        epochs = int(self.training_args.get("epochs", 1))
+        batch_size = int(self.training_args.get("batch_size") or len(X) or 1)
+        rng = np.random.default_rng(seed)
+        kwargs = {"classes": np.asarray(self.classes())} if is_classifier(self.model) else {}
+        batches = 0
+        for _ in range(epochs):
+            order = rng.permutation(len(X))
+            for start in range(0, len(X), batch_size):
+                idx = order[start : start + batch_size]
+                self.model.partial_fit(X[idx], y[idx], **kwargs)
+                batches += 1
+        stats: dict[str, Any] = {"epochs": epochs, "batches": batches}
+        if hasattr(self.model, "loss_") and self.model.loss_ is not None:
+            stats["loss"] = float(self.model.loss_)
+        return stats
+
+    def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
+        X, y = self.training_data(dataset)
+        return y, self.model.predict(X)

@@ -1,0 +1,156 @@
+"""TorchTrainingPlan: federated training of a ``torch.nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedcore.data import Dataset
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+from fedcore.plan import TrainingPlan
+
+from . import convert
+
+
+class TorchTrainingPlan(TrainingPlan):
+    """A plan around a PyTorch model. Override:
+
+    - :meth:`init_model` (required): build the ``nn.Module`` from ``self.model_args``;
+    - :meth:`training_step` (required): ``(data, target) -> loss`` for one batch;
+    - :meth:`init_optimizer`: default SGD with ``training_args["lr"]`` (0.01);
+    - :meth:`training_data`: default ``(X, y)`` arrays of the dataset; may also return a
+      ``torch.utils.data.Dataset``;
+    - :meth:`testing_step`: ``(data, target) -> (y_true, y_pred)``; default argmax of the
+      output for classification, the output itself for regression.
+
+    training_args: ``epochs`` (1), ``batch_size`` (32), ``lr``, ``num_updates`` (stop after
+    this many steps), ``use_gpu`` (True: CUDA when available and the node allows it).
+    """
+
+    backend = "torch"
+    model: torch.nn.Module
+
+    def init_model(self) -> torch.nn.Module:
+        """Build the model."""
+        raise ConfigurationError(f"{type(self).__name__} must define init_model().")
+
+    def init_optimizer(self) -> torch.optim.Optimizer:
+        """Build the optimizer for one round of local training."""
+        return torch.optim.SGD(self.model.parameters(), lr=float(self.training_args.get("lr",
+                                                                                       0.01)))
+
+    def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch."""
+        raise ConfigurationError(f"{type(self).__name__} must define training_step().")
+
+    def testing_step(self, data: torch.Tensor, target: torch.Tensor) -> tuple[Any, Any]:
+        """``(y_true, y_pred)`` of one batch."""
+        output = self.model(data)
+        if self.task == "classification":
+            output = output.argmax(dim=1)
+        return target, output
+
+    # --- TrainingPlan -----------------------------------------------------------------------
+
+    def build(self, seed: int) -> None:  # noqa: D102 - inherits the doc
+        torch.manual_seed(seed)
+        model = self.init_model()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigurationError(
+                f"init_model() must return a torch.nn.Module. Received: {type(model).__name__}"
+            )
+        self._device = self._choose_device()
+        self.model = model.to(self._device)
+
+    def _choose_device(self) -> torch.device:
+        allowed = bool(self.node_settings.get("allow_gpu", True))
+        wanted = bool(self.training_args.get("use_gpu", True))
+        if allowed and wanted and torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def device(self) -> str:  # noqa: D102
+        return str(getattr(self, "_device", "cpu"))
+
+    def get_parameters(self) -> ParameterSet:  # noqa: D102
+        return convert.get_parameters(self.model)
+
+    def set_parameters(self, params: ParameterSet) -> None:  # noqa: D102
+        convert.set_parameters(self.model, params)
+
+    def _batches(self, data: Any, batch_size: int, generator: torch.Generator | None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(data, torch.utils.data.Dataset):
+            loader = torch.utils.data.DataLoader(
+                data, batch_size=batch_size, shuffle=generator is not None,
+                generator=generator)
+            for batch in loader:
+                yield batch[0].to(self._device), batch[1].to(self._device)
+            return
+        X, y = data
+        X = convert.to_tensor(X).to(self._device)
+        y = convert.to_tensor(y).to(self._device)
+        if X.dtype == torch.float64:
+            X = X.float()
+        n = len(X)
+        order = (torch.randperm(n, generator=generator).to(self._device)
+                 if generator is not None else None)
+        for start in range(0, n, batch_size):
+            if order is None:
+                yield X[start : start + batch_size], y[start : start + batch_size]
+            else:
+                idx = order[start : start + batch_size]
+                yield X[idx], y[idx]
+
+    def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:  # noqa: D102
+        data = self.training_data(dataset)
+        epochs = int(self.training_args.get("epochs", 1))
+        batch_size = int(self.training_args.get("batch_size", 32))
+        limit = self.training_args.get("num_updates")
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        optimizer = self.init_optimizer()
+        self.model.train()
+        steps, total, count = 0, 0.0, 0
+        for _ in range(epochs):
+            for X, y in self._batches(data, batch_size, generator):
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.training_step(X, y)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                total += float(loss.detach()) * len(X)
+                count += len(X)
+                if limit is not None and steps >= int(limit):
+                    break
+            if limit is not None and steps >= int(limit):
+                break
+        return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
+
+    def training_data(self, dataset: Dataset) -> Any:
+        """``(X, y)`` with float32 features; integer targets stay integer (class indices)."""
+        X, y = super().training_data(dataset)
+        if y is None:
+            raise ConfigurationError("Training needs a target: the dataset has none.")
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        y = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np.float32)
+        return X, y
+
+    def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
+        data = self.training_data(dataset)
+        batch_size = int(self.training_args.get("test_batch_size", 1024))
+        self.model.eval()
+        trues, preds = [], []
+        with torch.no_grad():
+            for X, y in self._batches(data, batch_size, None):
+                t, p = self.testing_step(X, y)
+                trues.append(torch.as_tensor(t).cpu().numpy())
+                preds.append(torch.as_tensor(p).cpu().numpy())
+        if not trues:
+            return np.empty(0), np.empty(0)
+        return np.concatenate(trues), np.concatenate(preds)

@@ -1,0 +1,91 @@
+"""``inproc://name``: many nodes and a researcher in one process.
+
+Frames are bytes, encoded and decoded by the same core path as on a network; only the
+delivery is a queue. Endpoints may live on different event loops (threads): delivery uses
+``call_soon_threadsafe`` onto the receiver's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from urllib.parse import urlsplit
+
+from fedcore.errors import ConfigurationError, TransportError
+from fedcore.transport import Capabilities, Role, Transport
+
+_hubs: dict[str, _Hub] = {}
+_hubs_lock = threading.Lock()
+_CLOSED = object()
+
+
+class _Hub:
+    def __init__(self) -> None:
+        self.endpoints: dict[str, InProcessTransport] = {}
+        self.lock = threading.Lock()
+
+
+class InProcessTransport(Transport):
+    """An endpoint on the in-process hub named by the URL's host (``inproc://demo``)."""
+
+    capabilities = Capabilities(max_frame_size=1 << 31, ordered=True, broadcast=False,
+                                networked=False)
+
+    def __init__(self, url: str, *, role: Role, identity: str):
+        super().__init__(url, role=role, identity=identity)
+        name = urlsplit(url).netloc or urlsplit(url).path.strip("/")
+        if not name:
+            raise ConfigurationError(f"Expected inproc://NAME. Received: {url!r}")
+        with _hubs_lock:
+            self._hub = _hubs.setdefault(name, _Hub())
+        self._queue: asyncio.Queue[tuple[str, bytes] | object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        with self._hub.lock:
+            other = self._hub.endpoints.get(self.identity)
+            if other is not None and other is not self:
+                raise TransportError(
+                    f"{self.identity!r} is already connected to {self.url}. Give each node "
+                    "its own identity."
+                )
+            self._hub.endpoints[self.identity] = self
+
+    def _deliver(self, sender: str, frame: bytes) -> None:
+        if self._loop is None or self._queue is None or self._loop.is_closed():
+            raise TransportError(f"{self.identity!r} is not connected to {self.url}.")
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (sender, frame))
+
+    async def send(self, peer: str, frame: bytes) -> None:
+        if len(frame) > self.capabilities.max_frame_size:
+            raise TransportError(f"Frame of {len(frame)} bytes is too large for {self.url}.")
+        with self._hub.lock:
+            target = self._hub.endpoints.get(peer)
+        if target is None:
+            raise TransportError(f"No peer {peer!r} on {self.url}.")
+        target._deliver(self.identity, bytes(frame))
+
+    async def receive(self) -> tuple[str, bytes]:
+        if self._queue is None:
+            raise TransportError(f"{self.identity!r} is not started on {self.url}.")
+        item = await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # wake every other receiver too
+            raise TransportError(f"{self.identity!r} was closed.")
+        return item  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        with self._hub.lock:
+            if self._hub.endpoints.get(self.identity) is self:
+                del self._hub.endpoints[self.identity]
+        if self._queue is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _CLOSED)
+
+    def peers(self) -> set[str]:
+        with self._hub.lock:
+            return {
+                identity for identity, ep in self._hub.endpoints.items()
+                if identity != self.identity and ep.role != self.role
+            }
