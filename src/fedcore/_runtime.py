@@ -8,6 +8,7 @@ running (``asyncio.run`` would refuse there).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import threading
 from collections.abc import Coroutine
@@ -40,6 +41,29 @@ def loop() -> asyncio.AbstractEventLoop:
             ready.wait()
             _loop = new_loop
         return _loop
+
+
+@atexit.register
+def _shutdown() -> None:
+    """Stop the loop at interpreter exit, letting pending tasks unwind quietly."""
+    global _loop
+    with _lock:
+        current, thread, _loop = _loop, _thread, None
+    if current is None or thread is None or not current.is_running():
+        return
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(cancel_all(), current).result(timeout=5)
+    except (concurrent.futures.TimeoutError, RuntimeError):
+        pass
+    current.call_soon_threadsafe(current.stop)
+    thread.join(timeout=5)
 
 
 def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:

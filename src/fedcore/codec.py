@@ -109,7 +109,7 @@ def encode(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
 def _ref(arr: np.ndarray, arrays: list[np.ndarray]) -> bytes:
     if arr.dtype.kind not in "biufc":
         raise TypeError(f"Only numeric arrays can be sent. Received dtype={arr.dtype}")
-    arrays.append(np.ascontiguousarray(arr))
+    arrays.append(np.asarray(arr, order="C"))  # keeps 0-d arrays 0-d
     return struct.pack("<I", len(arrays) - 1)
 
 

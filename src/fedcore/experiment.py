@@ -258,15 +258,14 @@ class Experiment:
         await self._client.wait_for_peers(wanted, self.connect_timeout)
         return self._client
 
-    async def aclose(self) -> None:
-        """Disconnect from the federation."""
+    async def _close(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
 
     def close(self) -> None:
         """Disconnect from the federation (the experiment can reconnect later)."""
-        _runtime.run(self.aclose())
+        _runtime.run(self._close())
 
     def __enter__(self) -> Experiment:
         return self
@@ -274,8 +273,7 @@ class Experiment:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def asearch(self) -> pd.DataFrame:
-        """Async twin of :meth:`search`."""
+    async def _search(self) -> pd.DataFrame:
         client = await self._connect()
         peers = sorted(client.peers())
         if self._nodes is not None:
@@ -333,7 +331,7 @@ class Experiment:
 
     def search(self) -> pd.DataFrame:
         """Find the datasets tagged ``tags``: one row per node and dataset."""
-        return _runtime.run(self.asearch())
+        return _runtime.run(self._search())
 
     def _data_info(self) -> dict[str, Any]:
         if self._targets is None:
@@ -342,11 +340,10 @@ class Experiment:
 
     # --- rounds -----------------------------------------------------------------------------
 
-    async def arun_once(self) -> pd.DataFrame:
-        """Async twin of :meth:`run_once`."""
+    async def _run_once(self) -> pd.DataFrame:
         client = await self._connect()
         if self._targets is None:
-            await self.asearch()
+            await self._search()
         assert self._targets is not None
         data_info = self._data_info()
         if self._params is None:
@@ -433,10 +430,9 @@ class Experiment:
 
     def run_once(self) -> pd.DataFrame:
         """Run one round; return its rows of :attr:`history`."""
-        return _runtime.run(self.arun_once())
+        return _runtime.run(self._run_once())
 
-    async def arun(self, rounds: int | None = None) -> pd.DataFrame:
-        """Async twin of :meth:`run`."""
+    async def _run(self, rounds: int | None) -> pd.DataFrame:
         if rounds is None:
             if self._round_limit is None:
                 raise ConfigurationError(
@@ -449,14 +445,32 @@ class Experiment:
 
         with tqdm(total=rounds, desc=self.name, unit="round", disable=not self.progress) as bar:
             for _ in range(rounds):
-                rows = await self.arun_once()
+                rows = await self._run_once()
                 bar.set_postfix(_postfix(rows), refresh=False)
                 bar.update(1)
         return self.history
 
     def run(self, rounds: int | None = None) -> pd.DataFrame:
         """Run ``rounds`` more rounds (default: up to ``round_limit``); return the history."""
-        return _runtime.run(self.arun(rounds))
+        return _runtime.run(self._run(rounds))
+
+    # --- async twins: the work always runs on fedcore's loop, awaited from any loop ---------
+
+    async def asearch(self) -> pd.DataFrame:
+        """Async twin of :meth:`search`."""
+        return await _runtime.run_async(self._search())
+
+    async def arun_once(self) -> pd.DataFrame:
+        """Async twin of :meth:`run_once`."""
+        return await _runtime.run_async(self._run_once())
+
+    async def arun(self, rounds: int | None = None) -> pd.DataFrame:
+        """Async twin of :meth:`run`."""
+        return await _runtime.run_async(self._run(rounds))
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`."""
+        await _runtime.run_async(self._close())
 
     # --- checkpoints ------------------------------------------------------------------------
 

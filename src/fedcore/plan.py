@@ -272,28 +272,44 @@ def _object_source(obj: Any) -> str:
         return textwrap.dedent(inspect.getsource(obj))
     except (OSError, TypeError):
         pass
-    # Notebook classes: find the cell through one of the class's functions.
+    # Notebook classes (Python < 3.13 cannot find them): look for the cell through one of
+    # the class's functions, else through the newest interactive cell defining that name.
+    candidates: list[tuple[str, int | None]] = []
     for member in vars(obj).values() if isinstance(obj, type) else ():
         func = getattr(member, "__func__", member)
         func = getattr(func, "fget", func)
         code = getattr(func, "__code__", None)
-        if code is None:
-            continue
-        lines = linecache.getlines(code.co_filename)
-        if not lines:
-            continue
-        text = "".join(lines)
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.ClassDef) and node.name == obj.__name__ and (
-                node.lineno <= code.co_firstlineno <= (node.end_lineno or 0)
-            ):
-                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-                return textwrap.dedent("".join(lines[start - 1 : node.end_lineno]))
+        if code is not None:
+            candidates.append((code.co_filename, code.co_firstlineno))
+    candidates += [(name, None) for name in reversed(list(linecache.cache))
+                   if name.startswith("<") or "ipykernel" in name]
+    for filename, line in candidates:
+        found = _class_in(filename, obj.__name__, line)
+        if found is not None:
+            return found
     raise ConfigurationError(
         f"Cannot find the source of {getattr(obj, '__qualname__', obj)!r}. Define the plan in "
         "a file or a notebook cell (not in exec or an interactive prompt), with at least one "
         "method."
     )
+
+
+def _class_in(filename: str, name: str, line: int | None) -> str | None:
+    lines = linecache.getlines(filename)
+    if not lines:
+        return None
+    try:
+        tree = ast.parse("".join(lines))
+    except SyntaxError:
+        return None
+    found = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == name and (
+            line is None or node.lineno <= line <= (node.end_lineno or 0)
+        ):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            found = textwrap.dedent("".join(lines[start - 1 : node.end_lineno]))
+    return found
 
 
 def _free_names(src: str) -> set[str]:

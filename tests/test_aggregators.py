@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from fedcore.aggregators import FedAvg
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+
+
+def test_fedavg_matches_a_hand_computed_weighted_mean():
+    g = ParameterSet({"w": np.zeros((2, 2), np.float32), "n": np.array(0, np.int64)})
+    a = ParameterSet({"w": np.array([[1, 2], [3, 4]], np.float32), "n": np.array(10)})
+    b = ParameterSet({"w": np.array([[5, 6], [7, 8]], np.float32), "n": np.array(20)})
+    agg = FedAvg()
+    agg.start(g, 1)
+    agg.add(a, 10, "a")
+    agg.add(b, 30, "b")
+    out = agg.result()
+    # (10 * a + 30 * b) / 40, by hand: w = [[4, 5], [6, 7]], n = (100 + 600) / 40 = 17.5 -> 18
+    np.testing.assert_array_equal(out["w"], np.array([[4, 5], [6, 7]], np.float32))
+    assert out["w"].dtype == np.float32
+    assert out["n"] == 18 and out["n"].dtype == np.int64
+
+
+def test_fedavg_refuses_mismatched_updates_and_bad_weights():
+    g = ParameterSet({"w": np.zeros(3)})
+    agg = FedAvg()
+    agg.start(g, 1)
+    with pytest.raises(ValueError, match="shape"):
+        agg.add(ParameterSet({"w": np.zeros(4)}), 1.0, "n1")
+    with pytest.raises(ValueError, match="parameter names"):
+        agg.add(ParameterSet({"v": np.zeros(3)}), 1.0, "n1")
+    with pytest.raises(ConfigurationError, match="positive"):
+        agg.add(ParameterSet({"w": np.zeros(3)}), 0, "n1")
+    with pytest.raises(ConfigurationError, match="before any update"):
+        agg.result()
+
+
+def _peak_bytes(n_nodes: int, size: int) -> int:
+    g = ParameterSet({"w": np.zeros(size, np.float32)})
+    agg = FedAvg()
+    agg.start(g, 1)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    for i in range(n_nodes):
+        update = ParameterSet({"w": np.full(size, float(i), np.float32)})  # arrives, is folded
+        agg.add(update, 1.0 + i, f"n{i}")
+        del update
+    result = agg.result()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert result["w"][0] == pytest.approx(sum(i * (1 + i) for i in range(n_nodes))
+                                           / sum(1 + i for i in range(n_nodes)), rel=1e-6)
+    return peak
+
+
+def test_streaming_fedavg_memory_does_not_grow_with_nodes():
+    size = 1_000_000  # 4 MB per float32 update
+    few, many = _peak_bytes(3, size), _peak_bytes(40, size)
+    assert many < few * 1.1, (few, many)
+    assert many < 8 * size * 4  # a handful of model copies, not 40

@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import pickle
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+
+from fedcore import codec
+from fedcore.errors import ProtocolError
+from fedcore.messages import (
+    Checkpoint,
+    Envelope,
+    ErrorReply,
+    Ping,
+    Pong,
+    SearchReply,
+    SearchRequest,
+    TrainReply,
+    TrainRequest,
+    message_types,
+)
+from fedcore.params import ParameterSet
+
+
+def _params():
+    return ParameterSet({
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.array([1.5, -2.0], dtype=np.float64),
+        "count": np.array(7, dtype=np.int64),
+        "half": np.ones((2, 2), dtype=np.float16),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+        "big_endian": np.arange(3, dtype=">i4"),
+    })
+
+
+SAMPLES = {
+    "ping": Ping(),
+    "pong": Pong(node_id="n1", name="Hospital A", fedcore_version="0.1.0",
+                 backends=["sklearn", "torch"]),
+    "search": SearchRequest(tags=["a", "b"]),
+    "search-reply": SearchReply(node_id="n1", datasets=[{"id": "ds-1", "metadata": {"n": 3}}],
+                                available_tags=["a"]),
+    "train": TrainRequest(plan={"files": {"plan.py": "x = 1\n"}, "entry": "P",
+                                "backend": "sklearn"},
+                          params=_params(), dataset_id="ds-1", model_args={"k": [1, 2]},
+                          training_args={"lr": 0.1}, data_info={"n_samples": 5},
+                          test_ratio=0.2, seed=3, evaluate_global=False),
+    "train-reply": TrainReply(params=_params(), n_samples=10, n_test=2,
+                              metrics_global={"accuracy": 0.5}, train_stats={"loss": 1.0},
+                              timings={"train_s": 0.1}, device="cpu"),
+    "error": ErrorReply(kind="plan", message="boom", exc_type="ValueError", traceback="tb"),
+    "checkpoint": Checkpoint(state={"round": 3}, params=_params(), history=[{"round": 1}],
+                             aggregator_state={"m": np.zeros(2)}),
+}
+
+
+def _assert_same(a, b):
+    if isinstance(a, ParameterSet):
+        assert isinstance(b, ParameterSet) and a.equal(b)
+        assert all(b[k].dtype == a[k].dtype for k in a)
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b) and a.dtype == b.dtype
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_every_message_type_has_a_sample():
+    assert set(SAMPLES) == set(message_types())
+
+
+@pytest.mark.parametrize("tag", sorted(SAMPLES))
+def test_every_message_type_round_trips(tag):
+    env = Envelope(SAMPLES[tag], sender="researcher", recipient="n1", experiment="exp",
+                   round=4)
+    back = codec.decode(codec.encode(env))
+    assert type(back.body) is type(env.body) and back.tag == tag
+    assert (back.sender, back.recipient, back.experiment, back.round, back.id) == (
+        "researcher", "n1", "exp", 4, env.id)
+    for name, value in env.body.to_wire().items():
+        _assert_same(value, getattr(back.body, name))
+
+
+def test_reply_reverses_routing():
+    env = Envelope(Ping(), sender="r", recipient="n", experiment="e", round=2)
+    reply = env.reply(Pong(node_id="n"))
+    assert (reply.sender, reply.recipient, reply.reply_to, reply.round) == ("n", "r", env.id, 2)
+
+
+def test_decoded_arrays_are_zero_copy_read_only_views():
+    params = ParameterSet({"w": np.random.default_rng(0).random(10_000, dtype=np.float32)})
+    frame = codec.encode(Envelope(TrainReply(params=params, n_samples=1)))
+    back = codec.decode(frame).body.params["w"]
+    assert np.shares_memory(back, np.frombuffer(frame, dtype=np.uint8))
+    assert not back.flags.writeable
+    assert back.ctypes.data % 64 == 0  # aligned for vectorised reads
+
+
+def _frame(header_overrides=None, raw_header=None):
+    frame = codec.encode(Envelope(Ping(), sender="x"))
+    if raw_header is None:
+        (hlen,) = struct.unpack_from("<I", frame, 4)
+        header = msgpack.unpackb(frame[8 : 8 + hlen])
+        header.update(header_overrides or {})
+        raw_header = msgpack.packb(header)
+    return codec.MAGIC + struct.pack("<I", len(raw_header)) + raw_header
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (codec.encode(Envelope(SAMPLES["train"]))[:-10], "Truncated"),
+        (codec.encode(Envelope(Ping()))[:6], "Truncated"),
+        (b"", "Truncated"),
+        (pickle.dumps({"evil": "payload"}), "Not a fedcore frame"),
+        (pickle.dumps(np.zeros(3)), "Not a fedcore frame"),
+        (_frame({"v": 99}), "protocol version 99"),
+        (_frame({"t": "launch-missiles"}), "Unknown message type 'launch-missiles'"),
+        (_frame({"a": [["|O8", [3]]]}), "non-numeric array descriptor"),
+        (_frame({"b": msgpack.packb([1, 2])}), "body must be a map"),
+        (_frame(raw_header=b"\xc1\xc1\xc1"), "Malformed frame header"),
+        (_frame(raw_header=msgpack.packb([1, 2, 3])), "expected a map"),
+    ],
+)
+def test_bad_frames_are_refused_with_a_protocol_error(frame, message):
+    with pytest.raises(ProtocolError, match=message):
+        codec.decode(frame)
+
+
+def test_body_fields_are_type_checked():
+    frame = codec.encode(Envelope(SearchRequest(tags=["a"])))
+    (hlen,) = struct.unpack_from("<I", frame, 4)
+    header = msgpack.unpackb(frame[8 : 8 + hlen])
+    header["b"] = msgpack.packb({"tags": "not-a-list"})
+    raw = msgpack.packb(header)
+    with pytest.raises(ProtocolError, match="search.tags must be list"):
+        codec.decode(codec.MAGIC + struct.pack("<I", len(raw)) + raw)
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    frame = codec.encode(Envelope(SearchRequest(tags=["a"])))
+    (hlen,) = struct.unpack_from("<I", frame, 4)
+    header = msgpack.unpackb(frame[8 : 8 + hlen])
+    header["b"] = msgpack.packb({"tags": ["a"], "added_in_v1_1": True})
+    raw = msgpack.packb(header)
+    assert codec.decode(codec.MAGIC + struct.pack("<I", len(raw)) + raw).body.tags == ["a"]
+
+
+def test_oversized_frames_are_refused_on_both_sides():
+    params = ParameterSet({"w": np.zeros(1000, dtype=np.float64)})
+    env = Envelope(TrainReply(params=params, n_samples=1))
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        codec.encode(env, max_size=4000)
+    frame = codec.encode(env)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        codec.decode(frame, max_size=4000)
+
+
+def test_object_arrays_and_arbitrary_objects_never_encode():
+    with pytest.raises(TypeError):
+        ParameterSet({"o": np.array([object()])})
+
+    class Custom:
+        pass
+
+    with pytest.raises(ProtocolError, match="Cannot send a Custom"):
+        codec.encode(Envelope(SearchReply(node_id="n", datasets=[{"x": Custom()}])))
+
+
+def test_array_reference_out_of_range_is_refused():
+    frame = codec.encode(Envelope(TrainReply(params=ParameterSet({"w": np.zeros(2)}),
+                                             n_samples=1)))
+    (hlen,) = struct.unpack_from("<I", frame, 4)
+    header = msgpack.unpackb(frame[8 : 8 + hlen])
+    header["a"] = []  # the body still references array 0
+    raw = msgpack.packb(header)
+    with pytest.raises(ProtocolError, match="out of range"):
+        codec.decode(codec.MAGIC + struct.pack("<I", len(raw)) + raw)

@@ -1,0 +1,62 @@
+"""The core imports no ML framework (DESIGN: a test blocks them and imports every module)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_core_modules_import_without_ml_frameworks():
+    script = textwrap.dedent(
+        """
+        import importlib, importlib.abc, pkgutil, sys
+
+        BLOCKED = ("torch", "tensorflow", "jax", "sklearn", "keras")
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked: {name}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import fedcore
+        names = [m.name for m in pkgutil.walk_packages(fedcore.__path__, "fedcore.")]
+        for name in names:
+            importlib.import_module(name)
+        import fedcore_transport.inprocess
+        leaked = [n for n in BLOCKED if n in sys.modules]
+        assert not leaked, leaked
+        print(len(names))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) >= 15  # every core module was really imported
+
+
+def test_missing_backend_names_the_extra_to_install():
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("No module named 'torch'")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from fedcore import plugins
+        from fedcore.errors import ConfigurationError
+        try:
+            plugins.load("backends", "torch")
+        except ConfigurationError as exc:
+            print(exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert 'pip install "fedcore[torch]"' in out.stdout, out.stdout + out.stderr

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedcore import _runtime, codec
+from fedcore.errors import ConfigurationError, DatasetError
+from fedcore.messages import Envelope, ErrorReply, Ping, Pong, SearchReply, SearchRequest
+from fedcore.node import Node
+from fedcore.transport import open_transport
+
+
+@pytest.fixture
+def node(tmp_path):
+    return Node(tmp_path / "home", node_id="hospital-a")
+
+
+def _csv(path, n=20):
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"age": rng.integers(20, 90, n), "bmi": rng.normal(25, 4, n),
+                  "label": rng.integers(0, 2, n)}).to_csv(path, index=False)
+    return path
+
+
+def test_home_folder_survives_a_restart(tmp_path, node):
+    entry = node.datasets.add("cohort", ["diabetes", "2024"], _csv(tmp_path / "a.csv"))
+    reopened = Node(tmp_path / "home")
+    assert reopened.node_id == "hospital-a"
+    assert [e["id"] for e in reopened.datasets.list()] == [entry["id"]]
+    json.loads((tmp_path / "home" / "db.json").read_text())  # a complete JSON document
+    with pytest.raises(ConfigurationError, match="belongs to node 'hospital-a'"):
+        Node(tmp_path / "home", node_id="someone-else")
+
+
+def test_registry_add_search_remove(tmp_path, node):
+    a = node.datasets.add("cohort", ["diabetes", "2024"], _csv(tmp_path / "a.csv"))
+    assert a["metadata"]["n_samples"] == 20
+    assert a["metadata"]["columns"] == ["age", "bmi", "label"]
+    assert a["metadata"]["categories"]["label"] == [0, 1]
+    assert "bmi" not in a["metadata"]["categories"]  # continuous
+    b = node.datasets.add_arrays("scans", ["mri"], np.zeros((4, 2, 2)), np.arange(4))
+    assert [e["id"] for e in node.datasets.search(["diabetes"])] == [a["id"]]
+    assert node.datasets.search(["diabetes", "2023"]) == []
+    assert node.datasets.all_tags() == ["2024", "diabetes", "mri"]
+    public = node.datasets.public(node.datasets.search(["mri"])[0])
+    assert "path" not in public and public["metadata"]["feature_shape"] == [2, 2]
+    node.datasets.remove(b["id"])
+    assert [e["id"] for e in node.datasets.list()] == [a["id"]]
+    with pytest.raises(DatasetError, match="No dataset with id"):
+        node.datasets.get(b["id"])
+
+
+@pytest.mark.parametrize("tags", [["diabetes"], ["diabetes", "2024"],
+                                  ["diabetes", "2024", "extra"]])
+def test_overlapping_tag_sets_are_refused(tmp_path, node, tags):
+    node.datasets.add("cohort", ["diabetes", "2024"], _csv(tmp_path / "a.csv"))
+    with pytest.raises(ConfigurationError, match="overlap"):
+        node.datasets.add("other", tags, _csv(tmp_path / "b.csv"))
+    node.datasets.add("other", ["diabetes", "2025"], _csv(tmp_path / "b.csv"))  # disjoint enough
+
+
+def test_bad_registrations_are_explained(tmp_path, node):
+    with pytest.raises(DatasetError, match="No file at"):
+        node.datasets.add("ghost", ["x"], tmp_path / "missing.csv")
+    (tmp_path / "data.parquet").write_bytes(b"")
+    with pytest.raises(ConfigurationError, match="Cannot tell the dataset kind"):
+        node.datasets.add("p", ["x"], tmp_path / "data.parquet")
+    with pytest.raises(ConfigurationError, match="at least one non-empty tag"):
+        node.datasets.add("t", [" "], _csv(tmp_path / "a.csv"))
+
+
+def test_a_deleted_csv_is_reported_unavailable(tmp_path, node):
+    path = _csv(tmp_path / "a.csv")
+    entry = node.datasets.add("cohort", ["diabetes"], path)
+    path.unlink()
+    assert node.datasets.list()[0]["available"] is False
+    with pytest.raises(DatasetError, match="unavailable"):
+        node.datasets.load(entry["id"])
+
+
+def _talk(url, frames):
+    """Send raw frames to a serving node from a bare researcher endpoint; return replies."""
+
+    async def go():
+        t = open_transport(url, role="researcher", identity="raw-researcher")
+        await t.start()
+        replies = []
+        try:
+            for frame in frames:
+                await t.send("hospital-a", frame)
+                _, reply = await asyncio.wait_for(t.receive(), 10)
+                replies.append(codec.decode(reply))
+        finally:
+            await t.close()
+        return replies
+
+    return _runtime.run(go())
+
+
+def test_node_refuses_bad_frames_and_keeps_serving(tmp_path, node):
+    node.datasets.add("cohort", ["diabetes"], _csv(tmp_path / "a.csv"))
+    url = "inproc://node-test-bad-frames"
+    node.start(url)
+    try:
+        ping = Envelope(Ping(), sender="raw-researcher", recipient="hospital-a")
+        good = codec.encode(ping)
+        frames = [
+            pickle.dumps({"__reduce__": "os.system"}),
+            good[:-3] + b"\x00\x00\x00",  # wrong header bytes at the end of the header
+            good[:5],
+            codec.encode(Envelope(Pong(node_id="x"))),  # a type nodes do not handle
+            codec.encode(Envelope(SearchRequest(tags=["diabetes"]), sender="raw-researcher")),
+            good,
+        ]
+        replies = _talk(url, frames)
+        for r in replies[:4]:
+            assert isinstance(r.body, ErrorReply) and r.body.kind == "protocol", r.body
+        assert "Not a fedcore frame" in replies[0].body.message
+        assert isinstance(replies[4].body, SearchReply)
+        assert len(replies[4].body.datasets) == 1
+        assert isinstance(replies[5].body, Pong) and replies[5].body.node_id == "hospital-a"
+        assert replies[5].reply_to == ping.id
+    finally:
+        node.stop()
+    events = [e["event"] for e in node.audit_log()]
+    assert events.count("refused-frame") >= 2 and "search" in events and events[-1] == "stopped"

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import linecache
+import sys
+import textwrap
+import types
+
+import pytest
+
+from fedcore.errors import ConfigurationError, PlanError
+from fedcore.plan import PlanBundle, TrainingPlan
+
+pytest.importorskip("sklearn")
+
+from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
+
+CELL_1 = """
+import numpy as np
+from sklearn.linear_model import SGDClassifier
+
+SCALE = 2.0
+LABELS = ("benign", "malignant")
+
+def rescale(x):
+    return np.asarray(x) * SCALE
+"""
+
+CELL_2 = """
+class Base(SklearnTrainingPlan):
+    estimator = SGDClassifier
+
+class NotebookPlan(Base):
+    def training_data(self, dataset):
+        X, y = super().training_data(dataset)
+        return rescale(X), y
+
+    def describe(self):
+        return LABELS
+"""
+
+
+def _run_cells(*cells, module_name="fake_notebook"):
+    """Execute cells as IPython does: each compiled under its own name kept in linecache."""
+    module = types.ModuleType(module_name)
+    module.SklearnTrainingPlan = SklearnTrainingPlan  # imported in an earlier cell
+    sys.modules[module_name] = module
+    for i, cell in enumerate(cells):
+        filename = f"<ipython-input-{i + 1}-{abs(hash(cell)) % 10**8}>"
+        source = textwrap.dedent(cell)
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        exec(compile(source, filename, "exec"), module.__dict__)
+    return module
+
+
+def test_a_plan_from_notebook_cells_ships_with_what_it_uses():
+    nb = _run_cells(CELL_1, CELL_2)
+    bundle = PlanBundle.from_class(nb.NotebookPlan)
+    src = bundle.source
+    assert "import numpy as np" in src
+    assert "from sklearn.linear_model import SGDClassifier" in src
+    assert "from fedcore_sklearn import SklearnTrainingPlan" in src
+    assert "SCALE = 2.0" in src and "LABELS = ('benign', 'malignant')" in src
+    assert "def rescale(x):" in src and "class Base(SklearnTrainingPlan):" in src
+    assert src.index("class Base") < src.index("class NotebookPlan")
+    # What a node does: run the shipped source in a fresh module, with nothing else.
+    loaded = PlanBundle.from_wire(bundle.to_wire()).load()
+    assert loaded is not nb.NotebookPlan and loaded.__name__ == "NotebookPlan"
+    plan = loaded({}, {}, {"kind": "array", "feature_shape": [3],
+                           "categories": {"target": [0, 1]}})
+    assert plan.describe() == ("benign", "malignant")
+    plan.build(seed=0)
+    assert plan.get_parameters()["coef_"].shape == (1, 3)
+
+
+def test_hash_is_canonical_and_tracks_the_code():
+    nb = _run_cells(CELL_1, CELL_2)
+    bundle = PlanBundle.from_class(nb.NotebookPlan)
+    crlf = PlanBundle({"plan.py": bundle.source.replace("\n", "  \r\n")}, bundle.entry,
+                      bundle.backend)
+    assert crlf.sha256 == bundle.sha256
+    changed = PlanBundle({"plan.py": bundle.source.replace("2.0", "3.0")}, bundle.entry,
+                         bundle.backend)
+    assert changed.sha256 != bundle.sha256
+    assert len(bundle.sha256) == 64
+
+
+def test_a_bundle_whose_hash_does_not_match_is_refused():
+    nb = _run_cells(CELL_1, CELL_2)
+    wire = PlanBundle.from_class(nb.NotebookPlan).to_wire()
+    wire["files"]["plan.py"] += "\nimport os\n"
+    with pytest.raises(ConfigurationError, match="hash mismatch"):
+        PlanBundle.from_wire(wire)
+
+
+def test_unshippable_globals_are_named():
+    nb = _run_cells(CELL_1, """
+    import threading
+    LOCK = threading.Lock()
+
+    class LockingPlan(SklearnTrainingPlan):
+        def init_model(self):
+            with LOCK:
+                return None
+    """)
+    with pytest.raises(ConfigurationError, match="global 'LOCK'"):
+        PlanBundle.from_class(nb.LockingPlan)
+
+
+def test_plans_need_a_backend_and_a_plan_class():
+    class NoBackend(TrainingPlan):
+        pass
+
+    with pytest.raises(ConfigurationError, match="does not name a backend"):
+        PlanBundle.from_class(NoBackend)
+    with pytest.raises(ConfigurationError, match="Expected a TrainingPlan subclass"):
+        PlanBundle.from_class(dict)  # type: ignore[arg-type]
+
+
+def test_a_broken_bundle_fails_as_a_plan_error():
+    bad = PlanBundle({"plan.py": "raise RuntimeError('no')\n"}, "P", "sklearn")
+    with pytest.raises(PlanError, match="RuntimeError: no"):
+        bad.load()
+    empty = PlanBundle({"plan.py": "x = 1\n"}, "P", "sklearn")
+    with pytest.raises(PlanError, match="no TrainingPlan named 'P'"):
+        empty.load()
+
+
+class FilePlan(SklearnTrainingPlan):
+    """A plan defined in a regular module."""
+
+    def init_model(self):
+        from sklearn.linear_model import SGDRegressor
+
+        return SGDRegressor()
+
+
+def test_a_plan_from_a_file_ships_too():
+    bundle = PlanBundle.from_class(FilePlan)
+    assert "class FilePlan(SklearnTrainingPlan):" in bundle.source
+    assert bundle.load().__name__ == "FilePlan"
