@@ -3,15 +3,26 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import struct
 
+import msgpack
 import numpy as np
 import pandas as pd
 import pytest
 
 from fedcore import _runtime, codec
 from fedcore.errors import ConfigurationError, DatasetError
-from fedcore.messages import Envelope, ErrorReply, Ping, Pong, SearchReply, SearchRequest
+from fedcore.messages import (
+    Envelope,
+    ErrorReply,
+    Ping,
+    Pong,
+    SearchReply,
+    SearchRequest,
+    TrainRequest,
+)
 from fedcore.node import Node
+from fedcore.params import ParameterSet
 from fedcore.transport import open_transport
 
 
@@ -102,29 +113,51 @@ def _talk(url, frames):
     return _runtime.run(go())
 
 
-def test_node_refuses_bad_frames_and_keeps_serving(tmp_path, node):
+def _rewrite_header(frame, **changes):
+    (hlen,) = struct.unpack_from("<I", frame, 4)
+    header = msgpack.unpackb(frame[8 : 8 + hlen])
+    header.update(changes)
+    raw = msgpack.packb(header)
+    return codec.MAGIC + struct.pack("<I", len(raw)) + raw + frame[8 + hlen :]
+
+
+def test_node_refuses_bad_frames_and_keeps_serving(tmp_path):
+    node = Node(tmp_path / "home", node_id="hospital-a", max_frame_size=64 * 1024)
     node.datasets.add("cohort", ["diabetes"], _csv(tmp_path / "a.csv"))
     url = "inproc://node-test-bad-frames"
     node.start(url)
     try:
         ping = Envelope(Ping(), sender="raw-researcher", recipient="hospital-a")
         good = codec.encode(ping)
-        frames = [
-            pickle.dumps({"__reduce__": "os.system"}),
-            good[:-3] + b"\x00\x00\x00",  # wrong header bytes at the end of the header
-            good[:5],
-            codec.encode(Envelope(Pong(node_id="x"))),  # a type nodes do not handle
-            codec.encode(Envelope(SearchRequest(tags=["diabetes"]), sender="raw-researcher")),
-            good,
-        ]
-        replies = _talk(url, frames)
-        for r in replies[:4]:
-            assert isinstance(r.body, ErrorReply) and r.body.kind == "protocol", r.body
-        assert "Not a fedcore frame" in replies[0].body.message
-        assert isinstance(replies[4].body, SearchReply)
-        assert len(replies[4].body.datasets) == 1
-        assert isinstance(replies[5].body, Pong) and replies[5].body.node_id == "hospital-a"
-        assert replies[5].reply_to == ping.id
+        big = TrainRequest(plan={}, params=ParameterSet({"w": np.zeros(100_000)}),
+                           dataset_id="x")
+        frames = {
+            "pickle": pickle.dumps({"__reduce__": "os.system"}),
+            "corrupt": good[:-3] + b"\x00\x00\x00",
+            "truncated": good[:5],
+            "oversized": codec.encode(Envelope(big, sender="raw-researcher")),
+            "version": _rewrite_header(good, v=2),
+            "unknown type": _rewrite_header(good, t="format-disk"),
+            "not for nodes": codec.encode(Envelope(Pong(node_id="x"))),
+            "search": codec.encode(Envelope(SearchRequest(tags=["diabetes"]),
+                                            sender="raw-researcher")),
+            "ping": good,
+        }
+        replies = dict(zip(frames, _talk(url, list(frames.values())), strict=True))
+        expected = {"pickle": "Not a fedcore frame", "corrupt": "Malformed",
+                    "truncated": "Truncated", "oversized": "exceeds the limit",
+                    "version": "protocol version 2", "unknown type": "Unknown message type",
+                    "not for nodes": "does not handle 'pong'"}
+        for name, text in expected.items():
+            body = replies[name].body
+            assert isinstance(body, ErrorReply) and body.kind == "protocol", (name, body)
+            assert text in body.message, (name, body.message)
+        assert replies["version"].reply_to == ping.id  # the researcher can match the refusal
+        assert isinstance(replies["search"].body, SearchReply)
+        assert len(replies["search"].body.datasets) == 1
+        assert isinstance(replies["ping"].body, Pong)
+        assert replies["ping"].body.node_id == "hospital-a"
+        assert replies["ping"].reply_to == ping.id
     finally:
         node.stop()
     events = [e["event"] for e in node.audit_log()]

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
-
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -26,7 +25,8 @@ from .errors import ProtocolError
 from .messages import PROTOCOL_VERSION, Envelope, body_type
 from .params import ParameterSet
 
-Buffer = bytes | bytearray | memoryview
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["DEFAULT_MAX_FRAME", "MAGIC", "decode", "encode", "encode_parts", "peek_header"]
 
@@ -182,7 +182,7 @@ def decode(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
         raise
     except Exception as exc:
         raise ProtocolError(f"Malformed {cls.TAG} body: {exc}") from exc
-    routing = {k: header.get(k) for k in ("id", "re", "from", "to", "exp")}
+    routing: dict[str, Any] = {k: header.get(k) for k in ("id", "re", "from", "to", "exp")}
     if not all(isinstance(v, str) for v in routing.values()) or not isinstance(
         header.get("rnd"), int
     ):
@@ -202,7 +202,7 @@ def decode(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
 def _arrays(view: memoryview, descriptors: Any, pos: int) -> list[np.ndarray]:
     if not isinstance(descriptors, list):
         raise ProtocolError("Malformed frame header: array descriptors missing.")
-    arrays = []
+    arrays: list[np.ndarray] = []
     for desc in descriptors:
         if not (
             isinstance(desc, list)

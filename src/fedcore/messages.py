@@ -191,7 +191,7 @@ class Pong(Body):
 @message("search")
 @dataclass(frozen=True)
 class SearchRequest(Body):
-    """Which datasets carry all of these tags?"""
+    """Ask which datasets carry all of these tags."""
 
     tags: list[str]
 

@@ -119,8 +119,10 @@ class PlanBundle:
 
     @property
     def sha256(self) -> str:
-        """SHA-256 over a canonical form of every file (line endings and trailing blanks
-        normalised), the entry class and the backend."""
+        """SHA-256 over a canonical form of the files, the entry class and the backend.
+
+        The canonical form normalises line endings and trailing blanks.
+        """
         h = hashlib.sha256()
         h.update(f"fedcore-plan-v1\0{self.entry}\0{self.backend}\0".encode())
         for name in sorted(self.files):
@@ -206,7 +208,7 @@ class PlanBundle:
 class _Collector:
     """Gathers the source of a plan class and of everything it references by global name."""
 
-    def __init__(self, plan_class: type):
+    def __init__(self, plan_class: type[TrainingPlan]):
         self.root = plan_class
         self.module_name = plan_class.__module__
         self.globals = vars(sys.modules[self.module_name]) if self.module_name in sys.modules \

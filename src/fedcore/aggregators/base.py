@@ -47,7 +47,7 @@ class Aggregator(abc.ABC):
         """Learned state carried across rounds (server momentum...); empty by default."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what :meth:`state_dict` returned."""
 
     def __repr__(self) -> str:

@@ -38,9 +38,11 @@ class ArrayDataset(Dataset):
     def save(self, path: str | Path) -> Path:
         """Write ``X`` and ``y`` into an ``.npz`` file."""
         path = Path(path)
-        arrays = {"X": self.X} if self.y is None else {"X": self.X, "y": self.y}
         with open(path, "wb") as f:
-            np.savez(f, **arrays)
+            if self.y is None:
+                np.savez(f, X=self.X)
+            else:
+                np.savez(f, X=self.X, y=self.y)
         return path
 
     def __len__(self) -> int:

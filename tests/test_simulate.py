@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedcore import simulate
+from fedcore.data import ArrayDataset, TabularDataset
+from fedcore.errors import ConfigurationError
+
+
+def test_iid_partition_covers_every_sample_once_in_equal_shares():
+    y = np.repeat(np.arange(4), 50)
+    parts = simulate.partition(y, 5, seed=3)
+    joined = np.concatenate(parts)
+    assert sorted(joined.tolist()) == list(range(200))
+    assert [len(p) for p in parts] == [40] * 5
+    assert all(np.array_equal(a, b) for a, b in zip(parts, simulate.partition(y, 5, seed=3),
+                                                    strict=True))
+
+
+def test_dirichlet_partition_skews_labels_more_as_alpha_shrinks():
+    y = np.repeat(np.arange(10), 100)
+
+    def skew(alpha):
+        parts = simulate.partition(y, 5, scheme="dirichlet", alpha=alpha, seed=0)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(1000))
+        # mean share of each node's most common label
+        return np.mean([np.bincount(y[p], minlength=10).max() / len(p) for p in parts])
+
+    assert skew(0.1) > 0.4 > 0.15 > skew(1000.0)
+
+
+def test_partition_errors_are_explained():
+    with pytest.raises(ConfigurationError, match="scheme must be"):
+        simulate.partition(np.zeros(10), 2, scheme="random")
+    with pytest.raises(ConfigurationError, match="Cannot give 20 nodes"):
+        simulate.partition(np.zeros(10), 20)
+
+
+def test_each_virtual_hospital_is_a_real_node_with_its_own_files(tmp_path):
+    X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path) as fed:
+        assert fed.url.startswith("inproc://")
+        homes = sorted(p.name for p in tmp_path.iterdir())
+        assert homes == ["node-01", "node-02"]
+        for node in fed.nodes:
+            (entry,) = node.datasets.list()
+            assert (node.home / "db.json").exists() and entry["kind"] == "npz"
+        ds = fed.nodes[0].datasets.load(fed.nodes[0].datasets.list()[0]["id"])
+        assert isinstance(ds, ArrayDataset) and len(ds) == 10
+    assert tmp_path.exists()  # a root the caller gave is kept
+
+
+def test_dataset_split_is_reproducible_and_disjoint():
+    ds = ArrayDataset(np.arange(100).reshape(50, 2), np.arange(50))
+    train, test = ds.split(0.2, seed=1)
+    train2, test2 = ds.split(0.2, seed=1)
+    assert len(test) == 10 and len(train) == 40
+    assert np.array_equal(test.indices, test2.indices)
+    assert not set(train.indices) & set(test.indices)
+    X, y = test.arrays()
+    assert np.array_equal(X[:, 0] // 2, y)
+    assert test.metadata()["n_samples"] == 10
+
+
+def test_tabular_dataset_selects_columns_and_explains_mistakes(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,label\n1,2.5,x\n3,4.5,y\n")
+    ds = TabularDataset(path)
+    X, y = ds.arrays(target="label")
+    assert X.tolist() == [[1, 2.5], [3, 4.5]] and y.tolist() == ["x", "y"]
+    X, _ = ds.arrays(features=["b"], target="label")
+    assert X.shape == (2, 1)
+    with pytest.raises(ConfigurationError, match=r"Columns \['c'\] are not in the dataset"):
+        ds.arrays(features=["c"])
+    assert ds.metadata()["categories"]["label"] == ["x", "y"]
