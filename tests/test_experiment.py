@@ -96,6 +96,7 @@ def test_resume_from_a_checkpoint_is_bit_identical(breast_cancer, tmp_path):
         assert resumed.round == 3 and len(resumed.history) == 9
         resumed.run()
         assert resumed.round == 6
+        assert len(list((tmp_path / "ckpt").iterdir())) == 6  # it keeps checkpointing
     assert resumed.parameters.equal(straight.parameters)
     assert not resumed.parameters.equal(first.parameters)
     assert resumed.plan_hash == straight.plan_hash

@@ -106,6 +106,13 @@ class Experiment:
         self._client: Client | None = None
         self._saved_data_info: dict[str, Any] = {}
 
+    def __repr__(self) -> str:
+        return (
+            f"Experiment({self._plan.__name__}, tags={self._tags}, "
+            f"federation={self.federation!r}, round={self.round}/{self._round_limit}, "
+            f"aggregator={self._aggregator!r})"
+        )
+
     # --- configuration (validated setters) --------------------------------------------------
 
     @property
@@ -487,6 +494,7 @@ class Experiment:
             "seed": self.seed, "evaluate_global": self.evaluate_global,
             "evaluate_local": self.evaluate_local, "timeout": self.timeout,
             "connect_timeout": self.connect_timeout,
+            "checkpoint_dir": None if self.checkpoint_dir is None else str(self.checkpoint_dir),
             "plan": self._bundle.to_wire(),
             "aggregator": {"name": self._aggregator.name,
                            "params": self._aggregator.get_params()},
@@ -546,7 +554,7 @@ class Experiment:
         kwargs: dict[str, Any] = {
             k: s[k] for k in ("tags", "nodes", "model_args", "training_args", "round_limit",
                               "test_ratio", "seed", "evaluate_global", "evaluate_local",
-                              "timeout", "connect_timeout", "name")
+                              "timeout", "connect_timeout", "name", "checkpoint_dir")
         }
         kwargs.update(overrides)
         exp = cls(plan, federation=federation or s["federation"], aggregator=aggregator,
