@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Lint and test fedcore in the dev environment: what CI runs (.ci/run).
+#
+#   ./scripts/test.sh [PYTEST ARGS...]      (or: make test ARGS="-k docs -x")
+#
+# Sets up .venv (or $FEDCORE_DEV_VENV) with fedcore[dev,sklearn,torch], re-using it when it
+# is up to date; starts the services the tests need; runs `ruff check .` and `pytest`.
+# Exits non-zero when either fails, and when pytest collects no tests (its exit code 5).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${FEDCORE_DEV_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+bash scripts/setup-env.sh "$VENV" dev,sklearn,torch
+
+# --- services the tests need ---------------------------------------------------------------
+# None yet: tests start what they use themselves. This is the place for services that
+# outlive one test (for the MQTT transport, e.g. a Mosquitto broker on a free port whose
+# address is exported for the tests, FEDCORE_TEST_MQTT_URL=mqtt://127.0.0.1:PORT).
+# stop_services runs on every exit, including failures and Ctrl-C.
+start_services() {
+    :
+}
+stop_services() {
+    :
+}
+trap stop_services EXIT
+start_services
+
+# --- checks ----------------------------------------------------------------------------------
+failed=()
+
+echo "== ruff check ." >&2
+"$PY" -m ruff check . || failed+=("ruff check (exit $?)")
+
+echo "== pytest $*" >&2
+set +e
+"$PY" -m pytest "$@"
+rc=$?
+set -e
+case $rc in
+    0) ;;
+    5) failed+=("pytest collected no tests (exit 5)") ;;
+    *) failed+=("pytest (exit $rc)") ;;
+esac
+
+if ((${#failed[@]})); then
+    printf 'FAILED: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
+echo "OK: ruff and pytest passed" >&2
