@@ -4,7 +4,7 @@
 #   ./scripts/test.sh [PYTEST ARGS...]      (or: make test ARGS="-k docs -x")
 #
 # Sets up .venv (or $FEDCORE_DEV_VENV) with fedcore[dev,sklearn,torch], re-using it when it
-# is up to date; starts the services the tests need; runs `ruff check .` and `pytest`.
+# is up to date; starts the services the tests need; runs `ruff check .`, `mypy src` and `pytest`.
 # Exits non-zero when either fails, and when pytest collects no tests (its exit code 5).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +33,9 @@ failed=()
 
 echo "== ruff check ." >&2
 "$PY" -m ruff check . || failed+=("ruff check (exit $?)")
+
+echo "== mypy src" >&2
+"$PY" -m mypy src || failed+=("mypy (exit $?)")
 
 echo "== pytest $*" >&2
 set +e

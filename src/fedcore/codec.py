@@ -14,6 +14,7 @@ Only numeric dtypes cross the wire; object arrays, pickle and class names never 
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from typing import TYPE_CHECKING, Any
@@ -91,7 +92,7 @@ def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> list[Bu
         pad = _aligned(size) - size
         if pad:
             parts.append(_PAD[:pad])
-        parts.append(arr.reshape(-1).view(np.uint8) if arr.size else b"")
+        parts.append(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
         size += pad + arr.nbytes
     if size > max_size:
         raise ProtocolError(
@@ -214,7 +215,7 @@ def _arrays(view: memoryview, descriptors: Any, pos: int) -> list[np.ndarray]:
         ):
             raise ProtocolError(f"Malformed or non-numeric array descriptor: {desc!r}")
         dtype = np.dtype(desc[0])
-        count = int(np.prod(desc[1], dtype=np.int64))
+        count = math.prod(desc[1])
         pos = _aligned(pos)
         end = pos + count * dtype.itemsize
         if end > len(view):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -18,16 +16,35 @@ def get_parameters(module: torch.nn.Module) -> ParameterSet:
 
 
 def set_parameters(module: torch.nn.Module, params: ParameterSet) -> None:
-    """Copy ``params`` into the module's state in place (shapes and names are checked)."""
+    """Copy ``params`` into the module's state in place (names and shapes are checked).
+
+    ``params`` may be read-only (arrays decoded from a frame are views of it): they are only
+    read, and never wrapped in a tensor that could write to them.
+    """
     state = module.state_dict()
-    ParameterSet((k, np.empty(v.shape)) for k, v in state.items()).check_layout(
-        params, what="received model"
-    )
-    with torch.no_grad(), warnings.catch_warnings():
-        # Received arrays are read-only views of the frame; copy_ only reads them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    if list(state) != list(params) or any(
+        tuple(t.shape) != np.shape(params[name]) for name, t in state.items()
+    ):
+        ParameterSet((k, np.empty(v.shape, np.uint8)) for k, v in state.items()).check_layout(
+            params, what="received model"
+        )
+    with torch.no_grad():
         for name, tensor in state.items():
-            tensor.copy_(torch.from_numpy(params[name]))
+            _copy_into(tensor, np.asarray(params[name]))
+
+
+def _copy_into(tensor: torch.Tensor, array: np.ndarray) -> None:
+    if tensor.device.type == "cpu":
+        try:
+            target = tensor.numpy()  # a view: numpy copies straight into the tensor
+        except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16...)
+            pass
+        else:
+            np.copyto(target, array, casting="unsafe")  # casts as Tensor.copy_ does
+            return
+    # torch.from_numpy would wrap a read-only array in a writable tensor (and warn).
+    source = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
+    tensor.copy_(source)
 
 
 def to_tensor(array: object, dtype: torch.dtype | None = None) -> torch.Tensor:

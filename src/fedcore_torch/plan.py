@@ -17,7 +17,9 @@ from . import convert
 
 
 class TorchTrainingPlan(TrainingPlan):
-    """A plan around a PyTorch model. Override:
+    """A plan around a PyTorch model.
+
+    Override:
 
     - :meth:`init_model` (required): build the ``nn.Module`` from ``self.model_args``;
     - :meth:`training_step` (required): ``(data, target) -> loss`` for one batch;
@@ -57,14 +59,24 @@ class TorchTrainingPlan(TrainingPlan):
     # --- TrainingPlan -----------------------------------------------------------------------
 
     def build(self, seed: int) -> None:  # noqa: D102 - inherits the doc
-        torch.manual_seed(seed)
+        self._device = self._choose_device()
+        self._manual_seed(seed)
         model = self.init_model()
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(
                 f"init_model() must return a torch.nn.Module. Received: {type(model).__name__}"
             )
-        self._device = self._choose_device()
         self.model = model.to(self._device)
+
+    def _manual_seed(self, seed: int) -> None:
+        # torch.manual_seed also queues the seed for every accelerator backend that is not
+        # initialised, formatting the caller's stack each time (0.1 to 1 ms a call, twice
+        # per round). A plan running on the CPU draws only from the CPU generator, and
+        # seeding that one alone gives the same random streams.
+        if self._device.type == "cpu":
+            torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
 
     def _choose_device(self) -> torch.device:
         allowed = bool(self.node_settings.get("allow_gpu", True))
@@ -112,7 +124,7 @@ class TorchTrainingPlan(TrainingPlan):
         batch_size = int(self.training_args.get("batch_size", 32))
         limit = self.training_args.get("num_updates")
         generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
+        self._manual_seed(seed)
         optimizer = self.init_optimizer()
         self.model.train()
         steps, total, count = 0, 0.0, 0

@@ -4,13 +4,15 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
+import threading
 import time
 import tomllib
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tinydb import TinyDB
 
@@ -64,6 +66,9 @@ class Node:
             1, thread_name_prefix=f"fedcore-node-{self.node_id}"
         )
         self._plans: dict[str, type[TrainingPlan]] = {}
+        self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
+        self._audit_lock = threading.Lock()
+        self._audit_file: IO[str] | None = None
         self._handlers: dict[type[Body], Callable[[Envelope], Any]] = {
             Ping: self._on_ping,
             SearchRequest: self._on_search,
@@ -74,7 +79,7 @@ class Node:
 
     @property
     def node_id(self) -> str:
-        """This node's identity on the network."""
+        """The node's identity on the network."""
         return str(self.config["node_id"])
 
     def __repr__(self) -> str:
@@ -104,8 +109,32 @@ class Node:
     def audit(self, event: str, **fields: Any) -> None:
         """Append one event to the audit log (JSON lines, never rewritten)."""
         record = {"time": time.time(), "node": self.node_id, "event": event, **fields}
-        with open(self.home / "audit.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        line = json.dumps(record, default=str) + "\n"
+        with self._audit_lock:
+            f = self._audit_handle()
+            f.write(line)
+            f.flush()
+
+    def _audit_handle(self) -> IO[str]:
+        # The log stays open between events (opening it cost more than a round's
+        # bookkeeping); it is reopened when someone moved or deleted it (log rotation).
+        path = self.home / "audit.jsonl"
+        f = self._audit_file
+        if f is not None:
+            try:
+                if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                    return f
+            except OSError:
+                pass
+            f.close()
+        self._audit_file = f = open(path, "a", encoding="utf-8")
+        return f
+
+    def _close_audit(self) -> None:
+        with self._audit_lock:
+            if self._audit_file is not None:
+                self._audit_file.close()
+                self._audit_file = None
 
     def audit_log(self) -> list[dict[str, Any]]:
         """Every audit record, oldest first."""
@@ -136,6 +165,7 @@ class Node:
                 task.cancel()
             await transport.close()
             self.audit("stopped")
+            self._close_audit()
 
     def start(self, url: str) -> Node:
         """Serve ``url`` in the background (on fedcore's runtime loop); returns ``self``."""
@@ -206,12 +236,27 @@ class Node:
                            datasets=[self.datasets.public(e) for e in found],
                            available_tags=self.datasets.all_tags())
 
+    def _bundle(self, wire: Any) -> tuple[PlanBundle, str]:
+        """The shipped bundle and its SHA-256, verified once per plan rather than per round."""
+        declared = wire.get("sha256") if isinstance(wire, Mapping) else None
+        if isinstance(declared, str):
+            known = self._bundles.get(declared)
+            if known is not None and (wire.get("files"), wire.get("entry"), wire.get(
+                    "backend")) == (known.files, known.entry, known.backend):
+                return known, declared  # the same files as a bundle whose hash was checked
+        bundle = PlanBundle.from_wire(wire)
+        sha = bundle.sha256
+        if len(self._bundles) >= 64:
+            self._bundles.pop(next(iter(self._bundles)))
+        self._bundles[sha] = bundle
+        return bundle, sha
+
     async def _on_train(self, env: Envelope) -> Body:
         request: TrainRequest = env.body  # type: ignore[assignment]
         base = {"researcher": env.sender, "experiment": env.experiment, "round": env.round,
                 "dataset": request.dataset_id}
         try:
-            bundle = PlanBundle.from_wire(request.plan)
+            bundle, sha = self._bundle(request.plan)
             plugins.load("backends", bundle.backend)
             dataset = self.datasets.load(request.dataset_id)
         except DatasetError as exc:
@@ -221,11 +266,11 @@ class Node:
             self.audit("train-refused", **base, reason=str(exc))
             return ErrorReply(kind="configuration", message=str(exc),
                               exc_type="ConfigurationError")
-        base["plan"] = bundle.sha256
+        base["plan"] = sha
         loop = asyncio.get_running_loop()
         try:
-            plan_class = self._plans.get(bundle.sha256) or bundle.load()
-            self._plans[bundle.sha256] = plan_class
+            plan_class = self._plans.get(sha) or bundle.load()
+            self._plans[sha] = plan_class
             reply = await loop.run_in_executor(
                 self._executor, run_round, plan_class, request, dataset, self.node_id,
                 env.round, {"allow_gpu": bool(self.config.get("allow_gpu", True))},

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 import uuid
@@ -100,7 +101,7 @@ class DatasetRegistry:
 
     # --- queries ----------------------------------------------------------------------------
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         """Every entry, each with ``available`` telling whether its file is still there."""
         return [{**e, "available": Path(e["path"]).is_file()} for e in self._table.all()]
 
@@ -111,12 +112,12 @@ class DatasetRegistry:
             raise DatasetError(f"No dataset with id {dataset_id!r} on this node.")
         return dict(found[0])
 
-    def search(self, tags: Sequence[str]) -> list[dict[str, Any]]:
+    def search(self, tags: Sequence[str]) -> builtins.list[dict[str, Any]]:
         """Entries carrying every tag in ``tags``."""
         wanted = set(tags)
         return [e for e in self.list() if wanted <= set(e["tags"])]
 
-    def all_tags(self) -> list[str]:
+    def all_tags(self) -> builtins.list[str]:
         """Every tag of every dataset."""
         return sorted({t for e in self._table.all() for t in e["tags"]})
 
@@ -142,7 +143,7 @@ class DatasetRegistry:
                                       "available") if k in entry}
 
 
-def _clean_tags(tags: Iterable[str]) -> list[str]:
+def _clean_tags(tags: Iterable[str]) -> builtins.list[str]:
     if isinstance(tags, str):
         tags = [tags]
     cleaned = sorted({str(t).strip() for t in tags if str(t).strip()})

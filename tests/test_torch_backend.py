@@ -1,0 +1,253 @@
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from fedcore import Experiment, codec, simulate  # noqa: E402
+from fedcore.data import ArrayDataset  # noqa: E402
+from fedcore.messages import Envelope, TrainReply  # noqa: E402
+from fedcore_torch import TorchTrainingPlan  # noqa: E402
+
+
+class DigitsPlan(TorchTrainingPlan):
+    def init_model(self):
+        return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                             nn.Linear(256, 10))
+
+    def training_step(self, data, target):
+        return F.cross_entropy(self.model(data), target)
+
+
+class FragilePlan(DigitsPlan):
+    """Fails on a node whose scans hold negative intensities (a corrupt export)."""
+
+    def training_step(self, data, target):
+        if bool((data < 0).any()):
+            raise ValueError("negative pixel intensity in this site's scans")
+        return super().training_step(data, target)
+
+
+class AsyncLoadingPlan(DigitsPlan):
+    """Fetches something with asyncio inside training, as some data libraries do."""
+
+    def training_step(self, data, target):
+        scale = asyncio.run(self._scale())
+        return F.cross_entropy(self.model(data * scale), target)
+
+    async def _scale(self):
+        await asyncio.sleep(0)
+        return 1.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # Small models on two shared cores: intra-op threads only contend (10x slower when
+    # another process is busy), so every timing-sensitive test here uses one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return train_test_split(X / 16.0, y, test_size=0.2, random_state=0, stratify=y)
+
+
+def _accuracy(model, X, y):
+    model.eval()
+    with torch.no_grad():
+        return float((model(torch.as_tensor(X, dtype=torch.float32)).argmax(1).numpy()
+                      == y).mean())
+
+
+def test_federated_torch_mlp_matches_a_centralized_one(digits):
+    Xtr, Xte, ytr, yte = digits
+    rounds, epochs, batch, lr = 40, 2, 32, 0.2
+    training_args = {"epochs": epochs, "batch_size": batch, "lr": lr}
+    with simulate.from_arrays(Xtr, ytr, n_nodes=5, tags=["digits"]) as fed:
+        exp = Experiment(DigitsPlan, tags=["digits"], federation=fed.url, progress=False,
+                         training_args=training_args, round_limit=rounds, test_ratio=0.0,
+                         evaluate_global=False, evaluate_local=False)
+        exp.run()
+        federated = _accuracy(exp.trained_plan().model, Xte, yte)
+    h = exp.history
+    assert len(h) == rounds * 5 and set(h["status"]) == {"ok"}
+    assert h.groupby("round")["n_samples"].sum().tolist() == [len(Xtr)] * rounds
+
+    # Centralized: the same model, initial weights, optimizer and batch size, trained on the
+    # pooled data for as many epochs as each node trained in all (rounds x local epochs).
+    torch.manual_seed(0)
+    model = DigitsPlan().init_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    X = torch.as_tensor(Xtr, dtype=torch.float32)
+    y = torch.as_tensor(ytr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(rounds * epochs):
+        order = torch.randperm(len(X), generator=generator)
+        for start in range(0, len(X), batch):
+            idx = order[start:start + batch]
+            optimizer.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            optimizer.step()
+    centralized = _accuracy(model, Xte, yte)
+
+    assert centralized > 0.95
+    assert abs(federated - centralized) <= 0.02, (federated, centralized)
+
+
+def test_get_parameters_shares_memory_with_the_model():
+    plan = DigitsPlan()
+    plan.build(seed=0)
+    params = plan.get_parameters()
+    state = plan.model.state_dict()
+    assert list(params) == list(state)
+    for name, tensor in state.items():
+        assert np.shares_memory(params[name], tensor.numpy()), name
+    with torch.no_grad():
+        plan.model[0].bias += 1.0  # training in place shows through without a new call
+    assert np.array_equal(params["0.bias"], plan.model[0].bias.detach().numpy())
+
+
+def test_set_parameters_takes_read_only_arrays_from_a_frame_and_never_writes_them():
+    sender = DigitsPlan()
+    sender.build(seed=1)
+    frame = codec.encode(Envelope(TrainReply(params=sender.get_parameters(), n_samples=1)))
+    received = codec.decode(frame).body.params
+    assert not any(a.flags.writeable for a in received.values())
+    as_sent = received.copy()
+
+    plan = DigitsPlan({}, {"epochs": 1, "lr": 0.5})
+    plan.build(seed=2)
+    plan.set_parameters(received)
+    assert plan.get_parameters().equal(received)
+    rng = np.random.default_rng(0)
+    plan.fit(ArrayDataset(rng.random((64, 64)), rng.integers(0, 10, 64)), seed=0)
+    assert not plan.get_parameters().equal(as_sent)  # the model trained...
+    assert received.equal(as_sent)  # ...and the frame it came from is untouched
+    assert not any(np.shares_memory(received[k], t.numpy())
+                   for k, t in plan.model.state_dict().items())
+
+
+def test_set_parameters_from_a_frame_warns_nothing():
+    # torch warns about read-only arrays once per process, so only a fresh one can tell.
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        from fedcore import codec
+        from fedcore.messages import Envelope, TrainReply
+        from fedcore_torch import convert
+
+        model = torch.nn.Linear(4, 3)
+        frame = codec.encode(Envelope(TrainReply(params=convert.get_parameters(model),
+                                                 n_samples=1)))
+        received = codec.decode(frame).body.params
+        other = torch.nn.Linear(4, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            convert.set_parameters(other, received)
+        assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.fixture
+def gpu_visible(monkeypatch):
+    """A machine where CUDA looks available (the real one, or a CPU one pretending)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_a_node_that_forbids_the_gpu_gets_a_cpu_model(gpu_visible):
+    plan = DigitsPlan({}, {"use_gpu": True})
+    plan.node_settings = {"allow_gpu": False}
+    plan.build(seed=0)
+    assert plan.device() == "cpu"
+    assert {p.device.type for p in plan.model.parameters()} == {"cpu"}
+
+
+def test_a_plan_that_declines_the_gpu_gets_a_cpu_model(gpu_visible):
+    plan = DigitsPlan({}, {"use_gpu": False})
+    plan.build(seed=0)
+    assert plan.device() == "cpu"
+    assert {p.device.type for p in plan.model.parameters()} == {"cpu"}
+
+
+def test_history_reports_the_device_each_node_trained_on(tmp_path, digits):
+    Xtr, _, ytr, _ = digits
+    fed = simulate.SimulatedFederation(root=tmp_path)
+    # node-01's administrator switched the GPU off in its config; node-02 kept the default.
+    (tmp_path / "node-01").mkdir()
+    (tmp_path / "node-01" / "config.toml").write_text(
+        'node_id = "node-01"\nname = "node-01"\nallow_gpu = false\n')
+    with fed:
+        for i, node_id in enumerate(["node-01", "node-02"]):
+            fed.add_node(node_id).datasets.add_arrays(f"part{i}", ["digits"], Xtr[i::2],
+                                                      ytr[i::2])
+        exp = Experiment(DigitsPlan, tags=["digits"], federation=fed.url, progress=False,
+                         training_args={"epochs": 1})
+        rows = exp.run_once().set_index("node")
+    assert set(rows["status"]) == {"ok"}
+    assert rows.loc["node-01", "device"] == "cpu"
+    assert rows.loc["node-02", "device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _federation(root, Xtr, ytr, node_ids, corrupt=()):
+    fed = simulate.SimulatedFederation(root=root)
+    for node_id in node_ids:
+        i = int(node_id[-2:])
+        X = Xtr[i::3] - (1.0 if node_id in corrupt else 0.0)
+        fed.add_node(node_id).datasets.add_arrays(f"scans-{node_id}", ["digits"], X,
+                                                  ytr[i::3])
+    return fed
+
+
+def test_a_node_whose_training_step_raises_fails_alone(tmp_path, digits):
+    Xtr, _, ytr, _ = digits
+    args = dict(tags=["digits"], progress=False, training_args={"epochs": 1, "lr": 0.1},
+                evaluate_global=False)
+    with _federation(tmp_path / "a", Xtr, ytr, ["node-00", "node-01", "node-02"],
+                     corrupt=["node-01"]) as fed:
+        exp = Experiment(FragilePlan, federation=fed.url, **args)
+        exp.run(2)  # the node keeps serving: it fails again in round 2, and only it
+    h = exp.history.set_index(["round", "node"])
+    for rnd in (1, 2):
+        bad = h.loc[(rnd, "node-01")]
+        assert bad["status"] == "failed" and bad["n_samples"] == 0
+        assert "ValueError" in bad["error"]
+        assert "negative pixel intensity in this site's scans" in bad["error"]
+        assert h.loc[(rnd, "node-00"), "status"] == h.loc[(rnd, "node-02"), "status"] == "ok"
+
+    # The global model is exactly what the two healthy nodes make on their own.
+    with _federation(tmp_path / "b", Xtr, ytr, ["node-00", "node-02"]) as fed:
+        healthy = Experiment(FragilePlan, federation=fed.url, **args)
+        healthy.run(2)
+    assert exp.parameters.equal(healthy.parameters)
+
+
+def test_a_plan_may_run_its_own_asyncio_loop_in_simulation(digits):
+    # Simulated nodes share fedcore's event loop, but plans still run on a worker thread,
+    # as on a deployed node: asyncio.run inside training works in both.
+    Xtr, _, ytr, _ = digits
+    with simulate.from_arrays(Xtr[:200], ytr[:200], n_nodes=2, tags=["digits"]) as fed:
+        exp = Experiment(AsyncLoadingPlan, tags=["digits"], federation=fed.url,
+                         progress=False, training_args={"epochs": 1})
+        rows = exp.run_once()
+    assert set(rows["status"]) == {"ok"}, rows.get("error")
