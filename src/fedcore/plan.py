@@ -41,6 +41,9 @@ class TrainingPlan(abc.ABC):
     """
 
     backend: ClassVar[str] = ""
+    #: True when :meth:`set_parameters` restores the model's whole state, so a node may
+    #: keep the built plan between rounds of one experiment instead of rebuilding it.
+    reusable: ClassVar[bool] = False
     #: Extra lines of Python (usually imports) shipped in front of the plan's source.
     dependencies: ClassVar[tuple[str, ...]] = ()
 

@@ -34,6 +34,9 @@ class TorchTrainingPlan(TrainingPlan):
     """
 
     backend = "torch"
+    #: The state_dict is the whole state of a standard module, so nodes keep the built
+    #: model between rounds. Set False for a model that keeps state outside it.
+    reusable = True
     model: torch.nn.Module
 
     def init_model(self) -> torch.nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any
 
@@ -20,18 +21,24 @@ def derive_seed(*parts: Any) -> int:
 
 
 def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Dataset,
-              node_id: str, round: int, settings: dict[str, Any]) -> TrainReply:
+              node_id: str, round: int, settings: dict[str, Any],
+              warm: TrainingPlan | None = None) -> tuple[TrainReply, TrainingPlan]:
     """Split, evaluate the global model, train, evaluate the update, and reply.
 
     The train/test split depends on the experiment's seed only, so the test samples stay
-    the same in every round and never leak into training.
+    the same in every round and never leak into training. ``warm`` is a plan built for the
+    same experiment and arguments in an earlier round (for plans whose ``reusable`` flag
+    says that loading parameters restores their whole state); it saves building the model.
+    Returns the reply and the plan, for reuse.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     train, test = dataset.split(request.test_ratio, seed=derive_seed(request.seed, node_id))
-    plan = plan_class(request.model_args, request.training_args, request.data_info)
-    plan.node_settings = dict(settings)
-    plan.build(seed=request.seed)
+    plan = warm
+    if plan is None:
+        plan = plan_class(request.model_args, request.training_args, request.data_info)
+        plan.node_settings = dict(settings)
+        plan.build(seed=request.seed)
     plan.set_parameters(request.params)
     timings["setup_s"] = time.perf_counter() - t0
 
@@ -51,10 +58,12 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         metrics_local = evaluate(plan.task, *plan.predict(test))
     timings["eval_local_s"] = time.perf_counter() - t
 
-    params = plan.get_parameters()
+    params = ParameterSet(plan.get_parameters())
+    if plan.reusable:
+        params = params.copy()  # the model lives on: the reply must not alias it
     timings["total_s"] = time.perf_counter() - t0
     return TrainReply(
-        params=ParameterSet(params),
+        params=params,
         n_samples=len(train),
         n_test=len(test),
         metrics_global=metrics_global,
@@ -62,4 +71,11 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         train_stats=dict(train_stats or {}),
         timings=timings,
         device=plan.device(),
-    )
+    ), plan
+
+
+def plan_key(experiment: str, plan_hash: str, request: TrainRequest) -> str:
+    """What must match for a plan built in one round to serve another."""
+    args = json.dumps([request.model_args, request.training_args, request.data_info],
+                      sort_keys=True, default=repr)
+    return hashlib.sha256(f"{experiment}\0{plan_hash}\0{args}".encode()).hexdigest()

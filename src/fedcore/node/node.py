@@ -31,12 +31,13 @@ from ..messages import (
 from ..plan import PlanBundle, TrainingPlan
 from ..transport import Transport, open_transport
 from ._storage import AtomicJSONStorage
-from .executor import run_round
+from .executor import plan_key, run_round
 from .registry import DatasetRegistry
 
 log = logging.getLogger("fedcore.node")
 
 _VERSION = "0.1.0"
+_WARM_PLANS = 8
 
 
 class Node:
@@ -66,6 +67,7 @@ class Node:
             1, thread_name_prefix=f"fedcore-node-{self.node_id}"
         )
         self._plans: dict[str, type[TrainingPlan]] = {}
+        self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
         self._audit_lock = threading.Lock()
         self._audit_file: IO[str] | None = None
@@ -271,10 +273,16 @@ class Node:
         try:
             plan_class = self._plans.get(sha) or bundle.load()
             self._plans[sha] = plan_class
-            reply = await loop.run_in_executor(
+            key = plan_key(env.experiment, sha, request) if plan_class.reusable else ""
+            warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
+            reply, plan = await loop.run_in_executor(
                 self._executor, run_round, plan_class, request, dataset, self.node_id,
-                env.round, {"allow_gpu": bool(self.config.get("allow_gpu", True))},
+                env.round, {"allow_gpu": bool(self.config.get("allow_gpu", True))}, warm,
             )
+            if key:
+                self._warm[key] = plan
+                while len(self._warm) > _WARM_PLANS:
+                    self._warm.pop(next(iter(self._warm)))
         except DatasetError as exc:
             self.audit("train-failed", **base, reason=str(exc))
             return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
