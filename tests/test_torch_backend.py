@@ -251,3 +251,40 @@ def test_a_plan_may_run_its_own_asyncio_loop_in_simulation(digits):
                          progress=False, training_args={"epochs": 1})
         rows = exp.run_once()
     assert set(rows["status"]) == {"ok"}, rows.get("error")
+
+
+class RebuiltDigitsPlan(DigitsPlan):
+    """The same model, built afresh on the node every round."""
+
+    reusable = False
+
+
+def test_a_reused_model_trains_exactly_like_a_rebuilt_one(tmp_path, digits):
+    Xtr, _, ytr, _ = digits
+    finals = []
+    for plan in (DigitsPlan, RebuiltDigitsPlan):
+        with simulate.from_arrays(Xtr[:300], ytr[:300], n_nodes=3, tags=["digits"]) as fed:
+            exp = Experiment(plan, tags=["digits"], federation=fed.url, progress=False,
+                             training_args={"epochs": 1, "lr": 0.1}, seed=3)
+            exp.run(3)
+            finals.append(exp.parameters)
+    assert finals[0].equal(finals[1])
+
+
+def test_a_reply_from_a_reused_model_does_not_alias_it(digits):
+    from fedcore.messages import TrainRequest
+    from fedcore.node.executor import run_round
+    from fedcore.plan import PlanBundle
+
+    Xtr, _, ytr, _ = digits
+    ds = ArrayDataset(Xtr[:100], ytr[:100])
+    info = {**ds.metadata(), "categories": {"target": list(range(10))}}
+    plan = DigitsPlan({}, {"epochs": 1}, info)
+    plan.build(seed=0)
+    request = TrainRequest(plan=PlanBundle.from_class(DigitsPlan).to_wire(),
+                           params=plan.get_parameters().copy(), dataset_id="d",
+                           training_args={"epochs": 1}, data_info=info)
+    reply, kept = run_round(DigitsPlan, request, ds, "n", 1, {}, warm=plan)
+    assert kept is plan
+    for name, tensor in plan.model.state_dict().items():
+        assert not np.shares_memory(reply.params[name], tensor.numpy())
