@@ -4,7 +4,7 @@
 #   ./scripts/test.sh [PYTEST ARGS...]      (or: make test ARGS="-k docs -x")
 #
 # Sets up .venv (or $FEDCORE_DEV_VENV) with fedcore[dev,sklearn,torch], re-using it when it
-# is up to date; starts the services the tests need; runs `ruff check .`, `mypy src` and `pytest`.
+# is up to date; starts the services the tests need; runs `ruff check .`, `mypy` and `pytest`.
 # Exits non-zero when either fails, and when pytest collects no tests (its exit code 5).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,8 +34,8 @@ failed=()
 echo "== ruff check ." >&2
 "$PY" -m ruff check . || failed+=("ruff check (exit $?)")
 
-echo "== mypy src" >&2
-"$PY" -m mypy src || failed+=("mypy (exit $?)")
+echo "== mypy" >&2
+"$PY" -m mypy || failed+=("mypy (exit $?)")
 
 echo "== pytest $*" >&2
 set +e
@@ -52,4 +52,4 @@ if ((${#failed[@]})); then
     printf 'FAILED: %s\n' "${failed[@]}" >&2
     exit 1
 fi
-echo "OK: ruff and pytest passed" >&2
+echo "OK: ruff, mypy and pytest passed" >&2

@@ -1,0 +1,1 @@
+"""fedcore-node: the node administrator's command line."""

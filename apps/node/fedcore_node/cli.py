@@ -1,0 +1,162 @@
+"""``fedcore-node``: set up a node home and manage its datasets.
+
+Exit codes: 0 success, 1 a fedcore error (the message says what to fix), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import FedcoreError
+from fedcore.node import Node
+
+DEFAULT_HOME = "fedcore-node"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedcore-node",
+        description="Administer a fedcore node: its home folder and the datasets it offers "
+        "to researchers. Paths never leave the node; researchers see names, tags and "
+        "metadata only.",
+    )
+    p.add_argument("--home", default=os.environ.get("FEDCORE_NODE_HOME", DEFAULT_HOME),
+                   help="node home folder (default: $FEDCORE_NODE_HOME or ./fedcore-node)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create the node home (config, database, audit log)")
+    init.add_argument("--name", help="a human-readable name, e.g. the hospital's")
+    init.add_argument("--id", dest="node_id", help="the node id (default: generated)")
+
+    sub.add_parser("info", help="show the node's id, name and home")
+
+    ds = sub.add_parser("dataset", help="register, list, map and remove datasets")
+    dsub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    add = dsub.add_parser("add", help="register a dataset (checked before anything is saved)")
+    add.add_argument("--name", required=True, help="dataset name shown to researchers")
+    add.add_argument("--tags", required=True,
+                     help="comma-separated tags researchers search by, e.g. diabetes,2024")
+    add.add_argument("--path", required=True, help="the data file or folder")
+    add.add_argument("--kind", help="csv, npz, medical-folder, image-folder (default: from "
+                     "the file suffix)")
+    add.add_argument("--description", default="")
+    add.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="loader option, repeatable (e.g. demographics=FILE, "
+                     "subject_column=participant_id); VALUE is parsed as JSON when it can be")
+
+    lst = dsub.add_parser("list", help="list registered datasets")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rm = dsub.add_parser("remove", help="forget a dataset")
+    rm.add_argument("dataset_id")
+
+    mp = dsub.add_parser("map", help="attach a DataLoadingPlan (a JSON file) to a dataset")
+    mp.add_argument("dataset_id")
+    mp.add_argument("plan_file", help="JSON file with the mapping; see docs/biomedical-data.md")
+
+    show = dsub.add_parser("show", help="one dataset's entry, as researchers see it and "
+                           "with its local details")
+    show.add_argument("dataset_id")
+
+    audit = sub.add_parser("audit", help="print the audit log")
+    audit.add_argument("--tail", type=int, default=0, help="only the last N records")
+    return p
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"fedcore-node: error: --option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _open(home: str, *, create: bool = False) -> Node:
+    path = Path(home)
+    if not create and not (path / "config.toml").exists():
+        raise FedcoreError(
+            f"No node home at {path.resolve()}. Create one with: fedcore-node --home {home} "
+            "init --name NAME"
+        )
+    return Node(path)
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, out: Any) -> None:
+    """Carry out one parsed command, writing to ``out``."""
+    if args.command == "init":
+        node = Node(Path(args.home), name=args.name, node_id=args.node_id)
+        print(f"Node {node.node_id} ready in {node.home.resolve()}", file=out)
+        return
+    node = _open(args.home)
+    if args.command == "info":
+        print(f"id:   {node.node_id}\nname: {node.config.get('name', '')}\n"
+              f"home: {node.home.resolve()}", file=out)
+    elif args.command == "audit":
+        records = node.audit_log()
+        for record in records[-args.tail:] if args.tail else records:
+            print(json.dumps(record), file=out)
+    elif args.action == "add":
+        tags = [t for t in args.tags.split(",") if t.strip()]
+        entry = node.datasets.add(args.name, tags, args.path, kind=args.kind,
+                                  description=args.description,
+                                  options=_parse_options(args.option))
+        node.audit("dataset-added", dataset=entry["id"], name=entry["name"], tags=entry["tags"])
+        print(f"Registered {entry['name']!r} as {entry['id']} "
+              f"({entry['metadata'].get('n_samples', '?')} samples, tags {entry['tags']})",
+              file=out)
+    elif args.action == "list":
+        rows = node.datasets.list()
+        if args.json:
+            print(json.dumps([{**node.datasets.public(r), "kind": r["kind"]} for r in rows],
+                             indent=1), file=out)
+            return
+        table = [{"id": r["id"], "name": r["name"], "kind": r["kind"],
+                  "tags": ",".join(r["tags"]), "samples": r["metadata"].get("n_samples", ""),
+                  "available": "yes" if r["available"] else "NO (file missing)"}
+                 for r in rows]
+        print(_table(table, ["id", "name", "kind", "tags", "samples", "available"])
+              if table else "No datasets. Add one with: fedcore-node dataset add ...", file=out)
+    elif args.action == "remove":
+        node.datasets.remove(args.dataset_id)
+        node.audit("dataset-removed", dataset=args.dataset_id)
+        print(f"Removed {args.dataset_id}", file=out)
+    elif args.action == "show":
+        print(json.dumps(node.datasets.get(args.dataset_id), indent=1, default=str), file=out)
+    elif args.action == "map":
+        try:
+            plan = json.loads(Path(args.plan_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FedcoreError(f"Cannot read the DataLoadingPlan {args.plan_file}: {exc}") from exc
+        node.datasets.set_loading_plan(args.dataset_id, plan)
+        node.audit("loading-plan-set", dataset=args.dataset_id, plan=plan)
+        print(f"DataLoadingPlan attached to {args.dataset_id}", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fedcore-node``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        run(args, sys.stdout)
+    except FedcoreError as exc:
+        print(f"fedcore-node: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
