@@ -138,3 +138,19 @@ def test_a_plan_from_a_file_ships_too():
     bundle = PlanBundle.from_class(FilePlan)
     assert "class FilePlan(SklearnTrainingPlan):" in bundle.source
     assert bundle.load().__name__ == "FilePlan"
+
+
+def test_method_locals_that_shadow_module_globals_are_not_shipped():
+    nb = _run_cells(CELL_1, """
+    X = np.zeros((1000, 3))  # the notebook's data: it must stay on the researcher's side
+
+    class LocalsPlan(SklearnTrainingPlan):
+        estimator = SGDClassifier
+
+        def training_data(self, dataset):
+            X, y = super().training_data(dataset)
+            return rescale(X), y
+    """)
+    src = PlanBundle.from_class(nb.LocalsPlan).source
+    assert "np.zeros" not in src and "X = " not in src
+    assert "def rescale(x):" in src

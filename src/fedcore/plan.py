@@ -15,6 +15,7 @@ import builtins
 import hashlib
 import inspect
 import linecache
+import symtable
 import sys
 import textwrap
 import types
@@ -318,11 +319,21 @@ def _class_in(filename: str, name: str, line: int | None) -> str | None:
 
 
 def _free_names(src: str) -> set[str]:
-    """Names read in ``src`` that are not builtins (a superset of its global references)."""
-    names = {
-        n.id for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Name)
-        and isinstance(n.ctx, ast.Load)
-    }
+    """Global names ``src`` reads: not builtins, not locals of its functions."""
+    names: set[str] = set()
+
+    def walk(table: symtable.SymbolTable, top: bool) -> None:
+        for sym in table.get_symbols():
+            if not sym.is_referenced():
+                continue
+            if (top and not sym.is_assigned() and not sym.is_imported()) or (
+                not top and sym.is_global()
+            ):
+                names.add(sym.get_name())
+        for child in table.get_children():
+            walk(child, False)
+
+    walk(symtable.symtable(src, "<plan>", "exec"), True)
     return {n for n in names if not hasattr(builtins, n)}
 
 
