@@ -46,7 +46,8 @@ exp.run()
 await exp.arun_once()
 accuracy = exp.metrics()["accuracy"].iloc[-1]
 print("ROUNDS", exp.round, "ACCURACY", accuracy)
-print("SOURCE-HAS-HELPERS", "def clip(X)" in exp._bundle.source and "CLIP = 10.0" in exp._bundle.source)
+source = fedcore.PlanBundle.from_class(NotebookPlan).source
+print("SOURCE-HAS-HELPERS", "def clip(X)" in source and "CLIP = 10.0" in source)
 fed.close()
 """,
 ]
