@@ -20,7 +20,19 @@ bash scripts/setup-env.sh "$VENV" dev,sklearn,torch
 # address is exported for the tests, FEDCORE_TEST_MQTT_URL=mqtt://127.0.0.1:PORT).
 # stop_services runs on every exit, including failures and Ctrl-C.
 start_services() {
-    :
+    ensure_chromium
+}
+# The node GUI tests drive a real headless Chromium (Debian packages; ~2 min, once).
+ensure_chromium() {
+    [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] && return 0
+    if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        echo "chromium/chromedriver missing and cannot apt-get install them: GUI tests skip" >&2
+        return 0
+    fi
+    echo "== installing chromium and chromium-driver for the GUI tests" >&2
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+          chromium chromium-driver; } >/tmp/fedcore-chromium-install.log 2>&1 \
+        || echo "apt-get install chromium failed (see /tmp/fedcore-chromium-install.log): GUI tests skip" >&2
 }
 stop_services() {
     :

@@ -162,3 +162,14 @@ def test_node_refuses_bad_frames_and_keeps_serving(tmp_path):
         node.stop()
     events = [e["event"] for e in node.audit_log()]
     assert events.count("refused-frame") >= 2 and "search" in events and events[-1] == "stopped"
+
+
+def test_changes_by_another_process_are_seen(tmp_path):
+    serving = Node(tmp_path / "home", node_id="hospital-a")
+    entry = serving.datasets.add("cohort", ["diabetes"], _csv(tmp_path / "a.csv"))
+    assert serving.datasets.search(["diabetes"])  # cached by TinyDB, were caching on
+    admin = Node(tmp_path / "home")  # the CLI or GUI, in another process
+    admin.datasets.remove(entry["id"])
+    assert serving.datasets.search(["diabetes"]) == []
+    with pytest.raises(DatasetError):
+        serving.datasets.load(entry["id"])

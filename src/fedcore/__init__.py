@@ -21,6 +21,7 @@ from .experiment import Experiment
 from .node import Node
 from .params import ParameterSet
 from .plan import PlanBundle, TrainingPlan
+from .statistics import FederatedStatistics, Histogram
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,9 @@ __all__ = [
     "Experiment",
     "FedAvg",
     "FedcoreError",
+    "FederatedStatistics",
     "GovernanceError",
+    "Histogram",
     "Node",
     "ParameterSet",
     "PlanBundle",

@@ -27,6 +27,9 @@ from .messages import (
     Checkpoint,
     Envelope,
     ErrorReply,
+    PlanStatus,
+    PlanStatusRequest,
+    PlanSubmit,
     SearchReply,
     SearchRequest,
     TrainReply,
@@ -414,6 +417,10 @@ class Experiment:
             row.update({f"global_{k}": v for k, v in body.metrics_global.items()})
             row.update({f"local_{k}": v for k, v in body.metrics_local.items()})
             row.update(body.timings)
+            if body.overrides:  # the node's policy changed the training arguments
+                row.update(overrides=dict(body.overrides), policy="; ".join(body.policy_notes))
+                log.warning("Round %d: node %s applied its policy: %s", rnd, node,
+                            row["policy"] or body.overrides)
             return row
         error = _describe(result)
         failures[node] = error
@@ -461,6 +468,43 @@ class Experiment:
         """Run ``rounds`` more rounds (default: up to ``round_limit``); return the history."""
         return _runtime.run(self._run(rounds))
 
+    # --- plan review ------------------------------------------------------------------------
+
+    async def _plan_rows(self, body: PlanSubmit | PlanStatusRequest) -> pd.DataFrame:
+        client = await self._connect()
+        if self._targets is None:
+            await self._search()
+        assert self._targets is not None
+        rows: list[dict[str, Any]] = []
+        async for node, result, _ in client.scatter(
+            dict.fromkeys(self._targets, body), experiment=self.id,
+            timeout=self.connect_timeout,
+        ):
+            reply = result.body if isinstance(result, Envelope) else None
+            if isinstance(reply, PlanStatus):
+                rows.append({"node": node, "plan_hash": reply.plan_hash, "status": reply.status,
+                             "note": reply.note, "approval_required": reply.approval_required})
+            else:
+                rows.append({"node": node, "plan_hash": self.plan_hash, "status": "error",
+                             "note": _describe(result), "approval_required": None})
+        return pd.DataFrame(sorted(rows, key=lambda r: r["node"]),
+                            columns=["node", "plan_hash", "status", "note",
+                                     "approval_required"])
+
+    def submit_plan(self, message: str = "") -> pd.DataFrame:
+        """Submit the plan for review to the nodes holding the datasets; one row per node.
+
+        Nodes that require approval run a plan only once their administrator approved its
+        SHA-256 (:attr:`plan_hash`). ``message`` goes to the reviewers. Each row gives the
+        node's ``status`` (``pending``, ``approved``, ``rejected``) and ``note``.
+        """
+        return _runtime.run(self._plan_rows(PlanSubmit(plan=self._bundle.to_wire(),
+                                                       message=message)))
+
+    def plan_status(self) -> pd.DataFrame:
+        """Where the plan stands on each node (``unknown`` where it was never submitted)."""
+        return _runtime.run(self._plan_rows(PlanStatusRequest(plan_hash=self.plan_hash)))
+
     # --- async twins: the work always runs on fedcore's loop, awaited from any loop ---------
 
     async def asearch(self) -> pd.DataFrame:
@@ -474,6 +518,16 @@ class Experiment:
     async def arun(self, rounds: int | None = None) -> pd.DataFrame:
         """Async twin of :meth:`run`."""
         return await _runtime.run_async(self._run(rounds))
+
+    async def asubmit_plan(self, message: str = "") -> pd.DataFrame:
+        """Async twin of :meth:`submit_plan`."""
+        return await _runtime.run_async(self._plan_rows(
+            PlanSubmit(plan=self._bundle.to_wire(), message=message)))
+
+    async def aplan_status(self) -> pd.DataFrame:
+        """Async twin of :meth:`plan_status`."""
+        return await _runtime.run_async(self._plan_rows(
+            PlanStatusRequest(plan_hash=self.plan_hash)))
 
     async def aclose(self) -> None:
         """Async twin of :meth:`close`."""

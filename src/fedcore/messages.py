@@ -25,9 +25,14 @@ __all__ = [
     "Envelope",
     "ErrorReply",
     "Ping",
+    "PlanStatus",
+    "PlanStatusRequest",
+    "PlanSubmit",
     "Pong",
     "SearchReply",
     "SearchRequest",
+    "StatsReply",
+    "StatsRequest",
     "TrainReply",
     "TrainRequest",
     "body_type",
@@ -236,6 +241,9 @@ class TrainReply(Body):
     train_stats: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    #: Training arguments the node's policy imposed (e.g. ``{"epochs": 5}``), and why.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    policy_notes: list[str] = field(default_factory=list)
 
 
 @message("error")
@@ -262,3 +270,69 @@ class Checkpoint(Body):
     params: ParameterSet | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     aggregator_state: dict[str, Any] = field(default_factory=dict)
+
+
+@message("stats")
+@dataclass(frozen=True)
+class StatsRequest(Body):
+    """Ask for statistics of one dataset's variables (see :mod:`fedcore.statistics`).
+
+    Each query is a map: ``variable`` (a column of a table, a modality of a medical folder,
+    ``"intensity"`` for an image folder), ``shift`` (a float: sums are of ``x - shift``),
+    ``min_max`` (bool: also the extremes, where the node's policy allows) and ``edges``
+    (float64 histogram bin edges, or None for no histogram).
+    """
+
+    dataset_id: str
+    queries: list[dict[str, Any]]
+
+
+@message("stats-reply")
+@dataclass(frozen=True)
+class StatsReply(Body):
+    """One result per query, in order, under the node's minimum count per cell.
+
+    A result's ``additive`` map holds only sums (counts, sums and sums of squares of the
+    shifted values, histogram counts), so replies of several nodes add up to the pooled
+    statistics: a sum-only secure aggregation can combine them. Cells the node withheld are
+    zero there and listed in ``withheld``; ``min`` and ``max`` are None unless shared.
+    """
+
+    node_id: str
+    results: list[dict[str, Any]]
+    min_count: int = 0
+
+
+@message("plan-submit")
+@dataclass(frozen=True)
+class PlanSubmit(Body):
+    """Submit a training plan (a bundle's wire form) for review; answered by PlanStatus."""
+
+    plan: dict[str, Any]
+    message: str = ""
+
+
+@message("plan-status")
+@dataclass(frozen=True)
+class PlanStatusRequest(Body):
+    """Ask where a plan (by SHA-256) stands in a node's review; answered by PlanStatus."""
+
+    plan_hash: str
+
+
+@message("plan-status-reply")
+@dataclass(frozen=True)
+class PlanStatus(Body):
+    """A plan's review on one node: ``approved``, ``pending``, ``rejected`` or ``unknown``.
+
+    ``note`` is the administrator's (the reason of a rejection); ``approval_required``
+    tells whether the node runs unapproved plans at all.
+    """
+
+    node_id: str
+    plan_hash: str
+    status: str
+    note: str = ""
+    approval_required: bool = True
+    submitted_at: float | None = None
+    reviewed_at: float | None = None

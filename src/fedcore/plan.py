@@ -91,6 +91,31 @@ class TrainingPlan(abc.ABC):
         """Where training ran (``"cpu"``, ``"cuda:0"``...)."""
         return "cpu"
 
+    def classes(self) -> list[Any]:
+        """The target's classes, united over every node's dataset (from ``data_info``)."""
+        key = self.model_args.get("target") or "target"
+        cats = (self.data_info.get("categories") or {}).get(key)
+        if not cats:
+            raise ConfigurationError(
+                f"The datasets' metadata lists no classes for target {key!r}: is it a "
+                "discrete column (at most 64 distinct values)? Set model_args['target']."
+            )
+        return list(cats)
+
+    def class_indices(self, y: Any) -> Any:
+        """Labels as indices into :meth:`classes`, identical on every node."""
+        import numpy as np
+
+        classes = self.classes()
+        lookup = {c: i for i, c in enumerate(classes)}
+        try:
+            return np.fromiter((lookup[v] for v in np.asarray(y).tolist()), dtype=np.int64,
+                               count=len(y))
+        except KeyError as exc:
+            raise ConfigurationError(
+                f"Label {exc.args[0]!r} is not among the federation's classes {classes}."
+            ) from None
+
     # --- hooks a researcher may override ----------------------------------------------------
 
     def training_data(self, dataset: Dataset) -> Any:

@@ -124,7 +124,10 @@ class SimulatedFederation:
     def add_node(self, node_id: str | None = None) -> Node:
         """Create a node with its own home folder under ``root`` and start it."""
         node_id = node_id or f"node-{len(self.nodes) + 1:02d}"
-        node = Node(self.root / node_id, node_id=node_id, executor=self._executor)
+        # A simulation is the researcher's own sandbox: no plan review (deployed nodes,
+        # created by `fedcore-node init`, require approval by default).
+        node = Node(self.root / node_id, node_id=node_id, executor=self._executor,
+                    approval_required=False)
         node.start(self.url)
         self.nodes.append(node)
         return node

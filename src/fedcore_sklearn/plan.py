@@ -103,21 +103,10 @@ class SklearnTrainingPlan(TrainingPlan):
         if hasattr(model, "t_"):
             model.t_ = 1.0 if not hasattr(model, "coefs_") else 0
 
-    def classes(self) -> list[Any]:
-        """The target's classes, united over every node's dataset."""
-        key = self.model_args.get("target") or "target"
-        cats = (self.data_info.get("categories") or {}).get(key)
-        if not cats:
-            raise ConfigurationError(
-                f"The datasets' metadata lists no classes for target {key!r}: is it a "
-                "discrete column (at most 64 distinct values)? Set model_args['target']."
-            )
-        return list(cats)
-
     def _n_features(self) -> int:
         info = self.data_info
-        if info.get("kind") == "array":
-            return int(math.prod(info.get("feature_shape") or [1]))
+        if info.get("feature_shape") is not None and not self.model_args.get("features"):
+            return int(math.prod(info["feature_shape"]))
         if self.model_args.get("features") is not None:
             return len(self.model_args["features"])
         columns = info.get("columns")

@@ -24,8 +24,10 @@ class TorchTrainingPlan(TrainingPlan):
     - :meth:`init_model` (required): build the ``nn.Module`` from ``self.model_args``;
     - :meth:`training_step` (required): ``(data, target) -> loss`` for one batch;
     - :meth:`init_optimizer`: default SGD with ``training_args["lr"]`` (0.01);
-    - :meth:`training_data`: default ``(X, y)`` arrays of the dataset; may also return a
-      ``torch.utils.data.Dataset``;
+    - :meth:`training_data`: default ``(X, y)`` arrays of the dataset; may also return any
+      map-style dataset (``len`` and ``[i] -> (x, y)``, not a tuple), such as a
+      ``torch.utils.data.Dataset`` or ``dataset.items(...)``, which is batched by a
+      ``DataLoader`` (``x`` may be a tuple or dict of arrays: batches keep its structure);
     - :meth:`testing_step`: ``(data, target) -> (y_true, y_pred)``; default argmax of the
       output for classification, the output itself for regression.
 
@@ -99,12 +101,13 @@ class TorchTrainingPlan(TrainingPlan):
 
     def _batches(self, data: Any, batch_size: int, generator: torch.Generator | None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(data, torch.utils.data.Dataset):
+        if not isinstance(data, tuple) and hasattr(data, "__len__") and hasattr(
+                data, "__getitem__"):
             loader = torch.utils.data.DataLoader(
                 data, batch_size=batch_size, shuffle=generator is not None,
                 generator=generator)
             for batch in loader:
-                yield batch[0].to(self._device), batch[1].to(self._device)
+                yield _to_device(batch[0], self._device), _to_device(batch[1], self._device)
             return
         X, y = data
         X = convert.to_tensor(X).to(self._device)
@@ -138,8 +141,8 @@ class TorchTrainingPlan(TrainingPlan):
                 loss.backward()
                 optimizer.step()
                 steps += 1
-                total += float(loss.detach()) * len(X)
-                count += len(X)
+                total += float(loss.detach()) * len(y)
+                count += len(y)
                 if limit is not None and steps >= int(limit):
                     break
             if limit is not None and steps >= int(limit):
@@ -147,12 +150,18 @@ class TorchTrainingPlan(TrainingPlan):
         return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
 
     def training_data(self, dataset: Dataset) -> Any:
-        """``(X, y)`` with float32 features; integer targets stay integer (class indices)."""
+        """``(X, y)`` with float32 features.
+
+        Integer targets stay integer (class indices); text labels (class names) become
+        indices into the federation's classes (:meth:`classes`), the same on every node.
+        """
         X, y = super().training_data(dataset)
         if y is None:
             raise ConfigurationError("Training needs a target: the dataset has none.")
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
+        if y.dtype.kind in "USO":
+            y = self.class_indices(y)
         y = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np.float32)
         return X, y
 
@@ -169,3 +178,14 @@ class TorchTrainingPlan(TrainingPlan):
         if not trues:
             return np.empty(0), np.empty(0)
         return np.concatenate(trues), np.concatenate(preds)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """A collated batch (a tensor, or tuples, lists and dicts of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch

@@ -1,6 +1,7 @@
-"""``fedcore-node``: set up a node home and manage its datasets.
+"""``fedcore-node``: set up a node home, its datasets, plan reviews, policy, audit and users.
 
-Exit codes: 0 success, 1 a fedcore error (the message says what to fix), 2 bad usage.
+Exit codes: 0 success, 1 a fedcore error (the message says what to fix; nothing was
+changed) or a broken audit chain, 2 bad usage.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
+
+from ._commands import DESCRIPTION_HELP, add_parsers, handler, load_description, table
 
 DEFAULT_HOME = "fedcore-node"
 
@@ -39,11 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("dataset", help="register, list, map and remove datasets")
     dsub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    add = dsub.add_parser("add", help="register a dataset (checked before anything is saved)")
-    add.add_argument("--name", required=True, help="dataset name shown to researchers")
-    add.add_argument("--tags", required=True,
+    add = dsub.add_parser("add", help="register a dataset (checked before anything is saved)",
+                          epilog=DESCRIPTION_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    add.set_defaults(add_parser=add)
+    add.add_argument("--file", help="a description file (TOML, see below) instead of the "
+                     "options that follow")
+    add.add_argument("--name", help="dataset name shown to researchers")
+    add.add_argument("--tags",
                      help="comma-separated tags researchers search by, e.g. diabetes,2024")
-    add.add_argument("--path", required=True, help="the data file or folder")
+    add.add_argument("--path", help="the data file or folder")
     add.add_argument("--kind", help="csv, npz, medical-folder, image-folder (default: from "
                      "the file suffix)")
     add.add_argument("--description", default="")
@@ -64,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     show = dsub.add_parser("show", help="one dataset's entry, as researchers see it and "
                            "with its local details")
     show.add_argument("dataset_id")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
 
-    audit = sub.add_parser("audit", help="print the audit log")
-    audit.add_argument("--tail", type=int, default=0, help="only the last N records")
+    add_parsers(sub)
     return p
 
 
@@ -93,32 +101,48 @@ def _open(home: str, *, create: bool = False) -> Node:
     return Node(path)
 
 
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
+def _dataset_args(args: argparse.Namespace) -> dict[str, Any]:
+    """What to register: from ``--file``, or from ``--name``, ``--tags``, ``--path``..."""
+    given = [f"--{k}" for k in ("name", "tags", "path", "kind") if getattr(args, k)]
+    given += ["--description"] * bool(args.description) + ["--option"] * bool(args.option)
+    if args.file:
+        if given:
+            args.add_parser.error(f"--file replaces {', '.join(given)}: give one or the other")
+        return load_description(args.file)
+    missing = [f"--{k}" for k in ("name", "tags", "path") if not getattr(args, k)]
+    if missing:
+        args.add_parser.error(f"the following arguments are required: {', '.join(missing)} "
+                              "(or --file)")
+    return {"name": args.name, "tags": [t for t in args.tags.split(",") if t.strip()],
+            "path": args.path, "kind": args.kind, "description": args.description,
+            "options": _parse_options(args.option)}
 
 
-def run(args: argparse.Namespace, out: Any) -> None:
-    """Carry out one parsed command, writing to ``out``."""
+def run(args: argparse.Namespace, out: Any) -> int:
+    """Carry out one parsed command, writing to ``out``; returns the exit code."""
     if args.command == "init":
         node = Node(Path(args.home), name=args.name, node_id=args.node_id)
-        print(f"Node {node.node_id} ready in {node.home.resolve()}", file=out)
-        return
+        print(f"Node {node.node_id} ready in {node.home.resolve()} (training plans need "
+              "approval: see `fedcore-node plan --help`)", file=out)
+        return 0
+    to_check = _dataset_args(args) if getattr(args, "action", "") == "add" and (
+        args.command == "dataset") else None
     node = _open(args.home)
+    command = handler(args.command)
+    if command is not None:
+        return command(args, node, out)
     if args.command == "info":
-        print(f"id:   {node.node_id}\nname: {node.config.get('name', '')}\n"
-              f"home: {node.home.resolve()}", file=out)
-    elif args.command == "audit":
-        records = node.audit_log()
-        for record in records[-args.tail:] if args.tail else records:
-            print(json.dumps(record), file=out)
+        try:
+            approval = "required" if node.policy["approval_required"] else "off"
+        except FedcoreError as exc:
+            approval = f"unknown: the policy is invalid ({exc})"
+        pending = len(node.plans.list(status="pending"))
+        print(f"id:    {node.node_id}\nname:  {node.config.get('name', '')}\n"
+              f"home:  {node.home.resolve()}\nplans: approval {approval}, {pending} pending "
+              "review", file=out)
     elif args.action == "add":
-        tags = [t for t in args.tags.split(",") if t.strip()]
-        entry = node.datasets.add(args.name, tags, args.path, kind=args.kind,
-                                  description=args.description,
-                                  options=_parse_options(args.option))
+        assert to_check is not None
+        entry = node.datasets.add(**to_check)
         node.audit("dataset-added", dataset=entry["id"], name=entry["name"], tags=entry["tags"])
         print(f"Registered {entry['name']!r} as {entry['id']} "
               f"({entry['metadata'].get('n_samples', '?')} samples, tags {entry['tags']})",
@@ -128,19 +152,26 @@ def run(args: argparse.Namespace, out: Any) -> None:
         if args.json:
             print(json.dumps([{**node.datasets.public(r), "kind": r["kind"]} for r in rows],
                              indent=1), file=out)
-            return
-        table = [{"id": r["id"], "name": r["name"], "kind": r["kind"],
+            return 0
+        rows_ = [{"id": r["id"], "name": r["name"], "kind": r["kind"],
                   "tags": ",".join(r["tags"]), "samples": r["metadata"].get("n_samples", ""),
                   "available": "yes" if r["available"] else "NO (file missing)"}
                  for r in rows]
-        print(_table(table, ["id", "name", "kind", "tags", "samples", "available"])
-              if table else "No datasets. Add one with: fedcore-node dataset add ...", file=out)
+        print(table(rows_, ["id", "name", "kind", "tags", "samples", "available"])
+              if rows_ else "No datasets. Add one with: fedcore-node dataset add ...", file=out)
     elif args.action == "remove":
         node.datasets.remove(args.dataset_id)
         node.audit("dataset-removed", dataset=args.dataset_id)
         print(f"Removed {args.dataset_id}", file=out)
     elif args.action == "show":
-        print(json.dumps(node.datasets.get(args.dataset_id), indent=1, default=str), file=out)
+        entry = node.datasets.get(args.dataset_id)
+        if args.json:
+            print(json.dumps(entry, indent=1, default=str), file=out)
+        else:
+            width = max(map(len, entry))
+            print("\n".join(f"{k + ':':<{width + 1}} " + (
+                json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+                for k, v in entry.items()), file=out)
     elif args.action == "map":
         try:
             plan = json.loads(Path(args.plan_file).read_text())
@@ -149,14 +180,14 @@ def run(args: argparse.Namespace, out: Any) -> None:
         node.datasets.set_loading_plan(args.dataset_id, plan)
         node.audit("loading-plan-set", dataset=args.dataset_id, plan=plan)
         print(f"DataLoadingPlan attached to {args.dataset_id}", file=out)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedcore-node``; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
-        run(args, sys.stdout)
+        return run(args, sys.stdout)
     except FedcoreError as exc:
         print(f"fedcore-node: error: {exc}", file=sys.stderr)
         return 1
-    return 0

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,28 @@ class Dataset(abc.ABC):
         X, y = self.arrays()
         return X[index], (None if y is None else y[index])
 
+    def items(self, features: Sequence[str] | None = None, target: str | None = None,
+              **options: Any) -> Items:
+        """The samples one at a time, as a map-style dataset of ``(x, y)`` pairs.
+
+        Give it to a DataLoader (a torch plan's ``training_data`` may return it). Datasets
+        that read files (medical folders, image folders) load each item on demand; others
+        hold ``arrays(features, target)``. ``options`` are dataset-specific (a medical
+        folder takes ``covariates``).
+        """
+        if options:
+            raise ConfigurationError(
+                f"{type(self).__name__}.items() takes no options {sorted(options)}."
+            )
+        return _ArrayItems(*self.arrays(features=features, target=target))
+
+    def _arrays_at(self, indices: np.ndarray, features: Sequence[str] | None,
+                   target: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+        # What a Subset reads. Datasets that load from files override it to read only the
+        # samples at ``indices`` (a training split does not load its test samples).
+        X, y = self.arrays(features=features, target=target)
+        return X[indices], (None if y is None else y[indices])
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> Subset:
         """A view of the samples at ``indices``."""
         return Subset(self, np.asarray(indices, dtype=np.int64))
@@ -67,11 +90,63 @@ class Subset(Dataset):
         return {**self.parent.metadata(), "n_samples": len(self)}
 
     def arrays(self, features=None, target=None):  # noqa: D102 - inherits the doc
-        X, y = self.parent.arrays(features=features, target=target)
-        return X[self.indices], (None if y is None else y[self.indices])
+        return self.parent._arrays_at(self.indices, features, target)
+
+    def items(self, features=None, target=None, **options):  # noqa: D102
+        return _IndexedItems(self.parent.items(features, target, **options), self.indices)
+
+    def _arrays_at(self, indices, features, target):
+        return self.parent._arrays_at(self.indices[indices], features, target)
 
     def subset(self, indices):  # noqa: D102
         return Subset(self.parent, self.indices[np.asarray(indices, dtype=np.int64)])
+
+
+class Items(abc.ABC):
+    """A map-style dataset: ``len(items)`` samples, ``items[i]`` is the pair ``(x, y)``.
+
+    It has the shape torch's ``DataLoader`` expects, without importing torch.
+    """
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of samples."""
+
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        """Sample ``index`` as ``(x, y)``."""
+
+
+class _ArrayItems(Items):
+    def __init__(self, X: np.ndarray, y: np.ndarray | None):
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        return self.X[index], (None if self.y is None else self.y[index])
+
+
+class _IndexedItems(Items):
+    def __init__(self, items: Items, indices: np.ndarray):
+        self.items, self.indices = items, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if not -len(self.indices) <= index < len(self.indices):
+            raise IndexError(f"index {index} out of range for {len(self.indices)} items")
+        return self.items[int(self.indices[index])]
+
+
+def without_root(exc: BaseException, root: Path) -> str:
+    """An error's text with the dataset folder's location cut out (paths stay on the node)."""
+    text = str(exc)
+    for prefix in sorted({str(root), str(root.resolve())}, key=len, reverse=True):
+        text = text.replace(prefix + "/", "").replace(prefix, "<root>")
+    return text
 
 
 def categories(values: np.ndarray) -> list[Any] | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ class AtomicJSONStorage(Storage):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)
 
     def read(self) -> dict[str, dict[str, Any]] | None:
         try:
@@ -45,3 +47,17 @@ class AtomicJSONStorage(Storage):
 
     def close(self) -> None:
         pass
+
+
+def remove_stale_temporaries(path: Path, age_s: float = 300.0) -> None:
+    """Delete temporary files an atomic write of ``path`` left when its process was killed.
+
+    A write takes milliseconds: a temporary older than ``age_s`` belongs to no live writer.
+    """
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*"):
+        try:
+            if now - tmp.stat().st_mtime > age_s:
+                tmp.unlink()
+        except OSError:
+            pass

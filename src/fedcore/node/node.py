@@ -2,37 +2,50 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
+import dataclasses
 import logging
-import os
-import threading
 import time
 import tomllib
 import traceback
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tinydb import TinyDB
 
 from .. import _runtime, codec, plugins
-from ..errors import ConfigurationError, DatasetError, ProtocolError, TransportError
+from ..errors import (
+    ConfigurationError,
+    DatasetError,
+    GovernanceError,
+    ProtocolError,
+    TransportError,
+)
+from ..governance import Decision, Governance, PlanStore, Policy, Request, build_governance
+from ..governance.policies import Refuse
 from ..messages import (
     Body,
     Envelope,
     ErrorReply,
     Ping,
+    PlanStatus,
+    PlanStatusRequest,
+    PlanSubmit,
     Pong,
     SearchReply,
     SearchRequest,
+    StatsRequest,
     TrainRequest,
 )
 from ..plan import PlanBundle, TrainingPlan
 from ..transport import Transport, open_transport
+from ._config import NodeConfig
 from ._storage import AtomicJSONStorage
+from .audit import AuditLog, AuditReport, verify
 from .executor import plan_key, run_round
 from .registry import DatasetRegistry
+from .statistics import answer_statistics
+from .users import Users
 
 log = logging.getLogger("fedcore.node")
 
@@ -43,9 +56,15 @@ _WARM_PLANS = 8
 class Node:
     """A data site: its home folder, datasets, and the loop that answers researchers.
 
-    The home folder holds ``config.toml`` (identity and settings), ``db.json`` (TinyDB:
-    datasets), ``audit.jsonl`` (append-only log of every request and its outcome) and
-    ``data/`` for files the node owns. Creating a ``Node`` on an existing home reopens it.
+    The home folder holds ``config.toml`` (identity and policy), ``db.json`` (TinyDB:
+    datasets, submitted plans, GUI users), ``audit.jsonl`` (append-only, hash-chained log of
+    every request, decision and change) and ``data/`` for files the node owns. Creating a
+    ``Node`` on an existing home reopens it.
+
+    Every request goes through :attr:`governance`, the chain of policies built from
+    ``config.toml`` (plus ``policies``, the site's own). ``approval_required`` sets that key
+    of a new home (default ``True``: only plans an administrator approved run;
+    :mod:`fedcore.simulate` turns it off); given for an existing home, it changes it.
     """
 
     def __init__(
@@ -56,11 +75,25 @@ class Node:
         node_id: str | None = None,
         executor: concurrent.futures.Executor | None = None,
         max_frame_size: int = codec.DEFAULT_MAX_FRAME,
+        approval_required: bool | None = None,
+        policies: Iterable[Policy] = (),
     ):
         self.home = Path(home).expanduser()
         self.home.mkdir(parents=True, exist_ok=True)
-        self.config = self._load_config(name=name, node_id=node_id)
+        self._config = NodeConfig(self.home / "config.toml", name=name, node_id=node_id,
+                                  approval_required=approval_required)
+        self._node_id = str(self._config.data["node_id"])
+        self._audit = AuditLog(self.home / "audit.jsonl")
         self.db = TinyDB(self.home / "db.json", storage=AtomicJSONStorage)
+        #: Training plans submitted for review, and the administrator's decisions.
+        self.plans = PlanStore(self.db, audit=self.audit)
+        #: Accounts of the node's web GUI.
+        self.users = Users(self.db, audit=self.audit)
+        self._policies = list(policies)
+        self._chain: tuple[int, Governance] | None = None
+        if approval_required is not None and self._config.data.get(
+                "approval_required", True) != approval_required:
+            self.set_policy(approval_required=approval_required)
         self.datasets = DatasetRegistry(self.db, self.home / "data")
         self.max_frame_size = max_frame_size
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -69,12 +102,13 @@ class Node:
         self._plans: dict[str, type[TrainingPlan]] = {}
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
-        self._audit_lock = threading.Lock()
-        self._audit_file: IO[str] | None = None
         self._handlers: dict[type[Body], Callable[[Envelope], Any]] = {
             Ping: self._on_ping,
             SearchRequest: self._on_search,
             TrainRequest: self._on_train,
+            PlanSubmit: self._on_plan_submit,
+            PlanStatusRequest: self._on_plan_status,
+            StatsRequest: self._on_stats,
         }
         self._serving: concurrent.futures.Future[None] | None = None
         self._transport: Transport | None = None
@@ -82,68 +116,92 @@ class Node:
     @property
     def node_id(self) -> str:
         """The node's identity on the network."""
-        return str(self.config["node_id"])
+        return self._node_id
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The contents of ``config.toml``, reread when the file changed."""
+        return self._config.data
 
     def __repr__(self) -> str:
         return f"Node({self.node_id!r}, home={str(self.home)!r})"
 
     # --- configuration and audit -----------------------------------------------------------
 
-    def _load_config(self, *, name: str | None, node_id: str | None) -> dict[str, Any]:
-        path = self.home / "config.toml"
-        if path.exists():
-            with open(path, "rb") as f:
-                config = tomllib.load(f)
-            if node_id and node_id != config.get("node_id"):
-                raise ConfigurationError(
-                    f"{path} belongs to node {config.get('node_id')!r}, not {node_id!r}. "
-                    "Use another home folder for another node."
-                )
-            return config
-        node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"
-        config = {"node_id": node_id, "name": name or node_id, "created": time.time()}
-        lines = [f"{k} = {json.dumps(v)}" for k, v in config.items()]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("# fedcore node configuration\n" + "\n".join(lines) + "\n")
-        tmp.replace(path)
-        return config
-
     def audit(self, event: str, **fields: Any) -> None:
-        """Append one event to the audit log (JSON lines, never rewritten)."""
-        record = {"time": time.time(), "node": self.node_id, "event": event, **fields}
-        line = json.dumps(record, default=str) + "\n"
-        with self._audit_lock:
-            f = self._audit_handle()
-            f.write(line)
-            f.flush()
-
-    def _audit_handle(self) -> IO[str]:
-        # The log stays open between events (opening it cost more than a round's
-        # bookkeeping); it is reopened when someone moved or deleted it (log rotation).
-        path = self.home / "audit.jsonl"
-        f = self._audit_file
-        if f is not None:
-            try:
-                if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-                    return f
-            except OSError:
-                pass
-            f.close()
-        self._audit_file = f = open(path, "a", encoding="utf-8")
-        return f
+        """Append one event to the audit log (hash-chained JSON lines, never rewritten)."""
+        self._audit.append({"time": time.time(), "node": self.node_id, "event": event,
+                            **fields})
 
     def _close_audit(self) -> None:
-        with self._audit_lock:
-            if self._audit_file is not None:
-                self._audit_file.close()
-                self._audit_file = None
+        self._audit.close()
 
     def audit_log(self) -> list[dict[str, Any]]:
         """Every audit record, oldest first."""
-        path = self.home / "audit.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return self._audit.records()
+
+    def verify_audit(self) -> AuditReport:
+        """Check the audit log's hash chain; the report is true when the log is intact."""
+        return verify(self._audit.path)
+
+    # --- policy and governance --------------------------------------------------------------
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        """Every policy setting of ``config.toml``, defaults filled (``None``: no limit)."""
+        return self._config.policy()
+
+    def set_policy(self, *, by: str = "", **changes: Any) -> dict[str, Any]:
+        """Change policy settings (``None`` restores a default); checked, written, audited.
+
+        Returns the changes as ``{key: [old, new]}``. Example:
+        ``node.set_policy(max_epochs=5, on_excess="refuse")``.
+        """
+        changed = self._config.set_policy(changes)
+        if changed:
+            self.audit("policy-changed", by=by, changes=changed)
+        return changed
+
+    def policy_toml(self) -> str:
+        """The policy settings written in ``config.toml``, as TOML text."""
+        return self._config.policy_toml()
+
+    def set_policy_toml(self, text: str, *, by: str = "") -> dict[str, Any]:
+        """Replace the whole policy with the settings of a TOML text (as edited in the GUI)."""
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"The policy is not valid TOML: {exc}") from None
+        changed = self._config.set_policy(values, replace=True)
+        if changed:
+            self.audit("policy-changed", by=by, changes=changed)
+        return changed
+
+    @property
+    def governance(self) -> Governance:
+        """The chain of policies every request goes through (follows ``config.toml``)."""
+        self._config.refresh()
+        if self._chain is None or self._chain[0] != self._config.version:
+            try:
+                chain = build_governance(self.policy, self.plans, self._policies)
+            except ConfigurationError as exc:  # fail closed until the file is fixed
+                log.error("Node %s refuses every request: %s", self.node_id, exc)
+                self.audit("policy-invalid", error=str(exc))
+                chain = Governance([Refuse(
+                    "This node's policy configuration is invalid, so it refuses every "
+                    "request until its administrator fixes it.")])
+            self._chain = (self._config.version, chain)
+        return self._chain[1]
+
+    def review(self, request: Request) -> Decision:
+        """Run ``request`` through :attr:`governance` and write the decision to the audit log."""
+        decision = self.governance.review(request)
+        self.audit("decision", kind=request.kind, researcher=request.researcher,
+                   experiment=request.experiment, round=request.round,
+                   dataset=(request.dataset or {}).get("id"), plan=request.plan_hash or None,
+                   allowed=decision.allowed, reason=decision.reason,
+                   overrides=decision.overrides, policy=decision.policy)
+        return decision
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -239,15 +297,25 @@ class Node:
                            available_tags=self.datasets.all_tags())
 
     def _bundle(self, wire: Any) -> tuple[PlanBundle, str]:
-        """The shipped bundle and its SHA-256, verified once per plan rather than per round."""
+        """The shipped bundle and its SHA-256, verified once per plan rather than per round.
+
+        ``GovernanceError`` when the files do not hash to the declared SHA-256: the source
+        was changed after it was hashed (say, after it was approved).
+        """
         declared = wire.get("sha256") if isinstance(wire, Mapping) else None
         if isinstance(declared, str):
             known = self._bundles.get(declared)
             if known is not None and (wire.get("files"), wire.get("entry"), wire.get(
                     "backend")) == (known.files, known.entry, known.backend):
                 return known, declared  # the same files as a bundle whose hash was checked
-        bundle = PlanBundle.from_wire(wire)
+        bundle = PlanBundle.from_wire(
+            {k: v for k, v in wire.items() if k != "sha256"} if isinstance(wire, Mapping)
+            else wire)
         sha = bundle.sha256
+        if declared is not None and declared != sha:
+            raise GovernanceError(
+                f"The plan's files do not match its declared hash {declared} (they hash to "
+                f"{sha}): its source was changed after it was hashed. Refused.")
         if len(self._bundles) >= 64:
             self._bundles.pop(next(iter(self._bundles)))
         self._bundles[sha] = bundle
@@ -257,10 +325,19 @@ class Node:
         request: TrainRequest = env.body  # type: ignore[assignment]
         base = {"researcher": env.sender, "experiment": env.experiment, "round": env.round,
                 "dataset": request.dataset_id}
+        self.audit("train-request", **base)
         try:
             bundle, sha = self._bundle(request.plan)
+            base["plan"] = sha
+            decision = self.review(self._train_request(env, request, bundle, sha))
+            if not decision.allowed:  # the decision is in the audit log already
+                return ErrorReply(kind="governance", message=decision.reason,
+                                  exc_type="GovernanceError")
             plugins.load("backends", bundle.backend)
             dataset = self.datasets.load(request.dataset_id)
+        except GovernanceError as exc:
+            self.audit("train-refused", **base, reason=str(exc))
+            return ErrorReply(kind="governance", message=str(exc), exc_type="GovernanceError")
         except DatasetError as exc:
             self.audit("train-refused", **base, reason=str(exc))
             return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
@@ -268,7 +345,9 @@ class Node:
             self.audit("train-refused", **base, reason=str(exc))
             return ErrorReply(kind="configuration", message=str(exc),
                               exc_type="ConfigurationError")
-        base["plan"] = sha
+        if decision.overrides:
+            request = dataclasses.replace(
+                request, training_args={**request.training_args, **decision.overrides})
         loop = asyncio.get_running_loop()
         try:
             plan_class = self._plans.get(sha) or bundle.load()
@@ -277,7 +356,7 @@ class Node:
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
             reply, plan = await loop.run_in_executor(
                 self._executor, run_round, plan_class, request, dataset, self.node_id,
-                env.round, {"allow_gpu": bool(self.config.get("allow_gpu", True))}, warm,
+                env.round, {"allow_gpu": self._allow_gpu()}, warm,
             )
             if key:
                 self._warm[key] = plan
@@ -292,4 +371,56 @@ class Node:
                               traceback=traceback.format_exc())
         self.audit("trained", **base, n_samples=reply.n_samples,
                    seconds=round(reply.timings.get("total_s", 0.0), 4))
+        if decision.overrides:
+            reply = dataclasses.replace(reply, overrides=dict(decision.overrides),
+                                        policy_notes=list(decision.notes))
         return reply
+
+    def _train_request(self, env: Envelope, request: TrainRequest, bundle: PlanBundle,
+                       sha: str) -> Request:
+        entry = self.datasets.get(request.dataset_id)
+        n = (entry.get("metadata") or {}).get("n_samples")
+        if n is None:
+            n = len(self.datasets.load(request.dataset_id))
+        return Request(kind="train", researcher=env.sender, experiment=env.experiment,
+                       round=env.round, dataset=entry, n_samples=int(n), plan_hash=sha,
+                       plan_name=bundle.entry, training_args=dict(request.training_args),
+                       secagg=getattr(request, "secagg", None) or None)
+
+    def _allow_gpu(self) -> bool:
+        try:
+            return bool(self.policy["allow_gpu"])
+        except ConfigurationError:
+            return False
+
+    def _on_plan_submit(self, env: Envelope) -> Body:
+        body: PlanSubmit = env.body  # type: ignore[assignment]
+        try:
+            bundle, sha = self._bundle(body.plan)
+        except (ConfigurationError, GovernanceError) as exc:
+            self.audit("plan-submit-refused", researcher=env.sender, reason=str(exc))
+            return ErrorReply(kind="configuration", message=str(exc),
+                              exc_type=type(exc).__name__)
+        self.plans.submit(bundle, submitter=env.sender, message=body.message)
+        return self._plan_status(env, sha)
+
+    def _on_plan_status(self, env: Envelope) -> Body:
+        body: PlanStatusRequest = env.body  # type: ignore[assignment]
+        return self._plan_status(env, body.plan_hash)
+
+    def _plan_status(self, env: Envelope, sha: str) -> PlanStatus:
+        entry = self.plans.find(sha) or {}
+        try:
+            required = bool(self.policy["approval_required"])
+        except ConfigurationError:
+            required = True
+        status = str(entry.get("status", "unknown"))
+        self.audit("plan-status", researcher=env.sender, plan=sha, status=status)
+        return PlanStatus(node_id=self.node_id, plan_hash=sha, status=status,
+                          note=str(entry.get("note", "")), approval_required=required,
+                          submitted_at=entry.get("submitted_at"),
+                          reviewed_at=entry.get("reviewed_at"))
+
+    async def _on_stats(self, env: Envelope) -> Body:
+        # Policy check, audit and computation (on the executor) live in node/statistics.py.
+        return await answer_statistics(self, env, self._executor)

@@ -4,32 +4,103 @@ import builtins
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tinydb import Query, TinyDB
 
-from ..data import ArrayDataset, Dataset, TabularDataset
+from ..data import (
+    ArrayDataset,
+    DataLoadingPlan,
+    Dataset,
+    ImageFolderDataset,
+    MedicalFolderDataset,
+    TabularDataset,
+)
 from ..errors import ConfigurationError, DatasetError
 
-_LOADERS = {
-    "csv": lambda path, opts: TabularDataset(path, read_csv_kwargs=opts.get("read_csv")),
-    "npz": lambda path, opts: ArrayDataset.load(path),
+Opener = Callable[[Path, dict[str, Any], DataLoadingPlan | None], Dataset]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How to open one kind of dataset, and what its registration may carry."""
+
+    open: Opener
+    options: frozenset[str]
+    folder: bool = False  # the path is a directory rather than a file
+    suffix: str = ""  # a file with this suffix is of this kind unless told otherwise
+
+
+def _open_csv(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
+    dataset = TabularDataset(path, read_csv_kwargs=opts.get("read_csv"))
+    if not plan:
+        return dataset
+    if plan.modalities:
+        raise ConfigurationError(
+            "A CSV dataset has no modalities: drop 'modalities' from its DataLoadingPlan."
+        )
+    return TabularDataset.from_frame(plan.apply_frame(dataset.frame, source=path.name))
+
+
+def _open_npz(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
+    if plan:
+        raise ConfigurationError(
+            "An array (.npz) dataset has no named modalities, columns or values for a "
+            "DataLoadingPlan to map."
+        )
+    return ArrayDataset.load(path)
+
+
+def _open_medical(path: Path, opts: dict[str, Any],
+                  plan: DataLoadingPlan | None) -> Dataset:
+    return MedicalFolderDataset(
+        path, demographics=opts.get("demographics"),
+        subject_column=opts.get("subject_column", "subject"),
+        modalities=_names(opts.get("modalities")), loading_plan=plan,
+        read_csv_kwargs=opts.get("read_csv"),
+    )
+
+
+def _open_images(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
+    size = opts.get("size")
+    if isinstance(size, str):
+        size = [int(s) for s in size.lower().replace("x", ",").split(",") if s.strip()]
+    return ImageFolderDataset(path, mode=opts.get("mode"), size=size, loading_plan=plan)
+
+
+#: Dataset kinds a node registers: ``csv`` and ``npz`` files, ``medical-folder`` and
+#: ``image-folder`` directories.
+_LOADERS: dict[str, _Kind] = {
+    "csv": _Kind(_open_csv, frozenset({"read_csv"}), suffix=".csv"),
+    "npz": _Kind(_open_npz, frozenset(), suffix=".npz"),
+    "medical-folder": _Kind(_open_medical, frozenset(
+        {"demographics", "subject_column", "modalities", "read_csv"}), folder=True),
+    "image-folder": _Kind(_open_images, frozenset({"mode", "size"}), folder=True),
 }
 
 
 class DatasetRegistry:
     """The node's datasets, kept in its TinyDB database (table ``datasets``).
 
-    Each entry has an id, a name, tags, a kind (``csv``, ``npz``), the path (which never
-    leaves the node) and the metadata shared with researchers. Tag sets must not overlap:
-    a new dataset whose tags are a subset or superset of an existing one's is refused, so a
-    researcher's search by a dataset's tags finds exactly that dataset.
+    Each entry has an id, a name, tags, a kind (``csv``, ``npz``, ``medical-folder``,
+    ``image-folder``), the path and loader options (which never leave the node), the node's
+    DataLoadingPlan if any, and the metadata shared with researchers (under harmonised
+    names). A dataset is opened and checked before its entry is written. Tag sets must not
+    overlap: a new dataset whose tags are a subset or superset of an existing one's is
+    refused, so a researcher's search by a dataset's tags finds exactly that dataset.
+
+    Options by kind: ``csv``: ``read_csv`` (keyword arguments of ``pandas.read_csv``);
+    ``medical-folder``: ``demographics`` (CSV path), ``subject_column`` (default
+    ``"subject"``), ``modalities`` (local folder names to use; default all), ``read_csv``;
+    ``image-folder``: ``mode`` (Pillow mode, e.g. ``"L"``), ``size`` (``[height, width]``).
     """
 
     def __init__(self, db: TinyDB, data_dir: Path):
-        self._table = db.table("datasets")
+        # No query cache: another process (the CLI, the GUI) may change the file at any time.
+        self._table = db.table("datasets", cache_size=0)
         self._data_dir = data_dir
         self._lock = threading.Lock()
         self._cache: dict[str, Dataset] = {}
@@ -45,20 +116,30 @@ class DatasetRegistry:
         kind: str | None = None,
         description: str = "",
         options: dict[str, Any] | None = None,
+        loading_plan: DataLoadingPlan | Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Register the file at ``path``; returns the new entry (with its ``id``)."""
+        """Register the file or folder at ``path``; returns the new entry (with its ``id``).
+
+        The dataset is opened and checked first (files read, headers and the
+        ``loading_plan`` applied): a ``DatasetError`` or ``ConfigurationError`` says what is
+        wrong, and nothing is written.
+        """
         tags = _clean_tags(tags)
         path = Path(path).expanduser().resolve()
-        kind = kind or {".csv": "csv", ".npz": "npz"}.get(path.suffix.lower())
+        kind = kind or _infer_kind(path)
         if kind not in _LOADERS:
             raise ConfigurationError(
-                f"Cannot tell the dataset kind of {path.name!r}. Expected kind one of "
-                f"{sorted(_LOADERS)} (or a .csv / .npz file)."
+                f"Unknown dataset kind {kind!r}. Expected one of {sorted(_LOADERS)}."
             )
-        if not path.is_file():
+        spec = _LOADERS[kind]
+        if spec.folder and not path.is_dir():
+            raise DatasetError(f"No folder at {path}. Expected the root folder of a {kind}.")
+        if not spec.folder and not path.is_file():
             raise DatasetError(f"No file at {path}. Expected an existing {kind} file.")
-        options = dict(options or {})
-        metadata = _LOADERS[kind](path, options).metadata()
+        options = _clean_options(kind, options)
+        plan = _plan(loading_plan)
+        dataset = spec.open(path, options, plan)
+        metadata = dataset.metadata()
         with self._lock:
             for other in self._table.all():
                 if _overlap(tags, other["tags"]):
@@ -67,7 +148,7 @@ class DatasetRegistry:
                         f"({other['tags']}): one set contains the other, so a search could "
                         "not tell them apart. Add a distinguishing tag."
                     )
-            entry = {
+            entry: dict[str, Any] = {
                 "id": f"ds-{uuid.uuid4().hex[:12]}",
                 "name": name,
                 "tags": tags,
@@ -75,10 +156,13 @@ class DatasetRegistry:
                 "path": str(path),
                 "description": description,
                 "options": options,
+                "loading_plan": plan.to_dict() if plan else None,
                 "metadata": metadata,
+                "report": _report(dataset),
                 "added_at": time.time(),
             }
             self._table.insert(entry)
+            self._cache[entry["id"]] = dataset
         return entry
 
     def add_arrays(self, name: str, tags: Iterable[str], X: Any, y: Any = None,
@@ -96,14 +180,40 @@ class DatasetRegistry:
             self._table.remove(Query().id == dataset_id)
             self._cache.pop(dataset_id, None)
         path = Path(entry["path"])
-        if path.parent == self._data_dir.resolve() and path.exists():
+        if path.parent == self._data_dir.resolve() and path.is_file():
             path.unlink()
+
+    def set_loading_plan(
+        self, dataset_id: str, plan: DataLoadingPlan | Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """Attach ``plan`` to a dataset (``None`` removes it); returns the updated entry.
+
+        The dataset is reopened through the plan first, so a plan naming a folder, column
+        or value the data lacks is refused with a ``DatasetError`` naming it, and the stored
+        entry is left as it was. On success the metadata researchers see is recomputed
+        under the harmonised names.
+        """
+        with self._lock:
+            entry = self.get(dataset_id)
+            loading_plan = _plan(plan)
+            spec = _LOADERS[entry["kind"]]
+            dataset = spec.open(Path(entry["path"]), dict(entry["options"]), loading_plan)
+            changes = {"loading_plan": loading_plan.to_dict() if loading_plan else None,
+                       "metadata": dataset.metadata(), "report": _report(dataset)}
+            self._table.update(changes, Query().id == dataset_id)
+            self._cache[dataset_id] = dataset
+        return {**entry, **changes}
+
+    def get_loading_plan(self, dataset_id: str) -> DataLoadingPlan | None:
+        """The DataLoadingPlan attached to a dataset, or ``None``."""
+        stored = self.get(dataset_id).get("loading_plan")
+        return DataLoadingPlan.from_dict(stored) if stored else None
 
     # --- queries ----------------------------------------------------------------------------
 
     def list(self) -> builtins.list[dict[str, Any]]:
-        """Every entry, each with ``available`` telling whether its file is still there."""
-        return [{**e, "available": Path(e["path"]).is_file()} for e in self._table.all()]
+        """Every entry, each with ``available`` telling whether its files are still there."""
+        return [{**e, "available": _available(e)} for e in self._table.all()]
 
     def get(self, dataset_id: str) -> dict[str, Any]:
         """The entry of ``dataset_id``; ``DatasetError`` when there is none."""
@@ -122,18 +232,23 @@ class DatasetRegistry:
         return sorted({t for e in self._table.all() for t in e["tags"]})
 
     def load(self, dataset_id: str) -> Dataset:
-        """Open the dataset for training; ``DatasetError`` if its file is gone."""
+        """Open the dataset for training, through its DataLoadingPlan.
+
+        ``DatasetError`` if its files are gone or no longer fit the plan.
+        """
         entry = self.get(dataset_id)
-        path = Path(entry["path"])
-        if not path.is_file():
+        if not _available(entry):
             self._cache.pop(dataset_id, None)
             raise DatasetError(
-                f"Dataset {entry['name']!r} is unavailable on this node: its file was moved "
-                "or deleted. The node administrator can re-register it."
+                f"Dataset {entry['name']!r} is unavailable on this node: its files were "
+                "moved or deleted. The node administrator can re-register it."
             )
         cached = self._cache.get(dataset_id)
         if cached is None:
-            cached = self._cache[dataset_id] = _LOADERS[entry["kind"]](path, entry["options"])
+            plan = _plan(entry.get("loading_plan"))
+            cached = _LOADERS[entry["kind"]].open(Path(entry["path"]), dict(entry["options"]),
+                                                  plan)
+            self._cache[dataset_id] = cached
         return cached
 
     @staticmethod
@@ -155,3 +270,65 @@ def _clean_tags(tags: Iterable[str]) -> builtins.list[str]:
 def _overlap(a: Sequence[str], b: Sequence[str]) -> bool:
     sa, sb = set(a), set(b)
     return sa <= sb or sb <= sa
+
+
+def _infer_kind(path: Path) -> str:
+    for kind, spec in _LOADERS.items():
+        if spec.suffix and path.suffix.lower() == spec.suffix:
+            return kind
+    folders = sorted(k for k, spec in _LOADERS.items() if spec.folder)
+    hint = f" A folder is a {' or '.join(folders)}." if path.is_dir() else ""
+    raise ConfigurationError(
+        f"Cannot tell the dataset kind of {path.name!r}. Expected kind one of "
+        f"{sorted(_LOADERS)} (or a .csv / .npz file).{hint}"
+    )
+
+
+def _clean_options(kind: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    options = dict(options or {})
+    unknown = sorted(set(options) - _LOADERS[kind].options)
+    if unknown:
+        raise ConfigurationError(
+            f"Unknown options {unknown} for a {kind} dataset. Expected some of "
+            f"{sorted(_LOADERS[kind].options)}."
+        )
+    if "demographics" in options:
+        demographics = Path(str(options["demographics"])).expanduser().resolve()
+        if not demographics.is_file():
+            raise DatasetError(f"No demographics file at {demographics}.")
+        options["demographics"] = str(demographics)
+    if "modalities" in options:
+        options["modalities"] = _names(options["modalities"])
+    return options
+
+
+def _names(value: Any) -> builtins.list[str] | None:
+    """A list of names from a list or a comma-separated string (as a CLI passes it)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def _plan(plan: DataLoadingPlan | Mapping[str, Any] | None) -> DataLoadingPlan | None:
+    if plan is None:
+        return None
+    plan = DataLoadingPlan.from_dict(plan)
+    return plan if plan else None
+
+
+def _available(entry: Mapping[str, Any]) -> bool:
+    path = Path(entry["path"])
+    spec = _LOADERS.get(entry["kind"])
+    if spec is None or not (path.is_dir() if spec.folder else path.is_file()):
+        return False
+    demographics = (entry.get("options") or {}).get("demographics")
+    return demographics is None or Path(demographics).is_file()
+
+
+def _report(dataset: Dataset) -> dict[str, Any]:
+    """What the node administrator should know about a registration (never shared)."""
+    if isinstance(dataset, MedicalFolderDataset):
+        return {"skipped_subjects": dataset.skipped}
+    return {}

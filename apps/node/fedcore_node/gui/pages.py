@@ -1,0 +1,176 @@
+"""Status, datasets, policy, audit log and users pages."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from werkzeug.wrappers import Response
+
+from fedcore.errors import DatasetError, FedcoreError
+from fedcore.node import Node
+
+from .auth import admin_required, governance
+
+bp = Blueprint("pages", __name__)
+
+# Audit events that describe a training round on this node.
+_ROUND_EVENTS = {"trained", "train-failed", "train-refused"}
+
+
+def _node() -> Node:
+    node: Node = current_app.extensions["fedcore_node"]
+    return node
+
+
+@bp.app_template_filter("when")
+def _when(value: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value)))
+    except (TypeError, ValueError):
+        return ""
+
+
+@bp.route("/")
+def status() -> str:
+    """The node, the federation it serves, and its recent rounds."""
+    node = _node()
+    gov = governance()
+    records = gov.audit_records()
+    rounds = [r for r in records if r.get("event") in _ROUND_EVENTS][-20:][::-1]
+    started = [r for r in records if r.get("event") in ("started", "stopped")]
+    serving = started[-1] if started and started[-1]["event"] == "started" else None
+    pending = sum(1 for p in gov.plans() if p["status"] == "pending")
+    try:
+        approval = bool(node.policy["approval_required"])
+    except FedcoreError:  # an invalid config.toml: the node refuses everything meanwhile
+        approval = None
+    return render_template(
+        "status.html", rounds=rounds, serving=serving, pending=pending, approval=approval,
+        n_datasets=len(node.datasets.list()),
+    )
+
+
+# --- datasets -------------------------------------------------------------------------------
+
+@bp.route("/datasets")
+def datasets() -> str:
+    """Every registered dataset, and (for admins) the form to add one."""
+    return render_template("datasets.html", datasets=_node().datasets.list())
+
+
+@bp.route("/datasets/<dataset_id>")
+def dataset(dataset_id: str) -> str:
+    """One dataset's metadata, as researchers see it, and its local details."""
+    node = _node()
+    try:
+        entry = node.datasets.get(dataset_id)
+    except DatasetError as exc:
+        abort(404, str(exc))
+    public = node.datasets.public({**entry, "available": True})
+    return render_template("dataset.html", entry=entry, public=public)
+
+
+@bp.route("/datasets", methods=["POST"])
+@admin_required
+def dataset_add() -> Response:
+    """Register a dataset from a file on the node."""
+    form = request.form
+    tags = [t for t in form.get("tags", "").split(",") if t.strip()]
+    entry = _node().datasets.add(form.get("name", "").strip(), tags, form.get("path", ""),
+                                 kind=form.get("kind") or None,
+                                 description=form.get("description", ""))
+    governance().audit("dataset-added", dataset=entry["id"], name=entry["name"],
+                       tags=entry["tags"], user=g.login.user)
+    flash(f"Registered {entry['name']!r} as {entry['id']} "
+          f"({entry['metadata'].get('n_samples', '?')} samples).", "info")
+    return redirect(url_for("pages.datasets"))
+
+
+@bp.route("/datasets/<dataset_id>/remove", methods=["POST"])
+@admin_required
+def dataset_remove(dataset_id: str) -> Response:
+    """Forget a dataset."""
+    _node().datasets.remove(dataset_id)
+    governance().audit("dataset-removed", dataset=dataset_id, user=g.login.user)
+    flash(f"Removed {dataset_id}.", "info")
+    return redirect(url_for("pages.datasets"))
+
+
+# --- policy ---------------------------------------------------------------------------------
+
+@bp.route("/policy")
+def policy() -> str:
+    """The node's policy; admins can edit it."""
+    gov = governance()
+    return render_template("policy.html", text=gov.policy_text(),
+                           settings=gov.policy_settings())
+
+
+@bp.route("/policy", methods=["POST"])
+@admin_required
+def policy_save() -> Any:
+    """Save an edited policy (checked before anything is written)."""
+    text = request.form.get("policy", "")
+    try:
+        governance().set_policy_text(text, user=g.login.user)
+    except FedcoreError as exc:
+        flash(f"Not saved: {exc}", "error")
+        return render_template("policy.html", text=text,
+                               settings=governance().policy_settings()), 400
+    flash("Policy saved.", "info")
+    return redirect(url_for("pages.policy"))
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+@bp.route("/audit")
+def audit() -> str:
+    """The audit log, newest first, optionally filtered by event."""
+    records = governance().audit_records()
+    event = request.args.get("event", "")
+    events = sorted({str(r.get("event", "")) for r in records})
+    shown = [r for r in records if not event or r.get("event") == event]
+    limit = 500
+    return render_template("audit.html", records=shown[::-1][:limit], total=len(shown),
+                           limit=limit, events=events, event=event)
+
+
+@bp.route("/audit/verify", methods=["POST"])
+def audit_verify() -> Response:
+    """Check the audit log's hash chain and show the outcome above the log."""
+    intact, detail = governance().verify_audit()
+    flash(("Audit log intact. " if intact else "Audit log BROKEN. ") + detail,
+          "info" if intact else "error")
+    return redirect(url_for("pages.audit"))
+
+
+# --- users ----------------------------------------------------------------------------------
+
+@bp.route("/users")
+@admin_required
+def users() -> str:
+    """GUI accounts and their roles."""
+    return render_template("users.html", users=governance().users())
+
+
+@bp.route("/users", methods=["POST"])
+@admin_required
+def user_add() -> Response:
+    """Create an account."""
+    form = request.form
+    name = form.get("username", "").strip()
+    governance().add_user(name, form.get("password", ""), form.get("role", "read-only"))
+    flash(f"User {name!r} created.", "info")
+    return redirect(url_for("pages.users"))

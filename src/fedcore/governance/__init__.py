@@ -1,0 +1,50 @@
+"""Node governance: a chain of policies that review every researcher request.
+
+Each :class:`Policy` answers a :class:`Request` with a :class:`Decision`: allow, refuse with a
+reason the researcher sees, or allow with overrides of the training arguments. A node runs
+its requests through a :class:`Governance` chain built from its ``config.toml``
+(:func:`build_governance`) and writes every decision to its audit log. A site adds its own
+rules with ``Node(home, policies=[MyPolicy()])``::
+
+    class OfficeHours(Policy):
+        name = "office-hours"
+
+        def review(self, request):
+            if request.kind == "train" and not 8 <= time.localtime().tm_hour < 18:
+                return Decision.refuse("This hospital trains between 08:00 and 18:00 only.")
+            return Decision.allow()
+"""
+
+from ._base import Decision, Governance, Policy, Request
+from .plans import STATUSES, PlanStore
+from .policies import (
+    SETTINGS,
+    DatasetAccess,
+    MinSamples,
+    PlanApproval,
+    SecureAggregationRequired,
+    StatisticsAllowed,
+    TrainingArgs,
+    build_governance,
+    effective_policy,
+    validate_policy,
+)
+
+__all__ = [
+    "SETTINGS",
+    "STATUSES",
+    "DatasetAccess",
+    "Decision",
+    "Governance",
+    "MinSamples",
+    "PlanApproval",
+    "PlanStore",
+    "Policy",
+    "Request",
+    "SecureAggregationRequired",
+    "StatisticsAllowed",
+    "TrainingArgs",
+    "build_governance",
+    "effective_policy",
+    "validate_policy",
+]

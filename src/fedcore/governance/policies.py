@@ -1,0 +1,370 @@
+"""The built-in node policies, the policy settings of ``config.toml`` and the default chain.
+
+A node's policy is a set of top-level keys of its ``config.toml`` (see :data:`SETTINGS`);
+:func:`build_governance` turns them into a :class:`~fedcore.governance.Governance` chain:
+
+statistics gate -> dataset access -> minimum samples -> plan approval -> secure aggregation
+-> training-argument caps -> the site's own policies.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import time
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigurationError
+from ._base import Decision, Governance, Policy, Request
+
+if TYPE_CHECKING:
+    from .plans import PlanStore
+
+__all__ = [
+    "SETTINGS",
+    "DatasetAccess",
+    "MinSamples",
+    "PlanApproval",
+    "SecureAggregationRequired",
+    "Setting",
+    "StatisticsAllowed",
+    "TrainingArgs",
+    "build_governance",
+    "effective_policy",
+    "parse_setting",
+    "validate_policy",
+]
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One policy key of ``config.toml``: its type, default (``None``: no limit) and meaning."""
+
+    key: str
+    type: str  # "bool", "int", "choice", "access"
+    default: Any
+    help: str
+    minimum: int = 0
+    choices: tuple[str, ...] = ()
+
+
+SETTINGS: dict[str, Setting] = {s.key: s for s in [
+    Setting("approval_required", "bool", True,
+            "train only plans whose hash an administrator approved"),
+    Setting("max_epochs", "int", None, "most epochs a round may train (training_args "
+            "'epochs')", minimum=1),
+    Setting("max_updates", "int", None, "most optimiser steps a round may take "
+            "(training_args 'num_updates', for plans that take it, e.g. torch)", minimum=1),
+    Setting("batch_size_min", "int", None, "smallest batch_size allowed", minimum=1),
+    Setting("batch_size_max", "int", None, "largest batch_size allowed (also imposed when "
+            "the researcher gives none)", minimum=1),
+    Setting("on_excess", "choice", "clamp", "a request outside a cap is 'clamp'ed to it "
+            "(and the researcher told) or 'refuse'd", choices=("clamp", "refuse")),
+    Setting("allow_gpu", "bool", True, "let plans train on a GPU"),
+    Setting("min_samples", "int", 0, "never train on a dataset with fewer samples"),
+    Setting("dataset_access", "access", None, "table: researcher id (or \"*\" for anyone) "
+            "-> dataset ids or names they may use; absent: every dataset"),
+    Setting("secagg_required", "bool", False, "train only for experiments that use secure "
+            "aggregation"),
+    Setting("statistics", "bool", True, "answer federated statistics requests"),
+    Setting("min_count", "int", 5, "statistics: withhold counts below this"),
+    Setting("allow_min_max", "bool", True, "statistics: share minima and maxima"),
+]}
+
+
+def _check(setting: Setting, value: Any) -> Any:
+    key = setting.key
+    if setting.type == "bool":
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{key} must be true or false. Received: {value!r}")
+    elif setting.type == "int":
+        if not isinstance(value, int) or isinstance(value, bool) or value < setting.minimum:
+            raise ConfigurationError(
+                f"{key} must be a whole number >= {setting.minimum}. Received: {value!r}")
+    elif setting.type == "choice":
+        if value not in setting.choices:
+            raise ConfigurationError(
+                f"{key} must be one of {list(setting.choices)}. Received: {value!r}")
+    elif setting.type == "access":
+        if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, (list, tuple))
+                and all(isinstance(d, str) for d in v) for k, v in value.items()):
+            raise ConfigurationError(
+                f"{key} must be a table of researcher id -> list of dataset ids or names, "
+                f'e.g. {key} = {{ "*" = ["diabetes-2024"] }}. Received: {value!r}')
+        value = {k: list(v) for k, v in value.items()}
+    return value
+
+
+def _unknown(key: str) -> ConfigurationError:
+    close = difflib.get_close_matches(key, SETTINGS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigurationError(f"Unknown policy key {key!r}.{hint} Known keys: "
+                              f"{', '.join(SETTINGS)}")
+
+
+def validate_policy(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check policy keys and values; returns them cleaned. ``ConfigurationError`` says why."""
+    cleaned: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in SETTINGS:
+            raise _unknown(key)
+        cleaned[key] = _check(SETTINGS[key], value)
+    lo, hi = cleaned.get("batch_size_min"), cleaned.get("batch_size_max")
+    if lo is not None and hi is not None and lo > hi:
+        raise ConfigurationError(
+            f"batch_size_min ({lo}) is above batch_size_max ({hi}): no batch size fits.")
+    return cleaned
+
+
+def effective_policy(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every policy setting of a node's configuration, defaults filled (``None``: no limit).
+
+    Keys of ``config`` that are not policy settings (the node's id, name, other features'
+    settings) are left out.
+    """
+    given = validate_policy({k: v for k, v in config.items() if k in SETTINGS})
+    return {key: given.get(key, s.default) for key, s in SETTINGS.items()}
+
+
+def suspicious_keys(config: Mapping[str, Any]) -> list[str]:
+    """Keys of ``config`` that look like misspelt policy keys (and so have no effect)."""
+    return [f"{k!r} (did you mean {c[0]!r}?)" for k in config if k not in SETTINGS
+            for c in [difflib.get_close_matches(k, SETTINGS, n=1, cutoff=0.85)] if c]
+
+
+def parse_setting(key: str, text: str) -> Any:
+    """A value typed on the command line for ``key``: TOML syntax, or a bare word.
+
+    ``none`` (or nothing) means "back to the default". A list of dataset names may be given
+    comma-separated for one researcher as ``dataset_access.RESEARCHER=a,b``.
+    """
+    if key not in SETTINGS:
+        raise _unknown(key)
+    if text.strip().lower() in ("", "none", "null", "default"):
+        return None
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    if SETTINGS[key].type == "bool" and isinstance(value, str) and value.lower() in (
+            "yes", "no", "on", "off"):
+        value = value.lower() in ("yes", "on")
+    return value
+
+
+# --- policies -------------------------------------------------------------------------------
+
+
+class StatisticsAllowed(Policy):
+    """Refuses statistics requests on a node that does not answer them."""
+
+    name = "statistics"
+
+    def __init__(self, allowed: bool = True):
+        self.allowed = allowed
+
+    def review(self, request: Request) -> Decision:  # noqa: D102
+        if request.kind == "statistics" and not self.allowed:
+            return Decision.refuse("This node does not answer statistics requests "
+                                   "(its policy sets statistics = false).")
+        return Decision.allow()
+
+
+class DatasetAccess(Policy):
+    """Lets each researcher use only the datasets listed for them (or for ``"*"``)."""
+
+    name = "dataset-access"
+
+    def __init__(self, access: Mapping[str, Sequence[str]] | None = None):
+        self.access = {k: list(v) for k, v in (access or {}).items()}
+
+    def review(self, request: Request) -> Decision:  # noqa: D102
+        if not self.access or request.dataset is None:
+            return Decision.allow()
+        allowed = set(self.access.get("*", [])) | set(self.access.get(request.researcher, []))
+        ds = request.dataset
+        if "*" in allowed or {ds.get("id"), ds.get("name")} & allowed:
+            return Decision.allow()
+        return Decision.refuse(
+            f"Researcher {request.researcher!r} may not use dataset "
+            f"{request.dataset_label!r} on this node (policy dataset_access). Ask the node's "
+            "administrator for access.")
+
+
+class MinSamples(Policy):
+    """Never lets a request touch a dataset with fewer than ``minimum`` samples."""
+
+    name = "min-samples"
+
+    def __init__(self, minimum: int = 0):
+        self.minimum = int(minimum)
+
+    def review(self, request: Request) -> Decision:  # noqa: D102
+        if self.minimum <= 0 or request.dataset is None:
+            return Decision.allow()
+        n = request.n_samples
+        if n is None or n < self.minimum:
+            held = "an unknown number of" if n is None else str(n)
+            return Decision.refuse(
+                f"Dataset {request.dataset_label!r} has {held} samples; this node uses only "
+                f"datasets of at least {self.minimum} samples (policy min_samples).")
+        return Decision.allow()
+
+
+class PlanApproval(Policy):
+    """Lets a training plan run only when an administrator approved its SHA-256."""
+
+    name = "plan-approval"
+
+    def __init__(self, plans: PlanStore):
+        self.plans = plans
+
+    def review(self, request: Request) -> Decision:  # noqa: D102
+        if request.kind != "train":
+            return Decision.allow()
+        sha, label = request.plan_hash, request.plan_name or "plan"
+        entry = self.plans.find(sha) or {}
+        status = entry.get("status", "unknown")
+        if status == "approved":
+            return Decision.allow()
+        if status == "pending":
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["submitted_at"]))
+            return Decision.refuse(
+                f"Plan {sha} ({label}) is awaiting review by this node's administrator "
+                f"(submitted {when}). Experiment.plan_status() tells when it is decided.")
+        if status == "rejected":
+            note = entry.get("note") or "no reason given"
+            return Decision.refuse(
+                f"Plan {sha} ({label}) was rejected by this node's administrator: {note}")
+        reason = (f"Plan {sha} ({label}) is not approved on this node: it was never "
+                  "submitted for review. Submit it with Experiment.submit_plan() and ask the "
+                  "node's administrator to approve it.")
+        approved = [e["sha256"] for e in self.plans.list(status="approved")
+                    if e["entry"] == request.plan_name]
+        if approved:
+            reason += (f" (An approved version of {label} exists, {approved[-1][:12]}: this "
+                       "plan's source differs from it.)")
+        return Decision.refuse(reason)
+
+
+class SecureAggregationRequired(Policy):
+    """Refuses training for experiments that do not protect updates with secure aggregation.
+
+    The researcher names a scheme in the training request (``secagg``); until fedcore ships
+    secure aggregation no request does, so a node requiring it trains nothing: it fails
+    closed rather than send a plain update.
+    """
+
+    name = "secure-aggregation"
+
+    def review(self, request: Request) -> Decision:  # noqa: D102
+        if request.kind == "train" and not request.secagg:
+            return Decision.refuse(
+                "This node requires secure aggregation (policy secagg_required) and the "
+                "request uses none. Run the experiment with a secure aggregation scheme.")
+        return Decision.allow()
+
+
+class TrainingArgs(Policy):
+    """Caps epochs, optimiser steps and batch size, and keeps plans off the GPU if asked.
+
+    ``on_excess="clamp"`` trains with the cap and reports the override to the researcher;
+    ``"refuse"`` refuses the request. A missing ``num_updates`` or ``batch_size`` gets the
+    node's maximum; ``use_gpu`` is turned off on a node that does not allow the GPU.
+    """
+
+    name = "training-args"
+
+    def __init__(self, *, max_epochs: int | None = None, max_updates: int | None = None,
+                 batch_size_min: int | None = None, batch_size_max: int | None = None,
+                 allow_gpu: bool = True, on_excess: str = "clamp"):
+        self.max_epochs, self.max_updates = max_epochs, max_updates
+        self.batch_size_min, self.batch_size_max = batch_size_min, batch_size_max
+        self.allow_gpu, self.on_excess = allow_gpu, on_excess
+
+    def review(self, request: Request) -> Decision:  # noqa: D102
+        if request.kind != "train":
+            return Decision.allow()
+        args = request.training_args
+        overrides: dict[str, Any] = {}
+        notes: list[str] = []
+        limits = [("epochs", None, self.max_epochs, "", "max_epochs"),
+                  ("num_updates", None, self.max_updates, "", "max_updates"),
+                  ("batch_size", self.batch_size_min, self.batch_size_max, "batch_size_min",
+                   "batch_size_max")]
+        for key, lo, hi, lo_name, hi_name in limits:
+            if lo is None and hi is None:
+                continue
+            value = args.get(key)
+            if value is None:
+                if hi is not None and key != "epochs":
+                    overrides[key] = hi
+                    notes.append(f"{key} not given: set to this node's maximum {hi}")
+                continue
+            if not _is_count(value):
+                return Decision.refuse(f"training_args[{key!r}] must be a whole number. "
+                                       f"Received: {value!r}")
+            bound, word = ((hi, "maximum") if hi is not None and value > hi else
+                           (lo, "minimum") if lo is not None and value < lo else (None, ""))
+            if bound is None:
+                continue
+            limit = hi_name if word == "maximum" else lo_name
+            if self.on_excess == "refuse":
+                return Decision.refuse(
+                    f"training_args {key}={value} is outside this node's {word} of {bound} "
+                    f"(policy {limit}); this node refuses such requests. Ask for {key}="
+                    f"{bound} or {'less' if word == 'maximum' else 'more'}.")
+            overrides[key] = bound
+            notes.append(f"{key} {value} clamped to this node's {word} {bound} (policy {limit})")
+        if not self.allow_gpu and args.get("use_gpu", False):
+            overrides["use_gpu"] = False
+            notes.append("use_gpu turned off: this node does not allow the GPU")
+        return Decision.override(overrides, notes) if overrides else Decision.allow()
+
+
+def _is_count(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value) and value.is_integer()
+    return isinstance(value, int)
+
+
+# --- the default chain ----------------------------------------------------------------------
+
+
+def build_governance(policy: Mapping[str, Any], plans: PlanStore,
+                     extra: Iterable[Policy] = ()) -> Governance:
+    """The node's chain for an :func:`effective_policy`, with the site's own policies last."""
+    chain: list[Policy] = [StatisticsAllowed(policy["statistics"]),
+                           DatasetAccess(policy["dataset_access"]),
+                           MinSamples(policy["min_samples"])]
+    if policy["approval_required"]:
+        chain.append(PlanApproval(plans))
+    if policy["secagg_required"]:
+        chain.append(SecureAggregationRequired())
+    chain.append(TrainingArgs(
+        max_epochs=policy["max_epochs"], max_updates=policy["max_updates"],
+        batch_size_min=policy["batch_size_min"], batch_size_max=policy["batch_size_max"],
+        allow_gpu=policy["allow_gpu"], on_excess=policy["on_excess"]))
+    chain.extend(extra)
+    return Governance(chain)
+
+
+class Refuse(Policy):
+    """Refuses everything with one reason (a node whose policy cannot be read fails closed)."""
+
+    name = "invalid-policy"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def review(self, request: Request) -> Decision:  # noqa: D102
+        return Decision.refuse(self.reason)

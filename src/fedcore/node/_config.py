@@ -1,0 +1,167 @@
+"""Reading and writing a node's ``config.toml`` (atomically, so a crash never truncates it)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import tomllib
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ..errors import ConfigurationError
+from ..governance.policies import SETTINGS, effective_policy, validate_policy
+from ._storage import remove_stale_temporaries
+
+_HEADER = ("# fedcore node configuration: identity and policy.\n"
+           "# Policy keys are explained by `fedcore-node policy show` and in "
+           "docs/node-administration.md.\n")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The parsed file; ``ConfigurationError`` naming the file when it is not valid TOML."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path} is not valid TOML: {exc}. Fix it by hand (or "
+                                 "restore it), then try again.") from exc
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> None:
+    """Replace ``path`` atomically: a reader sees the old file or the new one, whole."""
+    text = _HEADER + tomli_w.dumps(dict(config))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    done = False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        done = True
+    finally:
+        if not done:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when the file is replaced or edited (inode, size, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class NodeConfig:
+    """A node's ``config.toml``: identity and policy, reread whenever the file changes.
+
+    An administrator may change the policy with ``fedcore-node policy set`` (another
+    process), the GUI or an editor while the node serves; the next request sees it.
+    """
+
+    def __init__(self, path: Path, *, name: str | None = None, node_id: str | None = None,
+                 approval_required: bool | None = None):
+        self.path = path
+        remove_stale_temporaries(path)
+        if path.exists():
+            self._data = read_config(path)
+            if node_id and node_id != self._data.get("node_id"):
+                raise ConfigurationError(
+                    f"{path} belongs to node {self._data.get('node_id')!r}, not {node_id!r}. "
+                    "Use another home folder for another node.")
+        else:
+            node_id = node_id or f"node-{uuid.uuid4().hex[:8]}"
+            self._data = {"node_id": node_id, "name": name or node_id, "created": time.time(),
+                          **{k: s.default for k, s in SETTINGS.items() if s.default is not None}}
+            if approval_required is not None:
+                self._data["approval_required"] = bool(approval_required)
+            write_config(path, self._data)
+        self._stamp = stamp(path)
+        self._error = ""
+        #: Goes up by one each time the configuration is reread or written.
+        self.version = 0
+        if "node_id" not in self._data:
+            raise ConfigurationError(f"{path} has no node_id. Add node_id = \"...\" to it.")
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The whole configuration as last read (reread when the file changed)."""
+        self.refresh()
+        return self._data
+
+    def refresh(self) -> bool:
+        """Reread the file if it changed since it was read; returns whether it did."""
+        now = stamp(self.path)
+        if now == self._stamp:
+            return False
+        self._stamp = now
+        self.version += 1
+        try:
+            data = read_config(self.path)
+        except (OSError, ConfigurationError) as exc:
+            # Keep the identity; the policy fails closed until the file is fixed.
+            self._error = str(exc)
+            self._data = {k: self._data[k] for k in ("node_id", "name", "created")
+                          if k in self._data}
+            return True
+        self._error = ""
+        self._data = data
+        return True
+
+    def policy(self) -> dict[str, Any]:
+        """Every policy setting, defaults filled; ``ConfigurationError`` if the file is bad."""
+        self.refresh()
+        if self._error:
+            raise ConfigurationError(self._error)
+        try:
+            return effective_policy(self._data)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{self.path}: {exc}") from None
+
+    def set_policy(self, changes: Mapping[str, Any], *, replace: bool = False
+                   ) -> dict[str, Any]:
+        """Change policy keys (a value of ``None`` removes the key: back to the default).
+
+        With ``replace``, ``changes`` is the whole policy: keys it lacks are removed.
+        Everything is checked before the file is written. Returns the keys that changed,
+        as ``{key: [old, new]}``.
+        """
+        self.refresh()
+        current = {k: v for k, v in self._data.items() if k in SETTINGS}
+        wanted = {} if replace else dict(current)
+        for key, value in changes.items():
+            if value is None:
+                wanted.pop(key, None)
+            else:
+                wanted[key] = value
+        validate_policy({k: v for k, v in changes.items() if v is not None})
+        # Settings already in the file that are wrong stay as they are (the node refuses
+        # every request until they are fixed), so that fixing one key at a time works.
+        wanted = {**wanted, **validate_policy({k: v for k, v in wanted.items()
+                                               if replace or _valid(k, v)})}
+        data = {k: v for k, v in self._data.items() if k not in SETTINGS}
+        data.update(wanted)
+        write_config(self.path, data)
+        self._data, self._stamp, self._error = data, stamp(self.path), ""
+        self.version += 1
+        return {k: [current.get(k), wanted.get(k)] for k in sorted(set(current) | set(wanted))
+                if current.get(k) != wanted.get(k)}
+
+    def policy_toml(self) -> str:
+        """The policy keys present in the file, as TOML text (for an editor)."""
+        self.refresh()
+        return tomli_w.dumps({k: v for k, v in self._data.items() if k in SETTINGS})
+
+
+def _valid(key: str, value: Any) -> bool:
+    try:
+        validate_policy({key: value})
+    except ConfigurationError:
+        return False
+    return True

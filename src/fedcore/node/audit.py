@@ -1,0 +1,294 @@
+"""The node's audit log: append-only JSON lines, chained by SHA-256.
+
+Every record carries ``seq`` (1, 2, 3...) and ``prev``, the SHA-256 of the line before it
+(64 zeros for the first), so an edited, inserted or deleted line breaks the chain where it
+happened. A small head file (``audit.head``) holds the sequence number, hash and file size
+after the last record the node wrote, which catches a change to the last line, and lets an
+append continue the chain without reading the log. :func:`verify` reads the log once.
+
+The chain is not keyed: whoever can rewrite the log and the head from some line on can make
+a consistent forgery. Keep a copy of the head hash that ``fedcore-node audit verify`` prints
+somewhere else now and then, and compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one writing process only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["GENESIS", "AuditLog", "AuditProblem", "AuditReport", "verify"]
+
+GENESIS = "0" * 64
+_HEAD_SIZE = 200
+
+
+def _sha(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+class AuditLog:
+    """Appends records to ``path``; safe across threads and across processes on one host.
+
+    The file stays open between records (reopened when log rotation moved it away); an
+    append takes an exclusive ``flock`` so a CLI command and the serving node can both
+    write without breaking the chain.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.head_path = self.path.with_suffix(".head")
+        self._lock = threading.Lock()
+        self._file: IO[bytes] | None = None
+        self._head_fd: int | None = None
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Write one record (``seq`` and ``prev`` added); returns it as written."""
+        with self._lock:
+            f = self._handle()
+            with _locked(f):
+                size = os.fstat(f.fileno()).st_size
+                seq, prev, torn = self._tail(f, size)
+                full = {"seq": seq + 1, **record, "prev": prev}
+                line = json.dumps(full, default=str).encode()
+                data = (b"\n" if torn else b"") + line + b"\n"
+                f.write(data)
+                f.flush()
+                self._write_head(seq + 1, _sha(line), size + len(data))
+        return full
+
+    def close(self) -> None:
+        """Close the file handles (the next append reopens them)."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self._head_fd is not None:
+                os.close(self._head_fd)
+                self._head_fd = None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every readable record, oldest first."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_bytes().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    out.append(record)
+        return out
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _handle(self) -> IO[bytes]:
+        f = self._file
+        if f is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                    return f
+            except OSError:
+                pass
+            f.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = f = open(self.path, "ab")  # noqa: SIM115 - kept open between records
+        if self._head_fd is not None:
+            os.close(self._head_fd)
+        self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o644)
+        return f
+
+    def _tail(self, f: IO[bytes], size: int) -> tuple[int, str, bool]:
+        """``(seq, sha256)`` of the last record, and whether the file lacks a final newline."""
+        head = read_head(self.head_path, self._head_fd)
+        if head is not None and head["size"] == size:
+            return head["seq"], head["sha256"], False
+        if size == 0:
+            return 0, GENESIS, False
+        # The head is missing or stale (a crash between line and head, or a hand edit):
+        # read the log's last line instead.
+        with open(self.path, "rb") as r:
+            data = r.read()
+        lines = data.splitlines()
+        last = lines[-1] if lines else b""
+        try:
+            seq = int(json.loads(last)["seq"])
+        except (ValueError, KeyError, TypeError):
+            seq = len(lines)
+        return seq, _sha(last), not data.endswith(b"\n")
+
+    def _write_head(self, seq: int, sha: str, size: int) -> None:
+        text = json.dumps({"seq": seq, "sha256": sha, "size": size}).encode()
+        assert self._head_fd is not None
+        os.pwrite(self._head_fd, text.ljust(_HEAD_SIZE - 1) + b"\n", 0)
+
+
+@contextlib.contextmanager
+def _locked(f: IO[bytes]) -> Iterator[None]:
+    if fcntl is None:
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_head(path: Path, fd: int | None = None) -> dict[str, Any] | None:
+    """The head file's ``{"seq", "sha256", "size"}``, or ``None`` if absent or unreadable."""
+    try:
+        if fd is not None:
+            raw = os.pread(fd, _HEAD_SIZE, 0)
+        else:
+            raw = path.read_bytes()[:_HEAD_SIZE]
+        head = json.loads(raw)
+        if isinstance(head, dict) and {"seq", "sha256", "size"} <= head.keys():
+            return head
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# --- verification ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    """One break of the chain: where (line number, and ``seq``/``event`` when readable)."""
+
+    line: int
+    message: str
+    seq: int | None = None
+    event: str = ""
+
+    def __str__(self) -> str:
+        what = f"line {self.line}"
+        if self.seq is not None:
+            what += f" (record {self.seq}" + (f", {self.event!r}" if self.event else "") + ")"
+        return f"{what}: {self.message}"
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What :func:`verify` found; true when the log is intact."""
+
+    path: Path
+    records: int
+    head: str
+    problems: list[AuditProblem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether no record was edited, inserted or deleted."""
+        return not self.problems
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        if self.ok:
+            text = (f"{self.path}: intact, {self.records} records, head "
+                    f"{self.head}")
+        else:
+            text = f"{self.path}: {len(self.problems)} problem(s) in {self.records} lines\n"
+            text += "\n".join(f"  {p}" for p in self.problems)
+        return "\n".join([text, *self.notes])
+
+
+def verify(path: str | Path) -> AuditReport:
+    """Check the chain of the audit log at ``path`` (and its head file, when there is one)."""
+    path = Path(path)
+    data = path.read_bytes() if path.exists() else b""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    n = len(lines)
+    hashes = [GENESIS] + [_sha(line) for line in lines]
+    recs: list[dict[str, Any] | None] = [None]
+    recs += [_parse(line) for line in lines]
+    problems: dict[int, str] = {}
+
+    def seq(i: int) -> int | None:
+        r = recs[i]
+        return 0 if i == 0 else int(r["seq"]) if r is not None else None
+
+    p, pp = 0, -1  # the last two lines taken as genuine (0: the start of the log)
+    i = 1
+    while i <= n:
+        r = recs[i]
+        if r is None:
+            problems.setdefault(i, "not a valid audit record (edited, or a torn write)")
+            pp, p, i = p, i, i + 1
+            continue
+        before = seq(p)
+        if r["prev"] == hashes[p]:
+            if before is not None and r["seq"] != before + 1:
+                problems.setdefault(i, f"sequence number {r['seq']} after {before}: edited")
+            pp, p, i = p, i, i + 1
+            continue
+        nxt = recs[i + 1] if i < n else None
+        if pp >= 0 and r["prev"] == hashes[pp]:
+            problems.setdefault(p, "inserted: the next record chains to the one before it")
+        elif nxt is not None and nxt["prev"] == hashes[p]:
+            problems.setdefault(i, "inserted: the next record chains to the one before it")
+            i += 1  # line i+1 follows p: go on from there
+            continue
+        elif before is not None and r["seq"] > before + 1:
+            problems.setdefault(i, f"{_records(before + 1, r['seq'] - 1)} deleted before "
+                                   "this line")
+        elif p == 0:
+            problems.setdefault(i, "edited: the first record must chain to the start")
+        else:
+            problems.setdefault(p, "edited: its hash no longer matches the next record's prev")
+        pp, p, i = p, i, i + 1
+
+    notes: list[str] = []
+    head = read_head(path.with_suffix(".head"))
+    last_seq = seq(n) or 0
+    if head is None:
+        if n:
+            notes.append("No head file: a change to the last record cannot be detected.")
+    elif head["seq"] > last_seq:
+        problems.setdefault(n + 1, f"{_records(last_seq + 1, head['seq'])} deleted from the "
+                                   "end (the head file records the node wrote them)")
+    elif head["seq"] == last_seq and n and head["sha256"] != hashes[n]:
+        problems.setdefault(n, "edited: the last record no longer matches the head file")
+    elif head["seq"] < last_seq:
+        problems.setdefault(n, f"appended after record {head['seq']}, the last the head file "
+                               "records (by hand, or the node was killed while writing it)")
+    report = [AuditProblem(line, msg, *(_where(recs[line]) if line <= n else (None, "")))
+              for line, msg in sorted(problems.items())]
+    return AuditReport(path, n, hashes[n], report, notes)
+
+
+def _records(first: int, last: int) -> str:
+    return f"record {first}" if first == last else f"records {first} to {last}"
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if (isinstance(record, dict) and isinstance(record.get("seq"), int)
+            and isinstance(record.get("prev"), str)):
+        return record
+    return None
+
+
+def _where(record: dict[str, Any] | None) -> tuple[int | None, str]:
+    if record is None:
+        return None, ""
+    return int(record["seq"]), str(record.get("event", ""))

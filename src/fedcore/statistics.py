@@ -1,0 +1,565 @@
+"""Federated statistics: counts, sums, means, variances, extremes, histograms, quantiles.
+
+Nodes answer with *additive* sufficient statistics (see :mod:`fedcore.node.statistics`):
+per variable, the count, the sum of ``x - shift`` and of ``(x - shift) ** 2`` in float64,
+histogram counts for bin edges the researcher sends, the number of missing values. Pooled
+results are computed from the sums of these over nodes alone (:func:`_pool`), so they are
+exact, not averaged averages, and a sum-only secure aggregation can later combine the
+nodes' replies without showing them one by one. Extremes are not additive: they come from
+the nodes whose policy shares them.
+
+A mean and a variance take two round trips: the first finds the pooled mean, the second asks
+for sums about it (``shift``): the two-pass algorithm numpy uses, spread over nodes, so no
+cancellation whatever the offset of the data. Quantiles are read from a pooled histogram by
+linear interpolation within bins, so they are exact to within a bin's width.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import _runtime
+from ._rpc import Client
+from .errors import (
+    ConfigurationError,
+    DatasetError,
+    FedcoreError,
+    GovernanceError,
+    RoundError,
+)
+from .messages import (
+    Envelope,
+    ErrorReply,
+    SearchReply,
+    SearchRequest,
+    StatsReply,
+    StatsRequest,
+)
+from .node.statistics import MAX_BINS, StatisticsPolicy, check_edges, statistics_policy
+from .transport import open_transport
+
+__all__ = [
+    "POOLED",
+    "FederatedStatistics",
+    "Histogram",
+    "StatisticsPolicy",
+    "statistics_policy",
+]
+
+log = logging.getLogger("fedcore.statistics")
+
+#: The row label of pooled results.
+POOLED = "pooled"
+
+# --- researcher side ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A federated histogram of one variable: per-node rows and the pooled row.
+
+    ``counts`` has one row per node then ``"pooled"`` and one column per bin (an
+    ``IntervalIndex``; as in numpy the last bin includes its right edge). A count a node
+    withheld is ``<NA>`` in its row and left out of the pooled row. ``totals`` has, per row,
+    the ``count`` of values, those ``below`` the first edge and ``above`` the last, and how
+    many sit in ``withheld`` cells. ``notes`` says, per row, what was withheld or why a node
+    is missing; ``suppressed`` lists every withheld cell with the reason.
+    """
+
+    variable: str
+    edges: np.ndarray
+    counts: pd.DataFrame
+    totals: pd.DataFrame
+    notes: pd.Series
+    suppressed: pd.DataFrame
+
+    @property
+    def pooled(self) -> np.ndarray:
+        """The pooled counts per bin (withheld cells left out)."""
+        return self.counts.loc[POOLED].to_numpy(dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return (f"Histogram({self.variable!r}, bins={self.edges.size - 1}, "
+                f"withheld cells={len(self.suppressed)})\n{self.counts.T}")
+
+
+@dataclass
+class _Answers:
+    """The nodes' results (node -> one result per query) and the nodes without any."""
+
+    results: dict[str, list[dict[str, Any]]]
+    failed: dict[str, tuple[str, str]]  # node -> (status, message)
+
+
+class FederatedStatistics:
+    """Statistics of the datasets tagged ``tags`` across a federation, per node and pooled.
+
+    Pooled figures are computed from the nodes' summed counts and sums, never by averaging
+    their averages, and exclude what nodes withheld (each result says so). Synchronous
+    methods work in scripts and inside Jupyter; each has an async twin.
+
+    Example::
+
+        with FederatedStatistics(fed.url, tags=["diabetes"]) as stats:
+            stats.describe(["age", "bmi"])              # one row per (variable, node)
+            stats.histogram("age", bins=10).counts      # one row per node, then pooled
+            stats.quantiles("bmi", [0.25, 0.5, 0.75])
+    """
+
+    def __init__(self, federation: str, tags: Sequence[str] | str,
+                 nodes: Sequence[str] | None = None, *, timeout: float = 60.0,
+                 connect_timeout: float = 10.0):
+        tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
+        if not tags:
+            raise ConfigurationError("Expected at least one dataset tag. Received: []")
+        self.federation = federation
+        self.tags = tags
+        self.nodes = None if nodes is None else [str(n) for n in nodes]
+        self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self._client: Client | None = None
+        self._targets: dict[str, dict[str, Any]] | None = None
+
+    def __repr__(self) -> str:
+        return f"FederatedStatistics(federation={self.federation!r}, tags={self.tags})"
+
+    # --- public API -------------------------------------------------------------------------
+
+    def search(self) -> pd.DataFrame:
+        """The datasets the statistics are computed on: one row per node."""
+        return _runtime.run(self._search())
+
+    def describe(self, variables: str | Sequence[str], *, ddof: int = 1) -> pd.DataFrame:
+        """Count, missing, sum, mean, variance (``ddof``), std, min and max of each variable.
+
+        One row per ``(variable, node)``, the node ``"pooled"`` last; ``status`` is ``ok``,
+        ``suppressed`` (the node withheld the variable: too few values), ``refused`` (its
+        policy) or ``failed``; ``note`` explains, and on pooled rows lists what was left out.
+        """
+        return _runtime.run(self._describe(_names(variables), ddof))
+
+    def histogram(self, variable: str, bins: int | Sequence[float] = 10,
+                  range: tuple[float, float] | None = None) -> Histogram:
+        """Counts of ``variable`` in ``bins``: a number of equal bins or explicit edges.
+
+        With a number of bins and no ``range``, the range is the pooled min and max (one
+        more round trip; nodes whose policy withholds extremes then need an explicit range).
+        """
+        return _runtime.run(self._histogram(variable, bins, range))
+
+    def quantiles(self, variable: str, q: float | Sequence[float] = (0.25, 0.5, 0.75), *,
+                  bins: int | Sequence[float] = 100,
+                  range: tuple[float, float] | None = None) -> pd.DataFrame:
+        """Quantiles estimated from a histogram by linear interpolation within its bins.
+
+        Exact to within one bin's width. One row per node, then pooled; columns ``"25%"``
+        etc. and ``note``. Counts a node withheld are left out (the note says so); a
+        quantile that falls below or above the histogram's range is NaN.
+        """
+        return _runtime.run(self._quantiles(variable, q, bins, range))
+
+    def close(self) -> None:
+        """Disconnect from the federation (the object reconnects when used again)."""
+        _runtime.run(self._close())
+
+    def __enter__(self) -> FederatedStatistics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def adescribe(self, variables: str | Sequence[str], *, ddof: int = 1
+                        ) -> pd.DataFrame:
+        """Async twin of :meth:`describe`."""
+        return await _runtime.run_async(self._describe(_names(variables), ddof))
+
+    async def ahistogram(self, variable: str, bins: int | Sequence[float] = 10,
+                         range: tuple[float, float] | None = None) -> Histogram:
+        """Async twin of :meth:`histogram`."""
+        return await _runtime.run_async(self._histogram(variable, bins, range))
+
+    async def aquantiles(self, variable: str, q: float | Sequence[float] = (0.25, 0.5, 0.75),
+                         *, bins: int | Sequence[float] = 100,
+                         range: tuple[float, float] | None = None
+                         ) -> pd.DataFrame:
+        """Async twin of :meth:`quantiles`."""
+        return await _runtime.run_async(self._quantiles(variable, q, bins, range))
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`."""
+        await _runtime.run_async(self._close())
+
+    # --- network ----------------------------------------------------------------------------
+
+    async def _connect(self) -> Client:
+        if self._client is None:
+            client = Client(open_transport(self.federation, role="researcher",
+                                           identity=f"researcher-stats-{uuid.uuid4().hex[:8]}"))
+            await client.start()
+            self._client = client
+        await self._client.wait_for_peers(len(self.nodes) if self.nodes else 1,
+                                          self.connect_timeout)
+        return self._client
+
+    async def _close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def _search(self) -> pd.DataFrame:
+        client = await self._connect()
+        peers = sorted(client.peers())
+        if self.nodes is not None:
+            missing = sorted(set(self.nodes) - set(peers))
+            if missing:
+                raise ConfigurationError(f"Nodes {missing} are not connected to "
+                                         f"{self.federation}. Connected: {peers}")
+            peers = [p for p in peers if p in self.nodes]
+        if not peers:
+            raise ConfigurationError(f"No node is connected to {self.federation} (waited "
+                                     f"{self.connect_timeout:g} s). Start the nodes, or "
+                                     "check the URL.")
+        targets: dict[str, dict[str, Any]] = {}
+        async for node, result, _ in client.scatter(
+                {p: SearchRequest(tags=self.tags) for p in peers}, timeout=self.connect_timeout):
+            body = result.body if isinstance(result, Envelope) else None
+            if not isinstance(body, SearchReply):
+                log.warning("Node %s did not answer the search: %s", node, _why(result)[1])
+                continue
+            usable = [d for d in body.datasets if d.get("available", True)]
+            if len(usable) > 1:
+                raise DatasetError(f"Node {node!r} has {len(usable)} datasets tagged "
+                                   f"{self.tags}: {[d['name'] for d in usable]}. Add a tag "
+                                   "that tells them apart.")
+            if usable:
+                targets[node] = usable[0]
+        if not targets:
+            raise DatasetError(f"No node has an available dataset tagged {self.tags}.")
+        self._targets = dict(sorted(targets.items()))
+        return pd.DataFrame([{"node": n, "dataset": t["id"], "name": t["name"],
+                              "n_samples": t["metadata"].get("n_samples")}
+                             for n, t in self._targets.items()])
+
+    async def _ask(self, queries: list[dict[str, Any]]) -> _Answers:
+        if self._targets is None:
+            await self._search()
+        client = await self._connect()
+        assert self._targets is not None
+        bodies = {n: StatsRequest(dataset_id=t["id"], queries=queries)
+                  for n, t in self._targets.items()}
+        answers = _Answers({}, {})
+        invalid: dict[str, str] = {}
+        async for node, result, _ in client.scatter(bodies, timeout=self.timeout):
+            body = result.body if isinstance(result, Envelope) else None
+            if isinstance(body, StatsReply) and len(body.results) == len(queries):
+                answers.results[node] = body.results
+            elif isinstance(body, ErrorReply) and body.kind == "configuration":
+                invalid[node] = body.message
+            else:
+                answers.failed[node] = _why(result)
+        if invalid:
+            by_message: dict[str, list[str]] = {}
+            for node, message in sorted(invalid.items()):
+                by_message.setdefault(message, []).append(node)
+            raise ConfigurationError("Invalid statistics request. " + "; ".join(
+                f"{m} ({', '.join(nodes)})" for m, nodes in by_message.items()))
+        if not answers.results:
+            raise _nobody_answered(answers.failed)
+        for node, (status, message) in sorted(answers.failed.items()):
+            log.warning("Node %s gave no statistics (%s): %s", node, status, message)
+        return answers
+
+    # --- statistics -------------------------------------------------------------------------
+
+    async def _describe(self, variables: list[str], ddof: int) -> pd.DataFrame:
+        if not isinstance(ddof, int) or ddof < 0:
+            raise ConfigurationError(f"ddof must be an integer >= 0. Received: {ddof!r}")
+        first = await self._ask([_query(v) for v in variables])
+        totals = [_pool(first, i) for i, _ in enumerate(variables)]
+        shifts = [t["sum"] / t["count"] if t["count"] else 0.0 for t in totals]
+        answers = await self._ask([_query(v, shift=s, min_max=True)
+                                   for v, s in zip(variables, shifts, strict=True)])
+        rows = []
+        for i, variable in enumerate(variables):
+            for node in self._order():
+                row: dict[str, Any] = {"variable": variable, "node": node}
+                rows.append(row)
+                row.update(_node_status(answers, node, i))
+                if row["status"] == "ok":
+                    r = answers.results[node][i]
+                    row.update(_moments(r["additive"], shifts[i], ddof),
+                               min=_nan(r["min"]), max=_nan(r["max"]))
+            rows.append(_pooled_describe(variable, answers, i, shifts[i], ddof))
+        frame = pd.DataFrame(rows, columns=["variable", "node", "count", "missing", "sum",
+                                            "mean", "var", "std", "min", "max", "status",
+                                            "note"])
+        frame[["count", "missing"]] = frame[["count", "missing"]].astype("Int64")
+        return frame.set_index(["variable", "node"])
+
+    async def _range(self, variable: str) -> tuple[float, float]:
+        answers = await self._ask([_query(variable, min_max=True)])
+        lows, highs, without = [], [], []
+        for node, results in answers.results.items():
+            r = results[0]
+            if _suppressed(r) or not r["additive"]["count"]:
+                continue
+            if r["min"] is None:
+                without.append(node)
+            else:
+                lows.append(r["min"])
+                highs.append(r["max"])
+        if without or not lows:
+            who = f"nodes {sorted(without)} withhold" if without else "no node shares"
+            raise ConfigurationError(f"Cannot choose bins for {variable!r}: {who} its min and "
+                                     "max. Pass range=(low, high) or explicit bin edges.")
+        lo, hi = min(lows), max(highs)
+        return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)  # numpy's choice
+
+    async def _histogram(self, variable: str, bins: int | Sequence[float],
+                         range: tuple[float, float] | None) -> Histogram:
+        edges = _edges(bins, range)
+        if edges is None:
+            lo, hi = await self._range(variable)
+            edges = np.linspace(lo, hi, int(bins) + 1)  # type: ignore[arg-type]
+        answers = await self._ask([_query(variable, edges=edges)])
+        index = pd.Index([*self._order(), POOLED], name="node")
+        intervals = pd.IntervalIndex.from_breaks(edges, closed="left", name="bin")
+        counts = pd.DataFrame(pd.NA, index=index, columns=intervals, dtype="Int64")
+        totals = pd.DataFrame(pd.NA, index=index, dtype="Int64",
+                              columns=["count", "below", "above", "withheld"])
+        notes = pd.Series({n: _node_status(answers, n, 0)["note"] for n in index[:-1]},
+                          dtype=object)
+        notes[POOLED] = _pooled_note(answers, 0)
+        withheld = []
+        for node, results in answers.results.items():
+            r = results[0]
+            if _suppressed(r):
+                continue
+            add = r["additive"]
+            row = pd.array(add["hist"], dtype="Int64")
+            total = pd.array([add["count"], add["below"], add["above"], _hidden(add)],
+                             dtype="Int64")
+            for w in r["withheld"]:
+                if w["cell"] == "bin":
+                    row[w["bin"]] = pd.NA
+                elif w["cell"] in ("below", "above"):
+                    total[1 if w["cell"] == "below" else 2] = pd.NA
+                withheld.append({"node": node, "reason": w["reason"], "cell": intervals[
+                    w["bin"]] if w["cell"] == "bin" else w["cell"]})
+            counts.loc[node] = row
+            totals.loc[node] = total
+        pooled = _pool(answers, 0)
+        counts.loc[POOLED] = pd.array(pooled["hist"], dtype="Int64")
+        totals.loc[POOLED] = pd.array([pooled["count"], pooled["below"], pooled["above"],
+                                       _hidden(pooled)], dtype="Int64")
+        suppressed = pd.DataFrame(withheld, columns=["node", "cell", "reason"])
+        return Histogram(variable, edges, counts, totals, notes, suppressed)
+
+    async def _quantiles(self, variable: str, q: float | Sequence[float],
+                         bins: int | Sequence[float],
+                         range: tuple[float, float] | None) -> pd.DataFrame:
+        qs = _check_q(q)
+        hist = await self._histogram(variable, bins, range)
+        rows = []
+        for node in hist.counts.index:
+            counts = hist.counts.loc[node].fillna(0).to_numpy(dtype=np.float64)
+            below, above = hist.totals.loc[node, ["below", "above"]].fillna(0).to_numpy(
+                dtype=np.float64)
+            values = (np.full(len(qs), np.nan) if pd.isna(hist.totals.loc[node, "count"])
+                      else _interpolate(hist.edges, counts, below, above, qs))
+            rows.append([*values, hist.notes[node]])
+        labels = [f"{100 * x:g}%" for x in qs]
+        return pd.DataFrame(rows, index=hist.counts.index, columns=[*labels, "note"])
+
+    def _order(self) -> list[str]:
+        assert self._targets is not None
+        return list(self._targets)
+
+
+# --- pooling helpers ------------------------------------------------------------------------
+
+
+def _query(variable: str, *, shift: float = 0.0, min_max: bool = False,
+           edges: np.ndarray | None = None) -> dict[str, Any]:
+    return {"variable": variable, "shift": float(shift), "min_max": min_max, "edges": edges}
+
+
+def _pool(answers: _Answers, i: int) -> dict[str, Any]:
+    """Query ``i``'s additive statistics summed over the nodes that answered.
+
+    This sum is all that pooled results are computed from: the point where a secure
+    aggregation scheme (``protect`` on nodes, ``unprotect_sum`` here) plugs in.
+    """
+    total: dict[str, Any] = {}
+    for results in answers.results.values():
+        for key, value in results[i]["additive"].items():
+            total[key] = total[key] + value if key in total else value
+    return total
+
+
+def _suppressed(result: dict[str, Any]) -> bool:
+    return any(w["cell"] == "all" for w in result["withheld"])
+
+
+def _node_status(answers: _Answers, node: str, i: int) -> dict[str, str]:
+    if node in answers.failed:
+        status, message = answers.failed[node]
+        return {"status": status, "note": message}
+    r = answers.results[node][i]
+    if _suppressed(r):
+        return {"status": "suppressed", "note": f"withheld: {r['withheld'][0]['reason']}"}
+    cells = [w for w in r["withheld"] if w["cell"] != "min_max"]
+    notes = [f"{len(cells)} small cell(s) withheld ({_hidden(r['additive'])} values)"
+             ] if cells else []
+    if any(w["cell"] == "min_max" for w in r["withheld"]):
+        notes.append("min/max withheld by node policy")
+    return {"status": "ok", "note": "; ".join(notes)}
+
+
+def _pooled_note(answers: _Answers, i: int) -> str:
+    left_out = [f"{n} ({s})" for n, (s, _) in sorted(answers.failed.items())]
+    partial, hidden = [], 0
+    for node, results in sorted(answers.results.items()):
+        if _suppressed(results[i]):
+            left_out.append(f"{node} (suppressed)")
+        elif any(w["cell"] != "min_max" for w in results[i]["withheld"]):
+            partial.append(node)
+            hidden += _hidden(results[i]["additive"])
+    notes = [f"excludes {', '.join(left_out)}"] if left_out else []
+    if partial:
+        notes.append(f"excludes cells withheld by {', '.join(partial)} ({hidden} values)")
+    return "; ".join(notes)
+
+
+def _hidden(add: dict[str, Any]) -> int:
+    """How many counted values a histogram reply does not place: those in withheld cells."""
+    if "hist" not in add:
+        return 0
+    return int(add["count"] - int(np.sum(add["hist"])) - add["below"] - add["above"])
+
+
+def _moments(add: dict[str, Any], shift: float, ddof: int) -> dict[str, Any]:
+    n, s, q = int(add["count"]), float(add["sum"]), float(add["sumsq"])
+    mean = shift + s / n if n else math.nan
+    m2 = max(q - s * s / n, 0.0) if n else math.nan
+    var = m2 / (n - ddof) if n > ddof else math.nan
+    return {"count": n, "missing": int(add["missing"]), "sum": s + n * shift, "mean": mean,
+            "var": var, "std": math.sqrt(var)}
+
+
+def _pooled_describe(variable: str, answers: _Answers, i: int, shift: float,
+                     ddof: int) -> dict[str, Any]:
+    row = {"variable": variable, "node": POOLED, **_moments(_pool(answers, i), shift, ddof),
+           "status": "ok", "note": _pooled_note(answers, i)}
+    shown = [r[i] for r in answers.results.values() if not _suppressed(r[i])]
+    if not shown:
+        row.update(status="suppressed", mean=math.nan, var=math.nan, std=math.nan)
+    elif all(r["min"] is not None for r in shown if r["additive"]["count"]):
+        mins = [r["min"] for r in shown if r["min"] is not None]
+        row.update(min=min(mins, default=math.nan), max=max(
+            (r["max"] for r in shown if r["max"] is not None), default=math.nan))
+    else:
+        row["note"] = "; ".join(x for x in (row["note"], "min/max withheld by a node") if x)
+    return row
+
+
+def _nobody_answered(failed: dict[str, tuple[str, str]]) -> FedcoreError:
+    detail = "; ".join(f"{n}: {m}" for n, (_, m) in sorted(failed.items()))
+    if failed and all(s == "refused" for s, _ in failed.values()):
+        return GovernanceError(f"Every node refused the statistics request. {detail}",
+                               reason=detail)
+    return RoundError(f"No node answered the statistics request. {detail}",
+                      failures={n: m for n, (_, m) in failed.items()})
+
+
+def _why(result: Envelope | Exception) -> tuple[str, str]:
+    if isinstance(result, Envelope) and isinstance(result.body, ErrorReply):
+        body = result.body
+        return ("refused" if body.kind == "governance" else "failed",
+                f"{body.message} ({body.kind} error)")
+    if isinstance(result, Exception):
+        return "failed", f"{type(result).__name__}: {result}"
+    return "failed", f"unexpected reply {result.tag!r}"
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+# --- argument checks and quantiles ----------------------------------------------------------
+
+
+def _names(variables: str | Sequence[str]) -> list[str]:
+    names = [variables] if isinstance(variables, str) else list(variables)
+    if not names or not all(isinstance(v, str) and v for v in names):
+        raise ConfigurationError(f"Expected variable names (columns, modalities). Received: "
+                                 f"{variables!r}")
+    return list(dict.fromkeys(names))
+
+
+def _edges(bins: Any, range: Any) -> np.ndarray | None:
+    """Explicit edges from ``bins``/``range``; None when the range must come from the data."""
+    if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
+        if not 1 <= bins <= MAX_BINS:
+            raise ConfigurationError(f"bins must be between 1 and {MAX_BINS}. Received: "
+                                     f"bins={bins!r}")
+        if range is None:
+            return None
+        try:
+            lo, hi = (float(x) for x in range)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"range must be (low, high). Received: range={range!r}"
+                                     ) from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ConfigurationError(f"range must be finite with low < high. Received: "
+                                     f"range={range!r}")
+        return np.linspace(lo, hi, int(bins) + 1)
+    if range is not None:
+        raise ConfigurationError("range applies when bins is a number of bins; explicit bin "
+                                 f"edges already fix it. Received: bins={bins!r}, "
+                                 f"range={range!r}")
+    if isinstance(bins, (str, bytes)) or not isinstance(bins, (Sequence, np.ndarray)):
+        raise ConfigurationError(f"bins must be a number of bins or a list of bin edges. "
+                                 f"Received: bins={bins!r}")
+    return check_edges(bins, "bins")
+
+
+def _check_q(q: float | Sequence[float]) -> list[float]:
+    qs = [q] if isinstance(q, (int, float)) else list(q)
+    try:
+        ok = bool(qs) and all(0.0 <= float(x) <= 1.0 for x in qs)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigurationError(f"q must be quantiles between 0 and 1. Received: q={q!r}")
+    return list(dict.fromkeys(float(x) for x in qs))
+
+
+def _interpolate(edges: np.ndarray, counts: np.ndarray, below: float, above: float,
+                 qs: Sequence[float]) -> np.ndarray:
+    """Quantiles of a histogram, the values spread evenly within each bin (an ogive)."""
+    inside = counts.sum()
+    total = below + inside + above
+    out = np.full(len(qs), np.nan)
+    if not inside:
+        return out
+    cum = below + np.cumsum(counts)
+    for j, q in enumerate(qs):
+        rank = q * total
+        if rank < below or rank > below + inside or (rank == below and below > 0):
+            continue  # outside the histogram's range: unknown
+        if rank == below:  # q = 0: the left edge of the first non-empty bin
+            out[j] = edges[np.flatnonzero(counts)[0]]
+            continue
+        b = int(np.searchsorted(cum, rank, side="left"))
+        before = cum[b] - counts[b]
+        out[j] = edges[b] + (rank - before) / counts[b] * (edges[b + 1] - edges[b])
+    return out
