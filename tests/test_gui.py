@@ -168,6 +168,7 @@ def test_an_admin_approves_a_plan_in_the_browser_and_the_next_round_runs(federat
         exp.run_once()
     _login(browser, gui, ADMIN, ADMIN_PW)
     assert browser.find_element(By.TAG_NAME, "h1").text == "Status"
+    assert "awaiting review" in browser.find_element(By.TAG_NAME, "body").text  # the refusal
     _open_pending_plan(browser, gui, exp.plan_hash)
     browser.find_element(By.ID, "note").send_keys("Reviewed: logistic regression only.")
     browser.find_element(By.ID, "approve").click()

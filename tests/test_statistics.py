@@ -145,7 +145,8 @@ def test_small_cells_are_withheld_reported_and_left_out_of_pooled_results(tmp_pa
 
 
 def test_node_policy_refuses_or_withholds_extremes(tmp_path, sites):
-    configs = {"node-02": "statistics = false", "node-03": "allow_min_max = false"}
+    configs = {"node-02": "statistics = false", "node-03": "allow_min_max = false",
+               "node-04": "min_samples = 100000"}
     with _federation(tmp_path, sites, configs) as fed, \
             FederatedStatistics(fed.url, "cohort") as stats:
         table = stats.describe("age")
@@ -160,8 +161,10 @@ def test_node_policy_refuses_or_withholds_extremes(tmp_path, sites):
     no_extremes = table.loc[("age", "node-03")]
     assert no_extremes["status"] == "ok" and np.isnan(no_extremes["max"])
     assert no_extremes["note"] == "min/max withheld by node policy"
+    too_small = table.loc[("age", "node-04")]  # the governance chain's minimum samples
+    assert too_small["status"] == "refused" and "100000" in too_small["note"]
     pooled = table.loc[("age", POOLED)]
-    assert pooled["count"] == SIZES[0] + SIZES[2] + SIZES[3]
+    assert pooled["count"] == SIZES[0] + SIZES[2]
     assert np.isnan(pooled["min"]) and "excludes node-02 (refused)" in pooled["note"]
     assert "min/max withheld" in pooled["note"]
     assert hist.counts.loc["node-02"].isna().all() and "statistics = false" in hist.notes[
@@ -358,3 +361,23 @@ def test_image_folder_intensities(tmp_path):
     assert pooled["count"] == values.size
     assert _rel(pooled["mean"], values.mean()) < 1e-6
     assert _rel(pooled["var"], values.var(ddof=1)) < 1e-6
+
+
+def test_an_experiment_gives_statistics_over_its_own_datasets(tmp_path, sites):
+    from fedcore import Experiment
+    from fedcore_sklearn import SklearnTrainingPlan
+
+    class Plan(SklearnTrainingPlan):
+        def init_model(self):
+            from sklearn.linear_model import SGDClassifier
+
+            return SGDClassifier()
+
+    with _federation(tmp_path, sites) as fed:
+        exp = Experiment(Plan, tags=["cohort"], federation=fed.url, nodes=["node-01", "node-03"],
+                         progress=False)
+        with exp.statistics() as stats:
+            table = stats.describe("age")
+    nodes = set(table.loc["age"].index) - {POOLED}
+    assert nodes == {"node-01", "node-03"}
+    assert table.loc[("age", POOLED), "count"] == SIZES[0] + SIZES[2]

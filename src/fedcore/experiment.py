@@ -8,7 +8,7 @@ import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -38,6 +38,9 @@ from .messages import (
 from .params import ParameterSet
 from .plan import PlanBundle, TrainingPlan
 from .transport import open_transport
+
+if TYPE_CHECKING:
+    from .statistics import FederatedStatistics
 
 __all__ = ["Experiment"]
 
@@ -242,6 +245,16 @@ class Experiment:
                     row[col[len(prefix):]] = float((valid[col] * weights).sum() / weights.sum())
             rows.append(row)
         return pd.DataFrame(rows)
+
+    def statistics(self) -> FederatedStatistics:
+        """Federated statistics over this experiment's datasets (same tags and nodes).
+
+        ``exp.statistics().describe(["age"])`` and the like: see :mod:`fedcore.statistics`.
+        """
+        from .statistics import FederatedStatistics
+
+        return FederatedStatistics(self.federation, self._tags, nodes=self._nodes,
+                                   timeout=self.timeout, connect_timeout=self.connect_timeout)
 
     def trained_plan(self) -> TrainingPlan:
         """A plan instance holding the global model, for use on local data.

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigurationError, DatasetError
+from ..governance import Request
 from ..messages import Body, Envelope, ErrorReply, StatsReply, StatsRequest
 
 if TYPE_CHECKING:
@@ -100,17 +101,22 @@ async def answer_statistics(node: Node, env: Envelope,
     base = {"researcher": env.sender, "dataset": request.dataset_id,
             "queries": [_describe_query(q) for q in request.queries[:MAX_QUERIES]]}
     try:
-        # The node's checked policy where it has one (it raises while config.toml cannot be
-        # read), else its configuration as read.
-        settings = getattr(node, "policy", None)
-        policy = statistics_policy(node.config if settings is None else settings)
+        # The node's checked policy (it raises while config.toml cannot be read).
+        policy = statistics_policy(node.policy)
+        entry = node.datasets.get(request.dataset_id)
+        # The whole governance chain: statistics allowed, dataset access, minimum samples...
+        decision = node.review(Request(
+            kind="statistics", researcher=env.sender, experiment=env.experiment,
+            dataset=entry, n_samples=int(entry["metadata"].get("n_samples") or 0)))
     except ConfigurationError as exc:  # fail closed: an unreadable policy allows nothing
         reason = f"Node {node.node_id!r} refuses statistics: its policy is invalid ({exc})"
         node.audit("statistics-refused", **base, reason=reason)
         return ErrorReply(kind="governance", message=reason, exc_type="GovernanceError")
-    if not policy.allowed:
-        reason = (f"Node {node.node_id!r} does not answer statistics requests (its "
-                  "config.toml sets statistics = false).")
+    except DatasetError as exc:
+        node.audit("statistics-failed", **base, reason=str(exc))
+        return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
+    if not decision.allowed:
+        reason = f"Node {node.node_id!r} refuses statistics: {decision.reason}"
         node.audit("statistics-refused", **base, reason=reason)
         return ErrorReply(kind="governance", message=reason, exc_type="GovernanceError")
     start = time.perf_counter()

@@ -25,8 +25,16 @@ from .auth import admin_required, governance
 
 bp = Blueprint("pages", __name__)
 
-# Audit events that describe a training round on this node.
+# Audit events that describe a training round on this node (a governance refusal is a
+# "decision" record with allowed=false).
 _ROUND_EVENTS = {"trained", "train-failed", "train-refused"}
+
+
+def _is_round_event(record: dict[str, Any]) -> bool:
+    if record.get("event") in _ROUND_EVENTS:
+        return True
+    return (record.get("event") == "decision" and record.get("kind") == "train"
+            and not record.get("allowed", True))
 
 
 def _node() -> Node:
@@ -48,7 +56,7 @@ def status() -> str:
     node = _node()
     gov = governance()
     records = gov.audit_records()
-    rounds = [r for r in records if r.get("event") in _ROUND_EVENTS][-20:][::-1]
+    rounds = [r for r in records if _is_round_event(r)][-20:][::-1]
     started = [r for r in records if r.get("event") in ("started", "stopped")]
     serving = started[-1] if started and started[-1]["event"] == "started" else None
     pending = sum(1 for p in gov.plans() if p["status"] == "pending")
