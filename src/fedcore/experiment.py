@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from . import _runtime, codec, plugins
+from ._files import write_atomic
 from ._rpc import Client
 from .aggregators import Aggregator
 from .data import merge_metadata
@@ -569,20 +568,7 @@ class Experiment:
         }
         body = Checkpoint(state=state, params=self._params, history=self._history,
                           aggregator_state=self._aggregator.state_dict())
-        frame = codec.encode(Envelope(body=body))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        done = False
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(frame)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            done = True
-        finally:
-            if not done:
-                Path(tmp).unlink(missing_ok=True)
-        return path
+        return write_atomic(path, codec.encode(Envelope(body=body)))
 
     @classmethod
     def load(

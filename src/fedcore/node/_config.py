@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import tomllib
 import uuid
@@ -13,6 +12,7 @@ from typing import Any
 
 import tomli_w
 
+from .._files import write_atomic
 from ..errors import ConfigurationError
 from ..governance.policies import SETTINGS, effective_policy, validate_policy
 from ._storage import remove_stale_temporaries
@@ -34,19 +34,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def write_config(path: Path, config: Mapping[str, Any]) -> None:
     """Replace ``path`` atomically: a reader sees the old file or the new one, whole."""
-    text = _HEADER + tomli_w.dumps(dict(config))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    done = False
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        done = True
-    finally:
-        if not done:
-            Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, _HEADER + tomli_w.dumps(dict(config)))
 
 
 def stamp(path: Path) -> tuple[int, int, int]:

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from tinydb.storages import Storage
+
+from .._files import write_atomic
 
 
 class AtomicJSONStorage(Storage):
@@ -32,18 +32,7 @@ class AtomicJSONStorage(Storage):
         return json.loads(text) if text.strip() else None
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        done = False
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            done = True
-        finally:
-            if not done:
-                Path(tmp).unlink(missing_ok=True)
+        write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
 
     def close(self) -> None:
         pass

@@ -1,0 +1,29 @@
+"""Files written so that a crash at any moment leaves the old version or the new one, whole."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Replace ``path`` with ``data``: temporary file in the same folder, fsync, rename.
+
+    A temporary left by a killed process is named ``.<name>.<random>`` beside the file.
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    done = False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        done = True
+    finally:
+        if not done:
+            Path(tmp).unlink(missing_ok=True)
+    return path
