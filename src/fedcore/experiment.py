@@ -13,11 +13,11 @@ import pandas as pd
 from . import _runtime, codec, plugins
 from ._files import write_atomic
 from ._rpc import Client
+from ._search import describe, find_datasets
 from .aggregators import Aggregator
 from .data import merge_metadata
 from .errors import (
     ConfigurationError,
-    DatasetError,
     FedcoreError,
     PlanError,
     RoundError,
@@ -29,8 +29,6 @@ from .messages import (
     PlanStatus,
     PlanStatusRequest,
     PlanSubmit,
-    SearchReply,
-    SearchRequest,
     TrainReply,
     TrainRequest,
 )
@@ -297,59 +295,11 @@ class Experiment:
 
     async def _search(self) -> pd.DataFrame:
         client = await self._connect()
-        peers = sorted(client.peers())
-        if self._nodes is not None:
-            missing = sorted(set(self._nodes) - set(peers))
-            if missing:
-                raise ConfigurationError(
-                    f"Nodes {missing} are not connected to {self.federation}. "
-                    f"Connected: {peers}"
-                )
-            peers = [p for p in peers if p in self._nodes]
-        if not peers:
-            raise ConfigurationError(
-                f"No node is connected to {self.federation} (waited "
-                f"{self.connect_timeout:g} s). Start the nodes, or check the URL."
-            )
-        rows: list[dict[str, Any]] = []
-        targets: dict[str, dict[str, Any]] = {}
-        tags_by_node: dict[str, list[str]] = {}
-        async for node, result, _ in client.scatter(
-            {p: SearchRequest(tags=self._tags) for p in peers},
-            experiment=self.id, timeout=self.connect_timeout,
-        ):
-            if isinstance(result, Exception) or not isinstance(result.body, SearchReply):
-                log.warning("Node %s did not answer the search: %s", node,
-                            _describe(result))
-                continue
-            reply: SearchReply = result.body
-            tags_by_node[node] = reply.available_tags
-            for ds in reply.datasets:
-                rows.append({"node": node, "dataset": ds["id"], "name": ds["name"],
-                             "tags": ds["tags"], "available": ds.get("available", True),
-                             "n_samples": ds["metadata"].get("n_samples"),
-                             "metadata": ds["metadata"]})
-            usable = [ds for ds in reply.datasets if ds.get("available", True)]
-            if len(usable) > 1:
-                raise DatasetError(
-                    f"Node {node!r} has {len(usable)} datasets tagged {self._tags}: "
-                    f"{[d['name'] for d in usable]}. Add a tag that tells them apart."
-                )
-            if usable:
-                targets[node] = usable[0]
-        if not targets:
-            held = "; ".join(f"{n}: {t}" for n, t in sorted(tags_by_node.items()))
-            raise DatasetError(
-                f"No node has an available dataset tagged {self._tags}. Tags the nodes "
-                f"have: {held or 'none'}."
-            )
-        for row in rows:
-            if not row["available"]:
-                log.warning("Dataset %r on node %s is unavailable (its file is missing).",
-                            row["name"], row["node"])
-        self._targets = dict(sorted(targets.items()))
-        return pd.DataFrame(rows, columns=["node", "dataset", "name", "tags", "available",
-                                           "n_samples", "metadata"])
+        found = await find_datasets(client, self.federation, self._tags, self._nodes,
+                                    timeout=self.connect_timeout, experiment=self.id)
+        self._targets = found.targets
+        return pd.DataFrame(found.rows, columns=["node", "dataset", "name", "tags",
+                                                 "available", "n_samples", "metadata"])
 
     def search(self) -> pd.DataFrame:
         """Find the datasets tagged ``tags``: one row per node and dataset."""
@@ -434,7 +384,7 @@ class Experiment:
                 log.warning("Round %d: node %s applied its policy: %s", rnd, node,
                             row["policy"] or body.overrides)
             return row
-        error = _describe(result)
+        error = describe(result)
         failures[node] = error
         row.update(status="failed", n_samples=0, n_test=0, error=error)
         if isinstance(body, ErrorReply):
@@ -498,7 +448,7 @@ class Experiment:
                              "note": reply.note, "approval_required": reply.approval_required})
             else:
                 rows.append({"node": node, "plan_hash": self.plan_hash, "status": "error",
-                             "note": _describe(result), "approval_required": None})
+                             "note": describe(result), "approval_required": None})
         return pd.DataFrame(sorted(rows, key=lambda r: r["node"]),
                             columns=["node", "plan_hash", "status", "note",
                                      "approval_required"])
@@ -626,18 +576,6 @@ def _as_dict(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigurationError(f"{what} must be a dict. Received: {type(value).__name__}")
     return dict(value)
-
-
-def _describe(result: Any) -> str:
-    if isinstance(result, Envelope) and isinstance(result.body, ErrorReply):
-        body = result.body
-        kind = f"{body.exc_type}: " if body.exc_type else ""
-        return f"{kind}{body.message} ({body.kind} error)"
-    if isinstance(result, Exception):
-        return f"{type(result).__name__}: {result}"
-    if isinstance(result, Envelope):
-        return f"unexpected reply {result.tag!r}"
-    return repr(result)
 
 
 def _postfix(rows: pd.DataFrame) -> dict[str, str]:

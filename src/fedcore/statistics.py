@@ -28,9 +28,9 @@ import pandas as pd
 
 from . import _runtime
 from ._rpc import Client
+from ._search import find_datasets
 from .errors import (
     ConfigurationError,
-    DatasetError,
     FedcoreError,
     GovernanceError,
     RoundError,
@@ -38,8 +38,6 @@ from .errors import (
 from .messages import (
     Envelope,
     ErrorReply,
-    SearchReply,
-    SearchRequest,
     StatsReply,
     StatsRequest,
 )
@@ -216,34 +214,9 @@ class FederatedStatistics:
 
     async def _search(self) -> pd.DataFrame:
         client = await self._connect()
-        peers = sorted(client.peers())
-        if self.nodes is not None:
-            missing = sorted(set(self.nodes) - set(peers))
-            if missing:
-                raise ConfigurationError(f"Nodes {missing} are not connected to "
-                                         f"{self.federation}. Connected: {peers}")
-            peers = [p for p in peers if p in self.nodes]
-        if not peers:
-            raise ConfigurationError(f"No node is connected to {self.federation} (waited "
-                                     f"{self.connect_timeout:g} s). Start the nodes, or "
-                                     "check the URL.")
-        targets: dict[str, dict[str, Any]] = {}
-        async for node, result, _ in client.scatter(
-                {p: SearchRequest(tags=self.tags) for p in peers}, timeout=self.connect_timeout):
-            body = result.body if isinstance(result, Envelope) else None
-            if not isinstance(body, SearchReply):
-                log.warning("Node %s did not answer the search: %s", node, _why(result)[1])
-                continue
-            usable = [d for d in body.datasets if d.get("available", True)]
-            if len(usable) > 1:
-                raise DatasetError(f"Node {node!r} has {len(usable)} datasets tagged "
-                                   f"{self.tags}: {[d['name'] for d in usable]}. Add a tag "
-                                   "that tells them apart.")
-            if usable:
-                targets[node] = usable[0]
-        if not targets:
-            raise DatasetError(f"No node has an available dataset tagged {self.tags}.")
-        self._targets = dict(sorted(targets.items()))
+        found = await find_datasets(client, self.federation, self.tags, self.nodes,
+                                    timeout=self.connect_timeout)
+        self._targets = found.targets
         return pd.DataFrame([{"node": n, "dataset": t["id"], "name": t["name"],
                               "n_samples": t["metadata"].get("n_samples")}
                              for n, t in self._targets.items()])
