@@ -61,11 +61,21 @@ class Client:
         """Nodes connected now."""
         return self.transport.peers()
 
-    async def wait_for_peers(self, wanted: int, timeout: float) -> set[str]:
-        """Wait until ``wanted`` nodes are connected or ``timeout`` passes; return them."""
+    async def wait_for_peers(self, wanted: int, timeout: float, *, settle: float = 0.0
+                             ) -> set[str]:
+        """Wait until ``wanted`` nodes are connected or ``timeout`` passes; return them.
+
+        With ``settle``, keep waiting (within ``timeout``) until no new node has arrived for
+        that many seconds: on a network, nodes dial in one after another.
+        """
         deadline = time.monotonic() + timeout
         while len(self.peers()) < wanted and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        seen, quiet_since = self.peers(), time.monotonic()
+        while settle and time.monotonic() < min(deadline, quiet_since + settle):
+            await asyncio.sleep(0.02)
+            if self.peers() - seen:
+                seen, quiet_since = self.peers(), time.monotonic()
         return self.peers()
 
     async def request(self, peer: str, body: Body, *, experiment: str = "", round: int = 0,

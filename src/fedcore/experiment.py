@@ -44,6 +44,7 @@ __all__ = ["Experiment"]
 log = logging.getLogger("fedcore.experiment")
 
 _CHECKPOINT_VERSION = 1
+_SETTLE_S = 0.5  # quiet time that ends the wait for nodes when none are named
 
 
 class Experiment:
@@ -268,14 +269,19 @@ class Experiment:
     # --- network ----------------------------------------------------------------------------
 
     async def _connect(self) -> Client:
+        settle = 0.0
         if self._client is None:
             transport = open_transport(self.federation, role="researcher",
                                        identity=f"researcher-{self.id[:8]}")
             client = Client(transport)
             await client.start()
             self._client = client
+            # Networked nodes dial in one after another: without a node list, give the
+            # stragglers a moment before the first search.
+            if transport.capabilities.networked and not self._nodes:
+                settle = _SETTLE_S
         wanted = len(self._nodes) if self._nodes else 1
-        await self._client.wait_for_peers(wanted, self.connect_timeout)
+        await self._client.wait_for_peers(wanted, self.connect_timeout, settle=settle)
         return self._client
 
     async def _close(self) -> None:

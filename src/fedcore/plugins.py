@@ -30,6 +30,8 @@ _BUILTIN: dict[str, dict[str, tuple[str, str | None]]] = {
     },
     "transports": {
         "inproc": ("fedcore_transport.inprocess:InProcessTransport", None),
+        "ws": ("fedcore_transport.websocket:WebSocketTransport", "net"),
+        "wss": ("fedcore_transport.websocket:WebSocketTransport", "net"),
     },
     "aggregators": {
         "fedavg": ("fedcore.aggregators.fedavg:FedAvg", None),

@@ -1,0 +1,155 @@
+"""Websocket throughput: a 100 MB ParameterSet sent to 3 nodes and collected back.
+
+Two paths move the same bytes over loopback, on one event loop in one process:
+
+- ``fedcore``: the researcher's ``Client.request`` (encode, correlate) over
+  ``WebSocketTransport`` to 3 node endpoints, each decoding the request and answering with
+  a ``TrainReply`` carrying the same parameters, decoded again by the researcher;
+- ``raw``: ``websockets`` alone (``compression=None``, ``max_size`` raised), the server sending
+  one prebuilt frame of the same size to 3 clients that echo it back, as one websocket frame
+  (what ``ws.send(frame)`` does) and as 1 MiB fragments of one message (what fedcore does).
+
+Effective MB/s counts every byte of parameters moved: 2 directions x nodes x size / seconds.
+Run: ``python bench/websocket_throughput.py`` (``--mb``, ``--nodes``, ``--repeats``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from fedcore import codec
+from fedcore._rpc import Client
+from fedcore.messages import Envelope, TrainReply
+from fedcore.params import ParameterSet
+from fedcore.testing.transport import wait_until
+from fedcore_transport.websocket import WebSocketTransport
+
+TARGET_MBS = 400.0
+OPTIONS = {"compression": None, "max_size": codec.DEFAULT_MAX_FRAME}
+
+
+def make_params(total_mb: int) -> ParameterSet:
+    """Twenty float32 layers of equal size, ``total_mb`` MB in all."""
+    rng = np.random.default_rng(0)
+    per_layer = total_mb * 1_000_000 // 4 // 20
+    return ParameterSet({f"layer{i}.weight": rng.standard_normal(per_layer, dtype=np.float32)
+                         for i in range(20)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def echo_node(transport: WebSocketTransport) -> None:
+    """Answer every request with a TrainReply carrying the parameters it received."""
+    while True:
+        peer, frame = await transport.receive()
+        env = codec.decode(frame)
+        reply = env.reply(TrainReply(params=env.body.params, n_samples=1),  # type: ignore[attr-defined]
+                          sender=transport.identity)
+        await transport.send(peer, codec.encode(reply))
+
+
+async def fedcore_path(params: ParameterSet, n_nodes: int, repeats: int) -> list[float]:
+    url = f"ws://127.0.0.1:{free_port()}"
+    client = Client(WebSocketTransport(url, role="researcher", identity="researcher"))
+    await client.start()
+    nodes = [WebSocketTransport(url, role="node", identity=f"node-{i}") for i in range(n_nodes)]
+    for node in nodes:
+        await node.start()
+    echoes = [asyncio.create_task(echo_node(node)) for node in nodes]
+    try:
+        await wait_until(lambda: len(client.peers()) == n_nodes, "the nodes to connect")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            replies = await asyncio.gather(*(
+                client.request(n.identity, TrainReply(params=params, n_samples=1))
+                for n in nodes))
+            times.append(time.perf_counter() - start)
+            assert all(r.body.params.equal(params) for r in replies)  # type: ignore[attr-defined]
+        return times
+    finally:
+        for task in echoes:
+            task.cancel()
+        for node in nodes:
+            await node.close()
+        await client.close()
+
+
+async def raw_path(frame: bytes, n_nodes: int, repeats: int, fragment: int = 0
+                   ) -> list[float]:
+    port = free_port()
+    conns: list[ServerConnection] = []
+
+    def pieces(data: bytes) -> Any:
+        if not fragment:
+            return data
+        view = memoryview(data)
+        return (view[i:i + fragment] for i in range(0, len(view), fragment))
+
+    async def handler(ws: ServerConnection) -> None:
+        conns.append(ws)
+        await ws.wait_closed()
+
+    async def echo(i: int) -> None:
+        async with connect(f"ws://127.0.0.1:{port}", proxy=None, **OPTIONS) as ws:  # type: ignore[arg-type]
+            async for message in ws:
+                await ws.send(pieces(message))  # type: ignore[arg-type]
+
+    async with serve(handler, "127.0.0.1", port, **OPTIONS):  # type: ignore[arg-type]
+        clients = [asyncio.create_task(echo(i)) for i in range(n_nodes)]
+        await wait_until(lambda: len(conns) == n_nodes, "the clients to connect")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            await asyncio.gather(*(ws.send(pieces(frame)) for ws in conns))
+            back = await asyncio.gather(*(ws.recv() for ws in conns))
+            times.append(time.perf_counter() - start)
+            assert all(len(b) == len(frame) for b in back)
+        for task in clients:
+            task.cancel()
+        return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=100, help="size of the parameters (MB)")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    params = make_params(args.mb)
+    frame = codec.encode(Envelope(TrainReply(params=params, n_samples=1), sender="r"))
+    moved_mb = 2 * args.nodes * params.nbytes / 1e6
+    print(f"{params.nbytes / 1e6:.0f} MB of parameters to {args.nodes} nodes and back "
+          f"({moved_mb:.0f} MB moved), median of {args.repeats}")
+    results = {}
+    for name, run in (
+        ("raw, one frame", raw_path(frame, args.nodes, args.repeats)),
+        ("raw, fragments", raw_path(frame, args.nodes, args.repeats, fragment=1 << 20)),
+        ("fedcore ws://", fedcore_path(params, args.nodes, args.repeats)),
+    ):
+        seconds = statistics.median(asyncio.run(run))
+        results[name] = moved_mb / seconds
+        print(f"  {name:15s} {seconds:7.3f} s  {results[name]:7.0f} MB/s")
+    ok = results["fedcore ws://"] >= TARGET_MBS
+    ratio = results["fedcore ws://"] / results["raw, fragments"]
+    print(f"fedcore / raw with the same fragments: {ratio:.2f}; target "
+          f">= {TARGET_MBS:.0f} MB/s: {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The websocket transport: the conformance suite over ws:// and wss://, and a federation of
+node processes that trains exactly as the same federation in one process does."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("websockets")
+
+from fedcore import Experiment, Node  # noqa: E402
+from fedcore.errors import ConfigurationError  # noqa: E402
+from fedcore.testing.transport import Endpoints, TransportConformance  # noqa: E402
+from fedcore.transport import open_transport  # noqa: E402
+from fedcore_transport.websocket import WebSocketTransport  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TestWebSocketTransport(TransportConformance):
+    @pytest.fixture
+    def endpoints(self) -> Endpoints:
+        return Endpoints.same(f"ws://127.0.0.1:{free_port()}")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1: (cert.pem, key.pem)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcore test researcher")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class TestSecureWebSocketTransport(TransportConformance):
+    large_frame = 16 << 20  # TLS is slower; the plain suite covers 64 MB
+
+    @pytest.fixture
+    def endpoints(self, certificate) -> Endpoints:
+        cert, key = certificate
+        port = free_port()
+        return Endpoints(researcher=f"wss://127.0.0.1:{port}?certfile={cert}&keyfile={key}",
+                         node=f"wss://127.0.0.1:{port}?cafile={cert}")
+
+
+def test_a_node_that_does_not_trust_the_researcher_never_connects(certificate):
+    import asyncio
+
+    cert, key = certificate
+
+    async def scenario() -> None:
+        port = free_port()
+        researcher = open_transport(f"wss://127.0.0.1:{port}?certfile={cert}&keyfile={key}",
+                                    role="researcher", identity="researcher")
+        node = open_transport(f"wss://127.0.0.1:{port}", role="node", identity="n")  # no CA
+        await researcher.start()
+        await node.start()
+        try:
+            await asyncio.sleep(1.0)
+            assert researcher.peers() == set() and node.peers() == set()
+        finally:
+            await node.close()
+            await researcher.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("url, message", [
+    ("ws://127.0.0.1", "Expected ws://HOST:PORT"),
+    ("ws://127.0.0.1:80?colour=red", r"Unknown option\(s\) \['colour'\]"),
+    ("wss://127.0.0.1:8443", "needs its certificate"),
+    ("wss://127.0.0.1:8443?certfile=/no/such.pem&keyfile=/no/such.key", "Cannot load"),
+])
+def test_bad_urls_are_explained(url, message):
+    with pytest.raises(ConfigurationError, match=message):
+        WebSocketTransport(url, role="researcher", identity="r")
+
+
+# --- a federation of node processes ------------------------------------------------------
+
+NODE_SCRIPT = textwrap.dedent("""
+    import signal, sys, threading
+    import fedcore
+
+    home, node_id, csv, url = sys.argv[1:5]
+    node = fedcore.Node(home, node_id=node_id, approval_required=False)
+    if not node.datasets.list():
+        node.datasets.add("cohort", ["ws-e2e"], csv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    node.start(url)
+    stop.wait()
+    node.stop()
+""")
+
+try:
+    from sklearn.linear_model import SGDClassifier
+
+    from fedcore_sklearn import SklearnTrainingPlan
+
+    class SGDPlan(SklearnTrainingPlan):
+        estimator = SGDClassifier
+except ImportError:  # the end-to-end test is skipped below
+    SGDPlan = None  # type: ignore[assignment, misc]
+
+
+def _csv(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(200, 4))
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
+    pd.DataFrame({**{f"x{i}": X[:, i] for i in range(4)}, "label": y}).to_csv(path,
+                                                                            index=False)
+    return path
+
+
+def _train(url: str) -> Experiment:
+    exp = Experiment(SGDPlan, tags=["ws-e2e"], federation=url, nodes=["site-a", "site-b"],
+                     model_args={"target": "label"},
+                     training_args={"epochs": 2, "batch_size": 16}, seed=7,
+                     progress=False, connect_timeout=20)
+    try:
+        exp.run(2)
+    finally:
+        exp.close()
+    return exp
+
+
+def test_node_processes_train_exactly_like_an_in_process_federation(tmp_path):
+    if SGDPlan is None:
+        pytest.skip("needs scikit-learn")
+    csvs = {"site-a": _csv(tmp_path / "a.csv", 1), "site-b": _csv(tmp_path / "b.csv", 2)}
+    url = f"ws://127.0.0.1:{free_port()}"
+    script = tmp_path / "node.py"
+    script.write_text(NODE_SCRIPT)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for node_id, csv in csvs.items():  # the nodes start first and wait for the researcher
+            log = open(tmp_path / f"{node_id}.log", "wb")  # noqa: SIM115 - closed below
+            procs.append(subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / node_id), node_id, str(csv), url],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
+            log.close()
+        started = time.perf_counter()
+        networked = _train(url)
+        elapsed = time.perf_counter() - started
+        for proc in procs:
+            assert proc.poll() is None, (tmp_path / "site-a.log").read_text()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    hub = f"inproc://ws-reference-{uuid.uuid4().hex[:8]}"
+    nodes = [Node(tmp_path / f"ref-{n}", node_id=n, approval_required=False) for n in csvs]
+    for node, csv in zip(nodes, csvs.values(), strict=True):
+        node.datasets.add("cohort", ["ws-e2e"], csv)
+        node.start(hub)
+    try:
+        reference = _train(hub)
+    finally:
+        for node in nodes:
+            node.stop()
+
+    assert networked.round == reference.round == 2
+    assert networked.parameters is not None and reference.parameters is not None
+    assert networked.parameters.equal(reference.parameters), "the weights differ"
+    assert np.abs(networked.parameters["coef_"]).sum() > 0  # it did learn something
+    assert networked.history["n_samples"].tolist() == reference.history["n_samples"].tolist()
+    assert elapsed < 30, f"two rounds over websockets took {elapsed:.1f} s"
+    for node_id in csvs:  # each node audited the rounds it trained
+        audit = Node(tmp_path / node_id).audit_log()
+        assert sum(r["event"] == "trained" for r in audit) == 2
+
+
+def test_nodes_dialling_in_one_after_another_are_all_found(tmp_path):
+    if SGDPlan is None:
+        pytest.skip("needs scikit-learn")
+    import threading
+
+    url = f"ws://127.0.0.1:{free_port()}"
+    nodes = []
+    for i, node_id in enumerate(["late-a", "late-b"]):
+        node = Node(tmp_path / node_id, node_id=node_id, approval_required=False)
+        node.datasets.add("cohort", ["ws-late"], _csv(tmp_path / f"{node_id}.csv", i))
+        nodes.append(node)
+    nodes[0].start(url)
+    threading.Timer(0.3, nodes[1].start, args=(url,)).start()  # a straggler
+    exp = Experiment(SGDPlan, tags=["ws-late"], federation=url, progress=False,
+                     model_args={"target": "label"}, connect_timeout=10)
+    try:
+        found = exp.search()  # no node list: the researcher waits for the peers to settle
+    finally:
+        exp.close()
+        for node in nodes:
+            node.stop()
+    assert sorted(found["node"]) == ["late-a", "late-b"]
