@@ -15,6 +15,8 @@ from .transport import Transport
 
 log = logging.getLogger("fedcore.rpc")
 
+_WATCH_S = 0.2  # how often pending requests are checked against the connected peers
+
 
 class Client:
     """The researcher's side of the conversation with nodes."""
@@ -24,20 +26,26 @@ class Client:
         self.identity = transport.identity
         self.max_frame_size = max_frame_size
         self._pending: dict[str, asyncio.Future[Envelope]] = {}
+        self._awaiting: dict[str, str] = {}  # request id -> the peer that should answer
+        #: When each peer was last heard from (``time.time()`` of its latest frame).
+        self.last_heard: dict[str, float] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the transport and start reading replies."""
         await self.transport.start()
         self._reader = asyncio.create_task(self._read())
+        self._watcher = asyncio.create_task(self._watch_peers())
 
     async def close(self) -> None:
         """Close the transport; pending requests fail with ``TransportError``."""
         await self.transport.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TransportError):
-                await self._reader
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransportError):
+                    await task
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(TransportError("The connection was closed."))
@@ -46,6 +54,7 @@ class Client:
     async def _read(self) -> None:
         while True:
             peer, frame = await self.transport.receive()
+            self.last_heard[peer] = time.time()
             try:
                 env = codec.decode(frame, max_size=self.max_frame_size)
             except ProtocolError as exc:
@@ -56,6 +65,23 @@ class Client:
                 log.debug("Ignored an unsolicited %s from %s", env.tag, peer)
             elif not fut.done():
                 fut.set_result(env)
+
+    async def _watch_peers(self) -> None:
+        """Fail the requests of a peer whose connection dropped, instead of waiting them out.
+
+        A node that dies mid-request never answers; polling the transport's peer set (a
+        cheap in-memory lookup) notices it within ``_WATCH_S``.
+        """
+        while True:
+            await asyncio.sleep(_WATCH_S)
+            if not self._awaiting:
+                continue
+            connected = self.peers()
+            for req_id, peer in list(self._awaiting.items()):
+                fut = self._pending.get(req_id)
+                if peer not in connected and fut is not None and not fut.done():
+                    fut.set_exception(TransportError(
+                        f"Node {peer!r} disconnected before it answered."))
 
     def peers(self) -> set[str]:
         """Nodes connected now."""
@@ -87,6 +113,7 @@ class Client:
         self._pending[env.id] = fut
         try:
             await self.transport.send(peer, codec.encode(env, max_size=self.max_frame_size))
+            self._awaiting[env.id] = peer
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise TransportError(
@@ -94,6 +121,7 @@ class Client:
             ) from None
         finally:
             self._pending.pop(env.id, None)
+            self._awaiting.pop(env.id, None)
 
     async def scatter(
         self, bodies: Mapping[str, Body], *, experiment: str = "", round: int = 0,

@@ -21,19 +21,23 @@ from .errors import (
     FedcoreError,
     PlanError,
     RoundError,
+    TransportError,
 )
 from .messages import (
     Checkpoint,
     Envelope,
     ErrorReply,
+    Ping,
     PlanStatus,
     PlanStatusRequest,
     PlanSubmit,
+    Pong,
     TrainReply,
     TrainRequest,
 )
 from .params import ParameterSet
 from .plan import PlanBundle, TrainingPlan
+from .strategies import AllNodes, Strategy, from_params
 from .transport import open_transport
 
 if TYPE_CHECKING:
@@ -45,6 +49,7 @@ log = logging.getLogger("fedcore.experiment")
 
 _CHECKPOINT_VERSION = 1
 _SETTLE_S = 0.5  # quiet time that ends the wait for nodes when none are named
+_PING_S = 5.0  # the longest wait for a ping's answer in nodes()
 
 
 class Experiment:
@@ -73,6 +78,7 @@ class Experiment:
         model_args: Mapping[str, Any] | None = None,
         training_args: Mapping[str, Any] | None = None,
         aggregator: str | Aggregator = "fedavg",
+        strategy: Strategy | None = None,
         round_limit: int | None = None,
         nodes: Sequence[str] | None = None,
         test_ratio: float = 0.2,
@@ -91,6 +97,7 @@ class Experiment:
         self.model_args = model_args or {}
         self.training_args = training_args or {}
         self.aggregator = aggregator
+        self.strategy = strategy
         self.round_limit = round_limit
         self.nodes = nodes
         self.test_ratio = test_ratio
@@ -107,6 +114,8 @@ class Experiment:
         self._params: ParameterSet | None = None
         self._history: list[dict[str, Any]] = []
         self._targets: dict[str, dict[str, Any]] | None = None
+        self._searched_peers: frozenset[str] = frozenset()  # connected at the last search
+        self._gone: list[str] = []  # nodes that held the data but left the federation
         self._client: Client | None = None
         self._saved_data_info: dict[str, Any] = {}
 
@@ -190,6 +199,25 @@ class Experiment:
                 f"Expected an Aggregator or a registered aggregator name. Received: {value!r}"
             )
         self._aggregator = value
+
+    @property
+    def strategy(self) -> Strategy:
+        """Which nodes train each round, the quorum and the deadline (:mod:`fedcore.strategies`).
+
+        Default :class:`~fedcore.strategies.AllNodes`: every node holding the data, no
+        deadline beyond ``timeout``, and a round counts when at least one node answered.
+        """
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: Strategy | None) -> None:
+        if value is None:
+            value = AllNodes()
+        if not isinstance(value, Strategy):
+            raise ConfigurationError(
+                f"Expected a fedcore.strategies.Strategy (e.g. AllNodes(), Fraction(0.5)). "
+                f"Received: {value!r}")
+        self._strategy = value
 
     @property
     def test_ratio(self) -> float:
@@ -300,8 +328,11 @@ class Experiment:
         self.close()
 
     async def _search(self) -> pd.DataFrame:
-        client = await self._connect()
-        found = await find_datasets(client, self.federation, self._tags, self._nodes,
+        return await self._find(await self._connect(), self._nodes)
+
+    async def _find(self, client: Client, nodes: Sequence[str] | None) -> pd.DataFrame:
+        self._searched_peers = frozenset(client.peers())
+        found = await find_datasets(client, self.federation, self._tags, nodes,
                                     timeout=self.connect_timeout, experiment=self.id)
         self._targets = found.targets
         return pd.DataFrame(found.rows, columns=["node", "dataset", "name", "tags",
@@ -311,6 +342,40 @@ class Experiment:
         """Find the datasets tagged ``tags``: one row per node and dataset."""
         return _runtime.run(self._search())
 
+    async def _nodes_frame(self) -> pd.DataFrame:
+        client = self._client or await self._connect()
+        peers = client.peers()
+        pongs: dict[str, tuple[Pong | None, float | None]] = {}
+        async for node, result, seconds in client.scatter(
+                dict.fromkeys(sorted(peers), Ping()), experiment=self.id,
+                timeout=min(self.connect_timeout, _PING_S)):
+            if isinstance(result, Envelope) and isinstance(result.body, Pong):
+                pongs[node] = (result.body, seconds)
+        known = {*peers, *(self._targets or {}), *(self._nodes or ()), *self._gone,
+                 *client.last_heard}
+        rows = []
+        for node in sorted(known):
+            pong, ping_s = pongs[node] if node in pongs else (None, None)
+            heard = client.last_heard.get(node)
+            rows.append({
+                "node": node, "connected": node in peers, "answers": pong is not None,
+                "last_seen": pd.Timestamp(heard, unit="s", tz="UTC") if heard else pd.NaT,
+                "ping_s": ping_s, "name": pong.name if pong else None,
+                "dataset": (self._targets or {}).get(node, {}).get("name"),
+            })
+        return pd.DataFrame(rows, columns=["node", "connected", "answers", "last_seen",
+                                           "ping_s", "name", "dataset"])
+
+    def node_status(self) -> pd.DataFrame:
+        """Liveness: one row per node this experiment knows of or sees connected.
+
+        Columns: ``connected`` (its connection is up now), ``answers`` (it answered a ping
+        just now), ``last_seen`` (UTC time of its latest message), ``ping_s`` (round trip),
+        ``name``, and ``dataset``: the dataset matching the tags, once searched. A node that
+        dropped out stays listed with ``connected=False`` and when it was last heard from.
+        """
+        return _runtime.run(self._nodes_frame())
+
     def _data_info(self) -> dict[str, Any]:
         if self._targets is None:
             return dict(self._saved_data_info)
@@ -318,57 +383,114 @@ class Experiment:
 
     # --- rounds -----------------------------------------------------------------------------
 
-    async def _run_once(self) -> pd.DataFrame:
-        client = await self._connect()
+    async def _round_nodes(self, rnd: int) -> tuple[Client, list[str], list[str]]:
+        """The round's nodes: ``(client, connected selected nodes, selected but gone)``.
+
+        The search is repeated only when the set of connected nodes changed since the last
+        one (a node left, or came back after a restart): nothing extra when nothing changed.
+        """
+        if self._client is None or self._targets is None:
+            client = await self._connect()
+        else:
+            client = self._client
+        peers = frozenset(client.peers())
         if self._targets is None:
-            await self._search()
+            await self._find(client, self._nodes)
+            self._gone = []
+        elif peers != self._searched_peers:
+            known = set(self._targets) | set(self._nodes or ())
+            wanted = None if self._nodes is None else [n for n in self._nodes if n in peers]
+            log.info("Round %d: the connected nodes changed (%s); searching again.", rnd,
+                     ", ".join(sorted(peers)) or "none")
+            if wanted == [] or not peers:
+                gone = sorted(known)
+                raise RoundError(f"Round {rnd}: none of the nodes {gone} is connected to "
+                                 f"{self.federation}.",
+                                 failures=dict.fromkeys(gone, "not connected"))
+            await self._find(client, wanted)
+            assert self._targets is not None
+            self._gone = sorted(n for n in known - set(self._targets) if n not in peers)
+        assert self._targets is not None
+        gone = [n for n in self._gone if n not in self._targets]
+        selected = self._strategy.select(sorted({*self._targets, *gone}), rnd)
+        return (client, [n for n in selected if n in self._targets],
+                [n for n in selected if n not in self._targets])
+
+    async def _run_once(self) -> pd.DataFrame:
+        rnd = self.round + 1
+        client, selected, gone = await self._round_nodes(rnd)
         assert self._targets is not None
         data_info = self._data_info()
         if self._params is None:
             self._params = self._initial_parameters(data_info)
-        rnd = self.round + 1
         plan_wire = self._bundle.to_wire()
         bodies = {
             node: TrainRequest(
-                plan=plan_wire, params=self._params, dataset_id=target["id"],
+                plan=plan_wire, params=self._params, dataset_id=self._targets[node]["id"],
                 model_args=self._model_args, training_args=self._training_args,
                 data_info=data_info, test_ratio=self._test_ratio, seed=self.seed,
                 evaluate_global=self.evaluate_global, evaluate_local=self.evaluate_local,
             )
-            for node, target in self._targets.items()
+            for node in selected
         }
+        deadline = self._strategy.deadline
+        wait = self.timeout if deadline is None else min(self.timeout, deadline)
         agg = self._aggregator
         agg.start(self._params, rnd)
         order = list(bodies)  # sorted node ids: updates are folded in this order
         arrived: dict[str, tuple[Envelope | Exception, float]] = {}
         rows: dict[str, dict[str, Any]] = {}
         failures: dict[str, str] = {}
+        for node in gone:
+            rows[node] = self._missing(rnd, node, f"Node {node!r} is not connected.", failures)
         folded = 0
         async for node, result, seconds in client.scatter(
-            bodies, experiment=self.id, round=rnd, timeout=self.timeout
+            bodies, experiment=self.id, round=rnd, timeout=wait
         ):
+            if deadline is not None and isinstance(result, TransportError) and (
+                    seconds >= deadline * 0.99):
+                result = TransportError(f"Node {node!r} missed the round's deadline of "
+                                        f"{deadline:g} s.")
             arrived[node] = (result, seconds)
             while folded < len(order) and order[folded] in arrived:
                 name = order[folded]
                 res, secs = arrived.pop(name)
                 rows[name] = self._fold(agg, rnd, name, res, secs, failures)
                 folded += 1
-        if len(failures) == len(order):
-            self._history.extend(rows[n] for n in order)
+        new_rows = [rows[n] for n in sorted(rows)]
+        ok = [r["node"] for r in new_rows if r["status"] == "ok"]
+        for node, err in failures.items():
+            what = "is missing" if rows[node]["status"] == "missing" else "failed"
+            log.warning("Round %d: node %s %s: %s", rnd, node, what, err)
+        if len(ok) < self._strategy.min_nodes:
+            self._history.extend(new_rows)
             detail = "; ".join(f"{n}: {e}" for n, e in failures.items())
-            raise RoundError(f"Round {rnd} failed on every node. {detail}", failures=failures)
+            if not ok:
+                raise RoundError(f"Round {rnd} failed on every node. {detail}",
+                                 failures=failures)
+            raise RoundError(
+                f"Round {rnd} lacks its quorum: {len(ok)} node(s) answered ({', '.join(ok)}), "
+                f"the strategy needs {self._strategy.min_nodes}. Missing or failed: {detail}",
+                failures=failures)
         self._params = agg.result()
         self.round = rnd
-        new_rows = [rows[n] for n in order]
         self._history.extend(new_rows)
-        for node, err in failures.items():
-            log.warning("Round %d: node %s failed: %s", rnd, node, err)
         if self.checkpoint_dir is not None:
             self.save(Path(self.checkpoint_dir) / f"round_{rnd:04d}.fedcore")
         return pd.DataFrame(new_rows)
 
+    def _missing(self, rnd: int, node: str, error: str, failures: dict[str, str]
+                 ) -> dict[str, Any]:
+        """The history row of a node that did not answer (gone, too late, disconnected)."""
+        failures[node] = error
+        dataset = self._targets[node]["name"] if self._targets and node in self._targets else ""
+        return {"round": rnd, "node": node, "dataset": dataset, "status": "missing",
+                "n_samples": 0, "n_test": 0, "error": error}
+
     def _fold(self, agg: Aggregator, rnd: int, node: str, result: Envelope | Exception,
               seconds: float, failures: dict[str, str]) -> dict[str, Any]:
+        if isinstance(result, TransportError):  # no answer: the node is gone or too late
+            return {**self._missing(rnd, node, str(result), failures), "round_trip_s": seconds}
         row: dict[str, Any] = {"round": rnd, "node": node,
                                "dataset": self._targets[node]["name"] if self._targets else "",
                                "status": "ok", "round_trip_s": seconds}
@@ -475,6 +597,10 @@ class Experiment:
 
     # --- async twins: the work always runs on fedcore's loop, awaited from any loop ---------
 
+    async def anode_status(self) -> pd.DataFrame:
+        """Async twin of :meth:`node_status`."""
+        return await _runtime.run_async(self._nodes_frame())
+
     async def asearch(self) -> pd.DataFrame:
         """Async twin of :meth:`search`."""
         return await _runtime.run_async(self._search())
@@ -520,6 +646,8 @@ class Experiment:
             "plan": self._bundle.to_wire(),
             "aggregator": {"name": self._aggregator.name,
                            "params": self._aggregator.get_params()},
+            "strategy": {"name": type(self._strategy).__name__,
+                         "params": self._strategy.get_params()},
             "targets": self._targets, "data_info": self._data_info(),
         }
         body = Checkpoint(state=state, params=self._params, history=self._history,
@@ -534,6 +662,7 @@ class Experiment:
         federation: str | None = None,
         plan: type[TrainingPlan] | None = None,
         aggregator: Aggregator | None = None,
+        strategy: Strategy | None = None,
         **overrides: Any,
     ) -> Experiment:
         """Resume an experiment from :meth:`save` (or the newest file of a checkpoint folder).
@@ -560,6 +689,8 @@ class Experiment:
             agg_cls = plugins.load("aggregators", s["aggregator"]["name"])
             aggregator = agg_cls(**s["aggregator"]["params"])
         aggregator.load_state_dict(body.aggregator_state)
+        if strategy is None and s.get("strategy"):
+            strategy = from_params(s["strategy"]["name"], s["strategy"]["params"])
         kwargs: dict[str, Any] = {
             k: s[k] for k in ("tags", "nodes", "model_args", "training_args", "round_limit",
                               "test_ratio", "seed", "evaluate_global", "evaluate_local",
@@ -567,7 +698,7 @@ class Experiment:
         }
         kwargs.update(overrides)
         exp = cls(plan, federation=federation or s["federation"], aggregator=aggregator,
-                  **kwargs)
+                  strategy=strategy, **kwargs)
         exp.id = s["id"]
         exp.round = int(s["round"])
         exp._params = body.params

@@ -1,4 +1,4 @@
-"""``fedcore-node``: set up a node home, its datasets, plan reviews, policy, audit and users.
+"""``fedcore-node``: set up, administer and run (``start``, ``status``) a node home.
 
 Exit codes: 0 success, 1 a fedcore error (the message says what to fix; nothing was
 changed) or a broken audit chain, 2 bad usage.
@@ -17,6 +17,7 @@ from typing import Any
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
 
+from . import _daemon
 from ._commands import DESCRIPTION_HELP, add_parsers, handler, load_description, table
 
 DEFAULT_HOME = "fedcore-node"
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="create the node home (config, database, audit log)")
     init.add_argument("--name", help="a human-readable name, e.g. the hospital's")
     init.add_argument("--id", dest="node_id", help="the node id (default: generated)")
+    init.add_argument("--federation", metavar="URL", help="the researcher's URL that "
+                      "`fedcore-node start` connects to, e.g. ws://researcher.org:8765")
 
     sub.add_parser("info", help="show the node's id, name and home")
 
@@ -75,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
     add_parsers(sub)
+    _daemon.add_parsers(sub)
     return p
 
 
@@ -122,13 +126,16 @@ def run(args: argparse.Namespace, out: Any) -> int:
     """Carry out one parsed command, writing to ``out``; returns the exit code."""
     if args.command == "init":
         node = Node(Path(args.home), name=args.name, node_id=args.node_id)
+        if args.federation:
+            node.set_federation(args.federation)
         print(f"Node {node.node_id} ready in {node.home.resolve()} (training plans need "
               "approval: see `fedcore-node plan --help`)", file=out)
         return 0
     to_check = _dataset_args(args) if getattr(args, "action", "") == "add" and (
         args.command == "dataset") else None
     node = _open(args.home)
-    command = handler(args.command)
+    command = handler(args.command) or {"start": _daemon.start,
+                                        "status": _daemon.status}.get(args.command)
     if command is not None:
         return command(args, node, out)
     if args.command == "info":

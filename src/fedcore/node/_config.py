@@ -141,6 +141,16 @@ class NodeConfig:
         return {k: [current.get(k), wanted.get(k)] for k in sorted(set(current) | set(wanted))
                 if current.get(k) != wanted.get(k)}
 
+    def set_value(self, key: str, value: Any) -> None:
+        """Write one setting that is not a policy key (such as ``federation``)."""
+        if key in SETTINGS or key == "node_id":
+            raise ConfigurationError(f"{key!r} is not set this way.")
+        self.refresh()
+        data = {**self._data, key: value}
+        write_config(self.path, data)
+        self._data, self._stamp = data, stamp(self.path)
+        self.version += 1
+
     def policy_toml(self) -> str:
         """The policy keys present in the file, as TOML text (for an editor)."""
         self.refresh()

@@ -10,6 +10,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tinydb import TinyDB
 
@@ -144,6 +145,16 @@ class Node:
         """Check the audit log's hash chain; the report is true when the log is intact."""
         return verify(self._audit.path)
 
+    def set_federation(self, url: str, *, by: str = "") -> None:
+        """Store the researcher's URL that ``fedcore-node start`` connects to (checked)."""
+        scheme = urlsplit(url).scheme
+        if not scheme or not urlsplit(url).netloc:
+            raise ConfigurationError(
+                f"Expected a federation URL such as ws://host:port. Received: {url!r}")
+        plugins.load("transports", scheme)  # an unknown scheme says which extra to install
+        self._config.set_value("federation", url)
+        self.audit("federation-set", by=by, federation=url)
+
     # --- policy and governance --------------------------------------------------------------
 
     @property
@@ -223,6 +234,8 @@ class Node:
         finally:
             for task in tasks:
                 task.cancel()
+            # Let cancelled requests write their audit records before the log is closed.
+            await asyncio.gather(*tasks, return_exceptions=True)
             await transport.close()
             self.audit("stopped")
             self._close_audit()
@@ -261,8 +274,13 @@ class Node:
                                         exc_type="ProtocolError"),
                              sender=self.node_id, recipient=peer, reply_to=reply_to)
         else:
+            started = time.perf_counter()
             body = await self._dispatch(env)
             reply = env.reply(body, sender=self.node_id)
+            outcome = (f"{body.kind} error: {body.message}" if isinstance(body, ErrorReply)
+                       else "ok")
+            log.info("%s %s: %s (%.2f s)", env.sender, env.tag, outcome[:200],
+                     time.perf_counter() - started)
         try:
             await transport.send(peer, codec.encode(reply, max_size=self.max_frame_size))
         except (TransportError, ProtocolError) as exc:
@@ -365,6 +383,9 @@ class Node:
         except DatasetError as exc:
             self.audit("train-failed", **base, reason=str(exc))
             return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
+        except asyncio.CancelledError:  # the node stops: the round is given up, on record
+            self.audit("train-abandoned", **base, reason="the node stopped mid-round")
+            raise
         except Exception as exc:  # the researcher's code failed: report it, keep serving
             self.audit("train-failed", **base, error=f"{type(exc).__name__}: {exc}")
             return ErrorReply(kind="plan", message=str(exc), exc_type=type(exc).__name__,
