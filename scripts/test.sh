@@ -21,6 +21,21 @@ bash scripts/setup-env.sh "$VENV" dev,sklearn,torch
 # stop_services runs on every exit, including failures and Ctrl-C.
 start_services() {
     ensure_chromium
+    ensure_mosquitto
+}
+# The MQTT transport tests start their own Mosquitto brokers (Debian package; never the
+# system broker on 1883: each test broker listens on a free loopback port).
+ensure_mosquitto() {
+    [[ -x /usr/sbin/mosquitto ]] && return 0
+    if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        echo "mosquitto missing and cannot apt-get install it: the MQTT tests fail" >&2
+        return 0
+    fi
+    echo "== installing mosquitto for the MQTT transport tests" >&2
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+          --no-install-recommends mosquitto; } \
+        >/tmp/fedcore-mosquitto-install.log 2>&1 \
+        || echo "apt-get install mosquitto failed (see /tmp/fedcore-mosquitto-install.log)" >&2
 }
 # The node GUI tests drive a real headless Chromium (Debian packages; ~2 min, once).
 ensure_chromium() {

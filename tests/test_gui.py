@@ -18,7 +18,10 @@ pytest.importorskip("sklearn")
 requests = pytest.importorskip("requests")
 webdriver = pytest.importorskip("selenium.webdriver")
 
-from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
@@ -133,7 +136,8 @@ def _submit(exp: Experiment) -> None:
 
 def _wait_text(driver, css: str, text: str) -> None:
     """Wait until the page (after a click's navigation) shows ``text`` in ``css``."""
-    WebDriverWait(driver, 10).until(
+    # A page being replaced can detach the element between look-up and read: look again.
+    WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,)).until(
         expected_conditions.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
 
 

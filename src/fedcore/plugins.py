@@ -32,6 +32,8 @@ _BUILTIN: dict[str, dict[str, tuple[str, str | None]]] = {
         "inproc": ("fedcore_transport.inprocess:InProcessTransport", None),
         "ws": ("fedcore_transport.websocket:WebSocketTransport", "net"),
         "wss": ("fedcore_transport.websocket:WebSocketTransport", "net"),
+        "mqtt": ("fedcore_transport.mqtt:MqttTransport", "net"),
+        "mqtts": ("fedcore_transport.mqtt:MqttTransport", "net"),
     },
     "aggregators": {
         "fedavg": ("fedcore.aggregators.fedavg:FedAvg", None),

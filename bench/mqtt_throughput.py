@@ -1,0 +1,215 @@
+"""MQTT throughput: a 100 MB ParameterSet sent to 3 nodes and collected back via Mosquitto.
+
+The script starts its own Mosquitto (``/usr/sbin/mosquitto``, default settings, a free
+loopback port) and moves the same bytes two ways:
+
+- ``fedcore``: the researcher's ``Client.request`` (encode, correlate) over ``MqttTransport``
+  to 3 node endpoints, each decoding the request and answering with a ``TrainReply``
+  carrying the same parameters, decoded again by the researcher;
+- ``raw``: paho-mqtt alone, QoS 1: one client publishes the encoded frame to 3 echo clients
+  in chunks of the same size; each holds the chunks until the whole frame is there (as a
+  node must) and publishes them back. No header, no reassembly, no encoding.
+
+Effective MB/s counts every byte of parameters moved: 2 directions x nodes x size / seconds.
+Run: ``python bench/mqtt_throughput.py`` (``--mb``, ``--nodes``, ``--repeats``, ``--chunk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedcore import codec
+from fedcore._rpc import Client
+from fedcore.messages import Envelope, TrainReply
+from fedcore.params import ParameterSet
+from fedcore.testing.transport import wait_until
+from fedcore_transport.mqtt import MqttTransport
+
+TARGET_MBS = 250.0
+
+
+def make_params(total_mb: int) -> ParameterSet:
+    """Twenty float32 layers of equal size, ``total_mb`` MB in all."""
+    rng = np.random.default_rng(0)
+    per_layer = total_mb * 1_000_000 // 4 // 20
+    return ParameterSet({f"layer{i}.weight": rng.standard_normal(per_layer, dtype=np.float32)
+                         for i in range(20)})
+
+
+def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    config = folder / "mosquitto.conf"
+    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                      "persistence false\nuser root\n" if _root() else
+                      f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([mosquitto, "-c", str(config)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("Mosquitto did not start")
+
+
+def _root() -> bool:
+    import os
+
+    return os.geteuid() == 0
+
+
+async def echo_node(transport: MqttTransport) -> None:
+    """Answer every request with a TrainReply carrying the parameters it received."""
+    while True:
+        peer, frame = await transport.receive()
+        env = codec.decode(frame)
+        reply = env.reply(TrainReply(params=env.body.params, n_samples=1),  # type: ignore[attr-defined]
+                          sender=transport.identity)
+        await transport.send(peer, codec.encode(reply))
+
+
+async def fedcore_path(port: int, params: ParameterSet, n_nodes: int, repeats: int,
+                       chunk: int) -> list[float]:
+    url = f"mqtt://127.0.0.1:{port}/bench-{uuid.uuid4().hex[:6]}?chunk_size={chunk}"
+    client = Client(MqttTransport(url, role="researcher", identity="researcher"))
+    await client.start()
+    nodes = [MqttTransport(url, role="node", identity=f"node-{i}") for i in range(n_nodes)]
+    for node in nodes:
+        await node.start()
+    echoes = [asyncio.create_task(echo_node(node)) for node in nodes]
+    try:
+        await wait_until(lambda: len(client.peers()) == n_nodes, "the nodes to connect")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            replies = await asyncio.gather(*(
+                client.request(n.identity, TrainReply(params=params, n_samples=1),
+                               timeout=120) for n in nodes))
+            times.append(time.perf_counter() - start)
+            assert all(r.body.params.equal(params) for r in replies)  # type: ignore[attr-defined]
+        return times
+    finally:
+        for task in echoes:
+            task.cancel()
+        for node in nodes:
+            await node.close()
+        await client.close()
+
+
+def raw_path(port: int, frame: bytes, n_nodes: int, repeats: int, chunk: int) -> list[float]:
+    """paho alone: chunks of ``frame`` to ``n_nodes`` echo clients and back, QoS 1."""
+    prefix = f"raw-{uuid.uuid4().hex[:6]}"
+    received = [0]
+    done = threading.Event()
+    expected = n_nodes * len(frame)
+
+    def connect(name: str) -> paho.Client:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
+        c.max_inflight_messages_set(64)
+        c.connect("127.0.0.1", port)
+        return c
+
+    def on_back(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        received[0] += len(msg.payload)
+        if received[0] >= expected:
+            done.set()
+
+    held: dict[str, list[bytes]] = {}
+
+    def on_echo(c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        # Store and forward, as a node does: the whole frame arrives before it goes back.
+        node = msg.topic.rpartition("/")[2]
+        chunks = held.setdefault(node, [])
+        chunks.append(msg.payload)
+        if sum(map(len, chunks)) >= len(frame):
+            for piece in chunks:
+                c.publish(f"{prefix}/back/{node}", piece, qos=1)
+            chunks.clear()
+
+    hub = connect(f"{prefix}-hub")
+    hub.on_message = on_back
+    hub.subscribe(f"{prefix}/back/+", qos=1)
+    echoes = []
+    for i in range(n_nodes):
+        c = connect(f"{prefix}-{i}")
+        c.on_message = on_echo
+        c.subscribe(f"{prefix}/to/{i}", qos=1)
+        c.loop_start()
+        echoes.append(c)
+    hub.loop_start()
+    time.sleep(0.5)  # let the subscriptions settle
+    view = memoryview(frame)
+    times = []
+    try:
+        for _ in range(repeats):
+            received[0] = 0
+            done.clear()
+            start = time.perf_counter()
+            for i in range(n_nodes):
+                for off in range(0, len(frame), chunk):
+                    hub.publish(f"{prefix}/to/{i}", bytes(view[off:off + chunk]), qos=1)
+            if not done.wait(120):
+                raise RuntimeError("raw echo lost messages")
+            times.append(time.perf_counter() - start)
+    finally:
+        for c in [hub, *echoes]:
+            c.loop_stop()
+            c.disconnect()
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=100, help="size of the parameters (MB)")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk", type=int, action="append",
+                        help="chunk size in bytes (repeatable; default 1 MiB)")
+    args = parser.parse_args(argv)
+    chunks = args.chunk or [1 << 20]
+    params = make_params(args.mb)
+    frame = codec.encode(Envelope(TrainReply(params=params, n_samples=1), sender="r"))
+    moved_mb = 2 * args.nodes * params.nbytes / 1e6
+    print(f"{params.nbytes / 1e6:.0f} MB of parameters to {args.nodes} nodes and back "
+          f"({moved_mb:.0f} MB moved) through Mosquitto, QoS 1, median of {args.repeats}")
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_broker(Path(tmp))
+        try:
+            for chunk in chunks:
+                raw = statistics.median(raw_path(port, frame, args.nodes, args.repeats, chunk))
+                fed = statistics.median(asyncio.run(
+                    fedcore_path(port, params, args.nodes, args.repeats, chunk)))
+                raw_mbs, fed_mbs = moved_mb / raw, moved_mb / fed
+                print(f"  chunk {chunk >> 10:5d} KiB  raw paho {raw:6.3f} s {raw_mbs:6.0f} MB/s"
+                      f"   fedcore mqtt:// {fed:6.3f} s {fed_mbs:6.0f} MB/s"
+                      f"   ratio {fed_mbs / raw_mbs:.2f}")
+                ok = ok and fed_mbs >= TARGET_MBS
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(f"target >= {TARGET_MBS:.0f} MB/s for fedcore: {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

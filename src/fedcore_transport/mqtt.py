@@ -1,0 +1,402 @@
+"""``mqtt://host:port/<federation>`` and ``mqtts://...``: every endpoint is a broker client.
+
+The researcher and the nodes all dial out to an MQTT broker (paho-mqtt 2.x, MQTT 5, QoS 1).
+Topics are per federation and per recipient::
+
+    fedcore/<federation>/to/<recipient>/from/<sender>     frames, in chunks
+    fedcore/<federation>/presence/<role>/<identity>       retained birth message
+
+Presence is a retained birth message, cleared on a clean close and replaced by the
+endpoint's last will when it dies, so ``peers()`` lists the live endpoints of the other
+role. A frame travels as chunks (``chunk_size`` URL option, default 1 MiB, below the broker's
+maximum packet size, which MQTT 5 brokers announce); each chunk starts with a 32-byte header
+(magic, sender session, frame number, offset, total length) and the receiver reassembles the
+frame, dropping duplicates and incomplete frames. A message without that header is handed
+on whole as a frame: the core refuses it as malformed (frames are not signed end to end yet,
+so anyone allowed to publish on the broker can inject bytes; the node's codec and governance
+still refuse them).
+
+paho reconnects by itself (``retry_max`` caps the backoff); on every connection the
+endpoint subscribes and announces itself again, so a broker restart is survived. Frames in
+flight during the outage may be lost: correlation and timeouts live in the core.
+
+URL options: ``username``/``password`` (or ``user:password@`` in the URL), ``cafile``,
+``certfile``/``keyfile`` (``mqtts://``), ``chunk_size``, ``keepalive``, ``retry_max``,
+``connect_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl as ssl_lib
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fedcore.codec import DEFAULT_MAX_FRAME
+from fedcore.errors import ConfigurationError, TransportError
+from fedcore.transport import Capabilities, Role, Transport
+
+__all__ = ["MqttTransport"]
+
+log = logging.getLogger("fedcore.transport.mqtt")
+
+_QUERY_KEYS = {"username", "password", "cafile", "certfile", "keyfile", "chunk_size",
+               "keepalive", "retry_max", "connect_timeout"}
+_HEADER = struct.Struct("!4sIQQQ")  # magic, sender session, frame number, offset, total
+_MAGIC = b"FCm1"
+_CLOSED = object()
+_PRESENCE_VERSION = 1
+_WINDOW = 64  # chunks published and not yet acknowledged by the broker, per endpoint
+_AUTH_FAILURES = {"Bad user name or password", "Not authorized"}
+
+
+@dataclass
+class _Inbox:
+    """Reassembly state for one sender (touched by paho's network thread only)."""
+
+    session: int = -1
+    next_frame: int = 0
+    frame: int = -1
+    total: int = 0
+    filled: int = 0
+    parts: list[memoryview] = field(default_factory=list)
+
+
+class MqttTransport(Transport):
+    """A researcher or node endpoint of a federation that meets on an MQTT broker."""
+
+    capabilities = Capabilities(max_frame_size=DEFAULT_MAX_FRAME, ordered=True,
+                                broadcast=False, networked=True)
+
+    def __init__(self, url: str, *, role: Role, identity: str,
+                 ssl: ssl_lib.SSLContext | None = None, chunk_size: int = 1 << 20,
+                 keepalive: int = 20, retry_max: float = 3.0, connect_timeout: float = 10.0):
+        super().__init__(url, role=role, identity=identity)
+        parts = urlsplit(url)
+        try:
+            port, bad_port = parts.port, False
+        except ValueError:
+            port, bad_port = None, True
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or bad_port:
+            raise ConfigurationError(
+                f"Expected mqtt://HOST[:PORT]/FEDERATION or mqtts://... Received: "
+                f"{_redact(url)!r}")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = sorted(set(query) - _QUERY_KEYS)
+        if unknown:
+            raise ConfigurationError(f"Unknown option(s) {unknown} in {_redact(url)!r}. "
+                                     f"Expected some of {sorted(_QUERY_KEYS)}.")
+        self.federation = parts.path.strip("/") or "default"
+        _check_name("federation", self.federation, slash=True)
+        _check_name("identity", identity, slash=False)
+        tls = parts.scheme == "mqtts"
+        if ssl is not None and not tls:
+            raise ConfigurationError(f"An ssl context was given for {_redact(url)!r}: "
+                                     "use mqtts://.")
+        self._host = parts.hostname
+        self._port = port or (8883 if tls else 1883)
+        self._where = f"{parts.scheme}://{self._host}:{self._port}/{self.federation}"
+        try:
+            self._chunk = int(query.get("chunk_size", chunk_size))
+            keepalive = int(query.get("keepalive", keepalive))
+            retry_max = float(query.get("retry_max", retry_max))
+            self._connect_timeout = float(query.get("connect_timeout", connect_timeout))
+        except ValueError as exc:
+            raise ConfigurationError(f"Bad number in {_redact(url)!r}: {exc}") from exc
+        if self._chunk < 1024:
+            raise ConfigurationError(f"chunk_size must be at least 1024 bytes. "
+                                     f"Received: {self._chunk}")
+        username = query.get("username") or (unquote(parts.username) if parts.username else None)
+        password = query.get("password") or (unquote(parts.password) if parts.password else None)
+        self._session = uuid.uuid4().int & 0xFFFFFFFF
+        other = "node" if role == "researcher" else "researcher"
+        root = f"fedcore/{self.federation}"
+        self._inbox_filter = f"{root}/to/{identity}/from/+"
+        self._outbox = f"{root}/to/{{peer}}/from/{identity}"
+        self._presence = f"{root}/presence/{role}/{identity}"
+        self._peer_presence = f"{root}/presence/{other}/"
+        self._birth = json.dumps({"fedcore": _PRESENCE_VERSION, "role": role,
+                                  "identity": identity, "session": self._session}).encode()
+
+        client = paho.Client(CallbackAPIVersion.VERSION2,
+                             client_id=f"fedcore-{role}-{identity}-{self._session:08x}"[:64],
+                             protocol=paho.MQTTv5)
+        if username:
+            client.username_pw_set(username, password)
+        if tls:
+            client.tls_set_context(ssl or _ssl_context(query))
+        offline = json.dumps({"fedcore": _PRESENCE_VERSION, "role": role, "identity": identity,
+                              "session": self._session, "online": False}).encode()
+        client.will_set(self._presence, offline, qos=1, retain=True)
+        client.reconnect_delay_set(0.1, retry_max)  # type: ignore[arg-type]  # floats work
+        client.max_inflight_messages_set(_WINDOW)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self._client = client
+        self._keepalive = keepalive
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._peers: dict[str, int] = {}  # identity -> session (loop thread only)
+        self._inboxes: dict[str, _Inbox] = {}  # sender -> reassembly (network thread only)
+        self._connected = False
+        self._first: asyncio.Future[str | None] | None = None  # None: connected; str: refusal
+        self._unacked = 0
+        self._acked = asyncio.Event()
+        self._frame_no = 0
+        self._closing = False
+
+    # --- the interface ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the broker; return once connected.
+
+        Raises ``TransportError`` when the broker refuses the credentials, and (researcher)
+        when it cannot be reached within ``connect_timeout``. A node keeps trying in the
+        background instead, as a websocket node waits for its researcher.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._queue, self._acked = asyncio.Queue(), asyncio.Event()
+        self._first = self._loop.create_future()
+        self._closing = False
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        self._client.loop_start()
+        try:
+            refusal = await asyncio.wait_for(asyncio.shield(self._first),
+                                             self._connect_timeout)
+        except TimeoutError:
+            if self.role == "node":
+                log.warning("Cannot reach the MQTT broker at %s yet; still trying.",
+                            self._where)
+                return
+            await self._stop_client()
+            raise TransportError(f"Cannot reach the MQTT broker at {self._where} within "
+                                 f"{self._connect_timeout:g} s.") from None
+        if refusal is not None:
+            await self._stop_client()
+            raise TransportError(f"The MQTT broker at {self._where} refused {self.identity!r}: "
+                                 f"{refusal}. Check the username and password (URL userinfo "
+                                 f"or ?username=&password=).")
+
+    async def send(self, peer: str, frame: bytes) -> None:
+        if len(frame) > self.capabilities.max_frame_size:
+            raise TransportError(f"Frame of {len(frame)} bytes is too large for {self._where} "
+                                 f"(at most {self.capabilities.max_frame_size}).")
+        if peer not in self._peers:
+            raise TransportError(f"No peer {peer!r} is connected to {self._where}. "
+                                 f"Connected: {sorted(self._peers)}")
+        topic = self._outbox.format(peer=peer)
+        number, self._frame_no = self._frame_no, self._frame_no + 1
+        view, total = memoryview(frame), len(frame)
+        for offset in range(0, max(total, 1), self._chunk):
+            while self._unacked >= _WINDOW:  # backpressure: the broker acknowledges chunks
+                self._acked.clear()
+                await self._acked.wait()
+            if not self._connected:
+                raise TransportError(f"Lost the MQTT broker at {self._where} while sending "
+                                     f"to {peer!r}.")
+            payload = _HEADER.pack(_MAGIC, self._session, number, offset, total) + view[
+                offset:offset + self._chunk]
+            self._unacked += 1
+            info = self._client.publish(topic, payload, qos=1)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                self._unacked -= 1
+                raise TransportError(f"Cannot publish to {self._where}: "
+                                     f"{paho.error_string(info.rc)}")
+
+    async def receive(self) -> tuple[str, bytes]:
+        item = await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # wake every other receiver too
+            raise TransportError(f"{self.identity!r} was closed.")
+        return item  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._connected:  # a clean goodbye: clear the retained birth message
+            info = self._client.publish(self._presence, b"", qos=1, retain=True)
+            try:
+                await asyncio.to_thread(info.wait_for_publish, 2.0)
+            except (RuntimeError, ValueError):  # the broker went away meanwhile
+                pass
+        await self._stop_client()
+        self._peers.clear()
+        self._queue.put_nowait(_CLOSED)
+
+    def peers(self) -> set[str]:
+        return set(self._peers)
+
+    # --- paho's network thread --------------------------------------------------------------
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the endpoint's event loop (from paho's thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        if reason.is_failure:
+            text = str(reason)
+            log.error("The MQTT broker at %s refused %r: %s", self._where, self.identity, text)
+            if text in _AUTH_FAILURES and not self._connected_once():
+                self._call(self._settle_first, text)
+                client.disconnect()
+            return
+        limit = getattr(properties, "MaximumPacketSize", None)
+        if limit and self._chunk > limit - 1024:
+            log.info("The broker takes packets up to %d bytes: chunks shrink to fit.", limit)
+            self._chunk = max(1024, limit - 1024)
+        client.subscribe([(self._inbox_filter, 1), (self._peer_presence + "+", 1),
+                          (self._presence, 1)])
+        client.publish(self._presence, self._birth, qos=1, retain=True)
+        self._connected = True
+        log.info("Connected to %s as %s %r", self._where, self.role, self.identity)
+        self._call(self._settle_first, None)
+
+    def _connected_once(self) -> bool:
+        return self._first is not None and self._first.done()
+
+    def _settle_first(self, refusal: str | None) -> None:
+        if self._first is not None and not self._first.done():
+            self._first.set_result(refusal)
+
+    def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
+        log.info("Cannot reach the MQTT broker at %s; retrying.", self._where)
+
+    def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any,
+                       reason: ReasonCode, _properties: Properties | None) -> None:
+        was, self._connected = self._connected, False
+        self._inboxes.clear()  # frames cut by the outage are incomplete
+        self._call(self._lost_broker)
+        if was and not self._closing:
+            log.warning("Lost the MQTT broker at %s (%s); reconnecting.", self._where, reason)
+
+    def _on_publish(self, _client: paho.Client, _userdata: Any, _mid: int,
+                    _reason: ReasonCode, _properties: Properties | None) -> None:
+        self._call(self._one_acked)
+
+    def _on_message(self, _client: paho.Client, _userdata: Any,
+                    message: paho.MQTTMessage) -> None:
+        topic = message.topic
+        if topic.startswith(self._peer_presence) or topic == self._presence:
+            self._on_presence(topic, message.payload)
+            return
+        sender = topic.rpartition("/")[2]
+        payload = message.payload
+        if len(payload) < _HEADER.size or payload[:4] != _MAGIC:
+            self._call(self._deliver, sender, payload)  # not ours: the core refuses it
+            return
+        _, session, number, offset, total = _HEADER.unpack_from(payload)
+        inbox = self._inboxes.setdefault(sender, _Inbox())
+        if session != inbox.session:  # a new incarnation of the sender
+            inbox.session, inbox.next_frame, inbox.frame = session, number, -1
+        if number < inbox.next_frame or (number == inbox.frame and offset < inbox.filled):
+            return  # a duplicate (QoS 1 redelivers after a reconnection)
+        if number != inbox.frame:
+            if inbox.frame >= 0:
+                log.warning("Dropped an incomplete frame from %r.", sender)
+            if offset != 0 or total > self.capabilities.max_frame_size:
+                log.warning("Dropped a frame of %d bytes from %r (%s).", total, sender,
+                            "too large" if offset == 0 else "its start was lost")
+                inbox.next_frame, inbox.frame = number + 1, -1
+                return
+            inbox.frame, inbox.total, inbox.filled, inbox.parts = number, total, 0, []
+        elif offset != inbox.filled:
+            log.warning("Dropped a frame from %r: a chunk was lost.", sender)
+            inbox.next_frame, inbox.frame = number + 1, -1
+            return
+        piece = memoryview(payload)[_HEADER.size:]
+        inbox.parts.append(piece)
+        inbox.filled += len(piece)
+        if inbox.filled >= inbox.total:
+            frame = bytes(piece) if len(inbox.parts) == 1 else b"".join(inbox.parts)
+            inbox.next_frame, inbox.frame, inbox.parts = number + 1, -1, []
+            self._call(self._deliver, sender, frame)
+
+    def _on_presence(self, topic: str, payload: bytes | bytearray) -> None:
+        try:
+            birth = json.loads(payload) if payload else {}
+        except ValueError:
+            birth = {}
+        online = isinstance(birth, dict) and birth.get("online", True) and "session" in birth
+        if topic == self._presence:  # our own: a stale last will must not hide us
+            if not online and not self._closing and self._connected:
+                self._client.publish(self._presence, self._birth, qos=1, retain=True)
+            elif online and birth.get("session") != self._session:
+                log.warning("Another endpoint also claims to be %s %r on %s.", self.role,
+                            self.identity, self._where)
+            return
+        identity = topic[len(self._peer_presence):]
+        session = birth.get("session") if isinstance(birth, dict) else None
+        self._call(self._presence_changed, identity, bool(online), session)
+
+    # --- on the event loop ------------------------------------------------------------------
+
+    def _deliver(self, sender: str, frame: bytes) -> None:
+        self._queue.put_nowait((sender, frame))
+
+    def _presence_changed(self, identity: str, online: bool, session: Any) -> None:
+        if online:
+            if identity not in self._peers:
+                log.info("%r is present on %s", identity, self._where)
+            self._peers[identity] = session
+        elif session is None or self._peers.get(identity) in (session, None):
+            self._peers.pop(identity, None)  # a stale will of an older session is ignored
+
+    def _lost_broker(self) -> None:
+        self._peers.clear()  # presence comes back with the retained births on reconnection
+        self._unacked = 0  # paho resends what was not acknowledged; stop waiting for it
+        self._acked.set()
+
+    def _one_acked(self) -> None:
+        self._unacked = max(0, self._unacked - 1)
+        self._acked.set()
+
+    async def _stop_client(self) -> None:
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        self._connected = False
+
+
+def _check_name(what: str, name: str, *, slash: bool) -> None:
+    bad = set("+#\0") | (set() if slash else {"/"})
+    if not name or len(name) > 256 or bad & set(name) or "//" in name:
+        allowed = "" if slash else " or '/'"
+        raise ConfigurationError(f"An MQTT {what} must be 1 to 256 characters without "
+                                 f"'+', '#'{allowed}. Received: {name!r}")
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password (userinfo or query)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password:
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    query = "&".join("password=***" if q.startswith("password=") else q
+                     for q in parts.query.split("&")) if parts.query else ""
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _ssl_context(query: dict[str, str]) -> ssl_lib.SSLContext:
+    certfile, keyfile, cafile = (query.get(k) for k in ("certfile", "keyfile", "cafile"))
+    try:
+        ctx = ssl_lib.create_default_context(cafile=cafile)
+        if certfile:
+            ctx.load_cert_chain(certfile, keyfile)
+        return ctx
+    except (OSError, ssl_lib.SSLError) as exc:
+        raise ConfigurationError(f"Cannot load the TLS files {query}: {exc}") from exc
