@@ -22,3 +22,14 @@ def breast_cancer():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _researcher_identity(tmp_path_factory):
+    """A researcher key for the session, never the user's own ~/.fedcore."""
+    import os
+
+    folder = tmp_path_factory.mktemp("researcher")
+    os.environ["FEDCORE_IDENTITY"] = str(folder / "researcher.key")
+    os.environ["FEDCORE_NODES"] = str(folder / "nodes.toml")
+    yield

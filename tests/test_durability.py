@@ -44,7 +44,6 @@ def test_the_node_database_survives_sigkill_at_random_moments(tmp_path):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["fedcore.node", "fedcore.plan", __name__])
     rng = random.Random(7)
-    started = time.monotonic()
     for k in range(KILLS):
         child = ctx.Process(target=_writer, args=(str(home), str(report), 3 * k * 1000 + 1))
         child.start()
@@ -64,7 +63,6 @@ def test_the_node_database_survives_sigkill_at_random_moments(tmp_path):
             # The last change that returned, or one made after it before the kill.
             assert node.policy["max_epochs"] >= policies[-1], f"kill {k}"
     assert len(plans) > KILLS // 2, "the children hardly wrote anything: kill later"
-    assert time.monotonic() - started < 60
 
 
 def _wait_for(report, ready: int) -> None:

@@ -29,8 +29,11 @@ import pytest
 
 pytest.importorskip("paho.mqtt")
 
+from _trust import enroll  # noqa: E402
 from fedcore import Node, codec  # noqa: E402
+from fedcore._signing import Guard  # noqa: E402
 from fedcore.errors import ConfigurationError, TransportError  # noqa: E402
+from fedcore.identity import researcher_identity  # noqa: E402
 from fedcore.messages import Envelope, ErrorReply, Ping, Pong  # noqa: E402
 from fedcore.testing.transport import Endpoints, TransportConformance, wait_until  # noqa: E402
 from fedcore.transport import open_transport  # noqa: E402
@@ -296,7 +299,11 @@ def test_a_foreign_message_on_a_node_topic_is_refused_and_the_node_keeps_serving
 
     federation = fed()
     url = f"mqtt://127.0.0.1:{broker.port}/{federation}"
-    node = Node(tmp_path / "site", node_id="site", approval_required=False).start(url)
+    node = Node(tmp_path / "site", node_id="site", approval_required=False)
+    enroll([node])
+    node.start(url)
+    guard = Guard(researcher_identity(), lambda: {"site": node.identity.public_bytes},
+                  networked=True, max_size=codec.DEFAULT_MAX_FRAME)
 
     async def scenario() -> None:
         researcher = open_transport(url, role="researcher", identity="researcher")
@@ -309,13 +316,13 @@ def test_a_foreign_message_on_a_node_topic_is_refused_and_the_node_keeps_serving
             intruder.publish(f"fedcore/{federation}/to/site/from/researcher",
                              b"not a fedcore frame", qos=1).wait_for_publish(5)
             peer, frame = await asyncio.wait_for(researcher.receive(), 10)
-            reply = codec.decode(frame)
+            reply, _ = guard.open(frame)
             assert peer == "site" and isinstance(reply.body, ErrorReply)
             assert reply.body.kind == "protocol"
             ping = Envelope(Ping(), sender="researcher", recipient="site")
-            await researcher.send("site", codec.encode(ping))
+            await researcher.send("site", guard.seal(ping))
             peer, frame = await asyncio.wait_for(researcher.receive(), 10)
-            pong = codec.decode(frame)
+            pong, _ = guard.open(frame)
             assert isinstance(pong.body, Pong) and pong.reply_to == ping.id
         finally:
             intruder.loop_stop()
@@ -340,11 +347,11 @@ def test_node_processes_train_exactly_like_an_in_process_federation(tmp_path, br
         pytest.skip("needs scikit-learn")
     from fedcore import Experiment
 
-    def train(url: str) -> Experiment:
+    def train(url: str, enrolled: dict[str, str] | None = None) -> Experiment:
         exp = Experiment(SGDPlan, tags=["ws-e2e"], federation=url, nodes=["site-a", "site-b"],
                          model_args={"target": "label"},
                          training_args={"epochs": 2, "batch_size": 16}, seed=7,
-                         progress=False, connect_timeout=20)
+                         progress=False, connect_timeout=20, enrolled=enrolled)
         try:
             exp.run(2)
         finally:
@@ -357,6 +364,7 @@ def test_node_processes_train_exactly_like_an_in_process_federation(tmp_path, br
     script.write_text(NODE_SCRIPT)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[bytes]] = []
+    enrolled = enroll({node_id: tmp_path / node_id for node_id in csvs})
     try:
         for node_id, csv in csvs.items():
             log = open(tmp_path / f"{node_id}.log", "wb")  # noqa: SIM115 - closed below
@@ -364,7 +372,7 @@ def test_node_processes_train_exactly_like_an_in_process_federation(tmp_path, br
                 [sys.executable, str(script), str(tmp_path / node_id), node_id, str(csv), url],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
             log.close()
-        networked = train(url)
+        networked = train(url, enrolled)
         for proc in procs:
             assert proc.poll() is None, (tmp_path / "site-a.log").read_text()
     finally:

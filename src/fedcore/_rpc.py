@@ -7,24 +7,55 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
 
 from . import codec
-from .errors import ProtocolError, TransportError
+from ._signing import Guard
+from .errors import ConfigurationError, GovernanceError, ProtocolError, TransportError
+from .identity import Identity, enrolled_nodes, researcher_identity
 from .messages import Body, Envelope
 from .transport import Transport
 
 log = logging.getLogger("fedcore.rpc")
 
+_ENROLL_HINT = ("Enroll a node with its key, printed by `fedcore-node identity` on the node: "
+                "python -m fedcore.identity enroll NODE_ID KEY, or Experiment(enrolled=...).")
 _WATCH_S = 0.2  # how often pending requests are checked against the connected peers
+
+
+def credentials(transport: Transport, identity: str | Path | None,
+                enrolled: Mapping[str, str] | str | Path | None) -> dict[str, Any]:
+    """The researcher's key and enrolled nodes, loaded only for a networked transport.
+
+    On a network a researcher accepts only enrolled nodes and refuses to start without any.
+    """
+    if not transport.capabilities.networked:
+        return {}
+    nodes = enrolled_nodes(enrolled)
+    if not nodes:
+        raise ConfigurationError(f"No node is enrolled, so every node would be refused. "
+                                 f"{_ENROLL_HINT}")
+    return {"key": researcher_identity(identity), "enrolled": nodes}
 
 
 class Client:
     """The researcher's side of the conversation with nodes."""
 
-    def __init__(self, transport: Transport, *, max_frame_size: int = codec.DEFAULT_MAX_FRAME):
+    def __init__(self, transport: Transport, *, max_frame_size: int = codec.DEFAULT_MAX_FRAME,
+                 key: Identity | None = None, enrolled: Mapping[str, bytes] | None = None):
+        networked = transport.capabilities.networked
+        if networked and key is None:
+            raise ConfigurationError("A networked federation needs the researcher's key: "
+                                     "pass identity= (see fedcore.identity).")
         self.transport = transport
         self.identity = transport.identity
         self.max_frame_size = max_frame_size
+        #: The nodes accepted on a networked transport (``{node_id: public key}``).
+        self.enrolled = dict(enrolled or {})
+        self._guard = Guard(key, lambda: self.enrolled, networked=networked,
+                            max_size=max_frame_size, untrusted_hint=_ENROLL_HINT)
+        self._unenrolled_seen: set[str] = set()
         self._pending: dict[str, asyncio.Future[Envelope]] = {}
         self._awaiting: dict[str, str] = {}  # request id -> the peer that should answer
         #: When each peer was last heard from (``time.time()`` of its latest frame).
@@ -54,12 +85,15 @@ class Client:
     async def _read(self) -> None:
         while True:
             peer, frame = await self.transport.receive()
-            self.last_heard[peer] = time.time()
             try:
-                env = codec.decode(frame, max_size=self.max_frame_size)
-            except ProtocolError as exc:
-                log.warning("Ignored a malformed frame from %s: %s", peer, exc)
+                env, signer = self._guard.open(frame)
+                if self._guard.networked and signer != peer:
+                    raise GovernanceError(f"Refused a frame from {peer!r} signed with the key "
+                                          f"enrolled for {signer!r}.")
+            except (ProtocolError, GovernanceError) as exc:
+                log.warning("Refused a frame from %s: %s", peer, exc)
                 continue
+            self.last_heard[peer] = time.time()
             fut = self._pending.pop(env.reply_to, None)
             if fut is None:
                 log.debug("Ignored an unsolicited %s from %s", env.tag, peer)
@@ -84,8 +118,14 @@ class Client:
                         f"Node {peer!r} disconnected before it answered."))
 
     def peers(self) -> set[str]:
-        """Nodes connected now."""
-        return self.transport.peers()
+        """Nodes connected now (on a network: only the enrolled ones)."""
+        peers = self.transport.peers()
+        if not self._guard.networked:
+            return peers
+        for peer in peers - self.enrolled.keys() - self._unenrolled_seen:
+            self._unenrolled_seen.add(peer)
+            log.warning("Refused node %r: it is not enrolled. %s", peer, _ENROLL_HINT)
+        return peers & self.enrolled.keys()
 
     async def wait_for_peers(self, wanted: int, timeout: float, *, settle: float = 0.0
                              ) -> set[str]:
@@ -109,10 +149,13 @@ class Client:
         """Send ``body`` to ``peer`` and wait for its reply."""
         env = Envelope(body=body, sender=self.identity, recipient=peer,
                        experiment=experiment, round=round)
+        if self._guard.networked and peer not in self.enrolled:
+            raise GovernanceError(f"Node {peer!r} is not enrolled, so it is refused. "
+                                  f"{_ENROLL_HINT}")
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._pending[env.id] = fut
         try:
-            await self.transport.send(peer, codec.encode(env, max_size=self.max_frame_size))
+            await self.transport.send(peer, self._guard.seal(env))
             self._awaiting[env.id] = peer
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -134,7 +177,7 @@ class Client:
             try:
                 result: Envelope | Exception = await self.request(
                     peer, body, experiment=experiment, round=round, timeout=timeout)
-            except (TransportError, ProtocolError) as exc:
+            except (TransportError, ProtocolError, GovernanceError) as exc:
                 result = exc
             return peer, result, time.perf_counter() - start
 

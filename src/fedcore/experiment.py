@@ -12,7 +12,7 @@ import pandas as pd
 
 from . import _runtime, codec, plugins
 from ._files import write_atomic
-from ._rpc import Client
+from ._rpc import Client, credentials
 from ._search import describe, find_datasets
 from .aggregators import Aggregator
 from .data import merge_metadata
@@ -60,6 +60,11 @@ class Experiment:
     may change between rounds. Synchronous methods work in scripts and inside Jupyter; each
     has an async twin (``asearch``, ``arun``, ``arun_once``).
 
+    On a networked federation, frames are signed with the researcher's key (``identity``:
+    a key file, default ``$FEDCORE_IDENTITY`` or ``~/.fedcore/researcher.key``) and only
+    the nodes in ``enrolled`` (``{node_id: public key}`` or a ``nodes.toml`` path, default
+    ``~/.fedcore/nodes.toml``) are accepted; see :mod:`fedcore.identity`.
+
     Example::
 
         exp = Experiment(MyPlan, tags=["breast-cancer"], federation=fed.url,
@@ -90,6 +95,8 @@ class Experiment:
         connect_timeout: float = 10.0,
         progress: bool = True,
         name: str | None = None,
+        identity: str | Path | None = None,
+        enrolled: Mapping[str, str] | str | Path | None = None,
     ):
         self.plan = plan
         self.tags = tags
@@ -109,6 +116,8 @@ class Experiment:
         self.connect_timeout = float(connect_timeout)
         self.progress = progress
         self.name = name or "experiment"
+        self.identity = identity
+        self.enrolled = enrolled
         self.id = uuid.uuid4().hex
         self.round = 0
         self._params: ParameterSet | None = None
@@ -280,7 +289,8 @@ class Experiment:
         from .statistics import FederatedStatistics
 
         return FederatedStatistics(self.federation, self._tags, nodes=self._nodes,
-                                   timeout=self.timeout, connect_timeout=self.connect_timeout)
+                                   timeout=self.timeout, connect_timeout=self.connect_timeout,
+                                   identity=self.identity, enrolled=self.enrolled)
 
     def trained_plan(self) -> TrainingPlan:
         """A plan instance holding the global model, for use on local data.
@@ -301,7 +311,7 @@ class Experiment:
         if self._client is None:
             transport = open_transport(self.federation, role="researcher",
                                        identity=f"researcher-{self.id[:8]}")
-            client = Client(transport)
+            client = Client(transport, **credentials(transport, self.identity, self.enrolled))
             await client.start()
             self._client = client
             # Networked nodes dial in one after another: without a node list, give the

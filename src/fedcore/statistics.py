@@ -19,15 +19,16 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import _runtime
-from ._rpc import Client
+from ._rpc import Client, credentials
 from ._search import find_datasets
 from .errors import (
     ConfigurationError,
@@ -114,7 +115,8 @@ class FederatedStatistics:
 
     def __init__(self, federation: str, tags: Sequence[str] | str,
                  nodes: Sequence[str] | None = None, *, timeout: float = 60.0,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, identity: str | Path | None = None,
+                 enrolled: Mapping[str, str] | str | Path | None = None):
         tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
         if not tags:
             raise ConfigurationError("Expected at least one dataset tag. Received: []")
@@ -123,6 +125,8 @@ class FederatedStatistics:
         self.nodes = None if nodes is None else [str(n) for n in nodes]
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
+        self.identity = identity
+        self.enrolled = enrolled
         self._client: Client | None = None
         self._targets: dict[str, dict[str, Any]] | None = None
 
@@ -199,8 +203,9 @@ class FederatedStatistics:
 
     async def _connect(self) -> Client:
         if self._client is None:
-            client = Client(open_transport(self.federation, role="researcher",
-                                           identity=f"researcher-stats-{uuid.uuid4().hex[:8]}"))
+            transport = open_transport(self.federation, role="researcher",
+                                       identity=f"researcher-stats-{uuid.uuid4().hex[:8]}")
+            client = Client(transport, **credentials(transport, self.identity, self.enrolled))
             await client.start()
             self._client = client
         await self._client.wait_for_peers(len(self.nodes) if self.nodes else 1,

@@ -12,9 +12,8 @@ role. A frame travels as chunks (``chunk_size`` URL option, default 1 MiB, below
 maximum packet size, which MQTT 5 brokers announce); each chunk starts with a 32-byte header
 (magic, sender session, frame number, offset, total length) and the receiver reassembles the
 frame, dropping duplicates and incomplete frames. A message without that header is handed
-on whole as a frame: the core refuses it as malformed (frames are not signed end to end yet,
-so anyone allowed to publish on the broker can inject bytes; the node's codec and governance
-still refuse them).
+on whole as a frame. Frames are signed end to end by the core (:mod:`fedcore._signing`), so
+bytes injected or altered by anyone allowed to publish on the broker are refused.
 
 paho reconnects by itself (``retry_max`` caps the backoff); on every connection the
 endpoint subscribes and announces itself again, so a broker restart is survived. Frames in

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import dataclasses
 import logging
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 from tinydb import TinyDB
 
 from .. import _runtime, codec, plugins
+from .._signing import Guard
 from ..errors import (
     ConfigurationError,
     DatasetError,
@@ -24,6 +26,7 @@ from ..errors import (
 )
 from ..governance import Decision, Governance, PlanStore, Policy, Request, build_governance
 from ..governance.policies import Refuse
+from ..identity import Identity, fingerprint, parse_public_key
 from ..messages import (
     Body,
     Envelope,
@@ -52,12 +55,16 @@ log = logging.getLogger("fedcore.node")
 
 _VERSION = "0.1.0"
 _WARM_PLANS = 8
+_TRUST_HINT = ("This node answers only the researchers its administrator trusts: on the node, "
+               "run `fedcore-node trust add NAME KEY` with the researcher's public key "
+               "(printed by `python -m fedcore.identity`).")
 
 
 class Node:
     """A data site: its home folder, datasets, and the loop that answers researchers.
 
-    The home folder holds ``config.toml`` (identity and policy), ``db.json`` (TinyDB:
+    The home folder holds ``identity.key`` (the node's Ed25519 key, 0600), ``config.toml``
+    (identity, trusted researchers and policy), ``db.json`` (TinyDB:
     datasets, submitted plans, GUI users), ``audit.jsonl`` (append-only, hash-chained log of
     every request, decision and change) and ``data/`` for files the node owns. Creating a
     ``Node`` on an existing home reopens it.
@@ -84,6 +91,8 @@ class Node:
         self._config = NodeConfig(self.home / "config.toml", name=name, node_id=node_id,
                                   approval_required=approval_required)
         self._node_id = str(self._config.data["node_id"])
+        #: The node's key pair (``identity.key`` in its home, created on first use).
+        self.identity = Identity(self.home / "identity.key")
         self._audit = AuditLog(self.home / "audit.jsonl")
         self.db = TinyDB(self.home / "db.json", storage=AtomicJSONStorage)
         #: Training plans submitted for review, and the administrator's decisions.
@@ -155,6 +164,38 @@ class Node:
         self._config.set_value("federation", url)
         self.audit("federation-set", by=by, federation=url)
 
+    # --- trust ------------------------------------------------------------------------------
+
+    @property
+    def trusted_researchers(self) -> dict[str, bytes]:
+        """The researchers this node answers on a network: ``{name: public key}``."""
+        trusted = self.config.get("trusted_researchers") or {}
+        out: dict[str, bytes] = {}
+        for name, key in trusted.items() if isinstance(trusted, Mapping) else ():
+            try:
+                out[str(name)] = parse_public_key(str(key))
+            except ConfigurationError as exc:
+                log.error("Ignored trusted researcher %r in config.toml: %s", name, exc)
+        return out
+
+    def trust(self, name: str, key: str, *, by: str = "") -> None:
+        """Trust the researcher whose public key is ``key`` (base64 or hex) under ``name``."""
+        raw = parse_public_key(key)
+        current = dict(self.config.get("trusted_researchers") or {})
+        current[str(name)] = base64.b64encode(raw).decode()
+        self._config.set_value("trusted_researchers", current)
+        self.audit("researcher-trusted", by=by, researcher=name, key=fingerprint(raw))
+
+    def untrust(self, name: str, *, by: str = "") -> None:
+        """Stop trusting researcher ``name``; ``ConfigurationError`` if it was not trusted."""
+        current = dict(self.config.get("trusted_researchers") or {})
+        if name not in current:
+            raise ConfigurationError(f"No trusted researcher named {name!r}. Trusted: "
+                                     f"{sorted(current) or 'none'}.")
+        del current[name]
+        self._config.set_value("trusted_researchers", current)
+        self.audit("researcher-untrusted", by=by, researcher=name)
+
     # --- policy and governance --------------------------------------------------------------
 
     @property
@@ -218,6 +259,11 @@ class Node:
 
     async def serve(self, transport: Transport) -> None:
         """Answer requests arriving on ``transport`` until it closes."""
+        guard = Guard(self.identity, lambda: self.trusted_researchers,
+                      networked=transport.capabilities.networked,
+                      max_size=self.max_frame_size, untrusted_hint=_TRUST_HINT)
+        if guard.networked and not self.trusted_researchers:
+            log.warning("Node %s trusts no researcher yet. %s", self.node_id, _TRUST_HINT)
         await transport.start()
         self._transport = transport
         tasks: set[asyncio.Task[None]] = set()
@@ -228,7 +274,7 @@ class Node:
                     peer, frame = await transport.receive()
                 except TransportError:
                     break
-                task = asyncio.create_task(self._process(transport, peer, frame))
+                task = asyncio.create_task(self._process(transport, guard, peer, frame))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -259,10 +305,14 @@ class Node:
                 pass
         self._serving = None
 
-    async def _process(self, transport: Transport, peer: str, frame: bytes) -> None:
+    async def _process(self, transport: Transport, guard: Guard, peer: str, frame: bytes
+                       ) -> None:
         try:
-            env = codec.decode(frame, max_size=self.max_frame_size)
-        except ProtocolError as exc:
+            env, signer = guard.open(frame)
+            if guard.networked and env.recipient != self.node_id:  # no cross-node replays
+                raise ProtocolError(f"Refused a frame addressed to {env.recipient!r}, not to "
+                                    f"this node ({self.node_id!r}).")
+        except (ProtocolError, GovernanceError) as exc:
             log.warning("Refused a frame from %s: %s", peer, exc)
             self.audit("refused-frame", peer=peer, reason=str(exc))
             reply_to = ""
@@ -270,8 +320,9 @@ class Node:
                 reply_to = str(codec.peek_header(frame, max_size=self.max_frame_size)["id"])
             except (ProtocolError, KeyError):
                 pass
-            reply = Envelope(ErrorReply(kind="protocol", message=str(exc),
-                                        exc_type="ProtocolError"),
+            kind = "governance" if isinstance(exc, GovernanceError) else "protocol"
+            reply = Envelope(ErrorReply(kind=kind, message=str(exc),
+                                        exc_type=type(exc).__name__),
                              sender=self.node_id, recipient=peer, reply_to=reply_to)
         else:
             started = time.perf_counter()
@@ -279,10 +330,10 @@ class Node:
             reply = env.reply(body, sender=self.node_id)
             outcome = (f"{body.kind} error: {body.message}" if isinstance(body, ErrorReply)
                        else "ok")
-            log.info("%s %s: %s (%.2f s)", env.sender, env.tag, outcome[:200],
+            log.info("%s %s: %s (%.2f s)", signer or env.sender, env.tag, outcome[:200],
                      time.perf_counter() - started)
         try:
-            await transport.send(peer, codec.encode(reply, max_size=self.max_frame_size))
+            await transport.send(peer, guard.seal(reply))
         except (TransportError, ProtocolError) as exc:
             log.warning("Could not answer %s: %s", peer, exc)
 
