@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import socket
-import subprocess
-import sys
-import textwrap
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -116,21 +111,6 @@ def test_bad_urls_are_explained(url, message):
 
 # --- a federation of node processes ------------------------------------------------------
 
-NODE_SCRIPT = textwrap.dedent("""
-    import signal, sys, threading
-    import fedcore
-
-    home, node_id, csv, url = sys.argv[1:5]
-    node = fedcore.Node(home, node_id=node_id, approval_required=False)
-    if not node.datasets.list():
-        node.datasets.add("cohort", ["ws-e2e"], csv)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    node.start(url)
-    stop.wait()
-    node.stop()
-""")
-
 try:
     from sklearn.linear_model import SGDClassifier
 
@@ -138,7 +118,7 @@ try:
 
     class SGDPlan(SklearnTrainingPlan):
         estimator = SGDClassifier
-except ImportError:  # the end-to-end test is skipped below
+except ImportError:  # the federation test is skipped below
     SGDPlan = None  # type: ignore[assignment, misc]
 
 
@@ -149,69 +129,6 @@ def _csv(path: Path, seed: int) -> Path:
     pd.DataFrame({**{f"x{i}": X[:, i] for i in range(4)}, "label": y}).to_csv(path,
                                                                             index=False)
     return path
-
-
-def _train(url: str, enrolled: dict[str, str] | None = None) -> Experiment:
-    exp = Experiment(SGDPlan, tags=["ws-e2e"], federation=url, nodes=["site-a", "site-b"],
-                     model_args={"target": "label"},
-                     training_args={"epochs": 2, "batch_size": 16}, seed=7,
-                     progress=False, connect_timeout=20, enrolled=enrolled)
-    try:
-        exp.run(2)
-    finally:
-        exp.close()
-    return exp
-
-
-def test_node_processes_train_exactly_like_an_in_process_federation(tmp_path):
-    if SGDPlan is None:
-        pytest.skip("needs scikit-learn")
-    csvs = {"site-a": _csv(tmp_path / "a.csv", 1), "site-b": _csv(tmp_path / "b.csv", 2)}
-    url = f"ws://127.0.0.1:{free_port()}"
-    script = tmp_path / "node.py"
-    script.write_text(NODE_SCRIPT)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs: list[subprocess.Popen[bytes]] = []
-    enrolled = enroll({node_id: tmp_path / node_id for node_id in csvs})
-    try:
-        for node_id, csv in csvs.items():  # the nodes start first and wait for the researcher
-            log = open(tmp_path / f"{node_id}.log", "wb")  # noqa: SIM115 - closed below
-            procs.append(subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path / node_id), node_id, str(csv), url],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
-            log.close()
-        networked = _train(url, enrolled)
-        for proc in procs:
-            assert proc.poll() is None, (tmp_path / "site-a.log").read_text()
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    hub = f"inproc://ws-reference-{uuid.uuid4().hex[:8]}"
-    nodes = [Node(tmp_path / f"ref-{n}", node_id=n, approval_required=False) for n in csvs]
-    for node, csv in zip(nodes, csvs.values(), strict=True):
-        node.datasets.add("cohort", ["ws-e2e"], csv)
-        node.start(hub)
-    try:
-        reference = _train(hub)
-    finally:
-        for node in nodes:
-            node.stop()
-
-    assert networked.round == reference.round == 2
-    assert networked.parameters is not None and reference.parameters is not None
-    assert networked.parameters.equal(reference.parameters), "the weights differ"
-    assert np.abs(networked.parameters["coef_"]).sum() > 0  # it did learn something
-    assert networked.history["n_samples"].tolist() == reference.history["n_samples"].tolist()
-    for node_id in csvs:  # each node audited the rounds it trained
-        audit = Node(tmp_path / node_id).audit_log()
-        assert sum(r["event"] == "trained" for r in audit) == 2
 
 
 def test_nodes_dialling_in_one_after_another_are_all_found(tmp_path):
