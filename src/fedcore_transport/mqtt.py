@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl as ssl_lib
 import struct
 import uuid
@@ -145,6 +146,7 @@ class MqttTransport(Transport):
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
         self._client = client
         self._keepalive = keepalive
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -284,12 +286,22 @@ class MqttTransport(Transport):
         if was and not self._closing:
             log.warning("Lost the MQTT broker at %s (%s); reconnecting.", self._where, reason)
 
-    def _on_publish(self, _client: paho.Client, _userdata: Any, _mid: int,
+    def _on_socket_open(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        # Frames are small, latency-bound request/replies: without this, Nagle's algorithm
+        # holds a publish back until the broker's delayed ACK of the previous one (~40 ms).
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError):  # not a TCP socket
+            pass
+
+    def _on_publish(self, client: paho.Client, _userdata: Any, _mid: int,
                     _reason: ReasonCode, _properties: Properties | None) -> None:
+        _quickack(client)
         self._call(self._one_acked)
 
-    def _on_message(self, _client: paho.Client, _userdata: Any,
+    def _on_message(self, client: paho.Client, _userdata: Any,
                     message: paho.MQTTMessage) -> None:
+        _quickack(client)
         topic = message.topic
         if topic.startswith(self._peer_presence) or topic == self._presence:
             self._on_presence(topic, message.payload)
@@ -369,6 +381,25 @@ class MqttTransport(Transport):
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
         self._connected = False
+
+
+def _quickack(client: paho.Client) -> None:
+    """Acknowledge at once, on Linux, the TCP segment that brought a PUBACK or a message.
+
+    Nothing of ours follows a PUBACK to carry the TCP ACK, so the kernel delays it (~40 ms);
+    meanwhile a broker without ``set_tcp_nodelay`` (Mosquitto's default) holds back, by
+    Nagle's algorithm, the next small message to us, such as a node's reply. Setting
+    ``TCP_QUICKACK`` sends a pending ACK now (the option does not stick: set it each time).
+    """
+    sock: Any = client.socket()  # a socket, or paho's TLS / websocket wrapper
+    if _QUICKACK is not None and sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except (AttributeError, OSError):
+            pass
+
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 def _check_name(what: str, name: str, *, slash: bool) -> None:
