@@ -13,13 +13,10 @@ Run: ``python bench/codec_throughput.py`` (``--mb``, ``--repeats``; see ``--help
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
+from _common import timed  # bench/ is on sys.path
 
 from fedcore import codec
 from fedcore.messages import Envelope, TrainReply
@@ -38,17 +35,6 @@ def make_params(total_mb: int) -> ParameterSet:
         arrays[f"layer{i}.bias"] = rng.standard_normal(250, dtype=np.float32)
         arrays[f"layer{i}.num_batches_tracked"] = np.array(i, dtype=np.int64)
     return ParameterSet(arrays)
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Median seconds of ``repeats`` calls (after one warm-up) and the last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def main(argv: list[str] | None = None) -> int:

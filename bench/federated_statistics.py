@@ -22,12 +22,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from _common import timed  # bench/ is on sys.path
 
 from fedcore import FederatedStatistics, simulate
 from fedcore.statistics import POOLED
@@ -66,17 +66,6 @@ def everything(url: str) -> tuple[pd.DataFrame, Any, pd.DataFrame]:
     with FederatedStatistics(url, ["cohort"]) as stats:
         return (stats.describe(NUMERIC), stats.histogram("glucose", bins=50),
                 stats.quantiles("bmi", [0.05, 0.25, 0.5, 0.75, 0.95]))
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Median seconds of ``repeats`` calls (after one warm-up) and the last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def check(frame: pd.DataFrame, table: pd.DataFrame, hist: Any) -> tuple[float, int, bool]:

@@ -29,26 +29,15 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import paho.mqtt.client as paho
+from _common import layered_params, round_trips  # noqa: E402 - bench/ is on sys.path
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedcore import codec
-from fedcore._rpc import Client
 from fedcore.messages import Envelope, TrainReply
-from fedcore.params import ParameterSet
-from fedcore.testing.transport import wait_until
 from fedcore_transport.mqtt import MqttTransport
 
 TARGET_MBS = 250.0
-
-
-def make_params(total_mb: int) -> ParameterSet:
-    """Twenty float32 layers of equal size, ``total_mb`` MB in all."""
-    rng = np.random.default_rng(0)
-    per_layer = total_mb * 1_000_000 // 4 // 20
-    return ParameterSet({f"layer{i}.weight": rng.standard_normal(per_layer, dtype=np.float32)
-                         for i in range(20)})
 
 
 def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -75,44 +64,6 @@ def _root() -> bool:
     import os
 
     return os.geteuid() == 0
-
-
-async def echo_node(transport: MqttTransport) -> None:
-    """Answer every request with a TrainReply carrying the parameters it received."""
-    while True:
-        peer, frame = await transport.receive()
-        env = codec.decode(frame)
-        reply = env.reply(TrainReply(params=env.body.params, n_samples=1),  # type: ignore[attr-defined]
-                          sender=transport.identity)
-        await transport.send(peer, codec.encode(reply))
-
-
-async def fedcore_path(port: int, params: ParameterSet, n_nodes: int, repeats: int,
-                       chunk: int) -> list[float]:
-    url = f"mqtt://127.0.0.1:{port}/bench-{uuid.uuid4().hex[:6]}?chunk_size={chunk}"
-    client = Client(MqttTransport(url, role="researcher", identity="researcher"))
-    await client.start()
-    nodes = [MqttTransport(url, role="node", identity=f"node-{i}") for i in range(n_nodes)]
-    for node in nodes:
-        await node.start()
-    echoes = [asyncio.create_task(echo_node(node)) for node in nodes]
-    try:
-        await wait_until(lambda: len(client.peers()) == n_nodes, "the nodes to connect")
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            replies = await asyncio.gather(*(
-                client.request(n.identity, TrainReply(params=params, n_samples=1),
-                               timeout=120) for n in nodes))
-            times.append(time.perf_counter() - start)
-            assert all(r.body.params.equal(params) for r in replies)  # type: ignore[attr-defined]
-        return times
-    finally:
-        for task in echoes:
-            task.cancel()
-        for node in nodes:
-            await node.close()
-        await client.close()
 
 
 def raw_path(port: int, frame: bytes, n_nodes: int, repeats: int, chunk: int) -> list[float]:
@@ -186,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="chunk size in bytes (repeatable; default 1 MiB)")
     args = parser.parse_args(argv)
     chunks = args.chunk or [1 << 20]
-    params = make_params(args.mb)
+    params = layered_params(args.mb)
     frame = codec.encode(Envelope(TrainReply(params=params, n_samples=1), sender="r"))
     moved_mb = 2 * args.nodes * params.nbytes / 1e6
     print(f"{params.nbytes / 1e6:.0f} MB of parameters to {args.nodes} nodes and back "
@@ -198,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             for chunk in chunks:
                 raw = statistics.median(raw_path(port, frame, args.nodes, args.repeats, chunk))
                 fed = statistics.median(asyncio.run(
-                    fedcore_path(port, params, args.nodes, args.repeats, chunk)))
+                    round_trips(MqttTransport, f"mqtt://127.0.0.1:{port}/bench-"
+                                f"{uuid.uuid4().hex[:6]}?chunk_size={chunk}", params,
+                                args.nodes, args.repeats, timeout=120)))
                 raw_mbs, fed_mbs = moved_mb / raw, moved_mb / fed
                 print(f"  chunk {chunk >> 10:5d} KiB  raw paho {raw:6.3f} s {raw_mbs:6.0f} MB/s"
                       f"   fedcore mqtt:// {fed:6.3f} s {fed_mbs:6.0f} MB/s"

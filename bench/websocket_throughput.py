@@ -23,14 +23,12 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
+from _common import layered_params, round_trips  # noqa: E402 - bench/ is on sys.path
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from fedcore import codec
-from fedcore._rpc import Client
 from fedcore.messages import Envelope, TrainReply
-from fedcore.params import ParameterSet
 from fedcore.testing.transport import wait_until
 from fedcore_transport.websocket import WebSocketTransport
 
@@ -38,55 +36,10 @@ TARGET_MBS = 400.0
 OPTIONS = {"compression": None, "max_size": codec.DEFAULT_MAX_FRAME}
 
 
-def make_params(total_mb: int) -> ParameterSet:
-    """Twenty float32 layers of equal size, ``total_mb`` MB in all."""
-    rng = np.random.default_rng(0)
-    per_layer = total_mb * 1_000_000 // 4 // 20
-    return ParameterSet({f"layer{i}.weight": rng.standard_normal(per_layer, dtype=np.float32)
-                         for i in range(20)})
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def echo_node(transport: WebSocketTransport) -> None:
-    """Answer every request with a TrainReply carrying the parameters it received."""
-    while True:
-        peer, frame = await transport.receive()
-        env = codec.decode(frame)
-        reply = env.reply(TrainReply(params=env.body.params, n_samples=1),  # type: ignore[attr-defined]
-                          sender=transport.identity)
-        await transport.send(peer, codec.encode(reply))
-
-
-async def fedcore_path(params: ParameterSet, n_nodes: int, repeats: int) -> list[float]:
-    url = f"ws://127.0.0.1:{free_port()}"
-    client = Client(WebSocketTransport(url, role="researcher", identity="researcher"))
-    await client.start()
-    nodes = [WebSocketTransport(url, role="node", identity=f"node-{i}") for i in range(n_nodes)]
-    for node in nodes:
-        await node.start()
-    echoes = [asyncio.create_task(echo_node(node)) for node in nodes]
-    try:
-        await wait_until(lambda: len(client.peers()) == n_nodes, "the nodes to connect")
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            replies = await asyncio.gather(*(
-                client.request(n.identity, TrainReply(params=params, n_samples=1))
-                for n in nodes))
-            times.append(time.perf_counter() - start)
-            assert all(r.body.params.equal(params) for r in replies)  # type: ignore[attr-defined]
-        return times
-    finally:
-        for task in echoes:
-            task.cancel()
-        for node in nodes:
-            await node.close()
-        await client.close()
 
 
 async def raw_path(frame: bytes, n_nodes: int, repeats: int, fragment: int = 0
@@ -130,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    params = make_params(args.mb)
+    params = layered_params(args.mb)
     frame = codec.encode(Envelope(TrainReply(params=params, n_samples=1), sender="r"))
     moved_mb = 2 * args.nodes * params.nbytes / 1e6
     print(f"{params.nbytes / 1e6:.0f} MB of parameters to {args.nodes} nodes and back "
@@ -139,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in (
         ("raw, one frame", raw_path(frame, args.nodes, args.repeats)),
         ("raw, fragments", raw_path(frame, args.nodes, args.repeats, fragment=1 << 20)),
-        ("fedcore ws://", fedcore_path(params, args.nodes, args.repeats)),
+        ("fedcore ws://", round_trips(WebSocketTransport, f"ws://127.0.0.1:{free_port()}",
+                                      params, args.nodes, args.repeats)),
     ):
         seconds = statistics.median(asyncio.run(run))
         results[name] = moved_mb / seconds

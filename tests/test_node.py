@@ -173,3 +173,13 @@ def test_changes_by_another_process_are_seen(tmp_path):
     assert serving.datasets.search(["diabetes"]) == []
     with pytest.raises(DatasetError):
         serving.datasets.load(entry["id"])
+
+
+def test_a_loading_plan_set_by_another_process_is_used_at_once(tmp_path):
+    serving = Node(tmp_path / "home", node_id="hospital-a")
+    entry = serving.datasets.add("cohort", ["diabetes"], _csv(tmp_path / "a.csv"))
+    assert "bmi" in serving.datasets.load(entry["id"]).frame.columns  # opened and kept
+    Node(tmp_path / "home").datasets.set_loading_plan(  # the CLI, in another process
+        entry["id"], {"columns": {"body_mass_index": "bmi"}})
+    columns = serving.datasets.load(entry["id"]).frame.columns
+    assert "body_mass_index" in columns and "bmi" not in columns

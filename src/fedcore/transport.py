@@ -7,14 +7,15 @@ timeouts and retries live once in the core (:mod:`fedcore._rpc`), not in each tr
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
 from . import plugins
-from .errors import ConfigurationError
+from .errors import ConfigurationError, TransportError
 
-__all__ = ["Capabilities", "Role", "Transport", "open_transport"]
+__all__ = ["Capabilities", "Inbox", "Role", "Transport", "open_transport"]
 
 Role = Literal["researcher", "node"]
 
@@ -27,6 +28,38 @@ class Capabilities:
     ordered: bool = True
     broadcast: bool = False
     networked: bool = True
+
+
+_CLOSED = object()
+
+
+class Inbox:
+    """Frames received and not yet taken by :meth:`Transport.receive`.
+
+    Every transport needs the same behaviour: frames wait in arrival order, and closing
+    wakes every pending ``receive`` with ``TransportError``. Create it inside the loop the
+    transport runs on; from another thread, deliver with ``loop.call_soon_threadsafe``.
+    """
+
+    def __init__(self, identity: str):
+        self.identity = identity
+        self._queue: asyncio.Queue[tuple[str, bytes] | object] = asyncio.Queue()
+
+    def put(self, peer: str, frame: bytes) -> None:
+        """Queue one frame from ``peer``."""
+        self._queue.put_nowait((peer, frame))
+
+    def close(self) -> None:
+        """Wake every pending and later :meth:`get` with ``TransportError``."""
+        self._queue.put_nowait(_CLOSED)
+
+    async def get(self) -> tuple[str, bytes]:
+        """The next ``(peer, frame)``; ``TransportError`` once closed."""
+        item = await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # wake every other receiver too
+            raise TransportError(f"{self.identity!r} was closed.")
+        return item  # type: ignore[return-value]
 
 
 class Transport(abc.ABC):

@@ -12,11 +12,10 @@ import threading
 from urllib.parse import urlsplit
 
 from fedcore.errors import ConfigurationError, TransportError
-from fedcore.transport import Capabilities, Role, Transport
+from fedcore.transport import Capabilities, Inbox, Role, Transport
 
 _hubs: dict[str, _Hub] = {}
 _hubs_lock = threading.Lock()
-_CLOSED = object()
 
 
 class _Hub:
@@ -38,12 +37,12 @@ class InProcessTransport(Transport):
             raise ConfigurationError(f"Expected inproc://NAME. Received: {url!r}")
         with _hubs_lock:
             self._hub = _hubs.setdefault(name, _Hub())
-        self._queue: asyncio.Queue[tuple[str, bytes] | object] | None = None
+        self._inbox: Inbox | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
+        self._inbox = Inbox(self.identity)
         with self._hub.lock:
             other = self._hub.endpoints.get(self.identity)
             if other is not None and other is not self:
@@ -54,9 +53,9 @@ class InProcessTransport(Transport):
             self._hub.endpoints[self.identity] = self
 
     def _deliver(self, sender: str, frame: bytes) -> None:
-        if self._loop is None or self._queue is None or self._loop.is_closed():
+        if self._loop is None or self._inbox is None or self._loop.is_closed():
             raise TransportError(f"{self.identity!r} is not connected to {self.url}.")
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (sender, frame))
+        self._loop.call_soon_threadsafe(self._inbox.put, sender, frame)
 
     async def send(self, peer: str, frame: bytes) -> None:
         if len(frame) > self.capabilities.max_frame_size:
@@ -68,20 +67,16 @@ class InProcessTransport(Transport):
         target._deliver(self.identity, bytes(frame))
 
     async def receive(self) -> tuple[str, bytes]:
-        if self._queue is None:
+        if self._inbox is None:
             raise TransportError(f"{self.identity!r} is not started on {self.url}.")
-        item = await self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)  # wake every other receiver too
-            raise TransportError(f"{self.identity!r} was closed.")
-        return item  # type: ignore[return-value]
+        return await self._inbox.get()
 
     async def close(self) -> None:
         with self._hub.lock:
             if self._hub.endpoints.get(self.identity) is self:
                 del self._hub.endpoints[self.identity]
-        if self._queue is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _CLOSED)
+        if self._inbox is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._inbox.close)
 
     def peers(self) -> set[str]:
         with self._hub.lock:

@@ -44,7 +44,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedcore.codec import DEFAULT_MAX_FRAME
 from fedcore.errors import ConfigurationError, TransportError
-from fedcore.transport import Capabilities, Role, Transport
+from fedcore.transport import Capabilities, Inbox, Role, Transport
 
 __all__ = ["MqttTransport"]
 
@@ -54,7 +54,6 @@ _QUERY_KEYS = {"username", "password", "cafile", "certfile", "keyfile", "chunk_s
                "keepalive", "retry_max", "connect_timeout"}
 _HEADER = struct.Struct("!4sIQQQ")  # magic, sender session, frame number, offset, total
 _MAGIC = b"FCm1"
-_CLOSED = object()
 _PRESENCE_VERSION = 1
 _WINDOW = 64  # chunks published and not yet acknowledged by the broker, per endpoint
 _AUTH_FAILURES = {"Bad user name or password", "Not authorized"}
@@ -150,7 +149,7 @@ class MqttTransport(Transport):
         self._client = client
         self._keepalive = keepalive
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._inbox = Inbox(self.identity)
         self._peers: dict[str, int] = {}  # identity -> session (loop thread only)
         self._inboxes: dict[str, _Inbox] = {}  # sender -> reassembly (network thread only)
         self._connected = False
@@ -170,7 +169,7 @@ class MqttTransport(Transport):
         background instead, as a websocket node waits for its researcher.
         """
         self._loop = asyncio.get_running_loop()
-        self._queue, self._acked = asyncio.Queue(), asyncio.Event()
+        self._inbox, self._acked = Inbox(self.identity), asyncio.Event()
         self._first = self._loop.create_future()
         self._closing = False
         self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
@@ -219,11 +218,7 @@ class MqttTransport(Transport):
                                      f"{paho.error_string(info.rc)}")
 
     async def receive(self) -> tuple[str, bytes]:
-        item = await self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)  # wake every other receiver too
-            raise TransportError(f"{self.identity!r} was closed.")
-        return item  # type: ignore[no-any-return]
+        return await self._inbox.get()
 
     async def close(self) -> None:
         self._closing = True
@@ -235,7 +230,7 @@ class MqttTransport(Transport):
                 pass
         await self._stop_client()
         self._peers.clear()
-        self._queue.put_nowait(_CLOSED)
+        self._inbox.close()
 
     def peers(self) -> set[str]:
         return set(self._peers)
@@ -358,7 +353,7 @@ class MqttTransport(Transport):
     # --- on the event loop ------------------------------------------------------------------
 
     def _deliver(self, sender: str, frame: bytes) -> None:
-        self._queue.put_nowait((sender, frame))
+        self._inbox.put(sender, frame)
 
     def _presence_changed(self, identity: str, online: bool, session: Any) -> None:
         if online:

@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from fedcore.codec import DEFAULT_MAX_FRAME
 from fedcore.errors import ConfigurationError, TransportError
-from fedcore.transport import Capabilities, Role, Transport
+from fedcore.transport import Capabilities, Inbox, Role, Transport
 
 __all__ = ["WebSocketTransport"]
 
@@ -38,7 +38,6 @@ log = logging.getLogger("fedcore.transport.websocket")
 
 _HELLO_VERSION = 1
 _QUERY_KEYS = {"certfile", "keyfile", "cafile", "retry_max"}
-_CLOSED = object()
 # Large frames travel as one message of 1 MiB fragments: websockets buffers, masks and
 # copies a huge single frame in one piece, which is ~3x slower on loopback.
 _FRAGMENT = 1 << 20
@@ -80,7 +79,7 @@ class WebSocketTransport(Transport):
         }
         self._hello_timeout = hello_timeout
         self._retry = (retry_initial, float(query.get("retry_max", retry_max)))
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._inbox = Inbox(self.identity)
         self._conns: dict[str, ServerConnection] = {}  # researcher: node id -> connection
         self._server: Server | None = None
         self._dialer: asyncio.Task[None] | None = None  # node: the reconnecting loop
@@ -91,7 +90,7 @@ class WebSocketTransport(Transport):
 
     async def start(self) -> None:
         """Researcher: listen (return once bound). Node: start dialling (return at once)."""
-        self._queue = asyncio.Queue()
+        self._inbox = Inbox(self.identity)
         if self.role == "node":
             self._dialer = asyncio.create_task(self._dial_forever())
             return
@@ -128,11 +127,7 @@ class WebSocketTransport(Transport):
             raise TransportError(f"The connection to {peer!r} was lost: {exc}") from exc
 
     async def receive(self) -> tuple[str, bytes]:
-        item = await self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)  # wake every other receiver too
-            raise TransportError(f"{self.identity!r} was closed.")
-        return item  # type: ignore[no-any-return]
+        return await self._inbox.get()
 
     async def close(self) -> None:
         if self._dialer is not None:
@@ -145,7 +140,7 @@ class WebSocketTransport(Transport):
             await self._server.wait_closed()
             self._server = None
         self._conns.clear()
-        self._queue.put_nowait(_CLOSED)
+        self._inbox.close()
 
     def peers(self) -> set[str]:
         if self.role == "node":
@@ -188,7 +183,7 @@ class WebSocketTransport(Transport):
         if isinstance(message, str):
             log.warning("Ignored a text message from %s: frames are binary.", peer)
         else:
-            self._queue.put_nowait((peer, message))
+            self._inbox.put(peer, message)
 
     # --- node side --------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,15 +74,12 @@ class ImageFolderDataset(Dataset):
                 '{"values": {"target": {"<local class>": "<class>"}}}. '
                 f"Received: {plan.to_dict()}"
             )
-        self._index: _Index | None = None
 
     # --- the scan ---------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def _ix(self) -> _Index:
-        if self._index is None:
-            self._index = self._scan()
-        return self._index
+        return self._scan()  # on first use, once
 
     def _scan(self) -> _Index:
         image = _pil()

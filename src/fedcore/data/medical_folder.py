@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -94,15 +95,12 @@ class MedicalFolderDataset(Dataset):
         self._local_modalities = None if modalities is None else [str(m) for m in modalities]
         self.loading_plan = loading_plan or DataLoadingPlan()
         self.read_csv_kwargs = dict(read_csv_kwargs or {})
-        self._index: _Index | None = None
 
     # --- the scan ---------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def _ix(self) -> _Index:
-        if self._index is None:
-            self._index = self._scan()
-        return self._index
+        return self._scan()  # on first use, once
 
     def _scan(self) -> _Index:
         if not self.root.is_dir():

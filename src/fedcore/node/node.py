@@ -398,12 +398,13 @@ class Node:
         try:
             bundle, sha = self._bundle(request.plan)
             base["plan"] = sha
-            decision = self.review(self._train_request(env, request, bundle, sha))
+            entry = self.datasets.get(request.dataset_id)
+            decision = self.review(self._train_request(env, request, bundle, sha, entry))
             if not decision.allowed:  # the decision is in the audit log already
                 return ErrorReply(kind="governance", message=decision.reason,
                                   exc_type="GovernanceError")
             plugins.load("backends", bundle.backend)
-            dataset = self.datasets.load(request.dataset_id)
+            dataset = self.datasets.open(entry)
         except GovernanceError as exc:
             self.audit("train-refused", **base, reason=str(exc))
             return ErrorReply(kind="governance", message=str(exc), exc_type="GovernanceError")
@@ -449,11 +450,10 @@ class Node:
         return reply
 
     def _train_request(self, env: Envelope, request: TrainRequest, bundle: PlanBundle,
-                       sha: str) -> Request:
-        entry = self.datasets.get(request.dataset_id)
+                       sha: str, entry: dict[str, Any]) -> Request:
         n = (entry.get("metadata") or {}).get("n_samples")
         if n is None:
-            n = len(self.datasets.load(request.dataset_id))
+            n = len(self.datasets.open(entry))
         return Request(kind="train", researcher=env.sender, experiment=env.experiment,
                        round=env.round, dataset=entry, n_samples=int(n), plan_hash=sha,
                        plan_name=bundle.entry, training_args=dict(request.training_args),

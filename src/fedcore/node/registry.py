@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import threading
 import time
 import uuid
@@ -103,7 +104,7 @@ class DatasetRegistry:
         self._table = db.table("datasets", cache_size=0)
         self._data_dir = data_dir
         self._lock = threading.Lock()
-        self._cache: dict[str, Dataset] = {}
+        self._cache: dict[str, tuple[str, Dataset]] = {}  # id -> (_open_key, dataset)
 
     # --- administration --------------------------------------------------------------------
 
@@ -162,7 +163,7 @@ class DatasetRegistry:
                 "added_at": time.time(),
             }
             self._table.insert(entry)
-            self._cache[entry["id"]] = dataset
+            self._cache[entry["id"]] = (_open_key(entry), dataset)
         return entry
 
     def add_arrays(self, name: str, tags: Iterable[str], X: Any, y: Any = None,
@@ -201,7 +202,7 @@ class DatasetRegistry:
             changes = {"loading_plan": loading_plan.to_dict() if loading_plan else None,
                        "metadata": dataset.metadata(), "report": _report(dataset)}
             self._table.update(changes, Query().id == dataset_id)
-            self._cache[dataset_id] = dataset
+            self._cache[dataset_id] = (_open_key({**entry, **changes}), dataset)
         return {**entry, **changes}
 
     def get_loading_plan(self, dataset_id: str) -> DataLoadingPlan | None:
@@ -236,26 +237,40 @@ class DatasetRegistry:
 
         ``DatasetError`` if its files are gone or no longer fit the plan.
         """
-        entry = self.get(dataset_id)
+        return self.open(self.get(dataset_id))
+
+    def open(self, entry: dict[str, Any]) -> Dataset:
+        """:meth:`load` for an entry already read (one database read per request).
+
+        Opened datasets are kept while the entry's path, options and DataLoadingPlan are
+        unchanged, so a plan set from another process (the CLI, the GUI) is seen at once.
+        """
         if not _available(entry):
-            self._cache.pop(dataset_id, None)
+            self._cache.pop(entry["id"], None)
             raise DatasetError(
                 f"Dataset {entry['name']!r} is unavailable on this node: its files were "
                 "moved or deleted. The node administrator can re-register it."
             )
-        cached = self._cache.get(dataset_id)
-        if cached is None:
+        key = _open_key(entry)
+        cached = self._cache.get(entry["id"])
+        if cached is None or cached[0] != key:
             plan = _plan(entry.get("loading_plan"))
-            cached = _LOADERS[entry["kind"]].open(Path(entry["path"]), dict(entry["options"]),
-                                                  plan)
-            self._cache[dataset_id] = cached
-        return cached
+            dataset = _LOADERS[entry["kind"]].open(Path(entry["path"]),
+                                                   dict(entry["options"]), plan)
+            cached = self._cache[entry["id"]] = (key, dataset)
+        return cached[1]
 
     @staticmethod
     def public(entry: dict[str, Any]) -> dict[str, Any]:
         """What a researcher may see of an entry: no path, no loader options."""
         return {k: entry[k] for k in ("id", "name", "tags", "description", "metadata",
                                       "available") if k in entry}
+
+
+def _open_key(entry: Mapping[str, Any]) -> str:
+    """What an opened dataset depends on: reopen it when any of this changes."""
+    return json.dumps([entry["kind"], entry["path"], entry["options"],
+                       entry.get("loading_plan")], sort_keys=True, default=str)
 
 
 def _clean_tags(tags: Iterable[str]) -> builtins.list[str]:

@@ -121,7 +121,7 @@ async def answer_statistics(node: Node, env: Envelope,
         return ErrorReply(kind="governance", message=reason, exc_type="GovernanceError")
     start = time.perf_counter()
     try:
-        dataset = node.datasets.load(request.dataset_id)
+        dataset = node.datasets.open(entry)
     except (ConfigurationError, DatasetError) as exc:
         node.audit("statistics-failed", **base, reason=str(exc))
         return ErrorReply(kind="dataset", message=str(exc), exc_type=type(exc).__name__)

@@ -1,0 +1,95 @@
+"""Helpers the benchmark scripts share (they run as ``python bench/NAME.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcore import codec
+from fedcore._rpc import Client
+from fedcore._signing import Guard
+from fedcore.identity import Identity
+from fedcore.messages import TrainReply
+from fedcore.params import ParameterSet
+from fedcore.testing.transport import wait_until
+from fedcore.transport import Transport
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median seconds of ``repeats`` calls (after one warm-up) and the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def layered_params(total_mb: int) -> ParameterSet:
+    """Twenty float32 layers of equal size, ``total_mb`` MB in all."""
+    rng = np.random.default_rng(0)
+    per_layer = total_mb * 1_000_000 // 4 // 20
+    return ParameterSet({f"layer{i}.weight": rng.standard_normal(per_layer, dtype=np.float32)
+                         for i in range(20)})
+
+
+async def echo_node(transport: Transport, guard: Guard) -> None:
+    """Answer every request with a TrainReply carrying the parameters it received.
+
+    Frames are verified and signed as on a deployed node (``guard``).
+    """
+    while True:
+        peer, frame = await transport.receive()
+        env, _ = guard.open(frame)
+        reply = env.reply(TrainReply(params=env.body.params, n_samples=1),  # type: ignore[attr-defined]
+                          sender=transport.identity)
+        await transport.send(peer, guard.seal(reply))
+
+
+async def round_trips(make: Callable[..., Transport], url: str, params: ParameterSet,
+                      n_nodes: int, repeats: int, timeout: float = 60.0) -> list[float]:
+    """Seconds per round of sending ``params`` to ``n_nodes`` echo nodes and back.
+
+    ``make(url, role=..., identity=...)`` builds a transport; every frame is signed and
+    verified as in a deployment, and every reply is checked.
+    """
+    keys = Path(tempfile.mkdtemp(prefix="fedcore-bench-keys-"))
+    researcher = Identity(keys / "researcher.key")
+    node_keys = {f"node-{i}": Identity(keys / f"node-{i}.key") for i in range(n_nodes)}
+    trusts_researcher = {"researcher": researcher.public_bytes}
+    client = Client(make(url, role="researcher", identity="researcher"), key=researcher,
+                    enrolled={n: k.public_bytes for n, k in node_keys.items()})
+    await client.start()
+    nodes = [make(url, role="node", identity=n) for n in node_keys]
+    for node in nodes:
+        await node.start()
+    echoes = [asyncio.create_task(echo_node(node, Guard(
+        node_keys[node.identity], lambda: trusts_researcher, networked=True,
+        max_size=codec.DEFAULT_MAX_FRAME))) for node in nodes]
+    try:
+        await wait_until(lambda: len(client.peers()) == n_nodes, "the nodes to connect")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            replies = await asyncio.gather(*(
+                client.request(n.identity, TrainReply(params=params, n_samples=1),
+                               timeout=timeout) for n in nodes))
+            times.append(time.perf_counter() - start)
+            assert all(r.body.params.equal(params) for r in replies)  # type: ignore[attr-defined]
+        return times
+    finally:
+        for task in echoes:
+            task.cancel()
+        for node in nodes:
+            await node.close()
+        await client.close()
+        shutil.rmtree(keys, ignore_errors=True)
