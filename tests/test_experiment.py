@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import fedcore
-from fedcore import Experiment, simulate
+from fedcore import Experiment, codec, simulate
 from fedcore.errors import ConfigurationError, DatasetError, RoundError
+from fedcore.messages import Checkpoint, Envelope
 
 pytest.importorskip("sklearn")
 
@@ -110,10 +110,17 @@ def test_save_is_atomic_and_load_explains_bad_files(breast_cancer, tmp_path):
         path = exp.save(tmp_path / "exp.fedcore")
     assert [p.name for p in tmp_path.iterdir()] == ["exp.fedcore"]  # no temporary left
     (tmp_path / "junk.fedcore").write_bytes(b"not a checkpoint")
-    with pytest.raises(fedcore.ProtocolError):
+    with pytest.raises(ConfigurationError, match="not a readable fedcore checkpoint"):
         Experiment.load(tmp_path / "junk.fedcore")
     with pytest.raises(ConfigurationError, match="No checkpoint"):
         Experiment.load(tmp_path / "missing.fedcore")
+    # A checkpoint from another fedcore version names both formats.
+    body = codec.decode(path.read_bytes()).body
+    future = Checkpoint(state={**body.state, "format": 99}, params=body.params,
+                        history=body.history, aggregator_state=body.aggregator_state)
+    (tmp_path / "future.fedcore").write_bytes(codec.encode(Envelope(body=future)))
+    with pytest.raises(ConfigurationError, match="format 99; this fedcore reads format 1"):
+        Experiment.load(tmp_path / "future.fedcore")
     assert Experiment.load(path).parameters.equal(exp.parameters)
 
 

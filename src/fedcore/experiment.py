@@ -20,6 +20,7 @@ from .errors import (
     ConfigurationError,
     FedcoreError,
     PlanError,
+    ProtocolError,
     RoundError,
     TransportError,
 )
@@ -434,19 +435,21 @@ class Experiment:
         if self._params is None:
             self._params = self._initial_parameters(data_info)
         plan_wire = self._bundle.to_wire()
+        agg = self._aggregator
+        agg.start(self._params, rnd)
+        algorithm = agg.round_options()
         bodies = {
             node: TrainRequest(
                 plan=plan_wire, params=self._params, dataset_id=self._targets[node]["id"],
                 model_args=self._model_args, training_args=self._training_args,
                 data_info=data_info, test_ratio=self._test_ratio, seed=self.seed,
                 evaluate_global=self.evaluate_global, evaluate_local=self.evaluate_local,
+                algorithm=algorithm,
             )
             for node in selected
         }
         deadline = self._strategy.deadline
         wait = self.timeout if deadline is None else min(self.timeout, deadline)
-        agg = self._aggregator
-        agg.start(self._params, rnd)
         order = list(bodies)  # sorted node ids: updates are folded in this order
         arrived: dict[str, tuple[Envelope | Exception, float]] = {}
         rows: dict[str, dict[str, Any]] = {}
@@ -507,7 +510,7 @@ class Experiment:
         body = result.body if isinstance(result, Envelope) else None
         if isinstance(body, TrainReply):
             try:
-                agg.add(body.params, float(body.n_samples), node)
+                agg.add(body.params, float(body.n_samples), node, body.extras)
             except (ValueError, FedcoreError) as exc:
                 body = None
                 result = exc
@@ -690,8 +693,19 @@ class Experiment:
             body = codec.decode(path.read_bytes()).body
         except FileNotFoundError:
             raise ConfigurationError(f"No checkpoint at {path}.") from None
-        if not isinstance(body, Checkpoint) or body.state.get("format") != _CHECKPOINT_VERSION:
-            raise ConfigurationError(f"{path} is not a fedcore experiment checkpoint.")
+        except ProtocolError as exc:
+            raise ConfigurationError(
+                f"{path} is not a readable fedcore checkpoint ({exc}). Pass a file written by "
+                "Experiment.save(), or the checkpoint folder.") from exc
+        if not isinstance(body, Checkpoint):
+            raise ConfigurationError(
+                f"{path} is not a fedcore experiment checkpoint (it holds a "
+                f"{body.TAG!r} message). Pass a file written by Experiment.save().")
+        found = body.state.get("format")
+        if found != _CHECKPOINT_VERSION:
+            raise ConfigurationError(
+                f"{path} is an experiment checkpoint of format {found!r}; this fedcore reads "
+                f"format {_CHECKPOINT_VERSION}. Open it with the fedcore version that wrote it.")
         s = body.state
         if plan is None:
             plan = PlanBundle.from_wire(s["plan"]).load()

@@ -226,6 +226,9 @@ class TrainRequest(Body):
     seed: int = 0
     evaluate_global: bool = True
     evaluate_local: bool = True
+    #: Options for the node's side of the aggregation algorithm (``Aggregator.round_options``:
+    #: ``{"name": "fedprox", "mu": 0.01}``...); empty for plain FedAvg.
+    algorithm: dict[str, Any] = field(default_factory=dict)
 
 
 @message("train-reply")
@@ -244,6 +247,9 @@ class TrainReply(Body):
     #: Training arguments the node's policy imposed (e.g. ``{"epochs": 5}``), and why.
     overrides: dict[str, Any] = field(default_factory=dict)
     policy_notes: list[str] = field(default_factory=list)
+    #: What the node's side of the algorithm returns besides ``params`` (e.g. SCAFFOLD's
+    #: control-variate delta), handed to ``Aggregator.add``.
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @message("error")

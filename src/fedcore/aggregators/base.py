@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from ..params import ParameterSet
@@ -21,14 +22,30 @@ class Aggregator(abc.ABC):
 
     name: ClassVar[str] = ""
     streaming: ClassVar[bool] = True
+    #: True when the aggregator only needs weighted sums of the updates (and of their
+    #: ``extras``), so it works under secure aggregation, which reveals nothing but sums.
+    sum_only: ClassVar[bool] = False
 
     @abc.abstractmethod
     def start(self, global_params: ParameterSet, round: int) -> None:
         """Begin a round from ``global_params``."""
 
     @abc.abstractmethod
-    def add(self, update: ParameterSet, weight: float, node: str = "") -> None:
-        """Fold one node's update, weighted by ``weight`` (usually its sample count)."""
+    def add(self, update: ParameterSet, weight: float, node: str = "",
+            extras: Mapping[str, Any] | None = None) -> None:
+        """Fold one node's update, weighted by ``weight`` (usually its sample count).
+
+        ``extras`` is what the node's side of the algorithm sent besides the parameters
+        (``TrainReply.extras``: e.g. SCAFFOLD's control-variate delta).
+        """
+
+    def round_options(self) -> dict[str, Any]:
+        """Options shipped to every node with this round's training request.
+
+        They reach the node's side of the algorithm (``TrainRequest.algorithm``), e.g.
+        FedProx's ``mu`` or SCAFFOLD's server control variate. Default: none.
+        """
+        return {}
 
     @abc.abstractmethod
     def result(self) -> ParameterSet:

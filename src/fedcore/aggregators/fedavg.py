@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from ..errors import ConfigurationError
@@ -16,6 +19,7 @@ class FedAvg(Aggregator):
     """
 
     name = "fedavg"
+    sum_only = True
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
@@ -27,7 +31,8 @@ class FedAvg(Aggregator):
         self._sums = {}
         self._total = 0.0
 
-    def add(self, update: ParameterSet, weight: float, node: str = "") -> None:
+    def add(self, update: ParameterSet, weight: float, node: str = "",
+            extras: Mapping[str, Any] | None = None) -> None:
         if not weight > 0:
             raise ConfigurationError(
                 f"Update weights must be positive. Received {weight!r} from node {node!r}."

@@ -1,0 +1,1 @@
+"""fedcore: the researcher command line (nodes, run, resume, history)."""
