@@ -37,6 +37,15 @@ _BUILTIN: dict[str, dict[str, tuple[str, str | None]]] = {
     },
     "aggregators": {
         "fedavg": ("fedcore.aggregators.fedavg:FedAvg", None),
+        "fedprox": ("fedcore.aggregators.fedprox:FedProx", None),
+        "scaffold": ("fedcore.aggregators.scaffold:Scaffold", None),
+        "fedadam": ("fedcore.aggregators.fedopt:FedAdam", None),
+        "fedyogi": ("fedcore.aggregators.fedopt:FedYogi", None),
+        "fedadagrad": ("fedcore.aggregators.fedopt:FedAdagrad", None),
+        "fedavgm": ("fedcore.aggregators.fedopt:FedAvgM", None),
+        "median": ("fedcore.aggregators.robust:Median", None),
+        "trimmed-mean": ("fedcore.aggregators.robust:TrimmedMean", None),
+        "krum": ("fedcore.aggregators.robust:Krum", None),
     },
     "secagg": {},
 }
