@@ -510,7 +510,8 @@ class Experiment:
         body = result.body if isinstance(result, Envelope) else None
         if isinstance(body, TrainReply):
             try:
-                agg.add(body.params, float(body.n_samples), node, body.extras)
+                agg.add(body.params, self._strategy.weight(node, body.n_samples), node,
+                        body.extras)
             except (ValueError, FedcoreError) as exc:
                 body = None
                 result = exc

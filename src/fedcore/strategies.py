@@ -5,6 +5,9 @@ like an aggregator) and answers two questions the :class:`~fedcore.Experiment` a
 round: which of the nodes holding the data take part (:meth:`Strategy.select`), and how
 many usable updates make the round valid (``min_nodes``). ``deadline`` closes a round after
 that many seconds with the nodes that answered; the late ones are named in the history.
+``weighting`` says how much each update counts in the aggregate: ``"samples"`` (its training
+sample count, the default) or ``"uniform"`` (every node alike, e.g. when one site's size
+should not dominate); a subclass may override :meth:`Strategy.weight` for anything else.
 
 Example::
 
@@ -23,6 +26,8 @@ import numpy as np
 
 from .errors import ConfigurationError
 
+_WEIGHTINGS = frozenset({"samples", "uniform"})
+
 __all__ = ["AllNodes", "Fraction", "Strategy"]
 
 
@@ -31,16 +36,27 @@ class Strategy:
 
     ``min_nodes``: the quorum, the fewest nodes whose updates make a round (default 1).
     ``deadline``: seconds after which the round closes with the nodes that answered
-    (``None``: wait up to the experiment's ``timeout``). Subclasses override :meth:`select`.
+    (``None``: wait up to the experiment's ``timeout``). ``weighting``: ``"samples"`` or
+    ``"uniform"`` (see :meth:`weight`). Subclasses override :meth:`select` and may override
+    :meth:`weight`.
     """
 
-    def __init__(self, *, min_nodes: int = 1, deadline: float | None = None):
+    def __init__(self, *, min_nodes: int = 1, deadline: float | None = None,
+                 weighting: str = "samples"):
         if int(min_nodes) < 1:
             raise ConfigurationError(f"min_nodes must be >= 1. Received: {min_nodes!r}")
         if deadline is not None and not float(deadline) > 0:
             raise ConfigurationError(f"deadline must be > 0 seconds. Received: {deadline!r}")
+        if weighting not in _WEIGHTINGS:
+            raise ConfigurationError(
+                f"weighting must be one of {sorted(_WEIGHTINGS)}. Received: {weighting!r}")
         self.min_nodes = int(min_nodes)
         self.deadline = None if deadline is None else float(deadline)
+        self.weighting = weighting
+
+    def weight(self, node: str, n_samples: int) -> float:
+        """How much ``node``'s update counts: its sample count, or 1 with ``"uniform"``."""
+        return 1.0 if self.weighting == "uniform" else float(n_samples)
 
     def select(self, nodes: Sequence[str], round: int) -> list[str]:
         """The nodes of ``nodes`` (sorted ids holding the data) that train in ``round``."""
@@ -61,8 +77,9 @@ class Strategy:
 class AllNodes(Strategy):
     """Every node holding the data trains in every round (the default)."""
 
-    def __init__(self, *, min_nodes: int = 1, deadline: float | None = None):
-        super().__init__(min_nodes=min_nodes, deadline=deadline)
+    def __init__(self, *, min_nodes: int = 1, deadline: float | None = None,
+                 weighting: str = "samples"):
+        super().__init__(min_nodes=min_nodes, deadline=deadline, weighting=weighting)
 
 
 class Fraction(Strategy):
@@ -73,10 +90,10 @@ class Fraction(Strategy):
     """
 
     def __init__(self, fraction: float, seed: int = 0, *, min_nodes: int = 1,
-                 deadline: float | None = None):
+                 deadline: float | None = None, weighting: str = "samples"):
         if not 0.0 < float(fraction) <= 1.0:
             raise ConfigurationError(f"fraction must be in (0, 1]. Received: {fraction!r}")
-        super().__init__(min_nodes=min_nodes, deadline=deadline)
+        super().__init__(min_nodes=min_nodes, deadline=deadline, weighting=weighting)
         self.fraction = float(fraction)
         self.seed = int(seed)
 
