@@ -229,6 +229,11 @@ class TrainRequest(Body):
     #: Options for the node's side of the aggregation algorithm (``Aggregator.round_options``:
     #: ``{"name": "fedprox", "mu": 0.01}``...); empty for plain FedAvg.
     algorithm: dict[str, Any] = field(default_factory=dict)
+    #: Differential privacy the researcher asks for (``{"mechanism": "update", "clip": 1.0,
+    #: "noise_multiplier": 1.1, "delta": 1e-5}``...); empty: none. Node policy may require it.
+    privacy: dict[str, Any] = field(default_factory=dict)
+    #: The secure-aggregation scheme and this round's session options; empty: plain sums.
+    secagg: dict[str, Any] = field(default_factory=dict)
 
 
 @message("train-reply")
@@ -250,6 +255,9 @@ class TrainReply(Body):
     #: What the node's side of the algorithm returns besides ``params`` (e.g. SCAFFOLD's
     #: control-variate delta), handed to ``Aggregator.add``.
     extras: dict[str, Any] = field(default_factory=dict)
+    #: What differential privacy cost on this node: mechanism, parameters, epsilon spent
+    #: this round and in total for the dataset, delta.
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 @message("error")

@@ -47,7 +47,11 @@ _BUILTIN: dict[str, dict[str, tuple[str, str | None]]] = {
         "trimmed-mean": ("fedcore.aggregators.robust:TrimmedMean", None),
         "krum": ("fedcore.aggregators.robust:Krum", None),
     },
-    "secagg": {},
+    "secagg": {
+        "plain": ("fedcore.secagg.base:PlainAggregation", None),
+        "masking": ("fedcore.secagg.masking:PairwiseMasking", None),
+        "joye-libert": ("fedcore.secagg.joye_libert:JoyeLibert", None),
+    },
 }
 
 _registered: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
