@@ -20,8 +20,11 @@ from fedcore.messages import (
     Pong,
     SearchReply,
     SearchRequest,
+    SecaggReply,
+    SecaggRequest,
     StatsReply,
     StatsRequest,
+    TrainProgress,
     TrainReply,
     TrainRequest,
     message_types,
@@ -76,6 +79,13 @@ SAMPLES = {
                                     submitted_at=1.5e9, reviewed_at=None),
     "checkpoint": Checkpoint(state={"round": 3}, params=_params(), history=[{"round": 1}],
                              aggregator_state={"m": np.zeros(2)}),
+    "train-progress": TrainProgress(step=40, epoch=1, loss=0.31, samples=640, elapsed_s=2.5,
+                                    fraction=0.4),
+    "secagg": SecaggRequest(phase="share_keys", payload={
+        "session": "ab" * 16, "keys": {"n1": b"\x01" * 32}, "nodes": ["n1", "n2"]}),
+    "secagg-reply": SecaggReply(payload={"session": "ab" * 16, "node": "n1",
+                                         "shares": {"n2": b"\x02" * 48},
+                                         "masked": np.arange(4, dtype=np.uint64)}),
 }
 
 

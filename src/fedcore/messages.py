@@ -30,9 +30,12 @@ __all__ = [
     "PlanSubmit",
     "Pong",
     "SearchReply",
+    "SecaggReply",
+    "SecaggRequest",
     "SearchRequest",
     "StatsReply",
     "StatsRequest",
+    "TrainProgress",
     "TrainReply",
     "TrainRequest",
     "body_type",
@@ -258,6 +261,43 @@ class TrainReply(Body):
     #: What differential privacy cost on this node: mechanism, parameters, epsilon spent
     #: this round and in total for the dataset, delta.
     privacy: dict[str, Any] = field(default_factory=dict)
+    #: The protected update when the round uses secure aggregation (``params`` is empty
+    #: then): the payload of :meth:`fedcore.secagg.NodeSession.protect`.
+    secagg: dict[str, Any] = field(default_factory=dict)
+
+
+@message("train-progress")
+@dataclass(frozen=True)
+class TrainProgress(Body):
+    """Sent by a node while it trains (``reply_to`` = the training request), at most ~1/s.
+
+    ``loss`` is the mean training loss since the previous report (``None`` when the plan
+    reports none); ``fraction`` the share of the local work done, when known.
+    """
+
+    step: int
+    epoch: int = 0
+    loss: float | None = None
+    samples: int = 0
+    elapsed_s: float = 0.0
+    fraction: float | None = None
+
+
+@message("secagg")
+@dataclass(frozen=True)
+class SecaggRequest(Body):
+    """One exchange of a secure-aggregation round (``phase``: setup, share_keys, unmask)."""
+
+    phase: str
+    payload: dict[str, Any]
+
+
+@message("secagg-reply")
+@dataclass(frozen=True)
+class SecaggReply(Body):
+    """A node's answer to a :class:`SecaggRequest`."""
+
+    payload: dict[str, Any]
 
 
 @message("error")
