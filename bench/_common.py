@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedcore import codec
+from fedcore._chunks import ChunkedTransport
 from fedcore._rpc import Client
 from fedcore._signing import Guard
 from fedcore.identity import Identity
@@ -42,17 +43,19 @@ def layered_params(total_mb: int) -> ParameterSet:
                          for i in range(20)})
 
 
-async def echo_node(transport: Transport, guard: Guard) -> None:
+async def echo_node(link: ChunkedTransport) -> None:
     """Answer every request with a TrainReply carrying the parameters it received.
 
-    Frames are verified and signed as on a deployed node (``guard``).
+    Frames go through the core's chunk layer and are verified and signed as on a deployed
+    node (``link.guard``); the reply carries the received arrays, decoded without a copy.
     """
     while True:
-        peer, frame = await transport.receive()
-        env, _ = guard.open(frame)
+        got = await link.deliver()
+        assert got.error is None, got.error
+        env = codec.decode(got.frame)
         reply = env.reply(TrainReply(params=env.body.params, n_samples=1),  # type: ignore[attr-defined]
-                          sender=transport.identity)
-        await transport.send(peer, guard.seal(reply))
+                          sender=link.identity)
+        await link.send_parts(got.peer, codec.encode_parts(reply))
 
 
 async def round_trips(make: Callable[..., Transport], url: str, params: ParameterSet,
@@ -69,12 +72,12 @@ async def round_trips(make: Callable[..., Transport], url: str, params: Paramete
     client = Client(make(url, role="researcher", identity="researcher"), key=researcher,
                     enrolled={n: k.public_bytes for n, k in node_keys.items()})
     await client.start()
-    nodes = [make(url, role="node", identity=n) for n in node_keys]
+    nodes = [ChunkedTransport(make(url, role="node", identity=n), Guard(
+        key, lambda: trusts_researcher, networked=True, max_size=codec.DEFAULT_MAX_FRAME))
+        for n, key in node_keys.items()]
     for node in nodes:
         await node.start()
-    echoes = [asyncio.create_task(echo_node(node, Guard(
-        node_keys[node.identity], lambda: trusts_researcher, networked=True,
-        max_size=codec.DEFAULT_MAX_FRAME))) for node in nodes]
+    echoes = [asyncio.create_task(echo_node(node)) for node in nodes]
     try:
         await wait_until(lambda: len(client.peers()) == n_nodes, "the nodes to connect")
         times = []

@@ -18,19 +18,24 @@ installed) it runs ``--rounds`` rounds after ``--warmup`` warm-up rounds and pri
   against the target (<= 20 ms at 10 nodes; Fed-BioMed measured ~40 ms per round at 2
   nodes).
 
-Run: ``python bench/deployment_overhead.py`` (``--nodes``, ``--rounds``, ``--transports``).
+Run: ``python bench/deployment_overhead.py`` (``--nodes``, ``--rounds``, ``--transports``;
+``--profile N`` prints the N costliest functions of the researcher's event-loop thread over
+the measured rounds, by cProfile).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +118,8 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: int,
-            warmup: int) -> dict[str, float]:
-    from fedcore import Experiment
+            warmup: int, profile: int = 0) -> dict[str, float]:
+    from fedcore import Experiment, _runtime
 
     procs = _start_nodes(homes, url)
     try:
@@ -128,11 +133,17 @@ def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: 
             exp.search()
             connect = time.perf_counter() - t
             walls = []
-            for _ in range(warmup + rounds):
+            profiler = cProfile.Profile()
+            for i in range(warmup + rounds):
+                if profile and i == warmup:  # the rounds run on fedcore's loop thread
+                    _runtime.run(_call(profiler.enable))
                 t = time.perf_counter()
                 rows = exp.run_once()
                 walls.append(time.perf_counter() - t)
                 assert (rows["status"] == "ok").all(), rows
+            if profile:
+                _runtime.run(_call(profiler.disable))
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(profile)
             history = exp.history
         finally:
             exp.close()
@@ -153,12 +164,18 @@ def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: 
             "p90": float(np.percentile(wall - per_round["total_s"].to_numpy(), 90))}
 
 
+async def _call(fn: Callable[[], object]) -> None:
+    fn()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20, help="steady rounds measured")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--transports", default="ws,mqtt")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N costliest functions of the researcher's loop")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fedcore-deploy-bench-") as tmp:
@@ -171,7 +188,8 @@ def main() -> int:
         for transport in args.transports.split(","):
             if transport == "ws":
                 url = f"ws://127.0.0.1:{_free_port()}"
-                results["ws"] = measure(url, homes, enrolled, args.rounds, args.warmup)
+                results["ws"] = measure(url, homes, enrolled, args.rounds, args.warmup,
+                                        args.profile)
             elif transport == "mqtt":
                 if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
                     print("mqtt: skipped (Mosquitto is not installed)")
@@ -184,7 +202,8 @@ def main() -> int:
                 broker, port = start_broker(folder)
                 try:
                     url = f"mqtt://127.0.0.1:{port}/bench-{uuid.uuid4().hex[:8]}"
-                    results["mqtt"] = measure(url, homes, enrolled, args.rounds, args.warmup)
+                    results["mqtt"] = measure(url, homes, enrolled, args.rounds, args.warmup,
+                                              args.profile)
                 finally:
                     broker.terminate()
                     broker.wait(5)

@@ -5,7 +5,9 @@ loopback port) and moves the same bytes two ways:
 
 - ``fedcore``: the researcher's ``Client.request`` (encode, correlate) over ``MqttTransport``
   to 3 node endpoints, each decoding the request and answering with a ``TrainReply``
-  carrying the same parameters, decoded again by the researcher;
+  carrying the same parameters, decoded again by the researcher. The core's chunk layer
+  cuts each frame into messages of ``--chunk`` bytes, signs each and verifies it on arrival,
+  and reassembles the frame into one buffer;
 - ``raw``: paho-mqtt alone, QoS 1: one client publishes the encoded frame to 3 echo clients
   in chunks of the same size; each holds the chunks until the whole frame is there (as a
   node must) and publishes them back. No header, no reassembly, no encoding.

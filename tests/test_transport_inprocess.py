@@ -9,12 +9,19 @@ import uuid
 import pytest
 
 from fedcore.testing.transport import Endpoints, TransportConformance
+from fedcore.transport import Role, Transport
+from fedcore_transport.inprocess import InProcessTransport
 
 
 class TestInProcessTransport(TransportConformance):
+    """In-process messages of 256 KiB: the suite's large frames cross as chunks."""
+
     @pytest.fixture
     def endpoints(self) -> Endpoints:
         return Endpoints.same(f"inproc://conformance-{uuid.uuid4().hex[:8]}")
+
+    def open_raw(self, url: str, role: Role, identity: str) -> Transport:
+        return InProcessTransport(url, role=role, identity=identity, max_frame_size=256 << 10)
 
 
 def test_import_fedcore_leaves_the_testing_toolkit_alone():

@@ -31,6 +31,7 @@ pytest.importorskip("paho.mqtt")
 
 from _trust import enroll  # noqa: E402
 from fedcore import Node, codec  # noqa: E402
+from fedcore._chunks import ChunkedTransport  # noqa: E402
 from fedcore._signing import Guard  # noqa: E402
 from fedcore.errors import ConfigurationError, TransportError  # noqa: E402
 from fedcore.identity import researcher_identity  # noqa: E402
@@ -213,7 +214,7 @@ def test_an_untrusted_broker_is_never_joined(secure_broker):
 @pytest.mark.parametrize("url, message", [
     ("mqtt://127.0.0.1:x/fed", "Expected mqtt://HOST"),
     ("mqtt://127.0.0.1:1883/fed?colour=red", r"Unknown option\(s\) \['colour'\]"),
-    ("mqtt://127.0.0.1:1883/fed?chunk_size=12", "chunk_size must be"),
+    ("mqtt://127.0.0.1:1883/fed?chunk_size=12", "chunk_size must be at least 2048"),
     ("mqtt://127.0.0.1:1883/f+d", "federation must be"),
     ("mqtts://127.0.0.1/fed?cafile=/no/such.pem", "Cannot load"),
 ])
@@ -231,9 +232,10 @@ def test_frames_flow_again_after_a_broker_restart(tmp_path):
     broker = Broker(tmp_path, "allow_anonymous true").start()
     url = f"mqtt://127.0.0.1:{broker.port}/{fed()}?retry_max=0.5"
 
-    async def scenario() -> None:
-        researcher = open_transport(url, role="researcher", identity="researcher")
-        node = open_transport(url, role="node", identity="n")
+    async def scenario() -> None:  # frames of any size: through the core's chunk layer
+        researcher = ChunkedTransport(open_transport(url, role="researcher",
+                                                     identity="researcher"))
+        node = ChunkedTransport(open_transport(url, role="node", identity="n"))
         await researcher.start()
         await node.start()
         try:
@@ -334,3 +336,37 @@ def test_a_foreign_message_on_a_node_topic_is_refused_and_the_node_keeps_serving
     finally:
         node.stop()
     assert any(r["event"] == "refused-frame" for r in node.audit_log())
+
+
+def test_a_message_larger_than_an_endpoint_accepts_never_reaches_it(broker):
+    """An endpoint tells the broker the largest packet it takes (its chunk size and a little):
+    a 1 MB message published on its topic by anyone is never delivered to it, so it never
+    buffers one; what follows still arrives."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    federation = fed()
+    url = f"mqtt://127.0.0.1:{broker.port}/{federation}"
+
+    async def scenario() -> None:
+        researcher = open_transport(url, role="researcher", identity="researcher")
+        node = MqttTransport(url, role="node", identity="n", chunk_size=16 << 10)
+        intruder = paho.Client(CallbackAPIVersion.VERSION2, client_id="big-intruder",
+                               protocol=paho.MQTTv5)
+        await researcher.start()
+        await node.start()
+        try:
+            await wait_until(lambda: researcher.peers() == {"n"}, "the node to appear")
+            intruder.connect("127.0.0.1", broker.port)
+            intruder.loop_start()
+            intruder.publish(f"fedcore/{federation}/to/n/from/researcher", bytes(1 << 20),
+                             qos=1).wait_for_publish(5)
+            await researcher.send("n", b"small")
+            assert await asyncio.wait_for(node.receive(), 10) == ("researcher", b"small")
+        finally:
+            intruder.loop_stop()
+            intruder.disconnect()
+            await node.close()
+            await researcher.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

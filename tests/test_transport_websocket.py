@@ -18,7 +18,7 @@ from _trust import enroll  # noqa: E402
 from fedcore import Experiment, Node  # noqa: E402
 from fedcore.errors import ConfigurationError  # noqa: E402
 from fedcore.testing.transport import Endpoints, TransportConformance  # noqa: E402
-from fedcore.transport import open_transport  # noqa: E402
+from fedcore.transport import Role, Transport, open_transport  # noqa: E402
 from fedcore_transport.websocket import WebSocketTransport  # noqa: E402
 
 
@@ -66,7 +66,12 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
 
 
 class TestSecureWebSocketTransport(TransportConformance):
+    """TLS, and messages of 1 MiB instead of 16: the core cuts frames into smaller chunks."""
+
     large_frame = 16 << 20  # TLS is slower; the plain suite covers 64 MB
+
+    def open_raw(self, url: str, role: Role, identity: str) -> Transport:
+        return WebSocketTransport(url, role=role, identity=identity, max_frame_size=1 << 20)
 
     @pytest.fixture
     def endpoints(self, certificate) -> Endpoints:
@@ -154,3 +159,32 @@ def test_nodes_dialling_in_one_after_another_are_all_found(tmp_path):
         for node in nodes:
             node.stop()
     assert sorted(found["node"]) == ["late-a", "late-b"]
+
+
+def test_nothing_larger_than_a_hello_is_read_before_the_hello(caplog):
+    """Before a peer said who it is, the researcher reads at most 4 KiB from it: a 64 KiB
+    first message closes the connection (1009, message too big), and nobody joins."""
+    import asyncio
+    import logging
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async def scenario() -> None:
+        url = f"ws://127.0.0.1:{free_port()}"
+        researcher = open_transport(url, role="researcher", identity="researcher")
+        await researcher.start()
+        try:
+            async with connect(url, proxy=None) as ws:
+                await ws.send(b"x" * (64 << 10))
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+            assert researcher.peers() == set()
+        finally:
+            await researcher.close()
+
+    with caplog.at_level(logging.WARNING, logger="fedcore.transport.websocket"):
+        asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert "Refused a message of more than 4096 bytes" in caplog.text
+    assert "(before its hello)" in caplog.text

@@ -1,35 +1,44 @@
-"""End-to-end signed frames: the one rule, in one place.
+"""End-to-end signed messages: the one rule, in one place.
 
-On a networked transport (``transport.capabilities.networked``) every frame carries a
-signature trailer and every received frame is verified before it is decoded; on the
-in-process transport neither happens (nothing can forge a frame inside one process, and
-simulation stays fast).
+On a networked transport (``transport.capabilities.networked``) every message carries a
+signature trailer and every received message is verified before anything else reads it; on
+the in-process transport neither happens (nothing can forge a frame inside one process, and
+simulation stays fast). A message is a whole frame, or one chunk of a larger frame
+(:mod:`fedcore._chunks`): each chunk is signed on its own, its position in the frame
+included, so a receiver never buffers a byte that a trusted key did not sign.
 
-Trailer, appended after the codec's frame (so ``codec`` itself is unchanged)::
+Trailer, appended after the message (so ``codec`` itself is unchanged)::
 
     b"FCS1" | Ed25519 public key (32) | counter u64 | time ms u64 | signature (64)
 
-The signature covers ``SHA-256(frame) || trailer[:52]``: large frames are hashed once, part
-by part, never copied. The counter is ``max(previous + 1, time_ns())`` so it grows across a
-sender's restarts; a receiver keeps the highest counter per key in memory and refuses any
-frame at or below it, or whose time is more than :data:`WINDOW_S` away from its own clock.
-Counters are not persisted: after a receiver restarts, only a frame captured less than
-``WINDOW_S`` before could be replayed, once.
+The signature covers ``SHA-256(message) || trailer[:52]``: large messages are hashed once,
+part by part, never copied. The counter is ``max(previous + 1, time_ns())``, so it grows
+across a sender's restarts. A receiver refuses a message whose time is more than
+:data:`WINDOW_S` away from its own clock, and one whose counter it already accepted: it keeps
+the counters of the last :data:`REORDER_S` seconds per key (messages of concurrent sends may
+arrive slightly out of counter order) and refuses anything older. With a ``replay_file``
+(a node's home, next to a researcher's key), the highest counter accepted per key is appended
+there as each message is accepted (one ``write``, no ``fsync``) and read back on start, so a
+message captured before a restart cannot be replayed after it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import codec
+from ._files import write_atomic
 from .errors import GovernanceError, ProtocolError
 from .identity import Identity, fingerprint
 from .messages import Envelope
@@ -37,12 +46,50 @@ from .messages import Envelope
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["WINDOW_S", "Guard"]
+__all__ = ["REORDER_S", "TRAILER", "WINDOW_S", "Guard", "ReplayedFrame", "Signed"]
 
-WINDOW_S = 300.0  #: how far a frame's signing time may be from the receiver's clock
+log = logging.getLogger("fedcore.signing")
+
+WINDOW_S = 300.0  #: how far a message's signing time may be from the receiver's clock
+REORDER_S = 5.0  #: how far out of counter order a message may arrive
 _MAGIC = b"FCS1"
 _SIGNED = struct.Struct("<4s32sQQ")
-TRAILER = _SIGNED.size + 64
+TRAILER = _SIGNED.size + 64  #: bytes a signature adds to a message
+_COMPACT_LINES = 20_000  # the replay file is rewritten (one line per key) beyond this
+
+
+class ReplayedFrame(ProtocolError):
+    """A message whose counter was already accepted (a replay, or a duplicate delivery)."""
+
+
+class Signed(NamedTuple):
+    """A verified message: who signed it (trusted name and raw key) and its body."""
+
+    name: str
+    key: bytes
+    body: memoryview
+
+
+class _Seen:
+    """Counters accepted from one key: ``floor`` (strict lower bound) and recent ones."""
+
+    __slots__ = ("floor", "highest", "recent")
+
+    def __init__(self, floor: int = 0):
+        self.floor = floor
+        self.highest = floor
+        self.recent: set[int] = set()
+
+    def accept(self, counter: int) -> bool:
+        reorder = int(REORDER_S * 1e9)
+        if counter <= self.floor or counter in self.recent or counter <= self.highest - reorder:
+            return False
+        self.recent.add(counter)
+        if counter > self.highest:
+            self.highest = counter
+            if len(self.recent) > 64:
+                self.recent = {c for c in self.recent if c > counter - reorder}
+        return True
 
 
 class Guard:
@@ -50,10 +97,12 @@ class Guard:
 
     ``trusted`` returns ``{name: raw public key}``: the researchers a node trusts, or the
     nodes a researcher enrolled. ``untrusted_hint`` finishes the message of a refusal.
+    ``replay_file`` keeps the replay state across restarts (see the module's text).
     """
 
     def __init__(self, identity: Identity | None, trusted: Callable[[], Mapping[str, bytes]],
-                 *, networked: bool, max_size: int, untrusted_hint: str = ""):
+                 *, networked: bool, max_size: int, untrusted_hint: str = "",
+                 replay_file: str | Path | None = None):
         if networked and identity is None:
             raise ValueError("a networked Guard needs an identity")
         self.identity = identity
@@ -62,52 +111,62 @@ class Guard:
         self._trusted = trusted
         self._hint = untrusted_hint
         self._counter = 0
-        self._highest: dict[bytes, int] = {}
+        self._seen: dict[bytes, _Seen] = {}
         self._lock = threading.Lock()
         self._keys: dict[bytes, Ed25519PublicKey] = {}
+        self._replay_fd: int | None = None
+        self._replay_lines = 0
+        self._replay_file = Path(replay_file) if replay_file and networked else None
+        if self._replay_file is not None:
+            self._load_replay_state(self._replay_file)
+
+    # --- sending ------------------------------------------------------------------------------
 
     def seal(self, env: Envelope) -> bytes:
-        """The frame of ``env``, signed when the transport is networked."""
-        parts = codec.encode_parts(env, max_size=self.max_size - TRAILER * self.networked)
+        """The frame of ``env`` as one message, signed when the transport is networked."""
+        parts = codec.encode_parts(env, max_size=self.max_size)
         if self.networked:
-            parts.append(self._trailer(parts))
+            parts.append(self.trailer(parts))
         return b"".join(parts)
 
-    def _trailer(self, parts: list[Buffer]) -> bytes:
+    def trailer(self, parts: Sequence[Buffer]) -> bytes:
+        """The signature trailer of the message made of ``parts`` (thread-safe)."""
         assert self.identity is not None
-        with self._lock:
-            self._counter = max(self._counter + 1, time.time_ns())
-            counter = self._counter
         digest = hashlib.sha256()
         for part in parts:
             digest.update(part)
+        with self._lock:
+            self._counter = max(self._counter + 1, time.time_ns())
+            counter = self._counter
         signed = _SIGNED.pack(_MAGIC, self.identity.public_bytes, counter,
                               int(time.time() * 1000))
         return signed + self.identity.sign(digest.digest() + signed)
 
-    def open(self, frame: bytes) -> tuple[Envelope, str]:
-        """Verify (when networked) and decode ``frame``; return it and its signer's name.
+    # --- receiving ----------------------------------------------------------------------------
+
+    def open(self, frame: Buffer) -> tuple[Envelope, str]:
+        """Verify (when networked) and decode a one-message ``frame``; return it and its signer.
 
         ``ProtocolError`` for an oversized, unsigned, altered or replayed frame;
         ``GovernanceError`` for a frame signed by a key this side does not trust.
         """
         if not self.networked:
             return codec.decode(frame, max_size=self.max_size), ""
-        name, body = self.verify(frame)
-        return codec.decode(body, max_size=self.max_size), name
+        signed = self.verify(frame)
+        return codec.decode(signed.body, max_size=self.max_size), signed.name
 
-    def verify(self, frame: bytes) -> tuple[str, memoryview]:
-        """Check the signature trailer of ``frame``; return the signer's name and the body."""
-        view = memoryview(frame).cast("B")
-        if len(view) > self.max_size:
-            raise ProtocolError(f"Frame of {len(view)} bytes exceeds the limit of "
-                                f"{self.max_size} bytes. Refused unread.")
+    def signer(self, message: Buffer) -> tuple[str, bytes]:
+        """The trusted name and key that ``message`` claims (unverified; cheap).
+
+        ``ProtocolError`` when it carries no trailer, ``GovernanceError`` when its key is not
+        trusted: what a receiver checks before it hashes or buffers anything.
+        """
+        view = memoryview(message).cast("B")
         if len(view) < TRAILER or bytes(view[-TRAILER:-TRAILER + 4]) != _MAGIC:
             raise ProtocolError("Unsigned frame: every frame on a networked transport must "
                                 "be signed by its sender (fedcore >= this release on both "
                                 "ends).")
-        body, trailer = view[:-TRAILER], view[-TRAILER:]
-        _, key, counter, millis = _SIGNED.unpack(trailer[:_SIGNED.size])
+        key = bytes(view[-TRAILER + 4:-TRAILER + 36])
         trusted = self._trusted()
         if not trusted:
             raise GovernanceError(f"Refused: nobody is trusted yet. {self._hint}")
@@ -115,6 +174,22 @@ class Guard:
         if name is None:
             raise GovernanceError(
                 f"Refused a frame signed by an unknown key {fingerprint(key)}. {self._hint}")
+        return name, key
+
+    def verify(self, message: Buffer, signer: tuple[str, bytes] | None = None) -> Signed:
+        """Check the signature trailer of ``message``; return its signer and body.
+
+        ``signer`` is what :meth:`signer` returned for it, when the caller checked already.
+        The replay state is updated only when every check passed (thread-safe: large
+        messages are verified on worker threads).
+        """
+        view = memoryview(message).cast("B")
+        if len(view) > self.max_size + TRAILER:
+            raise ProtocolError(f"Frame of {len(view) - TRAILER} bytes exceeds the limit of "
+                                f"{self.max_size} bytes. Refused unread.")
+        name, key = signer or self.signer(view)
+        body, trailer = view[:-TRAILER], view[-TRAILER:]
+        _, _, counter, millis = _SIGNED.unpack(trailer[:_SIGNED.size])
         digest = hashlib.sha256(body).digest()
         try:
             self._public(key).verify(bytes(trailer[_SIGNED.size:]),
@@ -128,14 +203,70 @@ class Guard:
                                 f"clock (allowed: {WINDOW_S:.0f} s): a replay, or clocks "
                                 "out of sync (run NTP). Refused.")
         with self._lock:
-            if counter <= self._highest.get(key, 0):
-                raise ProtocolError(f"Replayed frame from {name!r}: its counter {counter} "
-                                    "was already seen. Refused.")
-            self._highest[key] = counter
-        return name, body
+            seen = self._seen.setdefault(key, _Seen())
+            if not seen.accept(counter):
+                raise ReplayedFrame(f"Replayed frame from {name!r}: its counter {counter} was "
+                                    "already seen (a replay, or a duplicate delivery). "
+                                    "Refused.")
+            self._remember(key, counter)
+        return Signed(name, key, body)
 
     def _public(self, key: bytes) -> Ed25519PublicKey:
         public = self._keys.get(key)
         if public is None:
             public = self._keys[key] = Ed25519PublicKey.from_public_bytes(key)
         return public
+
+    # --- replay state across restarts -------------------------------------------------------
+
+    def _load_replay_state(self, path: Path) -> None:
+        highest: dict[bytes, int] = {}
+        lines = 0
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines():
+            lines += 1
+            key_hex, _, counter = line.partition(" ")
+            try:
+                key, value = bytes.fromhex(key_hex), int(counter)
+            except ValueError:
+                continue  # a line cut by a crash mid-write
+            if len(key) == 32 and value > highest.get(key, 0):
+                highest[key] = value
+        self._seen = {key: _Seen(floor) for key, floor in highest.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if lines > _COMPACT_LINES:
+            self._compact(path, highest)
+        else:
+            self._replay_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._replay_lines = lines
+
+    def _compact(self, path: Path, highest: Mapping[bytes, int]) -> None:
+        if self._replay_fd is not None:
+            os.close(self._replay_fd)
+        write_atomic(path, "".join(f"{k.hex()} {v}\n" for k, v in highest.items()))
+        self._replay_fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._replay_lines = len(highest)
+
+    def _remember(self, key: bytes, counter: int) -> None:
+        """Append an accepted counter to the replay file (called under the lock)."""
+        if self._replay_fd is None or self._replay_file is None:
+            return
+        try:
+            os.write(self._replay_fd, f"{key.hex()} {counter}\n".encode())
+            self._replay_lines += 1
+            if self._replay_lines > _COMPACT_LINES:
+                self._compact(self._replay_file,
+                              {k: s.highest for k, s in self._seen.items()})
+        except OSError as exc:  # a full disk must not stop the node: say what is lost
+            log.error("Cannot write the replay state to %s (%s): frames captured now could "
+                      "be replayed after a restart.", self._replay_file, exc)
+
+    def close(self) -> None:
+        """Release the replay file."""
+        with self._lock:
+            if self._replay_fd is not None:
+                os.close(self._replay_fd)
+                self._replay_fd = None

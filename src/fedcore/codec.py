@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MAX_FRAME", "MAGIC", "decode", "encode", "encode_parts", "peek_header"]
 
 MAGIC = b"FCF1"
-DEFAULT_MAX_FRAME = 1 << 30  # 1 GiB
+DEFAULT_MAX_FRAME = 1 << 31  # 2 GiB: a 1 GiB model and its header fit with room to spare
 _MAX_HEADER = 64 << 20
 _ALIGN = 64
 _PREFIX = struct.Struct("<4sI")

@@ -1,19 +1,27 @@
 """The Transport interface (bytes in, bytes out) and URL resolution.
 
-A transport only moves frames between named peers. Encoding, correlation of replies,
-timeouts and retries live once in the core (:mod:`fedcore._rpc`), not in each transport.
+A transport only moves messages between named peers, each at most
+``capabilities.max_frame_size`` bytes. Encoding, chunking of larger frames, signing,
+correlation of replies, timeouts and retries live once in the core
+(:mod:`fedcore._chunks`, :mod:`fedcore._rpc`), not in each transport.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import threading
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from . import plugins
 from .errors import ConfigurationError, TransportError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["Capabilities", "Inbox", "Role", "Transport", "open_transport"]
 
@@ -22,7 +30,12 @@ Role = Literal["researcher", "node"]
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a transport guarantees; the core reads these flags, never the transport's name."""
+    """What a transport guarantees; the core reads these flags, never the transport's name.
+
+    ``max_frame_size`` is the largest message the transport carries in one piece; the core
+    (:mod:`fedcore._chunks`) cuts larger frames into chunks that fit, so a transport never
+    does.
+    """
 
     max_frame_size: int
     ordered: bool = True
@@ -30,36 +43,105 @@ class Capabilities:
     networked: bool = True
 
 
-_CLOSED = object()
-
-
 class Inbox:
-    """Frames received and not yet taken by :meth:`Transport.receive`.
+    """Messages received and not yet taken by :meth:`Transport.receive`.
 
-    Every transport needs the same behaviour: frames wait in arrival order, and closing
-    wakes every pending ``receive`` with ``TransportError``. Create it inside the loop the
-    transport runs on; from another thread, deliver with ``loop.call_soon_threadsafe``.
+    Every transport needs the same behaviour: messages wait in arrival order, and closing
+    wakes every pending ``receive`` with ``TransportError``. With ``max_bytes``, the inbox
+    is bounded: :meth:`put` waits while ``max_bytes`` or more are queued (one message is
+    always let in), so a reader that awaits it stops reading from its socket when the
+    consumer lags, and the sender is slowed by the network's own flow control. Create it
+    inside the loop the transport runs on; from another thread, deliver with
+    :meth:`put_threadsafe`.
     """
 
-    def __init__(self, identity: str):
+    def __init__(self, identity: str, max_bytes: int | None = None):
         self.identity = identity
-        self._queue: asyncio.Queue[tuple[str, bytes] | object] = asyncio.Queue()
+        #: The bound, in bytes (``None``: unbounded).
+        self.max_bytes = max_bytes
+        #: Bytes queued now.
+        self.queued_bytes = 0
+        self._items: deque[tuple[str, bytes]] = deque()
+        self._closed = False
+        self._handed = 0  # bytes handed over by another thread, not yet queued
+        self._lock = threading.Lock()
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
 
-    def put(self, peer: str, frame: bytes) -> None:
-        """Queue one frame from ``peer``."""
-        self._queue.put_nowait((peer, frame))
+    def full(self) -> bool:
+        """Whether a :meth:`put` would wait now."""
+        return self.max_bytes is not None and self.queued_bytes >= self.max_bytes \
+            and bool(self._items)
+
+    def put_nowait(self, peer: str, frame: bytes) -> None:
+        """Queue one message from ``peer``, whatever the bound (the caller waited already)."""
+        if self._closed:
+            return
+        self._items.append((peer, frame))
+        self.queued_bytes += len(frame)
+        self._readable.set()
+        if self.full():
+            self._room.clear()
+
+    async def put(self, peer: str, frame: bytes) -> None:
+        """Queue one message, first waiting while the inbox is full."""
+        while self.full() and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+        self.put_nowait(peer, frame)
+
+    def put_threadsafe(self, loop: asyncio.AbstractEventLoop, peer: str, frame: Any,
+                       timeout: float) -> bool:
+        """From another thread: queue one message, waiting up to ``timeout`` s for room.
+
+        Returns ``False`` (nothing queued) when the inbox stayed full or the loop is gone.
+        While there is room, it hands the message over without waiting for the loop.
+        """
+        if loop.is_closed():
+            return False
+        with self._lock:
+            room = self.max_bytes is None or self.queued_bytes + self._handed < self.max_bytes
+            if room:
+                self._handed += len(frame)
+        if room:
+            try:
+                loop.call_soon_threadsafe(self._take_handed, peer, frame)
+            except RuntimeError:  # the loop closed meanwhile
+                return False
+            return True
+        future = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(self.put(peer, frame), timeout), loop)
+        try:
+            future.result(timeout + 1.0)
+        except Exception:  # a timeout, or the loop stopped meanwhile
+            future.cancel()
+            return False
+        return True
+
+    def _take_handed(self, peer: str, frame: bytes) -> None:
+        with self._lock:
+            self._handed -= len(frame)
+        self.put_nowait(peer, frame)
 
     def close(self) -> None:
         """Wake every pending and later :meth:`get` with ``TransportError``."""
-        self._queue.put_nowait(_CLOSED)
+        self._closed = True
+        self._readable.set()
+        self._room.set()
 
     async def get(self) -> tuple[str, bytes]:
         """The next ``(peer, frame)``; ``TransportError`` once closed."""
-        item = await self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)  # wake every other receiver too
-            raise TransportError(f"{self.identity!r} was closed.")
-        return item  # type: ignore[return-value]
+        while not self._items:
+            if self._closed:
+                raise TransportError(f"{self.identity!r} was closed.")
+            self._readable.clear()
+            await self._readable.wait()
+        peer, frame = self._items.popleft()
+        self.queued_bytes -= len(frame)
+        if not self.full():
+            self._room.set()
+        return peer, frame
 
 
 class Transport(abc.ABC):
@@ -82,7 +164,18 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def send(self, peer: str, frame: bytes) -> None:
-        """Send one frame to ``peer``; raise ``TransportError`` when it cannot be delivered."""
+        """Send one message to ``peer``; raise ``TransportError`` when it cannot be delivered.
+
+        A message larger than ``capabilities.max_frame_size`` raises ``TransportError``.
+        """
+
+    async def send_parts(self, peer: str, parts: Sequence[Buffer]) -> None:
+        """Send the concatenation of ``parts`` as one message.
+
+        The default joins them; a transport that can write vectored I/O overrides this to
+        send the parts without copying them.
+        """
+        await self.send(peer, b"".join(parts))
 
     @abc.abstractmethod
     async def receive(self) -> tuple[str, bytes]:

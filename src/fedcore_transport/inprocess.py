@@ -2,7 +2,10 @@
 
 Frames are bytes, encoded and decoded by the same core path as on a network; only the
 delivery is a queue. Endpoints may live on different event loops (threads): delivery uses
-``call_soon_threadsafe`` onto the receiver's loop.
+``call_soon_threadsafe`` onto the receiver's loop. A message is handed over by reference,
+never copied, so the receiver's queue is not bounded: it holds no memory of its own.
+``max_frame_size`` (2 GiB by default) is the largest message; give a small one to exercise
+the core's chunking in simulation.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ class InProcessTransport(Transport):
     capabilities = Capabilities(max_frame_size=1 << 31, ordered=True, broadcast=False,
                                 networked=False)
 
-    def __init__(self, url: str, *, role: Role, identity: str):
+    def __init__(self, url: str, *, role: Role, identity: str, max_frame_size: int = 1 << 31):
         super().__init__(url, role=role, identity=identity)
+        if max_frame_size != self.capabilities.max_frame_size:
+            self.capabilities = Capabilities(max_frame_size=max_frame_size, ordered=True,
+                                              broadcast=False, networked=False)
         name = urlsplit(url).netloc or urlsplit(url).path.strip("/")
         if not name:
             raise ConfigurationError(f"Expected inproc://NAME. Received: {url!r}")
@@ -55,11 +61,12 @@ class InProcessTransport(Transport):
     def _deliver(self, sender: str, frame: bytes) -> None:
         if self._loop is None or self._inbox is None or self._loop.is_closed():
             raise TransportError(f"{self.identity!r} is not connected to {self.url}.")
-        self._loop.call_soon_threadsafe(self._inbox.put, sender, frame)
+        self._loop.call_soon_threadsafe(self._inbox.put_nowait, sender, frame)
 
     async def send(self, peer: str, frame: bytes) -> None:
         if len(frame) > self.capabilities.max_frame_size:
-            raise TransportError(f"Frame of {len(frame)} bytes is too large for {self.url}.")
+            raise TransportError(f"Frame of {len(frame)} bytes is too large for {self.url} "
+                                 f"(at most {self.capabilities.max_frame_size}).")
         with self._hub.lock:
             target = self._hub.endpoints.get(peer)
         if target is None:

@@ -3,17 +3,24 @@
 The researcher and the nodes all dial out to an MQTT broker (paho-mqtt 2.x, MQTT 5, QoS 1).
 Topics are per federation and per recipient::
 
-    fedcore/<federation>/to/<recipient>/from/<sender>     frames, in chunks
+    fedcore/<federation>/to/<recipient>/from/<sender>     messages
     fedcore/<federation>/presence/<role>/<identity>       retained birth message
 
 Presence is a retained birth message, cleared on a clean close and replaced by the
 endpoint's last will when it dies, so ``peers()`` lists the live endpoints of the other
-role. A frame travels as chunks (``chunk_size`` URL option, default 1 MiB, below the broker's
-maximum packet size, which MQTT 5 brokers announce); each chunk starts with a 32-byte header
-(magic, sender session, frame number, offset, total length) and the receiver reassembles the
-frame, dropping duplicates and incomplete frames. A message without that header is handed
-on whole as a frame. Frames are signed end to end by the core (:mod:`fedcore._signing`), so
-bytes injected or altered by anyone allowed to publish on the broker are refused.
+role. One MQTT message carries one message of the core, at most ``chunk_size`` bytes (URL
+option, default 1 MiB, shrunk to fit when an MQTT 5 broker announces a smaller maximum
+packet size): that is the transport's ``max_frame_size``, and the core cuts larger frames
+into chunks (:mod:`fedcore._chunks`). The endpoint tells the broker, in its CONNECT, the
+largest packet it accepts, so nobody can push a larger message to it. Messages are signed
+end to end by the core (:mod:`fedcore._signing`), so bytes injected or altered by anyone
+allowed to publish on the broker are refused, and QoS 1 duplicates are dropped there.
+
+Received messages wait in a bounded inbox (``inbox_bytes``, 8 MiB by default). paho reads on
+its own thread: when the inbox is full, that thread waits (up to half the keepalive) before
+acknowledging the message, so the broker stops sending and queues for this endpoint (up to
+its ``max_queued_messages``); a message still refused after that wait is dropped with a log
+line (its frame is then incomplete, and dropped by the core).
 
 paho reconnects by itself (``retry_max`` caps the backoff); on every connection the
 endpoint subscribes and announces itself again, so a broker restart is survived. Frames in
@@ -31,18 +38,16 @@ import json
 import logging
 import socket
 import ssl as ssl_lib
-import struct
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fedcore.codec import DEFAULT_MAX_FRAME
 from fedcore.errors import ConfigurationError, TransportError
 from fedcore.transport import Capabilities, Inbox, Role, Transport
 
@@ -52,34 +57,22 @@ log = logging.getLogger("fedcore.transport.mqtt")
 
 _QUERY_KEYS = {"username", "password", "cafile", "certfile", "keyfile", "chunk_size",
                "keepalive", "retry_max", "connect_timeout"}
-_HEADER = struct.Struct("!4sIQQQ")  # magic, sender session, frame number, offset, total
-_MAGIC = b"FCm1"
 _PRESENCE_VERSION = 1
-_WINDOW = 64  # chunks published and not yet acknowledged by the broker, per endpoint
+_WINDOW = 64  # messages published and not yet acknowledged by the broker, per endpoint
 _AUTH_FAILURES = {"Bad user name or password", "Not authorized"}
-
-
-@dataclass
-class _Inbox:
-    """Reassembly state for one sender (touched by paho's network thread only)."""
-
-    session: int = -1
-    next_frame: int = 0
-    frame: int = -1
-    total: int = 0
-    filled: int = 0
-    parts: list[memoryview] = field(default_factory=list)
+_PACKET_SLACK = 4096  # topic and properties of a packet, on top of its payload
 
 
 class MqttTransport(Transport):
     """A researcher or node endpoint of a federation that meets on an MQTT broker."""
 
-    capabilities = Capabilities(max_frame_size=DEFAULT_MAX_FRAME, ordered=True,
-                                broadcast=False, networked=True)
+    capabilities = Capabilities(max_frame_size=1 << 20, ordered=True, broadcast=False,
+                                networked=True)
 
     def __init__(self, url: str, *, role: Role, identity: str,
                  ssl: ssl_lib.SSLContext | None = None, chunk_size: int = 1 << 20,
-                 keepalive: int = 20, retry_max: float = 3.0, connect_timeout: float = 10.0):
+                 keepalive: int = 20, retry_max: float = 3.0, connect_timeout: float = 10.0,
+                 inbox_bytes: int = 8 << 20):
         super().__init__(url, role=role, identity=identity)
         parts = urlsplit(url)
         try:
@@ -112,9 +105,11 @@ class MqttTransport(Transport):
             self._connect_timeout = float(query.get("connect_timeout", connect_timeout))
         except ValueError as exc:
             raise ConfigurationError(f"Bad number in {_redact(url)!r}: {exc}") from exc
-        if self._chunk < 1024:
-            raise ConfigurationError(f"chunk_size must be at least 1024 bytes. "
+        if self._chunk < 2048:
+            raise ConfigurationError(f"chunk_size must be at least 2048 bytes. "
                                      f"Received: {self._chunk}")
+        self._set_chunk(self._chunk)
+        self._inbox_bytes = inbox_bytes
         username = query.get("username") or (unquote(parts.username) if parts.username else None)
         password = query.get("password") or (unquote(parts.password) if parts.password else None)
         self._session = uuid.uuid4().int & 0xFFFFFFFF
@@ -149,14 +144,12 @@ class MqttTransport(Transport):
         self._client = client
         self._keepalive = keepalive
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox = Inbox(self.identity)
+        self._inbox = Inbox(self.identity, self._inbox_bytes)
         self._peers: dict[str, int] = {}  # identity -> session (loop thread only)
-        self._inboxes: dict[str, _Inbox] = {}  # sender -> reassembly (network thread only)
         self._connected = False
         self._first: asyncio.Future[str | None] | None = None  # None: connected; str: refusal
         self._unacked = 0
         self._acked = asyncio.Event()
-        self._frame_no = 0
         self._closing = False
 
     # --- the interface ----------------------------------------------------------------------
@@ -169,10 +162,13 @@ class MqttTransport(Transport):
         background instead, as a websocket node waits for its researcher.
         """
         self._loop = asyncio.get_running_loop()
-        self._inbox, self._acked = Inbox(self.identity), asyncio.Event()
+        self._inbox, self._acked = Inbox(self.identity, self._inbox_bytes), asyncio.Event()
         self._first = self._loop.create_future()
         self._closing = False
-        self._client.connect_async(self._host, self._port, keepalive=self._keepalive)
+        limits = Properties(PacketTypes.CONNECT)  # nobody may push a larger packet to us
+        limits.MaximumPacketSize = self._chunk + _PACKET_SLACK
+        self._client.connect_async(self._host, self._port, keepalive=self._keepalive,
+                                   properties=limits)
         self._client.loop_start()
         try:
             refusal = await asyncio.wait_for(asyncio.shield(self._first),
@@ -198,24 +194,18 @@ class MqttTransport(Transport):
         if peer not in self._peers:
             raise TransportError(f"No peer {peer!r} is connected to {self._where}. "
                                  f"Connected: {sorted(self._peers)}")
-        topic = self._outbox.format(peer=peer)
-        number, self._frame_no = self._frame_no, self._frame_no + 1
-        view, total = memoryview(frame), len(frame)
-        for offset in range(0, max(total, 1), self._chunk):
-            while self._unacked >= _WINDOW:  # backpressure: the broker acknowledges chunks
-                self._acked.clear()
-                await self._acked.wait()
-            if not self._connected:
-                raise TransportError(f"Lost the MQTT broker at {self._where} while sending "
-                                     f"to {peer!r}.")
-            payload = _HEADER.pack(_MAGIC, self._session, number, offset, total) + view[
-                offset:offset + self._chunk]
-            self._unacked += 1
-            info = self._client.publish(topic, payload, qos=1)
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                self._unacked -= 1
-                raise TransportError(f"Cannot publish to {self._where}: "
-                                     f"{paho.error_string(info.rc)}")
+        while self._unacked >= _WINDOW:  # backpressure: the broker acknowledges messages
+            self._acked.clear()
+            await self._acked.wait()
+        if not self._connected:
+            raise TransportError(f"Lost the MQTT broker at {self._where} while sending to "
+                                 f"{peer!r}.")
+        self._unacked += 1
+        info = self._client.publish(self._outbox.format(peer=peer), frame, qos=1)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._unacked -= 1
+            raise TransportError(f"Cannot publish to {self._where}: "
+                                 f"{paho.error_string(info.rc)}")
 
     async def receive(self) -> tuple[str, bytes]:
         return await self._inbox.get()
@@ -253,9 +243,9 @@ class MqttTransport(Transport):
                 client.disconnect()
             return
         limit = getattr(properties, "MaximumPacketSize", None)
-        if limit and self._chunk > limit - 1024:
+        if limit and self._chunk > limit - _PACKET_SLACK:
             log.info("The broker takes packets up to %d bytes: chunks shrink to fit.", limit)
-            self._chunk = max(1024, limit - 1024)
+            self._set_chunk(max(1024, limit - _PACKET_SLACK))
         client.subscribe([(self._inbox_filter, 1), (self._peer_presence + "+", 1),
                           (self._presence, 1)])
         client.publish(self._presence, self._birth, qos=1, retain=True)
@@ -276,7 +266,6 @@ class MqttTransport(Transport):
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any,
                        reason: ReasonCode, _properties: Properties | None) -> None:
         was, self._connected = self._connected, False
-        self._inboxes.clear()  # frames cut by the outage are incomplete
         self._call(self._lost_broker)
         if was and not self._closing:
             log.warning("Lost the MQTT broker at %s (%s); reconnecting.", self._where, reason)
@@ -302,36 +291,13 @@ class MqttTransport(Transport):
             self._on_presence(topic, message.payload)
             return
         sender = topic.rpartition("/")[2]
-        payload = message.payload
-        if len(payload) < _HEADER.size or payload[:4] != _MAGIC:
-            self._call(self._deliver, sender, payload)  # not ours: the core refuses it
-            return
-        _, session, number, offset, total = _HEADER.unpack_from(payload)
-        inbox = self._inboxes.setdefault(sender, _Inbox())
-        if session != inbox.session:  # a new incarnation of the sender
-            inbox.session, inbox.next_frame, inbox.frame = session, number, -1
-        if number < inbox.next_frame or (number == inbox.frame and offset < inbox.filled):
-            return  # a duplicate (QoS 1 redelivers after a reconnection)
-        if number != inbox.frame:
-            if inbox.frame >= 0:
-                log.warning("Dropped an incomplete frame from %r.", sender)
-            if offset != 0 or total > self.capabilities.max_frame_size:
-                log.warning("Dropped a frame of %d bytes from %r (%s).", total, sender,
-                            "too large" if offset == 0 else "its start was lost")
-                inbox.next_frame, inbox.frame = number + 1, -1
-                return
-            inbox.frame, inbox.total, inbox.filled, inbox.parts = number, total, 0, []
-        elif offset != inbox.filled:
-            log.warning("Dropped a frame from %r: a chunk was lost.", sender)
-            inbox.next_frame, inbox.frame = number + 1, -1
-            return
-        piece = memoryview(payload)[_HEADER.size:]
-        inbox.parts.append(piece)
-        inbox.filled += len(piece)
-        if inbox.filled >= inbox.total:
-            frame = bytes(piece) if len(inbox.parts) == 1 else b"".join(inbox.parts)
-            inbox.next_frame, inbox.frame, inbox.parts = number + 1, -1, []
-            self._call(self._deliver, sender, frame)
+        loop = self._loop
+        # Waits while the inbox is full: the PUBACK, sent when this returns, waits too.
+        if loop is not None and not self._inbox.put_threadsafe(
+                loop, sender, message.payload, self._keepalive / 2):
+            log.warning("Dropped a message of %d bytes from %r: the inbox stayed full for "
+                        "%g s (the consumer is too slow).", len(message.payload), sender,
+                        self._keepalive / 2)
 
     def _on_presence(self, topic: str, payload: bytes | bytearray) -> None:
         try:
@@ -352,8 +318,10 @@ class MqttTransport(Transport):
 
     # --- on the event loop ------------------------------------------------------------------
 
-    def _deliver(self, sender: str, frame: bytes) -> None:
-        self._inbox.put(sender, frame)
+    def _set_chunk(self, size: int) -> None:
+        self._chunk = size
+        self.capabilities = Capabilities(max_frame_size=size, ordered=True, broadcast=False,
+                                         networked=True)
 
     def _presence_changed(self, identity: str, online: bool, session: Any) -> None:
         if online:

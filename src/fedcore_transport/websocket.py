@@ -1,8 +1,12 @@
 """``ws://host:port`` and ``wss://host:port``: the researcher listens, nodes dial out.
 
 A hospital opens no inbound port: each node connects to the researcher, says who it is in a
-one-line JSON hello (a text message), and from then on every binary message is one fedcore
-frame, carried unchanged. The researcher maps connections to node ids from the hellos.
+one-line JSON hello (a text message of at most 4 KiB: nothing larger is read from a peer
+before its hello), and from then on every binary message is one message of the core, up to
+``max_frame_size`` (16 MiB by default; the core cuts larger frames into chunks). The
+researcher maps connections to node ids from the hellos. Received messages wait in a
+bounded inbox (``inbox_bytes``, 4 messages' worth by default): when the consumer lags, the
+endpoint stops reading from the socket and TCP slows the sender down.
 Nodes reconnect by themselves, with exponential backoff and jitter, so a node can start
 before its researcher and survives a researcher restart.
 
@@ -21,16 +25,20 @@ import json
 import logging
 import random
 import ssl as ssl_lib
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.frames import CloseCode
 
-from fedcore.codec import DEFAULT_MAX_FRAME
 from fedcore.errors import ConfigurationError, TransportError
 from fedcore.transport import Capabilities, Inbox, Role, Transport
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["WebSocketTransport"]
 
@@ -38,22 +46,28 @@ log = logging.getLogger("fedcore.transport.websocket")
 
 _HELLO_VERSION = 1
 _QUERY_KEYS = {"certfile", "keyfile", "cafile", "retry_max"}
-# Large frames travel as one message of 1 MiB fragments: websockets buffers, masks and
-# copies a huge single frame in one piece, which is ~3x slower on loopback.
+# Large messages travel as 1 MiB fragments: websockets buffers, masks and copies a huge
+# single websocket frame in one piece, which is ~3x slower on loopback.
 _FRAGMENT = 1 << 20
+_HELLO_MAX = 4096  # the largest message read before a peer said who it is
+_MAX_FRAME = 16 << 20
 
 
 class WebSocketTransport(Transport):
     """A researcher (server) or node (client) endpoint of a websocket federation."""
 
-    capabilities = Capabilities(max_frame_size=DEFAULT_MAX_FRAME, ordered=True,
-                                broadcast=False, networked=True)
+    capabilities = Capabilities(max_frame_size=_MAX_FRAME, ordered=True, broadcast=False,
+                                networked=True)
 
     def __init__(self, url: str, *, role: Role, identity: str,
                  ssl: ssl_lib.SSLContext | None = None, ping_interval: float | None = 20.0,
                  ping_timeout: float | None = 20.0, hello_timeout: float = 10.0,
-                 retry_initial: float = 0.1, retry_max: float = 3.0):
+                 retry_initial: float = 0.1, retry_max: float = 3.0,
+                 max_frame_size: int = _MAX_FRAME, inbox_bytes: int | None = None):
         super().__init__(url, role=role, identity=identity)
+        if max_frame_size != _MAX_FRAME:
+            self.capabilities = Capabilities(max_frame_size=max_frame_size, ordered=True,
+                                              broadcast=False, networked=True)
         parts = urlsplit(url)
         try:
             port = parts.port
@@ -73,13 +87,16 @@ class WebSocketTransport(Transport):
         self._host, self._port = parts.hostname, port
         self._uri = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
         self._ssl = ssl or (_ssl_context(role, query) if parts.scheme == "wss" else None)
+        # max_size is the hello's until the peer said hello; max_queue counts websocket
+        # frames (1 MiB fragments) read ahead of the inbox.
         self._options: dict[str, Any] = {
-            "compression": None, "max_size": self.capabilities.max_frame_size,
+            "compression": None, "max_size": _HELLO_MAX, "max_queue": 8,
             "ping_interval": ping_interval, "ping_timeout": ping_timeout,
         }
+        self._inbox_bytes = inbox_bytes or 4 * self.capabilities.max_frame_size
         self._hello_timeout = hello_timeout
         self._retry = (retry_initial, float(query.get("retry_max", retry_max)))
-        self._inbox = Inbox(self.identity)
+        self._inbox = Inbox(self.identity, self._inbox_bytes)
         self._conns: dict[str, ServerConnection] = {}  # researcher: node id -> connection
         self._server: Server | None = None
         self._dialer: asyncio.Task[None] | None = None  # node: the reconnecting loop
@@ -90,7 +107,7 @@ class WebSocketTransport(Transport):
 
     async def start(self) -> None:
         """Researcher: listen (return once bound). Node: start dialling (return at once)."""
-        self._inbox = Inbox(self.identity)
+        self._inbox = Inbox(self.identity, self._inbox_bytes)
         if self.role == "node":
             self._dialer = asyncio.create_task(self._dial_forever())
             return
@@ -106,8 +123,14 @@ class WebSocketTransport(Transport):
             self.url = parts._replace(netloc=f"{host}:{self._port}").geturl()
 
     async def send(self, peer: str, frame: bytes) -> None:
-        if len(frame) > self.capabilities.max_frame_size:
-            raise TransportError(f"Frame of {len(frame)} bytes is too large for {self.url} "
+        await self.send_parts(peer, [frame])
+
+    async def send_parts(self, peer: str, parts: Sequence[Buffer]) -> None:
+        """Send ``parts`` as one message, in fragments of 1 MiB, without joining them."""
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(len(v) for v in views)
+        if total > self.capabilities.max_frame_size:
+            raise TransportError(f"Frame of {total} bytes is too large for {self.url} "
                                  f"(at most {self.capabilities.max_frame_size}).")
         ws: ServerConnection | ClientConnection | None
         if self.role == "node":
@@ -118,11 +141,10 @@ class WebSocketTransport(Transport):
             raise TransportError(f"No peer {peer!r} is connected to {self.url}. "
                                  f"Connected: {sorted(self.peers())}")
         try:
-            if len(frame) <= _FRAGMENT:
-                await ws.send(frame)
+            if total <= _FRAGMENT:
+                await ws.send(views[0] if len(views) == 1 else b"".join(views))
             else:  # one message in fragments: 3x faster than one huge websocket frame
-                view = memoryview(frame)
-                await ws.send(view[i:i + _FRAGMENT] for i in range(0, len(view), _FRAGMENT))
+                await ws.send(_fragments(views))
         except ConnectionClosed as exc:
             raise TransportError(f"The connection to {peer!r} was lost: {exc}") from exc
 
@@ -158,12 +180,16 @@ class WebSocketTransport(Transport):
             raw = await asyncio.wait_for(ws.recv(), self._hello_timeout)
             peer = _check_hello(raw, "node")
             await ws.send(self._hello())
-        except (TimeoutError, ConnectionClosed):
+        except ConnectionClosed as exc:
+            _log_too_big(f"{ws.remote_address} (before its hello)", exc, _HELLO_MAX)
+            return
+        except TimeoutError:
             return
         except ValueError as exc:
             log.warning("Refused a connection from %s: %s", ws.remote_address, exc)
             await ws.close(1008, str(exc)[:120])
             return
+        ws.protocol.max_message_size = self.capabilities.max_frame_size
         old, self._conns[peer] = self._conns.get(peer), ws
         if old is not None:  # a restarted node whose old connection is not yet known dead
             log.warning("Node %r connected again; its previous connection is dropped.", peer)
@@ -171,19 +197,19 @@ class WebSocketTransport(Transport):
         log.info("Node %r connected from %s", peer, ws.remote_address)
         try:
             async for message in ws:
-                self._put(peer, message)
-        except ConnectionClosed:
-            pass
+                await self._put(peer, message)
+        except ConnectionClosed as exc:
+            _log_too_big(peer, exc, self.capabilities.max_frame_size)
         finally:
             if self._conns.get(peer) is ws:
                 del self._conns[peer]
                 log.info("Node %r disconnected", peer)
 
-    def _put(self, peer: str, message: str | bytes) -> None:
+    async def _put(self, peer: str, message: str | bytes) -> None:
         if isinstance(message, str):
             log.warning("Ignored a text message from %s: frames are binary.", peer)
-        else:
-            self._inbox.put(peer, message)
+        else:  # waits while the inbox is full: the socket is not read meanwhile
+            await self._inbox.put(peer, message)
 
     # --- node side --------------------------------------------------------------------------
 
@@ -197,11 +223,16 @@ class WebSocketTransport(Transport):
                     await ws.send(self._hello())
                     raw = await asyncio.wait_for(ws.recv(), self._hello_timeout)
                     self._researcher = _check_hello(raw, "researcher")
+                    ws.protocol.max_message_size = self.capabilities.max_frame_size
                     self._ws, delay = ws, initial
                     log.info("Connected to %s as %r", self._uri, self.identity)
                     async for message in ws:
-                        self._put(self._researcher, message)
+                        await self._put(self._researcher, message)
                     log.info("The researcher at %s closed the connection", self._uri)
+            except ConnectionClosed as exc:
+                _log_too_big(self._researcher, exc, self.capabilities.max_frame_size)
+                log.info("Lost the researcher at %s (%s); reconnecting in %.1f s", self._uri,
+                         exc, delay)
             except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
                 log.info("Cannot reach the researcher at %s (%s); retrying in %.1f s",
                          self._uri, exc or type(exc).__name__, delay)
@@ -209,6 +240,18 @@ class WebSocketTransport(Transport):
                 self._ws = None
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, most)
+
+
+def _fragments(views: list[memoryview]) -> Iterator[memoryview]:
+    for view in views:
+        for i in range(0, len(view), _FRAGMENT):
+            yield view[i:i + _FRAGMENT]
+
+
+def _log_too_big(peer: str, exc: ConnectionClosed, limit: int) -> None:
+    if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+        log.warning("Refused a message of more than %d bytes from %r and closed its "
+                    "connection: messages are at most max_frame_size bytes.", limit, peer)
 
 
 def _check_hello(raw: str | bytes, role: str) -> str:

@@ -3,8 +3,11 @@
 Subclass :class:`TransportConformance` in a test module (its name must start with ``Test``)
 and give it an ``endpoints`` fixture: the URLs its researcher and nodes use. Every test runs a
 scenario between a researcher and real node endpoints built by
-:func:`fedcore.transport.open_transport` (override :meth:`TransportConformance.open` to pass
-constructor options). A known gap is declared, never skipped::
+:func:`fedcore.transport.open_transport` (override :meth:`TransportConformance.open_raw` to
+pass constructor options). The scenarios go through the core's chunk layer
+(:class:`fedcore._chunks.ChunkedTransport`, unsigned), as every frame of fedcore does, so
+they move frames larger than the transport's own messages; a few tests check the transport
+alone against its declared ``max_frame_size``. A known gap is declared, never skipped::
 
     class TestCarrierPigeon(TransportConformance):
         @pytest.fixture
@@ -25,8 +28,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 
+from fedcore._chunks import CHUNK_HEADER, ChunkedTransport
 from fedcore.errors import TransportError
 from fedcore.transport import Role, Transport, open_transport
 
@@ -84,9 +89,19 @@ class TransportConformance:
 
     # --- helpers for subclasses and scenarios ------------------------------------------------
 
-    def open(self, url: str, role: Role, identity: str) -> Transport:
-        """Build one endpoint; override to pass constructor options."""
+    def open_raw(self, url: str, role: Role, identity: str) -> Transport:
+        """Build one endpoint of the transport itself; override to pass constructor options."""
         return open_transport(url, role=role, identity=identity)
+
+    def open(self, url: str, role: Role, identity: str) -> Transport:
+        """One endpoint behind the core's chunk layer, as fedcore uses every transport."""
+        return ChunkedTransport(self.open_raw(url, role, identity))
+
+    @staticmethod
+    def limit(endpoint: Transport) -> int:
+        """The largest message the transport under ``endpoint`` carries in one piece."""
+        inner = endpoint.inner if isinstance(endpoint, ChunkedTransport) else endpoint
+        return inner.capabilities.max_frame_size
 
     def run(self, scenario: Coroutine[Any, Any, None]) -> None:
         """Run ``scenario`` on a fresh event loop, failing it after :attr:`timeout`."""
@@ -158,8 +173,6 @@ class TransportConformance:
 
     def test_large_frames(self, endpoints: Endpoints) -> None:
         """A frame of :attr:`large_frame` bytes arrives intact, both ways."""
-        import numpy as np
-
         frame = np.random.default_rng(0).bytes(self.large_frame)
 
         async def scenario() -> None:
@@ -283,4 +296,59 @@ class TransportConformance:
                     await fed.researcher.send("nobody", b"x")
                 with pytest.raises(TransportError):
                     await fed.nodes["node-0"].send("nobody", b"x")
+        self.run(scenario())
+
+    # --- the transport's own messages, and the core's chunks over them ---------------------
+
+    def test_a_message_of_the_declared_size_crosses_and_a_larger_one_is_refused(
+            self, endpoints: Endpoints) -> None:
+        """The transport alone carries ``max_frame_size`` bytes in one message, not one more."""
+        async def scenario() -> None:
+            researcher = self.open_raw(endpoints.researcher, "researcher", RESEARCHER)
+            node = self.open_raw(endpoints.node, "node", "node-0")
+            await researcher.start()
+            await node.start()
+            try:
+                await self.connected(researcher, node)
+                size = researcher.capabilities.max_frame_size
+                message = bytes(range(256)) * (size // 256) + bytes(size % 256)
+                await researcher.send("node-0", message)
+                assert await node.receive() == (RESEARCHER, message)
+                with pytest.raises(TransportError):
+                    await node.send(RESEARCHER, message + b"!")
+            finally:
+                await node.close()
+                await researcher.close()
+        self.run(scenario())
+
+    def test_chunk_boundaries(self, endpoints: Endpoints) -> None:
+        """Frames exactly at one message, one byte over, at whole chunks, and empty, arrive."""
+        async def scenario() -> None:
+            async with self.federation(endpoints) as fed:
+                node = fed.nodes["node-0"]
+                limit = self.limit(node)
+                piece = limit - CHUNK_HEADER
+                rng = np.random.default_rng(3)
+                for size in (limit, limit + 1, 2 * piece, 2 * piece + 1, 0, 1):
+                    frame = rng.bytes(size)
+                    await fed.researcher.send("node-0", frame)
+                    assert await node.receive() == (RESEARCHER, frame), size
+                    await node.send(RESEARCHER, frame)
+                    assert await fed.researcher.receive() == ("node-0", frame), size
+        self.run(scenario())
+
+    def test_interleaved_large_frames(self, endpoints: Endpoints) -> None:
+        """Large frames sent at once by two nodes, and two at once by one node, all arrive."""
+        async def scenario() -> None:
+            async with self.federation(endpoints, 2) as fed:
+                size = 3 * self.limit(fed.researcher) + 17
+                rng = np.random.default_rng(4)
+                frames = {(name, i): rng.bytes(size) for name in fed.nodes for i in range(2)}
+                # Read while they are sent: a receiver that does not read slows its senders.
+                receiving = asyncio.gather(*(fed.researcher.receive() for _ in frames))
+                await asyncio.gather(*(fed.nodes[name].send(RESEARCHER, frame)
+                                       for (name, _), frame in frames.items()))
+                got = await receiving
+                expected = sorted((name, frame) for (name, _), frame in frames.items())
+                assert sorted((peer, bytes(frame)) for peer, frame in got) == expected
         self.run(scenario())
