@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from ..errors import ConfigurationError
 from ..params import ParameterSet
 
 
@@ -38,6 +39,28 @@ class Aggregator(abc.ABC):
         ``extras`` is what the node's side of the algorithm sent besides the parameters
         (``TrainReply.extras``: e.g. SCAFFOLD's control-variate delta).
         """
+
+    def add_sum(self, sums: ParameterSet, total_weight: float, nodes: Sequence[str],
+                extras: Mapping[str, ParameterSet] | None = None) -> None:
+        """Fold the secure sum of several nodes' updates (secure aggregation reveals no more).
+
+        ``sums`` is ``sum(weight_i * update_i)`` over ``nodes``, ``total_weight`` the sum of
+        their weights and ``extras`` the same weighted sums of their ``extras``. Sum-only
+        aggregators get this for free: it folds the weighted mean as one update of weight
+        ``total_weight``; an aggregator whose extras combine otherwise overrides it.
+        """
+        if not self.sum_only:
+            raise ConfigurationError(
+                f"{type(self).__name__} needs each node's update in clear, which secure "
+                "aggregation hides: use a sum-only aggregator (FedAvg, FedProx, SCAFFOLD, "
+                "FedAdam...) or secagg=None.")
+        if not total_weight > 0:
+            raise ConfigurationError(f"Expected a positive total weight. Received "
+                                     f"{total_weight!r}.")
+        mean = ParameterSet((k, v / total_weight) for k, v in sums.items())
+        extras_mean = {k: ParameterSet((n, v / total_weight) for n, v in ps.items())
+                       for k, ps in (extras or {}).items()}
+        self.add(mean, total_weight, f"secure sum of {len(nodes)} nodes", extras_mean)
 
     def round_options(self) -> dict[str, Any]:
         """Options shipped to every node with this round's training request.

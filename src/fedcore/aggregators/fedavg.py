@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -8,6 +8,10 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..params import ParameterSet
 from .base import Aggregator
+
+#: Values per slice when folding an update into the running sums: the float64 products of
+#: one slice (2 MB) stay in cache instead of making a model-sized temporary per update.
+_CHUNK = 1 << 18
 
 
 class FedAvg(Aggregator):
@@ -25,6 +29,12 @@ class FedAvg(Aggregator):
         self._sums: dict[str, np.ndarray] = {}
         self._total = 0.0
         self._reference: ParameterSet | None = None
+        self._scratch = np.empty(0, np.float64)
+
+    @property
+    def total_weight(self) -> float:
+        """Sum of the weights of the updates added this round (0 before the first)."""
+        return self._total
 
     def start(self, global_params: ParameterSet, round: int) -> None:
         self._reference = global_params
@@ -41,22 +51,45 @@ class FedAvg(Aggregator):
             self._reference.check_layout(update, what=f"update from node {node!r}")
         if not self._sums:
             for k, a in update.items():
-                self._sums[k] = np.multiply(a, weight, dtype=np.float64)
+                self._sums[k] = np.multiply(a, weight, out=np.empty(np.shape(a), np.float64),
+                                            dtype=np.float64)
         else:
             for k, a in update.items():
-                self._sums[k] += np.multiply(a, weight, dtype=np.float64)
+                self._fold(self._sums[k], a, weight)
         self._total += weight
 
-    def result(self) -> ParameterSet:
+    def _fold(self, acc: np.ndarray, a: np.ndarray, weight: float) -> None:
+        """``acc += a * weight`` in float64, slice by slice through a small scratch buffer."""
+        flat_acc, flat = acc.reshape(-1), np.asarray(a).reshape(-1)
+        n = flat.size
+        if self._scratch.size < min(n, _CHUNK):
+            self._scratch = np.empty(min(max(n, 1024), _CHUNK), np.float64)
+        for s in range(0, n, _CHUNK):
+            e = min(s + _CHUNK, n)
+            tmp = self._scratch[:e - s]
+            np.multiply(flat[s:e], weight, out=tmp, dtype=np.float64)
+            np.add(flat_acc[s:e], tmp, out=flat_acc[s:e])
+
+    def means(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The weighted mean of each parameter so far, in float64, one at a time.
+
+        :meth:`result` casts each back to its parameter's dtype; server optimizers build on
+        them. One parameter at a time, so a caller holds one extra layer, not a model.
+        """
         if self._total <= 0:
             raise ConfigurationError("FedAvg.result() called before any update was added.")
+        for k, s in self._sums.items():
+            yield k, s / self._total
+
+    def result(self) -> ParameterSet:
         dtypes = {k: (self._reference[k].dtype if self._reference is not None else None)
                   for k in self._sums}
-        out = {}
-        for k, s in self._sums.items():
-            mean = s / self._total
-            dtype = dtypes[k] or np.dtype(np.float64)
-            if dtype.kind in "iub":
-                mean = np.rint(mean)
-            out[k] = mean.astype(dtype, copy=False)
-        return ParameterSet(out)
+        return ParameterSet({k: cast_like(mean, dtypes[k]) for k, mean in self.means()})
+
+
+def cast_like(mean: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """A float64 mean in a parameter's own dtype; integer and boolean ones are rounded."""
+    dtype = dtype or np.dtype(np.float64)
+    if dtype.kind in "iub":
+        mean = np.rint(mean)
+    return np.asarray(mean).astype(dtype, copy=False)
