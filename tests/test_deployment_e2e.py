@@ -9,16 +9,10 @@ node once they have reconnected.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -27,6 +21,8 @@ pytest.importorskip("torch")
 
 from sklearn.linear_model import SGDClassifier  # noqa: E402
 
+from _deployment import node_processes as _node_processes  # noqa: E402
+from _deployment import write_csv as _csv  # noqa: E402
 from _trust import enroll  # noqa: E402
 from fedcore import Experiment, Node  # noqa: E402
 from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
@@ -57,14 +53,6 @@ class TinyMLP(TorchTrainingPlan):
 
 
 PLANS = {"sklearn": SGDPlan, "torch": TinyMLP}
-
-
-def _csv(path: Path, seed: int, n: int = 120) -> Path:
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, 4))
-    y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
-    pd.DataFrame({**{f"x{i}": X[:, i] for i in range(4)}, "label": y}).to_csv(path, index=False)
-    return path
 
 
 def _experiment(plan: str, url: str, enrolled: dict[str, str] | None = None) -> Experiment:
@@ -124,38 +112,6 @@ def broker(tmp_path_factory):
     b = Broker(tmp_path_factory.mktemp("mqtt"), "allow_anonymous true").start()
     yield b
     b.stop()
-
-
-def _log(home: Path) -> str:
-    path = home.with_suffix(".log")
-    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-
-@contextlib.contextmanager
-def _node_processes(homes: dict[str, Path], url: str) -> Iterator[dict[str, subprocess.Popen]]:
-    """``fedcore-node start`` for each home; terminated (then killed) on the way out."""
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    try:
-        for node_id, home in homes.items():
-            with open(home.with_suffix(".log"), "ab") as out:
-                procs[node_id] = subprocess.Popen(
-                    [sys.executable, "-m", "fedcore_node", "--home", str(home), "start",
-                     "--federation", url], stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env=env)
-        yield procs
-        for node_id, proc in procs.items():
-            assert proc.poll() is None, _log(homes[node_id])
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _trained(home: Path) -> int:

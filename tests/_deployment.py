@@ -1,0 +1,56 @@
+"""Node processes for end-to-end tests: a CSV per site and ``fedcore-node start`` processes.
+
+Shared by test_deployment_e2e.py and test_researcher_cli.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def write_csv(path: Path, seed: int, n: int = 120) -> Path:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 4))
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
+    pd.DataFrame({**{f"x{i}": X[:, i] for i in range(4)}, "label": y}).to_csv(path, index=False)
+    return path
+
+
+def node_log(home: Path) -> str:
+    path = home.with_suffix(".log")
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+@contextlib.contextmanager
+def node_processes(homes: dict[str, Path], url: str) -> Iterator[dict[str, subprocess.Popen]]:
+    """``fedcore-node start`` for each home; terminated (then killed) on the way out."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for node_id, home in homes.items():
+            with open(home.with_suffix(".log"), "ab") as out:
+                procs[node_id] = subprocess.Popen(
+                    [sys.executable, "-m", "fedcore_node", "--home", str(home), "start",
+                     "--federation", url], stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=env)
+        yield procs
+        for node_id, proc in procs.items():
+            assert proc.poll() is None, node_log(homes[node_id])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
