@@ -8,6 +8,7 @@
     ``DatasetError``        a dataset is missing, unavailable or does not fit the request.
     ``ConfigurationError``  the call was wrong: fix the arguments or install an extra.
     ``RoundError``          no node produced a usable update in a round.
+        ``SecureAggregationError``  secure aggregation cannot produce the sum this round.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "PlanError",
     "ProtocolError",
     "RoundError",
+    "SecureAggregationError",
     "TransportError",
 ]
 
@@ -78,3 +80,13 @@ class RoundError(FedcoreError):
     def __init__(self, message: str, *, failures: dict[str, Any] | None = None):
         super().__init__(message)
         self.failures = dict(failures or {})
+
+
+class SecureAggregationError(RoundError):
+    """Secure aggregation cannot produce this round's sum; it never returns a wrong one.
+
+    Too few nodes remain for the scheme's threshold, a node the scheme cannot do without
+    dropped out, or a reconstructed secret failed its check. ``failures`` maps the nodes
+    concerned to what went wrong; rerunning the round (with the nodes that are reachable)
+    is the fix.
+    """

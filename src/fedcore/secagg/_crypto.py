@@ -1,0 +1,114 @@
+"""Cryptographic building blocks of the schemes, all from ``cryptography``.
+
+- X25519 key pairs and agreement, the agreed secret passed through HKDF-SHA256 with an
+  ``info`` naming its purpose, the session and both parties (domain separation);
+- AES-256-GCM sealing of relayed shares, the session, round, sender and recipient bound as
+  associated data, so the researcher who relays them can neither read nor redirect them;
+- a PRG: AES-128-CTR keystream (zero nonce; every key is fresh and used once), read as
+  little-endian uint64 words and added to or subtracted from a vector in cache-sized chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..errors import ProtocolError
+
+KEY_BYTES = 32
+_NONCE = 12
+_CHUNK_WORDS = 1 << 17  # 1 MiB of keystream at a time: stays in cache, one allocation
+
+
+def keypair() -> tuple[X25519PrivateKey, bytes]:
+    """A fresh X25519 key pair: the private key object and the raw public key."""
+    sk = X25519PrivateKey.generate()
+    return sk, sk.public_key().public_bytes_raw()
+
+
+def private_key(raw: bytes) -> X25519PrivateKey:
+    """The X25519 private key of 32 raw bytes."""
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def public_of(private: X25519PrivateKey) -> bytes:
+    """The raw public key of an X25519 private key."""
+    return private.public_key().public_bytes_raw()
+
+
+def kdf(secret: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
+    """HKDF-SHA256 of ``secret`` for the purpose named by ``info``."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes,
+          length: int = KEY_BYTES) -> bytes:
+    """X25519 agreement between a private key and a peer's raw public key, then HKDF."""
+    try:
+        peer = X25519PublicKey.from_public_bytes(peer_public)
+    except ValueError as exc:
+        raise ProtocolError(f"Malformed X25519 public key ({len(peer_public)} bytes): {exc}"
+                            ) from exc
+    try:
+        shared = private.exchange(peer)
+    except ValueError as exc:  # a low-order point: all-zero shared secret
+        raise ProtocolError(f"Unusable X25519 public key: {exc}") from exc
+    return kdf(shared, info, length)
+
+
+def label(*parts: object) -> bytes:
+    """An unambiguous byte label from parts (used as HKDF info and AEAD associated data)."""
+    return b"\x1f".join(str(p).encode() for p in ("fedcore-secagg", *parts))
+
+
+def seal(key: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    """AES-256-GCM: random nonce, then ciphertext and tag."""
+    nonce = os.urandom(_NONCE)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, ad)
+
+
+def open_sealed(key: bytes, blob: bytes, ad: bytes, what: str) -> bytes:
+    """Open what :func:`seal` made; ``ProtocolError`` naming ``what`` when it was altered."""
+    if not isinstance(blob, bytes) or len(blob) < _NONCE + 16:
+        raise ProtocolError(f"Malformed {what}: expected sealed bytes.")
+    try:
+        return AESGCM(key).decrypt(blob[:_NONCE], blob[_NONCE:], ad)
+    except InvalidTag:
+        raise ProtocolError(
+            f"The {what} failed authentication (AES-GCM tag mismatch): it was altered in "
+            "transit, or sealed for another session, round or recipient."
+        ) from None
+
+
+def apply_masks(vector: np.ndarray, seeds: Sequence[tuple[bytes, int]]) -> None:
+    """Add (+1) or subtract (-1) the PRG stream of each 16-byte seed to ``vector`` (uint64).
+
+    Works in place, chunk by chunk: each chunk of keystream is produced into one reused
+    buffer, so memory stays O(1) beyond the vector whatever the number of seeds.
+    """
+    if vector.dtype != np.uint64 or not vector.flags.c_contiguous:
+        raise TypeError("apply_masks expects a contiguous uint64 vector.")
+    encryptors = [(Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor(), sign)
+                  for seed, sign in seeds]
+    n = vector.size
+    zeros = memoryview(bytes(8 * min(_CHUNK_WORDS, max(n, 1))))
+    buf = bytearray(len(zeros) + 15)  # update_into needs room for one block more
+    words = np.frombuffer(buf, dtype="<u8", count=len(zeros) // 8)
+    for start in range(0, n, _CHUNK_WORDS):
+        stop = min(start + _CHUNK_WORDS, n)
+        size = stop - start
+        part = vector[start:stop]
+        for enc, sign in encryptors:
+            enc.update_into(zeros[:8 * size], buf)
+            if sign > 0:
+                np.add(part, words[:size], out=part)
+            else:
+                np.subtract(part, words[:size], out=part)

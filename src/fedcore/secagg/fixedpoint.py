@@ -1,0 +1,326 @@
+"""Fixed-point encoding shared by the secure-aggregation schemes.
+
+Both schemes add integers, not floats: a node turns its weighted update into integers modulo
+2^64, the scheme hides them, and the researcher decodes their sum.
+
+**Clipping.** Every value is clipped to ``[-R, R]`` first. ``R`` is explicit: set by the
+researcher (``clip=``), or chosen each round from the global model the researcher already
+holds: ``R = clip_margin * max(1, max |global value|)`` (updates are full models, so their
+values stay of the global model's order; this choice leaks nothing, the researcher knows the
+global model). Clipped values are counted and the count (summed over the nodes, never per
+node) comes back in the report: a sum is never silently corrupted.
+
+**Bit budget** (64-bit ring: numpy ``uint64`` arithmetic wraps modulo 2^64 for free)::
+
+    w * clip(x, -R, R)  lies in  [-W*R, W*R]            W = max_weight, n = nodes in the round
+    q = rint(w * clip(x) / step)       step = 2^ceil(log2(n * W * R) - 62)
+    |q| <= W*R / step <= 2^62 / n   ->   |sum of the n nodes' q| <= 2^62 (+ n/2) < 2^63
+
+so the sum never wraps: 1 sign bit, 1 bit of headroom, log2(n) bits for the sum and the rest
+for the resolution ``step`` (a power of two, so dividing by it is exact). With ``R = 1``:
+10 nodes and ``W = 1e4`` give ``step = 2^-45`` (2.8e-14); 1000 nodes and ``W = 1e6`` give
+``2^-32`` (2.3e-10); 10 000 nodes and ``W = 1e7`` give ``2^-25`` (3.0e-8).
+
+**Decoding** reads the sum as int64 times ``step``. It differs from the exact weighted sum of
+the clipped values by at most ``(n/2 + 1024) * step`` (``error_bound``): n/2 steps of
+rounding, plus float64 rounding of each product and of the decoded sum (2^-53 relative, as in
+a plain float64 sum). Weights are encoded the same way (range ``W``), so the total weight is
+exact for integer weights; clip counts are plain integers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigurationError, ProtocolError
+from ..params import ParameterSet
+
+__all__ = ["DEFAULT_MAX_WEIGHT", "Encoding", "FixedPoint", "Layout"]
+
+#: Largest weight a node may use when neither ``max_weight`` nor weight hints are given.
+DEFAULT_MAX_WEIGHT = float(2**20)
+_HEADROOM_BITS = 62
+_META = 3  # weight, values clipped in params, values clipped in extras
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Clip to ``[-clip, clip]``, weight, and quantise to multiples of ``2**exponent``."""
+
+    clip: float
+    exponent: int
+
+    @classmethod
+    def for_sum(cls, clip: float, n_nodes: int, max_weight: float) -> FixedPoint:
+        """The finest step at which ``n_nodes`` weighted, clipped values sum without wrapping."""
+        if not (math.isfinite(clip) and clip > 0):
+            raise ConfigurationError(f"Expected a positive, finite clip range. Received {clip!r}.")
+        bound = n_nodes * max_weight * clip
+        return cls(float(clip), math.ceil(math.log2(bound)) - _HEADROOM_BITS)
+
+    @property
+    def step(self) -> float:
+        """The quantum of one node's weighted value."""
+        return math.ldexp(1.0, self.exponent)
+
+    def encode_into(self, values: np.ndarray, weight: float, out: np.ndarray) -> int:
+        """Write the encoding of ``weight * clip(values)`` into ``out`` (uint64).
+
+        Returns how many values were clipped. Non-finite values raise ``ConfigurationError``.
+        Works in cache-sized chunks through one float64 buffer.
+        """
+        flat = np.asarray(values).reshape(-1)
+        if flat.dtype.kind == "c":
+            raise ConfigurationError("Expected real values to encode. Received complex ones: "
+                                     "send their real and imaginary parts as two arrays.")
+        ints = out.view(np.int64)
+        factor = weight / self.step  # weight / 2**e is exact; one rounding in the product
+        clipped = 0
+        buf = np.empty(min(_CHUNK, flat.size), dtype=np.float64)
+        for start in range(0, flat.size, _CHUNK):
+            stop = min(start + _CHUNK, flat.size)
+            x = buf[:stop - start]
+            np.copyto(x, flat[start:stop], casting="unsafe")
+            if not math.isfinite(float(np.add.reduce(x))) and not np.isfinite(x).all():
+                bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+                raise ConfigurationError(
+                    f"Expected finite values to encode. Received {bad} NaN or infinite "
+                    "value(s): the training produced them; fix the plan (learning rate, "
+                    "data) and retry."
+                )
+            clipped += int(np.count_nonzero(x > self.clip)) + int(
+                np.count_nonzero(x < -self.clip))
+            np.clip(x, -self.clip, self.clip, out=x)
+            np.multiply(x, factor, out=x)
+            np.rint(x, out=x)
+            np.copyto(ints[start:stop], x, casting="unsafe")
+        return clipped
+
+    def decode(self, sums: np.ndarray) -> np.ndarray:
+        """The float64 values whose encodings add up to ``sums`` (modulo 2^64)."""
+        return np.asarray(sums, dtype=np.uint64).view(np.int64).astype(np.float64) * self.step
+
+    def error_bound(self, n_nodes: int) -> float:
+        """Largest difference between a decoded sum of ``n_nodes`` values and the exact one."""
+        return (n_nodes / 2 + 1024) * self.step
+
+
+class Layout:
+    """Names and shapes of an update and its extras, in vector order.
+
+    Dtypes do not matter: every value is encoded from float64, and sums are float64. Its
+    wire form (``to_wire``) is ``{"params": [[name, shape], ...], "extras": [[extra, [[name,
+    shape], ...]], ...]}``: it travels in clear (no values).
+    """
+
+    def __init__(self, params: list[tuple[str, tuple[int, ...]]],
+                 extras: list[tuple[str, list[tuple[str, tuple[int, ...]]]]]):
+        self.params = params
+        self.extras = extras
+        sizes = [math.prod(s) for _, s in params]
+        sizes += [math.prod(s) for _, entries in extras for _, s in entries]
+        self.n_values = sum(sizes)
+        self.size = self.n_values + _META
+
+    @classmethod
+    def of(cls, update: Mapping[str, np.ndarray],
+           extras: Mapping[str, Mapping[str, np.ndarray]] | None) -> Layout:
+        """The layout of an update and its extras."""
+
+        def entries(ps: Mapping[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
+            return [(k, tuple(np.shape(a))) for k, a in ps.items()]
+
+        return cls(entries(update), [(k, entries(v)) for k, v in (extras or {}).items()])
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain lists, msgpack-safe."""
+
+        def wire(es: list[tuple[str, tuple[int, ...]]]) -> list[list[Any]]:
+            return [[k, list(s)] for k, s in es]
+
+        return {"params": wire(self.params), "extras": [[k, wire(v)] for k, v in self.extras]}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Layout:
+        """Parse and check a received layout; ``ProtocolError`` when malformed."""
+
+        def entries(es: Any) -> list[tuple[str, tuple[int, ...]]]:
+            out = []
+            for e in es:
+                if not (isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str)
+                        and isinstance(e[1], (list, tuple))
+                        and all(isinstance(d, int) and d >= 0 for d in e[1])):
+                    raise ProtocolError(f"Malformed layout entry {e!r}: expected [name, shape].")
+                out.append((e[0], tuple(e[1])))
+            return out
+
+        try:
+            params = entries(data["params"])
+            extras = [(str(k), entries(v)) for k, v in data["extras"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"Malformed update layout: {exc!r}.") from exc
+        return cls(params, extras)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and self.to_wire() == other.to_wire()
+
+    def __hash__(self) -> int:
+        return hash(repr(self.to_wire()))
+
+    def describe_difference(self, other: Layout) -> str:
+        """A short account of the first difference, for error messages."""
+        for what, a, b in (("parameters", self.params, other.params),
+                           ("extras", self.extras, other.extras)):
+            if a != b:
+                return f"{what}: expected {_short(a)}, received {_short(b)}"
+        return "none"
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class Encoding:
+    """The fixed-point parameters of one round, and the update <-> uint64 vector conversion.
+
+    Built by the researcher (:meth:`choose`), sent to the nodes (:meth:`to_wire`) and rebuilt
+    there (:meth:`from_wire`), so both sides quantise alike.
+    """
+
+    def __init__(self, n_nodes: int, max_weight: float, clip: float, extras_clip: float,
+                 params_layout: list[list[Any]] | None = None):
+        if n_nodes < 1:
+            raise ConfigurationError(f"Expected at least one node. Received n_nodes={n_nodes}.")
+        if not (math.isfinite(max_weight) and max_weight > 0):
+            raise ConfigurationError(
+                f"Expected a positive, finite max_weight. Received {max_weight!r}.")
+        self.n_nodes = n_nodes
+        self.max_weight = float(max_weight)
+        self.values = FixedPoint.for_sum(clip, n_nodes, max_weight)
+        self.extras = FixedPoint.for_sum(extras_clip, n_nodes, max_weight)
+        self.weight = FixedPoint.for_sum(max_weight, n_nodes, 1.0)
+        #: The global model's layout ([[name, shape]...]) when the researcher knows it.
+        self.params_layout = params_layout
+
+    @classmethod
+    def choose(cls, n_nodes: int, *, clip: float | None, extras_clip: float | None,
+               clip_margin: float, max_weight: float | None,
+               weights_hint: Mapping[str, float] | None,
+               reference: Mapping[str, np.ndarray] | None) -> Encoding:
+        """Pick the round's ranges: explicit values first, else from the data (see module)."""
+        if clip is None:
+            if reference is None:
+                raise ConfigurationError(
+                    "Expected a clipping range: pass clip=R to the scheme, or the current "
+                    "global model as reference= so that R is chosen from it. Received neither."
+                )
+            peak = max((float(np.max(np.abs(a))) for a in reference.values() if np.size(a)),
+                       default=0.0)
+            clip = clip_margin * max(1.0, peak)
+        if max_weight is None:
+            hinted = [float(w) for w in (weights_hint or {}).values()]
+            max_weight = max(hinted) if hinted else DEFAULT_MAX_WEIGHT
+        layout = (Layout.of(reference, None).to_wire()["params"]
+                  if reference is not None else None)
+        return cls(n_nodes, max_weight, clip, clip if extras_clip is None else extras_clip,
+                   layout)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Msgpack-safe parameters (exponents travel, so both sides use the same steps)."""
+        return {"n_nodes": self.n_nodes, "max_weight": self.max_weight,
+                "clip": self.values.clip, "extras_clip": self.extras.clip,
+                "exponents": [self.values.exponent, self.extras.exponent, self.weight.exponent],
+                "params_layout": self.params_layout}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Encoding:
+        """Rebuild the researcher's encoding on a node; ``ProtocolError`` when malformed."""
+        try:
+            enc = cls(int(data["n_nodes"]), float(data["max_weight"]), float(data["clip"]),
+                      float(data["extras_clip"]), data.get("params_layout"))
+            sent = [int(e) for e in data["exponents"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"Malformed fixed-point parameters: {exc}.") from exc
+        if sent != [enc.values.exponent, enc.extras.exponent, enc.weight.exponent]:
+            raise ProtocolError(
+                f"The fixed-point steps 2^{sent} do not match the parameters received "
+                f"(expected 2^{[enc.values.exponent, enc.extras.exponent, enc.weight.exponent]})."
+            )
+        return enc
+
+    def check_received(self, layout: Layout, node: str, first: Layout | None) -> None:
+        """Refuse a node's layout unlike the global model's or unlike the first one received."""
+        if first is None:
+            if self.params_layout is not None and layout.to_wire()["params"] != self.params_layout:
+                ref = Layout.from_wire({"params": self.params_layout, "extras": []})
+                raise ProtocolError(f"The update from {node!r} does not have the global model's "
+                                    "layout: " + ref.describe_difference(Layout(layout.params, [])))
+        elif layout != first:
+            raise ProtocolError(f"The update from {node!r} differs in layout from the others: "
+                                f"{first.describe_difference(layout)}.")
+
+    def encode(self, update: ParameterSet, weight: float,
+               extras: Mapping[str, ParameterSet] | None = None) -> tuple[np.ndarray, Layout]:
+        """The uint64 vector of ``weight * update`` (and extras, weight, clip counts)."""
+        if not (isinstance(weight, (int, float, np.number)) and math.isfinite(weight)
+                and 0 < weight <= self.max_weight):
+            raise ConfigurationError(
+                f"Expected a weight in (0, {self.max_weight:g}] (max_weight of this round). "
+                f"Received {weight!r}. Raise max_weight (or pass weights_hint) on the scheme."
+            )
+        layout = Layout.of(update, extras)
+        if self.params_layout is not None and layout.to_wire()["params"] != self.params_layout:
+            expected = Layout.from_wire({"params": self.params_layout, "extras": []})
+            raise ConfigurationError(
+                "The update does not have the global model's layout: "
+                + expected.describe_difference(Layout(layout.params, [])) + "."
+            )
+        out = np.empty(layout.size, dtype=np.uint64)
+        pos = 0
+        clipped = [0, 0]
+        sets = [(0, self.values, update)] + [(1, self.extras, ps) for ps in (extras or {}).values()]
+        for which, fp, ps in sets:
+            for a in ps.values():
+                size = int(np.size(a))
+                clipped[which] += fp.encode_into(np.asarray(a), float(weight),
+                                                 out[pos:pos + size])
+                pos += size
+        self.weight.encode_into(np.array([1.0]), float(weight), out[pos:pos + 1])
+        out[pos + 1:pos + 3] = clipped
+        return out, layout
+
+    def decode(self, sums: np.ndarray, layout: Layout, n_summed: int
+               ) -> tuple[ParameterSet, float, dict[str, ParameterSet], dict[str, Any]]:
+        """Sums (float64), total weight, extras' sums and what the decoding reports."""
+        if sums.shape != (layout.size,):
+            raise ProtocolError(f"Expected {layout.size} summed values. Received {sums.shape}.")
+        pos = 0
+
+        def take(entries: list[tuple[str, tuple[int, ...]]], fp: FixedPoint) -> ParameterSet:
+            nonlocal pos
+            out = {}
+            for name, shape in entries:
+                size = math.prod(shape)
+                out[name] = fp.decode(sums[pos:pos + size]).reshape(shape)
+                pos += size
+            return ParameterSet(out)
+
+        params = take(layout.params, self.values)
+        extras = {k: take(v, self.extras) for k, v in layout.extras}
+        total_weight = float(self.weight.decode(sums[pos:pos + 1])[0])
+        report = {
+            "clipped": {"params": int(sums[pos + 1]), "extras": int(sums[pos + 2])},
+            "clip_range": {"params": self.values.clip, "extras": self.extras.clip},
+            "step": {"params": self.values.step, "extras": self.extras.step},
+            "error_bound": {"params": self.values.error_bound(n_summed),
+                            "extras": self.extras.error_bound(n_summed)},
+            "max_weight": self.max_weight,
+        }
+        return params, total_weight, extras, report

@@ -1,0 +1,136 @@
+"""Shamir's t-of-n secret sharing over the prime field GF(2^256 + 297).
+
+The prime is above 2^256, so a secret of up to 32 bytes (a key, a seed) is one field element
+and each share is one element (33 bytes). Splitting evaluates one random polynomial of degree
+``t - 1`` per secret at every recipient's x (Horner's rule on numpy object arrays: all
+secrets and all recipients at once); combining interpolates at 0 from ``t`` shares and checks
+that every further share lies on the same polynomial, so a corrupted share is caught instead
+of yielding a wrong secret.
+"""
+
+from __future__ import annotations
+
+import secrets as _secrets
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["PRIME", "SHARE_BYTES", "ShareError", "combine", "combine_bytes", "split",
+           "split_bytes"]
+
+#: The field's prime: the smallest prime above 2^256.
+PRIME = 2**256 + 297
+#: Bytes of one share element on the wire.
+SHARE_BYTES = 33
+
+
+class ShareError(ValueError):
+    """Shares are too few, malformed or inconsistent; ``x`` names the bad share, if known."""
+
+    def __init__(self, message: str, x: int | None = None):
+        super().__init__(message)
+        self.x = x
+
+
+def split(values: Sequence[int], t: int, xs: Sequence[int]) -> list[list[int]]:
+    """Shares of every secret in ``values`` for the recipients at ``xs``.
+
+    Returns ``shares[r][s]``: recipient ``xs[r]``'s share of secret ``values[s]``. Any ``t``
+    recipients recover the secrets; fewer learn nothing about them.
+    """
+    if not 1 <= t <= len(xs):
+        raise ShareError(f"Expected 1 <= t <= {len(xs)} recipients. Received t={t}.")
+    if len(set(xs)) != len(xs) or not all(0 < x < PRIME for x in xs):
+        raise ShareError(f"Expected distinct, non-zero x coordinates. Received {list(xs)}.")
+    if not all(0 <= v < PRIME for v in values):
+        raise ShareError("Secrets must be field elements (0 <= value < PRIME).")
+    k = len(values)
+    coeffs = np.empty((k, t), dtype=object)
+    coeffs[:, 0] = list(values)
+    for i in range(k):
+        for j in range(1, t):
+            coeffs[i, j] = _secrets.randbelow(PRIME)
+    x = np.array(list(xs), dtype=object)[None, :]  # (1, m)
+    acc = np.zeros((k, len(xs)), dtype=object)
+    for j in range(t - 1, -1, -1):  # Horner, vectorised over secrets x recipients
+        acc = (acc * x + coeffs[:, j:j + 1]) % PRIME
+    return [[int(v) for v in acc[:, r]] for r in range(len(xs))]
+
+
+def _lagrange_at(z: int, xs: Sequence[int]) -> list[int]:
+    """Coefficients l_k with P(z) = sum_k l_k * P(xs[k]) for every polynomial of degree < len."""
+    nums, dens = [], []
+    for k, xk in enumerate(xs):
+        num, den = 1, 1
+        for m, xm in enumerate(xs):
+            if m != k:
+                num = num * (z - xm) % PRIME
+                den = den * (xk - xm) % PRIME
+        nums.append(num)
+        dens.append(den)
+    prefix = [1]  # one modular inversion for all denominators (Montgomery's trick)
+    for d in dens:
+        prefix.append(prefix[-1] * d % PRIME)
+    inv = pow(prefix[-1], -1, PRIME)  # 1 / (d_0 ... d_{t-1})
+    out = [0] * len(xs)
+    for k in range(len(xs) - 1, -1, -1):
+        out[k] = nums[k] * inv * prefix[k] % PRIME  # inv is 1 / (d_0 ... d_k) here
+        inv = inv * dens[k] % PRIME
+    return out
+
+
+def combine(points: Mapping[int, Sequence[int]], t: int) -> list[int]:
+    """The secrets whose shares are ``points`` (``x -> [share of each secret]``).
+
+    Uses the ``t`` smallest x; every other point is checked against the interpolated
+    polynomial. Raises :class:`ShareError` when fewer than ``t`` points are given, when they
+    disagree in length, or when a further point is inconsistent (a corrupted share).
+    """
+    if len(points) < t:
+        raise ShareError(f"Expected at least t={t} shares. Received {len(points)}.")
+    xs = sorted(points)
+    lengths = {len(points[x]) for x in xs}
+    if len(lengths) != 1:
+        raise ShareError(f"Shares hold different numbers of secrets: {sorted(lengths)}.")
+    base = xs[:t]
+    ys = np.array([list(points[x]) for x in base], dtype=object)  # (t, k)
+
+    def at(z: int) -> np.ndarray:
+        lam = np.array(_lagrange_at(z, base), dtype=object)[:, None]
+        return np.asarray((lam * ys).sum(axis=0) % PRIME)
+
+    for x in xs[t:]:
+        if [int(v) for v in at(x)] != [int(v) % PRIME for v in points[x]]:
+            raise ShareError(f"The share at x={x} is inconsistent with the others.", x)
+    return [int(v) for v in at(0)]
+
+
+def split_bytes(secrets: Sequence[bytes], t: int, xs: Sequence[int]) -> list[bytes]:
+    """Like :func:`split` for byte strings of at most 32 bytes; each share is bytes.
+
+    A recipient's share of ``len(secrets)`` secrets is ``len(secrets) * SHARE_BYTES`` bytes.
+    """
+    for s in secrets:
+        if len(s) > 32:
+            raise ShareError(f"Secrets are at most 32 bytes. Received {len(s)}.")
+    shares = split([int.from_bytes(s, "big") for s in secrets], t, xs)
+    return [b"".join(v.to_bytes(SHARE_BYTES, "big") for v in row) for row in shares]
+
+
+def combine_bytes(points: Mapping[int, bytes], t: int, sizes: Sequence[int]) -> list[bytes]:
+    """Recover byte secrets of the given ``sizes`` from shares made by :func:`split_bytes`."""
+    expected = len(sizes) * SHARE_BYTES
+    parsed = {}
+    for x, blob in points.items():
+        if not isinstance(blob, bytes) or len(blob) != expected:
+            raise ShareError(f"Expected a share of {expected} bytes at x={x}. "
+                             f"Received {len(blob) if isinstance(blob, bytes) else blob!r}.", x)
+        parsed[x] = [int.from_bytes(blob[i:i + SHARE_BYTES], "big")
+                     for i in range(0, expected, SHARE_BYTES)]
+    values = combine(parsed, t)
+    out = []
+    for v, size in zip(values, sizes, strict=True):
+        if v >= 1 << (8 * size):
+            raise ShareError("A recovered secret does not fit its size: shares are corrupted.")
+        out.append(v.to_bytes(size, "big"))
+    return out
