@@ -17,7 +17,7 @@ from typing import Any
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
 
-from . import _daemon, _trust
+from . import _budget, _daemon, _trust
 from ._commands import DESCRIPTION_HELP, add_parsers, handler, load_description, table
 
 DEFAULT_HOME = "fedcore-node"
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     add_parsers(sub)
     _daemon.add_parsers(sub)
     _trust.add_parsers(sub)
+    _budget.add_parsers(sub)
     return p
 
 
@@ -135,8 +136,9 @@ def run(args: argparse.Namespace, out: Any) -> int:
     to_check = _dataset_args(args) if getattr(args, "action", "") == "add" and (
         args.command == "dataset") else None
     node = _open(args.home)
-    command = handler(args.command) or _trust.handler(args.command) or {"start": _daemon.start,
-                                        "status": _daemon.status}.get(args.command)
+    command = (handler(args.command) or _trust.handler(args.command)
+               or _budget.handler(args.command)
+               or {"start": _daemon.start, "status": _daemon.status}.get(args.command))
     if command is not None:
         return command(args, node, out)
     if args.command == "info":

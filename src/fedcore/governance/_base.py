@@ -16,7 +16,11 @@ class Request:
     ``kind`` is ``"train"`` or ``"statistics"`` (a site's own policies may review other
     kinds). ``dataset`` is the registry entry the request touches (id, name, tags,
     metadata); ``n_samples`` its size. Plan fields are set for training requests.
-    ``secagg`` names the secure aggregation scheme the researcher asked for (``None``: plain).
+    ``secagg`` is the secure aggregation the researcher asked for: a scheme name, or the
+    request's ``secagg`` options naming it under ``"scheme"`` (``None`` or ``"plain"``:
+    none). ``privacy`` is the differential privacy asked for (``TrainRequest.privacy``,
+    empty: none) and ``test_ratio`` the share of samples held out, so a policy can tell
+    what a round would spend before it runs.
     """
 
     kind: str
@@ -28,7 +32,9 @@ class Request:
     plan_hash: str = ""
     plan_name: str = ""
     training_args: Mapping[str, Any] = field(default_factory=dict)
-    secagg: str | None = None
+    secagg: str | Mapping[str, Any] | None = None
+    privacy: Mapping[str, Any] = field(default_factory=dict)
+    test_ratio: float = 0.0
 
     @property
     def dataset_label(self) -> str:
@@ -36,6 +42,15 @@ class Request:
         if not self.dataset:
             return "?"
         return str(self.dataset.get("name") or self.dataset.get("id") or "?")
+
+    @property
+    def secagg_scheme(self) -> str | None:
+        """The secure aggregation scheme's name; ``None`` for plain aggregation."""
+        value = self.secagg
+        if isinstance(value, Mapping):
+            value = value.get("scheme") or value.get("name")
+        scheme = str(value) if value else None
+        return None if scheme in (None, "", "plain") else scheme
 
 
 @dataclass(frozen=True)

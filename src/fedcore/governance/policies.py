@@ -4,7 +4,7 @@ A node's policy is a set of top-level keys of its ``config.toml`` (see :data:`SE
 :func:`build_governance` turns them into a :class:`~fedcore.governance.Governance` chain:
 
 statistics gate -> dataset access -> minimum samples -> plan approval -> secure aggregation
--> training-argument caps -> the site's own policies.
+-> training-argument caps -> privacy budget -> the site's own policies.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from ._base import Decision, Governance, Policy, Request
+from ._privacy import PrivacyBudget, check_budget
 
 if TYPE_CHECKING:
+    from ..node.budget import PrivacyLedger
     from .plans import PlanStore
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "DatasetAccess",
     "MinSamples",
     "PlanApproval",
+    "PrivacyBudget",
     "SecureAggregationRequired",
     "Setting",
     "StatisticsAllowed",
@@ -47,7 +50,7 @@ class Setting:
     """One policy key of ``config.toml``: its type, default (``None``: no limit) and meaning."""
 
     key: str
-    type: str  # "bool", "int", "choice", "access"
+    type: str  # "bool", "int", "choice", "access", "fraction", "budget"
     default: Any
     help: str
     minimum: int = 0
@@ -71,7 +74,13 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
     Setting("dataset_access", "access", None, "table: researcher id (or \"*\" for anyone) "
             "-> dataset ids or names they may use; absent: every dataset"),
     Setting("secagg_required", "bool", False, "train only for experiments that use secure "
-            "aggregation"),
+            "aggregation (a scheme other than 'plain')"),
+    Setting("dp_required", "bool", False, "train only with differential privacy (update-level "
+            "DP or DP-SGD in the request)"),
+    Setting("dp_max_epsilon", "budget", None, "privacy budget: most epsilon a dataset may "
+            "spend in total (at dp_delta); a number, or a table of dataset id or name (\"*\" "
+            "for the others) -> number; implies dp_required"),
+    Setting("dp_delta", "fraction", 1e-5, "the delta at which the privacy budget is counted"),
     Setting("statistics", "bool", True, "answer federated statistics requests"),
     Setting("min_count", "int", 5, "statistics: withhold counts below this"),
     Setting("allow_min_max", "bool", True, "statistics: share minima and maxima"),
@@ -87,6 +96,13 @@ def _check(setting: Setting, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value < setting.minimum:
             raise ConfigurationError(
                 f"{key} must be a whole number >= {setting.minimum}. Received: {value!r}")
+    elif setting.type == "fraction":
+        if not _is_number(value) or not 0 < value < 1:
+            raise ConfigurationError(f"{key} must be a number in (0, 1), e.g. 1e-5. "
+                                     f"Received: {value!r}")
+        value = float(value)
+    elif setting.type == "budget":
+        value = check_budget(key, value)
     elif setting.type == "choice":
         if value not in setting.choices:
             raise ConfigurationError(
@@ -100,6 +116,11 @@ def _check(setting: Setting, value: Any) -> Any:
                 f'e.g. {key} = {{ "*" = ["diabetes-2024"] }}. Received: {value!r}')
         value = {k: list(v) for k, v in value.items()}
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _unknown(key: str) -> ConfigurationError:
@@ -257,18 +278,20 @@ class PlanApproval(Policy):
 class SecureAggregationRequired(Policy):
     """Refuses training for experiments that do not protect updates with secure aggregation.
 
-    The researcher names a scheme in the training request (``secagg``); until fedcore ships
-    secure aggregation no request does, so a node requiring it trains nothing: it fails
-    closed rather than send a plain update.
+    The researcher names a scheme in the training request (``secagg``); a request with none,
+    or with the ``plain`` identity scheme, is refused: the node fails closed rather than
+    send an update the researcher can read.
     """
 
     name = "secure-aggregation"
 
     def review(self, request: Request) -> Decision:  # noqa: D102
-        if request.kind == "train" and not request.secagg:
+        if request.kind == "train" and request.secagg_scheme is None:
+            given = "plain aggregation" if request.secagg else "none"
             return Decision.refuse(
-                "This node requires secure aggregation (policy secagg_required) and the "
-                "request uses none. Run the experiment with a secure aggregation scheme.")
+                f"This node requires secure aggregation (policy secagg_required) and the "
+                f"request uses {given}. Run the experiment with a secure aggregation scheme "
+                "such as 'masking' or 'joye-libert'.")
         return Decision.allow()
 
 
@@ -341,8 +364,13 @@ def _is_count(value: Any) -> bool:
 
 
 def build_governance(policy: Mapping[str, Any], plans: PlanStore,
-                     extra: Iterable[Policy] = ()) -> Governance:
-    """The node's chain for an :func:`effective_policy`, with the site's own policies last."""
+                     extra: Iterable[Policy] = (), *, ledger: PrivacyLedger | None = None,
+                     ) -> Governance:
+    """The node's chain for an :func:`effective_policy`, with the site's own policies last.
+
+    ``ledger`` holds what each dataset spent of its privacy budget; by default it is the
+    ``privacy`` table of the database ``plans`` live in.
+    """
     chain: list[Policy] = [StatisticsAllowed(policy["statistics"]),
                            DatasetAccess(policy["dataset_access"]),
                            MinSamples(policy["min_samples"])]
@@ -354,6 +382,14 @@ def build_governance(policy: Mapping[str, Any], plans: PlanStore,
         max_epochs=policy["max_epochs"], max_updates=policy["max_updates"],
         batch_size_min=policy["batch_size_min"], batch_size_max=policy["batch_size_max"],
         allow_gpu=policy["allow_gpu"], on_excess=policy["on_excess"]))
+    if policy.get("dp_required") or policy.get("dp_max_epsilon") is not None:
+        if ledger is None:
+            from ..node.budget import PrivacyLedger
+
+            ledger = PrivacyLedger.on_storage(plans._table.storage)
+        chain.append(PrivacyBudget(ledger, max_epsilon=policy.get("dp_max_epsilon"),
+                                   delta=policy.get("dp_delta") or 1e-5,
+                                   required=bool(policy.get("dp_required"))))
     chain.extend(extra)
     return Governance(chain)
 

@@ -93,6 +93,23 @@ class Governance:
 
         return list(SETTINGS.values())
 
+    # --- privacy budget ---------------------------------------------------------------------
+
+    def budgets(self) -> dict[str, dict[str, Any]]:
+        """Each dataset's privacy budget row (spent, limit, remaining epsilon), by its id.
+
+        Empty when the policy cannot be read (the node refuses everything meanwhile).
+        """
+        from fedcore.errors import ConfigurationError
+        from fedcore.node.budget import PrivacyLedger, budget_summary
+
+        try:
+            policy = self.node.policy
+        except ConfigurationError:
+            return {}
+        rows = budget_summary(PrivacyLedger(self.node.db), self.node.datasets.list(), policy)
+        return {r["dataset"]: r for r in rows}
+
     # --- audit ------------------------------------------------------------------------------
 
     def audit(self, event: str, **fields: Any) -> None:

@@ -75,7 +75,8 @@ def status() -> str:
 @bp.route("/datasets")
 def datasets() -> str:
     """Every registered dataset, and (for admins) the form to add one."""
-    return render_template("datasets.html", datasets=_node().datasets.list())
+    return render_template("datasets.html", datasets=_node().datasets.list(),
+                           budgets=governance().budgets())
 
 
 @bp.route("/datasets/<dataset_id>")
@@ -87,7 +88,8 @@ def dataset(dataset_id: str) -> str:
     except DatasetError as exc:
         abort(404, str(exc))
     public = node.datasets.public({**entry, "available": True})
-    return render_template("dataset.html", entry=entry, public=public)
+    return render_template("dataset.html", entry=entry, public=public,
+                           budget=governance().budgets().get(dataset_id))
 
 
 @bp.route("/datasets", methods=["POST"])

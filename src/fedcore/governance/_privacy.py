@@ -1,0 +1,118 @@
+"""The privacy budget policy: differential privacy required, and epsilon capped per dataset."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigurationError
+from ..privacy.accountant import check_delta, epsilon
+from ..privacy.spec import PrivacySpec, train_size
+from ._base import Decision, Policy, Request
+
+if TYPE_CHECKING:
+    from ..node.budget import PrivacyLedger
+
+__all__ = ["PrivacyBudget", "check_budget"]
+
+_ASK = ('privacy={"mechanism": "update", "clip": 1.0, "noise_multiplier": 1.1} (any '
+        'backend) or {"mechanism": "dp-sgd", ...} (torch)')
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_budget(key: str, value: Any) -> float | dict[str, float]:
+    """The policy value of ``dp_max_epsilon``, checked (``ConfigurationError`` says why)."""
+    if isinstance(value, Mapping):
+        if value and all(isinstance(k, str) and _number(v) and v > 0
+                         for k, v in value.items()):
+            return {k: float(v) for k, v in value.items()}
+    elif _number(value) and value > 0:
+        return float(value)
+    raise ConfigurationError(
+        f"{key} must be a number > 0 (every dataset's budget) or a table of dataset id or "
+        f'name -> number > 0, e.g. {key} = {{ "*" = 8, "diabetes-2024" = 3 }}. Received: '
+        f"{value!r}")
+
+
+class PrivacyBudget(Policy):
+    """Requires differential privacy and caps the epsilon each dataset may spend.
+
+    ``max_epsilon`` is the most a dataset may spend in total at ``delta``: a number for
+    every dataset, or a mapping of dataset id or name (``"*"``: the others) to a number;
+    ``None`` for no cap. A dataset with a cap trains only with DP; ``required`` asks for DP
+    without a cap. Before a round runs, its cost is computed from the request's parameters,
+    the dataset's size, the test split and the training arguments (as the policies before
+    this one left them), and composed with what the dataset already spent (``ledger``).
+    """
+
+    name = "privacy-budget"
+
+    def __init__(self, ledger: PrivacyLedger, *,
+                 max_epsilon: float | Mapping[str, float] | None = None,
+                 delta: float = 1e-5, required: bool = False):
+        self.ledger = ledger
+        self.max_epsilon = (dict(max_epsilon) if isinstance(max_epsilon, Mapping)
+                            else max_epsilon)
+        self.delta = check_delta(delta)
+        self.required = required
+
+    def __repr__(self) -> str:
+        return (f"PrivacyBudget(max_epsilon={self.max_epsilon!r}, delta={self.delta!r}, "
+                f"required={self.required!r})")
+
+    def limit(self, dataset: Mapping[str, Any] | None) -> float | None:
+        """The budget of ``dataset`` (its registry entry); ``None`` when uncapped."""
+        if not isinstance(self.max_epsilon, Mapping):
+            return self.max_epsilon
+        ds = dataset or {}
+        for key in (ds.get("id"), ds.get("name"), "*"):
+            if key in self.max_epsilon:
+                return float(self.max_epsilon[key])
+        return None
+
+    def review(self, request: Request) -> Decision:  # noqa: D102
+        if request.kind != "train":
+            return Decision.allow()
+        label, limit = request.dataset_label, self.limit(request.dataset)
+        try:
+            spec = PrivacySpec.parse(request.privacy)
+        except ConfigurationError as exc:
+            return Decision.refuse(f"The request's differential privacy is invalid: {exc}")
+        if spec is None:
+            if limit is not None:
+                return Decision.refuse(
+                    f"Dataset {label!r} has a privacy budget on this node (epsilon "
+                    f"{limit:g} at delta {self.delta:g}, policy dp_max_epsilon), so it trains "
+                    f"only with differential privacy. Ask for it with {_ASK}.")
+            if self.required:
+                return Decision.refuse(
+                    "This node trains only with differential privacy (policy dp_required) "
+                    f"and the request asks for none. Ask for it with {_ASK}.")
+            return Decision.allow()
+        if limit is None or request.dataset is None:
+            return Decision.allow()
+        try:
+            events = spec.events(
+                n_train=train_size(int(request.n_samples or 0), request.test_ratio),
+                training_args=request.training_args)
+        except ConfigurationError as exc:
+            return Decision.refuse(f"The request's differential privacy is invalid: {exc}")
+        accountant = self.ledger.accountant(str(request.dataset.get("id")))
+        spent = accountant.epsilon(self.delta)
+        after = accountant.epsilon_with(events, self.delta)
+        if after <= limit:
+            return Decision.allow()
+        alone = epsilon(events, self.delta)
+        remaining = max(limit - spent, 0.0)
+        return Decision.refuse(
+            f"Dataset {label!r} would exceed its privacy budget on this node: it has spent "
+            f"epsilon {spent:.4g} of {limit:g} (delta {self.delta:g}, policy dp_max_epsilon), "
+            f"{remaining:.4g} remains, and this round ({spec.mechanism}, noise_multiplier "
+            f"{spec.noise_multiplier:g}) would cost {alone:.4g} on its own, bringing the total "
+            f"to {after:.4g}. Ask for more noise or fewer steps, or ask the node's "
+            "administrator for a larger budget.")
