@@ -13,6 +13,8 @@
 # The stamp is written last, so an interrupted run is detected and repaired by the next one.
 #
 # Environment: PYTHON (interpreter to build with; default python3.11, then python3),
+#              FEDCORE_CONSTRAINTS (pip constraints file; default constraints.txt; the TF DP
+#              environment uses constraints-tfdp.txt: tensorflow-privacy holds numpy at 1.26),
 #              FEDCORE_REBUILD=1 (always delete and recreate the venv).
 set -euo pipefail
 
@@ -30,6 +32,7 @@ case "$VENV_ARG" in
     *) VENV="$ROOT/$VENV_ARG" ;;
 esac
 VPY="$VENV/bin/python"
+CONSTRAINTS="${FEDCORE_CONSTRAINTS:-constraints.txt}"
 STAMP="$VENV/.fedcore-env-stamp"
 SETUP_VERSION=1
 
@@ -61,14 +64,14 @@ fi
 
 # --- what the venv must match ------------------------------------------------------------
 # Only the tables that decide what gets installed: editing [tool.ruff] must not reinstall torch.
-KEY="$("$BASE_PY" - "$ROOT" "$EXTRAS" "$VENV" "$SETUP_VERSION" <<'EOF'
+KEY="$("$BASE_PY" - "$ROOT" "$EXTRAS" "$VENV" "$SETUP_VERSION" "$CONSTRAINTS" <<'EOF'
 import hashlib, json, sys, tomllib
 from pathlib import Path
 
-root, extras, venv, version = sys.argv[1:]
+root, extras, venv, version, constraints_file = sys.argv[1:]
 with open(Path(root, "pyproject.toml"), "rb") as f:
     pyproject = tomllib.load(f)
-constraints = Path(root, "constraints.txt")
+constraints = Path(root, constraints_file)
 h = hashlib.sha256()
 h.update(json.dumps({k: pyproject.get(k) for k in ("build-system", "project")},
                     sort_keys=True).encode())
@@ -117,7 +120,7 @@ python_works() {
 pip_install() {
     say "installing fedcore[$EXTRAS] into ${VENV#"$ROOT"/} (from scratch: a minute or two)..."
     PIP_NO_INPUT=1 "$VPY" -m pip install --disable-pip-version-check --progress-bar off -q \
-        -c constraints.txt -e ".[$EXTRAS]"
+        -c "$CONSTRAINTS" -e ".[$EXTRAS]"
 }
 
 create() {

@@ -3,16 +3,22 @@
 #
 #   ./scripts/test.sh [PYTEST ARGS...]      (or: make test ARGS="-k docs -x")
 #
-# Sets up .venv (or $FEDCORE_DEV_VENV) with fedcore[dev,sklearn,torch], re-using it when it
-# is up to date; starts the services the tests need; runs `ruff check .`, `mypy` and `pytest`.
-# Exits non-zero when either fails, and when pytest collects no tests (its exit code 5).
+# Sets up .venv (or $FEDCORE_DEV_VENV) with fedcore[dev,sklearn,torch,tf,jax], and .venv-tfdp
+# (or $FEDCORE_TFDP_VENV) with fedcore[dev,sklearn,tfdp] (tensorflow-privacy holds numpy at
+# 1.26, so TF DP-SGD has its own environment, pinned by constraints-tfdp.txt), re-using them
+# when up to date; starts the services the tests need; runs `ruff check .`, `mypy`, `pytest`
+# in .venv (the tests marked `tfdp` deselected) and the `tfdp` tests (tests/test_tf_privacy.py)
+# in .venv-tfdp, with the same PYTEST ARGS. Exits non-zero when any fails, and when the main
+# pytest collects no tests (its exit code 5; the tfdp run may select none).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${FEDCORE_DEV_VENV:-.venv}"
 PY="$VENV/bin/python"
+TFDP_VENV="${FEDCORE_TFDP_VENV:-.venv-tfdp}"
 
-bash scripts/setup-env.sh "$VENV" dev,sklearn,torch
+bash scripts/setup-env.sh "$VENV" dev,sklearn,torch,tf,jax
+FEDCORE_CONSTRAINTS=constraints-tfdp.txt bash scripts/setup-env.sh "$TFDP_VENV" dev,sklearn,tfdp
 
 # --- services the tests need ---------------------------------------------------------------
 # None yet: tests start what they use themselves. This is the place for services that
@@ -75,8 +81,18 @@ case $rc in
     *) failed+=("pytest (exit $rc)") ;;
 esac
 
+echo "== pytest (TF DP-SGD, $TFDP_VENV) tests/test_tf_privacy.py $*" >&2
+set +e
+FEDCORE_TFDP=1 "$TFDP_VENV/bin/python" -m pytest tests/test_tf_privacy.py "$@"
+rc=$?
+set -e
+case $rc in
+    0 | 5) ;;
+    *) failed+=("pytest TF DP-SGD (exit $rc)") ;;
+esac
+
 if ((${#failed[@]})); then
     printf 'FAILED: %s\n' "${failed[@]}" >&2
     exit 1
 fi
-echo "OK: ruff, mypy and pytest passed" >&2
+echo "OK: ruff, mypy, pytest and the TF DP-SGD tests passed" >&2

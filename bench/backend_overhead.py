@@ -1,0 +1,215 @@
+"""Per-backend cost of ParameterSet conversion, and per-round framework overhead.
+
+    python bench/backend_overhead.py [--params 100] [--repeats 5]
+
+1. Conversion of a large model (``--params`` million float32 parameters in 10 layers) to
+   and from a ParameterSet, per backend, against ``np.copyto`` of the same bytes (memcpy
+   speed: one copy). Target: at most one copy, at memcpy speed.
+2. One round of local training of the digits MLP (64-32-10, 1 epoch, batch 32, on 1437
+   samples) through the plan (set_parameters + fit + get_parameters) against the same
+   training in each framework's own serial loop. Target: <= 1.3x.
+Medians of ``--repeats`` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import timed  # noqa: E402
+
+from fedcore.data import ArrayDataset  # noqa: E402
+from fedcore.params import ParameterSet  # noqa: E402
+
+HAVE = {m: importlib.util.find_spec(m) is not None for m in ("torch", "tensorflow", "jax")}
+LAYERS = 10
+
+
+def conversion(n_params: int, repeats: int) -> None:
+    per = n_params // LAYERS
+    rows = per // 1000
+    nbytes = LAYERS * rows * 1000 * 4
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    memcpy, _ = timed(lambda: np.copyto(dst, src), repeats)
+    print(f"model: {LAYERS * rows * 1000 / 1e6:.0f}M float32 parameters, {nbytes / 1e6:.0f} MB; "
+          f"np.copyto: {memcpy * 1e3:.0f} ms ({nbytes / memcpy / 1e9:.1f} GB/s)")
+    print(f"{'backend':8} {'get ms':>8} {'get/memcpy':>10} {'set ms':>8} {'set/memcpy':>10}")
+
+    def report(name: str, get: float, set_: float) -> None:
+        print(f"{name:8} {get * 1e3:8.1f} {get / memcpy:10.2f} {set_ * 1e3:8.1f} "
+              f"{set_ / memcpy:10.2f}")
+
+    if HAVE["torch"]:
+        import torch
+
+        from fedcore_torch import convert as tc
+
+        model = torch.nn.Sequential(*[torch.nn.Linear(1000, rows, bias=False)
+                                      for _ in range(LAYERS)])
+        received = ParameterSet((k, np.ones(v.shape, np.float32))
+                                for k, v in tc.get_parameters(model).items())
+        get, _ = timed(lambda: tc.get_parameters(model), repeats)
+        set_, _ = timed(lambda: tc.set_parameters(model, received), repeats)
+        report("torch", get, set_)
+        del model
+    if HAVE["tensorflow"]:
+        import tensorflow as tf
+
+        from fedcore_tf import convert as kc
+
+        # Dense layers alternating 1000 -> rows -> 1000: every kernel holds rows x 1000.
+        model = tf.keras.Sequential([tf.keras.Input((1000,))] + [
+            tf.keras.layers.Dense(rows if i % 2 == 0 else 1000, use_bias=False,
+                                  kernel_initializer="zeros") for i in range(LAYERS)])
+        received = ParameterSet((k, np.ones(v.shape, np.float32))
+                                for k, v in kc.get_parameters(model).items())
+        get, _ = timed(lambda: kc.get_parameters(model), repeats)
+        set_, _ = timed(lambda: kc.set_parameters(model, received), repeats)
+        report("tf", get, set_)
+        del model
+    if HAVE["jax"]:
+        import jax.numpy as jnp
+
+        from fedcore_jax import convert as jc
+
+        tree = {"layers": [jnp.zeros((1000, rows), jnp.float32) for _ in range(LAYERS)]}
+        received = ParameterSet((k, np.ones(v.shape, np.float32))
+                                for k, v in jc.get_parameters(tree).items())
+        get, _ = timed(lambda: jc.get_parameters(tree), repeats)
+        set_, _ = timed(lambda: jc.set_parameters(tree, received), repeats)
+        report("jax", get, set_)
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return (X / 16.0).astype(np.float32), y
+
+
+def overhead(repeats: int) -> None:
+    X, y = digits()
+    ds = ArrayDataset(X, y)
+    info = {**ds.metadata(), "categories": {"target": list(range(10))}}
+    args = {"epochs": 1, "batch_size": 32, "lr": 0.1}
+    print(f"\n{'backend':8} {'plan round ms':>14} {'own loop ms':>12} {'ratio':>6}")
+
+    def run(name: str, plan: object, own) -> None:
+        params = plan.get_parameters().copy()  # type: ignore[attr-defined]
+
+        def round_() -> None:
+            plan.set_parameters(params)  # type: ignore[attr-defined]
+            plan.fit(ds, seed=0)  # type: ignore[attr-defined]
+            plan.get_parameters()  # type: ignore[attr-defined]
+
+        ours, _ = timed(round_, repeats)
+        base, _ = timed(own, repeats)
+        print(f"{name:8} {ours * 1e3:14.1f} {base * 1e3:12.1f} {ours / base:6.2f}")
+
+    if HAVE["torch"]:
+        import torch
+        import torch.nn.functional as F
+
+        from fedcore_torch import TorchTrainingPlan
+
+        torch.set_num_threads(1)
+
+        class TorchDigits(TorchTrainingPlan):
+            def init_model(self):
+                return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                           torch.nn.Linear(32, 10))
+
+            def training_step(self, data, target):
+                return F.cross_entropy(self.model(data), target)
+
+        plan = TorchDigits({}, args, info)
+        plan.build(0)
+        model = plan.init_model()
+        Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+
+        def own_torch() -> None:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            order = torch.randperm(len(Xt))
+            for s in range(0, len(Xt), 32):
+                idx = order[s:s + 32]
+                opt.zero_grad()
+                F.cross_entropy(model(Xt[idx]), yt[idx]).backward()
+                opt.step()
+
+        run("torch", plan, own_torch)
+    if HAVE["tensorflow"]:
+        import tensorflow as tf
+
+        from fedcore_tf import KerasTrainingPlan
+
+        class KerasDigits(KerasTrainingPlan):
+            def init_model(self):
+                return tf.keras.Sequential([tf.keras.Input((64,)),
+                                            tf.keras.layers.Dense(32, activation="relu"),
+                                            tf.keras.layers.Dense(10)])
+
+        plan = KerasDigits({}, args, info)
+        plan.build(0)
+        model = plan.init_model()
+        model.compile(optimizer=tf.keras.optimizers.SGD(0.1),
+                      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+        def own_keras() -> None:
+            model.fit(X, y, batch_size=32, epochs=1, shuffle=True, verbose=0)
+
+        run("tf", plan, own_keras)
+    if HAVE["jax"]:
+        import jax
+        import optax
+
+        from fedcore_jax import JaxTrainingPlan, mlp
+
+        class JaxDigits(JaxTrainingPlan):
+            def init_model(self):
+                return mlp([64, 32, 10], self.key)
+
+        plan = JaxDigits({}, args, info)
+        plan.build(0)
+        apply_fn, params0 = mlp([64, 32, 10], jax.random.PRNGKey(0))
+        tx = optax.sgd(0.1)
+        yi = y.astype(np.int32)
+
+        @jax.jit
+        def step(params, state, xb, yb):
+            def loss(p):
+                return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb),
+                                                                       yb).mean()
+            grads = jax.grad(loss)(params)
+            updates, state = tx.update(grads, state)
+            return optax.apply_updates(params, updates), state
+
+        rng = np.random.default_rng(0)
+
+        def own_jax() -> None:
+            params, state = params0, tx.init(params0)
+            order = rng.permutation(len(X))
+            for s in range(0, len(X), 32):
+                idx = order[s:s + 32]
+                params, state = step(params, state, X[idx], yi[idx])
+            jax.block_until_ready(params)
+
+        run("jax", plan, own_jax)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=100, help="million parameters")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    conversion(args.params * 1_000_000, args.repeats)
+    overhead(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

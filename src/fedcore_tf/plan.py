@@ -1,0 +1,248 @@
+"""KerasTrainingPlan: federated training of a Keras model on the TensorFlow backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from fedcore.data import Dataset
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+from fedcore.plan import LocalSteps, TrainingPlan
+
+from . import convert
+
+keras = tf.keras
+
+
+class KerasTrainingPlan(TrainingPlan):
+    """A plan around a Keras model (Keras 3, or Keras 2 with ``TF_USE_LEGACY_KERAS=1``).
+
+    Override:
+
+    - :meth:`init_model` (required): build the ``keras.Model`` from ``self.model_args``
+      (give it an input shape, e.g. ``keras.Input((64,))``, so its weights exist);
+    - :meth:`init_optimizer`: default ``training_args["optimizer"]`` (a Keras optimizer
+      name, ``"sgd"``) with learning rate ``training_args["lr"]`` (0.01);
+    - :meth:`init_loss`: default ``training_args["loss"]`` (a Keras loss name), else
+      sparse categorical cross-entropy on logits (classification) or mean squared error;
+    - :meth:`training_step`: ``(data, target) -> loss`` of one batch (default: the loss
+      of the model's output);
+    - :meth:`testing_step`: ``(data, target) -> (y_true, y_pred)``;
+    - :meth:`training_data`: default ``(X, y)`` arrays, shuffled and batched by the plan;
+      may return a ``tf.data.Dataset`` of ``(x, y)`` batches, used as it is each epoch.
+
+    training_args: ``epochs`` (1), ``batch_size`` (32), ``lr``, ``optimizer``, ``loss``,
+    ``num_updates`` (stop after this many steps).
+
+    Training runs a ``tf.function`` step (``GradientTape``; traced once per plan), with
+    ``keras.utils.set_random_seed`` and TensorFlow's op determinism, so a seed reproduces
+    a round exactly. FedProx and SCAFFOLD add ``mu * (w - w_global)`` and the correction to
+    each trained weight's gradient before ``apply_gradients``. DP-SGD (``privacy``
+    mechanism ``"dp-sgd"``) trains through tensorflow-privacy's ``DPKerasSGDOptimizer``
+    (:mod:`fedcore_tf.privacy`, which needs ``TF_USE_LEGACY_KERAS=1``).
+    """
+
+    backend = "tf"
+    supports = frozenset({"proximal", "gradient_correction", "dp-sgd"})
+    #: The weights (trainable or not) are the whole state of a standard model.
+    reusable = True
+    model: Any
+
+    def init_model(self) -> Any:
+        """Build the Keras model."""
+        raise ConfigurationError(f"{type(self).__name__} must define init_model().")
+
+    def init_optimizer(self) -> Any:
+        """Build the optimizer for local training."""
+        name = self.training_args.get("optimizer", "sgd")
+        cls = type(keras.optimizers.get(name))
+        return cls(learning_rate=float(self.training_args.get("lr", 0.01)))
+
+    def init_loss(self) -> Any:
+        """The loss function ``(y_true, y_pred) -> loss``."""
+        name = self.training_args.get("loss")
+        if name is not None:
+            return keras.losses.get(name)
+        if self.task == "classification":
+            return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        return keras.losses.MeanSquaredError()
+
+    def training_step(self, data: Any, target: Any) -> Any:
+        """The loss of one batch (runs inside a ``tf.function``)."""
+        output = self.model(data, training=True)
+        return tf.reduce_mean(self.loss(target, output))
+
+    def testing_step(self, data: Any, target: Any) -> tuple[Any, Any]:
+        """``(y_true, y_pred)`` of one batch."""
+        output = self.model(data, training=False)
+        if self.task == "classification":
+            output = tf.argmax(output, axis=1)
+        return target, output
+
+    # --- TrainingPlan -----------------------------------------------------------------------
+
+    def build(self, seed: int) -> None:
+        keras.utils.set_random_seed(seed)
+        tf.config.experimental.enable_op_determinism()
+        model = self.init_model()
+        if not isinstance(model, keras.Model):
+            raise ConfigurationError(
+                f"init_model() must return a keras.Model. Received: {type(model).__name__}")
+        if not model.built or not model.weights:
+            raise ConfigurationError(
+                "The Keras model has no weights yet: give it an input shape "
+                "(keras.Input((n_features,)) first in a Sequential).")
+        self.model = model
+        self.loss = self.init_loss()
+        self._named = convert.named_weights(model)
+        self._optimizer: Any = None
+        self._fresh: list[Any] = []
+        self._steps: dict[tuple[bool, bool], Callable[..., Any]] = {}
+
+    def get_parameters(self) -> ParameterSet:
+        return convert.get_parameters(self.model)
+
+    def set_parameters(self, params: ParameterSet) -> None:
+        convert.set_parameters(self.model, params)
+
+    def training_data(self, dataset: Dataset) -> Any:
+        """``(X, y)`` with float32 features; labels as int64 class indices (or float32)."""
+        X, y = super().training_data(dataset)
+        if y is None:
+            raise ConfigurationError("Training needs a target: the dataset has none.")
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        if y.dtype.kind in "USO":
+            y = self.class_indices(y)
+        y = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np.float32)
+        return X, y
+
+    def _batches(self, data: Any, batch_size: int, rng: np.random.Generator | None
+                 ) -> Iterator[tuple[Any, Any]]:
+        if isinstance(data, tf.data.Dataset):
+            yield from data
+            return
+        X, y = data
+        n = len(X)
+        order = rng.permutation(n) if rng is not None else None
+        for start in range(0, n, batch_size):
+            idx = slice(start, start + batch_size) if order is None else \
+                order[start:start + batch_size]
+            yield tf.convert_to_tensor(X[idx]), tf.convert_to_tensor(y[idx])
+
+    def _trained(self) -> list[tuple[str, Any]]:
+        return [(n, w) for n, w in self._named if w.trainable]
+
+    def _reset_optimizer(self) -> Any:
+        """The plan's optimizer, back in its initial state (a fresh one every round)."""
+        if self._optimizer is None:
+            self._optimizer = self.init_optimizer()
+            self._optimizer.build([w for _, w in self._trained()])
+            self._fresh = [v.numpy() for v in self._optimizer.variables]
+        else:
+            for v, value in zip(self._optimizer.variables, self._fresh, strict=True):
+                v.assign(value)
+        return self._optimizer
+
+    def _step(self, proximal: bool, correction: bool) -> Callable[..., Any]:
+        key = (proximal, correction)
+        if key in self._steps:
+            return self._steps[key]
+        optimizer = self._optimizer
+        weights = [w for _, w in self._trained()]
+
+        def step(X: Any, y: Any, mu: Any, anchor: list[Any], corr: list[Any]) -> Any:
+            with tf.GradientTape() as tape:
+                loss = self.training_step(X, y)
+            grads = tape.gradient(loss, weights)
+            grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, weights,
+                                                                         strict=True)]
+            if proximal:
+                grads = [g + mu * (w - a) for g, w, a in zip(grads, weights, anchor,
+                                                             strict=True)]
+            if correction:
+                grads = [g + c for g, c in zip(grads, corr, strict=True)]
+            optimizer.apply_gradients(zip(grads, weights, strict=True))
+            return loss
+
+        self._steps[key] = tf.function(step, reduce_retracing=True)
+        return self._steps[key]
+
+    def _tensors(self, params: ParameterSet, what: str) -> list[Any]:
+        out = []
+        for name, w in self._trained():
+            if name not in params:
+                raise ConfigurationError(
+                    f"{what} has no parameter {name!r}. Received: {list(params)[:8]}")
+            out.append(tf.convert_to_tensor(np.asarray(params[name],
+                                                       dtype=convert.numpy_dtype(w))))
+        return out
+
+    def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:
+        if self.privacy is not None:
+            return self._fit_dp_sgd(dataset, seed)
+        data = self.training_data(dataset)
+        epochs = int(self.training_args.get("epochs", 1))
+        batch_size = int(self.training_args.get("batch_size", 32))
+        limit = self.training_args.get("num_updates")
+        keras.utils.set_random_seed(seed)
+        rng = np.random.default_rng(seed)
+        optimizer = self._reset_optimizer()
+        mu, anchor = self.proximal if self.proximal is not None else (0.0, None)
+        proximal = bool(mu) and anchor is not None
+        anchor_t = self._tensors(anchor, "The global model") if proximal and anchor else []
+        corr_t = (self._tensors(self.gradient_correction, "SCAFFOLD's correction")
+                  if self.gradient_correction is not None else [])
+        step = self._step(proximal, bool(corr_t))
+        mu_t = tf.constant(float(mu), dtype=tf.float32)
+        steps, losses = 0, []
+        for _ in range(epochs):
+            for X, y in self._batches(data, batch_size, rng):
+                losses.append((step(X, y, mu_t, anchor_t, corr_t), int(tf.shape(y)[0])))
+                steps += 1
+                if limit is not None and steps >= int(limit):
+                    break
+            if limit is not None and steps >= int(limit):
+                break
+        total = sum(float(loss) * n for loss, n in losses)
+        count = sum(n for _, n in losses)
+        lr = float(np.asarray(optimizer.learning_rate))
+        self.local_steps = LocalSteps(count=steps, lr={n: lr for n, _ in self._trained()})
+        return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
+
+    def _fit_dp_sgd(self, dataset: Dataset, seed: int) -> dict[str, Any]:
+        """Local training with tensorflow-privacy's DP optimizer (:mod:`fedcore_tf.privacy`)."""
+        if self.proximal is not None and self.proximal[0] or self.gradient_correction is not None:
+            raise ConfigurationError(
+                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node. Use FedAvg, "
+                "or update-level DP (privacy={'mechanism': 'update', ...}).")
+        if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+            raise ConfigurationError(
+                "TF DP-SGD runs tensorflow-privacy's Keras 2 optimizers: start the node with "
+                "TF_USE_LEGACY_KERAS=1 and install fedcore[tfdp] (see fedcore_tf.privacy).")
+        from .privacy import DPKerasSGD
+
+        dp = DPKerasSGD.from_spec(self.privacy)
+        stats = dp.train(self, self.training_data(dataset),
+                         epochs=int(self.training_args.get("epochs", 1)),
+                         batch_size=int(self.training_args.get("batch_size", 32)),
+                         lr=float(self.training_args.get("lr", 0.01)))
+        self.privacy_events = dp.events()
+        return stats
+
+    def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        data = self.training_data(dataset)
+        batch_size = int(self.training_args.get("test_batch_size", 1024))
+        trues, preds = [], []
+        for X, y in self._batches(data, batch_size, None):
+            t, p = self.testing_step(X, y)
+            trues.append(np.asarray(t))
+            preds.append(np.asarray(p))
+        if not trues:
+            return np.empty(0), np.empty(0)
+        return np.concatenate(trues), np.concatenate(preds)

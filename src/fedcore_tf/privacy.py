@@ -1,0 +1,109 @@
+"""DP-SGD for Keras plans, through tensorflow-privacy's ``DPKerasSGDOptimizer``.
+
+Per-example clipping to ``clip`` and Gaussian noise ``noise_multiplier * clip`` at every
+step, by tensorflow-privacy's Keras optimizer (Keras 2). The round's cost is recorded as one
+accountant event ``(noise_multiplier, batch_size / n, steps)``, composed across rounds by
+fedcore's accountant; tensorflow-privacy's own ``compute_dp_sgd_privacy_lib`` gives the same
+epsilon for the same settings (tested).
+
+Isolation. tensorflow-privacy 0.9.0 does not import on TF 2.21 as a package
+(``import tensorflow_privacy`` fails): this module sets ``sys.skip_tf_privacy_import = True``
+and imports the optimizer's submodule directly. Its optimizers subclass Keras 2 optimizers,
+so the process must run ``tf-keras`` (``TF_USE_LEGACY_KERAS=1`` set before TensorFlow is
+first imported, which is process-wide). fedcore never sets it: this module is imported only
+by a round that asks for DP-SGD (:meth:`KerasTrainingPlan.fit`), and that round fails with
+a :class:`~fedcore.errors.ConfigurationError` saying what to do when the variable is
+missing. A node serving TF DP-SGD runs in its own environment (``fedcore[tfdp]``: numpy 1.26)
+started with ``TF_USE_LEGACY_KERAS=1``.
+
+Sampling: batches are drawn by shuffling each epoch (fixed size ``batch_size``, the last
+partial batch dropped); the accounting is that of Poisson sampling at rate
+``batch_size / n``, as tensorflow-privacy's own analysis assumes. The noise comes from
+TensorFlow's generator seeded from the operating system (never the experiment's seed).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedcore.errors import ConfigurationError
+from fedcore.privacy import Accountant, Event, PrivacySpec
+
+__all__ = ["DPKerasSGD", "tf_privacy"]
+
+
+def tf_privacy() -> Any:
+    """tensorflow-privacy's Keras DP optimizers module (imported with the workaround)."""
+    sys.skip_tf_privacy_import = True  # type: ignore[attr-defined]
+    try:
+        from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"TF DP-SGD needs tensorflow-privacy and tf-keras ({exc}). Install "
+            '"fedcore[tfdp]" in its own environment and start with TF_USE_LEGACY_KERAS=1.'
+        ) from exc
+    return dp_optimizer_keras
+
+
+class DPKerasSGD:
+    """One round of DP-SGD for a Keras plan: :meth:`train`, then :meth:`events`."""
+
+    def __init__(self, noise_multiplier: float, clip: float, delta: float):
+        self.noise_multiplier = float(noise_multiplier)
+        self.clip = float(clip)
+        self.delta = float(delta)
+        self._events: list[Event] = []
+
+    @classmethod
+    def from_spec(cls, spec: PrivacySpec | Mapping[str, Any]) -> DPKerasSGD:
+        """The DP-SGD of a training request's ``privacy`` (mechanism ``"dp-sgd"``)."""
+        parsed = PrivacySpec.parse(spec)
+        if parsed is None or parsed.mechanism != "dp-sgd":
+            raise ConfigurationError("DPKerasSGD runs the 'dp-sgd' mechanism. Received: "
+                                     f"{None if parsed is None else parsed.mechanism!r}")
+        return cls(parsed.noise_multiplier, parsed.clip, parsed.delta)
+
+    def train(self, plan: Any, data: Any, *, epochs: int, batch_size: int, lr: float
+              ) -> dict[str, Any]:
+        """Train ``plan.model`` on ``(X, y)`` with the DP optimizer; training statistics."""
+        import tensorflow as tf
+
+        if not (isinstance(data, tuple) and len(data) == 2):
+            raise ConfigurationError("TF DP-SGD trains on (X, y) arrays. Received: "
+                                     f"{type(data).__name__}")
+        X, y = (np.asarray(a) for a in data)
+        n = len(X)
+        if n < batch_size:
+            raise ConfigurationError(
+                f"DP-SGD needs at least batch_size={batch_size} samples. Received: {n}")
+        tf.random.set_seed(secrets.randbits(31))  # noise the researcher cannot predict
+        optimizer = tf_privacy().DPKerasSGDOptimizer(
+            l2_norm_clip=self.clip, noise_multiplier=self.noise_multiplier,
+            num_microbatches=None, learning_rate=lr)
+        loss = plan.init_loss()
+        if isinstance(loss, tf.keras.losses.Loss):  # per-example losses: the DP optimizer
+            loss = type(loss).from_config({**loss.get_config(), "reduction": "none"})
+        model = plan.model
+        model.compile(optimizer=optimizer, loss=loss)
+        data_set = (tf.data.Dataset.from_tensor_slices((X, y))
+                    .shuffle(n, seed=secrets.randbits(31), reshuffle_each_iteration=True)
+                    .batch(batch_size, drop_remainder=True))
+        history = model.fit(data_set, epochs=epochs, verbose=0)
+        steps = epochs * (n // batch_size)
+        self._events = [Event(self.noise_multiplier, batch_size / n, steps)]
+        losses = history.history.get("loss") or [math.nan]
+        return {"loss": float(losses[-1]), "steps": steps, "epochs": epochs}
+
+    def events(self) -> list[Event]:
+        """The round's accountant events: ``[(noise_multiplier, batch_size / n, steps)]``."""
+        return list(self._events)
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """The round's epsilon at ``delta`` (default: the spec's), by fedcore's accountant."""
+        return Accountant(self._events).epsilon(self.delta if delta is None else delta)
