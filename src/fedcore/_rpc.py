@@ -1,4 +1,8 @@
-"""Request/reply over any Transport: correlation by message id, timeouts, scatter/gather."""
+"""Request/reply over any Transport: correlation by message id, timeouts, scatter/gather.
+
+Frames go through the core's chunk layer (:class:`fedcore._chunks.ChunkedTransport`), which
+cuts them to the transport's message size and, on a network, signs and verifies them.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import codec
+from ._chunks import ChunkedTransport
 from ._signing import Guard
 from .errors import ConfigurationError, GovernanceError, ProtocolError, TransportError
 from .identity import Identity, enrolled_nodes, researcher_identity
-from .messages import Body, Envelope
+from .messages import Body, Envelope, TrainProgress
 from .transport import Transport
 
 log = logging.getLogger("fedcore.rpc")
@@ -40,7 +45,12 @@ def credentials(transport: Transport, identity: str | Path | None,
 
 
 class Client:
-    """The researcher's side of the conversation with nodes."""
+    """The researcher's side of the conversation with nodes.
+
+    On a network, the counters of the nodes' accepted frames are kept next to the
+    researcher's key (``<key file>.replay``), so a reply captured before a restart is refused
+    after it.
+    """
 
     def __init__(self, transport: Transport, *, max_frame_size: int = codec.DEFAULT_MAX_FRAME,
                  key: Identity | None = None, enrolled: Mapping[str, bytes] | None = None):
@@ -53,8 +63,11 @@ class Client:
         self.max_frame_size = max_frame_size
         #: The nodes accepted on a networked transport (``{node_id: public key}``).
         self.enrolled = dict(enrolled or {})
+        replay = key.path.with_name(key.path.name + ".replay") if key is not None else None
         self._guard = Guard(key, lambda: self.enrolled, networked=networked,
-                            max_size=max_frame_size, untrusted_hint=_ENROLL_HINT)
+                            max_size=max_frame_size, untrusted_hint=_ENROLL_HINT,
+                            replay_file=replay)
+        self._link = ChunkedTransport(transport, self._guard, max_frame_size=max_frame_size)
         self._unenrolled_seen: set[str] = set()
         self._pending: dict[str, asyncio.Future[Envelope]] = {}
         self._awaiting: dict[str, str] = {}  # request id -> the peer that should answer
@@ -62,16 +75,19 @@ class Client:
         self.last_heard: dict[str, float] = {}
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        #: Called with ``(peer, envelope)`` for each TrainProgress a node sends mid-request.
+        self.on_progress: Callable[[str, Envelope], None] | None = None
 
     async def start(self) -> None:
         """Open the transport and start reading replies."""
-        await self.transport.start()
+        await self._link.start()
         self._reader = asyncio.create_task(self._read())
         self._watcher = asyncio.create_task(self._watch_peers())
 
     async def close(self) -> None:
         """Close the transport; pending requests fail with ``TransportError``."""
-        await self.transport.close()
+        await self._link.close()
+        self._guard.close()
         for task in (self._reader, self._watcher):
             if task is not None:
                 task.cancel()
@@ -84,16 +100,23 @@ class Client:
 
     async def _read(self) -> None:
         while True:
-            peer, frame = await self.transport.receive()
+            got = await self._link.deliver()
+            peer = got.peer
             try:
-                env, signer = self._guard.open(frame)
-                if self._guard.networked and signer != peer:
+                if got.error is not None:
+                    raise got.error
+                if self._guard.networked and got.signer != peer:
                     raise GovernanceError(f"Refused a frame from {peer!r} signed with the key "
-                                          f"enrolled for {signer!r}.")
+                                          f"enrolled for {got.signer!r}.")
+                env = codec.decode(got.frame, max_size=self.max_frame_size)
             except (ProtocolError, GovernanceError) as exc:
                 log.warning("Refused a frame from %s: %s", peer, exc)
                 continue
             self.last_heard[peer] = time.time()
+            if isinstance(env.body, TrainProgress):  # news of a request still running
+                if self._awaiting.get(env.reply_to) == peer and self.on_progress is not None:
+                    self.on_progress(peer, env)
+                continue
             fut = self._pending.pop(env.reply_to, None)
             if fut is None:
                 log.debug("Ignored an unsolicited %s from %s", env.tag, peer)
@@ -155,7 +178,8 @@ class Client:
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._pending[env.id] = fut
         try:
-            await self.transport.send(peer, self._guard.seal(env))
+            await self._link.send_parts(peer, codec.encode_parts(
+                env, max_size=self.max_frame_size))
             self._awaiting[env.id] = peer
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

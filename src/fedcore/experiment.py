@@ -10,38 +10,38 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from . import _runtime, codec, plugins
+from . import _rounds, _runtime, codec, monitoring, plugins
 from ._files import write_atomic
 from ._rpc import Client, credentials
 from ._search import describe, find_datasets
 from .aggregators import Aggregator
+from .aggregators._local import check_supported
 from .data import merge_metadata
 from .errors import (
     ConfigurationError,
-    FedcoreError,
-    PlanError,
     ProtocolError,
-    RoundError,
-    TransportError,
 )
 from .messages import (
     Checkpoint,
     Envelope,
-    ErrorReply,
     Ping,
     PlanStatus,
     PlanStatusRequest,
     PlanSubmit,
     Pong,
-    TrainReply,
-    TrainRequest,
+    TrainProgress,
 )
 from .params import ParameterSet
 from .plan import PlanBundle, TrainingPlan
+from .privacy.spec import PrivacySpec
+from .secagg import SecureAggregation
 from .strategies import AllNodes, Strategy, from_params
 from .transport import open_transport
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     from .statistics import FederatedStatistics
 
 __all__ = ["Experiment"]
@@ -72,6 +72,7 @@ class Experiment:
                          training_args={"epochs": 1}, round_limit=5)
         exp.run()
         exp.history          # one row per node and round
+        exp.plot()           # training curves; tensorboard="runs/x" logs every round
         exp.parameters       # the global model
     """
 
@@ -98,13 +99,19 @@ class Experiment:
         name: str | None = None,
         identity: str | Path | None = None,
         enrolled: Mapping[str, str] | str | Path | None = None,
+        tensorboard: str | Path | None = None,
+        secagg: str | SecureAggregation | None = None,
+        privacy: Mapping[str, Any] | None = None,
     ):
         self.plan = plan
         self.tags = tags
         self.federation = federation
         self.model_args = model_args or {}
         self.training_args = training_args or {}
+        self._secagg: SecureAggregation | None = None
         self.aggregator = aggregator
+        self.secagg = secagg
+        self.privacy = privacy
         self.strategy = strategy
         self.round_limit = round_limit
         self.nodes = nodes
@@ -119,6 +126,7 @@ class Experiment:
         self.name = name or "experiment"
         self.identity = identity
         self.enrolled = enrolled
+        self.tensorboard = tensorboard
         self.id = uuid.uuid4().hex
         self.round = 0
         self._params: ParameterSet | None = None
@@ -127,6 +135,8 @@ class Experiment:
         self._searched_peers: frozenset[str] = frozenset()  # connected at the last search
         self._gone: list[str] = []  # nodes that held the data but left the federation
         self._client: Client | None = None
+        self._live: dict[str, dict[str, Any]] = {}  # node -> its latest training progress
+        self._bar: Any = None  # run()'s progress bar, while it runs
         self._saved_data_info: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -145,7 +155,10 @@ class Experiment:
 
     @plan.setter
     def plan(self, plan: type[TrainingPlan]) -> None:
-        self._bundle = PlanBundle.from_class(plan)
+        bundle = PlanBundle.from_class(plan)
+        # The aggregator's node side (FedProx, SCAFFOLD...) must be able to run on this plan.
+        check_supported(getattr(self, "_aggregator", None), plan)
+        self._bundle = bundle
         self._plan = plan
 
     @property
@@ -208,7 +221,46 @@ class Experiment:
             raise ConfigurationError(
                 f"Expected an Aggregator or a registered aggregator name. Received: {value!r}"
             )
+        check_supported(value, self.plan)  # refused now, not on every node in round 1
+        _check_secure(value, self._secagg)
         self._aggregator = value
+
+    @property
+    def secagg(self) -> SecureAggregation | None:
+        """Secure aggregation (:mod:`fedcore.secagg`): the researcher learns only the sum.
+
+        ``"masking"`` (pairwise masking, survives nodes that drop out), ``"joye-libert"``
+        (homomorphic encryption), a configured scheme object, or ``None`` (updates in
+        clear). Needs a sum-only aggregator (FedAvg, FedProx, SCAFFOLD, FedAdam...).
+        """
+        return self._secagg
+
+    @secagg.setter
+    def secagg(self, value: str | SecureAggregation | None) -> None:
+        if isinstance(value, str):
+            value = plugins.load("secagg", value)()
+        if value is not None and not isinstance(value, SecureAggregation):
+            raise ConfigurationError(
+                "Expected a fedcore.secagg scheme or its name ('masking', 'joye-libert'), or "
+                f"None. Received: {value!r}")
+        _check_secure(self._aggregator, value)
+        self._secagg = value
+
+    @property
+    def privacy(self) -> dict[str, Any]:
+        """Differential privacy asked of every node (``{}``: none); see the DP docs.
+
+        ``{"mechanism": "update", "clip": 1.0, "noise_multiplier": 1.1, "delta": 1e-5}``
+        (update-level DP, any backend) or ``"mechanism": "dp-sgd"`` (torch, through
+        Opacus). Each node reports what it spent in :attr:`history` (``privacy_epsilon``,
+        ``privacy_epsilon_total``) and may refuse a round that would exceed its budget.
+        """
+        return dict(self._privacy)
+
+    @privacy.setter
+    def privacy(self, value: Mapping[str, Any] | None) -> None:
+        spec = PrivacySpec.parse(value)
+        self._privacy = {} if spec is None else spec.to_dict()
 
     @property
     def strategy(self) -> Strategy:
@@ -251,6 +303,15 @@ class Experiment:
             raise ConfigurationError(f"round_limit must be >= 0. Received: {value!r}")
         self._round_limit = None if value is None else int(value)
 
+    @property
+    def tensorboard(self) -> Path | None:
+        """TensorBoard log folder: each completed round is appended (``docs/monitoring.md``)."""
+        return None if self._tensorboard is None else self._tensorboard.logdir
+
+    @tensorboard.setter
+    def tensorboard(self, logdir: str | Path | None) -> None:
+        self._tensorboard = None if logdir is None else monitoring.TensorBoardWriter(logdir)
+
     # --- results ----------------------------------------------------------------------------
 
     @property
@@ -267,20 +328,51 @@ class Experiment:
         """Per-round metrics averaged over nodes, weighted by their test-sample counts.
 
         ``which="global"`` evaluates the model each round started from (the aggregated
-        model of the round before); ``"local"`` the nodes' updates.
+        model of the round before); ``"local"`` the nodes' updates; ``"train"`` averages
+        what local training reported (``loss``...), weighted by training samples.
         """
-        prefix = f"{which}_"
-        rows = []
-        for rnd, group in self.history.groupby("round") if self._history else []:
-            ok = group[(group["status"] == "ok") & (group["n_test"] > 0)]
-            row: dict[str, Any] = {"round": rnd, "nodes": len(ok)}
-            for col in [c for c in ok.columns if c.startswith(prefix)]:
-                valid = ok[ok[col].notna()]
-                if len(valid):
-                    weights = valid["n_test"]
-                    row[col[len(prefix):]] = float((valid[col] * weights).sum() / weights.sum())
-            rows.append(row)
-        return pd.DataFrame(rows)
+        return monitoring.round_metrics(self.history, which)
+
+    def plot(self, metric: str = "accuracy", which: str = "global",
+             path: str | Path | None = None, ax: Axes | None = None) -> Figure:
+        """Training curves of ``metric``: one line per node, their weighted mean in bold.
+
+        See :func:`fedcore.monitoring.plot`; needs ``pip install "fedcore[plot]"``.
+        """
+        return monitoring.plot(self.history, metric, which, path=path, ax=ax)
+
+    @property
+    def live(self) -> pd.DataFrame:
+        """What each node last reported while training, one row per node.
+
+        Nodes report during long local training (about once a second): ``round``,
+        ``step``, ``epoch``, ``loss`` (mean training loss so far), ``samples``, ``fraction``
+        of the round's local work, ``elapsed_s``. The progress bar of :meth:`run` shows the
+        latest loss too. Rounds shorter than a second report nothing.
+        """
+        return pd.DataFrame(list(self._live.values()),
+                            columns=["node", "round", "step", "epoch", "loss", "samples",
+                                     "fraction", "elapsed_s"])
+
+    def _on_progress(self, node: str, env: Envelope) -> None:
+        body = env.body
+        assert isinstance(body, TrainProgress)
+        self._live[node] = {"node": node, "round": env.round, "step": body.step,
+                            "epoch": body.epoch, "loss": body.loss, "samples": body.samples,
+                            "fraction": body.fraction, "elapsed_s": body.elapsed_s}
+        log.debug("Round %d: node %s at step %d, loss %s", env.round, node, body.step,
+                  body.loss)
+        if self._bar is not None:
+            losses = [r["loss"] for r in self._live.values()
+                      if r["round"] == env.round and r["loss"] is not None]
+            done = [r["fraction"] for r in self._live.values()
+                    if r["round"] == env.round and r["fraction"] is not None]
+            postfix = {"training": f"{len(losses)} node(s)"}
+            if losses:
+                postfix["loss"] = f"{sum(losses) / len(losses):.4f}"
+            if done:
+                postfix["local"] = f"{100 * min(done):.0f}%"
+            self._bar.set_postfix(postfix)
 
     def statistics(self) -> FederatedStatistics:
         """Federated statistics over this experiment's datasets (same tags and nodes).
@@ -313,6 +405,7 @@ class Experiment:
             transport = open_transport(self.federation, role="researcher",
                                        identity=f"researcher-{self.id[:8]}")
             client = Client(transport, **credentials(transport, self.identity, self.enrolled))
+            client.on_progress = self._on_progress
             await client.start()
             self._client = client
             # Networked nodes dial in one after another: without a node list, give the
@@ -392,159 +485,10 @@ class Experiment:
             return dict(self._saved_data_info)
         return merge_metadata([t["metadata"] for t in self._targets.values()])
 
-    # --- rounds -----------------------------------------------------------------------------
-
-    async def _round_nodes(self, rnd: int) -> tuple[Client, list[str], list[str]]:
-        """The round's nodes: ``(client, connected selected nodes, selected but gone)``.
-
-        The search is repeated only when the set of connected nodes changed since the last
-        one (a node left, or came back after a restart): nothing extra when nothing changed.
-        """
-        if self._client is None or self._targets is None:
-            client = await self._connect()
-        else:
-            client = self._client
-        peers = frozenset(client.peers())
-        if self._targets is None:
-            await self._find(client, self._nodes)
-            self._gone = []
-        elif peers != self._searched_peers:
-            known = set(self._targets) | set(self._nodes or ())
-            wanted = None if self._nodes is None else [n for n in self._nodes if n in peers]
-            log.info("Round %d: the connected nodes changed (%s); searching again.", rnd,
-                     ", ".join(sorted(peers)) or "none")
-            if wanted == [] or not peers:
-                gone = sorted(known)
-                raise RoundError(f"Round {rnd}: none of the nodes {gone} is connected to "
-                                 f"{self.federation}.",
-                                 failures=dict.fromkeys(gone, "not connected"))
-            await self._find(client, wanted)
-            assert self._targets is not None
-            self._gone = sorted(n for n in known - set(self._targets) if n not in peers)
-        assert self._targets is not None
-        gone = [n for n in self._gone if n not in self._targets]
-        selected = self._strategy.select(sorted({*self._targets, *gone}), rnd)
-        return (client, [n for n in selected if n in self._targets],
-                [n for n in selected if n not in self._targets])
+    # --- rounds (the round itself is in fedcore._rounds) --------------------------------
 
     async def _run_once(self) -> pd.DataFrame:
-        rnd = self.round + 1
-        client, selected, gone = await self._round_nodes(rnd)
-        assert self._targets is not None
-        data_info = self._data_info()
-        if self._params is None:
-            self._params = self._initial_parameters(data_info)
-        plan_wire = self._bundle.to_wire()
-        agg = self._aggregator
-        agg.start(self._params, rnd)
-        algorithm = agg.round_options()
-        bodies = {
-            node: TrainRequest(
-                plan=plan_wire, params=self._params, dataset_id=self._targets[node]["id"],
-                model_args=self._model_args, training_args=self._training_args,
-                data_info=data_info, test_ratio=self._test_ratio, seed=self.seed,
-                evaluate_global=self.evaluate_global, evaluate_local=self.evaluate_local,
-                algorithm=algorithm,
-            )
-            for node in selected
-        }
-        deadline = self._strategy.deadline
-        wait = self.timeout if deadline is None else min(self.timeout, deadline)
-        order = list(bodies)  # sorted node ids: updates are folded in this order
-        arrived: dict[str, tuple[Envelope | Exception, float]] = {}
-        rows: dict[str, dict[str, Any]] = {}
-        failures: dict[str, str] = {}
-        for node in gone:
-            rows[node] = self._missing(rnd, node, f"Node {node!r} is not connected.", failures)
-        folded = 0
-        async for node, result, seconds in client.scatter(
-            bodies, experiment=self.id, round=rnd, timeout=wait
-        ):
-            if deadline is not None and isinstance(result, TransportError) and (
-                    seconds >= deadline * 0.99):
-                result = TransportError(f"Node {node!r} missed the round's deadline of "
-                                        f"{deadline:g} s.")
-            arrived[node] = (result, seconds)
-            while folded < len(order) and order[folded] in arrived:
-                name = order[folded]
-                res, secs = arrived.pop(name)
-                rows[name] = self._fold(agg, rnd, name, res, secs, failures)
-                folded += 1
-        new_rows = [rows[n] for n in sorted(rows)]
-        ok = [r["node"] for r in new_rows if r["status"] == "ok"]
-        for node, err in failures.items():
-            what = "is missing" if rows[node]["status"] == "missing" else "failed"
-            log.warning("Round %d: node %s %s: %s", rnd, node, what, err)
-        if len(ok) < self._strategy.min_nodes:
-            self._history.extend(new_rows)
-            detail = "; ".join(f"{n}: {e}" for n, e in failures.items())
-            if not ok:
-                raise RoundError(f"Round {rnd} failed on every node. {detail}",
-                                 failures=failures)
-            raise RoundError(
-                f"Round {rnd} lacks its quorum: {len(ok)} node(s) answered ({', '.join(ok)}), "
-                f"the strategy needs {self._strategy.min_nodes}. Missing or failed: {detail}",
-                failures=failures)
-        self._params = agg.result()
-        self.round = rnd
-        self._history.extend(new_rows)
-        if self.checkpoint_dir is not None:
-            self.save(Path(self.checkpoint_dir) / f"round_{rnd:04d}.fedcore")
-        return pd.DataFrame(new_rows)
-
-    def _missing(self, rnd: int, node: str, error: str, failures: dict[str, str]
-                 ) -> dict[str, Any]:
-        """The history row of a node that did not answer (gone, too late, disconnected)."""
-        failures[node] = error
-        dataset = self._targets[node]["name"] if self._targets and node in self._targets else ""
-        return {"round": rnd, "node": node, "dataset": dataset, "status": "missing",
-                "n_samples": 0, "n_test": 0, "error": error}
-
-    def _fold(self, agg: Aggregator, rnd: int, node: str, result: Envelope | Exception,
-              seconds: float, failures: dict[str, str]) -> dict[str, Any]:
-        if isinstance(result, TransportError):  # no answer: the node is gone or too late
-            return {**self._missing(rnd, node, str(result), failures), "round_trip_s": seconds}
-        row: dict[str, Any] = {"round": rnd, "node": node,
-                               "dataset": self._targets[node]["name"] if self._targets else "",
-                               "status": "ok", "round_trip_s": seconds}
-        body = result.body if isinstance(result, Envelope) else None
-        if isinstance(body, TrainReply):
-            try:
-                agg.add(body.params, self._strategy.weight(node, body.n_samples), node,
-                        body.extras)
-            except (ValueError, FedcoreError) as exc:
-                body = None
-                result = exc
-        if isinstance(body, TrainReply):
-            row.update(n_samples=body.n_samples, n_test=body.n_test, device=body.device)
-            row.update({f"train_{k}": v for k, v in body.train_stats.items()})
-            row.update({f"global_{k}": v for k, v in body.metrics_global.items()})
-            row.update({f"local_{k}": v for k, v in body.metrics_local.items()})
-            row.update(body.timings)
-            if body.overrides:  # the node's policy changed the training arguments
-                row.update(overrides=dict(body.overrides), policy="; ".join(body.policy_notes))
-                log.warning("Round %d: node %s applied its policy: %s", rnd, node,
-                            row["policy"] or body.overrides)
-            return row
-        error = describe(result)
-        failures[node] = error
-        row.update(status="failed", n_samples=0, n_test=0, error=error)
-        if isinstance(body, ErrorReply):
-            row["error_kind"] = body.kind
-        return row
-
-    def _initial_parameters(self, data_info: dict[str, Any]) -> ParameterSet:
-        try:
-            plan = self._plan(self._model_args, self._training_args, data_info)
-            plan.build(seed=self.seed)
-            return ParameterSet(plan.get_parameters()).copy()
-        except FedcoreError:
-            raise
-        except Exception as exc:
-            raise PlanError(
-                f"The plan failed to build its initial model: {type(exc).__name__}: {exc}",
-                exc_type=type(exc).__name__,
-            ) from exc
+        return await _rounds.run_round(self)
 
     def run_once(self) -> pd.DataFrame:
         """Run one round; return its rows of :attr:`history`."""
@@ -562,10 +506,14 @@ class Experiment:
         from tqdm.auto import tqdm
 
         with tqdm(total=rounds, desc=self.name, unit="round", disable=not self.progress) as bar:
-            for _ in range(rounds):
-                rows = await self._run_once()
-                bar.set_postfix(_postfix(rows), refresh=False)
-                bar.update(1)
+            self._bar = bar
+            try:
+                for _ in range(rounds):
+                    rows = await self._run_once()
+                    bar.set_postfix(_postfix(rows), refresh=False)
+                    bar.update(1)
+            finally:
+                self._bar = None
         return self.history
 
     def run(self, rounds: int | None = None) -> pd.DataFrame:
@@ -657,9 +605,13 @@ class Experiment:
             "evaluate_local": self.evaluate_local, "timeout": self.timeout,
             "connect_timeout": self.connect_timeout,
             "checkpoint_dir": None if self.checkpoint_dir is None else str(self.checkpoint_dir),
+            "tensorboard": None if self.tensorboard is None else str(self.tensorboard),
             "plan": self._bundle.to_wire(),
             "aggregator": {"name": self._aggregator.name,
                            "params": self._aggregator.get_params()},
+            "secagg": None if self._secagg is None else {
+                "name": self._secagg.name, "params": self._secagg.wire_params()},
+            "privacy": self._privacy,
             "strategy": {"name": type(self._strategy).__name__,
                          "params": self._strategy.get_params()},
             "targets": self._targets, "data_info": self._data_info(),
@@ -721,6 +673,11 @@ class Experiment:
                               "test_ratio", "seed", "evaluate_global", "evaluate_local",
                               "timeout", "connect_timeout", "name", "checkpoint_dir")
         }
+        kwargs["tensorboard"] = s.get("tensorboard")
+        kwargs["privacy"] = s.get("privacy") or None
+        if s.get("secagg"):
+            kwargs["secagg"] = plugins.load("secagg", s["secagg"]["name"])(
+                **s["secagg"]["params"])
         kwargs.update(overrides)
         exp = cls(plan, federation=federation or s["federation"], aggregator=aggregator,
                   strategy=strategy, **kwargs)
@@ -730,6 +687,14 @@ class Experiment:
         exp._history = list(body.history)
         exp._saved_data_info = s.get("data_info") or {}
         return exp
+
+
+def _check_secure(aggregator: Aggregator | None, secagg: SecureAggregation | None) -> None:
+    if aggregator is not None and secagg is not None and not aggregator.sum_only:
+        raise ConfigurationError(
+            f"{type(aggregator).__name__} needs each node's update in clear, which secure "
+            f"aggregation ({secagg.name}) hides. Use a sum-only aggregator (FedAvg, FedProx, "
+            "SCAFFOLD, FedAdam, FedYogi, FedAdagrad, FedAvgM) or secagg=None.")
 
 
 def _as_dict(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:

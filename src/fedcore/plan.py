@@ -19,7 +19,7 @@ import symtable
 import sys
 import textwrap
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,7 +29,21 @@ if TYPE_CHECKING:
     from .data import Dataset
     from .params import ParameterSet
 
-__all__ = ["PlanBundle", "TrainingPlan"]
+__all__ = ["LocalSteps", "PlanBundle", "TrainingPlan"]
+
+
+@dataclass(frozen=True)
+class LocalSteps:
+    """What one round of local training did, as SCAFFOLD's control-variate update needs it.
+
+    ``count`` is the number of optimizer steps (K); ``lr`` maps the name of each parameter
+    the optimizer trained to the mean learning rate of those steps, so ``count * lr[name]``
+    is the sum of the step sizes. Parameters absent from ``lr`` (buffers, frozen weights)
+    were not trained by gradient.
+    """
+
+    count: int
+    lr: Mapping[str, float]
 
 
 class TrainingPlan(abc.ABC):
@@ -47,6 +61,14 @@ class TrainingPlan(abc.ABC):
     reusable: ClassVar[bool] = False
     #: Extra lines of Python (usually imports) shipped in front of the plan's source.
     dependencies: ClassVar[tuple[str, ...]] = ()
+    #: Local-training features this plan's :meth:`fit` implements, for aggregation
+    #: algorithms that change local training: ``"proximal"`` (applies :attr:`proximal`,
+    #: needed by FedProx) and ``"gradient_correction"`` (applies
+    #: :attr:`gradient_correction` and reports :attr:`local_steps`, needed by SCAFFOLD).
+    #: An experiment whose aggregator needs a feature its plan lacks is refused at once.
+    #: ``"dp-sgd"``: :meth:`fit` trains with differentially private SGD when
+    #: :attr:`privacy` is set, and records what it spent in :attr:`privacy_events`.
+    supports: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -59,6 +81,49 @@ class TrainingPlan(abc.ABC):
         self.data_info = dict(data_info or {})
         #: Settings the node imposes on this run (e.g. ``allow_gpu``); set by the node.
         self.node_settings: dict[str, Any] = {}
+        #: Set by the node while a round runs: where :meth:`report` sends progress.
+        self.progress_callback: Callable[..., None] | None = None
+        self.reset_local_algorithm()
+
+    def report(self, *, step: int, loss: float | None = None, epoch: int = 0,
+               samples: int = 0, fraction: float | None = None) -> None:
+        """Tell the researcher how local training goes (call it freely: it is throttled).
+
+        Backends call it every optimizer step; a custom ``fit`` may too. ``loss`` is the
+        mean training loss since the previous call that carried one, ``fraction`` the share
+        of the round's local work done. The node forwards at most about one report a second
+        to the researcher (``Experiment.live``); outside a node it does nothing.
+        """
+        if self.progress_callback is not None:
+            self.progress_callback(step=int(step), epoch=int(epoch),
+                                   loss=None if loss is None else float(loss),
+                                   samples=int(samples),
+                                   fraction=None if fraction is None else float(fraction))
+
+    def reset_local_algorithm(self) -> None:
+        """Clear the per-round settings of the aggregation algorithm's node side.
+
+        The node calls it before every round (a built plan may serve several), then the
+        algorithm's hooks set what they need, and :meth:`fit` applies it:
+
+        - ``proximal``: ``(mu, global_params)`` or ``None``. A plan that declares
+          ``"proximal"`` adds ``mu / 2 * ||w - w_global||^2`` to its local objective
+          (FedProx); ``mu == 0`` must leave training bit-for-bit unchanged.
+        - ``gradient_correction``: a ParameterSet or ``None``. A plan that declares
+          ``"gradient_correction"`` adds ``gradient_correction[name]`` to the gradient of
+          each trained parameter at every optimizer step (SCAFFOLD's ``c - c_i``), and after
+          training sets ``local_steps``.
+        - ``local_steps``: set by :meth:`fit` (plans that declare ``"gradient_correction"``):
+          how many optimizer steps it took and at which learning rates.
+        """
+        self.proximal: tuple[float, ParameterSet] | None = None
+        self.gradient_correction: ParameterSet | None = None
+        self.local_steps: LocalSteps | None = None
+        #: DP-SGD parameters for this round (a :class:`fedcore.privacy.PrivacySpec`), set
+        #: by the node when the researcher asked for ``"dp-sgd"``; ``None`` otherwise.
+        self.privacy: Any = None
+        #: What DP-SGD spent this round: accountant events ``(noise, sample_rate, steps)``.
+        self.privacy_events: list[Any] = []
 
     # --- what a backend provides -----------------------------------------------------------
 

@@ -46,6 +46,7 @@ _BUILTIN: dict[str, dict[str, tuple[str, str | None]]] = {
         "median": ("fedcore.aggregators.robust:Median", None),
         "trimmed-mean": ("fedcore.aggregators.robust:TrimmedMean", None),
         "krum": ("fedcore.aggregators.robust:Krum", None),
+        "central-dp": ("fedcore.privacy.central:CentralDP", "dp"),
     },
     "secagg": {
         "plain": ("fedcore.secagg.base:PlainAggregation", None),

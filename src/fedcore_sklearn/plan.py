@@ -17,6 +17,25 @@ from fedcore.plan import TrainingPlan
 from . import convert
 
 _RESERVED = ("features", "target", "task")
+_SCHEDULES = frozenset({"constant", "optimal", "invscaling", "adaptive"})
+
+
+def _step_sizes(model: Any, t: float, n: int) -> np.ndarray:
+    """The learning rates an SGD estimator used for its samples number t .. t + n - 1.
+
+    The schedules of scikit-learn's ``_sgd_fast`` (partial_fit never lowers an adaptive
+    rate, so it stays eta0). For ``optimal``, ``t0 = 1 / (typw * alpha)`` with
+    ``typw = alpha ** -0.25``, the initial step scikit-learn derives for its losses.
+    """
+    steps = t + np.arange(n, dtype=np.float64)
+    schedule = model.learning_rate
+    if schedule == "optimal":
+        alpha = float(model.alpha)
+        t0 = 1.0 / (alpha ** -0.25 * alpha)
+        return 1.0 / (alpha * (t0 + steps - 1.0))
+    if schedule == "invscaling":
+        return float(model.eta0) / np.power(steps, float(model.power_t))
+    return np.full(n, float(model.eta0))
 
 
 class SklearnTrainingPlan(TrainingPlan):
@@ -33,9 +52,16 @@ class SklearnTrainingPlan(TrainingPlan):
 
     training_args: ``epochs`` (default 1), ``batch_size`` (default: the whole dataset per
     ``partial_fit`` call).
+
+    FedProx works with the SGD family (``SGDClassifier``, ``SGDRegressor``, ``Perceptron``;
+    learning rates ``constant``, ``optimal``, ``invscaling``, ``adaptive``): scikit-learn
+    exposes no gradients, so after each ``partial_fit`` call the weights take the proximal
+    step of the samples it saw, ``w <- w_g + (w - w_g) * prod_t 1 / (1 + eta_t * mu)``
+    (``eta_t`` the estimator's learning rate at each sample). SCAFFOLD is not supported.
     """
 
     backend = "sklearn"
+    supports = frozenset({"proximal"})
     estimator: ClassVar[type[BaseEstimator] | None] = None
 
     model: Any = None
@@ -129,7 +155,9 @@ class SklearnTrainingPlan(TrainingPlan):
         X, y = super().training_data(dataset)
         if y is None:
             raise ConfigurationError("Training needs a target: set model_args['target'].")
-        return np.asarray(X).reshape(len(X), -1), np.asarray(y)
+        # float64 throughout: the model is primed in float64, and sklearn's SGD refuses a
+        # float64 model with float32 samples ("expected SequentialDataset64").
+        return np.asarray(X, dtype=np.float64).reshape(len(X), -1), np.asarray(y)
 
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:  # noqa: D102
         X, y = self.training_data(dataset)
@@ -137,17 +165,56 @@ class SklearnTrainingPlan(TrainingPlan):
         batch_size = int(self.training_args.get("batch_size") or len(X) or 1)
         rng = np.random.default_rng(seed)
         kwargs = {"classes": np.asarray(self.classes())} if is_classifier(self.model) else {}
+        anchor = self._proximal_anchor()
         batches = 0
-        for _ in range(epochs):
+        planned = epochs * -(-len(X) // batch_size)
+        for epoch in range(epochs):
             order = rng.permutation(len(X))
             for start in range(0, len(X), batch_size):
                 idx = order[start : start + batch_size]
+                t = float(getattr(self.model, "t_", 1.0))
                 self.model.partial_fit(X[idx], y[idx], **kwargs)
+                if anchor is not None:
+                    self._proximal_step(anchor, t, len(idx))
                 batches += 1
+                loss = getattr(self.model, "loss_", None)  # MLPs keep their training loss
+                self.report(step=batches, epoch=epoch + 1, samples=min(start + len(idx),
+                            len(X)) + epoch * len(X), fraction=batches / planned,
+                            loss=None if loss is None else float(loss))
         stats: dict[str, Any] = {"epochs": epochs, "batches": batches}
         if hasattr(self.model, "loss_") and self.model.loss_ is not None:
             stats["loss"] = float(self.model.loss_)
         return stats
+
+    def _proximal_anchor(self) -> tuple[float, dict[str, np.ndarray]] | None:
+        """``(mu, global weights)`` when FedProx is on, after checking the estimator."""
+        if self.proximal is None or not self.proximal[0] > 0:
+            return None
+        mu, global_params = self.proximal
+        model = self.model
+        name = type(model).__name__
+        if (convert.family(model)[0] != "linear" or not hasattr(model, "t_")
+                or getattr(model, "learning_rate", None) not in _SCHEDULES):
+            raise ConfigurationError(
+                f"FedProx needs an SGD-type linear estimator whose learning rate is one of "
+                f"{sorted(_SCHEDULES)} (SGDClassifier, SGDRegressor, Perceptron). Received: "
+                f"{name} (learning_rate={getattr(model, 'learning_rate', None)!r}). Use "
+                "FedAvg, or one of those estimators.")
+        if getattr(model, "average", False):
+            raise ConfigurationError(
+                f"FedProx cannot pull an averaged SGD model toward the global one. Expected "
+                f"{name}(average=False). Received: average={model.average!r}")
+        return float(mu), {k: np.asarray(global_params[k], np.float64)
+                           for k in ("coef_", "intercept_")}
+
+    def _proximal_step(self, anchor: tuple[float, dict[str, np.ndarray]], t: float,
+                       n: int) -> None:
+        """Pull coef_ and intercept_ toward the global model for ``n`` samples from step t."""
+        mu, global_weights = anchor
+        factor = float(np.exp(-np.log1p(mu * _step_sizes(self.model, t, n)).sum()))
+        for k, g in global_weights.items():
+            w = getattr(self.model, k)
+            setattr(self.model, k, (g + (w - g) * factor).astype(w.dtype, copy=False))
 
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
         X, y = self.training_data(dataset)

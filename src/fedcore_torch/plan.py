@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
-from fedcore.plan import TrainingPlan
+from fedcore.plan import LocalSteps, TrainingPlan
 
 from . import convert
 
@@ -33,9 +34,14 @@ class TorchTrainingPlan(TrainingPlan):
 
     training_args: ``epochs`` (1), ``batch_size`` (32), ``lr``, ``num_updates`` (stop after
     this many steps), ``use_gpu`` (True: CUDA when available and the node allows it).
+
+    FedProx and SCAFFOLD work with any model and optimizer: the proximal gradient
+    ``mu * (w - w_global)`` and SCAFFOLD's correction are added to each trained parameter's
+    ``grad`` after ``backward()`` and before ``optimizer.step()``.
     """
 
     backend = "torch"
+    supports = frozenset({"proximal", "gradient_correction", "dp-sgd"})
     #: The state_dict is the whole state of a standard module, so nodes keep the built
     #: model between rounds. Set False for a model that keeps state outside it.
     reusable = True
@@ -125,6 +131,8 @@ class TorchTrainingPlan(TrainingPlan):
                 yield X[idx], y[idx]
 
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:  # noqa: D102
+        if self.privacy is not None:
+            return self._fit_dp_sgd(dataset, seed)
         data = self.training_data(dataset)
         epochs = int(self.training_args.get("epochs", 1))
         batch_size = int(self.training_args.get("batch_size", 32))
@@ -133,21 +141,116 @@ class TorchTrainingPlan(TrainingPlan):
         self._manual_seed(seed)
         optimizer = self.init_optimizer()
         self.model.train()
+        adjust = self._gradient_terms()
+        lr_sums = [0.0] * len(optimizer.param_groups)
         steps, total, count = 0, 0.0, 0
-        for _ in range(epochs):
+        planned = epochs * math.ceil(len(data[1]) / batch_size) if isinstance(data, tuple) \
+            else None
+        if limit is not None and planned is not None:
+            planned = min(planned, int(limit))
+        for epoch in range(epochs):
             for X, y in self._batches(data, batch_size, generator):
                 optimizer.zero_grad(set_to_none=True)
                 loss = self.training_step(X, y)
                 loss.backward()
+                if adjust:
+                    _adjust_gradients(adjust)
+                for i, group in enumerate(optimizer.param_groups):
+                    lr_sums[i] += float(group.get("lr", 0.0))
                 optimizer.step()
                 steps += 1
                 total += float(loss.detach()) * len(y)
                 count += len(y)
+                self.report(step=steps, epoch=epoch + 1, loss=total / count, samples=count,
+                            fraction=steps / planned if planned else None)
                 if limit is not None and steps >= int(limit):
                     break
             if limit is not None and steps >= int(limit):
                 break
+        self.local_steps = self._local_steps(optimizer, steps, lr_sums)
         return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
+
+    def _fit_dp_sgd(self, dataset: Dataset, seed: int) -> dict[str, Any]:
+        """Local training with DP-SGD through Opacus (:mod:`fedcore_torch.privacy`)."""
+        from .privacy import DPSGD
+
+        if self._gradient_terms():
+            raise ConfigurationError(
+                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node: Opacus "
+                "recomputes the gradients after clipping. Use FedAvg, or update-level DP "
+                "(privacy={'mechanism': 'update', ...}).")
+        epochs = int(self.training_args.get("epochs", 1))
+        limit = self.training_args.get("num_updates")
+        self._manual_seed(seed)
+        self.model.train()  # Opacus checks the mode (evaluation left it in eval mode)
+        dp = DPSGD.from_spec(self.privacy)
+        model, optimizer, loader = dp.make_private(
+            self.model, self.init_optimizer(), self.training_data(dataset),
+            int(self.training_args.get("batch_size", 32)))
+        self.model = model
+        steps, total, count = 0, 0.0, 0
+        try:
+            model.train()
+            for _ in range(epochs):
+                for X, y in loader:
+                    X, y = _to_device(X, self._device), _to_device(y, self._device)
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(y) == 0:  # a Poisson batch may be empty: it still takes a step
+                        optimizer.step()
+                        steps += 1
+                        continue
+                    loss = self.training_step(X, y)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    total += float(loss.detach()) * len(y)
+                    count += len(y)
+                    if limit is not None and steps >= int(limit):
+                        break
+                if limit is not None and steps >= int(limit):
+                    break
+        finally:
+            self.model = dp.release()
+        self.privacy_events = dp.events()
+        return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
+
+    def _gradient_terms(self) -> list[tuple[torch.Tensor, float, torch.Tensor | None,
+                                            torch.Tensor | None]]:
+        """Per trained parameter: ``(param, mu, w_global, correction)`` for this round."""
+        mu, anchor = self.proximal if self.proximal is not None else (0.0, None)
+        correction = self.gradient_correction
+        if not mu and correction is None:
+            return []
+        terms: list[tuple[torch.Tensor, float, torch.Tensor | None, torch.Tensor | None]] = []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            g = c = None
+            if mu and anchor is not None:
+                g = self._tensor_like(anchor, name, p, "the global model")
+            if correction is not None:
+                c = self._tensor_like(correction, name, p, "SCAFFOLD's correction")
+            terms.append((p, float(mu), g, c))
+        return terms
+
+    def _tensor_like(self, params: ParameterSet, name: str, like: torch.Tensor,
+                     what: str) -> torch.Tensor:
+        if name not in params:
+            raise ConfigurationError(
+                f"{what} has no parameter {name!r}. Expected the names of the model's "
+                f"state_dict. Received: {list(params)[:8]}")
+        return convert.to_tensor(params[name]).to(device=like.device, dtype=like.dtype)
+
+    def _local_steps(self, optimizer: torch.optim.Optimizer, steps: int,
+                     lr_sums: list[float]) -> LocalSteps:
+        """K and each trained parameter's mean learning rate, for SCAFFOLD."""
+        names = {id(p): n for n, p in self.model.named_parameters() if p.requires_grad}
+        lr: dict[str, float] = {}
+        for i, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) in names and steps:
+                    lr[names[id(p)]] = lr_sums[i] / steps
+        return LocalSteps(count=steps, lr=lr)
 
     def training_data(self, dataset: Dataset) -> Any:
         """``(X, y)`` with float32 features.
@@ -178,6 +281,19 @@ class TorchTrainingPlan(TrainingPlan):
         if not trues:
             return np.empty(0), np.empty(0)
         return np.concatenate(trues), np.concatenate(preds)
+
+
+def _adjust_gradients(terms: list[tuple[torch.Tensor, float, torch.Tensor | None,
+                                        torch.Tensor | None]]) -> None:
+    """Add FedProx's ``mu * (w - w_global)`` and SCAFFOLD's ``c - c_i`` to the gradients."""
+    with torch.no_grad():
+        for p, mu, anchor, correction in terms:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if anchor is not None:
+                p.grad.add_(p - anchor, alpha=mu)
+            if correction is not None:
+                p.grad.add_(correction)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -7,11 +7,15 @@ import json
 import time
 from typing import Any
 
+from ..aggregators._local import LocalState, local_algorithm
 from ..data import Dataset
+from ..errors import ConfigurationError
 from ..messages import TrainReply, TrainRequest
 from ..metrics import evaluate
 from ..params import ParameterSet
 from ..plan import TrainingPlan
+from ..privacy.mechanisms import UpdateDP
+from ..privacy.spec import PrivacySpec
 
 
 def derive_seed(*parts: Any) -> int:
@@ -22,24 +26,43 @@ def derive_seed(*parts: Any) -> int:
 
 def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Dataset,
               node_id: str, round: int, settings: dict[str, Any],
-              warm: TrainingPlan | None = None) -> tuple[TrainReply, TrainingPlan]:
+              warm: TrainingPlan | None = None, state: LocalState | None = None,
+              ) -> tuple[TrainReply, TrainingPlan]:
     """Split, evaluate the global model, train, evaluate the update, and reply.
 
     The train/test split depends on the experiment's seed only, so the test samples stay
     the same in every round and never leak into training. ``warm`` is a plan built for the
     same experiment and arguments in an earlier round (for plans whose ``reusable`` flag
     says that loading parameters restores their whole state); it saves building the model.
+    ``request.algorithm`` names the aggregation algorithm whose node side wraps training
+    (:mod:`fedcore.aggregators._local`); ``state`` is where it keeps values between rounds
+    (the node passes one in its home; required when the request names an algorithm).
     Returns the reply and the plan, for reuse.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    algorithm = local_algorithm(request.algorithm, plan_class)
+    if algorithm is not None and state is None:
+        raise ConfigurationError(
+            f"Aggregator {request.algorithm.get('name')!r} keeps state on the node: pass "
+            "run_round a LocalState (the node gives one in its home).")
     train, test = dataset.split(request.test_ratio, seed=derive_seed(request.seed, node_id))
     plan = warm
     if plan is None:
         plan = plan_class(request.model_args, request.training_args, request.data_info)
-        plan.node_settings = dict(settings)
+        plan.node_settings = {k: v for k, v in settings.items() if k != "progress"}
         plan.build(seed=request.seed)
     plan.set_parameters(request.params)
+    plan.reset_local_algorithm()
+    plan.progress_callback = settings.get("progress")
+    privacy = PrivacySpec.parse(request.privacy)
+    if privacy is not None and privacy.mechanism == "dp-sgd":
+        if "dp-sgd" not in plan_class.supports:
+            raise ConfigurationError(
+                f"DP-SGD was asked for, which {plan_class.__name__} (backend "
+                f"{plan_class.backend!r}) does not support. Use privacy={{'mechanism': "
+                "'update', ...}} (update-level DP works with every backend), or a torch plan.")
+        plan.privacy = privacy
     timings["setup_s"] = time.perf_counter() - t0
 
     metrics_global: dict[str, float] = {}
@@ -49,7 +72,13 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     timings["eval_global_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    train_stats = plan.fit(train, seed=derive_seed(request.seed, round, node_id))
+    if algorithm is not None:
+        assert state is not None
+        algorithm.before_fit(plan, request.params, state)
+    try:
+        train_stats = plan.fit(train, seed=derive_seed(request.seed, round, node_id))
+    finally:
+        plan.progress_callback = None  # a warm plan must not report into a later round
     timings["train_s"] = time.perf_counter() - t
 
     metrics_local: dict[str, float] = {}
@@ -58,7 +87,19 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         metrics_local = evaluate(plan.task, *plan.predict(test))
     timings["eval_local_s"] = time.perf_counter() - t
 
+    extras: dict[str, Any] = {}
+    if algorithm is not None:  # last: the node's state changes only once the round is done
+        assert state is not None
+        extras = algorithm.after_fit(plan, request.params, state)
     params = ParameterSet(plan.get_parameters())
+    spent: dict[str, Any] = {}
+    if privacy is not None and privacy.mechanism == "update":
+        # The update's norm and whether it was clipped depend on the data: not replied.
+        dp = UpdateDP.from_spec(privacy)
+        params, _ = dp.apply(request.params, params)
+        spent = privacy.reply([dp.event()])
+    elif privacy is not None:
+        spent = privacy.reply(plan.privacy_events)
     if plan.reusable:
         params = params.copy()  # the model lives on: the reply must not alias it
     timings["total_s"] = time.perf_counter() - t0
@@ -71,6 +112,8 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         train_stats=dict(train_stats or {}),
         timings=timings,
         device=plan.device(),
+        extras=extras,
+        privacy=spent,
     ), plan
 
 

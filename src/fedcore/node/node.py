@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextvars
 import dataclasses
 import logging
 import time
@@ -16,10 +17,13 @@ from urllib.parse import urlsplit
 from tinydb import TinyDB
 
 from .. import _runtime, codec, plugins
-from .._signing import Guard
+from .._chunks import ChunkedTransport, Delivery
+from .._signing import Guard, ReplayedFrame
+from ..aggregators._local import LocalState, local_algorithm
 from ..errors import (
     ConfigurationError,
     DatasetError,
+    FedcoreError,
     GovernanceError,
     ProtocolError,
     TransportError,
@@ -38,20 +42,33 @@ from ..messages import (
     Pong,
     SearchReply,
     SearchRequest,
+    SecaggRequest,
     StatsRequest,
+    TrainProgress,
+    TrainReply,
     TrainRequest,
 )
+from ..params import ParameterSet
 from ..plan import PlanBundle, TrainingPlan
+from ..privacy.spec import PrivacySpec
 from ..transport import Transport, open_transport
 from ._config import NodeConfig
+from ._secagg import SecaggSessions
 from ._storage import AtomicJSONStorage
 from .audit import AuditLog, AuditReport, verify
+from .budget import PrivacyLedger
 from .executor import plan_key, run_round
 from .registry import DatasetRegistry
 from .statistics import answer_statistics
 from .users import Users
 
 log = logging.getLogger("fedcore.node")
+# The fingerprint of the key that signed the request being handled (set per request task).
+_signer_key: contextvars.ContextVar[str] = contextvars.ContextVar("signer_key", default="")
+#: Where the request being handled came from, for messages sent before its reply (progress).
+_origin: contextvars.ContextVar[tuple[ChunkedTransport, str] | None] = contextvars.ContextVar(
+    "origin", default=None)
+_PROGRESS_S = 1.0  # at most one training-progress report a second per round
 
 _VERSION = "0.1.0"
 _WARM_PLANS = 8
@@ -105,6 +122,9 @@ class Node:
                 "approval_required", True) != approval_required:
             self.set_policy(approval_required=approval_required)
         self.datasets = DatasetRegistry(self.db, self.home / "data")
+        #: What each dataset spent of its differential-privacy budget.
+        self.ledger = PrivacyLedger(self.db)
+        self._secagg = SecaggSessions(self.node_id)
         self.max_frame_size = max_frame_size
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"fedcore-node-{self.node_id}"
@@ -119,6 +139,7 @@ class Node:
             PlanSubmit: self._on_plan_submit,
             PlanStatusRequest: self._on_plan_status,
             StatsRequest: self._on_stats,
+            SecaggRequest: self._on_secagg,
         }
         self._serving: concurrent.futures.Future[None] | None = None
         self._transport: Transport | None = None
@@ -139,9 +160,15 @@ class Node:
     # --- configuration and audit -----------------------------------------------------------
 
     def audit(self, event: str, **fields: Any) -> None:
-        """Append one event to the audit log (hash-chained JSON lines, never rewritten)."""
+        """Append one event to the audit log (hash-chained JSON lines, never rewritten).
+
+        While a request from a network is handled, the record also names the key that
+        signed it (``researcher_key``: its fingerprint), next to the sender it claims.
+        """
+        key = _signer_key.get()
+        extra = {"researcher_key": key} if key else {}
         self._audit.append({"time": time.time(), "node": self.node_id, "event": event,
-                            **fields})
+                            **fields, **extra})
 
     def _close_audit(self) -> None:
         self._audit.close()
@@ -235,7 +262,8 @@ class Node:
         self._config.refresh()
         if self._chain is None or self._chain[0] != self._config.version:
             try:
-                chain = build_governance(self.policy, self.plans, self._policies)
+                chain = build_governance(self.policy, self.plans, self._policies,
+                                         ledger=self.ledger)
             except ConfigurationError as exc:  # fail closed until the file is fixed
                 log.error("Node %s refuses every request: %s", self.node_id, exc)
                 self.audit("policy-invalid", error=str(exc))
@@ -261,20 +289,22 @@ class Node:
         """Answer requests arriving on ``transport`` until it closes."""
         guard = Guard(self.identity, lambda: self.trusted_researchers,
                       networked=transport.capabilities.networked,
-                      max_size=self.max_frame_size, untrusted_hint=_TRUST_HINT)
+                      max_size=self.max_frame_size, untrusted_hint=_TRUST_HINT,
+                      replay_file=self.home / "replay.log")
         if guard.networked and not self.trusted_researchers:
             log.warning("Node %s trusts no researcher yet. %s", self.node_id, _TRUST_HINT)
-        await transport.start()
+        link = ChunkedTransport(transport, guard, max_frame_size=self.max_frame_size)
+        await link.start()
         self._transport = transport
         tasks: set[asyncio.Task[None]] = set()
         self.audit("started", transport=transport.url)
         try:
             while True:
                 try:
-                    peer, frame = await transport.receive()
+                    got = await link.deliver()
                 except TransportError:
                     break
-                task = asyncio.create_task(self._process(transport, guard, peer, frame))
+                task = asyncio.create_task(self._process(link, got))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -282,7 +312,8 @@ class Node:
                 task.cancel()
             # Let cancelled requests write their audit records before the log is closed.
             await asyncio.gather(*tasks, return_exceptions=True)
-            await transport.close()
+            await link.close()
+            guard.close()
             self.audit("stopped")
             self._close_audit()
 
@@ -305,16 +336,20 @@ class Node:
                 pass
         self._serving = None
 
-    async def _process(self, transport: Transport, guard: Guard, peer: str, frame: bytes
-                       ) -> None:
+    async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
+        peer, frame, signer = got.peer, got.frame, got.signer
         try:
-            env, signer = guard.open(frame)
-            if guard.networked and env.recipient != self.node_id:  # no cross-node replays
+            if got.error is not None:
+                raise got.error
+            env = codec.decode(frame, max_size=self.max_frame_size)
+            if link.guard is not None and env.recipient != self.node_id:  # no cross-node replays
                 raise ProtocolError(f"Refused a frame addressed to {env.recipient!r}, not to "
                                     f"this node ({self.node_id!r}).")
         except (ProtocolError, GovernanceError) as exc:
             log.warning("Refused a frame from %s: %s", peer, exc)
             self.audit("refused-frame", peer=peer, reason=str(exc))
+            if isinstance(exc, ReplayedFrame):  # the original was answered: say nothing
+                return
             reply_to = ""
             try:
                 reply_to = str(codec.peek_header(frame, max_size=self.max_frame_size)["id"])
@@ -326,6 +361,9 @@ class Node:
                              sender=self.node_id, recipient=peer, reply_to=reply_to)
         else:
             started = time.perf_counter()
+            if got.key:  # audit records of this request name the key that signed it
+                _signer_key.set(fingerprint(got.key))
+            _origin.set((link, peer))
             body = await self._dispatch(env)
             reply = env.reply(body, sender=self.node_id)
             outcome = (f"{body.kind} error: {body.message}" if isinstance(body, ErrorReply)
@@ -333,7 +371,7 @@ class Node:
             log.info("%s %s: %s (%.2f s)", signer or env.sender, env.tag, outcome[:200],
                      time.perf_counter() - started)
         try:
-            await transport.send(peer, guard.seal(reply))
+            await link.send_parts(peer, codec.encode_parts(reply, max_size=self.max_frame_size))
         except (TransportError, ProtocolError) as exc:
             log.warning("Could not answer %s: %s", peer, exc)
 
@@ -404,6 +442,7 @@ class Node:
                 return ErrorReply(kind="governance", message=decision.reason,
                                   exc_type="GovernanceError")
             plugins.load("backends", bundle.backend)
+            local_algorithm(request.algorithm)  # an unknown aggregator is refused here
             dataset = self.datasets.open(entry)
         except GovernanceError as exc:
             self.audit("train-refused", **base, reason=str(exc))
@@ -426,7 +465,10 @@ class Node:
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
             reply, plan = await loop.run_in_executor(
                 self._executor, run_round, plan_class, request, dataset, self.node_id,
-                env.round, {"allow_gpu": self._allow_gpu()}, warm,
+                env.round, {"allow_gpu": self._allow_gpu(), "progress": self._progress(env)},
+                warm,
+                LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
+                           env.round),
             )
             if key:
                 self._warm[key] = plan
@@ -442,12 +484,79 @@ class Node:
             self.audit("train-failed", **base, error=f"{type(exc).__name__}: {exc}")
             return ErrorReply(kind="plan", message=str(exc), exc_type=type(exc).__name__,
                               traceback=traceback.format_exc())
+        if reply.privacy:  # spent: on record before the update leaves the node
+            events = reply.privacy["events"]
+            self.ledger.record(request.dataset_id, events, delta=reply.privacy["delta"])
+            total = self.ledger.events(request.dataset_id)
+            spec = PrivacySpec.parse(request.privacy)
+            assert spec is not None
+            reply = dataclasses.replace(reply, privacy=spec.reply(events, total))
+            base["epsilon"] = reply.privacy["epsilon"]
+        if request.secagg:
+            try:
+                reply = await loop.run_in_executor(self._executor, self._protect, request,
+                                                   reply)
+            except FedcoreError as exc:
+                self.audit("train-failed", **base, error=f"secure aggregation: {exc}")
+                return ErrorReply(kind="protocol", message=str(exc),
+                                  exc_type=type(exc).__name__)
         self.audit("trained", **base, n_samples=reply.n_samples,
                    seconds=round(reply.timings.get("total_s", 0.0), 4))
         if decision.overrides:
             reply = dataclasses.replace(reply, overrides=dict(decision.overrides),
                                         policy_notes=list(decision.notes))
         return reply
+
+    def _progress(self, env: Envelope) -> Callable[..., None] | None:
+        """A callback for the training thread: throttled progress messages to the researcher.
+
+        They are sent on the node's loop; ``None`` when the request came from nowhere.
+        """
+        origin = _origin.get()
+        if origin is None:
+            return None
+        link, peer = origin
+        loop = asyncio.get_running_loop()
+        started = last = time.monotonic()
+
+        async def send(message: Envelope) -> None:
+            try:
+                await link.send_parts(peer, codec.encode_parts(message))
+            except (TransportError, ProtocolError) as exc:
+                log.debug("Could not send training progress to %s: %s", peer, exc)
+
+        def report(**fields: Any) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < _PROGRESS_S:
+                return
+            last = now
+            message = env.reply(TrainProgress(elapsed_s=now - started, **fields),
+                                sender=self.node_id)
+            loop.call_soon_threadsafe(lambda: loop.create_task(send(message)))
+
+        return report
+
+    def _protect(self, request: TrainRequest, reply: TrainReply) -> TrainReply:
+        """The reply with its update (and extras) replaced by the secure-aggregation payload."""
+        options = request.secagg
+        weight = 1.0 if options.get("weighting") == "uniform" else float(reply.n_samples)
+        extras = {k: v for k, v in reply.extras.items() if isinstance(v, ParameterSet)}
+        if len(extras) != len(reply.extras):
+            raise ConfigurationError(
+                f"Secure aggregation sums ParameterSets only; the aggregator's node side "
+                f"returned other extras: {sorted(set(reply.extras) - set(extras))}.")
+        payload = self._secagg.protect(options, reply.params, weight, extras or None)
+        return dataclasses.replace(reply, params=ParameterSet({}), extras={}, secagg=payload)
+
+    def _on_secagg(self, env: Envelope) -> Body:
+        request: SecaggRequest = env.body  # type: ignore[assignment]
+        try:
+            return self._secagg.answer(request)
+        except FedcoreError as exc:
+            self.audit("secagg-refused", researcher=env.sender, experiment=env.experiment,
+                       round=env.round, phase=request.phase, reason=str(exc))
+            return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
 
     def _train_request(self, env: Envelope, request: TrainRequest, bundle: PlanBundle,
                        sha: str, entry: dict[str, Any]) -> Request:
@@ -457,7 +566,9 @@ class Node:
         return Request(kind="train", researcher=env.sender, experiment=env.experiment,
                        round=env.round, dataset=entry, n_samples=int(n), plan_hash=sha,
                        plan_name=bundle.entry, training_args=dict(request.training_args),
-                       secagg=getattr(request, "secagg", None) or None)
+                       privacy=dict(request.privacy), test_ratio=request.test_ratio,
+                       secagg=str(request.secagg.get("scheme") or "plain") if request.secagg
+                       else None)
 
     def _allow_gpu(self) -> bool:
         try:
