@@ -167,12 +167,17 @@ class JaxTrainingPlan(TrainingPlan):
         mu_arr = jnp.float32(mu)
         steps, total, count = 0, 0.0, 0
         losses = []
-        for _ in range(epochs):
+        seen, planned = 0, epochs * -(-len(data[1]) // batch_size)
+        for epoch in range(epochs):
             for X, y in self._batches(data, batch_size, rng):
                 params, opt_state, loss = step(params, opt_state, X, y, mu_arr, anchor_tree,
                                                corr_tree)
                 losses.append((loss, len(y)))
                 steps += 1
+                seen += len(y)
+                # No loss here: reading it would wait for the device at every step.
+                self.report(step=steps, epoch=epoch + 1, samples=seen,
+                            fraction=steps / planned if planned else None)
                 if limit is not None and steps >= int(limit):
                     break
             if limit is not None and steps >= int(limit):

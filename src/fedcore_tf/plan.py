@@ -200,11 +200,17 @@ class KerasTrainingPlan(TrainingPlan):
                   if self.gradient_correction is not None else [])
         step = self._step(proximal, bool(corr_t))
         mu_t = tf.constant(float(mu), dtype=tf.float32)
-        steps, losses = 0, []
-        for _ in range(epochs):
+        steps, losses, seen = 0, [], 0
+        planned = (epochs * -(-len(data[1]) // batch_size)
+                   if isinstance(data, (tuple, list)) else None)
+        for epoch in range(epochs):
             for X, y in self._batches(data, batch_size, rng):
                 losses.append((step(X, y, mu_t, anchor_t, corr_t), int(tf.shape(y)[0])))
                 steps += 1
+                seen += losses[-1][1]
+                # No loss here: reading it would wait for the device at every step.
+                self.report(step=steps, epoch=epoch + 1, samples=seen,
+                            fraction=steps / planned if planned else None)
                 if limit is not None and steps >= int(limit):
                     break
             if limit is not None and steps >= int(limit):

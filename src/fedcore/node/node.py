@@ -441,12 +441,17 @@ class Node:
             if not decision.allowed:  # the decision is in the audit log already
                 return ErrorReply(kind="governance", message=decision.reason,
                                   exc_type="GovernanceError")
-            plugins.load("backends", bundle.backend)
+            # Importing a framework takes seconds: off the loop, which keeps serving.
+            await asyncio.get_running_loop().run_in_executor(
+                None, plugins.load, "backends", bundle.backend)
             local_algorithm(request.algorithm)  # an unknown aggregator is refused here
             dataset = self.datasets.open(entry)
         except GovernanceError as exc:
             self.audit("train-refused", **base, reason=str(exc))
             return ErrorReply(kind="governance", message=str(exc), exc_type="GovernanceError")
+        except asyncio.CancelledError:  # the node stops while loading the framework
+            self.audit("train-abandoned", **base, reason="the node stopped mid-round")
+            raise
         except DatasetError as exc:
             self.audit("train-refused", **base, reason=str(exc))
             return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
@@ -459,7 +464,9 @@ class Node:
                 request, training_args={**request.training_args, **decision.overrides})
         loop = asyncio.get_running_loop()
         try:
-            plan_class = self._plans.get(sha) or bundle.load()
+            plan_class = self._plans.get(sha)
+            if plan_class is None:
+                plan_class = await loop.run_in_executor(None, bundle.load)
             self._plans[sha] = plan_class
             key = plan_key(env.experiment, sha, request) if plan_class.reusable else ""
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
