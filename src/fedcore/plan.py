@@ -19,7 +19,7 @@ import symtable
 import sys
 import textwrap
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -188,6 +188,34 @@ class TrainingPlan(abc.ABC):
         return dataset.arrays(
             features=self.model_args.get("features"), target=self.model_args.get("target")
         )
+
+    def _labelled_arrays(self, dataset: Dataset, index_dtype: Any) -> tuple[Any, Any]:
+        """``(X, y)`` for neural-network backends, with float32 features.
+
+        Integer or text labels become class indices of ``index_dtype`` (the same on every
+        node); other targets become float32.
+        """
+        import numpy as np
+
+        X, y = TrainingPlan.training_data(self, dataset)
+        if y is None:
+            raise ConfigurationError("Training needs a target: the dataset has none.")
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        if y.dtype.kind in "USO":
+            y = self.class_indices(y)
+        return X, (y.astype(index_dtype) if y.dtype.kind in "iub" else y.astype(np.float32))
+
+
+def batch_indices(n: int, batch_size: int, rng: Any = None) -> Iterator[Any]:
+    """Index slices of ``n`` samples in batches, for the backends' training loops.
+
+    Shuffled by ``rng`` (a numpy Generator), or in order when it is ``None``.
+    """
+    order = rng.permutation(n) if rng is not None else None
+    for start in range(0, n, batch_size):
+        yield slice(start, start + batch_size) if order is None else \
+            order[start:start + batch_size]
 
 
 # --- shipping -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import optax
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
-from fedcore.plan import LocalSteps, TrainingPlan
+from fedcore.plan import LocalSteps, TrainingPlan, batch_indices
 
 from . import convert
 
@@ -99,27 +99,13 @@ class JaxTrainingPlan(TrainingPlan):
 
     def training_data(self, dataset: Dataset) -> Any:
         """``(X, y)`` with float32 features; labels as int32 class indices (or float32)."""
-        X, y = super().training_data(dataset)
-        if y is None:
-            raise ConfigurationError("Training needs a target: the dataset has none.")
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
-        if y.dtype.kind in "USO":
-            y = self.class_indices(y)
-        y = y.astype(np.int32) if y.dtype.kind in "iub" else y.astype(np.float32)
-        return X, y
+        return self._labelled_arrays(dataset, np.int32)
 
     def _batches(self, data: Any, batch_size: int, rng: np.random.Generator | None
                  ) -> Iterator[tuple[Any, Any]]:
         X, y = data
-        n = len(X)
-        order = rng.permutation(n) if rng is not None else None
-        for start in range(0, n, batch_size):
-            if order is None:
-                yield X[start:start + batch_size], y[start:start + batch_size]
-            else:
-                idx = order[start:start + batch_size]
-                yield X[idx], y[idx]
+        for idx in batch_indices(len(X), batch_size, rng):
+            yield X[idx], y[idx]
 
     def _step(self, proximal: bool, correction: bool) -> Callable[..., Any]:
         """The jitted step for this combination of FedProx and SCAFFOLD terms (cached)."""

@@ -12,7 +12,7 @@ import tensorflow as tf
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
-from fedcore.plan import LocalSteps, TrainingPlan
+from fedcore.plan import LocalSteps, TrainingPlan, batch_indices
 
 from . import convert
 
@@ -112,15 +112,7 @@ class KerasTrainingPlan(TrainingPlan):
 
     def training_data(self, dataset: Dataset) -> Any:
         """``(X, y)`` with float32 features; labels as int64 class indices (or float32)."""
-        X, y = super().training_data(dataset)
-        if y is None:
-            raise ConfigurationError("Training needs a target: the dataset has none.")
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
-        if y.dtype.kind in "USO":
-            y = self.class_indices(y)
-        y = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np.float32)
-        return X, y
+        return self._labelled_arrays(dataset, np.int64)
 
     def _batches(self, data: Any, batch_size: int, rng: np.random.Generator | None
                  ) -> Iterator[tuple[Any, Any]]:
@@ -128,11 +120,7 @@ class KerasTrainingPlan(TrainingPlan):
             yield from data
             return
         X, y = data
-        n = len(X)
-        order = rng.permutation(n) if rng is not None else None
-        for start in range(0, n, batch_size):
-            idx = slice(start, start + batch_size) if order is None else \
-                order[start:start + batch_size]
+        for idx in batch_indices(len(X), batch_size, rng):
             yield tf.convert_to_tensor(X[idx]), tf.convert_to_tensor(y[idx])
 
     def _trained(self) -> list[tuple[str, Any]]:

@@ -258,15 +258,7 @@ class TorchTrainingPlan(TrainingPlan):
         Integer targets stay integer (class indices); text labels (class names) become
         indices into the federation's classes (:meth:`classes`), the same on every node.
         """
-        X, y = super().training_data(dataset)
-        if y is None:
-            raise ConfigurationError("Training needs a target: the dataset has none.")
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
-        if y.dtype.kind in "USO":
-            y = self.class_indices(y)
-        y = y.astype(np.int64) if y.dtype.kind in "iub" else y.astype(np.float32)
-        return X, y
+        return self._labelled_arrays(dataset, np.int64)
 
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
         data = self.training_data(dataset)
