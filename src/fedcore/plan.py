@@ -19,7 +19,7 @@ import symtable
 import sys
 import textwrap
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -205,6 +205,19 @@ class TrainingPlan(abc.ABC):
         if y.dtype.kind in "USO":
             y = self.class_indices(y)
         return X, (y.astype(index_dtype) if y.dtype.kind in "iub" else y.astype(np.float32))
+
+
+def collect_predictions(pairs: Iterable[tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Concatenate per-batch ``(y_true, y_pred)`` into two numpy arrays (empty when none)."""
+    import numpy as np
+
+    trues, preds = [], []
+    for t, p in pairs:
+        trues.append(np.asarray(t))
+        preds.append(np.asarray(p))
+    if not trues:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(trues), np.concatenate(preds)
 
 
 def batch_indices(n: int, batch_size: int, rng: Any = None) -> Iterator[Any]:

@@ -13,7 +13,7 @@ import optax
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
-from fedcore.plan import LocalSteps, TrainingPlan, batch_indices
+from fedcore.plan import LocalSteps, TrainingPlan, batch_indices, collect_predictions
 
 from . import convert
 
@@ -180,11 +180,5 @@ class JaxTrainingPlan(TrainingPlan):
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         data = self.training_data(dataset)
         batch_size = int(self.training_args.get("test_batch_size", 1024))
-        trues, preds = [], []
-        for X, y in self._batches(data, batch_size, None):
-            t, p = self.testing_step(X, y)
-            trues.append(np.asarray(t))
-            preds.append(np.asarray(p))
-        if not trues:
-            return np.empty(0), np.empty(0)
-        return np.concatenate(trues), np.concatenate(preds)
+        return collect_predictions(self.testing_step(X, y)
+                                   for X, y in self._batches(data, batch_size, None))
