@@ -86,3 +86,22 @@ def test_a_custom_strategy_overrides_one_small_method():
 
     exp, agg = _run(OnlyLarge())
     assert len(agg.seen) == 1 and set(exp.history["node"]) == {agg.seen[0][0]}
+
+
+def test_a_custom_weight_is_refused_with_secure_aggregation_whichever_is_set_first():
+    class Sqrt(Strategy):
+        def weight(self, node, n_samples):
+            return float(n_samples) ** 0.5
+
+    with pytest.raises(ConfigurationError, match=r"overrides weight\(\).*weighting="):
+        Experiment(Plan, tags=["t"], federation="inproc://none", strategy=Sqrt(),
+                   secagg="masking")
+    exp = Experiment(Plan, tags=["t"], federation="inproc://none", strategy=Sqrt())
+    with pytest.raises(ConfigurationError, match="sees only the sum"):
+        exp.secagg = "masking"
+    assert exp.secagg is None  # nothing half-set
+    exp = Experiment(Plan, tags=["t"], federation="inproc://none", secagg="masking",
+                     strategy=AllNodes(weighting="uniform"))  # the built-in rules are fine
+    with pytest.raises(ConfigurationError, match="Sqrt overrides weight"):
+        exp.strategy = Sqrt()
+    assert type(exp.strategy) is AllNodes

@@ -109,6 +109,7 @@ class Experiment:
         self.model_args = model_args or {}
         self.training_args = training_args or {}
         self._secagg: SecureAggregation | None = None
+        self._strategy: Strategy = AllNodes()
         self.aggregator = aggregator
         self.secagg = secagg
         self.privacy = privacy
@@ -222,7 +223,7 @@ class Experiment:
                 f"Expected an Aggregator or a registered aggregator name. Received: {value!r}"
             )
         check_supported(value, self.plan)  # refused now, not on every node in round 1
-        _check_secure(value, self._secagg)
+        _check_secure(value, self._secagg, self._strategy)
         self._aggregator = value
 
     @property
@@ -243,7 +244,7 @@ class Experiment:
             raise ConfigurationError(
                 "Expected a fedcore.secagg scheme or its name ('masking', 'joye-libert'), or "
                 f"None. Received: {value!r}")
-        _check_secure(self._aggregator, value)
+        _check_secure(self._aggregator, value, self._strategy)
         self._secagg = value
 
     @property
@@ -279,6 +280,7 @@ class Experiment:
             raise ConfigurationError(
                 f"Expected a fedcore.strategies.Strategy (e.g. AllNodes(), Fraction(0.5)). "
                 f"Received: {value!r}")
+        _check_secure(self._aggregator, self._secagg, value)
         self._strategy = value
 
     @property
@@ -689,12 +691,24 @@ class Experiment:
         return exp
 
 
-def _check_secure(aggregator: Aggregator | None, secagg: SecureAggregation | None) -> None:
-    if aggregator is not None and secagg is not None and not aggregator.sum_only:
+def _check_secure(aggregator: Aggregator | None, secagg: SecureAggregation | None,
+                  strategy: Strategy) -> None:
+    if secagg is None:
+        return
+    if aggregator is not None and not aggregator.sum_only:
         raise ConfigurationError(
             f"{type(aggregator).__name__} needs each node's update in clear, which secure "
             f"aggregation ({secagg.name}) hides. Use a sum-only aggregator (FedAvg, FedProx, "
             "SCAFFOLD, FedAdam, FedYogi, FedAdagrad, FedAvgM) or secagg=None.")
+    if type(strategy).weight is not Strategy.weight:
+        # Under secure aggregation the node weights its update before protecting it; the
+        # researcher only ever sees the sum, so it cannot apply another weight afterwards.
+        raise ConfigurationError(
+            f"{type(strategy).__name__} overrides weight(), which secure aggregation "
+            f"({secagg.name}) cannot apply: each node weights its own update before "
+            "protecting it, by its sample count or by 1, and the researcher sees only the "
+            "sum. Use the strategy's weighting='samples' or 'uniform' instead of a custom "
+            "weight(), or secagg=None.")
 
 
 def _as_dict(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
