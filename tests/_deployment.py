@@ -1,6 +1,7 @@
 """Node processes for end-to-end tests: a CSV per site and ``fedcore-node start`` processes.
 
-Shared by test_deployment_e2e.py and test_researcher_cli.py.
+Shared by test_deployment_e2e.py, test_dropout.py, test_node_all_backends.py and
+test_researcher_cli.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,28 +30,38 @@ def node_log(home: Path) -> str:
     return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
+def start_node(home: Path, url: str, **env: str) -> subprocess.Popen[bytes]:
+    """``fedcore-node start`` for ``home``, its output appended to ``home``.log."""
+    with open(home.with_suffix(".log"), "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedcore_node", "--home", str(home), "start",
+             "--federation", url], stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process still running, then wait; SIGKILL any that takes over 10 s."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def node_processes(homes: dict[str, Path], url: str) -> Iterator[dict[str, subprocess.Popen]]:
     """``fedcore-node start`` for each home; terminated (then killed) on the way out."""
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         for node_id, home in homes.items():
-            with open(home.with_suffix(".log"), "ab") as out:
-                procs[node_id] = subprocess.Popen(
-                    [sys.executable, "-m", "fedcore_node", "--home", str(home), "start",
-                     "--federation", url], stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env=env)
+            procs[node_id] = start_node(home, url)
         yield procs
         for node_id, proc in procs.items():
             assert proc.poll() is None, node_log(homes[node_id])
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs.values())

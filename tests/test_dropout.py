@@ -4,11 +4,9 @@ killed mid-round that comes back for the next round."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -159,14 +157,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(home: Path, log: Path, url: str, **env: str) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fedcore_node", "--home", str(home), "start",
-             "--federation", url], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
-
-
 def _audit_events(home: Path) -> list[dict]:
     path = home / "audit.jsonl"
     if not path.exists():
@@ -187,6 +177,7 @@ def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tm
         assert main(["--home", str(home), "policy", "set", "approval_required=false"]) == 0
         assert main(["--home", str(home), "dataset", "add", "--name", "cohort", "--tags",
                      "drop", "--path", str(csv)]) == 0
+    from _deployment import start_node, stop_processes
     from _trust import enroll
 
     enrolled = enroll(homes)
@@ -198,7 +189,7 @@ def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tm
     try:
         for node_id, home in homes.items():
             extra = {"FEDCORE_TEST_SLEEP": "30"} if node_id == "site-b" else {}
-            procs[node_id] = _start(home, tmp_path / f"{node_id}.log", url, **extra)
+            procs[node_id] = start_node(home, url, **extra)
         exp.search()
 
         def kill_b_when_it_trains() -> None:
@@ -221,7 +212,7 @@ def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tm
         assert "'site-b' disconnected" in rows.iloc[1]["error"]
         assert procs["site-b"].wait(timeout=5) == -signal.SIGKILL
 
-        procs["site-b"] = _start(homes["site-b"], tmp_path / "site-b.log", url)
+        procs["site-b"] = start_node(homes["site-b"], url)
         deadline = time.monotonic() + 15
         while not exp.node_status().set_index("node").loc["site-b", "answers"]:
             assert time.monotonic() < deadline, (tmp_path / "site-b.log").read_text()
@@ -230,12 +221,4 @@ def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tm
         assert rows["status"].tolist() == ["ok", "ok", "ok"] and exp.round == 2
     finally:
         exp.close()
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs.values())
