@@ -380,12 +380,14 @@ class Experiment:
         """Federated statistics over this experiment's datasets (same tags and nodes).
 
         ``exp.statistics().describe(["age"])`` and the like: see :mod:`fedcore.statistics`.
+        With the experiment's secure aggregation, if it has one (only pooled results).
         """
         from .statistics import FederatedStatistics
 
         return FederatedStatistics(self.federation, self._tags, nodes=self._nodes,
                                    timeout=self.timeout, connect_timeout=self.connect_timeout,
-                                   identity=self.identity, enrolled=self.enrolled)
+                                   identity=self.identity, enrolled=self.enrolled,
+                                   secagg=self._secagg)
 
     def trained_plan(self) -> TrainingPlan:
         """A plan instance holding the global model, for use on local data.

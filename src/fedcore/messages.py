@@ -339,6 +339,10 @@ class StatsRequest(Body):
 
     dataset_id: str
     queries: list[dict[str, Any]]
+    #: Under secure aggregation: the session's protection options (``SecureRound.options``)
+    #: and ``split``, the power of two at which sums are cut in two exact parts
+    #: (:func:`fedcore.node.statistics.protect_statistics`); empty: replies in clear.
+    secagg: dict[str, Any] = field(default_factory=dict)
 
 
 @message("stats-reply")
@@ -355,6 +359,9 @@ class StatsReply(Body):
     node_id: str
     results: list[dict[str, Any]]
     min_count: int = 0
+    #: Under secure aggregation: the protected payload of the additive statistics; then
+    #: ``results`` is empty (nothing of one node travels in clear).
+    secagg: dict[str, Any] = field(default_factory=dict)
 
 
 @message("plan-submit")

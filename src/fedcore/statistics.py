@@ -12,10 +12,14 @@ A mean and a variance take two round trips: the first finds the pooled mean, the
 for sums about it (``shift``): the two-pass algorithm numpy uses, spread over nodes, so no
 cancellation whatever the offset of the data. Quantiles are read from a pooled histogram by
 linear interpolation within bins, so they are exact to within a bin's width.
+
+With ``secagg=`` the replies are summed by a secure aggregation scheme
+(:mod:`fedcore._secure_statistics`): results hold the pooled row only, and no extremes.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import uuid
@@ -27,9 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import _runtime
+from . import _runtime, plugins
 from ._rpc import Client, credentials
 from ._search import find_datasets
+from ._secure_statistics import FIRST_BOUND, SecureSums, second_pass_bound, secure_sums
 from .errors import (
     ConfigurationError,
     FedcoreError,
@@ -43,6 +48,7 @@ from .messages import (
     StatsRequest,
 )
 from .node.statistics import MAX_BINS, StatisticsPolicy, check_edges, statistics_policy
+from .secagg import SecureAggregation
 from .transport import open_transport
 
 __all__ = [
@@ -70,7 +76,9 @@ class Histogram:
     withheld is ``<NA>`` in its row and left out of the pooled row. ``totals`` has, per row,
     the ``count`` of values, those ``below`` the first edge and ``above`` the last, and how
     many sit in ``withheld`` cells. ``notes`` says, per row, what was withheld or why a node
-    is missing; ``suppressed`` lists every withheld cell with the reason.
+    is missing; ``suppressed`` lists every withheld cell with the reason. Under secure
+    aggregation there is only the pooled row, and ``suppressed`` is empty: which node
+    withheld which cell is not known (the pooled note counts them).
     """
 
     variable: str
@@ -96,6 +104,7 @@ class _Answers:
 
     results: dict[str, list[dict[str, Any]]]
     failed: dict[str, tuple[str, str]]  # node -> (status, message)
+    secure: SecureSums | None = None  # under secure aggregation: the pooled sums only
 
 
 class FederatedStatistics:
@@ -104,6 +113,14 @@ class FederatedStatistics:
     Pooled figures are computed from the nodes' summed counts and sums, never by averaging
     their averages, and exclude what nodes withheld (each result says so). Synchronous
     methods work in scripts and inside Jupyter; each has an async twin.
+
+    ``secagg`` (as for an :class:`~fedcore.Experiment`: ``"masking"``, ``"joye-libert"`` or
+    a :mod:`fedcore.secagg` scheme) sums the nodes' replies securely: the researcher learns
+    the pooled counts and sums only. Results then hold the pooled row alone (no per-node
+    rows, no min or max; histograms and quantiles need a ``range`` or explicit edges), and
+    the pooled note names the scheme, how many nodes contributed and how many withheld the
+    variable (they contribute zeros). A node whose policy requires secure aggregation
+    (``secagg_required``) refuses requests without it. See docs/statistics.md.
 
     Example::
 
@@ -116,10 +133,22 @@ class FederatedStatistics:
     def __init__(self, federation: str, tags: Sequence[str] | str,
                  nodes: Sequence[str] | None = None, *, timeout: float = 60.0,
                  connect_timeout: float = 10.0, identity: str | Path | None = None,
-                 enrolled: Mapping[str, str] | str | Path | None = None):
+                 enrolled: Mapping[str, str] | str | Path | None = None,
+                 secagg: str | SecureAggregation | None = None):
         tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
         if not tags:
             raise ConfigurationError("Expected at least one dataset tag. Received: []")
+        if isinstance(secagg, str):
+            secagg = plugins.load("secagg", secagg)()
+        if secagg is not None and not isinstance(secagg, SecureAggregation):
+            raise ConfigurationError(
+                "Expected a fedcore.secagg scheme or its name ('masking', 'joye-libert'), or "
+                f"None. Received: secagg={secagg!r}")
+        #: The secure aggregation scheme, or None (replies in clear).
+        self.secagg = secagg
+        # A private copy: its fixed-point ranges are set per request (the user's is untouched).
+        self._scheme = None if secagg is None else copy.copy(secagg)
+        self._secure_rounds = 0
         self.federation = federation
         self.tags = tags
         self.nodes = None if nodes is None else [str(n) for n in nodes]
@@ -131,7 +160,8 @@ class FederatedStatistics:
         self._targets: dict[str, dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
-        return f"FederatedStatistics(federation={self.federation!r}, tags={self.tags})"
+        secure = "" if self.secagg is None else f", secagg={self.secagg.name!r}"
+        return f"FederatedStatistics(federation={self.federation!r}, tags={self.tags}{secure})"
 
     # --- public API -------------------------------------------------------------------------
 
@@ -145,6 +175,7 @@ class FederatedStatistics:
         One row per ``(variable, node)``, the node ``"pooled"`` last; ``status`` is ``ok``,
         ``suppressed`` (the node withheld the variable: too few values), ``refused`` (its
         policy) or ``failed``; ``note`` explains, and on pooled rows lists what was left out.
+        Under secure aggregation: the pooled rows only, ``min`` and ``max`` NaN.
         """
         return _runtime.run(self._describe(_names(variables), ddof))
 
@@ -153,7 +184,8 @@ class FederatedStatistics:
         """Counts of ``variable`` in ``bins``: a number of equal bins or explicit edges.
 
         With a number of bins and no ``range``, the range is the pooled min and max (one
-        more round trip; nodes whose policy withholds extremes then need an explicit range).
+        more round trip; nodes whose policy withholds extremes, and secure aggregation, then
+        need an explicit range).
         """
         return _runtime.run(self._histogram(variable, bins, range))
 
@@ -226,11 +258,22 @@ class FederatedStatistics:
                               "n_samples": t["metadata"].get("n_samples")}
                              for n, t in self._targets.items()])
 
-    async def _ask(self, queries: list[dict[str, Any]]) -> _Answers:
+    async def _ask(self, queries: list[dict[str, Any]], bound: float = FIRST_BOUND
+                   ) -> _Answers:
+        """The nodes' answers; under secure aggregation their sum, ``bound`` on each value."""
         if self._targets is None:
             await self._search()
         client = await self._connect()
         assert self._targets is not None
+        if self._scheme is not None:
+            self._secure_rounds += 1
+            sums = await secure_sums(
+                client, self._scheme, self._targets, queries, bound=bound,
+                label=f"statistics-{id(self):x}", round=self._secure_rounds,
+                timeout=self.timeout)
+            for node, (status, message) in sorted(sums.failed.items()):
+                log.warning("Node %s gave no statistics (%s): %s", node, status, message)
+            return _Answers({}, sums.failed, sums)
         bodies = {n: StatsRequest(dataset_id=t["id"], queries=queries)
                   for n, t in self._targets.items()}
         answers = _Answers({}, {})
@@ -263,11 +306,12 @@ class FederatedStatistics:
         first = await self._ask([_query(v) for v in variables])
         totals = [_pool(first, i) for i, _ in enumerate(variables)]
         shifts = [t["sum"] / t["count"] if t["count"] else 0.0 for t in totals]
-        answers = await self._ask([_query(v, shift=s, min_max=True)
-                                   for v, s in zip(variables, shifts, strict=True)])
+        answers = await self._ask([_query(v, shift=s, min_max=self.secagg is None)
+                                   for v, s in zip(variables, shifts, strict=True)],
+                                  bound=second_pass_bound(totals))
         rows = []
         for i, variable in enumerate(variables):
-            for node in self._order():
+            for node in self._order(answers):
                 row: dict[str, Any] = {"variable": variable, "node": node}
                 rows.append(row)
                 row.update(_node_status(answers, node, i))
@@ -283,6 +327,10 @@ class FederatedStatistics:
         return frame.set_index(["variable", "node"])
 
     async def _range(self, variable: str) -> tuple[float, float]:
+        if self.secagg is not None:
+            raise ConfigurationError(
+                f"Cannot choose bins for {variable!r}: under secure aggregation nodes send only "
+                "sums, never their min and max. Pass range=(low, high) or explicit bin edges.")
         answers = await self._ask([_query(variable, min_max=True)])
         lows, highs, without = [], [], []
         for node, results in answers.results.items():
@@ -308,7 +356,7 @@ class FederatedStatistics:
             lo, hi = await self._range(variable)
             edges = np.linspace(lo, hi, int(bins) + 1)  # type: ignore[arg-type]
         answers = await self._ask([_query(variable, edges=edges)])
-        index = pd.Index([*self._order(), POOLED], name="node")
+        index = pd.Index([*self._order(answers), POOLED], name="node")
         intervals = pd.IntervalIndex.from_breaks(edges, closed="left", name="bin")
         counts = pd.DataFrame(pd.NA, index=index, columns=intervals, dtype="Int64")
         totals = pd.DataFrame(pd.NA, index=index, dtype="Int64",
@@ -357,9 +405,10 @@ class FederatedStatistics:
         labels = [f"{100 * x:g}%" for x in qs]
         return pd.DataFrame(rows, index=hist.counts.index, columns=[*labels, "note"])
 
-    def _order(self) -> list[str]:
+    def _order(self, answers: _Answers) -> list[str]:
+        """The nodes with a row of their own: none under secure aggregation."""
         assert self._targets is not None
-        return list(self._targets)
+        return [] if answers.secure is not None else list(self._targets)
 
 
 # --- pooling helpers ------------------------------------------------------------------------
@@ -373,9 +422,11 @@ def _query(variable: str, *, shift: float = 0.0, min_max: bool = False,
 def _pool(answers: _Answers, i: int) -> dict[str, Any]:
     """Query ``i``'s additive statistics summed over the nodes that answered.
 
-    This sum is all that pooled results are computed from: the point where a secure
-    aggregation scheme (``protect`` on nodes, ``unprotect_sum`` here) plugs in.
+    This sum is all that pooled results are computed from: under secure aggregation the
+    scheme made it (``protect`` on nodes, ``unprotect_sum`` here) and it is all there is.
     """
+    if answers.secure is not None:
+        return answers.secure.pooled[i]
     total: dict[str, Any] = {}
     for results in answers.results.values():
         for key, value in results[i]["additive"].items():
@@ -403,6 +454,8 @@ def _node_status(answers: _Answers, node: str, i: int) -> dict[str, str]:
 
 
 def _pooled_note(answers: _Answers, i: int) -> str:
+    if answers.secure is not None:
+        return _secure_note(answers.secure, i)
     left_out = [f"{n} ({s})" for n, (s, _) in sorted(answers.failed.items())]
     partial, hidden = [], 0
     for node, results in sorted(answers.results.items()):
@@ -414,6 +467,22 @@ def _pooled_note(answers: _Answers, i: int) -> str:
     notes = [f"excludes {', '.join(left_out)}"] if left_out else []
     if partial:
         notes.append(f"excludes cells withheld by {', '.join(partial)} ({hidden} values)")
+    return "; ".join(notes)
+
+
+def _secure_note(sums: SecureSums, i: int) -> str:
+    pooled = sums.pooled[i]
+    notes = [f"secure aggregation ({sums.scheme}) of {len(sums.survivors)} nodes: per-node "
+             "values hidden"]
+    if sums.failed:
+        notes.append("excludes " + ", ".join(f"{n} ({s})" for n, (s, _) in sorted(
+            sums.failed.items())))
+    if pooled["suppressed"]:
+        notes.append(f"{pooled['suppressed']} node(s) withheld the variable (fewer than "
+                     "min_count records) and count as zeros")
+    if pooled["withheld"]:
+        notes.append(f"{pooled['withheld']} small cell(s) withheld by the nodes "
+                     f"({_hidden(pooled)} values)")
     return "; ".join(notes)
 
 
@@ -437,6 +506,12 @@ def _pooled_describe(variable: str, answers: _Answers, i: int, shift: float,
                      ddof: int) -> dict[str, Any]:
     row = {"variable": variable, "node": POOLED, **_moments(_pool(answers, i), shift, ddof),
            "status": "ok", "note": _pooled_note(answers, i)}
+    if answers.secure is not None:
+        if answers.secure.pooled[i]["suppressed"] == len(answers.secure.survivors):
+            row.update(status="suppressed", mean=math.nan, var=math.nan, std=math.nan)
+        row.update(min=math.nan, max=math.nan,
+                   note=row["note"] + "; min/max are not sums: not available")
+        return row
     shown = [r[i] for r in answers.results.values() if not _suppressed(r[i])]
     if not shown:
         row.update(status="suppressed", mean=math.nan, var=math.nan, std=math.nan)

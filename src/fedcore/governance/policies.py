@@ -73,8 +73,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
     Setting("min_samples", "int", 0, "never train on a dataset with fewer samples"),
     Setting("dataset_access", "access", None, "table: researcher id (or \"*\" for anyone) "
             "-> dataset ids or names they may use; absent: every dataset"),
-    Setting("secagg_required", "bool", False, "train only for experiments that use secure "
-            "aggregation (a scheme other than 'plain')"),
+    Setting("secagg_required", "bool", False, "train, and answer statistics, only for "
+            "requests that use secure aggregation (a scheme other than 'plain')"),
     Setting("dp_required", "bool", False, "train only with differential privacy (update-level "
             "DP or DP-SGD in the request)"),
     Setting("dp_max_epsilon", "budget", None, "privacy budget: most epsilon a dataset may "
@@ -276,22 +276,25 @@ class PlanApproval(Policy):
 
 
 class SecureAggregationRequired(Policy):
-    """Refuses training for experiments that do not protect updates with secure aggregation.
+    """Refuses training and statistics requests not protected by secure aggregation.
 
-    The researcher names a scheme in the training request (``secagg``); a request with none,
-    or with the ``plain`` identity scheme, is refused: the node fails closed rather than
-    send an update the researcher can read.
+    The researcher names a scheme in the request (``secagg``); a request with none, or with
+    the ``plain`` identity scheme, is refused: the node fails closed rather than send an
+    update, or statistics, the researcher can read.
     """
 
     name = "secure-aggregation"
 
     def review(self, request: Request) -> Decision:  # noqa: D102
-        if request.kind == "train" and request.secagg_scheme is None:
+        if request.kind in ("train", "statistics") and request.secagg_scheme is None:
             given = "plain aggregation" if request.secagg else "none"
+            fix = ("Run the experiment with a secure aggregation scheme such as 'masking' or "
+                   "'joye-libert'." if request.kind == "train" else
+                   "Ask with a secure aggregation scheme: FederatedStatistics(..., "
+                   "secagg='masking') or 'joye-libert'.")
             return Decision.refuse(
                 f"This node requires secure aggregation (policy secagg_required) and the "
-                f"request uses {given}. Run the experiment with a secure aggregation scheme "
-                "such as 'masking' or 'joye-libert'.")
+                f"request uses {given}. {fix}")
         return Decision.allow()
 
 

@@ -14,6 +14,13 @@ per variable (see :mod:`fedcore.statistics` for the researcher's side):
 
 Policy keys in ``config.toml``: ``statistics`` (default true), ``min_count`` (default 5)
 and ``allow_min_max`` (default true), read on every request by :func:`statistics_policy`.
+
+Under secure aggregation (``StatsRequest.secagg``) the node computes the same results under
+the same policy, then sends none of them in clear: it packs each query's additive statistics
+in one float64 vector (:func:`additive_vector`: with two more sums, ``suppressed`` (1 when
+the variable is withheld whole, its sums then being zeros) and ``withheld`` (cells withheld))
+and hands it to the round's secure-aggregation session (:func:`protect_statistics`).
+Extremes are not sums: they are never sent under secure aggregation.
 """
 
 from __future__ import annotations
@@ -29,24 +36,32 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigurationError, DatasetError
+from ..errors import ConfigurationError, DatasetError, FedcoreError
 from ..governance import Request
 from ..messages import Body, Envelope, ErrorReply, StatsReply, StatsRequest
+from ..params import ParameterSet
 
 if TYPE_CHECKING:
     import concurrent.futures
 
+    from ._secagg import SecaggSessions
     from .node import Node
 
 __all__ = [
     "IMAGE_VARIABLE",
     "MAX_BINS",
     "MAX_QUERIES",
+    "SECURE_FIELDS",
     "StatisticsPolicy",
+    "additive_from_vector",
+    "additive_vector",
     "answer_statistics",
     "check_edges",
+    "check_split",
     "compute_statistics",
+    "protect_statistics",
     "statistics_policy",
+    "vector_size",
 ]
 
 log = logging.getLogger("fedcore.node")
@@ -98,16 +113,23 @@ async def answer_statistics(node: Node, env: Envelope,
     request is answered with an :class:`ErrorReply` and the node keeps serving.
     """
     request: StatsRequest = env.body  # type: ignore[assignment]
-    base = {"researcher": env.sender, "dataset": request.dataset_id,
-            "queries": [_describe_query(q) for q in request.queries[:MAX_QUERIES]]}
+    secure = request.secagg if isinstance(request.secagg, Mapping) else {}
+    scheme = str(secure.get("scheme") or "plain") if secure else None
+    base: dict[str, Any] = {
+        "researcher": env.sender, "dataset": request.dataset_id,
+        "queries": [_describe_query(q) for q in request.queries[:MAX_QUERIES]]}
+    if scheme is not None:
+        base["secagg"] = scheme
     try:
         # The node's checked policy (it raises while config.toml cannot be read).
         policy = statistics_policy(node.policy)
         entry = node.datasets.get(request.dataset_id)
-        # The whole governance chain: statistics allowed, dataset access, minimum samples...
+        # The whole governance chain: statistics allowed, dataset access, minimum samples,
+        # secure aggregation required...
         decision = node.review(Request(
             kind="statistics", researcher=env.sender, experiment=env.experiment,
-            dataset=entry, n_samples=int(entry["metadata"].get("n_samples") or 0)))
+            dataset=entry, n_samples=int(entry["metadata"].get("n_samples") or 0),
+            secagg=scheme))
     except ConfigurationError as exc:  # fail closed: an unreadable policy allows nothing
         reason = f"Node {node.node_id!r} refuses statistics: its policy is invalid ({exc})"
         node.audit("statistics-refused", **base, reason=reason)
@@ -121,12 +143,19 @@ async def answer_statistics(node: Node, env: Envelope,
         return ErrorReply(kind="governance", message=reason, exc_type="GovernanceError")
     start = time.perf_counter()
     try:
+        split = check_split(secure.get("split")) if secure else 0.0
+    except ConfigurationError as exc:
+        node.audit("statistics-invalid", **base, reason=str(exc))
+        return ErrorReply(kind="configuration", message=str(exc),
+                          exc_type="ConfigurationError")
+    try:
         dataset = node.datasets.open(entry)
     except (ConfigurationError, DatasetError) as exc:
         node.audit("statistics-failed", **base, reason=str(exc))
         return ErrorReply(kind="dataset", message=str(exc), exc_type=type(exc).__name__)
+    loop = asyncio.get_running_loop()
     try:
-        results = await asyncio.get_running_loop().run_in_executor(
+        results = await loop.run_in_executor(
             executor, compute_statistics, dataset, request.queries, policy)
     except ConfigurationError as exc:  # the request does not fit: say which key
         node.audit("statistics-invalid", **base, reason=str(exc))
@@ -143,8 +172,20 @@ async def answer_statistics(node: Node, env: Envelope,
             "its administrator finds the details in the node's log."))
     withheld = [f"{r['variable']}:{w['cell']}" + (f"[{w['bin']}]" if "bin" in w else "")
                 for r in results for w in r["withheld"]]
+    payload: dict[str, Any] = {}
+    if secure:  # the policy is applied above: what is protected is what it lets through
+        try:
+            payload = await loop.run_in_executor(
+                executor, protect_statistics, node._secagg, secure, results, split)
+        except (FedcoreError, ValueError) as exc:
+            node.audit("statistics-failed", **base, reason=f"secure aggregation: {exc}")
+            kind = "dataset" if isinstance(exc, DatasetError) else "protocol"
+            return ErrorReply(kind=kind, message=str(exc), exc_type=type(exc).__name__)
     node.audit("statistics", **base, min_count=policy.min_count, withheld=withheld,
                seconds=round(time.perf_counter() - start, 4))
+    if secure:
+        return StatsReply(node_id=node.node_id, results=[], min_count=policy.min_count,
+                          secagg=payload)
     return StatsReply(node_id=node.node_id, results=results, min_count=policy.min_count)
 
 
@@ -360,3 +401,74 @@ def _withhold(result: dict[str, Any], records: int, unit: str, k: int) -> None:
         result["withheld"].append(cell)
     cells[withheld] = 0
     add.update(below=int(cells[0]), hist=cells[1:-1].copy(), above=int(cells[-1]))
+
+
+# --- secure aggregation -----------------------------------------------------------------------
+
+#: A query's additive statistics in a secure reply's vector, in order; with bin edges,
+#: ``below``, ``above`` and one count per bin follow. ``suppressed`` is 1 when the node
+#: withheld the variable whole, ``withheld`` the number of histogram cells it withheld.
+SECURE_FIELDS = ("count", "missing", "sum", "sumsq", "suppressed", "withheld")
+
+
+def additive_vector(result: Mapping[str, Any]) -> np.ndarray:
+    """One query's result as the float64 vector a node protects (see :data:`SECURE_FIELDS`).
+
+    Vectors of several nodes add up to the pooled statistics, suppression counts included.
+    """
+    add = result["additive"]
+    cells = sum(1 for w in result["withheld"] if w["cell"] in ("bin", "below", "above"))
+    suppressed = any(w["cell"] == "all" for w in result["withheld"])
+    head = [add["count"], add["missing"], add["sum"], add["sumsq"], float(suppressed), cells]
+    if "hist" not in add:
+        return np.array(head, dtype=np.float64)
+    return np.concatenate([np.array([*head, add["below"], add["above"]], dtype=np.float64),
+                           np.asarray(add["hist"], dtype=np.float64)])
+
+
+def additive_from_vector(vector: np.ndarray, bins: int) -> dict[str, Any]:
+    """The pooled additive statistics from a summed :func:`additive_vector` (counts exact)."""
+    v = np.asarray(vector, dtype=np.float64)
+    out: dict[str, Any] = dict(zip(SECURE_FIELDS, v[:len(SECURE_FIELDS)].tolist(),
+                                   strict=True))
+    for key in ("count", "missing", "suppressed", "withheld"):
+        out[key] = int(round(out[key]))
+    if bins:
+        head = len(SECURE_FIELDS)
+        out.update(below=int(round(v[head])), above=int(round(v[head + 1])),
+                   hist=np.rint(v[head + 2:]).astype(np.int64))
+    return out
+
+
+def vector_size(bins: int) -> int:
+    """The length of :func:`additive_vector` for a query with ``bins`` bins (0: none)."""
+    return len(SECURE_FIELDS) + (bins + 2 if bins else 0)
+
+
+def check_split(split: Any) -> float:
+    """``split``: a positive power of two (``ConfigurationError`` otherwise)."""
+    if not (isinstance(split, float) and math.isfinite(split) and split > 0
+            and math.frexp(split)[0] == 0.5):
+        raise ConfigurationError(f"Secure statistics: 'split' must be a positive power of two. "
+                                 f"Received: split={split!r}")
+    return split
+
+
+def protect_statistics(sessions: SecaggSessions, options: Mapping[str, Any],
+                       results: Sequence[Mapping[str, Any]], split: float) -> dict[str, Any]:
+    """The protected payload of ``results`` for the secure-aggregation session in ``options``.
+
+    Each vector ``v`` is cut at ``split`` (a power of two) into ``hi = split * rint(v /
+    split)`` and ``lo = v - hi`` (both exact in float64, ``|lo| <= split / 2``): ``hi`` is
+    the update and ``lo`` the extra ``"lo"``, each summed at its own fixed-point step. Counts
+    come out exact and sums to ~2^-120 of the range, whatever the scale of the data; weight 1.
+    """
+    vectors = {f"q{i}": additive_vector(r) for i, r in enumerate(results)}
+    infinite = [r["variable"] for r, v in zip(results, vectors.values(), strict=True)
+                if not np.isfinite(v).all()]
+    if infinite:
+        raise DatasetError(f"Variables {infinite} hold infinite values (or sums beyond float64): "
+                           "secure aggregation sums finite numbers only.")
+    hi = {k: np.rint(v / split) * split for k, v in vectors.items()}
+    lo = {k: v - hi[k] for k, v in vectors.items()}
+    return sessions.protect(options, ParameterSet(hi), 1.0, {"lo": ParameterSet(lo)})
