@@ -117,8 +117,8 @@ class JaxTrainingPlan(TrainingPlan):
         tx = self._optimizer
         loss_fn = self.training_step
 
-        def step(params: Any, opt_state: Any, X: Any, y: Any, mu: Any, anchor: Any,
-                 corr: Any) -> tuple[Any, Any, Any]:
+        def step(params: Any, opt_state: Any, loss_sum: Any, X: Any, y: Any, mu: Any,
+                 anchor: Any, corr: Any) -> tuple[Any, Any, Any]:
             loss, grads = jax.value_and_grad(loss_fn)(params, X, y)
             if proximal:
                 grads = jax.tree_util.tree_map(lambda g, w, a: g + mu * (w - a),
@@ -126,7 +126,10 @@ class JaxTrainingPlan(TrainingPlan):
             if correction:
                 grads = jax.tree_util.tree_map(jnp.add, grads, corr)
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+            # The epoch's loss is summed on the device: reading each step's loss back
+            # would cost a transfer per step.
+            loss_sum = loss_sum + loss.astype(jnp.float32) * y.shape[0]
+            return optax.apply_updates(params, updates), opt_state, loss_sum
 
         self._steps[key] = jax.jit(step)
         return self._steps[key]
@@ -150,15 +153,16 @@ class JaxTrainingPlan(TrainingPlan):
         assert self._optimizer is not None
         params = self.params
         opt_state = self._optimizer.init(params)
-        mu_arr = jnp.float32(mu)
-        steps, total, count = 0, 0.0, 0
-        losses = []
-        seen, planned = 0, epochs * -(-len(data[1]) // batch_size)
+        # A numpy scalar: jit moves it with the batch (jnp.float32 would dispatch an op).
+        mu_arr = np.float32(mu)
+        zero = np.float32(0.0)
+        steps, total, seen = 0, 0.0, 0
+        planned = epochs * -(-len(data[1]) // batch_size)
         for epoch in range(epochs):
+            loss_sum: Any = zero
             for X, y in self._batches(data, batch_size, rng):
-                params, opt_state, loss = step(params, opt_state, X, y, mu_arr, anchor_tree,
-                                               corr_tree)
-                losses.append((loss, len(y)))
+                params, opt_state, loss_sum = step(params, opt_state, loss_sum, X, y, mu_arr,
+                                                   anchor_tree, corr_tree)
                 steps += 1
                 seen += len(y)
                 # No loss here: reading it would wait for the device at every step.
@@ -166,16 +170,14 @@ class JaxTrainingPlan(TrainingPlan):
                             fraction=steps / planned if planned else None)
                 if limit is not None and steps >= int(limit):
                     break
+            total += float(loss_sum)  # one read (and wait) per epoch
             if limit is not None and steps >= int(limit):
                 break
         self.params = params
-        for loss, n in losses:  # read back once training is done: no sync per step
-            total += float(loss) * n
-            count += n
         lr = float(self.training_args.get("lr", 0.01))
         self.local_steps = LocalSteps(count=steps, lr={name: lr for name in
                                                        convert.leaf_names(params)})
-        return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
+        return {"loss": total / max(seen, 1), "steps": steps, "epochs": epochs}
 
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         data = self.training_data(dataset)

@@ -5,10 +5,15 @@ A weight is named ``"{layer index}.{variable name}"`` (``"0.kernel"``, ``"0.bias
 state_dict. Keras' own layer names (``dense_3``) come from a per-process counter, so they
 are not used.
 
-Copies: TensorFlow gives no zero-copy view of a variable's buffer (``variable.numpy()``
-reads it into a new array), so :func:`get_parameters` makes one copy per weight, and
-:func:`set_parameters` one more (``variable.assign`` of a numpy array), with no extra copy
-when the received array already has the variable's dtype.
+Copies. :func:`get_parameters` copies nothing on the CPU: ``np.asarray`` of a variable's
+read value is a read-only view of its buffer, and it stays a snapshot (TensorFlow copies a
+variable's buffer before updating it in place while another tensor holds it), whereas
+``variable.numpy()`` would copy. :func:`set_parameters` makes one copy per weight
+(``variable.assign`` of a numpy array of the variable's dtype: TensorFlow converts it into a
+buffer of its own, which the variable takes over), with no extra copy when the received
+array already has the variable's dtype. Handing TensorFlow a numpy buffer instead (DLPack)
+would make loading look cheaper, but TensorFlow never updates a buffer it does not own in
+place: the first training step would copy every weight again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from fedcore.params import ParameterSet
 
@@ -45,9 +51,16 @@ def numpy_dtype(variable: Any) -> np.dtype:
     return np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
 
 
+def _tf_variable(weight: Any) -> Any:
+    """The ``tf.Variable`` behind a Keras 3 variable (a Keras 2 weight is one)."""
+    value = getattr(weight, "value", None)
+    return value if isinstance(value, tf.Variable) else weight
+
+
 def get_parameters(model: Any) -> ParameterSet:
-    """The model's weights as numpy arrays (one copy each: TF shares no buffer)."""
-    return ParameterSet((name, np.asarray(w.numpy())) for name, w in named_weights(model))
+    """The model's weights as numpy arrays (read-only snapshots; views on the CPU)."""
+    return ParameterSet((name, np.asarray(_tf_variable(w).read_value()))
+                        for name, w in named_weights(model))
 
 
 def set_parameters(model: Any, params: ParameterSet) -> None:

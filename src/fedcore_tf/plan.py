@@ -225,7 +225,8 @@ class KerasTrainingPlan(TrainingPlan):
         stats = dp.train(self, self.training_data(dataset),
                          epochs=int(self.training_args.get("epochs", 1)),
                          batch_size=int(self.training_args.get("batch_size", 32)),
-                         lr=float(self.training_args.get("lr", 0.01)))
+                         lr=float(self.training_args.get("lr", 0.01)),
+                         num_updates=self.training_args.get("num_updates"))
         self.privacy_events = dp.events()
         return stats
 

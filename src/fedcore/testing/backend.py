@@ -120,6 +120,17 @@ class BackendConformance:
         plan.fit(self.dataset(), seed=0)
         assert received.equal(before)  # training never writes the received arrays
 
+    def test_set_parameters_keeps_its_own_copy(self) -> None:
+        """Arrays changed after ``set_parameters`` (the caller owns them) leave the model as is."""
+        plan = self.make_plan(seed=0)
+        sent = ParameterSet((name, (np.array(array) + 1).astype(array.dtype))
+                            for name, array in plan.get_parameters().items())
+        expected = sent.copy()
+        plan.set_parameters(sent)
+        for array in sent.values():
+            array[...] = 0
+        assert plan.get_parameters().equal(expected)
+
     def test_training_is_reproducible(self) -> None:
         """The same seed gives identical parameters; another seed, different ones."""
         results = []
