@@ -15,10 +15,10 @@ Masking is also timed with 2 of the 10 nodes lost during training, so the resear
 rebuild their mask keys and remove 2 x 8 pairwise masks (drop-out recovery). Joye-Libert
 costs one 4096-bit modular exponentiation per ciphertext (28 values) on each node and on the
 researcher: it is measured at ``--jl-values`` values and extrapolated linearly per
-ciphertext to the large sizes (a 1M-value round would take most of an hour here); the output
+ciphertext to the large sizes (a 1M-value round would take hours here); the output
 says so. Figures are medians of ``--repeats`` rounds in this process.
 
-Run: ``python bench/secure_aggregation.py`` (~2 min; ``--help`` for options).
+Run: ``python bench/secure_aggregation.py`` (~20 s; ``--help`` for options).
 """
 
 from __future__ import annotations

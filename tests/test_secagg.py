@@ -198,6 +198,23 @@ def test_nodes_lost_during_training_have_their_pairwise_masks_removed():
     assert result.report["dropped"] == ["node-02"] and result.report["recovered"] == ["node-02"]
 
 
+def test_the_sum_survives_a_failed_attempt_and_can_be_asked_for_again():
+    nodes = ["a", "b", "c", "d"]
+    researcher, sessions = open_round(PairwiseMasking(threshold=3, clip=4.0), nodes)
+    for i, node in enumerate(nodes[:3]):  # d drops out while training
+        researcher.add_protected(node, sessions[node].protect(
+            ParameterSet({"w": np.full(5, float(i))}), 1.0, researcher.train_options(node)))
+    requests = researcher.unmask_requests()
+    researcher.add_unmask("a", sessions["a"].answer("unmask", requests["a"]))
+    with pytest.raises(SecureAggregationError, match="t=3"):
+        researcher.unprotect_sum()  # too few replies yet: the masked sum is left as it was
+    for node in ("b", "c"):
+        researcher.add_unmask(node, sessions[node].answer("unmask", requests[node]))
+    first = researcher.unprotect_sum()
+    assert np.allclose(first.sums["w"], 0 + 1 + 2, rtol=0, atol=1e-9)
+    assert researcher.unprotect_sum().sums.equal(first.sums)  # masks are removed once
+
+
 def test_too_few_nodes_at_setup_fail_before_anyone_trains():
     nodes, updates, weights, _ = make_round(5, 10)
     with pytest.raises(SecureAggregationError, match="answered the setup"):

@@ -104,7 +104,8 @@ class FixedPoint:
 
     def decode(self, sums: np.ndarray) -> np.ndarray:
         """The float64 values whose encodings add up to ``sums`` (modulo 2^64)."""
-        return np.asarray(sums, dtype=np.uint64).view(np.int64).astype(np.float64) * self.step
+        ints = np.asarray(sums, dtype=np.uint64).view(np.int64)
+        return np.multiply(ints, self.step, dtype=np.float64)  # one pass, one array
 
     def error_bound(self, n_nodes: int) -> float:
         """Largest difference between a decoded sum of ``n_nodes`` values and the exact one."""

@@ -142,6 +142,7 @@ class _MaskingResearcher(ResearcherSession):
         self._u3: list[str] = []
         self._frozen_u3: list[str] | None = None
         self._replies: dict[str, tuple[dict[str, bytes], dict[str, bytes]]] = {}
+        self._result: SecureSum | None = None
 
     def _lost(self, stage: str, have: Sequence[str], among: Sequence[str]) -> None:
         if len(have) < self.t:
@@ -254,6 +255,8 @@ class _MaskingResearcher(ResearcherSession):
 
     # --- phase 5 ------------------------------------------------------------------------
     def unprotect_sum(self) -> SecureSum:
+        if self._result is not None:
+            return self._result
         if self._frozen_u3 is None or self._sum is None or self._layout is None:
             raise ConfigurationError("Call unmask_requests() and collect the replies before "
                                      "unprotect_sum().")
@@ -280,7 +283,9 @@ class _MaskingResearcher(ResearcherSession):
                     key = C.agree(s_sk, self._keys[i][1],
                                   _pair_info(self.session_id, self.round, i, j, "mask"), _SEED)
                     seeds.append((key, -1 if i < j else 1))  # undo what i applied
-            total = self._sum.copy()
+            # In place: every check above passed, and the unmasked sum is kept below, so
+            # the masks are never removed twice (a copy would cost a pass over the model).
+            total, self._sum = self._sum, None
             C.apply_masks(total, seeds)
         with self._timed("decode_s"):
             sums, weight, extras, report = self.encoding.decode(total, self._layout,
@@ -289,7 +294,8 @@ class _MaskingResearcher(ResearcherSession):
                        "survivors": list(survivors), "dropped": dropped, "recovered": dropped,
                        "unmask_replies": len(self._replies), "threshold": self.t,
                        "timings": dict(self.timings)})
-        return SecureSum(sums, weight, extras, report)
+        self._result = SecureSum(sums, weight, extras, report)
+        return self._result
 
     def _recover(self, survivors: Sequence[str], dropped: Sequence[str]
                  ) -> dict[tuple[str, str], bytes]:

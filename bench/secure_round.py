@@ -1,0 +1,290 @@
+"""Secure aggregation in whole rounds: ``Experiment.run_once()`` with and without it.
+
+Ten simulated nodes (``--nodes``; real ``Node`` objects with their registries and audit
+logs, in-process transport, every message encoded and decoded) train a torch MLP
+``features -> h -> h -> 10`` whose ``h`` gives ~1M and ~10M float32 parameters
+(``--sizes``). Each node holds ``--samples`` synthetic samples (standard normal features,
+random labels; 20 % held out for evaluation); torch runs on ``--threads`` thread(s), 1 by
+default (on a shared 2-core machine two threads made training times swing 5x). Two
+workloads, chosen before measuring:
+
+- **train**: 1 local epoch over the node's training samples, batch 32, SGD, global and local
+  evaluation on (the defaults a user gets);
+- **no training**: one SGD step (``num_updates=1``), evaluation off: the worst case, where
+  the round is almost only transfer and aggregation, so secure aggregation weighs most.
+
+For each, three experiments on the same federation take turns, round after round (the first
+round of each is a warm-up, left out): ``secagg=None`` (plain), ``secagg=PairwiseMasking()``
+(the default scheme), and masking with the last 2 nodes dropping out after the setup and
+share exchanges: they train, then fail instead of protecting their update (their reply is an
+error), so the researcher must rebuild their mask keys from the others' shares and remove
+their pairwise masks (drop-out recovery).
+
+Under simulation the nodes share one worker thread (see ``fedcore.simulate``): their
+training and ``protect`` run one after another, so a round holds every node's work. On a
+federation they work in parallel; the per-node ``protect`` time printed is what each adds.
+
+Joye-Libert runs whole rounds too, on a small model (``--jl-hidden``) so that a round ends in
+about a minute; its cost per million values is extrapolated linearly from it (the output
+says so).
+
+Run: ``python bench/secure_round.py`` (~4 min; ``--help`` for options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedcore import Experiment, Node, simulate
+from fedcore.errors import SecureAggregationError
+from fedcore.secagg import JoyeLibert, PairwiseMasking, ResearcherSession
+from fedcore_torch import TorchTrainingPlan
+
+TARGET_RATIO = 1.5
+FEATURES = 512
+CLASSES = 10
+HIDDEN = {1_000_000: 772, 10_000_000: 2911}  # h**2 + 524 h + 10 parameters with 512 features
+WORKLOADS = {
+    "train": ({"epochs": 1, "batch_size": 32, "lr": 0.01}, True),
+    "no training": ({"epochs": 1, "batch_size": 32, "lr": 0.01, "num_updates": 1}, False),
+}
+
+
+class MLP(TorchTrainingPlan):
+    """The plan every node trains: two hidden layers of ``hidden`` units."""
+
+    def init_model(self):
+        f, h = int(self.model_args["inputs"]), int(self.model_args["hidden"])
+        return nn.Sequential(nn.Linear(f, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
+                             nn.Linear(h, 10))
+
+    def training_step(self, data, target):
+        return F.cross_entropy(self.model(data), target)
+
+
+class BenchNode(Node):
+    """A node that times its ``protect``, and that drops out instead when ``drop`` is set."""
+
+    drop = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.protect_s: list[float] = []
+        self.dropped_timings: list[dict[str, float]] = []  # its failed row has none
+
+    def _protect(self, request: Any, reply: Any) -> Any:
+        if self.drop:  # after setup, shares and training, before its update leaves
+            self.dropped_timings.append(reply.timings)
+            raise SecureAggregationError(f"{self.node_id} dropped out (benchmark)")
+        start = time.perf_counter()
+        out = super()._protect(request, reply)
+        self.protect_s.append(time.perf_counter() - start)
+        return out
+
+
+class KeepsSession:
+    """Keeps the researcher's session of the last round, to read its timings."""
+
+    session: ResearcherSession | None = None
+
+    def researcher_session(self, *args: Any, **kwargs: Any) -> ResearcherSession:
+        self.session = super().researcher_session(*args, **kwargs)  # type: ignore[misc]
+        return self.session
+
+
+class TimedMasking(KeepsSession, PairwiseMasking):
+    """The default masking scheme, its researcher's timings kept."""
+
+
+class TimedJoyeLibert(KeepsSession, JoyeLibert):
+    """Joye-Libert, its researcher's timings kept."""
+
+
+def n_params(features: int, hidden: int) -> int:
+    return features * hidden + hidden + hidden * hidden + hidden + hidden * CLASSES + CLASSES
+
+
+def federation(n_nodes: int, samples: int, features: int) -> simulate.SimulatedFederation:
+    fed = simulate.SimulatedFederation()
+    for i in range(n_nodes):
+        node_id = f"node-{i + 1:02d}"
+        node = BenchNode(fed.root / node_id, node_id=node_id,
+                         executor=fed._executor,  # the simulation's shared worker
+                         approval_required=False)
+        node.start(fed.url)
+        fed.nodes.append(node)
+        rng = np.random.default_rng(i)
+        X = rng.standard_normal((samples, features), dtype=np.float32)
+        node.datasets.add_arrays(f"part-{i}", ["bench"], X, rng.integers(0, CLASSES, samples))
+    return fed
+
+
+def one_round(exp: Experiment, nodes: Sequence[BenchNode], dropping: Sequence[BenchNode]
+              ) -> dict[str, float]:
+    """Run one round; its wall time and composition from the history columns."""
+    for node in nodes:
+        node.protect_s.clear()
+        node.dropped_timings.clear()
+    for node in dropping:
+        node.drop = True
+    try:
+        rows: pd.DataFrame = exp.run_once()
+    finally:
+        for node in dropping:
+            node.drop = False
+    ok = rows[rows["status"] == "ok"]
+    assert len(ok) == len(nodes) - len(dropping), rows[["node", "status", "error"]]
+    protect = [s for node in nodes for s in node.protect_s]
+    lost = [t for node in nodes for t in node.dropped_timings]
+    round_s = float(rows["round_s"].iloc[0])
+    # one node after another under simulation: the round holds every node's work
+    node_s = float(ok["total_s"].sum()) + sum(t["total_s"] for t in lost)
+    train_s = float(ok["train_s"].sum()) + sum(t["train_s"] for t in lost)
+    session = getattr(exp.secagg, "session", None)
+    return {"round": round_s, "train": train_s, "node": node_s, "protect": sum(protect),
+            "researcher": sum(session.timings.values()) if session is not None else 0.0,
+            "protect_node": statistics.median(protect) if protect else 0.0,
+            "rest": round_s - node_s - sum(protect)}
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def compare(n_nodes: int, samples: int, features: int, hidden: int, workload: str,
+            repeats: int) -> dict[str, dict[str, float]]:
+    """Plain, masking and masking with 2 drop-outs, taking turns; medians per mode."""
+    training_args, evaluate = WORKLOADS[workload]
+    with federation(n_nodes, samples, features) as fed:
+        nodes: list[BenchNode] = fed.nodes  # type: ignore[assignment]
+        modes: dict[str, tuple[Experiment, list[BenchNode]]] = {}
+        for mode, scheme, dropping in (("plain", None, []),
+                                       ("masking", TimedMasking(), []),
+                                       ("masking, 2 dropped", TimedMasking(), nodes[-2:])):
+            exp = Experiment(MLP, tags=["bench"], federation=fed.url, seed=0,
+                             model_args={"inputs": features, "hidden": hidden},
+                             training_args=training_args, evaluate_global=evaluate,
+                             evaluate_local=evaluate, progress=False, secagg=scheme)
+            modes[mode] = (exp, dropping)
+        runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        for i in range(repeats + 1):
+            for mode, (exp, dropping) in modes.items():
+                result = one_round(exp, nodes, dropping)
+                if i:  # round 1 of each experiment warms up (imports, model building)
+                    runs[mode].append(result)
+        for exp, _ in modes.values():
+            exp.close()
+    return {m: medians(r) for m, r in runs.items()}
+
+
+def report(size: int, workload: str, res: dict[str, dict[str, float]], n_nodes: int,
+           samples: int) -> None:
+    plain = res["plain"]
+    what = "1 epoch of" if workload == "train" else "1 SGD step on"
+    print(f"\n{size:,} float32 parameters, workload '{workload}' ({what} "
+          f"{int(samples * 0.8)} samples per node, evaluation "
+          f"{'on' if WORKLOADS[workload][1] else 'off'})")
+    print(f"  plain round {fmt(plain['round'])}: nodes' training {fmt(plain['train'])}, "
+          f"nodes' other work {fmt(plain['node'] - plain['train'])} (model loading, "
+          f"evaluation), the rest {fmt(plain['rest'])} (messages, codec, aggregation); "
+          f"{n_nodes} nodes one after another")
+    print(f"  {'mode':<20} {'round':>9} {'vs plain':>9} {'training':>9} {'protect/node':>13} "
+          f"{'researcher':>10} {'rest':>9} {'federation est.':>16}")
+    node_plain = plain["node"] / n_nodes
+    for mode, m in res.items():
+        ratio = m["round"] / plain["round"]
+        # Nodes in parallel: one node's work (this machine's mean) + its protect, then the
+        # researcher's side (the rest); the upload's doubling is in the rest only.
+        est = (node_plain + m["protect_node"] + m["rest"]) / (node_plain + plain["rest"])
+        verdict = "" if mode == "plain" else (
+            f"  (target {TARGET_RATIO}x: {'met' if ratio <= TARGET_RATIO else 'missed'} here, "
+            f"{'met' if est <= TARGET_RATIO else 'missed'} on a federation)")
+        print(f"  {mode:<20} {fmt(m['round']):>9} {ratio:>8.2f}x {fmt(m['train']):>9} "
+              f"{fmt(m['protect_node']):>13} {fmt(m['researcher']):>10} {fmt(m['rest']):>9} "
+              f"{est:>15.2f}x{verdict}")
+    recovery = res["masking, 2 dropped"]["researcher"] - res["masking"]["researcher"]
+    print(f"  drop-out recovery: the researcher's secure-aggregation work grows by "
+          f"{fmt(recovery)} when 2 of {n_nodes} nodes drop out")
+
+
+def joye_libert(n_nodes: int, samples: int, hidden: int, key_size: int) -> None:
+    features = 16
+    size = n_params(features, hidden)
+    times = {}
+    with federation(n_nodes, samples, features) as fed:
+        nodes: list[BenchNode] = fed.nodes  # type: ignore[assignment]
+        for name, scheme in (("plain", None), ("joye-libert", TimedJoyeLibert(key_size=key_size))):
+            exp = Experiment(MLP, tags=["bench"], federation=fed.url, seed=0, timeout=3600,
+                             model_args={"inputs": features, "hidden": hidden},
+                             training_args=WORKLOADS["train"][0], progress=False,
+                             secagg=scheme)
+            if scheme is None:  # warms the nodes up for both; one Joye-Libert round only
+                one_round(exp, nodes, [])
+            times[name] = one_round(exp, nodes, [])
+            exp.close()
+    plain, jl = times["plain"], times["joye-libert"]
+    per_m = (jl["round"] - plain["round"]) / size * 1e6
+    print(f"\nJoye-Libert ({key_size}-bit), one round of a {size:,}-parameter model "
+          f"({features} -> {hidden} -> {hidden} -> 10, 1 epoch): {fmt(jl['round'])} against "
+          f"{fmt(plain['round'])} plain ({jl['round'] / plain['round']:.0f}x); protect "
+          f"{fmt(jl['protect_node'])} per node, researcher {fmt(jl['researcher'])}.")
+    print(f"  Extrapolated linearly per value (not measured): {per_m / 3600:.1f} h more per "
+          f"round per million parameters here ({n_nodes} nodes one after another); on a "
+          f"federation {jl['protect_node'] / size * 1e6 / 60:.0f} min of protect per node "
+          f"then {jl['researcher'] / size * 1e6 / 60:.0f} min on the researcher, per million.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=10)
+    ap.add_argument("--sizes", type=int, nargs="+", default=sorted(HIDDEN),
+                    choices=sorted(HIDDEN))
+    ap.add_argument("--samples", type=int, default=640, help="samples per node (80 %% train)")
+    ap.add_argument("--repeats", type=int, default=3, help="measured rounds per mode")
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--jl-hidden", type=int, default=64, help="0 skips Joye-Libert")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier "
+                    "timings on a shared machine)")
+    ap.add_argument("--jl-key-size", type=int, default=2048)
+    args = ap.parse_args(argv)
+    if args.nodes < 5:
+        ap.error(f"--nodes must be at least 5 (2 drop-outs must leave the default threshold "
+                 f"n // 2 + 1 of survivors). Received {args.nodes}.")
+    logging.getLogger("fedcore").setLevel(logging.ERROR)  # the drop-outs' warnings
+    torch.set_num_threads(args.threads)
+    print(f"{args.nodes} simulated nodes, torch on {args.threads} thread(s), medians of "
+          f"{args.repeats} rounds per mode, modes taking turns.\n"
+          "  rest: round - nodes' work - protect (messages, codec, the researcher's "
+          "aggregation and unmasking)\n"
+          "  researcher: the researcher's secure-aggregation work (folding the masked "
+          "payloads, unmasking, decoding), within the rest\n"
+          "  federation est.: (one node's work + its protect + the rest) / plain's, as if "
+          "the nodes worked in parallel (network transfer not included)")
+    for size in args.sizes:
+        hidden = HIDDEN[size]
+        for workload in args.workloads:
+            res = compare(args.nodes, args.samples, FEATURES, hidden, workload, args.repeats)
+            report(n_params(FEATURES, hidden), workload, res, args.nodes, args.samples)
+    if args.jl_hidden:
+        joye_libert(args.nodes, args.samples, args.jl_hidden, args.jl_key_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
