@@ -16,11 +16,14 @@ installed) it runs ``--rounds`` rounds after ``--warmup`` warm-up rounds and pri
   ``train_s`` alongside;
 - overhead: the median over rounds of (round time - that round's slowest ``total_s``),
   against the target (<= 20 ms at 10 nodes; Fed-BioMed measured ~40 ms per round at 2
-  nodes).
+  nodes);
+- CPU per round: of the node processes together, and of this process (the researcher). On a
+  machine with fewer cores than node processes, a round cannot be shorter than their sum
+  divided by the cores, and each node's ``train_s`` includes its wait for a core.
 
 Run: ``python bench/deployment_overhead.py`` (``--nodes``, ``--rounds``, ``--transports``;
-``--profile N`` prints the N costliest functions of the researcher's event-loop thread over
-the measured rounds, by cProfile).
+``--profile N`` prints the N costliest functions, by cProfile over the measured rounds, of the
+researcher's event-loop thread and of the first node's event-loop and training threads).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import cProfile
 import os
 import pstats
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,16 +97,54 @@ def _setup_homes(root: Path, n: int) -> tuple[dict[str, Path], dict[str, str]]:
     return homes, enrolled
 
 
-def _start_nodes(homes: dict[str, Path], url: str) -> list[subprocess.Popen[bytes]]:
+def _start_nodes(homes: dict[str, Path], url: str, profile_out: Path | None = None
+                 ) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = []
-    for home in homes.values():
+    for i, home in enumerate(homes.values()):
+        # With profile_out, the first node runs under this script's profiling wrapper.
+        launcher = ([__file__, "--profiled-node", str(profile_out), "--"]
+                    if profile_out is not None and i == 0 else ["-m", "fedcore_node"])
         with open(home.with_suffix(".log"), "ab") as out:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fedcore_node", "--home", str(home), "start",
+                [sys.executable, *launcher, "--home", str(home), "start",
                  "--federation", url], stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=env))
     return procs
+
+
+def _profiled_node(out: str, argv: list[str]) -> int:
+    """``fedcore-node`` with cProfile on its loop and training threads, toggled by signals.
+
+    SIGUSR1 starts profiling, SIGUSR2 stops it and writes the stats to ``out``.
+    """
+    from fedcore import _runtime
+    from fedcore.node import Node
+    from fedcore_node.cli import main as node_main
+
+    profilers = cProfile.Profile(), cProfile.Profile()  # the loop's, the training thread's
+    nodes: list[Node] = []
+    original = Node.start
+
+    def start(self: Node, url: str) -> Node:
+        nodes.append(self)
+        return original(self, url)
+
+    def toggle(signum: int, _: object) -> None:
+        on = signum == signal.SIGUSR1
+        loop, pool = (p.enable if on else p.disable for p in profilers)
+        _runtime.run(_call(loop))
+        nodes[0]._executor.submit(pool).result()
+        if not on:
+            stats = pstats.Stats(profilers[0])
+            stats.add(profilers[1])
+            stats.dump_stats(out + ".part")
+            os.replace(out + ".part", out)
+
+    Node.start = start  # type: ignore[method-assign]
+    signal.signal(signal.SIGUSR1, toggle)
+    signal.signal(signal.SIGUSR2, toggle)
+    return node_main(argv)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -121,7 +163,8 @@ def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: 
             warmup: int, profile: int = 0) -> dict[str, float]:
     from fedcore import Experiment, _runtime
 
-    procs = _start_nodes(homes, url)
+    node_profile = next(iter(homes.values())).with_suffix(".prof") if profile else None
+    procs = _start_nodes(homes, url, node_profile)
     try:
         exp = Experiment(TinySGD, tags=["bench"], federation=url, nodes=list(homes),
                          model_args={"target": "label"}, seed=0, progress=False,
@@ -135,15 +178,23 @@ def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: 
             walls = []
             profiler = cProfile.Profile()
             for i in range(warmup + rounds):
-                if profile and i == warmup:  # the rounds run on fedcore's loop thread
-                    _runtime.run(_call(profiler.enable))
+                if i == warmup:
+                    cpu = _cpu_seconds(procs), time.process_time()
+                    if profile:  # the rounds run on fedcore's loop thread
+                        _runtime.run(_call(profiler.enable))
+                        procs[0].send_signal(signal.SIGUSR1)
                 t = time.perf_counter()
                 rows = exp.run_once()
                 walls.append(time.perf_counter() - t)
                 assert (rows["status"] == "ok").all(), rows
+            node_cpu = (_cpu_seconds(procs) - cpu[0]) / rounds
+            own_cpu = (time.process_time() - cpu[1]) / rounds
             if profile:
                 _runtime.run(_call(profiler.disable))
+                procs[0].send_signal(signal.SIGUSR2)
+                print(f"--- the researcher's event-loop thread, {rounds} rounds")
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(profile)
+                _print_node_profile(node_profile, rounds, profile)
             history = exp.history
         finally:
             exp.close()
@@ -160,8 +211,35 @@ def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: 
             "total": float(per_round["total_s"].median()),
             "train": float(per_round["train_s"].median()),
             "trip": float(per_round["trip_s"].median()),
+            "node_cpu": node_cpu, "own_cpu": own_cpu,
             "overhead": float(np.median(wall - per_round["total_s"].to_numpy())),
             "p90": float(np.percentile(wall - per_round["total_s"].to_numpy(), 90))}
+
+
+def _cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
+    """User + system CPU seconds the node processes used so far (Linux; 0 elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for proc in procs:
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def _print_node_profile(path: Path | None, rounds: int, top: int) -> None:
+    assert path is not None
+    for _ in range(100):  # the node writes it on SIGUSR2
+        if path.exists():
+            break
+        time.sleep(0.1)
+    else:
+        print(f"(no profile from the first node: see {path.with_suffix('.log')})")
+        return
+    print(f"--- the first node's event-loop and training threads, {rounds} rounds")
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(top)
 
 
 async def _call(fn: Callable[[], object]) -> None:
@@ -175,7 +253,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--transports", default="ws,mqtt")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="print the N costliest functions of the researcher's loop")
+                        help="print the N costliest functions of the researcher's loop and "
+                        "of the first node's loop and training threads")
+    if sys.argv[1:2] == ["--profiled-node"]:  # a node process started by --profile
+        return _profiled_node(sys.argv[2], sys.argv[4:])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fedcore-deploy-bench-") as tmp:
@@ -213,12 +294,13 @@ def main() -> int:
     print(f"{args.nodes} fedcore-node processes, SGDClassifier on {ROWS} rows each, "
           f"median of {args.rounds} steady rounds (after {args.warmup} warm-up rounds)")
     print(f"{'':6} {'connect':>9} {'round':>9} {'node total_s':>13} {'train_s':>9} "
-          f"{'overhead':>9} {'p90':>9}")
+          f"{'overhead':>9} {'p90':>9} {'CPU: nodes':>11} {'researcher':>10}")
     ok = True
     for name, r in results.items():
         print(f"{name:6} {r['connect'] * 1e3:7.0f}ms {r['round'] * 1e3:7.1f}ms "
               f"{r['total'] * 1e3:11.1f}ms {r['train'] * 1e3:7.1f}ms "
-              f"{r['overhead'] * 1e3:7.1f}ms {r['p90'] * 1e3:7.1f}ms")
+              f"{r['overhead'] * 1e3:7.1f}ms {r['p90'] * 1e3:7.1f}ms "
+              f"{r['node_cpu'] * 1e3:9.1f}ms {r['own_cpu'] * 1e3:8.1f}ms")
         ok &= r["overhead"] <= TARGET_OVERHEAD_S
     print(f"target: overhead <= {TARGET_OVERHEAD_S * 1e3:.0f} ms per round at 10 nodes "
           f"(Fed-BioMed: ~{FEDBIOMED_2_NODES_S * 1e3:.0f} ms per round at 2 nodes): "

@@ -86,7 +86,7 @@ def raw_path(port: int, frame: bytes, n_nodes: int, repeats: int, chunk: int) ->
         if received[0] >= expected:
             done.set()
 
-    held: dict[str, list[bytes]] = {}
+    held: dict[str, list[bytes | bytearray]] = {}
 
     def on_echo(c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         # Store and forward, as a node does: the whole frame arrives before it goes back.

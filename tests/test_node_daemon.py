@@ -16,10 +16,11 @@ from fedcore_node.cli import main
 pytest.importorskip("websockets")
 pytest.importorskip("sklearn")
 
+from _deployment import start_node  # noqa: E402
 from _trust import enroll  # noqa: E402
 from fedcore import Experiment  # noqa: E402
 from fedcore.errors import RoundError  # noqa: E402
-from test_dropout import SleepWhenToldPlan, _audit_events, _frame, _free_port, _start  # noqa: E402
+from test_dropout import SleepWhenToldPlan, _audit_events, _frame, _free_port  # noqa: E402
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
@@ -91,7 +92,7 @@ def test_sigterm_mid_round_abandons_it_on_record_and_exits_within_2_s(tmp_path: 
                  ["dataset", "add", "--name", "cohort", "--tags", "term", "--path", str(csv)]):
         assert _cli(capsys, "--home", str(home), *argv)[0] == 0
     enrolled = enroll({"site-t": home})
-    proc = _start(home, tmp_path / "node.log", url, FEDCORE_TEST_SLEEP="30")
+    proc = start_node(home, url, FEDCORE_TEST_SLEEP="30")
     exp = Experiment(SleepWhenToldPlan, tags=["term"], federation=url, nodes=["site-t"],
                      model_args={"target": "label"}, progress=False, connect_timeout=20,
                      enrolled=enrolled)
@@ -110,7 +111,7 @@ def test_sigterm_mid_round_abandons_it_on_record_and_exits_within_2_s(tmp_path: 
                   "the node to start training")
         signalled = time.time()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0, (tmp_path / "node.log").read_text()
+        assert proc.wait(timeout=10) == 0, home.with_suffix(".log").read_text()
         assert _audit_events(home)[-1]["time"] - signalled < 2  # see the test above
         worker.join(timeout=10)
         assert errors and "site-t" in str(errors[0])  # the researcher is told
@@ -120,5 +121,5 @@ def test_sigterm_mid_round_abandons_it_on_record_and_exits_within_2_s(tmp_path: 
     events = [e["event"] for e in _audit_events(home)]
     assert events[-2:] == ["train-abandoned", "stopped"]
     assert _cli(capsys, "--home", str(home), "audit", "verify")[0] == 0
-    log = (tmp_path / "node.log").read_text()
+    log = home.with_suffix(".log").read_text()
     assert "search: ok" in log  # one line per request: researcher, kind, outcome, seconds

@@ -64,6 +64,9 @@ class Broker:
             f"listener {self.port} 127.0.0.1\n"
             f"user {getpass.getuser()}\n"
             "persistence false\n"
+            # as docs/deployment.md advises: Mosquitto's default queue (1000 messages per
+            # client) drops QoS 1 messages to a receiver that lags, e.g. on a loaded CI box
+            "max_queued_messages 0\n"
             f"log_dest file {folder / 'mosquitto.log'}\n"
             f"{extra}\n")
         self.proc: subprocess.Popen[bytes] | None = None

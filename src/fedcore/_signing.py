@@ -73,12 +73,13 @@ class Signed(NamedTuple):
 class _Seen:
     """Counters accepted from one key: ``floor`` (strict lower bound) and recent ones."""
 
-    __slots__ = ("floor", "highest", "recent")
+    __slots__ = ("floor", "highest", "prune_at", "recent")
 
     def __init__(self, floor: int = 0):
         self.floor = floor
         self.highest = floor
         self.recent: set[int] = set()
+        self.prune_at = 64
 
     def accept(self, counter: int) -> bool:
         reorder = int(REORDER_S * 1e9)
@@ -87,8 +88,12 @@ class _Seen:
         self.recent.add(counter)
         if counter > self.highest:
             self.highest = counter
-            if len(self.recent) > 64:
+            if len(self.recent) > self.prune_at:
+                # Counters older than the window are refused by the test above anyway.
+                # Pruning only once the set doubled keeps a busy sender's messages at O(1)
+                # each instead of a pass over the whole window per message.
                 self.recent = {c for c in self.recent if c > counter - reorder}
+                self.prune_at = max(64, 2 * len(self.recent))
         return True
 
 

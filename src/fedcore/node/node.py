@@ -132,6 +132,7 @@ class Node:
         self._plans: dict[str, type[TrainingPlan]] = {}
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
+        self._backends: set[str] = set()  # backends whose framework is imported
         self._handlers: dict[type[Body], Callable[[Envelope], Any]] = {
             Ping: self._on_ping,
             SearchRequest: self._on_search,
@@ -143,6 +144,7 @@ class Node:
         }
         self._serving: concurrent.futures.Future[None] | None = None
         self._transport: Transport | None = None
+        self._halting = False  # stop() was called while serve() was starting
 
     @property
     def node_id(self) -> str:
@@ -287,6 +289,7 @@ class Node:
 
     async def serve(self, transport: Transport) -> None:
         """Answer requests arriving on ``transport`` until it closes."""
+        self._halting = False
         guard = Guard(self.identity, lambda: self.trusted_researchers,
                       networked=transport.capabilities.networked,
                       max_size=self.max_frame_size, untrusted_hint=_TRUST_HINT,
@@ -296,6 +299,8 @@ class Node:
         link = ChunkedTransport(transport, guard, max_frame_size=self.max_frame_size)
         await link.start()
         self._transport = transport
+        if self._halting:  # stop() came while the transport was starting
+            await transport.close()
         tasks: set[asyncio.Task[None]] = set()
         self.audit("started", transport=transport.url)
         try:
@@ -327,14 +332,23 @@ class Node:
 
     def stop(self) -> None:
         """Stop serving (after :meth:`start`)."""
-        if self._transport is not None:
-            _runtime.run(self._transport.close())
+        if self._serving is not None or self._transport is not None:
+            _runtime.run(self._halt())
         if self._serving is not None:
             try:
                 self._serving.result(timeout=10)
             except concurrent.futures.CancelledError:
                 pass
         self._serving = None
+
+    async def _halt(self) -> None:
+        # On the loop that runs serve(), after serve() began: either its transport is up and
+        # is closed here, or serve() is still starting it and closes it once it is up (a
+        # SIGTERM right after `fedcore-node start` used to find no transport to close, and
+        # the node waited 10 s and exited with an error).
+        self._halting = True
+        if self._transport is not None:
+            await self._transport.close()
 
     async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
         peer, frame, signer = got.peer, got.frame, got.signer
@@ -441,9 +455,13 @@ class Node:
             if not decision.allowed:  # the decision is in the audit log already
                 return ErrorReply(kind="governance", message=decision.reason,
                                   exc_type="GovernanceError")
-            # Importing a framework takes seconds: off the loop, which keeps serving.
-            await asyncio.get_running_loop().run_in_executor(
-                None, plugins.load, "backends", bundle.backend)
+            if bundle.backend not in self._backends:
+                # Importing a framework takes seconds: off the loop, which keeps serving.
+                # Once imported, later rounds skip the thread hop (it costs milliseconds
+                # when the machine is busy).
+                await asyncio.get_running_loop().run_in_executor(
+                    None, plugins.load, "backends", bundle.backend)
+                self._backends.add(bundle.backend)
             local_algorithm(request.algorithm)  # an unknown aggregator is refused here
             dataset = self.datasets.open(entry)
         except GovernanceError as exc:
