@@ -352,3 +352,19 @@ def test_the_reply_reports_parameters_and_epsilon_but_no_data():
                      "epsilon": epsilon([(1.0, 1.0, 1)], 1e-6),
                      "epsilon_total": epsilon([(1.0, 1.0, 3)], 1e-6)}
     assert json.loads(json.dumps(reply)) == reply  # plain data for the wire
+
+
+def test_the_budget_is_checked_again_on_what_a_round_really_spent(node):
+    """PrivacyBudget.overspent: the node's last check before an update leaves it."""
+    from fedcore.governance import PrivacyBudget
+
+    one, two = epsilon([(1.0, 1.0, 1)], 1e-5), epsilon([(1.0, 1.0, 2)], 1e-5)
+    node.set_policy(dp_max_epsilon=(one + two) / 2, dp_delta=1e-5)
+    (budget,) = [p for p in node.governance.policies if isinstance(p, PrivacyBudget)]
+    (entry,) = node.datasets.list()
+    assert budget.overspent(entry, [(1.0, 1.0, 1)]) is None
+    reason = budget.overspent(entry, [(1.0, 1.0, 2)])
+    assert reason and "withheld" in reason and f"epsilon total {two:.4g}" in reason
+    node.set_policy(dp_max_epsilon={"other": 0.1})
+    (budget,) = [p for p in node.governance.policies if isinstance(p, PrivacyBudget)]
+    assert budget.overspent(entry, [(1.0, 1.0, 50)]) is None  # no cap on this dataset

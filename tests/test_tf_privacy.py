@@ -20,6 +20,7 @@ pytest.importorskip("tf_keras")
 
 from fedcore import Experiment, simulate  # noqa: E402
 from fedcore.data import ArrayDataset  # noqa: E402
+from fedcore.errors import RoundError  # noqa: E402
 from fedcore.privacy import DEFAULT_ORDERS, Accountant  # noqa: E402
 from fedcore_tf import KerasTrainingPlan  # noqa: E402
 from fedcore_tf.privacy import DPKerasSGD  # noqa: E402
@@ -112,3 +113,32 @@ def test_dp_sgd_accounts_for_the_steps_it_ran():
     # num_updates stops training where the node's budget check expects it to.
     assert runs[None]["steps"] == epochs * (len(X) // batch) == 20
     assert runs[7]["steps"] == 7
+
+
+def test_a_round_that_spent_more_than_its_budget_predicted_is_withheld():
+    """The node's budget check predicts Opacus's schedule (rate 1/ceil(n/b), epochs *
+    ceil(n/b) steps); TF's fixed batches spend rate b/n for epochs * (n // b) steps, a little
+    more when b does not divide n. With a budget between the two, the round passes the
+    check, trains, and the node withholds its update rather than cross the budget."""
+    from fedcore.privacy import PrivacySpec
+
+    X, y = _data(165)
+    z, clip, delta, batch, epochs = 1.1, 1.0, 1e-5, 16, 2
+    privacy = {"mechanism": "dp-sgd", "noise_multiplier": z, "clip": clip, "delta": delta}
+    args = {"epochs": epochs, "batch_size": batch, "lr": 0.1}
+    predicted = Accountant(PrivacySpec.parse(privacy).events(
+        n_train=len(X), training_args=args)).epsilon(delta)
+    spent = Accountant([(z, batch / len(X), epochs * (len(X) // batch))]).epsilon(delta)
+    assert predicted < spent
+    with simulate.from_arrays(X, y, n_nodes=1, tags=["dp"]) as fed:
+        (node,) = fed.nodes
+        node.set_policy(dp_max_epsilon=(predicted + spent) / 2, dp_delta=delta)
+        exp = Experiment(SmallKerasPlan, tags=["dp"], federation=fed.url, progress=False,
+                         training_args=args, privacy=privacy, test_ratio=0.0,
+                         evaluate_global=False, evaluate_local=False)
+        with pytest.raises(RoundError, match="spent more than predicted"):
+            exp.run_once()
+        (entry,) = node.datasets.list()
+        assert node.ledger.spent(entry["id"])[0] == 0  # nothing released, nothing spent
+        events = [e["event"] for e in node.audit_log()]
+    assert "train-refused" in events and "trained" not in events

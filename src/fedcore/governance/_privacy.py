@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
@@ -74,6 +74,30 @@ class PrivacyBudget(Policy):
             if key in self.max_epsilon:
                 return float(self.max_epsilon[key])
         return None
+
+    def overspent(self, dataset: Mapping[str, Any] | None,
+                  events: Sequence[Any]) -> str | None:
+        """Why releasing a round that spent ``events`` would cross ``dataset``'s budget.
+
+        ``None`` when it fits (or the dataset has no cap). The node asks this after training,
+        before the update leaves it: :meth:`review` predicts a round's cost from its
+        arguments, and a backend's DP-SGD may take a slightly different schedule (TF's fixed
+        batches of ``batch_size / n`` against Opacus's Poisson rate ``1 / ceil(n / batch)``).
+        """
+        limit = self.limit(dataset)
+        if limit is None or dataset is None:
+            return None
+        accountant = self.ledger.accountant(str(dataset.get("id")))
+        after = accountant.epsilon_with(events, self.delta)
+        if after <= limit:
+            return None
+        spent = accountant.epsilon(self.delta)
+        return (f"Dataset {dataset.get('name') or dataset.get('id')!r} would exceed its privacy "
+                f"budget on this node: the round trained, but it spent more than predicted "
+                f"(epsilon total {after:.4g} of {limit:g} at delta {self.delta:g}, {spent:.4g} "
+                "spent before it), so its update is withheld and nothing is recorded as "
+                "spent. Ask for more noise or fewer steps, or ask the node's administrator "
+                "for a larger budget.")
 
     def review(self, request: Request) -> Decision:  # noqa: D102
         if request.kind != "train":

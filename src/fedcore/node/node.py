@@ -28,7 +28,15 @@ from ..errors import (
     ProtocolError,
     TransportError,
 )
-from ..governance import Decision, Governance, PlanStore, Policy, Request, build_governance
+from ..governance import (
+    Decision,
+    Governance,
+    PlanStore,
+    Policy,
+    PrivacyBudget,
+    Request,
+    build_governance,
+)
 from ..governance.policies import Refuse
 from ..identity import Identity, fingerprint, parse_public_key
 from ..messages import (
@@ -511,6 +519,13 @@ class Node:
                               traceback=traceback.format_exc())
         if reply.privacy:  # spent: on record before the update leaves the node
             events = reply.privacy["events"]
+            overspent = next((reason for p in self.governance.policies
+                              if isinstance(p, PrivacyBudget)
+                              and (reason := p.overspent(entry, events))), None)
+            if overspent:
+                self.audit("train-refused", **base, reason=overspent)
+                return ErrorReply(kind="governance", message=overspent,
+                                  exc_type="GovernanceError")
             self.ledger.record(request.dataset_id, events, delta=reply.privacy["delta"])
             total = self.ledger.events(request.dataset_id)
             spec = PrivacySpec.parse(request.privacy)
