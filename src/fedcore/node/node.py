@@ -488,6 +488,8 @@ class Node:
         if decision.overrides:
             request = dataclasses.replace(
                 request, training_args={**request.training_args, **decision.overrides})
+        if request.secagg:  # the masks are computed in a thread while the node trains
+            self._secagg.prepare(request.secagg, request.params)
         loop = asyncio.get_running_loop()
         try:
             plan_class = self._plans.get(sha)

@@ -4,7 +4,7 @@
   ``info`` naming its purpose, the session and both parties (domain separation);
 - AES-256-GCM sealing of relayed shares, the session, round, sender and recipient bound as
   associated data, so the researcher who relays them can neither read nor redirect them;
-- a PRG: AES-128-CTR keystream (zero nonce; every key is fresh and used once), read as
+- a PRG: AES-128-CTR keystream (counter from zero; every key is fresh and used once), read as
   little-endian uint64 words and added to or subtracted from a vector in cache-sized chunks.
 """
 
@@ -88,16 +88,27 @@ def open_sealed(key: bytes, blob: bytes, ad: bytes, what: str) -> bytes:
         ) from None
 
 
-def apply_masks(vector: np.ndarray, seeds: Sequence[tuple[bytes, int]]) -> None:
+def apply_masks(vector: np.ndarray, seeds: Sequence[tuple[bytes, int]], offset: int = 0) -> None:
     """Add (+1) or subtract (-1) the PRG stream of each 16-byte seed to ``vector`` (uint64).
 
+    ``vector[0]`` meets word ``offset`` of every stream: a mask is position by position, so
+    words ``offset..offset+len`` of the streams can be applied without the ones before (the
+    CTR counter starts at block ``offset // 2``; an odd offset drops the first half block).
     Works in place, chunk by chunk: each chunk of keystream is produced into one reused
-    buffer, so memory stays O(1) beyond the vector whatever the number of seeds.
+    buffer, so memory stays O(1) beyond the vector whatever the number of seeds. Both
+    ``update_into`` and numpy's additions release the GIL, so this runs beside training.
     """
     if vector.dtype != np.uint64 or not vector.flags.c_contiguous:
         raise TypeError("apply_masks expects a contiguous uint64 vector.")
-    encryptors = [(Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor(), sign)
-                  for seed, sign in seeds]
+    if offset < 0:
+        raise ValueError(f"Expected a word offset >= 0. Received {offset}.")
+    counter = (offset // 2).to_bytes(16, "big")
+    encryptors = []
+    for seed, sign in seeds:
+        enc = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
+        if offset % 2:
+            enc.update(bytes(8))  # the first half of the block holds word offset - 1
+        encryptors.append((enc, sign))
     n = vector.size
     zeros = memoryview(bytes(8 * min(_CHUNK_WORDS, max(n, 1))))
     buf = bytearray(len(zeros) + 15)  # update_into needs room for one block more
@@ -112,3 +123,13 @@ def apply_masks(vector: np.ndarray, seeds: Sequence[tuple[bytes, int]]) -> None:
                 np.add(part, words[:size], out=part)
             else:
                 np.subtract(part, words[:size], out=part)
+
+
+def combined_mask(seeds: Sequence[tuple[bytes, int]], size: int) -> np.ndarray:
+    """The sum (modulo 2^64) of the signed PRG streams of ``seeds``: ``size`` uint64 words.
+
+    Adding it to a vector gives what :func:`apply_masks` gives, in one pass over the vector.
+    """
+    mask = np.zeros(size, dtype=np.uint64)
+    apply_masks(mask, seeds)
+    return mask

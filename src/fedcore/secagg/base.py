@@ -249,6 +249,20 @@ class NodeSession(abc.ABC):
                 extras: Mapping[str, ParameterSet] | None = None) -> dict[str, Any]:
         """Phase 3: the payload that hides ``weight * update`` (and extras) from the researcher."""
 
+    def prepare(self, options: Mapping[str, Any], reference: ParameterSet | None = None) -> None:
+        """Start, in the background, what :meth:`protect` will need, while the node trains.
+
+        ``options`` are the training options ``protect`` will receive, ``reference`` the
+        global model the update is shaped like. It never raises: ``protect`` reports bad
+        options. ``protect`` uses the result or, without one, does the work itself, with the
+        same payload either way. Default: nothing to prepare.
+        """
+        return None
+
+    def discard(self) -> None:
+        """Drop what :meth:`prepare` made and :meth:`protect` has not used (default: none)."""
+        return None
+
     def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
         """Phase 4: the shares the researcher needs to remove the masks."""
         raise ProtocolError(f"The {self.scheme.name!r} scheme has no unmask phase.")

@@ -28,13 +28,17 @@ during training must already have shared its mask key for the others' masks to b
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError, ProtocolError, SecureAggregationError
+from ..errors import ConfigurationError, FedcoreError, ProtocolError, SecureAggregationError
 from ..params import ParameterSet
 from . import _crypto as C
 from .base import (
@@ -51,6 +55,12 @@ from .shamir import SHARE_BYTES, ShareError, combine_bytes, split_bytes
 __all__ = ["PairwiseMasking"]
 
 _SEED = 16  # bytes of b_i and of each PRG key
+log = logging.getLogger("fedcore.node")
+#: Masks precomputed and not yet used, per process: one uint64 vector each. A deployed node
+#: has one round in flight; a simulation runs many nodes in one process, where the nodes past
+#: this many mask after training instead (their cores are shared anyway).
+MAX_PRECOMPUTED = 2
+_precomputed = threading.BoundedSemaphore(MAX_PRECOMPUTED)
 
 
 class PairwiseMasking(SecureAggregation):
@@ -335,6 +345,11 @@ class _MaskingNode(NodeSession):
         self._share_reply: dict[str, Any] | None = None
         self._peers: list[str] | None = None
         self._answered: tuple[list[str], list[str]] | None = None
+        self._pre: _Precomputation | None = None
+        self._pre_lock = threading.Lock()
+        #: Seconds of the last protect: ``protect_s``, and with a precomputed mask
+        #: ``precompute_s`` (its thread's wall time), ``precompute_cpu_s`` and ``wait_s``.
+        self.timings: dict[str, float] = {}
 
     def setup(self, msg: Mapping[str, Any]) -> dict[str, Any]:
         return self._reply(c_pk=self.c_pk, s_pk=self.s_pk)
@@ -380,8 +395,8 @@ class _MaskingNode(NodeSession):
     def _ad(self, sender: str, recipient: str) -> bytes:
         return C.label("share", self.session_id, self.round, sender, recipient)
 
-    def protect(self, update: ParameterSet, weight: float, options: Mapping[str, Any],
-                extras: Mapping[str, ParameterSet] | None = None) -> dict[str, Any]:
+    def _training_setup(self, options: Mapping[str, Any]) -> tuple[list[str], Encoding]:
+        """The peers and the fixed-point encoding of the training options, checked."""
         self._check_session(options, "training options")
         if self._keys is None:
             raise ProtocolError("Training options arrived before the share phase: this node "
@@ -396,10 +411,11 @@ class _MaskingNode(NodeSession):
         if encoding.n_nodes != len(self.nodes):
             raise ProtocolError(f"The fixed-point encoding is sized for {encoding.n_nodes} "
                                 f"nodes; the round has {len(self.nodes)}.")
-        if not isinstance(update, ParameterSet):
-            raise ConfigurationError(f"Expected the update as a ParameterSet. "
-                                     f"Received {type(update).__name__}.")
-        vector, layout = encoding.encode(update, weight, extras)
+        return sorted(peers), encoding
+
+    def _seeds(self, peers: Sequence[str]) -> list[tuple[bytes, int]]:
+        """The self-mask's PRG key (+1), and each pairwise key with its sign."""
+        assert self._keys is not None
         seeds = [(_self_mask_key(self._b, self.session_id, self.node_id), 1)]
         for j in peers:
             if j != self.node_id:
@@ -407,8 +423,72 @@ class _MaskingNode(NodeSession):
                               _pair_info(self.session_id, self.round, self.node_id, j, "mask"),
                               _SEED)
                 seeds.append((key, 1 if self.node_id < j else -1))
-        C.apply_masks(vector, seeds)
-        self._peers = sorted(peers)
+        return seeds
+
+    def prepare(self, options: Mapping[str, Any], reference: ParameterSet | None = None) -> None:
+        """Compute the combined mask (self-mask + signed pairwise streams) in a thread.
+
+        Its length is the global model's encoded size; :meth:`protect` adds it to the
+        encoded update in one pass (extending it when extras make the vector longer).
+        """
+        try:
+            peers, encoding = self._training_setup(options)
+            params = encoding.params_layout
+            if params is not None:
+                size = Layout.from_wire({"params": params, "extras": []}).size
+            elif isinstance(reference, ParameterSet):
+                size = Layout.of(reference, None).size
+            else:
+                return
+        except FedcoreError:  # protect reports it, where the round expects an answer
+            return
+        current = self._pre
+        if current is not None and (current.peers, current.size) == (peers, size):
+            return
+        self.discard()
+        pre = _Precomputation.start(peers, size, self._seeds)
+        with self._pre_lock:  # protect may run in another thread
+            old, self._pre = self._pre, pre
+        if old is not None:
+            old.release()
+
+    def discard(self) -> None:
+        """Drop a precomputed mask that :meth:`protect` has not used."""
+        with self._pre_lock:
+            pre, self._pre = self._pre, None
+        if pre is not None:
+            pre.release()
+
+    def protect(self, update: ParameterSet, weight: float, options: Mapping[str, Any],
+                extras: Mapping[str, ParameterSet] | None = None) -> dict[str, Any]:
+        start = time.perf_counter()
+        with self._pre_lock:
+            pre, self._pre = self._pre, None  # used once, whatever happens below
+        try:
+            peers, encoding = self._training_setup(options)
+            if not isinstance(update, ParameterSet):
+                raise ConfigurationError(f"Expected the update as a ParameterSet. "
+                                         f"Received {type(update).__name__}.")
+            vector, layout = encoding.encode(update, weight, extras)
+            mask = None
+            if pre is not None and pre.peers == peers:
+                waited = time.perf_counter()
+                mask = pre.result()
+                self.timings.update(wait_s=time.perf_counter() - waited,
+                                    precompute_s=pre.seconds,
+                                    precompute_cpu_s=pre.cpu_seconds)
+        finally:
+            if pre is not None:
+                pre.release()
+        if mask is None:
+            C.apply_masks(vector, self._seeds(peers))
+        else:
+            n = min(vector.size, mask.size)
+            np.add(vector[:n], mask[:n], out=vector[:n])  # wraps modulo 2^64
+            if vector.size > n:  # extras beyond the expected length: the streams' next words
+                C.apply_masks(vector[n:], self._seeds(peers), offset=n)
+        self._peers = peers
+        self.timings["protect_s"] = time.perf_counter() - start
         return self._reply(values=vector, layout=layout.to_wire())
 
     def unmask(self, msg: Mapping[str, Any]) -> dict[str, Any]:
@@ -446,3 +526,60 @@ class _MaskingNode(NodeSession):
                 s_out[sender] = share[SHARE_BYTES:]
         self._answered = (survivors, dropped)
         return self._reply(b=b_out, s=s_out)
+
+
+class _Precomputation:
+    """A node's combined mask for ``peers``, ``size`` words, computed in a daemon thread.
+
+    AES-CTR's ``update_into`` and numpy's additions release the GIL, so it runs beside the
+    training. The key material stays in the session: the thread gets its ``seeds`` method.
+    """
+
+    def __init__(self, peers: list[str], size: int,
+                 seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]]):
+        self.peers, self.size = peers, size
+        self.seconds = self.cpu_seconds = 0.0
+        self._mask: np.ndarray | None = None
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(seeds,), daemon=True,
+                                        name="fedcore-secagg-mask")
+        #: Gives the process's slot back, once: when protect took the mask, when it is
+        #: discarded, or when this object is collected.
+        self.release = weakref.finalize(self, _precomputed.release)
+
+    @classmethod
+    def start(cls, peers: list[str], size: int,
+              seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]]
+              ) -> _Precomputation | None:
+        """A running precomputation; ``None`` when :data:`MAX_PRECOMPUTED` are held."""
+        if not _precomputed.acquire(blocking=False):
+            return None
+        try:
+            pre = cls(peers, size, seeds)
+        except Exception:
+            _precomputed.release()
+            raise
+        try:
+            pre._thread.start()
+        except Exception:
+            pre.release()
+            raise
+        return pre
+
+    def _run(self, seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]]) -> None:
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            self._mask = C.combined_mask(seeds(self.peers), self.size)
+        except Exception as exc:  # protect logs it and masks directly
+            self._error = exc
+        self.seconds = time.perf_counter() - start
+        self.cpu_seconds = time.thread_time() - cpu
+
+    def result(self) -> np.ndarray | None:
+        """The mask once computed (waits for it); ``None``, logged, when computing it failed."""
+        self._thread.join()
+        if self._error is not None:
+            log.warning("Precomputing the secure-aggregation masks failed (%s: %s); masking "
+                        "the update directly instead.", type(self._error).__name__,
+                        self._error)
+        return self._mask
