@@ -271,9 +271,9 @@ def test_one_nodes_masked_payload_is_indistinguishable_from_uniform_noise():
 # --- bad input ------------------------------------------------------------------------------
 
 
-def open_round(scheme, nodes):
+def open_round(scheme, nodes, reference=None):
     """A masking round up to the training options; returns (researcher, node sessions)."""
-    researcher = scheme.researcher_session(1, nodes)
+    researcher = scheme.researcher_session(1, nodes, reference=reference)
     sessions = {}
     for node, msg in researcher.setup_requests().items():
         sessions[node] = open_node_session(node, through_the_wire(msg))

@@ -18,20 +18,16 @@ import pytest
 from fedcore import Experiment, simulate
 from fedcore.errors import ProtocolError
 from fedcore.params import ParameterSet
-from fedcore.secagg import PairwiseMasking, masking, open_node_session
+from fedcore.secagg import PairwiseMasking, masking
 from fedcore.secagg import _crypto as C
 from fedcore.secagg.local import through_the_wire
+from test_secagg import open_round as open_secagg_round
 
 
 def open_round(scheme, nodes, reference=None):
-    """A masking round up to the training options: (researcher, node sessions, options)."""
-    researcher = scheme.researcher_session(1, nodes, reference=reference)
-    sessions = {}
-    for node, msg in researcher.setup_requests().items():
-        sessions[node] = open_node_session(node, through_the_wire(msg))
-        researcher.add_setup(node, sessions[node].answer("setup", msg))
-    for node, msg in researcher.share_requests().items():
-        researcher.add_shares(node, sessions[node].answer("share_keys", msg))
+    """test_secagg's round up to the training options, and the options: (researcher,
+    node sessions, options)."""
+    researcher, sessions = open_secagg_round(scheme, nodes, reference)
     options = {n: through_the_wire(researcher.train_options(n)) for n in nodes}
     return researcher, sessions, options
 

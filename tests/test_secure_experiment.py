@@ -5,12 +5,11 @@ the same seeds, and drop-outs are real nodes leaving the federation between two 
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 
-from fedcore import Experiment, Node, simulate
+from _faults import DiesBeforeUnmasking
+from fedcore import Experiment, simulate
 from fedcore.errors import ConfigurationError, RoundError
 from fedcore.privacy import Accountant
 from fedcore.secagg import JoyeLibert, PairwiseMasking
@@ -40,16 +39,6 @@ class TinyMLP(TorchTrainingPlan):
         import torch.nn.functional as F
 
         return F.cross_entropy(self.model(data), target)
-
-
-class DiesBeforeUnmasking(Node):
-    """A node that sends its masked update, then leaves when asked for its shares."""
-
-    async def _on_secagg(self, env):
-        if env.body.phase == "unmask":
-            await self._transport.close()  # gone, as if its process had been killed
-            await asyncio.Event().wait()
-        return super()._on_secagg(env)
 
 
 def _data(seed, n=60):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore import FederatedStatistics, _runtime, codec, simulate
+from fedcore import FederatedStatistics, Node, _runtime, codec, simulate
 from fedcore.errors import ConfigurationError, GovernanceError
 from fedcore.messages import Envelope, ErrorReply, Ping, Pong, StatsReply, StatsRequest
 from fedcore.statistics import POOLED
@@ -24,8 +24,9 @@ def _site(i, n, seed=0):
                          "sex": rng.choice(["F", "M"], n), "label": rng.integers(0, 2, n)})
 
 
-def _federation(tmp_path, frames, configs=None):
-    """Hospitals with one CSV each; ``configs`` adds lines to a node's config.toml."""
+def _federation(tmp_path, frames, configs=None, kinds=None, node_class=Node):
+    """Hospitals with one CSV each; ``configs`` adds lines to a node's config.toml, ``kinds``
+    gives a node another class than ``node_class``."""
     fed = simulate.SimulatedFederation(root=tmp_path / "fed")
     for i, frame in enumerate(frames):
         node_id = f"node-{i + 1:02d}"
@@ -33,7 +34,7 @@ def _federation(tmp_path, frames, configs=None):
         home.mkdir(parents=True)
         extra = (configs or {}).get(node_id, "")
         (home / "config.toml").write_text(f'node_id = "{node_id}"\n{extra}\n')
-        node = fed.add_node(node_id)
+        node = fed.add_node(node_id, node_class=(kinds or {}).get(node_id, node_class))
         path = tmp_path / f"{node_id}.csv"
         frame.to_csv(path, index=False)
         node.datasets.add(f"cohort-{i + 1}", ["cohort"], path)

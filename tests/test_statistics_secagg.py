@@ -6,17 +6,17 @@ concatenated data; what a node sends is recorded on the node itself.
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore import FederatedStatistics, Node, simulate
+from _faults import DiesBeforeUnmasking
+from fedcore import FederatedStatistics, Node
 from fedcore.errors import ConfigurationError, GovernanceError, SecureAggregationError
 from fedcore.params import ParameterSet
 from fedcore.secagg import JoyeLibert, PairwiseMasking
 from fedcore.statistics import POOLED
+from test_statistics import _federation as _plain_federation
 
 SIZES = (500, 800, 1200, 300)
 EVERY_NODE = [f"node-{i:02d}" for i in range(1, 6)]
@@ -35,16 +35,6 @@ class Recording(Node):
         return reply
 
 
-class DiesBeforeUnmasking(Node):
-    """A node that sends its protected statistics, then leaves when asked for its shares."""
-
-    async def _on_secagg(self, env):
-        if env.body.phase == "unmask":
-            await self._transport.close()  # gone, as if its process had been killed
-            await asyncio.Event().wait()
-        return super()._on_secagg(env)
-
-
 def _site(i, n, seed=0):
     rng = np.random.default_rng(seed + i)
     glucose = 1e6 + rng.normal(i, 1.0 + i, n)  # a large offset: hard on naive variance
@@ -54,22 +44,8 @@ def _site(i, n, seed=0):
 
 
 def _federation(tmp_path, frames, configs=None, kinds=None):
-    """Hospitals with one CSV each; ``configs`` adds config.toml lines, ``kinds`` Node classes."""
-    fed = simulate.SimulatedFederation(root=tmp_path / "fed")
-    for i, frame in enumerate(frames):
-        node_id = f"node-{i + 1:02d}"
-        home = fed.root / node_id
-        home.mkdir(parents=True)
-        (home / "config.toml").write_text(
-            f'node_id = "{node_id}"\n{(configs or {}).get(node_id, "")}\n')
-        kind = (kinds or {}).get(node_id, Recording)
-        node = kind(home, node_id=node_id, approval_required=False)
-        node.start(fed.url)
-        fed.nodes.append(node)
-        path = tmp_path / f"{node_id}.csv"
-        frame.to_csv(path, index=False)
-        node.datasets.add(f"cohort-{i + 1}", ["cohort"], path)
-    return fed
+    """test_statistics's hospitals, each node a :class:`Recording` unless ``kinds`` says."""
+    return _plain_federation(tmp_path, frames, configs, kinds, node_class=Recording)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from .messages import (
 from .params import ParameterSet
 from .plan import PlanBundle, TrainingPlan
 from .privacy.spec import PrivacySpec
-from .secagg import SecureAggregation
+from .secagg import SecureAggregation, scheme_of
 from .strategies import AllNodes, Strategy, from_params
 from .transport import open_transport
 
@@ -238,12 +238,7 @@ class Experiment:
 
     @secagg.setter
     def secagg(self, value: str | SecureAggregation | None) -> None:
-        if isinstance(value, str):
-            value = plugins.load("secagg", value)()
-        if value is not None and not isinstance(value, SecureAggregation):
-            raise ConfigurationError(
-                "Expected a fedcore.secagg scheme or its name ('masking', 'joye-libert'), or "
-                f"None. Received: {value!r}")
+        value = scheme_of(value)
         _check_secure(self._aggregator, value, self._strategy)
         self._secagg = value
 

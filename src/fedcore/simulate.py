@@ -121,13 +121,17 @@ class SimulatedFederation:
         """The federation URL to give an Experiment."""
         return f"inproc://{self.name}"
 
-    def add_node(self, node_id: str | None = None) -> Node:
-        """Create a node with its own home folder under ``root`` and start it."""
+    def add_node(self, node_id: str | None = None, *, node_class: type[Node] = Node) -> Node:
+        """Create a node with its own home folder under ``root`` and start it.
+
+        ``node_class``: a subclass of :class:`~fedcore.node.Node` to simulate a site that
+        behaves differently (fails, is slow, records what it sends).
+        """
         node_id = node_id or f"node-{len(self.nodes) + 1:02d}"
         # A simulation is the researcher's own sandbox: no plan review (deployed nodes,
         # created by `fedcore-node init`, require approval by default).
-        node = Node(self.root / node_id, node_id=node_id, executor=self._executor,
-                    approval_required=False)
+        node = node_class(self.root / node_id, node_id=node_id, executor=self._executor,
+                          approval_required=False)
         node.start(self.url)
         self.nodes.append(node)
         return node

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import _runtime, plugins
+from . import _runtime
 from ._rpc import Client, credentials
 from ._search import find_datasets
 from ._secure_statistics import FIRST_BOUND, SecureSums, second_pass_bound, secure_sums
@@ -48,7 +48,7 @@ from .messages import (
     StatsRequest,
 )
 from .node.statistics import MAX_BINS, StatisticsPolicy, check_edges, statistics_policy
-from .secagg import SecureAggregation
+from .secagg import SecureAggregation, scheme_of
 from .transport import open_transport
 
 __all__ = [
@@ -138,12 +138,7 @@ class FederatedStatistics:
         tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
         if not tags:
             raise ConfigurationError("Expected at least one dataset tag. Received: []")
-        if isinstance(secagg, str):
-            secagg = plugins.load("secagg", secagg)()
-        if secagg is not None and not isinstance(secagg, SecureAggregation):
-            raise ConfigurationError(
-                "Expected a fedcore.secagg scheme or its name ('masking', 'joye-libert'), or "
-                f"None. Received: secagg={secagg!r}")
+        secagg = scheme_of(secagg)
         #: The secure aggregation scheme, or None (replies in clear).
         self.secagg = secagg
         # A private copy: its fixed-point ranges are set per request (the user's is untouched).

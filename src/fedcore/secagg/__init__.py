@@ -14,6 +14,7 @@ from .base import (
     SecureAggregation,
     SecureSum,
     open_node_session,
+    scheme_of,
 )
 from .fixedpoint import Encoding, FixedPoint
 from .joye_libert import JoyeLibert
@@ -31,4 +32,5 @@ __all__ = [
     "SecureAggregation",
     "SecureSum",
     "open_node_session",
+    "scheme_of",
 ]

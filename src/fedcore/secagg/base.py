@@ -92,6 +92,22 @@ class SecureAggregation(abc.ABC):
         return f"{type(self).__name__}({args})"
 
 
+def scheme_of(value: str | SecureAggregation | None) -> SecureAggregation | None:
+    """What a researcher passes as ``secagg=``: a scheme, its registered name, or ``None``.
+
+    ``ConfigurationError`` for anything else (an unknown name: the registry says which exist).
+    """
+    from .. import plugins  # lazy: plugins imports nothing of ours at module load
+
+    if isinstance(value, str):
+        value = plugins.load("secagg", value)()
+    if value is not None and not isinstance(value, SecureAggregation):
+        raise ConfigurationError(
+            "Expected a fedcore.secagg scheme or its name ('masking', 'joye-libert'), or "
+            f"None. Received: secagg={value!r}")
+    return value
+
+
 def open_node_session(node_id: str, options: Mapping[str, Any]) -> NodeSession:
     """A node's session from the first secure-aggregation message of a round.
 
