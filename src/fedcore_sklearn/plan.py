@@ -108,12 +108,21 @@ class SklearnTrainingPlan(TrainingPlan):
         """Give the estimator its learned attributes without training on real data."""
         n_features = self._n_features()
         model = self.model
-        if is_classifier(model):
-            classes = self.classes()
-            X = np.zeros((len(classes), n_features))
-            model.partial_fit(X, np.asarray(classes), classes=np.asarray(classes))
-        else:
-            model.partial_fit(np.zeros((1, n_features)), np.zeros(1))
+        rows = len(self.classes()) if is_classifier(model) else 1
+        # MLPs warn when their batch_size exceeds the rows of a partial_fit call (and clip
+        # it): these few priming rows are ours, so the warning would only be noise.
+        batch_size = getattr(model, "batch_size", None)
+        if isinstance(batch_size, int) and batch_size > rows:
+            model.batch_size = rows
+        try:
+            if is_classifier(model):
+                classes = np.asarray(self.classes())
+                model.partial_fit(np.zeros((rows, n_features)), classes, classes=classes)
+            else:
+                model.partial_fit(np.zeros((1, n_features)), np.zeros(1))
+        finally:
+            if isinstance(batch_size, int):
+                model.batch_size = batch_size
         fam = convert.family(model)[0]
         if fam == "linear":
             model.coef_ = np.zeros_like(model.coef_)
