@@ -16,7 +16,10 @@ rebuild their mask keys and remove 2 x 8 pairwise masks (drop-out recovery). Joy
 costs one 4096-bit modular exponentiation per ciphertext (28 values) on each node and on the
 researcher: it is measured at ``--jl-values`` values and extrapolated linearly per
 ciphertext to the large sizes (a 1M-value round would take hours here); the output
-says so. Figures are medians of ``--repeats`` rounds in this process.
+says so. Its exponentiations run on every core (gmpy2 releases the GIL): the script prints
+the per-exponentiation time on one thread and on the pool, and a node's protect after
+masks precomputed during training (``prepare``): what is left once training ends.
+Figures are medians of ``--repeats`` rounds in this process.
 
 Run: ``python bench/secure_aggregation.py`` (~20 s; ``--help`` for options).
 """
@@ -40,6 +43,7 @@ from fedcore.secagg import (
     SecureAggregation,
     open_node_session,
 )
+from fedcore.secagg import _bigint as B
 from fedcore.secagg._crypto import apply_masks
 
 TARGET_RATIO = 1.5
@@ -112,6 +116,44 @@ def median_rounds(scheme: SecureAggregation, updates: dict[str, ParameterSet],
     return out
 
 
+def jl_core_scaling(key_size: int, count: int = 32) -> tuple[float, float]:
+    """Seconds per H(t)^sk mod N^2 exponentiation: one thread, then the pool (medians of 3)."""
+    n2 = B.big(B.biprime(key_size)) ** 2
+    rng = np.random.default_rng(0)
+    bases = [B.big(int.from_bytes(rng.bytes(key_size // 4), "little")) % n2
+             for _ in range(count)]
+    sk = int.from_bytes(rng.bytes(key_size // 4), "little")
+    one, pool = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        [B.powmod_many([b], sk, n2) for b in bases]
+        one.append((time.perf_counter() - t) / count)
+        t = time.perf_counter()
+        B.powmod_many(bases, sk, n2)
+        pool.append((time.perf_counter() - t) / count)
+    return statistics.median(one), statistics.median(pool)
+
+
+def jl_after_training(scheme: JoyeLibert, updates: dict[str, ParameterSet],
+                      weights: dict[str, float]) -> dict[str, float]:
+    """One node's protect after ``prepare`` (its masks computed meanwhile): its timings."""
+    nodes = list(updates)
+    r = scheme.researcher_session(1, nodes, weights_hint=weights)
+    sessions = {}
+    for node, msg in r.setup_requests().items():
+        sessions[node] = open_node_session(node, msg)
+        r.add_setup(node, sessions[node].answer("setup", msg))
+    for node, msg in r.share_requests().items():
+        r.add_shares(node, sessions[node].answer("share_keys", msg))
+    node = nodes[0]
+    options = r.train_options(node)
+    session = sessions[node]
+    session.prepare(options, updates[node])  # training would run here
+    session.protect(updates[node], weights[node], options)
+    timings: dict[str, float] = getattr(session, "timings", {})
+    return dict(timings)
+
+
 def prg_speed() -> float:
     """GB/s of masking keystream added into a 64 MB vector (AES-128-CTR as uint64)."""
     vec = np.zeros(8 << 20, np.uint64)
@@ -163,7 +205,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({jl_ct} ciphertexts of {jl['report']['values_per_ciphertext']} values) on {n} "
           f"nodes: {per_ct_node * 1e3:.1f} ms per ciphertext per node, "
           f"{per_ct_res * 1e3:.1f} ms per ciphertext for the researcher "
-          f"(integers: {jl['report']['bigint']}); setup {jl['setup']:.2f} s")
+          f"(integers: {jl['report']['bigint']}, {B.workers()} thread(s)); setup "
+          f"{jl['setup']:.2f} s")
+    one, pool = jl_core_scaling(args.jl_key_size)
+    print(f"  one exponentiation mod N^2: {one * 1e3:.1f} ms on one thread, "
+          f"{pool * 1e3:.1f} ms each on {B.workers()} thread(s) ({one / pool:.2f}x)")
+    after = jl_after_training(jl_scheme, jl_updates, jl_weights)
+    if "precompute_s" in after:
+        left = (after["protect_s"] - after["wait_s"]) / jl_ct
+        print(f"  with prepare (masks computed while the node trains, {after['precompute_s']:.2f}"
+              f" s here): protect after training {left * 1e3:.2f} ms per ciphertext")
 
     header = (f"{'scheme':<28} {'protect/node':>12} {'per M params':>12} {'researcher':>12} "
               f"{'round':>10} {'vs plain':>10} {'payload':>10} {'setup':>10}")

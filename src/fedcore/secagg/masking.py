@@ -28,11 +28,9 @@ during training must already have shared its mask key for the others' masks to b
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +39,7 @@ import numpy as np
 from ..errors import ConfigurationError, FedcoreError, ProtocolError, SecureAggregationError
 from ..params import ParameterSet
 from . import _crypto as C
+from ._background import Background
 from .base import (
     NodeSession,
     ResearcherSession,
@@ -55,7 +54,6 @@ from .shamir import SHARE_BYTES, ShareError, combine_bytes, split_bytes
 __all__ = ["PairwiseMasking"]
 
 _SEED = 16  # bytes of b_i and of each PRG key
-log = logging.getLogger("fedcore.node")
 #: Masks precomputed and not yet used, per process: one uint64 vector each. A deployed node
 #: has one round in flight; a simulation runs many nodes in one process, where the nodes past
 #: this many mask after training instead (their cores are shared anyway).
@@ -345,7 +343,7 @@ class _MaskingNode(NodeSession):
         self._share_reply: dict[str, Any] | None = None
         self._peers: list[str] | None = None
         self._answered: tuple[list[str], list[str]] | None = None
-        self._pre: _Precomputation | None = None
+        self._pre: Background[np.ndarray] | None = None
         self._pre_lock = threading.Lock()
         #: Seconds of the last protect: ``protect_s``, and with a precomputed mask
         #: ``precompute_s`` (its thread's wall time), ``precompute_cpu_s`` and ``wait_s``.
@@ -443,10 +441,10 @@ class _MaskingNode(NodeSession):
         except FedcoreError:  # protect reports it, where the round expects an answer
             return
         current = self._pre
-        if current is not None and (current.peers, current.size) == (peers, size):
+        if current is not None and current.tag == (peers, size):
             return
         self.discard()
-        pre = _Precomputation.start(peers, size, self._seeds)
+        pre = _precompute(peers, size, self._seeds)
         with self._pre_lock:  # protect may run in another thread
             old, self._pre = self._pre, pre
         if old is not None:
@@ -471,7 +469,7 @@ class _MaskingNode(NodeSession):
                                          f"Received {type(update).__name__}.")
             vector, layout = encoding.encode(update, weight, extras)
             mask = None
-            if pre is not None and pre.peers == peers:
+            if pre is not None and pre.tag[0] == peers:
                 waited = time.perf_counter()
                 mask = pre.result()
                 self.timings.update(wait_s=time.perf_counter() - waited,
@@ -528,58 +526,15 @@ class _MaskingNode(NodeSession):
         return self._reply(b=b_out, s=s_out)
 
 
-class _Precomputation:
+def _precompute(peers: list[str], size: int,
+                seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]]
+                ) -> Background[np.ndarray] | None:
     """A node's combined mask for ``peers``, ``size`` words, computed in a daemon thread.
 
     AES-CTR's ``update_into`` and numpy's additions release the GIL, so it runs beside the
     training. The key material stays in the session: the thread gets its ``seeds`` method.
+    ``None`` when :data:`MAX_PRECOMPUTED` masks are held.
     """
-
-    def __init__(self, peers: list[str], size: int,
-                 seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]]):
-        self.peers, self.size = peers, size
-        self.seconds = self.cpu_seconds = 0.0
-        self._mask: np.ndarray | None = None
-        self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, args=(seeds,), daemon=True,
-                                        name="fedcore-secagg-mask")
-        #: Gives the process's slot back, once: when protect took the mask, when it is
-        #: discarded, or when this object is collected.
-        self.release = weakref.finalize(self, _precomputed.release)
-
-    @classmethod
-    def start(cls, peers: list[str], size: int,
-              seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]]
-              ) -> _Precomputation | None:
-        """A running precomputation; ``None`` when :data:`MAX_PRECOMPUTED` are held."""
-        if not _precomputed.acquire(blocking=False):
-            return None
-        try:
-            pre = cls(peers, size, seeds)
-        except Exception:
-            _precomputed.release()
-            raise
-        try:
-            pre._thread.start()
-        except Exception:
-            pre.release()
-            raise
-        return pre
-
-    def _run(self, seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]]) -> None:
-        start, cpu = time.perf_counter(), time.thread_time()
-        try:
-            self._mask = C.combined_mask(seeds(self.peers), self.size)
-        except Exception as exc:  # protect logs it and masks directly
-            self._error = exc
-        self.seconds = time.perf_counter() - start
-        self.cpu_seconds = time.thread_time() - cpu
-
-    def result(self) -> np.ndarray | None:
-        """The mask once computed (waits for it); ``None``, logged, when computing it failed."""
-        self._thread.join()
-        if self._error is not None:
-            log.warning("Precomputing the secure-aggregation masks failed (%s: %s); masking "
-                        "the update directly instead.", type(self._error).__name__,
-                        self._error)
-        return self._mask
+    return Background.start(lambda: C.combined_mask(seeds(peers), size), _precomputed,
+                            "the secure-aggregation masks", name="fedcore-secagg-mask",
+                            tag=(peers, size))

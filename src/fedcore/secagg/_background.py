@@ -1,0 +1,75 @@
+"""A computation run in a daemon thread, under a per-process bound, with a fallback.
+
+Node sessions use it to compute, while the node trains, what ``protect`` needs and what does
+not depend on the update (masking's combined mask, Joye-Libert's ``H(t)^{sk_i}``). The caller
+waits for :meth:`Background.result`; ``None`` (logged) means the work failed and ``protect``
+does it directly, with the same payload. The function runs in the thread and its result stays
+in the object: the session that started it holds the only reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("fedcore.node")
+T = TypeVar("T")
+
+
+class Background(Generic[T]):
+    """``work()`` in a daemon thread, holding one of ``slots`` until :attr:`release` is called.
+
+    ``release`` gives the slot back once: when ``protect`` took the result, when the session
+    discards it, or when this object is collected. ``seconds`` and ``cpu_seconds`` are the
+    thread's wall and CPU time once it has finished (CPU time of that thread only).
+    """
+
+    def __init__(self, work: Callable[[], T], slots: threading.BoundedSemaphore, what: str,
+                 name: str, tag: Any = None):
+        self.what = what
+        #: What the result is for (the caller compares it before using the result).
+        self.tag = tag
+        self.seconds = self.cpu_seconds = 0.0
+        self._result: T | None = None
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True, name=name)
+        self.release = weakref.finalize(self, slots.release)
+
+    @classmethod
+    def start(cls, work: Callable[[], T], slots: threading.BoundedSemaphore, what: str,
+              name: str = "fedcore-secagg-precompute", tag: Any = None) -> Background[T] | None:
+        """A running computation; ``None`` when every slot is held (the caller works later)."""
+        if not slots.acquire(blocking=False):
+            return None
+        try:
+            job = cls(work, slots, what, name, tag)
+        except Exception:
+            slots.release()
+            raise
+        try:
+            job._thread.start()
+        except Exception:
+            job.release()
+            raise
+        return job
+
+    def _run(self, work: Callable[[], T]) -> None:
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            self._result = work()
+        except Exception as exc:  # result() logs it; protect does the work directly
+            self._error = exc
+        self.seconds = time.perf_counter() - start
+        self.cpu_seconds = time.thread_time() - cpu
+
+    def result(self) -> T | None:
+        """The result once computed (waits for it); ``None``, logged, when the work failed."""
+        self._thread.join()
+        if self._error is not None:
+            log.warning("Precomputing %s failed (%s: %s); computing it directly instead.",
+                        self.what, type(self._error).__name__, self._error)
+        return self._result
