@@ -56,7 +56,7 @@ def test_prepared_and_direct_protect_send_the_same_ciphertexts(size):
     assert "precompute_s" in session.timings  # the precomputed masks were used
     np.testing.assert_array_equal(prepared["ciphertexts"], direct["ciphertexts"])
     assert prepared["key_share"] == direct["key_share"]
-    assert session._pre is None  # released after protect
+    assert session._pre.job is None  # released after protect
     for node in nodes:  # the round decrypts to the plain sum
         if node != "b":
             sessions[node].prepare(options[node], update(100))
@@ -79,7 +79,7 @@ def test_a_failed_precomputation_falls_back_to_the_direct_path(monkeypatch, capl
 
     monkeypatch.setattr(joye_libert._Packing, "masks", fails)
     session.prepare(options["a"], update(50))
-    session._pre._thread.join()
+    session._pre.job._thread.join()
     monkeypatch.undo()  # the direct path computes them again
     with caplog.at_level(logging.WARNING, logger="fedcore.node"):
         fallback = session.protect(update(50), 2.0, options["a"])
@@ -106,7 +106,7 @@ def test_masks_prepared_for_another_key_or_discarded_are_not_used():
     np.testing.assert_array_equal(again["ciphertexts"], direct["ciphertexts"])
     # nothing prepared before the share phase, and bad options are protect's to report
     session.prepare({**options["a"], "session": "other"}, update(50))
-    assert session._pre is None
+    assert session._pre.job is None
 
 
 def test_a_process_holds_at_most_max_precomputed_mask_lists():

@@ -73,3 +73,43 @@ class Background(Generic[T]):
             log.warning("Precomputing %s failed (%s: %s); computing it directly instead.",
                         self.what, type(self._error).__name__, self._error)
         return self._result
+
+
+class Pending(Generic[T]):
+    """A session's one background computation, handed over once under a lock.
+
+    :meth:`install` replaces it (releasing the one it replaces), :meth:`take` hands it to
+    ``protect`` (which releases it when done), :meth:`discard` drops it.
+    """
+
+    def __init__(self) -> None:
+        self._job: Background[T] | None = None
+        self._lock = threading.Lock()  # prepare runs on the node's loop, protect elsewhere
+
+    @property
+    def tag(self) -> Any:
+        """The tag of the computation held (``None`` when none is)."""
+        job = self._job
+        return None if job is None else job.tag
+
+    @property
+    def job(self) -> Background[T] | None:
+        """The computation held, if any (for tests and timings)."""
+        return self._job
+
+    def install(self, job: Background[T] | None) -> None:
+        """Hold ``job`` instead of the current computation, which is released."""
+        with self._lock:
+            old, self._job = self._job, job
+        if old is not None:
+            old.release()
+
+    def take(self) -> Background[T] | None:
+        """The computation held, no longer held: the caller releases it."""
+        with self._lock:
+            job, self._job = self._job, None
+        return job
+
+    def discard(self) -> None:
+        """Release the computation held, if any."""
+        self.install(None)

@@ -243,6 +243,15 @@ class NodeSession(abc.ABC):
         self.session_id: str = _field(options, "session", str, "secure-aggregation options")
         self.round: int = _field(options, "round", int, "secure-aggregation options")
 
+    def _round_nodes(self, options: Mapping[str, Any]) -> list[str]:
+        """The round's nodes from a setup message, sorted; ``ProtocolError`` without this one."""
+        nodes = sorted(_node_list(_field(options, "nodes", list, "setup message"),
+                                  "the round's nodes"))
+        if self.node_id not in nodes:
+            raise ProtocolError(f"This node ({self.node_id!r}) is not among the round's nodes "
+                                f"{nodes}.")
+        return nodes
+
     def answer(self, phase: str, msg: Mapping[str, Any]) -> dict[str, Any]:
         """Run ``phase`` (one of :data:`PHASES`) on the researcher's message."""
         if phase not in PHASES:

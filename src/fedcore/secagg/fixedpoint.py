@@ -210,6 +210,18 @@ class Encoding:
         #: The global model's layout ([[name, shape]...]) when the researcher knows it.
         self.params_layout = params_layout
 
+    def expected_size(self, reference: ParameterSet | None = None) -> int | None:
+        """The encoded length of an update shaped like the global model, extras aside.
+
+        From :attr:`params_layout`, else from ``reference`` (the global parameters); ``None``
+        when neither is known.
+        """
+        if self.params_layout is not None:
+            return Layout.from_wire({"params": self.params_layout, "extras": []}).size
+        if isinstance(reference, ParameterSet):
+            return Layout.of(reference, None).size
+        return None
+
     @classmethod
     def choose(cls, n_nodes: int, *, clip: float | None, extras_clip: float | None,
                clip_margin: float, max_weight: float | None,

@@ -55,14 +55,13 @@ from ..errors import ConfigurationError, FedcoreError, ProtocolError, SecureAggr
 from ..params import ParameterSet
 from . import _bigint as B
 from . import _crypto as C
-from ._background import Background
+from ._background import Background, Pending
 from .base import (
     NodeSession,
     ResearcherSession,
     SecureAggregation,
     SecureSum,
     _field,
-    _node_list,
 )
 from .fixedpoint import Encoding, Layout
 
@@ -321,19 +320,14 @@ class _JLNode(NodeSession):
 
     def __init__(self, scheme: JoyeLibert, node_id: str, options: Mapping[str, Any]):
         super().__init__(scheme, node_id, options)
-        self.nodes = sorted(_node_list(_field(options, "nodes", list, "setup message"),
-                                       "the round's nodes"))
-        if node_id not in self.nodes:
-            raise ProtocolError(f"This node ({node_id!r}) is not among the round's nodes "
-                                f"{self.nodes}.")
+        self.nodes = self._round_nodes(options)
         self._c_sk, self.c_pk = C.keypair()
         self._keys: dict[str, bytes] | None = None
         self._modulus = 0
         self._sk = 0
         self._own_share = 0
         self._share_reply: dict[str, Any] | None = None
-        self._pre: Background[list[Any]] | None = None
-        self._pre_lock = threading.Lock()
+        self._pre: Pending[list[Any]] = Pending()
         #: Seconds of the last protect: ``protect_s``, and with precomputed masks
         #: ``precompute_s`` (its thread's wall time), ``precompute_cpu_s`` (that thread's CPU
         #: time, not the pool's) and ``wait_s``.
@@ -404,41 +398,29 @@ class _JLNode(NodeSession):
             if self._keys is None:
                 return
             encoding = Encoding.from_wire(_field(options, "encoding", dict, "training options"))
-            params = encoding.params_layout
-            if params is not None:
-                size = Layout.from_wire({"params": params, "extras": []}).size
-            elif isinstance(reference, ParameterSet):
-                size = Layout.of(reference, None).size
-            else:
-                return
+            size = encoding.expected_size(reference)
         except FedcoreError:
+            return
+        if size is None:
             return
         p = _Packing(self._modulus, len(self.nodes), size)
         tag = (*self._key_tag(), p.n_ct)
-        current = self._pre
-        if current is not None and current.tag == tag:
+        if self._pre.tag == tag:
             return
-        self.discard()
+        self._pre.discard()
         session, round, key = self.session_id, self.round, self._sk
-        pre = Background.start(lambda: p.masks(session, round, key, 0, p.n_ct), _precomputed,
-                               "the Joye-Libert masks", name="fedcore-secagg-jl", tag=tag)
-        with self._pre_lock:  # protect may run in another thread
-            old, self._pre = self._pre, pre
-        if old is not None:
-            old.release()
+        self._pre.install(Background.start(
+            lambda: p.masks(session, round, key, 0, p.n_ct), _precomputed,
+            "the Joye-Libert masks", name="fedcore-secagg-jl", tag=tag))
 
     def discard(self) -> None:
         """Drop precomputed masks that :meth:`protect` has not used."""
-        with self._pre_lock:
-            pre, self._pre = self._pre, None
-        if pre is not None:
-            pre.release()
+        self._pre.discard()
 
     def protect(self, update: ParameterSet, weight: float, options: Mapping[str, Any],
                 extras: Mapping[str, ParameterSet] | None = None) -> dict[str, Any]:
         began = time.perf_counter()
-        with self._pre_lock:
-            pre, self._pre = self._pre, None  # used once, whatever happens below
+        pre = self._pre.take()  # used once, whatever happens below
         try:
             return self._protect(update, weight, options, extras, pre, began)
         finally:

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import ConfigurationError, FedcoreError, ProtocolError, SecureAggregationError
 from ..params import ParameterSet
 from . import _crypto as C
-from ._background import Background
+from ._background import Background, Pending
 from .base import (
     NodeSession,
     ResearcherSession,
@@ -329,11 +329,7 @@ class _MaskingNode(NodeSession):
 
     def __init__(self, scheme: PairwiseMasking, node_id: str, options: Mapping[str, Any]):
         super().__init__(scheme, node_id, options)
-        self.nodes = sorted(_node_list(_field(options, "nodes", list, "setup message"),
-                                       "the round's nodes"))
-        if node_id not in self.nodes:
-            raise ProtocolError(f"This node ({node_id!r}) is not among the round's nodes "
-                                f"{self.nodes}.")
+        self.nodes = self._round_nodes(options)
         self.t = scheme.threshold_for(len(self.nodes))
         self._c_sk, self.c_pk = C.keypair()
         self._s_sk, self.s_pk = C.keypair()
@@ -343,8 +339,7 @@ class _MaskingNode(NodeSession):
         self._share_reply: dict[str, Any] | None = None
         self._peers: list[str] | None = None
         self._answered: tuple[list[str], list[str]] | None = None
-        self._pre: Background[np.ndarray] | None = None
-        self._pre_lock = threading.Lock()
+        self._pre: Pending[np.ndarray] = Pending()
         #: Seconds of the last protect: ``protect_s``, and with a precomputed mask
         #: ``precompute_s`` (its thread's wall time), ``precompute_cpu_s`` and ``wait_s``.
         self.timings: dict[str, float] = {}
@@ -431,37 +426,22 @@ class _MaskingNode(NodeSession):
         """
         try:
             peers, encoding = self._training_setup(options)
-            params = encoding.params_layout
-            if params is not None:
-                size = Layout.from_wire({"params": params, "extras": []}).size
-            elif isinstance(reference, ParameterSet):
-                size = Layout.of(reference, None).size
-            else:
-                return
+            size = encoding.expected_size(reference)
         except FedcoreError:  # protect reports it, where the round expects an answer
             return
-        current = self._pre
-        if current is not None and current.tag == (peers, size):
+        if size is None or self._pre.tag == (peers, size):
             return
-        self.discard()
-        pre = _precompute(peers, size, self._seeds)
-        with self._pre_lock:  # protect may run in another thread
-            old, self._pre = self._pre, pre
-        if old is not None:
-            old.release()
+        self._pre.discard()
+        self._pre.install(_precompute(peers, size, self._seeds))
 
     def discard(self) -> None:
         """Drop a precomputed mask that :meth:`protect` has not used."""
-        with self._pre_lock:
-            pre, self._pre = self._pre, None
-        if pre is not None:
-            pre.release()
+        self._pre.discard()
 
     def protect(self, update: ParameterSet, weight: float, options: Mapping[str, Any],
                 extras: Mapping[str, ParameterSet] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
-        with self._pre_lock:
-            pre, self._pre = self._pre, None  # used once, whatever happens below
+        pre = self._pre.take()  # used once, whatever happens below
         try:
             peers, encoding = self._training_setup(options)
             if not isinstance(update, ParameterSet):
