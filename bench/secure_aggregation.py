@@ -45,6 +45,7 @@ from fedcore.secagg import (
 )
 from fedcore.secagg import _bigint as B
 from fedcore.secagg._crypto import apply_masks
+from fedcore.secagg.local import open_sessions
 
 TARGET_RATIO = 1.5
 
@@ -67,13 +68,7 @@ def one_round(scheme: SecureAggregation, updates: dict[str, ParameterSet],
     """Seconds of each side for one round, and the bytes of one payload's arrays."""
     nodes = list(updates)
     start = time.perf_counter()
-    r = scheme.researcher_session(1, nodes, weights_hint=weights)
-    sessions = {}
-    for node, msg in r.setup_requests().items():
-        sessions[node] = open_node_session(node, msg)
-        r.add_setup(node, sessions[node].answer("setup", msg))
-    for node, msg in r.share_requests().items():
-        r.add_shares(node, sessions[node].answer("share_keys", msg))
+    r, sessions = open_sessions(scheme, nodes, weights_hint=weights, wire=False)
     setup_s = time.perf_counter() - start
     protect_s = researcher_s = 0.0
     payload_bytes = 0
@@ -138,13 +133,7 @@ def jl_after_training(scheme: JoyeLibert, updates: dict[str, ParameterSet],
                       weights: dict[str, float]) -> dict[str, float]:
     """One node's protect after ``prepare`` (its masks computed meanwhile): its timings."""
     nodes = list(updates)
-    r = scheme.researcher_session(1, nodes, weights_hint=weights)
-    sessions = {}
-    for node, msg in r.setup_requests().items():
-        sessions[node] = open_node_session(node, msg)
-        r.add_setup(node, sessions[node].answer("setup", msg))
-    for node, msg in r.share_requests().items():
-        r.add_shares(node, sessions[node].answer("share_keys", msg))
+    r, sessions = open_sessions(scheme, nodes, weights_hint=weights, wire=False)
     node = nodes[0]
     options = r.train_options(node)
     session = sessions[node]

@@ -21,7 +21,7 @@ from fedcore.secagg import (
     PlainAggregation,
     open_node_session,
 )
-from fedcore.secagg.local import run_round, through_the_wire
+from fedcore.secagg.local import open_sessions, run_round
 from fedcore.secagg.shamir import PRIME, ShareError, combine, combine_bytes, split, split_bytes
 
 
@@ -273,14 +273,7 @@ def test_one_nodes_masked_payload_is_indistinguishable_from_uniform_noise():
 
 def open_round(scheme, nodes, reference=None):
     """A masking round up to the training options; returns (researcher, node sessions)."""
-    researcher = scheme.researcher_session(1, nodes, reference=reference)
-    sessions = {}
-    for node, msg in researcher.setup_requests().items():
-        sessions[node] = open_node_session(node, through_the_wire(msg))
-        researcher.add_setup(node, sessions[node].answer("setup", msg))
-    for node, msg in researcher.share_requests().items():
-        researcher.add_shares(node, sessions[node].answer("share_keys", msg))
-    return researcher, sessions
+    return open_sessions(scheme, nodes, reference=reference)
 
 
 def test_a_tampered_share_is_named_as_an_authentication_failure():

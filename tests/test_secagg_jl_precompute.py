@@ -129,17 +129,7 @@ def test_a_process_holds_at_most_max_precomputed_mask_lists():
 
 torch = pytest.importorskip("torch")
 
-from fedcore_torch import TorchTrainingPlan  # noqa: E402
-
-
-class TinyMLP(TorchTrainingPlan):
-    def init_model(self):
-        torch.set_num_threads(1)
-        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
-                                   torch.nn.Linear(8, 2))
-
-    def training_step(self, data, target):
-        return torch.nn.functional.cross_entropy(self.model(data), target)
+from test_secagg_precompute import TinyMLP  # noqa: E402
 
 
 def _run(**kwargs):

@@ -16,9 +16,15 @@ from typing import Any
 from .. import codec
 from ..messages import Checkpoint, Envelope
 from ..params import ParameterSet
-from .base import NodeSession, SecureAggregation, SecureSum, open_node_session
+from .base import (
+    NodeSession,
+    ResearcherSession,
+    SecureAggregation,
+    SecureSum,
+    open_node_session,
+)
 
-__all__ = ["LocalRound", "run_round", "through_the_wire"]
+__all__ = ["LocalRound", "open_sessions", "run_round", "through_the_wire"]
 
 
 def through_the_wire(message: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,6 +45,33 @@ class LocalRound:
     unprotect_s: float = 0.0
 
 
+def open_sessions(scheme: SecureAggregation, nodes: list[str], *, round: int = 1,
+                  reference: ParameterSet | None = None,
+                  weights_hint: Mapping[str, float] | None = None,
+                  lost_at_setup: Collection[str] = (), wire: bool = True,
+                  ) -> tuple[ResearcherSession, dict[str, NodeSession]]:
+    """A round's researcher session and node sessions, through the setup and share phases.
+
+    ``lost_at_setup`` nodes never answer the setup; ``wire=False`` skips the codec round
+    trips (to time the schemes' own work).
+    """
+    def trip(message: Mapping[str, Any]) -> dict[str, Any]:
+        return through_the_wire(message) if wire else dict(message)
+
+    researcher = scheme.researcher_session(round, nodes, weights_hint=weights_hint,
+                                           reference=reference)
+    sessions: dict[str, NodeSession] = {}
+    for node, msg in researcher.setup_requests().items():
+        if node in lost_at_setup:
+            continue
+        msg = trip(msg)
+        sessions[node] = open_node_session(node, msg)
+        researcher.add_setup(node, trip(sessions[node].answer("setup", msg)))
+    for node, msg in researcher.share_requests().items():
+        researcher.add_shares(node, trip(sessions[node].answer("share_keys", trip(msg))))
+    return researcher, sessions
+
+
 def run_round(scheme: SecureAggregation, updates: Mapping[str, ParameterSet],
               weights: Mapping[str, float], *,
               extras: Mapping[str, Mapping[str, ParameterSet]] | None = None,
@@ -55,18 +88,9 @@ def run_round(scheme: SecureAggregation, updates: Mapping[str, ParameterSet],
     payload as the researcher received it. Errors of the scheme propagate unchanged.
     """
     wire = through_the_wire
-    nodes = list(updates)
-    researcher = scheme.researcher_session(round, nodes, weights_hint=weights_hint,
-                                           reference=reference)
-    sessions: dict[str, NodeSession] = {}
-    for node, msg in researcher.setup_requests().items():
-        if node in lost_at_setup:
-            continue
-        msg = wire(msg)
-        sessions[node] = open_node_session(node, msg)
-        researcher.add_setup(node, wire(sessions[node].answer("setup", msg)))
-    for node, msg in researcher.share_requests().items():
-        researcher.add_shares(node, wire(sessions[node].answer("share_keys", wire(msg))))
+    researcher, sessions = open_sessions(scheme, list(updates), round=round,
+                                         reference=reference, weights_hint=weights_hint,
+                                         lost_at_setup=lost_at_setup)
     protect_s: dict[str, float] = {}
     for node in researcher.participants:
         options = wire(researcher.train_options(node))
