@@ -13,15 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from fedcore import codec
-from fedcore._chunks import ChunkedTransport
-from fedcore._rpc import Client
-from fedcore._signing import Guard
-from fedcore.identity import Identity
-from fedcore.messages import TrainReply
 from fedcore.params import ParameterSet
 from fedcore.testing.transport import wait_until
 from fedcore.transport import Transport
+from fedcore.wire import codec
+from fedcore.wire.chunks import ChunkedTransport
+from fedcore.wire.identity import Identity
+from fedcore.wire.messages import TrainReply
+from fedcore.wire.rpc import Client
+from fedcore.wire.signing import Guard
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

@@ -18,9 +18,9 @@ import sys
 import numpy as np
 from _common import timed  # bench/ is on sys.path
 
-from fedcore import codec
-from fedcore.messages import Envelope, TrainReply
 from fedcore.params import ParameterSet
+from fedcore.wire import codec
+from fedcore.wire.messages import Envelope, TrainReply
 
 TARGET_ENCODE_GBS = 2.0
 

@@ -86,7 +86,7 @@ def _setup_homes(root: Path, n: int) -> tuple[dict[str, Path], dict[str, str]]:
                 finally:
                     sys.stdout = stdout
     from fedcore import Node
-    from fedcore.identity import public_key
+    from fedcore.wire.identity import public_key
 
     enrolled = {}
     for node_id, home in homes.items():

@@ -30,7 +30,7 @@ import pandas as pd
 from _common import timed  # bench/ is on sys.path
 
 from fedcore import FederatedStatistics, simulate
-from fedcore.statistics import POOLED
+from fedcore.researcher.statistics import POOLED
 
 TARGET_S = 2.0
 NUMERIC = ["age", "bmi", "glucose", "sbp", "label"]

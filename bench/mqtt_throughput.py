@@ -35,8 +35,8 @@ import paho.mqtt.client as paho
 from _common import layered_params, round_trips  # noqa: E402 - bench/ is on sys.path
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedcore import codec
-from fedcore.messages import Envelope, TrainReply
+from fedcore.wire import codec
+from fedcore.wire.messages import Envelope, TrainReply
 from fedcore_transport.mqtt import MqttTransport
 
 TARGET_MBS = 250.0

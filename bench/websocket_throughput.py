@@ -37,9 +37,9 @@ from _common import layered_params, round_trips  # noqa: E402 - bench/ is on sys
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from fedcore import codec
-from fedcore.messages import Envelope, TrainReply
 from fedcore.testing.transport import wait_until
+from fedcore.wire import codec
+from fedcore.wire.messages import Envelope, TrainReply
 from fedcore_transport.websocket import WebSocketTransport
 
 TARGET_MBS = 400.0

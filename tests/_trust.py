@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedcore import Node
-from fedcore.identity import public_key
+from fedcore.wire.identity import public_key
 
 
 def enroll(homes: dict[str, Path] | list[Node]) -> dict[str, str]:

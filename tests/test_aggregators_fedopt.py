@@ -6,11 +6,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from fedcore import Experiment, codec, plugins, simulate
+from fedcore import Experiment, plugins, simulate
 from fedcore.aggregators import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 from fedcore.errors import ConfigurationError
-from fedcore.messages import Checkpoint, Envelope
 from fedcore.params import ParameterSet
+from fedcore.wire import codec
+from fedcore.wire.messages import Checkpoint, Envelope
 
 WEIGHTS = [10.0, 25.0, 5.0, 60.0]  # four nodes' sample counts
 ROUNDS = 6

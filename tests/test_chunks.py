@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcore import Node, codec
-from fedcore._chunks import CHUNK_HEADER, ChunkedTransport, Delivery
-from fedcore._rpc import Client
-from fedcore._signing import TRAILER, Guard
-from fedcore.identity import Identity, public_key, researcher_identity
-from fedcore.messages import Envelope, Ping, Pong, TrainReply
+from fedcore import Node
 from fedcore.params import ParameterSet
 from fedcore.testing.transport import wait_until
 from fedcore.transport import Transport
+from fedcore.wire import codec
+from fedcore.wire.chunks import CHUNK_HEADER, ChunkedTransport, Delivery
+from fedcore.wire.identity import Identity, public_key, researcher_identity
+from fedcore.wire.messages import Envelope, Ping, Pong, TrainReply
+from fedcore.wire.rpc import Client
+from fedcore.wire.signing import TRAILER, Guard
 from fedcore_transport.inprocess import InProcessTransport
 
 LIMIT = 4096  # the in-process transport's message size in these tests

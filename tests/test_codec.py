@@ -7,9 +7,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedcore import codec
 from fedcore.errors import ProtocolError
-from fedcore.messages import (
+from fedcore.params import ParameterSet
+from fedcore.wire import codec
+from fedcore.wire.messages import (
     Checkpoint,
     Envelope,
     ErrorReply,
@@ -29,7 +30,6 @@ from fedcore.messages import (
     TrainRequest,
     message_types,
 )
-from fedcore.params import ParameterSet
 
 
 def _params():

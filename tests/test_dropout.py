@@ -17,7 +17,7 @@ import pytest
 
 from fedcore import Experiment, Node
 from fedcore.errors import ConfigurationError, RoundError
-from fedcore.strategies import AllNodes, Fraction
+from fedcore.researcher.strategies import AllNodes, Fraction
 
 pytest.importorskip("sklearn")
 

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore import Experiment, codec, simulate
+from fedcore import Experiment, simulate
 from fedcore.errors import ConfigurationError, DatasetError, RoundError
-from fedcore.messages import Checkpoint, Envelope
+from fedcore.wire import codec
+from fedcore.wire.messages import Checkpoint, Envelope
 
 pytest.importorskip("sklearn")
 

@@ -18,18 +18,19 @@ from sklearn.naive_bayes import GaussianNB  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from fedcore import Experiment, _runtime, codec, simulate  # noqa: E402
+from fedcore import Experiment, _runtime, simulate  # noqa: E402
 from fedcore.aggregators._local import LocalState  # noqa: E402
 from fedcore.aggregators.fedprox import FedProx  # noqa: E402
 from fedcore.aggregators.scaffold import Scaffold  # noqa: E402
 from fedcore.data import ArrayDataset  # noqa: E402
 from fedcore.errors import ConfigurationError  # noqa: E402
-from fedcore.messages import Envelope, ErrorReply, Ping, Pong, TrainReply, TrainRequest  # noqa: E402
 from fedcore.node import Node  # noqa: E402
 from fedcore.node.executor import run_round  # noqa: E402
 from fedcore.params import ParameterSet  # noqa: E402
 from fedcore.plan import PlanBundle  # noqa: E402
 from fedcore.transport import open_transport  # noqa: E402
+from fedcore.wire import codec  # noqa: E402
+from fedcore.wire.messages import Envelope, ErrorReply, Ping, Pong, TrainReply, TrainRequest  # noqa: E402
 from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
 from fedcore_torch import TorchTrainingPlan  # noqa: E402
 

@@ -10,14 +10,15 @@ import uuid
 import numpy as np
 import pytest
 
-from fedcore import Experiment, _runtime, codec, simulate
+from fedcore import Experiment, _runtime, simulate
 from fedcore.errors import ConfigurationError, RoundError
 from fedcore.governance import Decision, Governance, Policy, Request, build_governance
 from fedcore.governance.policies import effective_policy
-from fedcore.messages import Envelope, ErrorReply, TrainRequest
 from fedcore.node import Node
 from fedcore.plan import PlanBundle
 from fedcore.transport import open_transport
+from fedcore.wire import codec
+from fedcore.wire.messages import Envelope, ErrorReply, TrainRequest
 from fedcore_node.cli import main
 
 pytest.importorskip("sklearn")

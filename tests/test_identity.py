@@ -15,18 +15,19 @@ import pytest
 
 pytest.importorskip("websockets")
 
-from fedcore import FederatedStatistics, Node, codec  # noqa: E402
-from fedcore._rpc import Client  # noqa: E402
-from fedcore._signing import Guard  # noqa: E402
+from fedcore import FederatedStatistics, Node
 from fedcore.errors import ConfigurationError, GovernanceError, TransportError  # noqa: E402
-from fedcore.identity import (  # noqa: E402
+from fedcore.testing.transport import wait_until  # noqa: E402
+from fedcore.transport import Transport, open_transport  # noqa: E402
+from fedcore.wire import codec  # noqa: E402
+from fedcore.wire.identity import (  # noqa: E402
     Identity,
     enrolled_nodes,
     main,
     public_key,
     researcher_identity,
 )
-from fedcore.messages import (  # noqa: E402
+from fedcore.wire.messages import (  # noqa: E402
     Envelope,
     ErrorReply,
     Ping,
@@ -34,8 +35,8 @@ from fedcore.messages import (  # noqa: E402
     SearchReply,
     SearchRequest,
 )
-from fedcore.testing.transport import wait_until  # noqa: E402
-from fedcore.transport import Transport, open_transport  # noqa: E402
+from fedcore.wire.rpc import Client  # noqa: E402
+from fedcore.wire.signing import Guard  # noqa: E402
 from fedcore_node.cli import main as node_cli  # noqa: E402
 
 

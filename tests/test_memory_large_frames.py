@@ -30,7 +30,7 @@ import pytest
 
 pytest.importorskip("websockets")
 
-from fedcore.identity import Identity  # noqa: E402
+from fedcore.wire.identity import Identity  # noqa: E402
 
 GIB = 1 << 30
 SLACK = 256 << 20
@@ -40,8 +40,8 @@ import asyncio, json, resource, sys
 from pathlib import Path
 import numpy as np
 from fedcore import codec
-from fedcore.identity import Identity
-from fedcore.messages import TrainReply
+from fedcore.wire.identity import Identity
+from fedcore.wire.messages import TrainReply
 from fedcore_transport.websocket import WebSocketTransport
 
 def peak():
@@ -58,7 +58,7 @@ url, keys = sys.argv[1], Path(sys.argv[2])
 """
 
 _RESEARCHER = _COMMON + """
-from fedcore._rpc import Client
+from fedcore.wire.rpc import Client
 from fedcore.params import ParameterSet
 
 async def main():
@@ -83,8 +83,8 @@ asyncio.run(main())
 """
 
 _NODE = _COMMON + """
-from fedcore._chunks import ChunkedTransport
-from fedcore._signing import Guard
+from fedcore.wire.chunks import ChunkedTransport
+from fedcore.wire.signing import Guard
 
 async def main():
     researcher = Identity(keys / "researcher.key").public_bytes

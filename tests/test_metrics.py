@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedcore import metrics
+from fedcore.plan import metrics
 
 sk = pytest.importorskip("sklearn.metrics")
 

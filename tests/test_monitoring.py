@@ -13,7 +13,7 @@ import pytest
 
 from fedcore import Experiment, simulate
 from fedcore.errors import ConfigurationError
-from fedcore.monitoring import plot, round_metrics
+from fedcore.researcher.monitoring import plot, round_metrics
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -255,7 +255,7 @@ def test_missing_extras_name_the_pip_install_that_fixes_them(tmp_path):
         sys.meta_path.insert(0, Block())
         import pandas as pd
         import fedcore
-        from fedcore.monitoring import TensorBoardWriter, plot
+        from fedcore.researcher.monitoring import TensorBoardWriter, plot
         history = pd.DataFrame({{"round": [1], "node": ["a"], "status": ["ok"],
                                 "n_test": [1], "global_accuracy": [1.0]}})
         for call in (lambda: plot(history), lambda: TensorBoardWriter({str(tmp_path)!r})):

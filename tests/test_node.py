@@ -10,9 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore import _runtime, codec
+from fedcore import _runtime
 from fedcore.errors import ConfigurationError, DatasetError
-from fedcore.messages import (
+from fedcore.node import Node
+from fedcore.params import ParameterSet
+from fedcore.transport import open_transport
+from fedcore.wire import codec
+from fedcore.wire.messages import (
     Envelope,
     ErrorReply,
     Ping,
@@ -21,9 +25,6 @@ from fedcore.messages import (
     SearchRequest,
     TrainRequest,
 )
-from fedcore.node import Node
-from fedcore.params import ParameterSet
-from fedcore.transport import open_transport
 
 
 @pytest.fixture

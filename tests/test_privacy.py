@@ -14,8 +14,8 @@ import dp_accounting  # noqa: E402
 
 from fedcore.errors import ConfigurationError  # noqa: E402
 from fedcore.governance import Request  # noqa: E402
+from fedcore.governance.ledger import PrivacyLedger  # noqa: E402
 from fedcore.node import Node  # noqa: E402
-from fedcore.node.budget import PrivacyLedger  # noqa: E402
 from fedcore.params import ParameterSet  # noqa: E402
 from fedcore.privacy import (  # noqa: E402
     DEFAULT_ORDERS,

@@ -13,8 +13,8 @@ pytest.importorskip("flask")
 pytest.importorskip("dp_accounting")
 requests = pytest.importorskip("requests")
 
+from fedcore.governance.ledger import PrivacyLedger  # noqa: E402
 from fedcore.node import Node  # noqa: E402
-from fedcore.node.budget import PrivacyLedger  # noqa: E402
 from fedcore.privacy import epsilon  # noqa: E402
 from fedcore_node.gui import make_gui_server  # noqa: E402
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fedcore import codec
-from fedcore._signing import Guard, ReplayedFrame
-from fedcore.identity import Identity
-from fedcore.messages import Envelope, Ping
+from fedcore.wire import codec
+from fedcore.wire.identity import Identity
+from fedcore.wire.messages import Envelope, Ping
+from fedcore.wire.signing import Guard, ReplayedFrame
 
 
 def test_a_busy_senders_messages_are_each_refused_when_replayed(tmp_path):

@@ -24,10 +24,11 @@ pytest.importorskip("websockets")
 
 from _deployment import node_processes, write_csv  # noqa: E402
 from _trust import enroll  # noqa: E402
-from fedcore import Experiment, codec  # noqa: E402
+from fedcore import Experiment
 from fedcore import __version__ as fedcore_version  # noqa: E402
-from fedcore.identity import enroll as enroll_node  # noqa: E402
-from fedcore.messages import Envelope  # noqa: E402
+from fedcore.wire import codec  # noqa: E402
+from fedcore.wire.identity import enroll as enroll_node  # noqa: E402
+from fedcore.wire.messages import Envelope  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

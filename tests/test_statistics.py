@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore import FederatedStatistics, Node, _runtime, codec, simulate
+from fedcore import FederatedStatistics, Node, _runtime, simulate
 from fedcore.errors import ConfigurationError, GovernanceError
-from fedcore.messages import Envelope, ErrorReply, Ping, Pong, StatsReply, StatsRequest
-from fedcore.statistics import POOLED
+from fedcore.researcher.statistics import POOLED
 from fedcore.transport import open_transport
+from fedcore.wire import codec
+from fedcore.wire.messages import Envelope, ErrorReply, Ping, Pong, StatsReply, StatsRequest
 
 SIZES = (500, 800, 1200, 300)
 

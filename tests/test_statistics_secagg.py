@@ -14,8 +14,8 @@ from _faults import DiesBeforeUnmasking
 from fedcore import FederatedStatistics, Node
 from fedcore.errors import ConfigurationError, GovernanceError, SecureAggregationError
 from fedcore.params import ParameterSet
+from fedcore.researcher.statistics import POOLED
 from fedcore.secagg import JoyeLibert, PairwiseMasking
-from fedcore.statistics import POOLED
 from test_statistics import _federation as _plain_federation
 
 SIZES = (500, 800, 1200, 300)

@@ -8,7 +8,7 @@ import pytest
 from fedcore import Experiment, simulate
 from fedcore.aggregators import FedAvg
 from fedcore.errors import ConfigurationError
-from fedcore.strategies import AllNodes, Fraction, Strategy, from_params
+from fedcore.researcher.strategies import AllNodes, Fraction, Strategy, from_params
 
 pytest.importorskip("sklearn")
 

@@ -16,9 +16,10 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from fedcore import Experiment, codec, simulate  # noqa: E402
+from fedcore import Experiment, simulate  # noqa: E402
 from fedcore.data import ArrayDataset  # noqa: E402
-from fedcore.messages import Envelope, TrainReply  # noqa: E402
+from fedcore.wire import codec  # noqa: E402
+from fedcore.wire.messages import Envelope, TrainReply  # noqa: E402
 from fedcore_torch import TorchTrainingPlan  # noqa: E402
 
 
@@ -149,7 +150,7 @@ def test_set_parameters_from_a_frame_warns_nothing():
         import warnings
         import torch
         from fedcore import codec
-        from fedcore.messages import Envelope, TrainReply
+        from fedcore.wire.messages import Envelope, TrainReply
         from fedcore_torch import convert
 
         model = torch.nn.Linear(4, 3)
@@ -272,9 +273,9 @@ def test_a_reused_model_trains_exactly_like_a_rebuilt_one(tmp_path, digits):
 
 
 def test_a_reply_from_a_reused_model_does_not_alias_it(digits):
-    from fedcore.messages import TrainRequest
     from fedcore.node.executor import run_round
     from fedcore.plan import PlanBundle
+    from fedcore.wire.messages import TrainRequest
 
     Xtr, _, ytr, _ = digits
     ds = ArrayDataset(Xtr[:100], ytr[:100])

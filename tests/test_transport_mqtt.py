@@ -30,14 +30,15 @@ import pytest
 pytest.importorskip("paho.mqtt")
 
 from _trust import enroll  # noqa: E402
-from fedcore import Node, codec  # noqa: E402
-from fedcore._chunks import ChunkedTransport  # noqa: E402
-from fedcore._signing import Guard  # noqa: E402
+from fedcore import Node
 from fedcore.errors import ConfigurationError, TransportError  # noqa: E402
-from fedcore.identity import researcher_identity  # noqa: E402
-from fedcore.messages import Envelope, ErrorReply, Ping, Pong  # noqa: E402
 from fedcore.testing.transport import Endpoints, TransportConformance, wait_until  # noqa: E402
 from fedcore.transport import open_transport  # noqa: E402
+from fedcore.wire import codec  # noqa: E402
+from fedcore.wire.chunks import ChunkedTransport  # noqa: E402
+from fedcore.wire.identity import researcher_identity  # noqa: E402
+from fedcore.wire.messages import Envelope, ErrorReply, Ping, Pong  # noqa: E402
+from fedcore.wire.signing import Guard  # noqa: E402
 from fedcore_transport.mqtt import MqttTransport  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

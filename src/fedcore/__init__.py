@@ -4,10 +4,10 @@ The core imports no ML framework; backends (``fedcore_sklearn``, ``fedcore_torch
 transports are plug-ins found through entry points.
 """
 
-from . import simulate
-from .aggregators import Aggregator, FedAvg
-from .data import ArrayDataset, Dataset, TabularDataset
-from .errors import (
+from fedcore import simulate
+from fedcore.aggregators import Aggregator, FedAvg
+from fedcore.data import ArrayDataset, Dataset, TabularDataset
+from fedcore.errors import (
     ConfigurationError,
     DatasetError,
     FedcoreError,
@@ -17,11 +17,11 @@ from .errors import (
     RoundError,
     TransportError,
 )
-from .experiment import Experiment
-from .node import Node
-from .params import ParameterSet
-from .plan import PlanBundle, TrainingPlan
-from .statistics import FederatedStatistics, Histogram
+from fedcore.node import Node
+from fedcore.params import ParameterSet
+from fedcore.plan import PlanBundle, TrainingPlan
+from fedcore.researcher.experiment import Experiment
+from fedcore.researcher.statistics import FederatedStatistics, Histogram
 
 __version__ = "0.1.0"
 

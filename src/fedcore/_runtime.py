@@ -14,7 +14,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from .errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
-from .errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 __all__ = ["available", "load", "register"]
 

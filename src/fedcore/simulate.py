@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigurationError
-from .node import Node
+from fedcore.errors import ConfigurationError
+from fedcore.node import Node
 
 __all__ = ["SimulatedFederation", "from_arrays", "from_dataframe", "partition"]
 

@@ -3,7 +3,7 @@
 A transport only moves messages between named peers, each at most
 ``capabilities.max_frame_size`` bytes. Encoding, chunking of larger frames, signing,
 correlation of replies, timeouts and retries live once in the core
-(:mod:`fedcore._chunks`, :mod:`fedcore._rpc`), not in each transport.
+(:mod:`fedcore.wire.chunks`, :mod:`fedcore.wire.rpc`), not in each transport.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from . import plugins
-from .errors import ConfigurationError, TransportError
+from fedcore import plugins
+from fedcore.errors import ConfigurationError, TransportError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -33,7 +33,7 @@ class Capabilities:
     """What a transport guarantees; the core reads these flags, never the transport's name.
 
     ``max_frame_size`` is the largest message the transport carries in one piece; the core
-    (:mod:`fedcore._chunks`) cuts larger frames into chunks that fit, so a transport never
+    (:mod:`fedcore.wire.chunks`) cuts larger frames into chunks that fit, so a transport never
     does.
     """
 

@@ -14,8 +14,7 @@ from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalSteps, TrainingPlan, batch_indices, collect_predictions
-
-from . import convert
+from fedcore_jax import convert
 
 
 class JaxTrainingPlan(TrainingPlan):

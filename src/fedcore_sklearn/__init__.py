@@ -1,5 +1,5 @@
 """scikit-learn backend: federate any estimator that has ``partial_fit``."""
 
-from .plan import SklearnTrainingPlan
+from fedcore_sklearn.plan import SklearnTrainingPlan
 
 __all__ = ["SklearnTrainingPlan"]

@@ -13,8 +13,7 @@ from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.plan import TrainingPlan
-
-from . import convert
+from fedcore_sklearn import convert
 
 _RESERVED = ("features", "target", "task")
 _SCHEDULES = frozenset({"constant", "optimal", "invscaling", "adaptive"})

@@ -5,6 +5,6 @@ process that set ``TF_USE_LEGACY_KERAS=1`` before importing TensorFlow; it is im
 when a round asks for it, so other processes are not affected.
 """
 
-from .plan import KerasTrainingPlan
+from fedcore_tf.plan import KerasTrainingPlan
 
 __all__ = ["KerasTrainingPlan"]

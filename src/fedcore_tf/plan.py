@@ -13,8 +13,7 @@ from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalSteps, TrainingPlan, batch_indices, collect_predictions
-
-from . import convert
+from fedcore_tf import convert
 
 keras = tf.keras
 
@@ -219,7 +218,7 @@ class KerasTrainingPlan(TrainingPlan):
             raise ConfigurationError(
                 "TF DP-SGD runs tensorflow-privacy's Keras 2 optimizers: start the node with "
                 "TF_USE_LEGACY_KERAS=1 and install fedcore[tfdp] (see fedcore_tf.privacy).")
-        from .privacy import DPKerasSGD
+        from fedcore_tf.privacy import DPKerasSGD
 
         dp = DPKerasSGD.from_spec(self.privacy)
         stats = dp.train(self, self.training_data(dataset),

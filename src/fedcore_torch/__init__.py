@@ -1,5 +1,5 @@
 """PyTorch backend: TorchTrainingPlan, zero-copy tensor <-> numpy, device choice."""
 
-from .plan import TorchTrainingPlan
+from fedcore_torch.plan import TorchTrainingPlan
 
 __all__ = ["TorchTrainingPlan"]

@@ -13,8 +13,7 @@ from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalSteps, TrainingPlan
-
-from . import convert
+from fedcore_torch import convert
 
 
 class TorchTrainingPlan(TrainingPlan):
@@ -172,7 +171,7 @@ class TorchTrainingPlan(TrainingPlan):
 
     def _fit_dp_sgd(self, dataset: Dataset, seed: int) -> dict[str, Any]:
         """Local training with DP-SGD through Opacus (:mod:`fedcore_torch.privacy`)."""
-        from .privacy import DPSGD
+        from fedcore_torch.privacy import DPSGD
 
         if self._gradient_terms():
             raise ConfigurationError(

@@ -11,9 +11,9 @@ endpoint's last will when it dies, so ``peers()`` lists the live endpoints of th
 role. One MQTT message carries one message of the core, at most ``chunk_size`` bytes (URL
 option, default 1 MiB, shrunk to fit when an MQTT 5 broker announces a smaller maximum
 packet size): that is the transport's ``max_frame_size``, and the core cuts larger frames
-into chunks (:mod:`fedcore._chunks`). The endpoint tells the broker, in its CONNECT, the
+into chunks (:mod:`fedcore.wire.chunks`). The endpoint tells the broker, in its CONNECT, the
 largest packet it accepts, so nobody can push a larger message to it. Messages are signed
-end to end by the core (:mod:`fedcore._signing`), so bytes injected or altered by anyone
+end to end by the core (:mod:`fedcore.wire.signing`), so bytes injected or altered by anyone
 allowed to publish on the broker are refused, and QoS 1 duplicates are dropped there.
 
 Received messages wait in a bounded inbox (``inbox_bytes``, 8 MiB by default). paho reads on

@@ -7,8 +7,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from fedcore.governance.ledger import PrivacyLedger, budget_summary
 from fedcore.node import Node
-from fedcore.node.budget import PrivacyLedger, budget_summary
 
 
 def add_parsers(sub: Any) -> None:
@@ -24,7 +24,7 @@ def handler(command: str) -> Callable[[argparse.Namespace, Node, Any], int] | No
 
 
 def rows(node: Node) -> list[dict[str, Any]]:
-    """:func:`~fedcore.node.budget.budget_summary` of every dataset of ``node``."""
+    """:func:`~fedcore.governance.ledger.budget_summary` of every dataset of ``node``."""
     return budget_summary(PrivacyLedger(node.db), node.datasets.list(), node.policy)
 
 
@@ -33,7 +33,7 @@ def _number(value: float | None) -> str:
 
 
 def _budget(args: argparse.Namespace, node: Node, out: Any) -> int:
-    from ._commands import _when, table
+    from fedcore_node._commands import _when, table
 
     found = rows(node)
     if args.json:

@@ -12,8 +12,8 @@ import base64
 from collections.abc import Callable
 from typing import Any
 
-from fedcore.identity import fingerprint
 from fedcore.node import Node
+from fedcore.wire.identity import fingerprint
 
 
 def add_parsers(sub: Any) -> None:
@@ -24,7 +24,7 @@ def add_parsers(sub: Any) -> None:
                            "remove")
     tsub = trust.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = tsub.add_parser("add", help="trust a researcher's public key (printed on their side "
-                        "by `python -m fedcore.identity`)")
+                        "by `python -m fedcore.wire.identity`)")
     p.add_argument("name", help="a name for the researcher, used in logs and the audit log")
     p.add_argument("key", help="the researcher's public key (base64 or hex)")
     tsub.add_parser("list", help="trusted researchers and their key fingerprints")
@@ -40,13 +40,13 @@ def handler(command: str) -> Callable[[argparse.Namespace, Node, Any], int] | No
 def _identity(args: argparse.Namespace, node: Node, out: Any) -> int:
     print(f"node id:     {node.node_id}\npublic key:  {node.identity.public_key}\n"
           f"fingerprint: {node.identity.fingerprint}\n\nThe researcher enrolls this node "
-          f"with: python -m fedcore.identity enroll {node.node_id} "
+          f"with: python -m fedcore.wire.identity enroll {node.node_id} "
           f"{node.identity.public_key}", file=out)
     return 0
 
 
 def _trust(args: argparse.Namespace, node: Node, out: Any) -> int:
-    from ._commands import _admin, table
+    from fedcore_node._commands import _admin, table
 
     if args.action == "add":
         node.trust(args.name, args.key, by=_admin())

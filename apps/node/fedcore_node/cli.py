@@ -16,9 +16,8 @@ from typing import Any
 
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
-
-from . import _budget, _daemon, _trust
-from ._commands import DESCRIPTION_HELP, add_parsers, handler, load_description, table
+from fedcore_node import _budget, _daemon, _trust
+from fedcore_node._commands import DESCRIPTION_HELP, add_parsers, handler, load_description, table
 
 DEFAULT_HOME = "fedcore-node"
 

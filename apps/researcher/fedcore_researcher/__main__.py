@@ -1,3 +1,3 @@
-from .cli import main
+from fedcore_researcher.cli import main
 
 raise SystemExit(main())

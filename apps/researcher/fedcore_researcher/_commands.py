@@ -14,10 +14,9 @@ from typing import Any
 
 from fedcore import Experiment, TrainingPlan
 from fedcore.errors import ConfigurationError, DatasetError, FedcoreError, RoundError
-from fedcore.identity import enrolled_nodes
-
-from . import _output
-from ._experiment_file import open_experiment
+from fedcore.wire.identity import enrolled_nodes
+from fedcore_researcher import _output
+from fedcore_researcher._experiment_file import open_experiment
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 

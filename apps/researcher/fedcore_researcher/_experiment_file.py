@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fedcore import Experiment, TrainingPlan, plugins, strategies
+from fedcore import Experiment, TrainingPlan, plugins
 from fedcore.aggregators import Aggregator
 from fedcore.errors import ConfigurationError, FedcoreError
+from fedcore.researcher import strategies
 
 MINIMAL_TOML = """\
   plan = "plans.py:Plan"              # a file next to this one, or "package.module:Class"
@@ -118,7 +119,7 @@ def aggregator_from(value: str | dict[str, Any], where: str) -> Aggregator:
 
 
 def strategy_from(table: dict[str, Any], where: str) -> strategies.Strategy:
-    """A strategy of :mod:`fedcore.strategies` from ``{name = "Fraction", ...}``."""
+    """A strategy of :mod:`fedcore.researcher.strategies` from ``{name = "Fraction", ...}``."""
     known = {n: getattr(strategies, n) for n in strategies.__all__ if n != "Strategy"}
     params = dict(table)
     name = params.pop("name", None)

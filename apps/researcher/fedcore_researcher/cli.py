@@ -18,9 +18,8 @@ from typing import Any
 
 import fedcore
 from fedcore.errors import ConfigurationError, FedcoreError
-
-from . import _commands
-from ._commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from fedcore_researcher import _commands
+from fedcore_researcher._commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -68,7 +67,7 @@ enrolled = "~/.fedcore/nodes.toml"       # default $FEDCORE_NODES, then this
 name = "fedprox"                    # a registered aggregator name
 mu = 0.01                           # its constructor arguments
 
-[strategy]                          # which nodes train each round (fedcore.strategies)
+[strategy]                          # which nodes train each round (fedcore.researcher.strategies)
 name = "Fraction"                   # "AllNodes" (the default) or "Fraction"
 fraction = 0.5
 seed = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from ..errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 
 def in_range(name: str, value: object, low: float, high: float = math.inf, *,

@@ -37,14 +37,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .. import codec, plugins
-from .._files import write_atomic
-from ..errors import ConfigurationError, ProtocolError
-from ..messages import Checkpoint, Envelope
+from fedcore import plugins
+from fedcore._files import write_atomic
+from fedcore.errors import ConfigurationError, ProtocolError
+from fedcore.wire import codec
+from fedcore.wire.messages import Checkpoint, Envelope
 
 if TYPE_CHECKING:
-    from ..params import ParameterSet
-    from ..plan import TrainingPlan
+    from fedcore.params import ParameterSet
+    from fedcore.plan import TrainingPlan
 
 __all__ = ["LocalAlgorithm", "LocalState", "check_supported", "local_algorithm"]
 

@@ -5,8 +5,8 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from ..errors import ConfigurationError
-from ..params import ParameterSet
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
 
 
 class Aggregator(abc.ABC):

@@ -5,9 +5,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError
-from ..params import ParameterSet
-from .base import Aggregator
+from fedcore.aggregators.base import Aggregator
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
 
 #: Values per slice when folding an update into the running sums: the float64 products of
 #: one slice (2 MB) stay in cache instead of making a model-sized temporary per update.

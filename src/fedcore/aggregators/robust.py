@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError
-from ..params import ParameterSet
-from ._checks import at_least, in_range
-from .base import Aggregator
-from .fedavg import cast_like
+from fedcore.aggregators._checks import at_least, in_range
+from fedcore.aggregators.base import Aggregator
+from fedcore.aggregators.fedavg import cast_like
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
 
 __all__ = ["Krum", "Median", "TrimmedMean"]
 

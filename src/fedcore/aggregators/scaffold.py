@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigurationError
-from ..params import ParameterSet
-from ._local import LocalAlgorithm
-from .base import Aggregator
-from .fedavg import FedAvg
+from fedcore.aggregators._local import LocalAlgorithm
+from fedcore.aggregators.base import Aggregator
+from fedcore.aggregators.fedavg import FedAvg
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
 
 if TYPE_CHECKING:
-    from ..plan import TrainingPlan
-    from ._local import LocalState
+    from fedcore.aggregators._local import LocalState
+    from fedcore.plan import TrainingPlan
 
 __all__ = ["Scaffold", "ScaffoldLocal"]
 

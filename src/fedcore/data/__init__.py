@@ -1,12 +1,12 @@
 """Datasets a node exposes to plans: metadata and arrays, never the file path."""
 
-from . import synthetic
-from ._base import Dataset, Items, Subset, merge_metadata
-from .array import ArrayDataset
-from .image_folder import ImageFolderDataset
-from .loading_plan import DataLoadingPlan
-from .medical_folder import MedicalFolderDataset
-from .tabular import TabularDataset
+from fedcore.data import synthetic
+from fedcore.data._base import Dataset, Items, Subset, merge_metadata
+from fedcore.data.array import ArrayDataset
+from fedcore.data.image_folder import ImageFolderDataset
+from fedcore.data.loading_plan import DataLoadingPlan
+from fedcore.data.medical_folder import MedicalFolderDataset
+from fedcore.data.tabular import TabularDataset
 
 __all__ = [
     "ArrayDataset",

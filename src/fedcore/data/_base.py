@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 #: Columns or targets with at most this many distinct values publish them as ``categories``.
 MAX_CATEGORIES = 64

@@ -5,8 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError, DatasetError
-from ._base import Dataset, categories
+from fedcore.data._base import Dataset, categories
+from fedcore.errors import ConfigurationError, DatasetError
 
 
 class ArrayDataset(Dataset):

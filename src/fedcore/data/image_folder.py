@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigurationError, DatasetError
-from ._base import Dataset, Items, without_root
-from .loading_plan import DataLoadingPlan, map_values
+from fedcore.data._base import Dataset, Items, without_root
+from fedcore.data.loading_plan import DataLoadingPlan, map_values
+from fedcore.errors import ConfigurationError, DatasetError
 
 __all__ = ["ImageFolderDataset"]
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigurationError, DatasetError
+from fedcore.errors import ConfigurationError, DatasetError
 
 _PARTS = ("modalities", "columns", "values", "units")
 

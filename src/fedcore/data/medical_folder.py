@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigurationError, DatasetError
-from ._base import Dataset, Items, categories, without_root
-from .loading_plan import DataLoadingPlan
+from fedcore.data._base import Dataset, Items, categories, without_root
+from fedcore.data.loading_plan import DataLoadingPlan
+from fedcore.errors import ConfigurationError, DatasetError
 
 __all__ = ["MedicalFolderDataset"]
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 __all__ = ["SyntheticMedicalFolder", "image_folder", "medical_folder", "signal_region",
            "site_csv"]
@@ -132,7 +132,7 @@ def image_folder(
     Images are grey (``mode="L"``) or colour (``"RGB"``) noise around 100; ``folders``
     names class folders the site's way. Needs Pillow (``pip install "fedcore[images]"``).
     """
-    from .image_folder import _pil
+    from fedcore.data.image_folder import _pil
 
     image = _pil()
     root = Path(root)

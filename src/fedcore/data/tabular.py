@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigurationError, DatasetError
-from ._base import Dataset, categories
+from fedcore.data._base import Dataset, categories
+from fedcore.errors import ConfigurationError, DatasetError
 
 
 class TabularDataset(Dataset):

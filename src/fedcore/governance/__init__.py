@@ -15,9 +15,9 @@ rules with ``Node(home, policies=[MyPolicy()])``::
             return Decision.allow()
 """
 
-from ._base import Decision, Governance, Policy, Request
-from .plans import STATUSES, PlanStore
-from .policies import (
+from fedcore.governance._base import Decision, Governance, Policy, Request
+from fedcore.governance.plans import STATUSES, PlanStore
+from fedcore.governance.policies import (
     SETTINGS,
     DatasetAccess,
     MinSamples,

@@ -6,13 +6,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigurationError
-from ..privacy.accountant import check_delta, epsilon
-from ..privacy.spec import PrivacySpec, train_size
-from ._base import Decision, Policy, Request
+from fedcore.errors import ConfigurationError
+from fedcore.governance._base import Decision, Policy, Request
+from fedcore.privacy.accountant import check_delta, epsilon
+from fedcore.privacy.spec import PrivacySpec, train_size
 
 if TYPE_CHECKING:
-    from ..node.budget import PrivacyLedger
+    from fedcore.governance.ledger import PrivacyLedger
 
 __all__ = ["PrivacyBudget", "check_budget"]
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from tinydb import Query, TinyDB
 
-from ..errors import ConfigurationError
-from ..plan import PlanBundle
+from fedcore.errors import ConfigurationError
+from fedcore.plan import PlanBundle
 
 __all__ = ["STATUSES", "PlanStore"]
 

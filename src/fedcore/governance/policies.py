@@ -17,13 +17,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigurationError
-from ._base import Decision, Governance, Policy, Request
-from ._privacy import PrivacyBudget, check_budget
+from fedcore.errors import ConfigurationError
+from fedcore.governance._base import Decision, Governance, Policy, Request
+from fedcore.governance._privacy import PrivacyBudget, check_budget
 
 if TYPE_CHECKING:
-    from ..node.budget import PrivacyLedger
-    from .plans import PlanStore
+    from fedcore.governance.ledger import PrivacyLedger
+    from fedcore.governance.plans import PlanStore
 
 __all__ = [
     "SETTINGS",
@@ -387,7 +387,7 @@ def build_governance(policy: Mapping[str, Any], plans: PlanStore,
         allow_gpu=policy["allow_gpu"], on_excess=policy["on_excess"]))
     if policy.get("dp_required") or policy.get("dp_max_epsilon") is not None:
         if ledger is None:
-            from ..node.budget import PrivacyLedger
+            from fedcore.governance.ledger import PrivacyLedger
 
             ledger = PrivacyLedger.on_storage(plans._table.storage)
         chain.append(PrivacyBudget(ledger, max_epsilon=policy.get("dp_max_epsilon"),

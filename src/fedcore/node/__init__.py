@@ -1,6 +1,6 @@
 """The node runtime: a hospital's dataset registry, round executor and message loop."""
 
-from .node import Node
-from .registry import DatasetRegistry
+from fedcore.node.node import Node
+from fedcore.node.registry import DatasetRegistry
 
 __all__ = ["DatasetRegistry", "Node"]

@@ -12,10 +12,10 @@ from typing import Any
 
 import tomli_w
 
-from .._files import write_atomic
-from ..errors import ConfigurationError
-from ..governance.policies import SETTINGS, effective_policy, validate_policy
-from ._storage import remove_stale_temporaries
+from fedcore._files import write_atomic
+from fedcore.errors import ConfigurationError
+from fedcore.governance.policies import SETTINGS, effective_policy, validate_policy
+from fedcore.node._storage import remove_stale_temporaries
 
 _HEADER = ("# fedcore node configuration: identity and policy.\n"
            "# Policy keys are explained by `fedcore-node policy show` and in "

@@ -14,10 +14,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import FedcoreError, ProtocolError
-from ..messages import SecaggReply, SecaggRequest
-from ..params import ParameterSet
-from ..secagg import NodeSession, open_node_session
+from fedcore.errors import FedcoreError, ProtocolError
+from fedcore.params import ParameterSet
+from fedcore.secagg import NodeSession, open_node_session
+from fedcore.wire.messages import SecaggReply, SecaggRequest
 
 log = logging.getLogger("fedcore.node")
 _KEEP = 16  # sessions kept: a few concurrent experiments, each with one round in flight

@@ -7,7 +7,7 @@ from typing import Any
 
 from tinydb.storages import Storage
 
-from .._files import write_atomic
+from fedcore._files import write_atomic
 
 
 class AtomicJSONStorage(Storage):

@@ -7,15 +7,15 @@ import json
 import time
 from typing import Any
 
-from ..aggregators._local import LocalState, local_algorithm
-from ..data import Dataset
-from ..errors import ConfigurationError
-from ..messages import TrainReply, TrainRequest
-from ..metrics import evaluate
-from ..params import ParameterSet
-from ..plan import TrainingPlan
-from ..privacy.mechanisms import UpdateDP
-from ..privacy.spec import PrivacySpec
+from fedcore.aggregators._local import LocalState, local_algorithm
+from fedcore.data import Dataset
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+from fedcore.plan import TrainingPlan
+from fedcore.plan.metrics import evaluate
+from fedcore.privacy.mechanisms import UpdateDP
+from fedcore.privacy.spec import PrivacySpec
+from fedcore.wire.messages import TrainReply, TrainRequest
 
 
 def derive_seed(*parts: Any) -> int:

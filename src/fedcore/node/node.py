@@ -16,11 +16,9 @@ from urllib.parse import urlsplit
 
 from tinydb import TinyDB
 
-from .. import _runtime, codec, plugins
-from .._chunks import ChunkedTransport, Delivery
-from .._signing import Guard, ReplayedFrame
-from ..aggregators._local import LocalState, local_algorithm
-from ..errors import (
+from fedcore import _runtime, plugins
+from fedcore.aggregators._local import LocalState, local_algorithm
+from fedcore.errors import (
     ConfigurationError,
     DatasetError,
     FedcoreError,
@@ -28,7 +26,7 @@ from ..errors import (
     ProtocolError,
     TransportError,
 )
-from ..governance import (
+from fedcore.governance import (
     Decision,
     Governance,
     PlanStore,
@@ -37,9 +35,24 @@ from ..governance import (
     Request,
     build_governance,
 )
-from ..governance.policies import Refuse
-from ..identity import Identity, fingerprint, parse_public_key
-from ..messages import (
+from fedcore.governance.ledger import PrivacyLedger
+from fedcore.governance.policies import Refuse
+from fedcore.node._config import NodeConfig
+from fedcore.node._secagg import SecaggSessions
+from fedcore.node._storage import AtomicJSONStorage
+from fedcore.node.audit import AuditLog, AuditReport, verify
+from fedcore.node.executor import plan_key, run_round
+from fedcore.node.registry import DatasetRegistry
+from fedcore.node.statistics import answer_statistics
+from fedcore.node.users import Users
+from fedcore.params import ParameterSet
+from fedcore.plan import PlanBundle, TrainingPlan
+from fedcore.privacy.spec import PrivacySpec
+from fedcore.transport import Transport, open_transport
+from fedcore.wire import codec
+from fedcore.wire.chunks import ChunkedTransport, Delivery
+from fedcore.wire.identity import Identity, fingerprint, parse_public_key
+from fedcore.wire.messages import (
     Body,
     Envelope,
     ErrorReply,
@@ -56,19 +69,7 @@ from ..messages import (
     TrainReply,
     TrainRequest,
 )
-from ..params import ParameterSet
-from ..plan import PlanBundle, TrainingPlan
-from ..privacy.spec import PrivacySpec
-from ..transport import Transport, open_transport
-from ._config import NodeConfig
-from ._secagg import SecaggSessions
-from ._storage import AtomicJSONStorage
-from .audit import AuditLog, AuditReport, verify
-from .budget import PrivacyLedger
-from .executor import plan_key, run_round
-from .registry import DatasetRegistry
-from .statistics import answer_statistics
-from .users import Users
+from fedcore.wire.signing import Guard, ReplayedFrame
 
 log = logging.getLogger("fedcore.node")
 # The fingerprint of the key that signed the request being handled (set per request task).
@@ -82,7 +83,7 @@ _VERSION = "0.1.0"
 _WARM_PLANS = 8
 _TRUST_HINT = ("This node answers only the researchers its administrator trusts: on the node, "
                "run `fedcore-node trust add NAME KEY` with the researcher's public key "
-               "(printed by `python -m fedcore.identity`).")
+               "(printed by `python -m fedcore.wire.identity`).")
 
 
 class Node:

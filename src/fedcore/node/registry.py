@@ -12,7 +12,7 @@ from typing import Any
 
 from tinydb import Query, TinyDB
 
-from ..data import (
+from fedcore.data import (
     ArrayDataset,
     DataLoadingPlan,
     Dataset,
@@ -20,7 +20,7 @@ from ..data import (
     MedicalFolderDataset,
     TabularDataset,
 )
-from ..errors import ConfigurationError, DatasetError
+from fedcore.errors import ConfigurationError, DatasetError
 
 Opener = Callable[[Path, dict[str, Any], DataLoadingPlan | None], Dataset]
 

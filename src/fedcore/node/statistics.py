@@ -1,7 +1,7 @@
 """A node's side of federated statistics: its policy, the computation, the audit.
 
-A node answers a :class:`~fedcore.messages.StatsRequest` with additive sufficient statistics
-per variable (see :mod:`fedcore.statistics` for the researcher's side):
+A node answers a :class:`~fedcore.wire.messages.StatsRequest` with additive sufficient statistics
+per variable (see :mod:`fedcore.researcher.statistics` for the researcher's side):
 
 - ``count`` and ``missing`` values, ``sum`` of ``x - shift`` and ``sumsq`` of
   ``(x - shift) ** 2`` in float64, and for a histogram the counts per bin and ``below`` and
@@ -36,16 +36,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigurationError, DatasetError, FedcoreError
-from ..governance import Request
-from ..messages import Body, Envelope, ErrorReply, StatsReply, StatsRequest
-from ..params import ParameterSet
+from fedcore.errors import ConfigurationError, DatasetError, FedcoreError
+from fedcore.governance import Request
+from fedcore.params import ParameterSet
+from fedcore.wire.messages import Body, Envelope, ErrorReply, StatsReply, StatsRequest
 
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from ._secagg import SecaggSessions
-    from .node import Node
+    from fedcore.node._secagg import SecaggSessions
+    from fedcore.node.node import Node
 
 __all__ = [
     "IMAGE_VARIABLE",

@@ -20,7 +20,7 @@ from typing import Any
 
 from tinydb import Query, TinyDB
 
-from ..errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 __all__ = ["MIN_PASSWORD_LENGTH", "ROLES", "Users"]
 

@@ -14,10 +14,10 @@ Epsilon comes from :class:`Accountant` (Renyi DP through ``dp-accounting``, the
 policy. See docs/differential-privacy.md.
 """
 
-from .accountant import DEFAULT_ORDERS, Accountant, Event, epsilon
-from .central import CentralDP
-from .mechanisms import UpdateDP, add_noise, clip_update
-from .spec import MECHANISMS, PrivacySpec, dpsgd_schedule, train_size
+from fedcore.privacy.accountant import DEFAULT_ORDERS, Accountant, Event, epsilon
+from fedcore.privacy.central import CentralDP
+from fedcore.privacy.mechanisms import UpdateDP, add_noise, clip_update
+from fedcore.privacy.spec import MECHANISMS, PrivacySpec, dpsgd_schedule, train_size
 
 __all__ = [
     "DEFAULT_ORDERS",

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from ..errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 __all__ = ["DEFAULT_ORDERS", "Accountant", "Event", "check_delta", "epsilon"]
 

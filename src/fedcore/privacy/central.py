@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from .. import plugins
-from ..aggregators.base import Aggregator
-from ..errors import ConfigurationError
-from ..params import ParameterSet
-from .accountant import Accountant, check_delta, epsilon
-from .mechanisms import _recombine, clip_update
-from .spec import DEFAULT_DELTA, PrivacySpec
+from fedcore import plugins
+from fedcore.aggregators.base import Aggregator
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+from fedcore.privacy.accountant import Accountant, check_delta, epsilon
+from fedcore.privacy.mechanisms import _recombine, clip_update
+from fedcore.privacy.spec import DEFAULT_DELTA, PrivacySpec
 
 __all__ = ["CentralDP"]
 

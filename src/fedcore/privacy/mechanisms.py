@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError
-from ..params import ParameterSet
-from .accountant import Event, check_delta
-from .spec import DEFAULT_DELTA, PrivacySpec
+from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+from fedcore.privacy.accountant import Event, check_delta
+from fedcore.privacy.spec import DEFAULT_DELTA, PrivacySpec
 
 __all__ = ["UpdateDP", "add_noise", "clip_update", "secure_rng"]
 

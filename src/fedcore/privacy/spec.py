@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError
-from .accountant import Event, check_delta, epsilon
+from fedcore.errors import ConfigurationError
+from fedcore.privacy.accountant import Event, check_delta, epsilon
 
 __all__ = ["DEFAULT_DELTA", "MECHANISMS", "PrivacySpec", "dpsgd_schedule", "train_size"]
 

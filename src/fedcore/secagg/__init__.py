@@ -6,7 +6,7 @@ drop-outs) and ``joye-libert`` (:class:`~fedcore.secagg.joye_libert.JoyeLibert`,
 homomorphic encryption). See docs/secure-aggregation.md.
 """
 
-from .base import (
+from fedcore.secagg.base import (
     PHASES,
     NodeSession,
     PlainAggregation,
@@ -16,9 +16,9 @@ from .base import (
     open_node_session,
     scheme_of,
 )
-from .fixedpoint import Encoding, FixedPoint
-from .joye_libert import JoyeLibert
-from .masking import PairwiseMasking
+from fedcore.secagg.fixedpoint import Encoding, FixedPoint
+from fedcore.secagg.joye_libert import JoyeLibert
+from fedcore.secagg.masking import PairwiseMasking
 
 __all__ = [
     "PHASES",

@@ -35,8 +35,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from ..errors import ConfigurationError, ProtocolError, SecureAggregationError
-from ..params import ParameterSet
+from fedcore.errors import ConfigurationError, ProtocolError, SecureAggregationError
+from fedcore.params import ParameterSet
 
 __all__ = ["PHASES", "NodeSession", "PlainAggregation", "ResearcherSession",
            "SecureAggregation", "SecureSum", "open_node_session"]
@@ -97,7 +97,7 @@ def scheme_of(value: str | SecureAggregation | None) -> SecureAggregation | None
 
     ``ConfigurationError`` for anything else (an unknown name: the registry says which exist).
     """
-    from .. import plugins  # lazy: plugins imports nothing of ours at module load
+    from fedcore import plugins  # lazy: plugins imports nothing of ours at module load
 
     if isinstance(value, str):
         value = plugins.load("secagg", value)()
@@ -114,7 +114,7 @@ def open_node_session(node_id: str, options: Mapping[str, Any]) -> NodeSession:
     The scheme is looked up by ``options["scheme"]`` in the ``fedcore.secagg`` registry and
     built from ``options["params"]``; anything malformed raises ``ProtocolError``.
     """
-    from .. import plugins  # lazy: plugins imports nothing of ours at module load
+    from fedcore import plugins  # lazy: plugins imports nothing of ours at module load
 
     name = _field(options, "scheme", str, "secure-aggregation options")
     params = _field(options, "params", dict, "secure-aggregation options")

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError, ProtocolError
-from ..params import ParameterSet
+from fedcore.errors import ConfigurationError, ProtocolError
+from fedcore.params import ParameterSet
 
 __all__ = ["DEFAULT_MAX_WEIGHT", "Encoding", "FixedPoint", "Layout"]
 

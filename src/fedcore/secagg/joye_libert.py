@@ -51,19 +51,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError, FedcoreError, ProtocolError, SecureAggregationError
-from ..params import ParameterSet
-from . import _bigint as B
-from . import _crypto as C
-from ._background import Background, Pending
-from .base import (
-    NodeSession,
-    ResearcherSession,
-    SecureAggregation,
-    SecureSum,
-    _field,
-)
-from .fixedpoint import Encoding, Layout
+from fedcore.errors import ConfigurationError, FedcoreError, ProtocolError, SecureAggregationError
+from fedcore.params import ParameterSet
+from fedcore.secagg import _bigint as B
+from fedcore.secagg import _crypto as C
+from fedcore.secagg._background import Background, Pending
+from fedcore.secagg.base import NodeSession, ResearcherSession, SecureAggregation, SecureSum, _field
+from fedcore.secagg.fixedpoint import Encoding, Layout
 
 __all__ = ["JoyeLibert"]
 

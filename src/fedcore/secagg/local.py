@@ -1,7 +1,7 @@
 """Run one secure-aggregation round in memory: the reference order of the phases.
 
 Every message between the researcher and the nodes is encoded and decoded with
-:mod:`fedcore.codec` on the way, exactly as a transport would carry it, so what works here is
+:mod:`fedcore.wire.codec` on the way, exactly as a transport would carry it, so what works here is
 wire-safe. Nodes can be lost at each stage to see how a scheme copes with drop-outs. Useful
 in tests, notebooks and benchmarks; rounds over a network follow the same order.
 """
@@ -13,16 +13,16 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import codec
-from ..messages import Checkpoint, Envelope
-from ..params import ParameterSet
-from .base import (
+from fedcore.params import ParameterSet
+from fedcore.secagg.base import (
     NodeSession,
     ResearcherSession,
     SecureAggregation,
     SecureSum,
     open_node_session,
 )
+from fedcore.wire import codec
+from fedcore.wire.messages import Checkpoint, Envelope
 
 __all__ = ["LocalRound", "open_sessions", "run_round", "through_the_wire"]
 

@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError, FedcoreError, ProtocolError, SecureAggregationError
-from ..params import ParameterSet
-from . import _crypto as C
-from ._background import Background, Pending
-from .base import (
+from fedcore.errors import ConfigurationError, FedcoreError, ProtocolError, SecureAggregationError
+from fedcore.params import ParameterSet
+from fedcore.secagg import _crypto as C
+from fedcore.secagg._background import Background, Pending
+from fedcore.secagg.base import (
     NodeSession,
     ResearcherSession,
     SecureAggregation,
@@ -48,8 +48,8 @@ from .base import (
     _field,
     _node_list,
 )
-from .fixedpoint import Encoding, Layout
-from .shamir import SHARE_BYTES, ShareError, combine_bytes, split_bytes
+from fedcore.secagg.fixedpoint import Encoding, Layout
+from fedcore.secagg.shamir import SHARE_BYTES, ShareError, combine_bytes, split_bytes
 
 __all__ = ["PairwiseMasking"]
 

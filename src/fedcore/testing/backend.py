@@ -37,9 +37,9 @@ import pytest
 
 from fedcore.data import ArrayDataset
 from fedcore.errors import ConfigurationError, RoundError
-from fedcore.metrics import evaluate
 from fedcore.params import ParameterSet
 from fedcore.plan import TrainingPlan
+from fedcore.plan.metrics import evaluate
 
 __all__ = ["FAILURE", "BackendConformance", "check_signature_parity", "public_api"]
 
@@ -142,7 +142,7 @@ class BackendConformance:
         assert not results[0].equal(results[2])
 
     def test_evaluation_returns_the_standard_metrics(self) -> None:
-        """``predict`` + :func:`fedcore.metrics.evaluate` give the task's standard metrics."""
+        """``predict`` + :func:`fedcore.plan.metrics.evaluate` give the task's standard metrics."""
         plan = self.make_plan(seed=0)
         plan.fit(self.dataset(), seed=0)
         y_true, y_pred = plan.predict(self.dataset())

@@ -5,7 +5,7 @@ and give it an ``endpoints`` fixture: the URLs its researcher and nodes use. Eve
 scenario between a researcher and real node endpoints built by
 :func:`fedcore.transport.open_transport` (override :meth:`TransportConformance.open_raw` to
 pass constructor options). The scenarios go through the core's chunk layer
-(:class:`fedcore._chunks.ChunkedTransport`, unsigned), as every frame of fedcore does, so
+(:class:`fedcore.wire.chunks.ChunkedTransport`, unsigned), as every frame of fedcore does, so
 they move frames larger than the transport's own messages; a few tests check the transport
 alone against its declared ``max_frame_size``. A known gap is declared, never skipped::
 
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedcore._chunks import CHUNK_HEADER, ChunkedTransport
 from fedcore.errors import TransportError
 from fedcore.transport import Role, Transport, open_transport
+from fedcore.wire.chunks import CHUNK_HEADER, ChunkedTransport
 
 __all__ = ["Endpoints", "Federation", "TransportConformance", "wait_until"]
 

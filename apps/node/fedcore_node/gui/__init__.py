@@ -5,6 +5,6 @@ datasets, training plans (approve or reject), policy, audit log, users. Needs th
 extra: ``pip install "fedcore[gui]"``.
 """
 
-from .app import create_app, make_gui_server, serve
+from fedcore_node.gui.app import create_app, make_gui_server, serve
 
 __all__ = ["create_app", "make_gui_server", "serve"]

@@ -16,8 +16,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
-
-from . import _governance, auth, pages, plans
+from fedcore_node.gui import _governance, auth, pages, plans
 
 log = logging.getLogger("fedcore_node.gui")
 

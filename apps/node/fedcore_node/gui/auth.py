@@ -25,7 +25,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response
 
-from ._governance import Governance
+from fedcore_node.gui._governance import Governance
 
 bp = Blueprint("auth", __name__)
 

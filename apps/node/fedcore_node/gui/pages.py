@@ -20,8 +20,7 @@ from werkzeug.wrappers import Response
 
 from fedcore.errors import DatasetError, FedcoreError
 from fedcore.node import Node
-
-from .auth import admin_required, governance
+from fedcore_node.gui.auth import admin_required, governance
 
 bp = Blueprint("pages", __name__)
 

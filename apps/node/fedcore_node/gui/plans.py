@@ -12,8 +12,7 @@ from pygments.lexers import DiffLexer, PythonLexer
 from werkzeug.wrappers import Response
 
 from fedcore.errors import ConfigurationError
-
-from .auth import admin_required, governance
+from fedcore_node.gui.auth import admin_required, governance
 
 bp = Blueprint("plans", __name__, url_prefix="/plans")
 

@@ -4,7 +4,7 @@ On a networked transport (``transport.capabilities.networked``) every message ca
 signature trailer and every received message is verified before anything else reads it; on
 the in-process transport neither happens (nothing can forge a frame inside one process, and
 simulation stays fast). A message is a whole frame, or one chunk of a larger frame
-(:mod:`fedcore._chunks`): each chunk is signed on its own, its position in the frame
+(:mod:`fedcore.wire.chunks`): each chunk is signed on its own, its position in the frame
 included, so a receiver never buffers a byte that a trusted key did not sign.
 
 Trailer, appended after the message (so ``codec`` itself is unchanged)::
@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, NamedTuple
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from . import codec
-from ._files import write_atomic
-from .errors import GovernanceError, ProtocolError
-from .identity import Identity, fingerprint
-from .messages import Envelope
+from fedcore._files import write_atomic
+from fedcore.errors import GovernanceError, ProtocolError
+from fedcore.wire import codec
+from fedcore.wire.identity import Identity, fingerprint
+from fedcore.wire.messages import Envelope
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

@@ -1,6 +1,6 @@
 """Request/reply over any Transport: correlation by message id, timeouts, scatter/gather.
 
-Frames go through the core's chunk layer (:class:`fedcore._chunks.ChunkedTransport`), which
+Frames go through the core's chunk layer (:class:`fedcore.wire.chunks.ChunkedTransport`), which
 cuts them to the transport's message size and, on a network, signs and verifies them.
 """
 
@@ -14,18 +14,18 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import codec
-from ._chunks import ChunkedTransport
-from ._signing import Guard
-from .errors import ConfigurationError, GovernanceError, ProtocolError, TransportError
-from .identity import Identity, enrolled_nodes, researcher_identity
-from .messages import Body, Envelope, TrainProgress
-from .transport import Transport
+from fedcore.errors import ConfigurationError, GovernanceError, ProtocolError, TransportError
+from fedcore.transport import Transport
+from fedcore.wire import codec
+from fedcore.wire.chunks import ChunkedTransport
+from fedcore.wire.identity import Identity, enrolled_nodes, researcher_identity
+from fedcore.wire.messages import Body, Envelope, TrainProgress
+from fedcore.wire.signing import Guard
 
 log = logging.getLogger("fedcore.rpc")
 
 _ENROLL_HINT = ("Enroll a node with its key, printed by `fedcore-node identity` on the node: "
-                "python -m fedcore.identity enroll NODE_ID KEY, or Experiment(enrolled=...).")
+                "python -m fedcore.wire.identity enroll NODE_ID KEY, or Experiment(enrolled=...).")
 _WATCH_S = 0.2  # how often pending requests are checked against the connected peers
 
 
@@ -57,7 +57,7 @@ class Client:
         networked = transport.capabilities.networked
         if networked and key is None:
             raise ConfigurationError("A networked federation needs the researcher's key: "
-                                     "pass identity= (see fedcore.identity).")
+                                     "pass identity= (see fedcore.wire.identity).")
         self.transport = transport
         self.identity = transport.identity
         self.max_frame_size = max_frame_size

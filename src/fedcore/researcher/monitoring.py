@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

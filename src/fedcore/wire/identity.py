@@ -5,9 +5,9 @@ A node keeps its key in its home (``identity.key``); a researcher's key lives at
 says. Keys are created on first use, written with 0600 permissions, and refused when other
 users can read them.
 
-Enrollment, researcher side: ``python -m fedcore.identity`` prints this researcher's public
+Enrollment, researcher side: ``python -m fedcore.wire.identity`` prints this researcher's public
 key (give it to each node's administrator, who runs ``fedcore-node trust add NAME KEY``);
-``python -m fedcore.identity enroll NODE_ID KEY`` records a node's key (printed by
+``python -m fedcore.wire.identity enroll NODE_ID KEY`` records a node's key (printed by
 ``fedcore-node identity``) in ``~/.fedcore/nodes.toml``.
 """
 
@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from ._files import write_atomic
-from .errors import ConfigurationError
+from fedcore._files import write_atomic
+from fedcore.errors import ConfigurationError
 
 __all__ = ["Identity", "enroll", "enrolled_nodes", "fingerprint", "parse_public_key",
            "public_key", "researcher_identity"]
@@ -111,7 +111,7 @@ def parse_public_key(text: str | bytes) -> bytes:
     if len(raw) != 32:
         raise ConfigurationError(
             f"Expected an Ed25519 public key: 44 characters of base64 or 64 hex digits, as "
-            f"printed by `fedcore-node identity` or `python -m fedcore.identity`. Received: "
+            f"printed by `fedcore-node identity` or `python -m fedcore.wire.identity`. Received: "
             f"{value[:80]!r}")
     Ed25519PublicKey.from_public_bytes(raw)
     return raw
@@ -167,7 +167,7 @@ def enroll(node_id: str, key: str, path: str | Path | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedcore.identity [enroll NODE_ID KEY]``."""
+    """``python -m fedcore.wire.identity [enroll NODE_ID KEY]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["enroll"] and len(args) == 3:
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(f"Enrolled node {args[1]!r} ({print_}) in {file}\n")
             return 0
         if args:
-            sys.stderr.write("usage: python -m fedcore.identity [enroll NODE_ID KEY]\n")
+            sys.stderr.write("usage: python -m fedcore.wire.identity [enroll NODE_ID KEY]\n")
             return 2
         me = researcher_identity()
     except ConfigurationError as exc:

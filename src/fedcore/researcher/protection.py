@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._rpc import Client
-from ._search import describe
-from .errors import ProtocolError
-from .messages import Envelope, SecaggReply, SecaggRequest
-from .params import ParameterSet
-from .secagg import ResearcherSession, SecureAggregation, SecureSum
+from fedcore.errors import ProtocolError
+from fedcore.params import ParameterSet
+from fedcore.researcher.search import describe
+from fedcore.secagg import ResearcherSession, SecureAggregation, SecureSum
+from fedcore.wire.messages import Envelope, SecaggReply, SecaggRequest
+from fedcore.wire.rpc import Client
 
 
 class SecureRound:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigurationError
+from fedcore.errors import ConfigurationError
 
 _WEIGHTINGS = frozenset({"samples", "uniform"})
 
@@ -110,6 +110,6 @@ def from_params(name: str, params: dict[str, Any]) -> Strategy:
     cls = {c.__name__: c for c in (Strategy, AllNodes, Fraction)}.get(name)
     if cls is None:
         raise ConfigurationError(
-            f"The checkpoint's strategy {name!r} is not one of fedcore.strategies: pass "
+            f"The checkpoint's strategy {name!r} is not one of fedcore.researcher.strategies: pass "
             "strategy= to Experiment.load().")
     return cls(**params)

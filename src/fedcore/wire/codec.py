@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from .errors import ProtocolError
-from .messages import PROTOCOL_VERSION, Envelope, body_type
-from .params import ParameterSet
+from fedcore.errors import ProtocolError
+from fedcore.params import ParameterSet
+from fedcore.wire.messages import PROTOCOL_VERSION, Envelope, body_type
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

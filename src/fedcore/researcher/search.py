@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._rpc import Client
-from .errors import ConfigurationError, DatasetError
-from .messages import Envelope, ErrorReply, SearchReply, SearchRequest
+from fedcore.errors import ConfigurationError, DatasetError
+from fedcore.wire.messages import Envelope, ErrorReply, SearchReply, SearchRequest
+from fedcore.wire.rpc import Client
 
 log = logging.getLogger("fedcore.search")
 

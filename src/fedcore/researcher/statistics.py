@@ -14,7 +14,7 @@ cancellation whatever the offset of the data. Quantiles are read from a pooled h
 linear interpolation within bins, so they are exact to within a bin's width.
 
 With ``secagg=`` the replies are summed by a secure aggregation scheme
-(:mod:`fedcore._secure_statistics`): results hold the pooled row only, and no extremes.
+(:mod:`fedcore.researcher._secure_statistics`): results hold the pooled row only, and no extremes.
 """
 
 from __future__ import annotations
@@ -31,25 +31,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import _runtime
-from ._rpc import Client, credentials
-from ._search import find_datasets
-from ._secure_statistics import FIRST_BOUND, SecureSums, second_pass_bound, secure_sums
-from .errors import (
-    ConfigurationError,
-    FedcoreError,
-    GovernanceError,
-    RoundError,
+from fedcore import _runtime
+from fedcore.errors import ConfigurationError, FedcoreError, GovernanceError, RoundError
+from fedcore.node.statistics import MAX_BINS, StatisticsPolicy, check_edges, statistics_policy
+from fedcore.researcher._secure_statistics import (
+    FIRST_BOUND,
+    SecureSums,
+    second_pass_bound,
+    secure_sums,
 )
-from .messages import (
-    Envelope,
-    ErrorReply,
-    StatsReply,
-    StatsRequest,
-)
-from .node.statistics import MAX_BINS, StatisticsPolicy, check_edges, statistics_policy
-from .secagg import SecureAggregation, scheme_of
-from .transport import open_transport
+from fedcore.researcher.search import find_datasets
+from fedcore.secagg import SecureAggregation, scheme_of
+from fedcore.transport import open_transport
+from fedcore.wire.messages import Envelope, ErrorReply, StatsReply, StatsRequest
+from fedcore.wire.rpc import Client, credentials
 
 __all__ = [
     "POOLED",

@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from ._rpc import Client
-from ._secure_round import SecureRound
-from .errors import ConfigurationError, ProtocolError, SecureAggregationError
-from .messages import Envelope, ErrorReply, StatsReply, StatsRequest
-from .node.statistics import additive_from_vector, vector_size
-from .params import ParameterSet
-from .secagg import SecureAggregation
+from fedcore.errors import ConfigurationError, ProtocolError, SecureAggregationError
+from fedcore.node.statistics import additive_from_vector, vector_size
+from fedcore.params import ParameterSet
+from fedcore.researcher.protection import SecureRound
+from fedcore.secagg import SecureAggregation
+from fedcore.wire.messages import Envelope, ErrorReply, StatsReply, StatsRequest
+from fedcore.wire.rpc import Client
 
 log = logging.getLogger("fedcore.statistics")
 
@@ -153,7 +153,7 @@ async def _once(client: Client, scheme: SecureAggregation,
                 targets: Mapping[str, Mapping[str, Any]], nodes: list[str],
                 queries: list[dict[str, Any]], *, bound: float, label: str, round: int,
                 timeout: float, failed: dict[str, tuple[str, str]]) -> SecureSums:
-    from .statistics import _why  # the plain path's account of a failed reply
+    from fedcore.researcher.statistics import _why  # the plain path's account of a failed reply
 
     split = split_for(bound, len(nodes))
     bins = [0 if q["edges"] is None else len(q["edges"]) - 1 for q in queries]
@@ -187,7 +187,7 @@ async def _once(client: Client, scheme: SecureAggregation,
         raise ConfigurationError("Invalid statistics request. " + "; ".join(
             f"{m} ({', '.join(ns)})" for m, ns in by_message.items()))
     if all(n in failed for n in bodies):
-        from .statistics import _nobody_answered
+        from fedcore.researcher.statistics import _nobody_answered
 
         raise _nobody_answered(failed)
     try:
@@ -215,7 +215,7 @@ async def _once(client: Client, scheme: SecureAggregation,
 
 def _too_few(nodes: list[str], failed: Mapping[str, tuple[str, str]]) -> Exception:
     if not nodes and failed:
-        from .statistics import _nobody_answered
+        from fedcore.researcher.statistics import _nobody_answered
 
         return _nobody_answered(dict(failed))
     left = ", ".join(f"{n} ({why})" for n, (_, why) in sorted(failed.items()))

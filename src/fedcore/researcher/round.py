@@ -1,8 +1,8 @@
 """One round of an Experiment: choose the nodes, send the requests, fold the replies.
 
-Kept apart from :mod:`fedcore.experiment` (the researcher's object and its settings):
+Kept apart from :mod:`fedcore.researcher.experiment` (the researcher's object and its settings):
 :func:`run_round` works on the experiment's state. Under secure aggregation the
-round also runs the scheme's exchanges (:mod:`fedcore._secure_round`) and folds the
+round also runs the scheme's exchanges (:mod:`fedcore.researcher.protection`) and folds the
 unmasked sum instead of each update.
 """
 
@@ -15,16 +15,22 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ._rpc import Client
-from ._search import describe
-from ._secure_round import SecureRound
-from .errors import FedcoreError, PlanError, RoundError, SecureAggregationError, TransportError
-from .messages import Envelope, ErrorReply, TrainReply, TrainRequest
-from .params import ParameterSet
+from fedcore.errors import (
+    FedcoreError,
+    PlanError,
+    RoundError,
+    SecureAggregationError,
+    TransportError,
+)
+from fedcore.params import ParameterSet
+from fedcore.researcher.protection import SecureRound
+from fedcore.researcher.search import describe
+from fedcore.wire.messages import Envelope, ErrorReply, TrainReply, TrainRequest
+from fedcore.wire.rpc import Client
 
 if TYPE_CHECKING:
-    from .aggregators import Aggregator
-    from .experiment import Experiment
+    from fedcore.aggregators import Aggregator
+    from fedcore.researcher.experiment import Experiment
 
 log = logging.getLogger("fedcore.experiment")
 
@@ -63,6 +69,7 @@ async def _round_nodes(exp: Experiment, rnd: int) -> tuple[Client, list[str], li
             [n for n in selected if n not in exp._targets])
 
 async def run_round(exp: Experiment) -> pd.DataFrame:
+    """Run the experiment's next round; return its rows of history."""
     started = time.perf_counter()
     rnd = exp.round + 1
     client, selected, gone = await _round_nodes(exp, rnd)

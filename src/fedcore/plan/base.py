@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import ConfigurationError, PlanError
+from fedcore.errors import ConfigurationError, PlanError
 
 if TYPE_CHECKING:
-    from .data import Dataset
-    from .params import ParameterSet
+    from fedcore.data import Dataset
+    from fedcore.params import ParameterSet
 
 __all__ = ["LocalSteps", "PlanBundle", "TrainingPlan"]
 

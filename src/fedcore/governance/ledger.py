@@ -18,8 +18,8 @@ from typing import Any
 from tinydb import Query, TinyDB
 from tinydb.table import Table
 
-from ..privacy.accountant import Accountant, Event, check_delta
-from ..privacy.spec import DEFAULT_DELTA
+from fedcore.privacy.accountant import Accountant, Event, check_delta
+from fedcore.privacy.spec import DEFAULT_DELTA
 
 __all__ = ["PrivacyLedger", "budget_summary"]
 
@@ -103,7 +103,7 @@ def budget_summary(ledger: PrivacyLedger, datasets: Iterable[Mapping[str, Any]],
     ``epsilon_limit`` (``None``: no cap) at ``delta`` (policy ``dp_delta``),
     ``epsilon_remaining``, ``dp_rounds`` and ``last_round_at`` (``None``: never).
     """
-    from ..governance import PrivacyBudget
+    from fedcore.governance import PrivacyBudget
 
     delta = float(policy.get("dp_delta") or DEFAULT_DELTA)
     budget = PrivacyBudget(ledger, max_epsilon=policy.get("dp_max_epsilon"), delta=delta)

@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from .errors import ProtocolError
-from .params import ParameterSet
+from fedcore.errors import ProtocolError
+from fedcore.params import ParameterSet
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -329,7 +329,7 @@ class Checkpoint(Body):
 @message("stats")
 @dataclass(frozen=True)
 class StatsRequest(Body):
-    """Ask for statistics of one dataset's variables (see :mod:`fedcore.statistics`).
+    """Ask for statistics of one dataset's variables (see :mod:`fedcore.researcher.statistics`).
 
     Each query is a map: ``variable`` (a column of a table, a modality of a medical folder,
     ``"intensity"`` for an image folder), ``shift`` (a float: sums are of ``x - shift``),

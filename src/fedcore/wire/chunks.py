@@ -9,7 +9,7 @@ travels as chunks, each one message::
     b"FCC1" | u32 reserved | frame id u64 | offset u64 | total length u64 | data [| trailer]
 
 The sender slices the codec's buffers with memoryviews and never joins the frame; on a
-networked transport it signs each chunk (:mod:`fedcore._signing`), hashing the next chunk on
+networked transport it signs each chunk (:mod:`fedcore.wire.signing`), hashing the next chunk on
 a worker thread while the current one is written. The receiver verifies every chunk before
 it touches it: the trailer's key must be trusted (checked before any hashing), the signature
 covers the chunk's header, so its frame, position and the frame's length cannot be changed,
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import codec
-from ._signing import TRAILER, Guard, ReplayedFrame
-from .errors import FedcoreError, GovernanceError, ProtocolError, TransportError
-from .transport import Capabilities, Transport
+from fedcore.errors import FedcoreError, GovernanceError, ProtocolError, TransportError
+from fedcore.transport import Capabilities, Transport
+from fedcore.wire import codec
+from fedcore.wire.signing import TRAILER, Guard, ReplayedFrame
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -141,7 +141,7 @@ class ChunkedTransport(Transport):
         await self.send_parts(peer, [frame])
 
     async def send_parts(self, peer: str, parts: Sequence[Buffer]) -> None:
-        """Send the frame made of ``parts`` (as :func:`fedcore.codec.encode_parts` gives)."""
+        """Send the frame made of ``parts`` (as :func:`fedcore.wire.codec.encode_parts` gives)."""
         views = [memoryview(p).cast("B") for p in parts]
         total = sum(len(v) for v in views)
         if total > self.max_frame_size:

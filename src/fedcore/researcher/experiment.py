@@ -10,18 +10,23 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from . import _rounds, _runtime, codec, monitoring, plugins
-from ._files import write_atomic
-from ._rpc import Client, credentials
-from ._search import describe, find_datasets
-from .aggregators import Aggregator
-from .aggregators._local import check_supported
-from .data import merge_metadata
-from .errors import (
-    ConfigurationError,
-    ProtocolError,
-)
-from .messages import (
+from fedcore import _runtime, plugins
+from fedcore._files import write_atomic
+from fedcore.aggregators import Aggregator
+from fedcore.aggregators._local import check_supported
+from fedcore.data import merge_metadata
+from fedcore.errors import ConfigurationError, ProtocolError
+from fedcore.params import ParameterSet
+from fedcore.plan import PlanBundle, TrainingPlan
+from fedcore.privacy.spec import PrivacySpec
+from fedcore.researcher import monitoring
+from fedcore.researcher import round as _rounds
+from fedcore.researcher.search import describe, find_datasets
+from fedcore.researcher.strategies import AllNodes, Strategy, from_params
+from fedcore.secagg import SecureAggregation, scheme_of
+from fedcore.transport import open_transport
+from fedcore.wire import codec
+from fedcore.wire.messages import (
     Checkpoint,
     Envelope,
     Ping,
@@ -31,18 +36,13 @@ from .messages import (
     Pong,
     TrainProgress,
 )
-from .params import ParameterSet
-from .plan import PlanBundle, TrainingPlan
-from .privacy.spec import PrivacySpec
-from .secagg import SecureAggregation, scheme_of
-from .strategies import AllNodes, Strategy, from_params
-from .transport import open_transport
+from fedcore.wire.rpc import Client, credentials
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .statistics import FederatedStatistics
+    from fedcore.researcher.statistics import FederatedStatistics
 
 __all__ = ["Experiment"]
 
@@ -64,7 +64,7 @@ class Experiment:
     On a networked federation, frames are signed with the researcher's key (``identity``:
     a key file, default ``$FEDCORE_IDENTITY`` or ``~/.fedcore/researcher.key``) and only
     the nodes in ``enrolled`` (``{node_id: public key}`` or a ``nodes.toml`` path, default
-    ``~/.fedcore/nodes.toml``) are accepted; see :mod:`fedcore.identity`.
+    ``~/.fedcore/nodes.toml``) are accepted; see :mod:`fedcore.wire.identity`.
 
     Example::
 
@@ -260,9 +260,11 @@ class Experiment:
 
     @property
     def strategy(self) -> Strategy:
-        """Which nodes train each round, the quorum and the deadline (:mod:`fedcore.strategies`).
+        """Which nodes train each round, the quorum and the deadline.
 
-        Default :class:`~fedcore.strategies.AllNodes`: every node holding the data, no
+        See :mod:`fedcore.researcher.strategies`.
+
+        Default :class:`~fedcore.researcher.strategies.AllNodes`: every node holding the data, no
         deadline beyond ``timeout``, and a round counts when at least one node answered.
         """
         return self._strategy
@@ -273,7 +275,8 @@ class Experiment:
             value = AllNodes()
         if not isinstance(value, Strategy):
             raise ConfigurationError(
-                f"Expected a fedcore.strategies.Strategy (e.g. AllNodes(), Fraction(0.5)). "
+                f"Expected a fedcore.researcher.strategies.Strategy (e.g. AllNodes(), "
+                f"Fraction(0.5)). "
                 f"Received: {value!r}")
         _check_secure(self._aggregator, self._secagg, value)
         self._strategy = value
@@ -334,7 +337,7 @@ class Experiment:
              path: str | Path | None = None, ax: Axes | None = None) -> Figure:
         """Training curves of ``metric``: one line per node, their weighted mean in bold.
 
-        See :func:`fedcore.monitoring.plot`; needs ``pip install "fedcore[plot]"``.
+        See :func:`fedcore.researcher.monitoring.plot`; needs ``pip install "fedcore[plot]"``.
         """
         return monitoring.plot(self.history, metric, which, path=path, ax=ax)
 
@@ -374,10 +377,11 @@ class Experiment:
     def statistics(self) -> FederatedStatistics:
         """Federated statistics over this experiment's datasets (same tags and nodes).
 
-        ``exp.statistics().describe(["age"])`` and the like: see :mod:`fedcore.statistics`.
+        ``exp.statistics().describe(["age"])`` and the like: see
+        :mod:`fedcore.researcher.statistics`.
         With the experiment's secure aggregation, if it has one (only pooled results).
         """
-        from .statistics import FederatedStatistics
+        from fedcore.researcher.statistics import FederatedStatistics
 
         return FederatedStatistics(self.federation, self._tags, nodes=self._nodes,
                                    timeout=self.timeout, connect_timeout=self.connect_timeout,
@@ -484,7 +488,7 @@ class Experiment:
             return dict(self._saved_data_info)
         return merge_metadata([t["metadata"] for t in self._targets.values()])
 
-    # --- rounds (the round itself is in fedcore._rounds) --------------------------------
+    # --- rounds (the round itself is in fedcore.researcher.round) --------------------------------
 
     async def _run_once(self) -> pd.DataFrame:
         return await _rounds.run_round(self)

@@ -1,0 +1,16 @@
+"""The training plan: the researcher's code that nodes run, shipped as hashed source.
+
+:class:`TrainingPlan` is what backends subclass; :class:`PlanBundle` ships a plan class as
+source that nodes approve by its SHA-256; :mod:`fedcore.plan.metrics` computes evaluation
+metrics with numpy alone.
+"""
+
+from fedcore.plan.base import (
+    LocalSteps,
+    PlanBundle,
+    TrainingPlan,
+    batch_indices,
+    collect_predictions,
+)
+
+__all__ = ["LocalSteps", "PlanBundle", "TrainingPlan", "batch_indices", "collect_predictions"]

@@ -1,0 +1,1 @@
+"""The researcher's side: experiments, the federation session, rounds, statistics."""

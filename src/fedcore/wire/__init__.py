@@ -1,0 +1,1 @@
+"""What researchers and nodes both speak: messages, codec, chunks, signing, request/reply."""
