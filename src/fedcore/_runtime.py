@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from fedcore.errors import ConfigurationError
 
 T = TypeVar("T")
+S = TypeVar("S")
+P = ParamSpec("P")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -92,3 +95,35 @@ async def run_async(coro: Coroutine[Any, Any, T]) -> T:
     if threading.current_thread() is _thread:
         return await coro
     return await asyncio.wrap_future(submit(coro))
+
+
+def blocking(method: Callable[Concatenate[S, P], Coroutine[Any, Any, T]]
+             ) -> Callable[Concatenate[S, P], T]:
+    """The synchronous form of an async method: it runs on the runtime loop, and waits.
+
+    One async implementation per call gives both public forms::
+
+        async def _search(self, tags): ...      # the docstring is the public one
+        search = _runtime.blocking(_search)
+        asearch = _runtime.awaitable(_search)
+    """
+    @functools.wraps(method)
+    def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return run(method(self, *args, **kwargs))
+
+    call.__name__ = call.__qualname__ = method.__name__.lstrip("_")
+    return call
+
+
+def awaitable(method: Callable[Concatenate[S, P], Coroutine[Any, Any, T]]
+              ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """The async twin of :func:`blocking`: awaitable from any event loop (e.g. Jupyter's)."""
+    name = method.__name__.lstrip("_")
+
+    @functools.wraps(method)
+    async def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await run_async(method(self, *args, **kwargs))
+
+    call.__name__ = call.__qualname__ = "a" + name
+    call.__doc__ = f"Async twin of :meth:`{name}`."
+    return call

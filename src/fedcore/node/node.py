@@ -42,10 +42,10 @@ from fedcore.node._secagg import SecaggSessions
 from fedcore.node._storage import AtomicJSONStorage
 from fedcore.node.audit import AuditLog, AuditReport, verify
 from fedcore.node.executor import plan_key, run_round
+from fedcore.node.protection import update_protection
 from fedcore.node.registry import DatasetRegistry
 from fedcore.node.statistics import answer_statistics
 from fedcore.node.users import Users
-from fedcore.params import ParameterSet
 from fedcore.plan import PlanBundle, TrainingPlan
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.transport import Transport, open_transport
@@ -84,6 +84,22 @@ _WARM_PLANS = 8
 _TRUST_HINT = ("This node answers only the researchers its administrator trusts: on the node, "
                "run `fedcore-node trust add NAME KEY` with the researcher's public key "
                "(printed by `python -m fedcore.wire.identity`).")
+
+
+#: A refused training request's error kind, by the exception that refused it (in order).
+_REFUSALS: dict[str, type[FedcoreError]] = {
+    "governance": GovernanceError, "dataset": DatasetError, "configuration": ConfigurationError}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Admitted:
+    """A training request the node accepted: the verified plan, the decision, the data."""
+
+    bundle: PlanBundle
+    sha: str
+    entry: dict[str, Any]
+    decision: Decision
+    dataset: Any
 
 
 class Node:
@@ -456,6 +472,36 @@ class Node:
         base = {"researcher": env.sender, "experiment": env.experiment, "round": env.round,
                 "dataset": request.dataset_id}
         self.audit("train-request", **base)
+        admitted = await self._admit(env, request, base)
+        if isinstance(admitted, ErrorReply):
+            return admitted
+        if admitted.decision.overrides:
+            request = dataclasses.replace(request, training_args={
+                **request.training_args, **admitted.decision.overrides})
+        protection = update_protection(self._secagg, request.secagg)
+        protection.prepare(request.params)
+        reply = await self._train(env, request, admitted, base)
+        if isinstance(reply, ErrorReply):
+            return reply
+        if reply.privacy:  # spent: on record before the update leaves the node
+            reply = self._charge_privacy(request, admitted.entry, reply, base)
+            if isinstance(reply, ErrorReply):
+                return reply
+        try:
+            reply = await protection.protect(reply, self._executor)
+        except FedcoreError as exc:
+            self.audit("train-failed", **base, error=f"secure aggregation: {exc}")
+            return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
+        self.audit("trained", **base, n_samples=reply.n_samples,
+                   seconds=round(reply.timings.get("total_s", 0.0), 4))
+        if admitted.decision.overrides:
+            reply = dataclasses.replace(reply, overrides=dict(admitted.decision.overrides),
+                                        policy_notes=list(admitted.decision.notes))
+        return reply
+
+    async def _admit(self, env: Envelope, request: TrainRequest, base: dict[str, Any]
+                     ) -> _Admitted | ErrorReply:
+        """Verify the plan, review the request, load the backend and open the dataset."""
         try:
             bundle, sha = self._bundle(request.plan)
             base["plan"] = sha
@@ -472,37 +518,31 @@ class Node:
                     None, plugins.load, "backends", bundle.backend)
                 self._backends.add(bundle.backend)
             local_algorithm(request.algorithm)  # an unknown aggregator is refused here
-            dataset = self.datasets.open(entry)
-        except GovernanceError as exc:
-            self.audit("train-refused", **base, reason=str(exc))
-            return ErrorReply(kind="governance", message=str(exc), exc_type="GovernanceError")
+            return _Admitted(bundle, sha, entry, decision, self.datasets.open(entry))
         except asyncio.CancelledError:  # the node stops while loading the framework
             self.audit("train-abandoned", **base, reason="the node stopped mid-round")
             raise
-        except DatasetError as exc:
+        except (GovernanceError, DatasetError, ConfigurationError) as exc:
             self.audit("train-refused", **base, reason=str(exc))
-            return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
-        except ConfigurationError as exc:
-            self.audit("train-refused", **base, reason=str(exc))
-            return ErrorReply(kind="configuration", message=str(exc),
-                              exc_type="ConfigurationError")
-        if decision.overrides:
-            request = dataclasses.replace(
-                request, training_args={**request.training_args, **decision.overrides})
-        if request.secagg:  # the masks are computed in a thread while the node trains
-            self._secagg.prepare(request.secagg, request.params)
+            kind = next(k for k, cls in _REFUSALS.items() if isinstance(exc, cls))
+            return ErrorReply(kind=kind, message=str(exc), exc_type=_REFUSALS[kind].__name__)
+
+    async def _train(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
+                     base: dict[str, Any]) -> TrainReply | ErrorReply:
+        """Run the plan on the training thread; a failure is the plan's, and is reported."""
         loop = asyncio.get_running_loop()
+        sha = admitted.sha
         try:
             plan_class = self._plans.get(sha)
             if plan_class is None:
-                plan_class = await loop.run_in_executor(None, bundle.load)
+                plan_class = await loop.run_in_executor(None, admitted.bundle.load)
             self._plans[sha] = plan_class
             key = plan_key(env.experiment, sha, request) if plan_class.reusable else ""
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
             reply, plan = await loop.run_in_executor(
-                self._executor, run_round, plan_class, request, dataset, self.node_id,
-                env.round, {"allow_gpu": self._allow_gpu(), "progress": self._progress(env)},
-                warm,
+                self._executor, run_round, plan_class, request, admitted.dataset,
+                self.node_id, env.round,
+                {"allow_gpu": self._allow_gpu(), "progress": self._progress(env)}, warm,
                 LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
                            env.round),
             )
@@ -510,6 +550,7 @@ class Node:
                 self._warm[key] = plan
                 while len(self._warm) > _WARM_PLANS:
                     self._warm.pop(next(iter(self._warm)))
+            return reply
         except DatasetError as exc:
             self.audit("train-failed", **base, reason=str(exc))
             return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
@@ -520,34 +561,23 @@ class Node:
             self.audit("train-failed", **base, error=f"{type(exc).__name__}: {exc}")
             return ErrorReply(kind="plan", message=str(exc), exc_type=type(exc).__name__,
                               traceback=traceback.format_exc())
-        if reply.privacy:  # spent: on record before the update leaves the node
-            events = reply.privacy["events"]
-            overspent = next((reason for p in self.governance.policies
-                              if isinstance(p, PrivacyBudget)
-                              and (reason := p.overspent(entry, events))), None)
-            if overspent:
-                self.audit("train-refused", **base, reason=overspent)
-                return ErrorReply(kind="governance", message=overspent,
-                                  exc_type="GovernanceError")
-            self.ledger.record(request.dataset_id, events, delta=reply.privacy["delta"])
-            total = self.ledger.events(request.dataset_id)
-            spec = PrivacySpec.parse(request.privacy)
-            assert spec is not None
-            reply = dataclasses.replace(reply, privacy=spec.reply(events, total))
-            base["epsilon"] = reply.privacy["epsilon"]
-        if request.secagg:
-            try:
-                reply = await loop.run_in_executor(self._executor, self._protect, request,
-                                                   reply)
-            except FedcoreError as exc:
-                self.audit("train-failed", **base, error=f"secure aggregation: {exc}")
-                return ErrorReply(kind="protocol", message=str(exc),
-                                  exc_type=type(exc).__name__)
-        self.audit("trained", **base, n_samples=reply.n_samples,
-                   seconds=round(reply.timings.get("total_s", 0.0), 4))
-        if decision.overrides:
-            reply = dataclasses.replace(reply, overrides=dict(decision.overrides),
-                                        policy_notes=list(decision.notes))
+
+    def _charge_privacy(self, request: TrainRequest, entry: dict[str, Any], reply: TrainReply,
+                        base: dict[str, Any]) -> TrainReply | ErrorReply:
+        """Charge what the round spent to the dataset's budget, or withhold an overspend."""
+        events = reply.privacy["events"]
+        overspent = next((reason for p in self.governance.policies
+                          if isinstance(p, PrivacyBudget)
+                          and (reason := p.overspent(entry, events))), None)
+        if overspent:
+            self.audit("train-refused", **base, reason=overspent)
+            return ErrorReply(kind="governance", message=overspent, exc_type="GovernanceError")
+        self.ledger.record(request.dataset_id, events, delta=reply.privacy["delta"])
+        total = self.ledger.events(request.dataset_id)
+        spec = PrivacySpec.parse(request.privacy)
+        assert spec is not None
+        reply = dataclasses.replace(reply, privacy=spec.reply(events, total))
+        base["epsilon"] = reply.privacy["epsilon"]
         return reply
 
     def _progress(self, env: Envelope) -> Callable[..., None] | None:
@@ -580,18 +610,6 @@ class Node:
 
         return report
 
-    def _protect(self, request: TrainRequest, reply: TrainReply) -> TrainReply:
-        """The reply with its update (and extras) replaced by the secure-aggregation payload."""
-        options = request.secagg
-        weight = 1.0 if options.get("weighting") == "uniform" else float(reply.n_samples)
-        extras = {k: v for k, v in reply.extras.items() if isinstance(v, ParameterSet)}
-        if len(extras) != len(reply.extras):
-            raise ConfigurationError(
-                f"Secure aggregation sums ParameterSets only; the aggregator's node side "
-                f"returned other extras: {sorted(set(reply.extras) - set(extras))}.")
-        payload = self._secagg.protect(options, reply.params, weight, extras or None)
-        return dataclasses.replace(reply, params=ParameterSet({}), extras={}, secagg=payload)
-
     def _on_secagg(self, env: Envelope) -> Body:
         request: SecaggRequest = env.body  # type: ignore[assignment]
         try:
@@ -610,8 +628,7 @@ class Node:
                        round=env.round, dataset=entry, n_samples=int(n), plan_hash=sha,
                        plan_name=bundle.entry, training_args=dict(request.training_args),
                        privacy=dict(request.privacy), test_ratio=request.test_ratio,
-                       secagg=str(request.secagg.get("scheme") or "plain") if request.secagg
-                       else None)
+                       secagg=update_protection(self._secagg, request.secagg).scheme)
 
     def _allow_gpu(self) -> bool:
         try:

@@ -33,10 +33,9 @@ import numpy as np
 from fedcore.errors import ConfigurationError, ProtocolError, SecureAggregationError
 from fedcore.node.statistics import additive_from_vector, vector_size
 from fedcore.params import ParameterSet
-from fedcore.researcher.protection import SecureRound
+from fedcore.researcher.protection import Scatters, SecureExchange
 from fedcore.secagg import SecureAggregation
-from fedcore.wire.messages import Envelope, ErrorReply, StatsReply, StatsRequest
-from fedcore.wire.rpc import Client
+from fedcore.wire.messages import StatsReply, StatsRequest
 
 log = logging.getLogger("fedcore.statistics")
 
@@ -100,7 +99,7 @@ def configured(scheme: SecureAggregation, n_nodes: int, split: float) -> SecureA
     return scheme
 
 
-async def secure_sums(client: Client, scheme: SecureAggregation,
+async def secure_sums(client: Scatters, scheme: SecureAggregation,
                       targets: Mapping[str, Mapping[str, Any]],
                       queries: list[dict[str, Any]], *, bound: float, label: str, round: int,
                       timeout: float) -> SecureSums:
@@ -149,7 +148,7 @@ class _OutOfRange(SecureAggregationError):
     """Some node's value exceeded the range: the sum is not returned."""
 
 
-async def _once(client: Client, scheme: SecureAggregation,
+async def _once(client: Scatters, scheme: SecureAggregation,
                 targets: Mapping[str, Mapping[str, Any]], nodes: list[str],
                 queries: list[dict[str, Any]], *, bound: float, label: str, round: int,
                 timeout: float, failed: dict[str, tuple[str, str]]) -> SecureSums:
@@ -158,7 +157,7 @@ async def _once(client: Client, scheme: SecureAggregation,
     split = split_for(bound, len(nodes))
     bins = [0 if q["edges"] is None else len(q["edges"]) - 1 for q in queries]
     reference = ParameterSet({f"q{i}": np.zeros(vector_size(b)) for i, b in enumerate(bins)})
-    secure = SecureRound(configured(scheme, len(nodes), split), client, experiment=label,
+    secure = SecureExchange(configured(scheme, len(nodes), split), client, experiment=label,
                          round=round, nodes=nodes, weights_hint=dict.fromkeys(nodes, 1.0),
                          reference=reference, weighting="uniform", timeout=timeout)
     await secure.prepare()
@@ -168,18 +167,17 @@ async def _once(client: Client, scheme: SecureAggregation,
                               secagg={**secure.options(n), "split": split})
               for n in secure.participants}
     invalid: dict[str, str] = {}
-    async for node, result, _ in client.scatter(bodies, experiment=label, round=round,
-                                                timeout=timeout):
-        body = result.body if isinstance(result, Envelope) else None
-        if isinstance(body, StatsReply) and body.secagg:
+    async for reply in client.scatter(bodies, experiment=label, round=round, timeout=timeout):
+        node, body = reply.node, reply.expect(StatsReply)
+        if body is not None and body.secagg:
             try:
                 secure.add(node, body.secagg)
             except (ProtocolError, ValueError) as exc:
                 failed[node] = ("failed", f"secure aggregation: {exc}")
-        elif isinstance(body, ErrorReply) and body.kind == "configuration":
-            invalid[node] = body.message
+        elif reply.remote and reply.kind == "configuration":
+            invalid[node] = reply.message
         else:
-            failed[node] = _why(result)
+            failed[node] = _why(reply)
     if invalid:
         by_message: dict[str, list[str]] = {}
         for node, message in sorted(invalid.items()):

@@ -11,46 +11,37 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from fedcore import _runtime, plugins
-from fedcore._files import write_atomic
 from fedcore.aggregators import Aggregator
 from fedcore.aggregators._local import check_supported
 from fedcore.data import merge_metadata
-from fedcore.errors import ConfigurationError, ProtocolError
+from fedcore.errors import ConfigurationError, FedcoreError, PlanError
 from fedcore.params import ParameterSet
 from fedcore.plan import PlanBundle, TrainingPlan
 from fedcore.privacy.spec import PrivacySpec
-from fedcore.researcher import monitoring
-from fedcore.researcher import round as _rounds
-from fedcore.researcher.search import describe, find_datasets
+from fedcore.researcher import checkpoint, monitoring
+from fedcore.researcher.federation import Federation, Selection
+from fedcore.researcher.protection import protection_for
+from fedcore.researcher.round import Round, RoundResult, RoundSettings
+from fedcore.researcher.statistics import FederatedStatistics
 from fedcore.researcher.strategies import AllNodes, Strategy, from_params
 from fedcore.secagg import SecureAggregation, scheme_of
-from fedcore.transport import open_transport
-from fedcore.wire import codec
 from fedcore.wire.messages import (
     Checkpoint,
     Envelope,
-    Ping,
     PlanStatus,
     PlanStatusRequest,
     PlanSubmit,
-    Pong,
     TrainProgress,
 )
-from fedcore.wire.rpc import Client, credentials
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from fedcore.researcher.statistics import FederatedStatistics
-
 __all__ = ["Experiment"]
 
 log = logging.getLogger("fedcore.experiment")
 
-_CHECKPOINT_VERSION = 1
-_SETTLE_S = 0.5  # quiet time that ends the wait for nodes when none are named
-_PING_S = 5.0  # the longest wait for a ping's answer in nodes()
 
 
 class Experiment:
@@ -81,7 +72,7 @@ class Experiment:
         plan: type[TrainingPlan],
         *,
         tags: Sequence[str],
-        federation: str,
+        federation: str | Federation,
         model_args: Mapping[str, Any] | None = None,
         training_args: Mapping[str, Any] | None = None,
         aggregator: str | Aggregator = "fedavg",
@@ -104,8 +95,9 @@ class Experiment:
         privacy: Mapping[str, Any] | None = None,
     ):
         self.plan = plan
-        self.tags = tags
-        self.federation = federation
+        self._selection = Selection(tags, nodes)
+        self._session = _session_of(federation, identity, enrolled, connect_timeout)
+        self._owns_session = not isinstance(federation, Federation)
         self.model_args = model_args or {}
         self.training_args = training_args or {}
         self._secagg: SecureAggregation | None = None
@@ -115,34 +107,26 @@ class Experiment:
         self.privacy = privacy
         self.strategy = strategy
         self.round_limit = round_limit
-        self.nodes = nodes
         self.test_ratio = test_ratio
         self.seed = int(seed)
         self.evaluate_global = evaluate_global
         self.evaluate_local = evaluate_local
         self.checkpoint_dir = checkpoint_dir
         self.timeout = float(timeout)
-        self.connect_timeout = float(connect_timeout)
         self.progress = progress
         self.name = name or "experiment"
-        self.identity = identity
-        self.enrolled = enrolled
         self.tensorboard = tensorboard
         self.id = uuid.uuid4().hex
         self.round = 0
         self._params: ParameterSet | None = None
         self._history: list[dict[str, Any]] = []
-        self._targets: dict[str, dict[str, Any]] | None = None
-        self._searched_peers: frozenset[str] = frozenset()  # connected at the last search
-        self._gone: list[str] = []  # nodes that held the data but left the federation
-        self._client: Client | None = None
         self._live: dict[str, dict[str, Any]] = {}  # node -> its latest training progress
         self._bar: Any = None  # run()'s progress bar, while it runs
         self._saved_data_info: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (
-            f"Experiment({self._plan.__name__}, tags={self._tags}, "
+            f"Experiment({self._plan.__name__}, tags={self.tags}, "
             f"federation={self.federation!r}, round={self.round}/{self._round_limit}, "
             f"aggregator={self._aggregator!r})"
         )
@@ -170,26 +154,66 @@ class Experiment:
     @property
     def tags(self) -> list[str]:
         """Dataset tags to train on; changing them repeats the search."""
-        return list(self._tags)
+        return self._selection.tags
 
     @tags.setter
     def tags(self, tags: Sequence[str]) -> None:
-        if isinstance(tags, str):
-            tags = [tags]
-        if not tags:
-            raise ConfigurationError("Expected at least one dataset tag. Received: []")
-        self._tags = [str(t) for t in tags]
-        self._targets = None
+        self._selection.tags = tags
 
     @property
     def nodes(self) -> list[str] | None:
         """Only these nodes take part (``None``: every node with matching data)."""
-        return None if self._nodes is None else list(self._nodes)
+        return self._selection.nodes
 
     @nodes.setter
     def nodes(self, nodes: Sequence[str] | None) -> None:
-        self._nodes = None if nodes is None else [str(n) for n in nodes]
-        self._targets = None
+        self._selection.nodes = nodes
+
+    @property
+    def federation(self) -> str:
+        """The federation's URL; setting a URL or a :class:`Federation` reconnects there."""
+        return self._session.url
+
+    @federation.setter
+    def federation(self, value: str | Federation) -> None:
+        old = self._session
+        if self._owns_session and old.connected:
+            _runtime.submit(old.aclose())
+        self._session = _session_of(value, old.identity, old.enrolled, old.connect_timeout)
+        self._owns_session = not isinstance(value, Federation)
+        self._selection.targets = None
+
+    @property
+    def session(self) -> Federation:
+        """The :class:`~fedcore.researcher.federation.Federation` this experiment talks over."""
+        return self._session
+
+    @property
+    def identity(self) -> str | Path | None:
+        """The researcher's key file (``None``: ``$FEDCORE_IDENTITY`` or the default)."""
+        return self._session.identity
+
+    @identity.setter
+    def identity(self, value: str | Path | None) -> None:
+        self._session.identity = value
+
+    @property
+    def enrolled(self) -> Mapping[str, str] | str | Path | None:
+        """The nodes accepted on a network (``{node_id: key}`` or a ``nodes.toml`` path)."""
+        return self._session.enrolled
+
+    @enrolled.setter
+    def enrolled(self, value: Mapping[str, str] | str | Path | None) -> None:
+        self._session.enrolled = value
+
+    @property
+    def connect_timeout(self) -> float:
+        """How long connecting and searching wait for the nodes, in seconds."""
+        return self._session.connect_timeout
+
+    @connect_timeout.setter
+    def connect_timeout(self, value: float) -> None:
+        self._session.connect_timeout = float(value)
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -381,12 +405,8 @@ class Experiment:
         :mod:`fedcore.researcher.statistics`.
         With the experiment's secure aggregation, if it has one (only pooled results).
         """
-        from fedcore.researcher.statistics import FederatedStatistics
-
-        return FederatedStatistics(self.federation, self._tags, nodes=self._nodes,
-                                   timeout=self.timeout, connect_timeout=self.connect_timeout,
-                                   identity=self.identity, enrolled=self.enrolled,
-                                   secagg=self._secagg)
+        return FederatedStatistics(self._session, self.tags, nodes=self.nodes,
+                                   timeout=self.timeout, secagg=self._secagg)
 
     def trained_plan(self) -> TrainingPlan:
         """A plan instance holding the global model, for use on local data.
@@ -400,33 +420,16 @@ class Experiment:
         plan.set_parameters(self._params)
         return plan
 
-    # --- network ----------------------------------------------------------------------------
-
-    async def _connect(self) -> Client:
-        settle = 0.0
-        if self._client is None:
-            transport = open_transport(self.federation, role="researcher",
-                                       identity=f"researcher-{self.id[:8]}")
-            client = Client(transport, **credentials(transport, self.identity, self.enrolled))
-            client.on_progress = self._on_progress
-            await client.start()
-            self._client = client
-            # Networked nodes dial in one after another: without a node list, give the
-            # stragglers a moment before the first search.
-            if transport.capabilities.networked and not self._nodes:
-                settle = _SETTLE_S
-        wanted = len(self._nodes) if self._nodes else 1
-        await self._client.wait_for_peers(wanted, self.connect_timeout, settle=settle)
-        return self._client
+    # --- the session -------------------------------------------------------------------------
 
     async def _close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        """Disconnect from the federation (the experiment can reconnect later).
 
-    def close(self) -> None:
-        """Disconnect from the federation (the experiment can reconnect later)."""
-        _runtime.run(self._close())
+        A session given as a :class:`Federation` stays open: closing it is its owner's.
+        """
+        self._session.listen(self.id, None)
+        if self._owns_session:
+            await self._session.aclose()
 
     def __enter__(self) -> Experiment:
         return self
@@ -435,45 +438,11 @@ class Experiment:
         self.close()
 
     async def _search(self) -> pd.DataFrame:
-        return await self._find(await self._connect(), self._nodes)
-
-    async def _find(self, client: Client, nodes: Sequence[str] | None) -> pd.DataFrame:
-        self._searched_peers = frozenset(client.peers())
-        found = await find_datasets(client, self.federation, self._tags, nodes,
-                                    timeout=self.connect_timeout, experiment=self.id)
-        self._targets = found.targets
-        return pd.DataFrame(found.rows, columns=["node", "dataset", "name", "tags",
-                                                 "available", "n_samples", "metadata"])
-
-    def search(self) -> pd.DataFrame:
         """Find the datasets tagged ``tags``: one row per node and dataset."""
-        return _runtime.run(self._search())
+        found = await self._selection.search(self._session, self.id)
+        return found.frame()
 
-    async def _nodes_frame(self) -> pd.DataFrame:
-        client = self._client or await self._connect()
-        peers = client.peers()
-        pongs: dict[str, tuple[Pong | None, float | None]] = {}
-        async for node, result, seconds in client.scatter(
-                dict.fromkeys(sorted(peers), Ping()), experiment=self.id,
-                timeout=min(self.connect_timeout, _PING_S)):
-            if isinstance(result, Envelope) and isinstance(result.body, Pong):
-                pongs[node] = (result.body, seconds)
-        known = {*peers, *(self._targets or {}), *(self._nodes or ()), *self._gone,
-                 *client.last_heard}
-        rows = []
-        for node in sorted(known):
-            pong, ping_s = pongs[node] if node in pongs else (None, None)
-            heard = client.last_heard.get(node)
-            rows.append({
-                "node": node, "connected": node in peers, "answers": pong is not None,
-                "last_seen": pd.Timestamp(heard, unit="s", tz="UTC") if heard else pd.NaT,
-                "ping_s": ping_s, "name": pong.name if pong else None,
-                "dataset": (self._targets or {}).get(node, {}).get("name"),
-            })
-        return pd.DataFrame(rows, columns=["node", "connected", "answers", "last_seen",
-                                           "ping_s", "name", "dataset"])
-
-    def node_status(self) -> pd.DataFrame:
+    async def _node_status(self) -> pd.DataFrame:
         """Liveness: one row per node this experiment knows of or sees connected.
 
         Columns: ``connected`` (its connection is up now), ``answers`` (it answered a ping
@@ -481,23 +450,61 @@ class Experiment:
         ``name``, and ``dataset``: the dataset matching the tags, once searched. A node that
         dropped out stays listed with ``connected=False`` and when it was last heard from.
         """
-        return _runtime.run(self._nodes_frame())
+        sel = self._selection
+        known = {*(sel.targets or {}), *(sel.nodes or ()), *sel.gone}
+        return await self._session._node_status(known, sel.dataset_names())
 
     def _data_info(self) -> dict[str, Any]:
-        if self._targets is None:
+        if self._selection.targets is None:
             return dict(self._saved_data_info)
-        return merge_metadata([t["metadata"] for t in self._targets.values()])
+        return merge_metadata([t["metadata"] for t in self._selection.targets.values()])
 
-    # --- rounds (the round itself is in fedcore.researcher.round) --------------------------------
+    # --- rounds (one round is a fedcore.researcher.round.Round) -----------------------------
 
     async def _run_once(self) -> pd.DataFrame:
-        return await _rounds.run_round(self)
-
-    def run_once(self) -> pd.DataFrame:
         """Run one round; return its rows of :attr:`history`."""
-        return _runtime.run(self._run_once())
+        rnd = self.round + 1
+        self._session.listen(self.id, self._on_progress)
+        connected, gone = await self._selection.for_round(self._session, rnd, self.id)
+        targets = self._selection.targets or {}
+        selected = self._strategy.select(sorted({*connected, *gone}), rnd)
+        nodes = [n for n in selected if n in targets]
+        data_info = self._data_info()
+        if self._params is None:
+            self._params = _initial_parameters(self, data_info)
+        settings = RoundSettings(
+            experiment=self.id, round=rnd, nodes=nodes, datasets=targets,
+            params=self._params, timeout=self.timeout, deadline=self._strategy.deadline,
+            min_nodes=self._strategy.min_nodes, gone=[n for n in selected if n not in targets],
+            request=dict(plan=self._bundle.to_wire(), model_args=self._model_args,
+                         training_args=self._training_args, data_info=data_info,
+                         test_ratio=self._test_ratio, seed=self.seed,
+                         evaluate_global=self.evaluate_global,
+                         evaluate_local=self.evaluate_local, privacy=self._privacy))
+        protection = protection_for(
+            self._secagg, self._session, self._aggregator, self._strategy, experiment=self.id,
+            round=rnd, nodes=nodes, reference=self._params, timeout=settings.wait,
+            weights_hint={n: self._strategy.weight(n, int(
+                (targets[n].get("metadata") or {}).get("n_samples") or 1)) for n in nodes})
+        result = await Round(settings, self._session, self._aggregator, protection).run()
+        return self._apply(result)
 
-    async def _run(self, rounds: int | None) -> pd.DataFrame:
+    def _apply(self, result: RoundResult) -> pd.DataFrame:
+        """Record a round's result: history, global model, TensorBoard, checkpoint."""
+        self._history.extend(result.rows)
+        if result.error is not None:
+            raise result.error
+        self._params = result.params
+        self.round = result.round
+        frame = result.frame
+        if self._tensorboard is not None:
+            self._tensorboard.write_round(result.round, frame)
+        if self.checkpoint_dir is not None:
+            self.save(Path(self.checkpoint_dir) / f"round_{result.round:04d}.fedcore")
+        return frame
+
+    async def _run(self, rounds: int | None = None) -> pd.DataFrame:
+        """Run ``rounds`` more rounds (default: up to ``round_limit``); return the history."""
         if rounds is None:
             if self._round_limit is None:
                 raise ConfigurationError(
@@ -519,78 +526,55 @@ class Experiment:
                 self._bar = None
         return self.history
 
-    def run(self, rounds: int | None = None) -> pd.DataFrame:
-        """Run ``rounds`` more rounds (default: up to ``round_limit``); return the history."""
-        return _runtime.run(self._run(rounds))
-
     # --- plan review ------------------------------------------------------------------------
 
     async def _plan_rows(self, body: PlanSubmit | PlanStatusRequest) -> pd.DataFrame:
-        client = await self._connect()
-        if self._targets is None:
-            await self._search()
-        assert self._targets is not None
+        targets = await self._selection.current(self._session, self.id)
         rows: list[dict[str, Any]] = []
-        async for node, result, _ in client.scatter(
-            dict.fromkeys(self._targets, body), experiment=self.id,
-            timeout=self.connect_timeout,
-        ):
-            reply = result.body if isinstance(result, Envelope) else None
-            if isinstance(reply, PlanStatus):
-                rows.append({"node": node, "plan_hash": reply.plan_hash, "status": reply.status,
-                             "note": reply.note, "approval_required": reply.approval_required})
+        async for reply in self._session.scatter(dict.fromkeys(targets, body),
+                                                 experiment=self.id,
+                                                 timeout=self.connect_timeout):
+            status = reply.expect(PlanStatus)
+            if status is not None:
+                rows.append({"node": reply.node, "plan_hash": status.plan_hash,
+                             "status": status.status, "note": status.note,
+                             "approval_required": status.approval_required})
             else:
-                rows.append({"node": node, "plan_hash": self.plan_hash, "status": "error",
-                             "note": describe(result), "approval_required": None})
+                rows.append({"node": reply.node, "plan_hash": self.plan_hash, "status": "error",
+                             "note": reply.why(), "approval_required": None})
         return pd.DataFrame(sorted(rows, key=lambda r: r["node"]),
                             columns=["node", "plan_hash", "status", "note",
                                      "approval_required"])
 
-    def submit_plan(self, message: str = "") -> pd.DataFrame:
+    async def _submit_plan(self, message: str = "") -> pd.DataFrame:
         """Submit the plan for review to the nodes holding the datasets; one row per node.
 
         Nodes that require approval run a plan only once their administrator approved its
         SHA-256 (:attr:`plan_hash`). ``message`` goes to the reviewers. Each row gives the
         node's ``status`` (``pending``, ``approved``, ``rejected``) and ``note``.
         """
-        return _runtime.run(self._plan_rows(PlanSubmit(plan=self._bundle.to_wire(),
-                                                       message=message)))
+        return await self._plan_rows(PlanSubmit(plan=self._bundle.to_wire(), message=message))
 
-    def plan_status(self) -> pd.DataFrame:
+    async def _plan_status(self) -> pd.DataFrame:
         """Where the plan stands on each node (``unknown`` where it was never submitted)."""
-        return _runtime.run(self._plan_rows(PlanStatusRequest(plan_hash=self.plan_hash)))
+        return await self._plan_rows(PlanStatusRequest(plan_hash=self.plan_hash))
 
-    # --- async twins: the work always runs on fedcore's loop, awaited from any loop ---------
+    # --- the public calls: each once synchronous (scripts, Jupyter), once async -------------
 
-    async def anode_status(self) -> pd.DataFrame:
-        """Async twin of :meth:`node_status`."""
-        return await _runtime.run_async(self._nodes_frame())
-
-    async def asearch(self) -> pd.DataFrame:
-        """Async twin of :meth:`search`."""
-        return await _runtime.run_async(self._search())
-
-    async def arun_once(self) -> pd.DataFrame:
-        """Async twin of :meth:`run_once`."""
-        return await _runtime.run_async(self._run_once())
-
-    async def arun(self, rounds: int | None = None) -> pd.DataFrame:
-        """Async twin of :meth:`run`."""
-        return await _runtime.run_async(self._run(rounds))
-
-    async def asubmit_plan(self, message: str = "") -> pd.DataFrame:
-        """Async twin of :meth:`submit_plan`."""
-        return await _runtime.run_async(self._plan_rows(
-            PlanSubmit(plan=self._bundle.to_wire(), message=message)))
-
-    async def aplan_status(self) -> pd.DataFrame:
-        """Async twin of :meth:`plan_status`."""
-        return await _runtime.run_async(self._plan_rows(
-            PlanStatusRequest(plan_hash=self.plan_hash)))
-
-    async def aclose(self) -> None:
-        """Async twin of :meth:`close`."""
-        await _runtime.run_async(self._close())
+    search = _runtime.blocking(_search)
+    asearch = _runtime.awaitable(_search)
+    node_status = _runtime.blocking(_node_status)
+    anode_status = _runtime.awaitable(_node_status)
+    run_once = _runtime.blocking(_run_once)
+    arun_once = _runtime.awaitable(_run_once)
+    run = _runtime.blocking(_run)
+    arun = _runtime.awaitable(_run)
+    submit_plan = _runtime.blocking(_submit_plan)
+    asubmit_plan = _runtime.awaitable(_submit_plan)
+    plan_status = _runtime.blocking(_plan_status)
+    aplan_status = _runtime.awaitable(_plan_status)
+    close = _runtime.blocking(_close)
+    aclose = _runtime.awaitable(_close)
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -599,9 +583,9 @@ class Experiment:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
-            "format": _CHECKPOINT_VERSION,
+            "format": checkpoint.VERSION,
             "id": self.id, "name": self.name, "round": self.round,
-            "round_limit": self._round_limit, "tags": self._tags, "nodes": self._nodes,
+            "round_limit": self._round_limit, "tags": self.tags, "nodes": self.nodes,
             "federation": self.federation, "model_args": self._model_args,
             "training_args": self._training_args, "test_ratio": self._test_ratio,
             "seed": self.seed, "evaluate_global": self.evaluate_global,
@@ -617,11 +601,11 @@ class Experiment:
             "privacy": self._privacy,
             "strategy": {"name": type(self._strategy).__name__,
                          "params": self._strategy.get_params()},
-            "targets": self._targets, "data_info": self._data_info(),
+            "targets": self._selection.targets, "data_info": self._data_info(),
         }
-        body = Checkpoint(state=state, params=self._params, history=self._history,
-                          aggregator_state=self._aggregator.state_dict())
-        return write_atomic(path, codec.encode(Envelope(body=body)))
+        return checkpoint.write(path, Checkpoint(
+            state=state, params=self._params, history=self._history,
+            aggregator_state=self._aggregator.state_dict()))
 
     @classmethod
     def load(
@@ -639,29 +623,7 @@ class Experiment:
         The plan is rebuilt from the shipped source unless ``plan`` is given; ``federation``
         and any constructor argument can be overridden.
         """
-        path = Path(path)
-        if path.is_dir():
-            files = sorted(path.glob("*.fedcore"))
-            if not files:
-                raise ConfigurationError(f"No *.fedcore checkpoint in {path}.")
-            path = files[-1]
-        try:
-            body = codec.decode(path.read_bytes()).body
-        except FileNotFoundError:
-            raise ConfigurationError(f"No checkpoint at {path}.") from None
-        except ProtocolError as exc:
-            raise ConfigurationError(
-                f"{path} is not a readable fedcore checkpoint ({exc}). Pass a file written by "
-                "Experiment.save(), or the checkpoint folder.") from exc
-        if not isinstance(body, Checkpoint):
-            raise ConfigurationError(
-                f"{path} is not a fedcore experiment checkpoint (it holds a "
-                f"{body.TAG!r} message). Pass a file written by Experiment.save().")
-        found = body.state.get("format")
-        if found != _CHECKPOINT_VERSION:
-            raise ConfigurationError(
-                f"{path} is an experiment checkpoint of format {found!r}; this fedcore reads "
-                f"format {_CHECKPOINT_VERSION}. Open it with the fedcore version that wrote it.")
+        body = checkpoint.read(path)
         s = body.state
         if plan is None:
             plan = PlanBundle.from_wire(s["plan"]).load()
@@ -729,3 +691,27 @@ def _postfix(rows: pd.DataFrame) -> dict[str, str]:
             break
     return out
 
+
+
+def _initial_parameters(exp: Experiment, data_info: dict[str, Any]) -> ParameterSet:
+    try:
+        plan = exp.plan(exp.model_args, exp.training_args, data_info)
+        plan.build(seed=exp.seed)
+        return ParameterSet(plan.get_parameters()).copy()
+    except FedcoreError:
+        raise
+    except Exception as exc:
+        raise PlanError(
+            f"The plan failed to build its initial model: {type(exc).__name__}: {exc}",
+            exc_type=type(exc).__name__,
+        ) from exc
+
+
+def _session_of(federation: str | Federation, identity: str | Path | None,
+                enrolled: Mapping[str, str] | str | Path | None,
+                connect_timeout: float) -> Federation:
+    """The experiment's session: the one given, or a new one for a URL."""
+    if isinstance(federation, Federation):
+        return federation
+    return Federation(federation, identity=identity, enrolled=enrolled,
+                      connect_timeout=connect_timeout)

@@ -1,38 +1,107 @@
-"""The researcher's side of a round under secure aggregation, over a :class:`~._rpc.Client`.
+"""Round protection: how a round's updates reach the aggregator, as one interchangeable layer.
 
-Order of a round (see :mod:`fedcore.secagg.base`): the scheme's setup exchanges with the
-selected nodes (:meth:`SecureRound.prepare`), training requests that carry each node's
-protection options (:meth:`SecureRound.options`), the protected updates folded in as they
-arrive (:meth:`SecureRound.add`), then the unmask exchange with the nodes whose update
-arrived and the sum (:meth:`SecureRound.finish`). A node that fails an exchange is left out
-of the round and named; the scheme decides whether the sum can still be made.
+A :class:`~fedcore.researcher.round.Round` talks to a :class:`RoundProtection` only:
+
+- :class:`ClearRound`, the identity: each node's update is folded into the aggregator as it
+  arrives, weighted by the strategy;
+- :class:`SecureRound`: a secure-aggregation scheme (:mod:`fedcore.secagg`). Its setup
+  exchanges run before the training requests (:meth:`RoundProtection.prepare`), each
+  request carries the node's protection options (:meth:`RoundProtection.options`), the
+  protected updates are collected (:meth:`RoundProtection.add`), and the unmask exchange
+  gives the sum, folded into the aggregator at the end (:meth:`RoundProtection.finish`).
+
+The node mirrors the same layer (:mod:`fedcore.node.protection`). :class:`SecureExchange`
+drives a scheme's phases over any session that scatters requests; federated statistics use
+it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import abc
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
 
+from fedcore.aggregators import Aggregator
 from fedcore.errors import ProtocolError
 from fedcore.params import ParameterSet
-from fedcore.researcher.search import describe
+from fedcore.researcher.strategies import Strategy
 from fedcore.secagg import ResearcherSession, SecureAggregation, SecureSum
-from fedcore.wire.messages import Envelope, SecaggReply, SecaggRequest
-from fedcore.wire.rpc import Client
+from fedcore.wire.messages import Body, SecaggReply, SecaggRequest, TrainReply
+from fedcore.wire.rpc import Reply
+
+__all__ = ["ClearRound", "RoundProtection", "SecureExchange", "SecureRound", "protection_for"]
+
+log = logging.getLogger("fedcore.experiment")
 
 
-class SecureRound:
-    """One round's secure-aggregation session, driven over ``client``."""
+class Scatters(Protocol):
+    """What protection needs of a session: one request per node, replies as they come."""
 
-    def __init__(self, scheme: SecureAggregation, client: Client, *, experiment: str,
+    def scatter(self, bodies: Mapping[str, Body], *, experiment: str = "", round: int = 0,
+                timeout: float = 60.0) -> AsyncIterator[Reply]:
+        """Send one body per node; yield each node's reply."""
+        ...
+
+
+class RoundProtection(abc.ABC):
+    """One round's protection of the nodes' updates (see the module's docstring)."""
+
+    #: What the history's ``secagg`` column says (``""``: in clear).
+    name: str = ""
+
+    def __init__(self) -> None:
+        #: Nodes left out of the round by the protection's own exchanges, with why.
+        self.failures: dict[str, str] = {}
+
+    async def prepare(self) -> None:  # noqa: B027 - the identity has nothing to prepare
+        """Run the exchanges that come before training; failed nodes go to :attr:`failures`."""
+
+    def participants(self, nodes: list[str]) -> list[str]:
+        """The nodes of ``nodes`` that train and send an update this round."""
+        return [n for n in nodes if n not in self.failures]
+
+    def options(self, node: str) -> dict[str, Any]:
+        """What ``node``'s training request carries in ``TrainRequest.secagg``."""
+        return {}
+
+    @abc.abstractmethod
+    def add(self, node: str, reply: TrainReply) -> None:
+        """Fold one node's reply (``ValueError`` or a ``FedcoreError`` when unusable)."""
+
+    async def finish(self) -> dict[str, Any]:
+        """Complete the round's sum; returns what to add to each contributing node's row.
+
+        ``SecureAggregationError`` when the sum cannot be made.
+        """
+        return {}
+
+
+class ClearRound(RoundProtection):
+    """The identity: updates travel in clear and are folded one by one, as they arrive."""
+
+    def __init__(self, aggregator: Aggregator, strategy: Strategy):
+        super().__init__()
+        self._aggregator = aggregator
+        self._strategy = strategy
+
+    def add(self, node: str, reply: TrainReply) -> None:
+        self._aggregator.add(reply.params, self._strategy.weight(node, reply.n_samples), node,
+                             reply.extras)
+
+
+class SecureExchange:
+    """A secure-aggregation scheme's exchanges for one round, driven over a session."""
+
+    def __init__(self, scheme: SecureAggregation, session: Scatters, *, experiment: str,
                  round: int, nodes: list[str], weights_hint: Mapping[str, float],
                  reference: ParameterSet, weighting: str, timeout: float):
         self.session: ResearcherSession = scheme.researcher_session(
             round, nodes, weights_hint=weights_hint, reference=reference)
         self.scheme = scheme
-        self._client = client
+        self._transport = session
         self._experiment = experiment
-        self._round = round
+        self.round = round
         self._weighting = weighting
         self._timeout = timeout
         self.failures: dict[str, str] = {}
@@ -42,27 +111,22 @@ class SecureRound:
         if not requests:
             return
         bodies = {node: SecaggRequest(phase=phase, payload=msg) for node, msg in requests.items()}
-        async for node, result, _ in self._client.scatter(
-                bodies, experiment=self._experiment, round=self._round, timeout=self._timeout):
-            reply = result.body if isinstance(result, Envelope) else None
-            if not isinstance(reply, SecaggReply):
-                self.failures[node] = f"secure aggregation ({phase}): {describe(result)}"
+        async for reply in self._transport.scatter(
+                bodies, experiment=self._experiment, round=self.round, timeout=self._timeout):
+            answer = reply.expect(SecaggReply)
+            if answer is None:
+                self.failures[reply.node] = f"secure aggregation ({phase}): {reply.why()}"
                 continue
             try:
-                record(node, reply.payload)
+                record(reply.node, answer.payload)
             except ProtocolError as exc:
-                self.failures[node] = f"secure aggregation ({phase}): {exc}"
+                self.failures[reply.node] = f"secure aggregation ({phase}): {exc}"
 
     async def prepare(self) -> None:
         """Run the setup exchanges; nodes that fail them are in :attr:`failures`."""
         s = self.session
-        steps: list[tuple[str, Callable[[], dict[str, dict[str, Any]]],
-                          Callable[[str, Mapping[str, Any]], None]]] = [
-            ("setup", s.setup_requests, s.add_setup),
-            ("share_keys", s.share_requests, s.add_shares),
-        ]
-        for phase, requests, record in steps:
-            await self._exchange(phase, requests(), record)
+        await self._exchange("setup", s.setup_requests(), s.add_setup)
+        await self._exchange("share_keys", s.share_requests(), s.add_shares)
 
     @property
     def participants(self) -> list[str]:
@@ -70,7 +134,7 @@ class SecureRound:
         return [n for n in self.session.participants if n not in self.failures]
 
     def options(self, node: str) -> dict[str, Any]:
-        """What ``node``'s training request carries in ``TrainRequest.secagg``."""
+        """What ``node``'s request carries for its protection."""
         return {**self.session.train_options(node), "weighting": self._weighting}
 
     def add(self, node: str, payload: Mapping[str, Any]) -> None:
@@ -81,3 +145,57 @@ class SecureRound:
         """The unmask exchange, then the sum (``SecureAggregationError`` when impossible)."""
         await self._exchange("unmask", self.session.unmask_requests(), self.session.add_unmask)
         return self.session.unprotect_sum()
+
+
+class SecureRound(RoundProtection):
+    """Secure aggregation: the researcher learns only the weighted sum of the updates."""
+
+    def __init__(self, exchange: SecureExchange, aggregator: Aggregator):
+        super().__init__()
+        self.exchange = exchange
+        self.name = exchange.scheme.name
+        self._aggregator = aggregator
+        self.failures = exchange.failures  # one record of who left, whichever exchange
+
+    async def prepare(self) -> None:
+        await self.exchange.prepare()
+
+    def participants(self, nodes: list[str]) -> list[str]:
+        return [n for n in self.exchange.participants if n in nodes]
+
+    def options(self, node: str) -> dict[str, Any]:
+        return self.exchange.options(node)
+
+    def add(self, node: str, reply: TrainReply) -> None:
+        self.exchange.add(node, reply.secagg)
+
+    async def finish(self) -> dict[str, Any]:
+        before = set(self.failures)
+        total = await self.exchange.finish()
+        self._aggregator.add_sum(total.sums, total.total_weight, total.report["survivors"],
+                                 total.extras)
+        clipped = sum(total.report.get("clipped", {}).values())
+        if clipped:
+            log.warning("Round %d: %d value(s) were clipped to the secure-aggregation range: "
+                        "the aggregate is of the clipped updates. Pass a larger clip= to the "
+                        "scheme (history column secagg_clipped counts them).",
+                        self.exchange.round, clipped)
+        for node, err in self.failures.items():  # failed the unmask exchange only
+            if node not in before:
+                log.warning("Round %d: node %s %s", self.exchange.round, node, err)
+        return {"secagg": self.name, "secagg_recovered": len(total.report.get("recovered", [])),
+                "secagg_clipped": clipped}
+
+
+def protection_for(scheme: SecureAggregation | None, session: Scatters,
+                   aggregator: Aggregator, strategy: Strategy, *, experiment: str, round: int,
+                   nodes: list[str], weights_hint: Mapping[str, float],
+                   reference: ParameterSet, timeout: float) -> RoundProtection:
+    """The round's protection: :class:`ClearRound` without a scheme, else :class:`SecureRound`."""
+    if scheme is None or not nodes:
+        return ClearRound(aggregator, strategy)
+    exchange = SecureExchange(scheme, session, experiment=experiment, round=round,
+                              nodes=nodes, weights_hint=weights_hint, reference=reference,
+                              weighting=strategy.weighting, timeout=timeout)
+    return SecureRound(exchange, aggregator)
+

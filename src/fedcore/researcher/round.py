@@ -1,253 +1,238 @@
-"""One round of an Experiment: choose the nodes, send the requests, fold the replies.
+"""One round of training: send the requests, fold the replies, return a :class:`RoundResult`.
 
-Kept apart from :mod:`fedcore.researcher.experiment` (the researcher's object and its settings):
-:func:`run_round` works on the experiment's state. Under secure aggregation the
-round also runs the scheme's exchanges (:mod:`fedcore.researcher.protection`) and folds the
-unmasked sum instead of each update.
+``Round(settings, session, aggregator, protection).run()`` is the whole round as the
+researcher sees it. It knows nothing of the :class:`~fedcore.researcher.experiment.Experiment`
+that made it: the experiment chooses the nodes and builds the :class:`RoundSettings`, and
+applies the result (history, global model, checkpoint, TensorBoard). How updates reach the
+aggregator, in clear or through secure aggregation, is the ``protection`` layer
+(:mod:`fedcore.researcher.protection`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pandas as pd
 
-from fedcore.errors import (
-    FedcoreError,
-    PlanError,
-    RoundError,
-    SecureAggregationError,
-    TransportError,
-)
+from fedcore.aggregators import Aggregator
+from fedcore.errors import FedcoreError, RoundError, SecureAggregationError
 from fedcore.params import ParameterSet
-from fedcore.researcher.protection import SecureRound
-from fedcore.researcher.search import describe
-from fedcore.wire.messages import Envelope, ErrorReply, TrainReply, TrainRequest
-from fedcore.wire.rpc import Client
+from fedcore.researcher.federation import Federation
+from fedcore.researcher.protection import RoundProtection
+from fedcore.wire.messages import TrainReply, TrainRequest
+from fedcore.wire.rpc import Reply
 
-if TYPE_CHECKING:
-    from fedcore.aggregators import Aggregator
-    from fedcore.researcher.experiment import Experiment
+__all__ = ["Round", "RoundResult", "RoundSettings"]
 
 log = logging.getLogger("fedcore.experiment")
 
 
-async def _round_nodes(exp: Experiment, rnd: int) -> tuple[Client, list[str], list[str]]:
-    """The round's nodes: ``(client, connected selected nodes, selected but gone)``.
+@dataclass(frozen=True)
+class RoundSettings:
+    """Everything one round needs, fixed when it starts.
 
-    The search is repeated only when the set of connected nodes changed since the last
-    one (a node left, or came back after a restart): nothing extra when nothing changed.
+    ``nodes`` are the selected nodes that are connected, ``gone`` the selected ones that
+    left; ``datasets`` maps each node to the dataset it trains on (a search result).
+    ``request`` holds the fields of every node's :class:`~fedcore.wire.messages.TrainRequest`
+    but the dataset, the aggregator's options and the protection's.
     """
-    if exp._client is None or exp._targets is None:
-        client = await exp._connect()
-    else:
-        client = exp._client
-    peers = frozenset(client.peers())
-    if exp._targets is None:
-        await exp._find(client, exp._nodes)
-        exp._gone = []
-    elif peers != exp._searched_peers:
-        known = set(exp._targets) | set(exp._nodes or ())
-        wanted = None if exp._nodes is None else [n for n in exp._nodes if n in peers]
-        log.info("Round %d: the connected nodes changed (%s); searching again.", rnd,
-                 ", ".join(sorted(peers)) or "none")
-        if wanted == [] or not peers:
-            gone = sorted(known)
-            raise RoundError(f"Round {rnd}: none of the nodes {gone} is connected to "
-                             f"{exp.federation}.",
-                             failures=dict.fromkeys(gone, "not connected"))
-        await exp._find(client, wanted)
-        assert exp._targets is not None
-        exp._gone = sorted(n for n in known - set(exp._targets) if n not in peers)
-    assert exp._targets is not None
-    gone = [n for n in exp._gone if n not in exp._targets]
-    selected = exp._strategy.select(sorted({*exp._targets, *gone}), rnd)
-    return (client, [n for n in selected if n in exp._targets],
-            [n for n in selected if n not in exp._targets])
 
-async def run_round(exp: Experiment) -> pd.DataFrame:
-    """Run the experiment's next round; return its rows of history."""
-    started = time.perf_counter()
-    rnd = exp.round + 1
-    client, selected, gone = await _round_nodes(exp, rnd)
-    assert exp._targets is not None
-    data_info = exp._data_info()
-    if exp._params is None:
-        exp._params = _initial_parameters(exp, data_info)
-    plan_wire = exp._bundle.to_wire()
-    agg = exp._aggregator
-    agg.start(exp._params, rnd)
-    algorithm = agg.round_options()
-    deadline = exp._strategy.deadline
-    wait = exp.timeout if deadline is None else min(exp.timeout, deadline)
-    rows: dict[str, dict[str, Any]] = {}
-    failures: dict[str, str] = {}
-    for node in gone:
-        rows[node] = _missing(exp, rnd, node, f"Node {node!r} is not connected.", failures)
-    secure = None
-    if exp._secagg is not None and selected:
-        secure = SecureRound(
-            exp._secagg, client, experiment=exp.id, round=rnd, nodes=selected,
-            weights_hint={n: exp._strategy.weight(n, int(
-                (exp._targets[n].get("metadata") or {}).get("n_samples") or 1))
-                for n in selected},
-            reference=exp._params, weighting=exp._strategy.weighting, timeout=wait)
-        await secure.prepare()
-        for node, err in secure.failures.items():
-            rows[node] = _missing(exp, rnd, node, err, failures)
-        selected = [n for n in secure.participants if n in selected]
-    bodies = {
-        node: TrainRequest(
-            plan=plan_wire, params=exp._params, dataset_id=exp._targets[node]["id"],
-            model_args=exp._model_args, training_args=exp._training_args,
-            data_info=data_info, test_ratio=exp._test_ratio, seed=exp.seed,
-            evaluate_global=exp.evaluate_global, evaluate_local=exp.evaluate_local,
-            algorithm=algorithm, privacy=exp._privacy,
-            secagg=secure.options(node) if secure is not None else {},
-        )
-        for node in selected
-    }
-    order = list(bodies)  # sorted node ids: updates are folded in this order
-    arrived: dict[str, tuple[Envelope | Exception, float]] = {}
-    folded = 0
-    async for node, result, seconds in client.scatter(
-        bodies, experiment=exp.id, round=rnd, timeout=wait
-    ):
-        if deadline is not None and isinstance(result, TransportError) and (
-                seconds >= deadline * 0.99):
-            result = TransportError(f"Node {node!r} missed the round's deadline of "
-                                    f"{deadline:g} s.")
-        arrived[node] = (result, seconds)
-        while folded < len(order) and order[folded] in arrived:
-            name = order[folded]
-            res, secs = arrived.pop(name)
-            rows[name] = _fold(exp, agg, secure, rnd, name, res, secs, failures)
-            folded += 1
-    if secure is not None:
-        await _secure_sum(exp, agg, secure, rnd, rows, failures)
-    new_rows = [rows[n] for n in sorted(rows)]
-    round_s = time.perf_counter() - started
-    for row in new_rows:
-        row["round_s"] = round_s
-    ok = [r["node"] for r in new_rows if r["status"] == "ok"]
-    for node, err in failures.items():
-        what = "is missing" if rows[node]["status"] == "missing" else "failed"
-        log.warning("Round %d: node %s %s: %s", rnd, node, what, err)
-    if len(ok) < exp._strategy.min_nodes:
-        exp._history.extend(new_rows)
-        detail = "; ".join(f"{n}: {e}" for n, e in failures.items())
-        if not ok:
-            raise RoundError(f"Round {rnd} failed on every node. {detail}",
-                             failures=failures)
-        raise RoundError(
-            f"Round {rnd} lacks its quorum: {len(ok)} node(s) answered ({', '.join(ok)}), "
-            f"the strategy needs {exp._strategy.min_nodes}. Missing or failed: {detail}",
-            failures=failures)
-    exp._params = agg.result()
-    report = getattr(agg, "privacy_report", None)
-    if callable(report):  # central DP: what the researcher's noise spent this round
-        spent = report()
-        for row in new_rows:
-            row.update(central_epsilon=spent.get("epsilon"),
-                       central_epsilon_total=spent.get("epsilon_total"))
-    exp.round = rnd
-    exp._history.extend(new_rows)
-    frame = pd.DataFrame(new_rows)
-    if exp._tensorboard is not None:
-        exp._tensorboard.write_round(rnd, frame)
-    if exp.checkpoint_dir is not None:
-        exp.save(Path(exp.checkpoint_dir) / f"round_{rnd:04d}.fedcore")
-    return frame
+    experiment: str
+    round: int
+    nodes: list[str]
+    datasets: Mapping[str, Mapping[str, Any]]
+    params: ParameterSet
+    request: Mapping[str, Any]
+    timeout: float
+    deadline: float | None = None
+    min_nodes: int = 1
+    gone: list[str] = field(default_factory=list)
 
-def _missing(exp: Experiment, rnd: int, node: str, error: str, failures: dict[str, str]
-             ) -> dict[str, Any]:
-    """The history row of a node that did not answer (gone, too late, disconnected)."""
-    failures[node] = error
-    dataset = exp._targets[node]["name"] if exp._targets and node in exp._targets else ""
-    return {"round": rnd, "node": node, "dataset": dataset, "status": "missing",
-            "n_samples": 0, "n_test": 0, "error": error}
+    @property
+    def wait(self) -> float:
+        """How long the round waits for a reply: the timeout, or the deadline if shorter."""
+        return self.timeout if self.deadline is None else min(self.timeout, self.deadline)
 
-async def _secure_sum(exp: Experiment, agg: Aggregator, secure: SecureRound, rnd: int,
-                      rows: dict[str, dict[str, Any]], failures: dict[str, str]) -> None:
-    """Unmask the round's secure sum and fold it; a failure fails the round's nodes."""
-    ok = [n for n, r in rows.items() if r["status"] == "ok"]
-    if not ok:
-        return
-    try:
-        total = await secure.finish()
-    except SecureAggregationError as exc:
-        for node in ok:
-            failures[node] = str(exc)
-            rows[node].update(status="failed", error=str(exc))
-        return
-    agg.add_sum(total.sums, total.total_weight, total.report["survivors"], total.extras)
-    clipped = sum(total.report.get("clipped", {}).values())
-    if clipped:
-        log.warning("Round %d: %d value(s) were clipped to the secure-aggregation range: "
-                    "the aggregate is of the clipped updates. Pass a larger clip= to the "
-                    "scheme (history column secagg_clipped counts them).", rnd, clipped)
-    for node in ok:
-        rows[node].update(secagg=secure.scheme.name,
-                          secagg_recovered=len(total.report.get("recovered", [])),
-                          secagg_clipped=clipped)
-    for node, err in secure.failures.items():  # failed the unmask exchange only
-        if node not in failures:
-            log.warning("Round %d: node %s %s", rnd, node, err)
 
-def _fold(exp: Experiment, agg: Aggregator, secure: SecureRound | None, rnd: int, node: str,
-          result: Envelope | Exception, seconds: float, failures: dict[str, str]
-          ) -> dict[str, Any]:
-    if isinstance(result, TransportError):  # no answer: the node is gone or too late
-        return {**_missing(exp, rnd, node, str(result), failures), "round_trip_s": seconds}
-    row: dict[str, Any] = {"round": rnd, "node": node,
-                           "dataset": exp._targets[node]["name"] if exp._targets else "",
-                           "status": "ok", "round_trip_s": seconds}
-    body = result.body if isinstance(result, Envelope) else None
-    if isinstance(body, TrainReply):
-        try:
-            if secure is not None:
-                secure.add(node, body.secagg)
-            else:
-                agg.add(body.params, exp._strategy.weight(node, body.n_samples), node,
-                        body.extras)
-        except (ValueError, FedcoreError) as exc:
-            body = None
-            result = exc
-    if isinstance(body, TrainReply):
-        row.update(n_samples=body.n_samples, n_test=body.n_test, device=body.device)
-        row.update({f"train_{k}": v for k, v in body.train_stats.items()})
-        row.update({f"global_{k}": v for k, v in body.metrics_global.items()})
-        row.update({f"local_{k}": v for k, v in body.metrics_local.items()})
-        row.update(body.timings)
-        if body.privacy:  # what DP cost this node, this round and in total
-            row.update(privacy=body.privacy.get("mechanism"),
-                       privacy_epsilon=body.privacy.get("epsilon"),
-                       privacy_epsilon_total=body.privacy.get("epsilon_total"),
-                       privacy_delta=body.privacy.get("delta"))
+@dataclass
+class RoundResult:
+    """What one round produced: a history row per node, and the new global model.
+
+    ``params`` is ``None`` and ``error`` says why when the round failed (no node answered,
+    or fewer than the strategy's quorum); the rows are there either way.
+    """
+
+    round: int
+    rows: list[dict[str, Any]]
+    failures: dict[str, str]
+    params: ParameterSet | None = None
+    error: RoundError | None = None
+
+    @property
+    def ok(self) -> list[str]:
+        """The nodes whose update is in the new global model."""
+        return [r["node"] for r in self.rows if r["status"] == "ok"]
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The rows as a DataFrame (as :attr:`Experiment.history` shows them)."""
+        return pd.DataFrame(self.rows)
+
+
+class Round:
+    """One round: requests out, replies folded into ``aggregator`` through ``protection``."""
+
+    def __init__(self, settings: RoundSettings, session: Federation, aggregator: Aggregator,
+                 protection: RoundProtection):
+        self.settings = settings
+        self.session = session
+        self.aggregator = aggregator
+        self.protection = protection
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._failures: dict[str, str] = {}
+
+    async def run(self) -> RoundResult:
+        """Run the round; the result holds the rows, and the new model or why there is none."""
+        started = time.perf_counter()
+        s = self.settings
+        self.aggregator.start(s.params, s.round)
+        for node in s.gone:
+            self._missing(node, f"Node {node!r} is not connected.")
+        await self.protection.prepare()
+        for node, err in self.protection.failures.items():
+            self._missing(node, err)
+        await self._train(self.protection.participants(s.nodes))
+        await self._finish()
+        rows = [self._rows[n] for n in sorted(self._rows)]
+        round_s = time.perf_counter() - started
+        for row in rows:
+            row["round_s"] = round_s
+        for node, err in self._failures.items():
+            what = "is missing" if self._rows[node]["status"] == "missing" else "failed"
+            log.warning("Round %d: node %s %s: %s", s.round, node, what, err)
+        result = RoundResult(s.round, rows, self._failures)
+        result.error = self._quorum(result)
+        if result.error is None:
+            result.params = self.aggregator.result()
+            self._central_privacy(rows)
+        return result
+
+    def _requests(self, nodes: list[str]) -> dict[str, TrainRequest]:
+        s = self.settings
+        algorithm = self.aggregator.round_options()
+        return {node: TrainRequest(params=s.params, dataset_id=s.datasets[node]["id"],
+                                   algorithm=algorithm, secagg=self.protection.options(node),
+                                   **s.request)
+                for node in nodes}
+
+    async def _train(self, nodes: list[str]) -> None:
+        """Send the training requests; fold replies in node order, each once it is in."""
+        s = self.settings
+        order = sorted(nodes)  # updates are folded in this order, whatever the arrival
+        arrived: dict[str, Reply] = {}
+        folded = 0
+        async for reply in self.session.scatter(self._requests(order), experiment=s.experiment,
+                                                round=s.round, timeout=s.wait):
+            if s.deadline is not None and reply.missing and reply.seconds >= s.deadline * 0.99:
+                reply = replace(reply, error=f"TransportError: Node {reply.node!r} missed the "
+                                             f"round's deadline of {s.deadline:g} s.")
+            arrived[reply.node] = reply
+            while folded < len(order) and order[folded] in arrived:
+                self._fold(arrived.pop(order[folded]))
+                folded += 1
+
+    def _fold(self, reply: Reply) -> None:
+        node = reply.node
+        if reply.missing:  # no answer: the node is gone or too late
+            self._missing(node, reply.why())
+            self._rows[node]["round_trip_s"] = reply.seconds
+            return
+        row = self._row(node, "ok")
+        row["round_trip_s"] = reply.seconds
+        body = reply.expect(TrainReply)
+        error = reply.why()
+        if body is not None:
+            try:
+                self.protection.add(node, body)
+            except (ValueError, FedcoreError) as exc:
+                body, error = None, f"{type(exc).__name__}: {exc}"
+        if body is None:
+            self._failures[node] = error
+            row.update(status="failed", n_samples=0, n_test=0, error=error)
+            if reply.remote:
+                row["error_kind"] = reply.kind
+            return
+        row.update(_reply_columns(body))
         if body.overrides:  # the node's policy changed the training arguments
-            row.update(overrides=dict(body.overrides), policy="; ".join(body.policy_notes))
-            log.warning("Round %d: node %s applied its policy: %s", rnd, node,
+            log.warning("Round %d: node %s applied its policy: %s", self.settings.round, node,
                         row["policy"] or body.overrides)
-        return row
-    error = describe(result)
-    failures[node] = error
-    row.update(status="failed", n_samples=0, n_test=0, error=error)
-    if isinstance(body, ErrorReply):
-        row["error_kind"] = body.kind
-    return row
 
-def _initial_parameters(exp: Experiment, data_info: dict[str, Any]) -> ParameterSet:
-    try:
-        plan = exp._plan(exp._model_args, exp._training_args, data_info)
-        plan.build(seed=exp.seed)
-        return ParameterSet(plan.get_parameters()).copy()
-    except FedcoreError:
-        raise
-    except Exception as exc:
-        raise PlanError(
-            f"The plan failed to build its initial model: {type(exc).__name__}: {exc}",
-            exc_type=type(exc).__name__,
-        ) from exc
+    async def _finish(self) -> None:
+        """Complete the protection's sum; a failure fails every node that contributed."""
+        ok = [n for n, r in self._rows.items() if r["status"] == "ok"]
+        if not ok:
+            return
+        try:
+            columns = await self.protection.finish()
+        except SecureAggregationError as exc:
+            for node in ok:
+                self._failures[node] = str(exc)
+                self._rows[node].update(status="failed", error=str(exc))
+            return
+        for node in ok:
+            self._rows[node].update(columns)
+
+    def _quorum(self, result: RoundResult) -> RoundError | None:
+        ok, need = result.ok, self.settings.min_nodes
+        if len(ok) >= need:
+            return None
+        detail = "; ".join(f"{n}: {e}" for n, e in self._failures.items())
+        if not ok:
+            return RoundError(f"Round {result.round} failed on every node. {detail}",
+                              failures=self._failures)
+        return RoundError(
+            f"Round {result.round} lacks its quorum: {len(ok)} node(s) answered "
+            f"({', '.join(ok)}), the strategy needs {need}. Missing or failed: {detail}",
+            failures=self._failures)
+
+    def _central_privacy(self, rows: list[dict[str, Any]]) -> None:
+        report = getattr(self.aggregator, "privacy_report", None)
+        if callable(report):  # central DP: what the researcher's noise spent this round
+            spent = report()
+            for row in rows:
+                row.update(central_epsilon=spent.get("epsilon"),
+                           central_epsilon_total=spent.get("epsilon_total"))
+
+    def _row(self, node: str, status: str) -> dict[str, Any]:
+        dataset = self.settings.datasets.get(node, {}).get("name", "")
+        row: dict[str, Any] = {"round": self.settings.round, "node": node, "dataset": dataset,
+                               "status": status}
+        self._rows[node] = row
+        return row
+
+    def _missing(self, node: str, error: str) -> None:
+        """The row of a node that did not answer (gone, too late, disconnected)."""
+        self._failures[node] = error
+        self._row(node, "missing").update(n_samples=0, n_test=0, error=error)
+
+
+def _reply_columns(body: TrainReply) -> dict[str, Any]:
+    """A training reply's history columns: counts, metrics, timings, privacy, policy."""
+    row: dict[str, Any] = {"n_samples": body.n_samples, "n_test": body.n_test,
+                           "device": body.device}
+    row.update({f"train_{k}": v for k, v in body.train_stats.items()})
+    row.update({f"global_{k}": v for k, v in body.metrics_global.items()})
+    row.update({f"local_{k}": v for k, v in body.metrics_local.items()})
+    row.update(body.timings)
+    if body.privacy:  # what DP cost this node, this round and in total
+        row.update(privacy=body.privacy.get("mechanism"),
+                   privacy_epsilon=body.privacy.get("epsilon"),
+                   privacy_epsilon_total=body.privacy.get("epsilon_total"),
+                   privacy_delta=body.privacy.get("delta"))
+    if body.overrides:
+        row.update(overrides=dict(body.overrides), policy="; ".join(body.policy_notes))
+    return row

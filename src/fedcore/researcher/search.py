@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
+
 from fedcore.errors import ConfigurationError, DatasetError
-from fedcore.wire.messages import Envelope, ErrorReply, SearchReply, SearchRequest
+from fedcore.wire.messages import SearchReply, SearchRequest
 from fedcore.wire.rpc import Client
 
 log = logging.getLogger("fedcore.search")
@@ -20,6 +22,11 @@ class Found:
 
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> dataset
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per node and match
+
+    def frame(self) -> pd.DataFrame:
+        """Every match: one row per node and dataset."""
+        return pd.DataFrame(self.rows, columns=["node", "dataset", "name", "tags",
+                                                "available", "n_samples", "metadata"])
 
 
 async def find_datasets(client: Client, federation: str, tags: Sequence[str],
@@ -46,13 +53,13 @@ async def find_datasets(client: Client, federation: str, tags: Sequence[str],
         )
     found = Found()
     tags_by_node: dict[str, list[str]] = {}
-    async for node, result, _ in client.scatter(
+    async for reply in client.scatter(
         {p: SearchRequest(tags=list(tags)) for p in peers}, experiment=experiment,
         timeout=timeout,
     ):
-        body = result.body if isinstance(result, Envelope) else None
-        if not isinstance(body, SearchReply):
-            log.warning("Node %s did not answer the search: %s", node, describe(result))
+        node, body = reply.node, reply.expect(SearchReply)
+        if body is None:
+            log.warning("Node %s did not answer the search: %s", node, reply.why())
             continue
         tags_by_node[node] = body.available_tags
         for ds in body.datasets:
@@ -80,15 +87,3 @@ async def find_datasets(client: Client, federation: str, tags: Sequence[str],
     found.targets = dict(sorted(found.targets.items()))
     return found
 
-
-def describe(result: Any) -> str:
-    """A one-line account of a failed reply or exception, for logs and history rows."""
-    if isinstance(result, Envelope) and isinstance(result.body, ErrorReply):
-        body = result.body
-        kind = f"{body.exc_type}: " if body.exc_type else ""
-        return f"{kind}{body.message} ({body.kind} error)"
-    if isinstance(result, Exception):
-        return f"{type(result).__name__}: {result}"
-    if isinstance(result, Envelope):
-        return f"unexpected reply {result.tag!r}"
-    return repr(result)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,10 @@ from fedcore.researcher._secure_statistics import (
     second_pass_bound,
     secure_sums,
 )
-from fedcore.researcher.search import find_datasets
+from fedcore.researcher.federation import Federation, Selection
 from fedcore.secagg import SecureAggregation, scheme_of
-from fedcore.transport import open_transport
-from fedcore.wire.messages import Envelope, ErrorReply, StatsReply, StatsRequest
-from fedcore.wire.rpc import Client, credentials
+from fedcore.wire.messages import StatsReply, StatsRequest
+from fedcore.wire.rpc import Reply
 
 __all__ = [
     "POOLED",
@@ -125,39 +123,48 @@ class FederatedStatistics:
             stats.quantiles("bmi", [0.25, 0.5, 0.75])
     """
 
-    def __init__(self, federation: str, tags: Sequence[str] | str,
+    def __init__(self, federation: str | Federation, tags: Sequence[str] | str,
                  nodes: Sequence[str] | None = None, *, timeout: float = 60.0,
                  connect_timeout: float = 10.0, identity: str | Path | None = None,
                  enrolled: Mapping[str, str] | str | Path | None = None,
                  secagg: str | SecureAggregation | None = None):
-        tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
-        if not tags:
-            raise ConfigurationError("Expected at least one dataset tag. Received: []")
+        self._selection = Selection(tags, nodes)
         secagg = scheme_of(secagg)
         #: The secure aggregation scheme, or None (replies in clear).
         self.secagg = secagg
         # A private copy: its fixed-point ranges are set per request (the user's is untouched).
         self._scheme = None if secagg is None else copy.copy(secagg)
         self._secure_rounds = 0
-        self.federation = federation
-        self.tags = tags
-        self.nodes = None if nodes is None else [str(n) for n in nodes]
         self.timeout = float(timeout)
-        self.connect_timeout = float(connect_timeout)
-        self.identity = identity
-        self.enrolled = enrolled
-        self._client: Client | None = None
-        self._targets: dict[str, dict[str, Any]] | None = None
+        self._owns_session = not isinstance(federation, Federation)
+        #: The :class:`~fedcore.researcher.federation.Federation` the requests go over.
+        self.session = federation if isinstance(federation, Federation) else Federation(
+            federation, identity=identity, enrolled=enrolled, connect_timeout=connect_timeout)
+
+    @property
+    def federation(self) -> str:
+        """The federation's URL."""
+        return self.session.url
+
+    @property
+    def tags(self) -> list[str]:
+        """The tags of the datasets the statistics are computed on."""
+        return self._selection.tags
+
+    @property
+    def nodes(self) -> list[str] | None:
+        """Only these nodes answer (``None``: every node with matching data)."""
+        return self._selection.nodes
+
+    @property
+    def _targets(self) -> dict[str, dict[str, Any]] | None:
+        return self._selection.targets
 
     def __repr__(self) -> str:
         secure = "" if self.secagg is None else f", secagg={self.secagg.name!r}"
         return f"FederatedStatistics(federation={self.federation!r}, tags={self.tags}{secure})"
 
     # --- public API -------------------------------------------------------------------------
-
-    def search(self) -> pd.DataFrame:
-        """The datasets the statistics are computed on: one row per node."""
-        return _runtime.run(self._search())
 
     def describe(self, variables: str | Sequence[str], *, ddof: int = 1) -> pd.DataFrame:
         """Count, missing, sum, mean, variance (``ddof``), std, min and max of each variable.
@@ -190,10 +197,6 @@ class FederatedStatistics:
         """
         return _runtime.run(self._quantiles(variable, q, bins, range))
 
-    def close(self) -> None:
-        """Disconnect from the federation (the object reconnects when used again)."""
-        _runtime.run(self._close())
-
     def __enter__(self) -> FederatedStatistics:
         return self
 
@@ -217,65 +220,53 @@ class FederatedStatistics:
         """Async twin of :meth:`quantiles`."""
         return await _runtime.run_async(self._quantiles(variable, q, bins, range))
 
-    async def aclose(self) -> None:
-        """Async twin of :meth:`close`."""
-        await _runtime.run_async(self._close())
-
     # --- network ----------------------------------------------------------------------------
 
-    async def _connect(self) -> Client:
-        if self._client is None:
-            transport = open_transport(self.federation, role="researcher",
-                                       identity=f"researcher-stats-{uuid.uuid4().hex[:8]}")
-            client = Client(transport, **credentials(transport, self.identity, self.enrolled))
-            await client.start()
-            self._client = client
-        await self._client.wait_for_peers(len(self.nodes) if self.nodes else 1,
-                                          self.connect_timeout)
-        return self._client
-
     async def _close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        """Disconnect from the federation (the object reconnects when used again).
+
+        A session given as a :class:`Federation` stays open: closing it is its owner's.
+        """
+        if self._owns_session:
+            await self.session.aclose()
 
     async def _search(self) -> pd.DataFrame:
-        client = await self._connect()
-        found = await find_datasets(client, self.federation, self.tags, self.nodes,
-                                    timeout=self.connect_timeout)
-        self._targets = found.targets
+        """The datasets the statistics are computed on: one row per node."""
+        found = await self._selection.search(self.session)
         return pd.DataFrame([{"node": n, "dataset": t["id"], "name": t["name"],
                               "n_samples": t["metadata"].get("n_samples")}
-                             for n, t in self._targets.items()])
+                             for n, t in found.targets.items()])
+
+    search = _runtime.blocking(_search)
+    asearch = _runtime.awaitable(_search)
+    close = _runtime.blocking(_close)
+    aclose = _runtime.awaitable(_close)
 
     async def _ask(self, queries: list[dict[str, Any]], bound: float = FIRST_BOUND
                    ) -> _Answers:
         """The nodes' answers; under secure aggregation their sum, ``bound`` on each value."""
-        if self._targets is None:
-            await self._search()
-        client = await self._connect()
-        assert self._targets is not None
+        targets = await self._selection.current(self.session)
         if self._scheme is not None:
             self._secure_rounds += 1
             sums = await secure_sums(
-                client, self._scheme, self._targets, queries, bound=bound,
+                self.session, self._scheme, targets, queries, bound=bound,
                 label=f"statistics-{id(self):x}", round=self._secure_rounds,
                 timeout=self.timeout)
             for node, (status, message) in sorted(sums.failed.items()):
                 log.warning("Node %s gave no statistics (%s): %s", node, status, message)
             return _Answers({}, sums.failed, sums)
         bodies = {n: StatsRequest(dataset_id=t["id"], queries=queries)
-                  for n, t in self._targets.items()}
+                  for n, t in targets.items()}
         answers = _Answers({}, {})
         invalid: dict[str, str] = {}
-        async for node, result, _ in client.scatter(bodies, timeout=self.timeout):
-            body = result.body if isinstance(result, Envelope) else None
-            if isinstance(body, StatsReply) and len(body.results) == len(queries):
-                answers.results[node] = body.results
-            elif isinstance(body, ErrorReply) and body.kind == "configuration":
-                invalid[node] = body.message
+        async for reply in self.session.scatter(bodies, timeout=self.timeout):
+            body = reply.expect(StatsReply)
+            if body is not None and len(body.results) == len(queries):
+                answers.results[reply.node] = body.results
+            elif reply.remote and reply.kind == "configuration":
+                invalid[reply.node] = reply.message
             else:
-                answers.failed[node] = _why(result)
+                answers.failed[reply.node] = _why(reply)
         if invalid:
             by_message: dict[str, list[str]] = {}
             for node, message in sorted(invalid.items()):
@@ -523,14 +514,12 @@ def _nobody_answered(failed: dict[str, tuple[str, str]]) -> FedcoreError:
                       failures={n: m for n, (_, m) in failed.items()})
 
 
-def _why(result: Envelope | Exception) -> tuple[str, str]:
-    if isinstance(result, Envelope) and isinstance(result.body, ErrorReply):
-        body = result.body
-        return ("refused" if body.kind == "governance" else "failed",
-                f"{body.message} ({body.kind} error)")
-    if isinstance(result, Exception):
-        return "failed", f"{type(result).__name__}: {result}"
-    return "failed", f"unexpected reply {result.tag!r}"
+def _why(reply: Reply) -> tuple[str, str]:
+    """``(status, message)`` of a node without statistics: refused by its policy, or failed."""
+    if reply.remote:
+        return ("refused" if reply.kind == "governance" else "failed",
+                f"{reply.message} ({reply.kind} error)")
+    return "failed", reply.why()
 
 
 def _nan(value: float | None) -> float:

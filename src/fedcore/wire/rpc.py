@@ -11,18 +11,20 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedcore.errors import ConfigurationError, GovernanceError, ProtocolError, TransportError
 from fedcore.transport import Transport
 from fedcore.wire import codec
 from fedcore.wire.chunks import ChunkedTransport
 from fedcore.wire.identity import Identity, enrolled_nodes, researcher_identity
-from fedcore.wire.messages import Body, Envelope, TrainProgress
+from fedcore.wire.messages import Body, Envelope, ErrorReply, TrainProgress
 from fedcore.wire.signing import Guard
 
 log = logging.getLogger("fedcore.rpc")
+B = TypeVar("B", bound=Body)
 
 _ENROLL_HINT = ("Enroll a node with its key, printed by `fedcore-node identity` on the node: "
                 "python -m fedcore.wire.identity enroll NODE_ID KEY, or Experiment(enrolled=...).")
@@ -42,6 +44,57 @@ def credentials(transport: Transport, identity: str | Path | None,
         raise ConfigurationError(f"No node is enrolled, so every node would be refused. "
                                  f"{_ENROLL_HINT}")
     return {"key": researcher_identity(identity), "enrolled": nodes}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One node's answer to a request of :meth:`Client.scatter`.
+
+    ``body`` is the answer (``None`` when the node failed or never answered); ``error`` is
+    then a one-line account, for logs and history rows, and ``kind`` says what went wrong:
+    ``"transport"`` (no answer: the node is gone or too late), ``"protocol"``,
+    ``"governance"``, or the kind of the node's own error reply (``"plan"``, ``"dataset"``,
+    ``"configuration"``...); ``remote`` is true when the node itself answered with an error
+    (rather than the researcher's side failing to get an answer), and ``message`` is then
+    the node's own words. ``seconds`` counts from the start of the scatter.
+    """
+
+    node: str
+    body: Body | None
+    error: str | None
+    seconds: float
+    kind: str = ""
+    remote: bool = False
+    message: str = ""
+
+    @property
+    def missing(self) -> bool:
+        """True when the node never answered (gone, disconnected or too late)."""
+        return self.kind == "transport"
+
+    def expect(self, cls: type[B]) -> B | None:
+        """The body if it is a ``cls``, else ``None`` (an unexpected body is an error)."""
+        return self.body if isinstance(self.body, cls) else None
+
+    def why(self) -> str:
+        """Why there is no usable answer: :attr:`error`, or the unexpected body's tag."""
+        if self.error is not None:
+            return self.error
+        return f"unexpected reply {getattr(self.body, 'TAG', type(self.body).__name__)!r}"
+
+    @classmethod
+    def of(cls, node: str, result: Envelope | Exception, seconds: float) -> Reply:
+        """The reply for a received envelope or the exception that stood in its place."""
+        if isinstance(result, Exception):
+            kind = ("transport" if isinstance(result, TransportError)
+                    else "governance" if isinstance(result, GovernanceError) else "protocol")
+            return cls(node, None, f"{type(result).__name__}: {result}", seconds, kind)
+        body = result.body
+        if isinstance(body, ErrorReply):
+            prefix = f"{body.exc_type}: " if body.exc_type else ""
+            return cls(node, None, f"{prefix}{body.message} ({body.kind} error)", seconds,
+                       body.kind, remote=True, message=body.message)
+        return cls(node, body, None, seconds)
 
 
 class Client:
@@ -193,17 +246,17 @@ class Client:
     async def scatter(
         self, bodies: Mapping[str, Body], *, experiment: str = "", round: int = 0,
         timeout: float = 60.0,
-    ) -> AsyncIterator[tuple[str, Envelope | Exception, float]]:
-        """Send one body per peer; yield ``(peer, reply or error, seconds)`` as each ends."""
+    ) -> AsyncIterator[Reply]:
+        """Send one body per peer; yield each peer's :class:`Reply` as it ends."""
         start = time.perf_counter()
 
-        async def one(peer: str, body: Body) -> tuple[str, Envelope | Exception, float]:
+        async def one(peer: str, body: Body) -> Reply:
             try:
                 result: Envelope | Exception = await self.request(
                     peer, body, experiment=experiment, round=round, timeout=timeout)
             except (TransportError, ProtocolError, GovernanceError) as exc:
                 result = exc
-            return peer, result, time.perf_counter() - start
+            return Reply.of(peer, result, time.perf_counter() - start)
 
         tasks = [asyncio.create_task(one(p, b)) for p, b in bodies.items()]
         try:
