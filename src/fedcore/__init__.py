@@ -20,8 +20,7 @@ from fedcore.errors import (
 from fedcore.node import Node
 from fedcore.params import ParameterSet
 from fedcore.plan import PlanBundle, TrainingPlan
-from fedcore.researcher.experiment import Experiment
-from fedcore.researcher.statistics import FederatedStatistics, Histogram
+from fedcore.researcher import Experiment, FederatedStatistics, Federation, Histogram
 
 __version__ = "0.1.0"
 
@@ -35,6 +34,7 @@ __all__ = [
     "FedAvg",
     "FedcoreError",
     "FederatedStatistics",
+    "Federation",
     "GovernanceError",
     "Histogram",
     "Node",

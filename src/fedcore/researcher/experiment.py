@@ -12,19 +12,18 @@ import pandas as pd
 
 from fedcore import _runtime, plugins
 from fedcore.aggregators import Aggregator
-from fedcore.aggregators._local import check_supported
 from fedcore.data import merge_metadata
 from fedcore.errors import ConfigurationError, FedcoreError, PlanError
 from fedcore.params import ParameterSet
 from fedcore.plan import PlanBundle, TrainingPlan
-from fedcore.privacy.spec import PrivacySpec
 from fedcore.researcher import checkpoint, monitoring
 from fedcore.researcher.federation import Federation, Selection
 from fedcore.researcher.protection import protection_for
 from fedcore.researcher.round import Round, RoundResult, RoundSettings
+from fedcore.researcher.settings import ExperimentSettings, session_of
 from fedcore.researcher.statistics import FederatedStatistics
 from fedcore.researcher.strategies import AllNodes, Strategy, from_params
-from fedcore.secagg import SecureAggregation, scheme_of
+from fedcore.secagg import SecureAggregation
 from fedcore.wire.messages import (
     Checkpoint,
     Envelope,
@@ -44,7 +43,7 @@ log = logging.getLogger("fedcore.experiment")
 
 
 
-class Experiment:
+class Experiment(ExperimentSettings):
     """Train ``plan`` on the datasets tagged ``tags`` across a federation, round by round.
 
     The same code runs in simulation (``federation="inproc://name"``) and against deployed
@@ -96,7 +95,7 @@ class Experiment:
     ):
         self.plan = plan
         self._selection = Selection(tags, nodes)
-        self._session = _session_of(federation, identity, enrolled, connect_timeout)
+        self._session = session_of(federation, identity, enrolled, connect_timeout)
         self._owns_session = not isinstance(federation, Federation)
         self.model_args = model_args or {}
         self.training_args = training_args or {}
@@ -130,211 +129,6 @@ class Experiment:
             f"federation={self.federation!r}, round={self.round}/{self._round_limit}, "
             f"aggregator={self._aggregator!r})"
         )
-
-    # --- configuration (validated setters) --------------------------------------------------
-
-    @property
-    def plan(self) -> type[TrainingPlan]:
-        """The training plan class; setting it ships new source (nodes may re-approve)."""
-        return self._plan
-
-    @plan.setter
-    def plan(self, plan: type[TrainingPlan]) -> None:
-        bundle = PlanBundle.from_class(plan)
-        # The aggregator's node side (FedProx, SCAFFOLD...) must be able to run on this plan.
-        check_supported(getattr(self, "_aggregator", None), plan)
-        self._bundle = bundle
-        self._plan = plan
-
-    @property
-    def plan_hash(self) -> str:
-        """SHA-256 of the shipped plan, as node administrators see it."""
-        return self._bundle.sha256
-
-    @property
-    def tags(self) -> list[str]:
-        """Dataset tags to train on; changing them repeats the search."""
-        return self._selection.tags
-
-    @tags.setter
-    def tags(self, tags: Sequence[str]) -> None:
-        self._selection.tags = tags
-
-    @property
-    def nodes(self) -> list[str] | None:
-        """Only these nodes take part (``None``: every node with matching data)."""
-        return self._selection.nodes
-
-    @nodes.setter
-    def nodes(self, nodes: Sequence[str] | None) -> None:
-        self._selection.nodes = nodes
-
-    @property
-    def federation(self) -> str:
-        """The federation's URL; setting a URL or a :class:`Federation` reconnects there."""
-        return self._session.url
-
-    @federation.setter
-    def federation(self, value: str | Federation) -> None:
-        old = self._session
-        if self._owns_session and old.connected:
-            _runtime.submit(old.aclose())
-        self._session = _session_of(value, old.identity, old.enrolled, old.connect_timeout)
-        self._owns_session = not isinstance(value, Federation)
-        self._selection.targets = None
-
-    @property
-    def session(self) -> Federation:
-        """The :class:`~fedcore.researcher.federation.Federation` this experiment talks over."""
-        return self._session
-
-    @property
-    def identity(self) -> str | Path | None:
-        """The researcher's key file (``None``: ``$FEDCORE_IDENTITY`` or the default)."""
-        return self._session.identity
-
-    @identity.setter
-    def identity(self, value: str | Path | None) -> None:
-        self._session.identity = value
-
-    @property
-    def enrolled(self) -> Mapping[str, str] | str | Path | None:
-        """The nodes accepted on a network (``{node_id: key}`` or a ``nodes.toml`` path)."""
-        return self._session.enrolled
-
-    @enrolled.setter
-    def enrolled(self, value: Mapping[str, str] | str | Path | None) -> None:
-        self._session.enrolled = value
-
-    @property
-    def connect_timeout(self) -> float:
-        """How long connecting and searching wait for the nodes, in seconds."""
-        return self._session.connect_timeout
-
-    @connect_timeout.setter
-    def connect_timeout(self, value: float) -> None:
-        self._session.connect_timeout = float(value)
-
-    @property
-    def model_args(self) -> dict[str, Any]:
-        """Arguments that shape the model; may change between rounds."""
-        return dict(self._model_args)
-
-    @model_args.setter
-    def model_args(self, value: Mapping[str, Any]) -> None:
-        self._model_args = _as_dict(value, "model_args")
-
-    @property
-    def training_args(self) -> dict[str, Any]:
-        """Arguments of local training (epochs, batch size, learning rate...)."""
-        return dict(self._training_args)
-
-    @training_args.setter
-    def training_args(self, value: Mapping[str, Any]) -> None:
-        self._training_args = _as_dict(value, "training_args")
-
-    @property
-    def aggregator(self) -> Aggregator:
-        """How node updates become the next global model."""
-        return self._aggregator
-
-    @aggregator.setter
-    def aggregator(self, value: str | Aggregator) -> None:
-        if isinstance(value, str):
-            value = plugins.load("aggregators", value)()
-        if not isinstance(value, Aggregator):
-            raise ConfigurationError(
-                f"Expected an Aggregator or a registered aggregator name. Received: {value!r}"
-            )
-        check_supported(value, self.plan)  # refused now, not on every node in round 1
-        _check_secure(value, self._secagg, self._strategy)
-        self._aggregator = value
-
-    @property
-    def secagg(self) -> SecureAggregation | None:
-        """Secure aggregation (:mod:`fedcore.secagg`): the researcher learns only the sum.
-
-        ``"masking"`` (pairwise masking, survives nodes that drop out), ``"joye-libert"``
-        (homomorphic encryption), a configured scheme object, or ``None`` (updates in
-        clear). Needs a sum-only aggregator (FedAvg, FedProx, SCAFFOLD, FedAdam...).
-        """
-        return self._secagg
-
-    @secagg.setter
-    def secagg(self, value: str | SecureAggregation | None) -> None:
-        value = scheme_of(value)
-        _check_secure(self._aggregator, value, self._strategy)
-        self._secagg = value
-
-    @property
-    def privacy(self) -> dict[str, Any]:
-        """Differential privacy asked of every node (``{}``: none); see the DP docs.
-
-        ``{"mechanism": "update", "clip": 1.0, "noise_multiplier": 1.1, "delta": 1e-5}``
-        (update-level DP, any backend) or ``"mechanism": "dp-sgd"`` (torch, through
-        Opacus). Each node reports what it spent in :attr:`history` (``privacy_epsilon``,
-        ``privacy_epsilon_total``) and may refuse a round that would exceed its budget.
-        """
-        return dict(self._privacy)
-
-    @privacy.setter
-    def privacy(self, value: Mapping[str, Any] | None) -> None:
-        spec = PrivacySpec.parse(value)
-        self._privacy = {} if spec is None else spec.to_dict()
-
-    @property
-    def strategy(self) -> Strategy:
-        """Which nodes train each round, the quorum and the deadline.
-
-        See :mod:`fedcore.researcher.strategies`.
-
-        Default :class:`~fedcore.researcher.strategies.AllNodes`: every node holding the data, no
-        deadline beyond ``timeout``, and a round counts when at least one node answered.
-        """
-        return self._strategy
-
-    @strategy.setter
-    def strategy(self, value: Strategy | None) -> None:
-        if value is None:
-            value = AllNodes()
-        if not isinstance(value, Strategy):
-            raise ConfigurationError(
-                f"Expected a fedcore.researcher.strategies.Strategy (e.g. AllNodes(), "
-                f"Fraction(0.5)). "
-                f"Received: {value!r}")
-        _check_secure(self._aggregator, self._secagg, value)
-        self._strategy = value
-
-    @property
-    def test_ratio(self) -> float:
-        """Fraction of each node's samples held out for evaluation."""
-        return self._test_ratio
-
-    @test_ratio.setter
-    def test_ratio(self, value: float) -> None:
-        if not 0.0 <= float(value) < 1.0:
-            raise ConfigurationError(f"test_ratio must be in [0, 1). Received: {value!r}")
-        self._test_ratio = float(value)
-
-    @property
-    def round_limit(self) -> int | None:
-        """Total number of rounds :meth:`run` goes up to."""
-        return self._round_limit
-
-    @round_limit.setter
-    def round_limit(self, value: int | None) -> None:
-        if value is not None and int(value) < 0:
-            raise ConfigurationError(f"round_limit must be >= 0. Received: {value!r}")
-        self._round_limit = None if value is None else int(value)
-
-    @property
-    def tensorboard(self) -> Path | None:
-        """TensorBoard log folder: each completed round is appended (``docs/monitoring.md``)."""
-        return None if self._tensorboard is None else self._tensorboard.logdir
-
-    @tensorboard.setter
-    def tensorboard(self, logdir: str | Path | None) -> None:
-        self._tensorboard = None if logdir is None else monitoring.TensorBoardWriter(logdir)
 
     # --- results ----------------------------------------------------------------------------
 
@@ -451,6 +245,7 @@ class Experiment:
         dropped out stays listed with ``connected=False`` and when it was last heard from.
         """
         sel = self._selection
+        await self._session.client(len(sel.nodes) if sel.nodes else 1, settle=not sel.nodes)
         known = {*(sel.targets or {}), *(sel.nodes or ()), *sel.gone}
         return await self._session._node_status(known, sel.dataset_names())
 
@@ -654,34 +449,6 @@ class Experiment:
         return exp
 
 
-def _check_secure(aggregator: Aggregator | None, secagg: SecureAggregation | None,
-                  strategy: Strategy) -> None:
-    if secagg is None:
-        return
-    if aggregator is not None and not aggregator.sum_only:
-        raise ConfigurationError(
-            f"{type(aggregator).__name__} needs each node's update in clear, which secure "
-            f"aggregation ({secagg.name}) hides. Use a sum-only aggregator (FedAvg, FedProx, "
-            "SCAFFOLD, FedAdam, FedYogi, FedAdagrad, FedAvgM) or secagg=None.")
-    if type(strategy).weight is not Strategy.weight:
-        # Under secure aggregation the node weights its update before protecting it; the
-        # researcher only ever sees the sum, so it cannot apply another weight afterwards.
-        raise ConfigurationError(
-            f"{type(strategy).__name__} overrides weight(), which secure aggregation "
-            f"({secagg.name}) cannot apply: each node weights its own update before "
-            "protecting it, by its sample count or by 1, and the researcher sees only the "
-            "sum. Use the strategy's weighting='samples' or 'uniform' instead of a custom "
-            "weight(), or secagg=None.")
-
-
-def _as_dict(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{what} must be a dict. Received: {type(value).__name__}")
-    return dict(value)
-
-
 def _postfix(rows: pd.DataFrame) -> dict[str, str]:
     ok = rows[rows["status"] == "ok"] if "status" in rows else rows
     out = {"nodes": f"{len(ok)}/{len(rows)}"}
@@ -705,13 +472,3 @@ def _initial_parameters(exp: Experiment, data_info: dict[str, Any]) -> Parameter
             f"The plan failed to build its initial model: {type(exc).__name__}: {exc}",
             exc_type=type(exc).__name__,
         ) from exc
-
-
-def _session_of(federation: str | Federation, identity: str | Path | None,
-                enrolled: Mapping[str, str] | str | Path | None,
-                connect_timeout: float) -> Federation:
-    """The experiment's session: the one given, or a new one for a URL."""
-    if isinstance(federation, Federation):
-        return federation
-    return Federation(federation, identity=identity, enrolled=enrolled,
-                      connect_timeout=connect_timeout)
