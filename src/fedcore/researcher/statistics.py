@@ -32,8 +32,10 @@ import numpy as np
 import pandas as pd
 
 from fedcore import _runtime
-from fedcore.errors import ConfigurationError, FedcoreError, GovernanceError, RoundError
-from fedcore.node.statistics import MAX_BINS, StatisticsPolicy, check_edges, statistics_policy
+from fedcore.errors import ConfigurationError
+from fedcore.governance.statistics import StatisticsPolicy, statistics_policy
+from fedcore.researcher._replies import nobody_answered as _nobody_answered
+from fedcore.researcher._replies import outcome as _why
 from fedcore.researcher._secure_statistics import (
     FIRST_BOUND,
     SecureSums,
@@ -45,6 +47,7 @@ from fedcore.secagg import SecureAggregation, scheme_of
 from fedcore.transport import open_transport
 from fedcore.wire.messages import Envelope, ErrorReply, StatsReply, StatsRequest
 from fedcore.wire.rpc import Client, credentials
+from fedcore.wire.statistics import MAX_BINS, check_edges
 
 __all__ = [
     "POOLED",
@@ -512,25 +515,6 @@ def _pooled_describe(variable: str, answers: _Answers, i: int, shift: float,
     else:
         row["note"] = "; ".join(x for x in (row["note"], "min/max withheld by a node") if x)
     return row
-
-
-def _nobody_answered(failed: dict[str, tuple[str, str]]) -> FedcoreError:
-    detail = "; ".join(f"{n}: {m}" for n, (_, m) in sorted(failed.items()))
-    if failed and all(s == "refused" for s, _ in failed.values()):
-        return GovernanceError(f"Every node refused the statistics request. {detail}",
-                               reason=detail)
-    return RoundError(f"No node answered the statistics request. {detail}",
-                      failures={n: m for n, (_, m) in failed.items()})
-
-
-def _why(result: Envelope | Exception) -> tuple[str, str]:
-    if isinstance(result, Envelope) and isinstance(result.body, ErrorReply):
-        body = result.body
-        return ("refused" if body.kind == "governance" else "failed",
-                f"{body.message} ({body.kind} error)")
-    if isinstance(result, Exception):
-        return "failed", f"{type(result).__name__}: {result}"
-    return "failed", f"unexpected reply {result.tag!r}"
 
 
 def _nan(value: float | None) -> float:
