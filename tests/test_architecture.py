@@ -8,6 +8,7 @@ function is still a cycle a reader has to hold in their head.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,16 @@ def test_few_modules_sit_directly_in_fedcore():
     assert len(top) <= MAX_TOP_LEVEL, (
         f"{len(top)} modules directly under src/fedcore/ (at most {MAX_TOP_LEVEL}): {top}. "
         "Put the new one in the subpackage of its role.")
+
+
+def test_every_package_ships_its_type_hints():
+    root = SRC.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = data["package-data"]
+    packages = [p for base in (SRC, root / "apps" / "node", root / "apps" / "researcher")
+                for p in sorted(base.glob("fedcore*/__init__.py"))]
+    assert len(packages) >= 8
+    for init in packages:
+        name = init.parent.name
+        assert (init.parent / "py.typed").exists(), f"{name} has no py.typed"
+        assert "py.typed" in shipped.get(name, []), f"pyproject does not ship {name}/py.typed"

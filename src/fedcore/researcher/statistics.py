@@ -33,7 +33,6 @@ import pandas as pd
 
 from fedcore import _runtime
 from fedcore.errors import ConfigurationError
-from fedcore.governance.statistics import StatisticsPolicy, statistics_policy
 from fedcore.researcher._replies import nobody_answered as _nobody_answered
 from fedcore.researcher._replies import outcome as _why
 from fedcore.researcher._secure_statistics import (
@@ -53,8 +52,6 @@ __all__ = [
     "POOLED",
     "FederatedStatistics",
     "Histogram",
-    "StatisticsPolicy",
-    "statistics_policy",
 ]
 
 log = logging.getLogger("fedcore.statistics")
