@@ -153,95 +153,107 @@ def overhead(repeats: int) -> None:
         ours, base = interleaved(round_, own, ROUND_FACTOR * repeats)
         print(f"{name:8} {ours * 1e3:14.1f} {base * 1e3:12.1f} {ours / base:6.2f}")
 
-    if HAVE["torch"]:
-        import torch
-        import torch.nn.functional as F
+    for key, label, pair in (("torch", "torch", _torch_pair), ("tensorflow", "tf", _keras_pair),
+                             ("jax", "jax", _jax_pair)):
+        if HAVE[key]:
+            run(label, *pair(X, y, args, info))
 
-        from fedcore_torch import TorchTrainingPlan
 
-        torch.set_num_threads(1)
+def _torch_pair(X: np.ndarray, y: np.ndarray, args: dict, info: dict) -> tuple:
+    """The torch plan and the same training written in plain torch."""
+    import torch
+    import torch.nn.functional as F
 
-        class TorchDigits(TorchTrainingPlan):
-            def init_model(self):
-                return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                           torch.nn.Linear(32, 10))
+    from fedcore_torch import TorchTrainingPlan
 
-            def training_step(self, data, target):
-                return F.cross_entropy(self.model(data), target)
+    torch.set_num_threads(1)
 
-        plan = TorchDigits({}, args, info)
-        plan.build(0)
-        model = plan.init_model()
-        Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    class TorchDigits(TorchTrainingPlan):
+        def init_model(self):
+            return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                       torch.nn.Linear(32, 10))
 
-        def own_torch() -> None:
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            order = torch.randperm(len(Xt))
-            for s in range(0, len(Xt), 32):
-                idx = order[s:s + 32]
-                opt.zero_grad()
-                F.cross_entropy(model(Xt[idx]), yt[idx]).backward()
-                opt.step()
+        def training_step(self, data, target):
+            return F.cross_entropy(self.model(data), target)
 
-        run("torch", plan, own_torch)
-    if HAVE["tensorflow"]:
-        import tensorflow as tf
+    plan = TorchDigits({}, args, info)
+    plan.build(0)
+    model = plan.init_model()
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
 
-        from fedcore_tf import KerasTrainingPlan
+    def own_torch() -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        order = torch.randperm(len(Xt))
+        for s in range(0, len(Xt), 32):
+            idx = order[s:s + 32]
+            opt.zero_grad()
+            F.cross_entropy(model(Xt[idx]), yt[idx]).backward()
+            opt.step()
 
-        class KerasDigits(KerasTrainingPlan):
-            def init_model(self):
-                return tf.keras.Sequential([tf.keras.Input((64,)),
-                                            tf.keras.layers.Dense(32, activation="relu"),
-                                            tf.keras.layers.Dense(10)])
+    return plan, own_torch
 
-        plan = KerasDigits({}, args, info)
-        plan.build(0)
-        model = plan.init_model()
-        model.compile(optimizer=tf.keras.optimizers.SGD(0.1),
-                      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
-        def own_keras() -> None:
-            model.fit(X, y, batch_size=32, epochs=1, shuffle=True, verbose=0)
+def _keras_pair(X: np.ndarray, y: np.ndarray, args: dict, info: dict) -> tuple:
+    """The Keras plan and the same training written with model.fit."""
+    import tensorflow as tf
 
-        run("tf", plan, own_keras)
-    if HAVE["jax"]:
-        import jax
-        import optax
+    from fedcore_tf import KerasTrainingPlan
 
-        from fedcore_jax import JaxTrainingPlan, mlp
+    class KerasDigits(KerasTrainingPlan):
+        def init_model(self):
+            return tf.keras.Sequential([tf.keras.Input((64,)),
+                                        tf.keras.layers.Dense(32, activation="relu"),
+                                        tf.keras.layers.Dense(10)])
 
-        class JaxDigits(JaxTrainingPlan):
-            def init_model(self):
-                return mlp([64, 32, 10], self.key)
+    plan = KerasDigits({}, args, info)
+    plan.build(0)
+    model = plan.init_model()
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.1),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
-        plan = JaxDigits({}, args, info)
-        plan.build(0)
-        apply_fn, params0 = mlp([64, 32, 10], jax.random.PRNGKey(0))
-        tx = optax.sgd(0.1)
-        yi = y.astype(np.int32)
+    def own_keras() -> None:
+        model.fit(X, y, batch_size=32, epochs=1, shuffle=True, verbose=0)
 
-        @jax.jit
-        def step(params, state, xb, yb):
-            def loss(p):
-                return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb),
-                                                                       yb).mean()
-            grads = jax.grad(loss)(params)
-            updates, state = tx.update(grads, state)
-            return optax.apply_updates(params, updates), state
+    return plan, own_keras
 
-        rng = np.random.default_rng(0)
 
-        def own_jax() -> None:
-            params, state = params0, tx.init(params0)
-            order = rng.permutation(len(X))
-            for s in range(0, len(X), 32):
-                idx = order[s:s + 32]
-                params, state = step(params, state, X[idx], yi[idx])
-            jax.block_until_ready(params)
+def _jax_pair(X: np.ndarray, y: np.ndarray, args: dict, info: dict) -> tuple:
+    """The JAX plan and the same training written in plain JAX and optax."""
+    import jax
+    import optax
 
-        run("jax", plan, own_jax)
+    from fedcore_jax import JaxTrainingPlan, mlp
 
+    class JaxDigits(JaxTrainingPlan):
+        def init_model(self):
+            return mlp([64, 32, 10], self.key)
+
+    plan = JaxDigits({}, args, info)
+    plan.build(0)
+    apply_fn, params0 = mlp([64, 32, 10], jax.random.PRNGKey(0))
+    tx = optax.sgd(0.1)
+    yi = y.astype(np.int32)
+
+    @jax.jit
+    def step(params, state, xb, yb):
+        def loss(p):
+            return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb),
+                                                                   yb).mean()
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state)
+        return optax.apply_updates(params, updates), state
+
+    rng = np.random.default_rng(0)
+
+    def own_jax() -> None:
+        params, state = params0, tx.init(params0)
+        order = rng.permutation(len(X))
+        for s in range(0, len(X), 32):
+            idx = order[s:s + 32]
+            params, state = step(params, state, X[idx], yi[idx])
+        jax.block_until_ready(params)
+
+    return plan, own_jax
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from fedcore.governance.ledger import PrivacyLedger, budget_summary
+from fedcore.governance import PrivacyLedger, budget_summary
 from fedcore.node import Node
 
 
@@ -24,7 +24,7 @@ def handler(command: str) -> Callable[[argparse.Namespace, Node, Any], int] | No
 
 
 def rows(node: Node) -> list[dict[str, Any]]:
-    """:func:`~fedcore.governance.ledger.budget_summary` of every dataset of ``node``."""
+    """:func:`~fedcore.governance.budget_summary` of every dataset of ``node``."""
     return budget_summary(PrivacyLedger(node.db), node.datasets.list(), node.policy)
 
 

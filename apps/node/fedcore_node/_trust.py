@@ -24,7 +24,7 @@ def add_parsers(sub: Any) -> None:
                            "remove")
     tsub = trust.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = tsub.add_parser("add", help="trust a researcher's public key (printed on their side "
-                        "by `python -m fedcore.wire.identity`)")
+                        "by `fedcore identity`)")
     p.add_argument("name", help="a name for the researcher, used in logs and the audit log")
     p.add_argument("key", help="the researcher's public key (base64 or hex)")
     tsub.add_parser("list", help="trusted researchers and their key fingerprints")
@@ -40,7 +40,7 @@ def handler(command: str) -> Callable[[argparse.Namespace, Node, Any], int] | No
 def _identity(args: argparse.Namespace, node: Node, out: Any) -> int:
     print(f"node id:     {node.node_id}\npublic key:  {node.identity.public_key}\n"
           f"fingerprint: {node.identity.fingerprint}\n\nThe researcher enrolls this node "
-          f"with: python -m fedcore.wire.identity enroll {node.node_id} "
+          f"with: fedcore enroll {node.node_id} "
           f"{node.identity.public_key}", file=out)
     return 0
 

@@ -1,4 +1,4 @@
-"""The commands of ``fedcore``: run, resume, nodes, history.
+"""The commands of ``fedcore``: run, resume, nodes, history, identity, enroll.
 
 Each function carries out one parsed command, writes its result to ``out`` and returns the
 exit code; errors propagate as ``FedcoreError`` for ``cli.main`` to report.
@@ -14,7 +14,7 @@ from typing import Any
 
 from fedcore import Experiment, TrainingPlan
 from fedcore.errors import ConfigurationError, DatasetError, FedcoreError, RoundError
-from fedcore.wire.identity import enrolled_nodes
+from fedcore.wire import identity as keys
 from fedcore_researcher import _output
 from fedcore_researcher._experiment_file import open_experiment
 
@@ -163,7 +163,7 @@ def nodes(args: argparse.Namespace, out: Any) -> int:
     """``fedcore nodes``: the connected nodes, and their datasets tagged ``--tags``."""
     expected = args.nodes
     if expected is None and not args.federation.startswith("inproc:"):
-        expected = sorted(enrolled_nodes(args.enrolled)) or None  # wait for every one
+        expected = sorted(keys.enrolled_nodes(args.enrolled)) or None  # wait for every one
     exp = Experiment(ListingPlan, tags=args.tags or ["-"], federation=args.federation,
                      nodes=expected, connect_timeout=args.wait, progress=False,
                      identity=args.identity, enrolled=args.enrolled, name="fedcore-nodes")
@@ -224,5 +224,31 @@ def history(args: argparse.Namespace, out: Any) -> int:
         print("The checkpoint holds no round yet.", file=out)
     else:
         print(_output.frame_table(frame), file=out)
+    return EXIT_OK
+
+
+# --- identity and enrollment ----------------------------------------------------------------
+
+
+def identity(args: argparse.Namespace, out: Any) -> int:
+    """``fedcore identity``: the researcher's public key (the key is created on first use)."""
+    existed = keys.researcher_key_file(args.identity).exists()
+    me = keys.researcher_identity(args.identity)
+    if args.json:
+        print(_output.dumps({"public_key": me.public_key, "fingerprint": me.fingerprint,
+                             "key_file": str(me.path), "created": not existed}), file=out)
+        return EXIT_OK
+    print(f"public key:  {me.public_key}\nfingerprint: {me.fingerprint}\n"
+          f"key file:    {me.path}{'' if existed else ' (created now)'}\n\n"
+          "Each node's administrator trusts this researcher with: fedcore-node trust add "
+          f"NAME {me.public_key}", file=out)
+    return EXIT_OK
+
+
+def enroll(args: argparse.Namespace, out: Any) -> int:
+    """``fedcore enroll NODE_ID KEY``: accept a node's key (``fedcore-node identity``)."""
+    raw = keys.parse_public_key(args.key)
+    file = keys.enroll(args.node_id, args.key, args.enrolled)
+    print(f"Enrolled node {args.node_id!r} ({keys.fingerprint(raw)}) in {file}", file=out)
     return EXIT_OK
 

@@ -41,6 +41,8 @@ examples:
   fedcore resume ckpt                          # continue from the newest checkpoint
   fedcore history ckpt --csv > history.csv     # one row per node and round
   fedcore nodes --federation ws://0.0.0.0:8765 --tags diabetes
+  fedcore identity                             # your public key, for the nodes to trust
+  fedcore enroll site-a KEY                    # accept a node (KEY: `fedcore-node identity`)
 
 exit codes: 0 ok, 1 the run failed (the message names each node's reason), 2 bad usage or
 input, 130 interrupted (Ctrl-C). See docs/researcher-cli.md.
@@ -128,6 +130,27 @@ examples:
 """
 
 
+IDENTITY_EPILOG = """\
+Enrollment goes both ways. Give the public key this prints to each node's administrator,
+who trusts it with `fedcore-node trust add NAME KEY`; the node then answers this researcher.
+In turn, enroll each node with the key `fedcore-node identity` prints on it (fedcore enroll).
+
+examples:
+  fedcore identity
+  fedcore identity --identity ~/keys/study.key --json
+"""
+
+ENROLL_EPILOG = """\
+KEY is the node's public key, printed on the node by `fedcore-node identity` (with the exact
+command to run here). A networked experiment accepts the nodes enrolled in NODES_TOML only;
+enrolling a node again replaces its key.
+
+examples:
+  fedcore enroll site-a 3q2+7w...=
+  fedcore enroll site-a 3q2+7w...= --enrolled study/nodes.toml
+"""
+
+
 def _credentials(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identity", metavar="KEY",
                    help="the researcher's key file (default: $FEDCORE_IDENTITY or "
@@ -158,7 +181,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedcore", formatter_class=_RAW, epilog=EPILOG,
         description="Run and inspect federated experiments: train a plan on the nodes of a "
-        "federation, resume from checkpoints, list nodes and datasets, read histories.")
+        "federation, resume from checkpoints, list nodes and datasets, read histories; show "
+        "the researcher's key and enroll nodes.")
     p.add_argument("--version", action="version", version=f"fedcore {fedcore.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -219,11 +243,33 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--which", choices=("global", "local"), default="global",
                    help="with --metrics: the global model (evaluated at the start of each "
                    "round, default) or the nodes' updates")
+
+    i = sub.add_parser("identity", help="print this researcher's public key (created on "
+                       "first use) for the nodes to trust",
+                       formatter_class=_RAW, epilog=IDENTITY_EPILOG,
+                       description="Show the researcher's key: its public half, fingerprint "
+                       "and file. The key is created (mode 600) when there is none yet.")
+    i.add_argument("--identity", metavar="KEY",
+                   help="the researcher's key file (default: $FEDCORE_IDENTITY or "
+                   "~/.fedcore/researcher.key)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    e = sub.add_parser("enroll", help="accept a node: record its public key in nodes.toml",
+                       formatter_class=_RAW, epilog=ENROLL_EPILOG,
+                       description="Record a node's public key in the enrolled nodes' file, "
+                       "so that experiments accept its replies.")
+    e.add_argument("node_id", metavar="NODE_ID", help="the node's id (`fedcore-node "
+                   "identity` prints it)")
+    e.add_argument("key", metavar="KEY", help="the node's public key (base64 or hex)")
+    e.add_argument("--enrolled", metavar="NODES_TOML",
+                   help="the enrolled nodes' keys (default: $FEDCORE_NODES or "
+                   "~/.fedcore/nodes.toml)")
     return p
 
 
 _COMMANDS = {"run": _commands.run, "resume": _commands.resume, "nodes": _commands.nodes,
-             "history": _commands.history}
+             "history": _commands.history, "identity": _commands.identity,
+             "enroll": _commands.enroll}
 
 
 class _Lowercase(logging.Formatter):

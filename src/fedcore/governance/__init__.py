@@ -16,6 +16,8 @@ rules with ``Node(home, policies=[MyPolicy()])``::
 """
 
 from fedcore.governance._base import Decision, Governance, Policy, Request
+from fedcore.governance._privacy import budget_summary
+from fedcore.governance.ledger import PrivacyLedger
 from fedcore.governance.plans import STATUSES, PlanStore
 from fedcore.governance.policies import (
     SETTINGS,
@@ -42,10 +44,12 @@ __all__ = [
     "PlanStore",
     "Policy",
     "PrivacyBudget",
+    "PrivacyLedger",
     "Request",
     "SecureAggregationRequired",
     "StatisticsAllowed",
     "TrainingArgs",
+    "budget_summary",
     "build_governance",
     "effective_policy",
     "validate_policy",

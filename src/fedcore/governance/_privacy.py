@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedcore.errors import ConfigurationError
 from fedcore.governance._base import Decision, Policy, Request
-from fedcore.privacy.accountant import check_delta, epsilon
-from fedcore.privacy.spec import PrivacySpec, train_size
+from fedcore.privacy.accountant import Accountant, check_delta, epsilon
+from fedcore.privacy.spec import DEFAULT_DELTA, PrivacySpec, train_size
 
 if TYPE_CHECKING:
     from fedcore.governance.ledger import PrivacyLedger
 
-__all__ = ["PrivacyBudget", "check_budget"]
+__all__ = ["PrivacyBudget", "budget_summary", "check_budget"]
 
 _ASK = ('privacy={"mechanism": "update", "clip": 1.0, "noise_multiplier": 1.1} (any '
         'backend) or {"mechanism": "dp-sgd", ...} (torch)')
@@ -140,3 +140,27 @@ class PrivacyBudget(Policy):
             f"{spec.noise_multiplier:g}) would cost {alone:.4g} on its own, bringing the total "
             f"to {after:.4g}. Ask for more noise or fewer steps, or ask the node's "
             "administrator for a larger budget.")
+
+
+def budget_summary(ledger: PrivacyLedger, datasets: Iterable[Mapping[str, Any]],
+                   policy: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each dataset's spent and remaining budget under ``policy`` (the node's, effective).
+
+    One row per dataset entry: ``dataset`` (id), ``name``, ``epsilon_spent`` and
+    ``epsilon_limit`` (``None``: no cap) at ``delta`` (policy ``dp_delta``),
+    ``epsilon_remaining``, ``dp_rounds`` and ``last_round_at`` (``None``: never).
+    """
+    delta = float(policy.get("dp_delta") or DEFAULT_DELTA)
+    budget = PrivacyBudget(ledger, max_epsilon=policy.get("dp_max_epsilon"), delta=delta)
+    entries = {e["dataset"]: e for e in ledger.list()}
+    rows = []
+    for ds in datasets:
+        entry = entries.get(ds["id"], {})
+        spent = Accountant(entry.get("events") or []).epsilon(delta)
+        limit = budget.limit(ds)
+        rows.append({"dataset": ds["id"], "name": ds.get("name", ""), "epsilon_spent": spent,
+                     "epsilon_limit": limit,
+                     "epsilon_remaining": None if limit is None else max(limit - spent, 0.0),
+                     "delta": delta, "dp_rounds": int(entry.get("rounds", 0)),
+                     "last_round_at": entry.get("updated_at")})
+    return rows

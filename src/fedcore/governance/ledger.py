@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tinydb import Query, TinyDB
@@ -21,7 +21,7 @@ from tinydb.table import Table
 from fedcore.privacy.accountant import Accountant, Event, check_delta
 from fedcore.privacy.spec import DEFAULT_DELTA
 
-__all__ = ["PrivacyLedger", "budget_summary"]
+__all__ = ["PrivacyLedger"]
 
 TABLE = "privacy"
 
@@ -94,28 +94,3 @@ class PrivacyLedger:
         """Every dataset's entry (``dataset``, ``events``, ``delta``, ``rounds``, ...)."""
         return [dict(e) for e in self._table.all()]
 
-
-def budget_summary(ledger: PrivacyLedger, datasets: Iterable[Mapping[str, Any]],
-                   policy: Mapping[str, Any]) -> builtins.list[dict[str, Any]]:
-    """Each dataset's spent and remaining budget under ``policy`` (the node's, effective).
-
-    One row per dataset entry: ``dataset`` (id), ``name``, ``epsilon_spent`` and
-    ``epsilon_limit`` (``None``: no cap) at ``delta`` (policy ``dp_delta``),
-    ``epsilon_remaining``, ``dp_rounds`` and ``last_round_at`` (``None``: never).
-    """
-    from fedcore.governance import PrivacyBudget
-
-    delta = float(policy.get("dp_delta") or DEFAULT_DELTA)
-    budget = PrivacyBudget(ledger, max_epsilon=policy.get("dp_max_epsilon"), delta=delta)
-    entries = {e["dataset"]: e for e in ledger.list()}
-    rows = []
-    for ds in datasets:
-        entry = entries.get(ds["id"], {})
-        spent = Accountant(entry.get("events") or []).epsilon(delta)
-        limit = budget.limit(ds)
-        rows.append({"dataset": ds["id"], "name": ds.get("name", ""), "epsilon_spent": spent,
-                     "epsilon_limit": limit,
-                     "epsilon_remaining": None if limit is None else max(limit - spent, 0.0),
-                     "delta": delta, "dp_rounds": int(entry.get("rounds", 0)),
-                     "last_round_at": entry.get("updated_at")})
-    return rows

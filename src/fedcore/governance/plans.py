@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tinydb import Query, TinyDB
+from tinydb.table import Table
 
 from fedcore.errors import ConfigurationError
 from fedcore.plan import PlanBundle
@@ -31,8 +32,16 @@ class PlanStore:
     """
 
     def __init__(self, db: TinyDB, *, audit: Callable[..., None] | None = None):
+        self._db = db
         self._table = db.table("plans")
         self._audit = audit or (lambda event, **fields: None)
+
+    def sibling_table(self, name: str) -> Table:
+        """Table ``name`` of the database the plans live in, e.g. the privacy ledger's.
+
+        It has no query cache: the node, the CLI and the GUI may be different processes.
+        """
+        return Table(self._db.storage, name, cache_size=0)
 
     # --- researcher side --------------------------------------------------------------------
 

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from fedcore.errors import ConfigurationError
 from fedcore.governance._base import Decision, Governance, Policy, Request
 from fedcore.governance._privacy import PrivacyBudget, check_budget
+from fedcore.governance.ledger import TABLE as LEDGER_TABLE
+from fedcore.governance.ledger import PrivacyLedger
 
 if TYPE_CHECKING:
-    from fedcore.governance.ledger import PrivacyLedger
     from fedcore.governance.plans import PlanStore
 
 __all__ = [
@@ -387,9 +388,7 @@ def build_governance(policy: Mapping[str, Any], plans: PlanStore,
         allow_gpu=policy["allow_gpu"], on_excess=policy["on_excess"]))
     if policy.get("dp_required") or policy.get("dp_max_epsilon") is not None:
         if ledger is None:
-            from fedcore.governance.ledger import PrivacyLedger
-
-            ledger = PrivacyLedger.on_storage(plans._table.storage)
+            ledger = PrivacyLedger(plans.sibling_table(LEDGER_TABLE))
         chain.append(PrivacyBudget(ledger, max_epsilon=policy.get("dp_max_epsilon"),
                                    delta=policy.get("dp_delta") or 1e-5,
                                    required=bool(policy.get("dp_required"))))

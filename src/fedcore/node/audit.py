@@ -254,23 +254,30 @@ def verify(path: str | Path) -> AuditReport:
             problems.setdefault(p, "edited: its hash no longer matches the next record's prev")
         pp, p, i = p, i, i + 1
 
-    notes: list[str] = []
-    head = read_head(path.with_suffix(".head"))
-    last_seq = seq(n) or 0
+    notes = _check_head(read_head(path.with_suffix(".head")), n, seq(n) or 0, hashes[n],
+                        problems)
+    report = [AuditProblem(line, msg, *(_where(recs[line]) if line <= n else (None, "")))
+              for line, msg in sorted(problems.items())]
+    return AuditReport(path, n, hashes[n], report, notes)
+
+
+def _check_head(head: dict[str, Any] | None, n: int, last_seq: int, last_hash: str,
+                problems: dict[int, str]) -> list[str]:
+    """Compare the log's last record (line ``n``) with its head file; notes to report.
+
+    A break is added to ``problems`` (by line, ``n + 1`` for records deleted from the end).
+    """
     if head is None:
-        if n:
-            notes.append("No head file: a change to the last record cannot be detected.")
-    elif head["seq"] > last_seq:
+        return ["No head file: a change to the last record cannot be detected."] if n else []
+    if head["seq"] > last_seq:
         problems.setdefault(n + 1, f"{_records(last_seq + 1, head['seq'])} deleted from the "
                                    "end (the head file records the node wrote them)")
-    elif head["seq"] == last_seq and n and head["sha256"] != hashes[n]:
+    elif head["seq"] == last_seq and n and head["sha256"] != last_hash:
         problems.setdefault(n, "edited: the last record no longer matches the head file")
     elif head["seq"] < last_seq:
         problems.setdefault(n, f"appended after record {head['seq']}, the last the head file "
                                "records (by hand, or the node was killed while writing it)")
-    report = [AuditProblem(line, msg, *(_where(recs[line]) if line <= n else (None, "")))
-              for line, msg in sorted(problems.items())]
-    return AuditReport(path, n, hashes[n], report, notes)
+    return []
 
 
 def _records(first: int, last: int) -> str:

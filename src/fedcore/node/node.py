@@ -83,7 +83,7 @@ _VERSION = "0.1.0"
 _WARM_PLANS = 8
 _TRUST_HINT = ("This node answers only the researchers its administrator trusts: on the node, "
                "run `fedcore-node trust add NAME KEY` with the researcher's public key "
-               "(printed by `python -m fedcore.wire.identity`).")
+               "(printed by `fedcore identity`).")
 
 
 #: A refused training request's error kind, by the exception that refused it (in order).

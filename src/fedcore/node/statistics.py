@@ -30,28 +30,40 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from fedcore.errors import ConfigurationError, DatasetError, FedcoreError
-from fedcore.governance import Request
+from fedcore.governance import Decision, Request
+from fedcore.governance.statistics import StatisticsPolicy, statistics_policy
+from fedcore.node._secagg import SecaggSessions
+from fedcore.node.registry import DatasetRegistry
 from fedcore.params import ParameterSet
 from fedcore.wire.messages import Body, Envelope, ErrorReply, StatsReply, StatsRequest
+from fedcore.wire.statistics import (
+    IMAGE_VARIABLE,
+    MAX_BINS,
+    MAX_QUERIES,
+    SECURE_FIELDS,
+    additive_from_vector,
+    additive_vector,
+    check_edges,
+    check_query,
+    check_split,
+    vector_size,
+)
 
 if TYPE_CHECKING:
     import concurrent.futures
-
-    from fedcore.node._secagg import SecaggSessions
-    from fedcore.node.node import Node
 
 __all__ = [
     "IMAGE_VARIABLE",
     "MAX_BINS",
     "MAX_QUERIES",
     "SECURE_FIELDS",
+    "StatisticsNode",
     "StatisticsPolicy",
     "additive_from_vector",
     "additive_vector",
@@ -66,46 +78,32 @@ __all__ = [
 
 log = logging.getLogger("fedcore.node")
 
-IMAGE_VARIABLE = "intensity"
-MAX_QUERIES = 256
-MAX_BINS = 100_000
 
-# --- node policy ----------------------------------------------------------------------------
+class StatisticsNode(Protocol):
+    """What :func:`answer_statistics` uses of a :class:`~fedcore.node.Node`."""
 
+    datasets: DatasetRegistry
+    _secagg: SecaggSessions
 
-@dataclass(frozen=True)
-class StatisticsPolicy:
-    """What a node lets researchers compute, read from its ``config.toml``.
+    @property
+    def node_id(self) -> str:
+        """The node's name."""
 
-    ``allowed``: answer statistics at all (key ``statistics``). ``min_count``: non-zero counts
-    below it are withheld (0 or 1 withhold nothing). ``min_max``: share extremes (key
-    ``allow_min_max``).
-    """
+    @property
+    def policy(self) -> dict[str, Any]:
+        """The node's effective policy (``ConfigurationError`` while it cannot be read)."""
 
-    allowed: bool = True
-    min_count: int = 5
-    min_max: bool = True
+    def review(self, request: Request) -> Decision:
+        """The node's governance decision on ``request``."""
 
-
-def statistics_policy(config: Mapping[str, Any]) -> StatisticsPolicy:
-    """The statistics policy in a node's configuration; ``ConfigurationError`` if malformed."""
-    allowed = config.get("statistics", True)
-    min_count = config.get("min_count", 5)
-    min_max = config.get("allow_min_max", True)
-    for key, value in (("statistics", allowed), ("allow_min_max", min_max)):
-        if not isinstance(value, bool):
-            raise ConfigurationError(f"config.toml: {key} must be true or false. "
-                                     f"Received: {key} = {value!r}")
-    if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 0:
-        raise ConfigurationError(f"config.toml: min_count must be an integer >= 0. "
-                                 f"Received: min_count = {min_count!r}")
-    return StatisticsPolicy(allowed=allowed, min_count=min_count, min_max=min_max)
+    def audit(self, event: str, **fields: Any) -> None:
+        """Write ``event`` to the node's audit log."""
 
 
 # --- computation ------------------------------------------------------------------------------
 
 
-async def answer_statistics(node: Node, env: Envelope,
+async def answer_statistics(node: StatisticsNode, env: Envelope,
                             executor: concurrent.futures.Executor | None) -> Body:
     """A node's answer to a :class:`StatsRequest`: policy, computation on ``executor``, audit.
 
@@ -209,51 +207,11 @@ def compute_statistics(dataset: Any, queries: Sequence[Any],
     if not 0 < len(queries) <= MAX_QUERIES:
         raise ConfigurationError(f"A statistics request holds 1 to {MAX_QUERIES} queries. "
                                  f"Received: {len(queries)}")
-    checked = [_check_query(i, q) for i, q in enumerate(queries)]
+    checked = [check_query(i, q) for i, q in enumerate(queries)]
     sources = [_source(dataset, variable) for variable, *_ in checked]
     return [_answer(variable, chunks, unit, shift, min_max, edges, policy)
             for (variable, shift, min_max, edges), (chunks, unit) in zip(checked, sources,
                                                                           strict=True)]
-
-
-def _check_query(i: int, query: Any) -> tuple[str, float, bool, np.ndarray | None]:
-    if not isinstance(query, Mapping):
-        raise ConfigurationError(f"Query {i} must be a map. Received: {type(query).__name__}")
-    variable, shift = query.get("variable"), query.get("shift", 0.0)
-    min_max, edges = query.get("min_max", False), query.get("edges")
-    if not isinstance(variable, str) or not variable:
-        raise ConfigurationError(f"Query {i}: 'variable' must be a non-empty string. "
-                                 f"Received: {variable!r}")
-    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not math.isfinite(
-            shift):
-        raise ConfigurationError(f"Query {i} ({variable!r}): 'shift' must be a finite number. "
-                                 f"Received: {shift!r}")
-    if not isinstance(min_max, bool):
-        raise ConfigurationError(f"Query {i} ({variable!r}): 'min_max' must be true or false. "
-                                 f"Received: {min_max!r}")
-    if edges is not None:
-        edges = check_edges(edges, f"Query {i} ({variable!r}): 'edges'")
-    return variable, float(shift), min_max, edges
-
-
-def check_edges(edges: Any, what: str) -> np.ndarray:
-    """``edges`` as float64 bin edges, or ``ConfigurationError`` saying what is wrong."""
-    try:
-        arr = np.asarray(edges, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{what} must be numbers. Received: {edges!r}") from None
-    if arr.ndim != 1 or not 2 <= arr.size <= MAX_BINS + 1:
-        raise ConfigurationError(f"{what} must be a list of 2 to {MAX_BINS + 1} bin edges. "
-                                 f"Received: shape {arr.shape}")
-    if not np.isfinite(arr).all() or not (np.diff(arr) > 0).all():
-        raise ConfigurationError(f"{what} must be finite and strictly increasing. "
-                                 f"Received: {_short(arr)}")
-    return arr
-
-
-def _short(arr: np.ndarray) -> str:
-    values = ", ".join(f"{v:g}" for v in arr[:6])
-    return f"[{values}{', ...' if arr.size > 6 else ''}]"
 
 
 def _source(dataset: Any, variable: str) -> tuple[Iterable[Any], str]:
@@ -404,54 +362,6 @@ def _withhold(result: dict[str, Any], records: int, unit: str, k: int) -> None:
 
 
 # --- secure aggregation -----------------------------------------------------------------------
-
-#: A query's additive statistics in a secure reply's vector, in order; with bin edges,
-#: ``below``, ``above`` and one count per bin follow. ``suppressed`` is 1 when the node
-#: withheld the variable whole, ``withheld`` the number of histogram cells it withheld.
-SECURE_FIELDS = ("count", "missing", "sum", "sumsq", "suppressed", "withheld")
-
-
-def additive_vector(result: Mapping[str, Any]) -> np.ndarray:
-    """One query's result as the float64 vector a node protects (see :data:`SECURE_FIELDS`).
-
-    Vectors of several nodes add up to the pooled statistics, suppression counts included.
-    """
-    add = result["additive"]
-    cells = sum(1 for w in result["withheld"] if w["cell"] in ("bin", "below", "above"))
-    suppressed = any(w["cell"] == "all" for w in result["withheld"])
-    head = [add["count"], add["missing"], add["sum"], add["sumsq"], float(suppressed), cells]
-    if "hist" not in add:
-        return np.array(head, dtype=np.float64)
-    return np.concatenate([np.array([*head, add["below"], add["above"]], dtype=np.float64),
-                           np.asarray(add["hist"], dtype=np.float64)])
-
-
-def additive_from_vector(vector: np.ndarray, bins: int) -> dict[str, Any]:
-    """The pooled additive statistics from a summed :func:`additive_vector` (counts exact)."""
-    v = np.asarray(vector, dtype=np.float64)
-    out: dict[str, Any] = dict(zip(SECURE_FIELDS, v[:len(SECURE_FIELDS)].tolist(),
-                                   strict=True))
-    for key in ("count", "missing", "suppressed", "withheld"):
-        out[key] = int(round(out[key]))
-    if bins:
-        head = len(SECURE_FIELDS)
-        out.update(below=int(round(v[head])), above=int(round(v[head + 1])),
-                   hist=np.rint(v[head + 2:]).astype(np.int64))
-    return out
-
-
-def vector_size(bins: int) -> int:
-    """The length of :func:`additive_vector` for a query with ``bins`` bins (0: none)."""
-    return len(SECURE_FIELDS) + (bins + 2 if bins else 0)
-
-
-def check_split(split: Any) -> float:
-    """``split``: a positive power of two (``ConfigurationError`` otherwise)."""
-    if not (isinstance(split, float) and math.isfinite(split) and split > 0
-            and math.frexp(split)[0] == 0.5):
-        raise ConfigurationError(f"Secure statistics: 'split' must be a positive power of two. "
-                                 f"Received: split={split!r}")
-    return split
 
 
 def protect_statistics(sessions: SecaggSessions, options: Mapping[str, Any],

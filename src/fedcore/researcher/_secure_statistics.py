@@ -1,6 +1,6 @@
 """Federated statistics under secure aggregation: the researcher's side of one request.
 
-The nodes' additive statistics (:func:`fedcore.node.statistics.additive_vector`) are summed
+The nodes' additive statistics (:func:`fedcore.wire.statistics.additive_vector`) are summed
 by the scheme through the phases of a training round (:class:`~._secure_round.SecureRound`):
 setup, share_keys, the protected payload (here in the statistics reply), unmask. The
 researcher learns the pooled vectors and the report (survivors, clipped values), nothing of
@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 
 from fedcore.errors import ConfigurationError, ProtocolError, SecureAggregationError
-from fedcore.node.statistics import additive_from_vector, vector_size
 from fedcore.params import ParameterSet
+from fedcore.researcher._replies import nobody_answered, outcome
 from fedcore.researcher.protection import Scatters, SecureExchange
 from fedcore.secagg import SecureAggregation
 from fedcore.wire.messages import StatsReply, StatsRequest
+from fedcore.wire.statistics import additive_from_vector, vector_size
 
 log = logging.getLogger("fedcore.statistics")
 
@@ -92,7 +93,8 @@ def configured(scheme: SecureAggregation, n_nodes: int, split: float) -> SecureA
     n2 = 1 << max(n_nodes - 1, 0).bit_length()
     # FixedPoint.for_sum's step is 2^(ceil(log2(n * max_weight * clip)) - 62): this clip
     # makes the update's step exactly ``split`` (so ``hi`` sums exactly), and the extras'
-    # ``split * n2 / 2^63``. tests/test_statistics_secagg.py checks that counts are exact.
+    # ``split * n2 / 2^63``. tests/researcher/test_statistics_secagg.py checks that counts
+    # are exact.
     scheme.clip = math.ldexp(split, 62) / n2  # type: ignore[attr-defined]
     scheme.extras_clip = split / 2  # type: ignore[attr-defined]
     scheme.max_weight = 1.0  # type: ignore[attr-defined]
@@ -152,8 +154,6 @@ async def _once(client: Scatters, scheme: SecureAggregation,
                 targets: Mapping[str, Mapping[str, Any]], nodes: list[str],
                 queries: list[dict[str, Any]], *, bound: float, label: str, round: int,
                 timeout: float, failed: dict[str, tuple[str, str]]) -> SecureSums:
-    from fedcore.researcher.statistics import _why  # the plain path's account of a failed reply
-
     split = split_for(bound, len(nodes))
     bins = [0 if q["edges"] is None else len(q["edges"]) - 1 for q in queries]
     reference = ParameterSet({f"q{i}": np.zeros(vector_size(b)) for i, b in enumerate(bins)})
@@ -177,7 +177,7 @@ async def _once(client: Scatters, scheme: SecureAggregation,
         elif reply.remote and reply.kind == "configuration":
             invalid[node] = reply.message
         else:
-            failed[node] = _why(reply)
+            failed[node] = outcome(reply)
     if invalid:
         by_message: dict[str, list[str]] = {}
         for node, message in sorted(invalid.items()):
@@ -185,9 +185,7 @@ async def _once(client: Scatters, scheme: SecureAggregation,
         raise ConfigurationError("Invalid statistics request. " + "; ".join(
             f"{m} ({', '.join(ns)})" for m, ns in by_message.items()))
     if all(n in failed for n in bodies):
-        from fedcore.researcher.statistics import _nobody_answered
-
-        raise _nobody_answered(failed)
+        raise nobody_answered(failed)
     try:
         total = await secure.finish()
     except SecureAggregationError as exc:
@@ -213,9 +211,7 @@ async def _once(client: Scatters, scheme: SecureAggregation,
 
 def _too_few(nodes: list[str], failed: Mapping[str, tuple[str, str]]) -> Exception:
     if not nodes and failed:
-        from fedcore.researcher.statistics import _nobody_answered
-
-        return _nobody_answered(dict(failed))
+        return nobody_answered(dict(failed))
     left = ", ".join(f"{n} ({why})" for n, (_, why) in sorted(failed.items()))
     return ConfigurationError(
         f"Secure aggregation needs at least 2 nodes: the sum of one node is its own values. "

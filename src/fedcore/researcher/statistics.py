@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 
 from fedcore import _runtime
-from fedcore.errors import ConfigurationError, FedcoreError, GovernanceError, RoundError
-from fedcore.node.statistics import MAX_BINS, StatisticsPolicy, check_edges, statistics_policy
+from fedcore.errors import ConfigurationError
+from fedcore.researcher._replies import nobody_answered as _nobody_answered
+from fedcore.researcher._replies import outcome as _why
 from fedcore.researcher._secure_statistics import (
     FIRST_BOUND,
     SecureSums,
@@ -42,14 +43,12 @@ from fedcore.researcher._secure_statistics import (
 from fedcore.researcher.federation import Federation, Selection
 from fedcore.secagg import SecureAggregation, scheme_of
 from fedcore.wire.messages import StatsReply, StatsRequest
-from fedcore.wire.rpc import Reply
+from fedcore.wire.statistics import MAX_BINS, check_edges
 
 __all__ = [
     "POOLED",
     "FederatedStatistics",
     "Histogram",
-    "StatisticsPolicy",
-    "statistics_policy",
 ]
 
 log = logging.getLogger("fedcore.statistics")
@@ -503,23 +502,6 @@ def _pooled_describe(variable: str, answers: _Answers, i: int, shift: float,
     else:
         row["note"] = "; ".join(x for x in (row["note"], "min/max withheld by a node") if x)
     return row
-
-
-def _nobody_answered(failed: dict[str, tuple[str, str]]) -> FedcoreError:
-    detail = "; ".join(f"{n}: {m}" for n, (_, m) in sorted(failed.items()))
-    if failed and all(s == "refused" for s, _ in failed.values()):
-        return GovernanceError(f"Every node refused the statistics request. {detail}",
-                               reason=detail)
-    return RoundError(f"No node answered the statistics request. {detail}",
-                      failures={n: m for n, (_, m) in failed.items()})
-
-
-def _why(reply: Reply) -> tuple[str, str]:
-    """``(status, message)`` of a node without statistics: refused by its policy, or failed."""
-    if reply.remote:
-        return ("refused" if reply.kind == "governance" else "failed",
-                f"{reply.message} ({reply.kind} error)")
-    return "failed", reply.why()
 
 
 def _nan(value: float | None) -> float:

@@ -5,10 +5,10 @@ A node keeps its key in its home (``identity.key``); a researcher's key lives at
 says. Keys are created on first use, written with 0600 permissions, and refused when other
 users can read them.
 
-Enrollment, researcher side: ``python -m fedcore.wire.identity`` prints this researcher's public
-key (give it to each node's administrator, who runs ``fedcore-node trust add NAME KEY``);
-``python -m fedcore.wire.identity enroll NODE_ID KEY`` records a node's key (printed by
-``fedcore-node identity``) in ``~/.fedcore/nodes.toml``.
+Enrollment, researcher side: ``fedcore identity`` prints this researcher's public key (give it
+to each node's administrator, who runs ``fedcore-node trust add NAME KEY``); ``fedcore enroll
+NODE_ID KEY`` records a node's key (printed by ``fedcore-node identity``) in
+``~/.fedcore/nodes.toml``. In Python: :func:`public_key` and :func:`enroll`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import base64
 import binascii
 import hashlib
 import os
-import sys
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import tomli_w
@@ -33,7 +32,7 @@ from fedcore._files import write_atomic
 from fedcore.errors import ConfigurationError
 
 __all__ = ["Identity", "enroll", "enrolled_nodes", "fingerprint", "parse_public_key",
-           "public_key", "researcher_identity"]
+           "public_key", "researcher_identity", "researcher_key_file"]
 
 _DEFAULT_DIR = Path("~/.fedcore")
 
@@ -111,18 +110,26 @@ def parse_public_key(text: str | bytes) -> bytes:
     if len(raw) != 32:
         raise ConfigurationError(
             f"Expected an Ed25519 public key: 44 characters of base64 or 64 hex digits, as "
-            f"printed by `fedcore-node identity` or `python -m fedcore.wire.identity`. Received: "
+            f"printed by `fedcore-node identity` or `fedcore identity`. Received: "
             f"{value[:80]!r}")
     Ed25519PublicKey.from_public_bytes(raw)
     return raw
 
 
+def researcher_key_file(identity: str | Path | None = None) -> Path:
+    """Where the researcher's key is (it may not exist yet).
+
+    ``identity``, else ``$FEDCORE_IDENTITY``, else ``~/.fedcore/researcher.key``.
+    """
+    return Path(identity or os.environ.get("FEDCORE_IDENTITY")
+                or _DEFAULT_DIR / "researcher.key").expanduser()
+
+
 def researcher_identity(identity: str | Path | Identity | None = None) -> Identity:
-    """The researcher's key: ``identity``, else ``$FEDCORE_IDENTITY``, else the default."""
+    """The researcher's key (:func:`researcher_key_file`), created on first use."""
     if isinstance(identity, Identity):
         return identity
-    path = identity or os.environ.get("FEDCORE_IDENTITY") or _DEFAULT_DIR / "researcher.key"
-    return Identity(path)
+    return Identity(researcher_key_file(identity))
 
 
 def public_key(identity: str | Path | None = None) -> str:
@@ -165,27 +172,3 @@ def enroll(node_id: str, key: str, path: str | Path | None = None) -> Path:
                  + tomli_w.dumps(data))
     return file
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedcore.wire.identity [enroll NODE_ID KEY]``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if args[:1] == ["enroll"] and len(args) == 3:
-            file = enroll(args[1], args[2])
-            print_ = fingerprint(parse_public_key(args[2]))
-            sys.stdout.write(f"Enrolled node {args[1]!r} ({print_}) in {file}\n")
-            return 0
-        if args:
-            sys.stderr.write("usage: python -m fedcore.wire.identity [enroll NODE_ID KEY]\n")
-            return 2
-        me = researcher_identity()
-    except ConfigurationError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    sys.stdout.write(f"public key:  {me.public_key}\nfingerprint: {me.fingerprint}\n"
-                     f"key file:    {me.path}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

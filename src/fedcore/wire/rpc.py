@@ -27,7 +27,7 @@ log = logging.getLogger("fedcore.rpc")
 B = TypeVar("B", bound=Body)
 
 _ENROLL_HINT = ("Enroll a node with its key, printed by `fedcore-node identity` on the node: "
-                "python -m fedcore.wire.identity enroll NODE_ID KEY, or Experiment(enrolled=...).")
+                "fedcore enroll NODE_ID KEY, or Experiment(enrolled=...).")
 _WATCH_S = 0.2  # how often pending requests are checked against the connected peers
 
 
@@ -110,7 +110,7 @@ class Client:
         networked = transport.capabilities.networked
         if networked and key is None:
             raise ConfigurationError("A networked federation needs the researcher's key: "
-                                     "pass identity= (see fedcore.wire.identity).")
+                                     "pass identity= (`fedcore identity` shows it).")
         self.transport = transport
         self.identity = transport.identity
         self.max_frame_size = max_frame_size

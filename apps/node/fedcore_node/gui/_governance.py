@@ -101,7 +101,7 @@ class Governance:
         Empty when the policy cannot be read (the node refuses everything meanwhile).
         """
         from fedcore.errors import ConfigurationError
-        from fedcore.governance.ledger import PrivacyLedger, budget_summary
+        from fedcore.governance import PrivacyLedger, budget_summary
 
         try:
             policy = self.node.policy
