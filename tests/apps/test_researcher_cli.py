@@ -22,13 +22,13 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("websockets")
 
-from _deployment import node_processes, write_csv  # noqa: E402
-from _trust import enroll  # noqa: E402
 from fedcore import Experiment
 from fedcore import __version__ as fedcore_version  # noqa: E402
 from fedcore.wire import codec  # noqa: E402
 from fedcore.wire.identity import enroll as enroll_node  # noqa: E402
 from fedcore.wire.messages import Envelope  # noqa: E402
+from tests._support.deployment import node_processes, write_csv  # noqa: E402
+from tests._support.trust import enroll  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -315,7 +315,7 @@ def test_the_docs_and_the_help_show_the_same_complete_and_valid_toml(tmp_path, c
     from fedcore_researcher import cli
     from fedcore_researcher._experiment_file import read_toml
 
-    page = (Path(__file__).parents[1] / "docs" / "researcher-cli.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "researcher-cli.md").read_text()
     blocks = page.split("```toml\n")[1:]
     complete = [b.split("```")[0] for b in blocks if "[strategy]" in b]
     assert complete == [cli.TOML_EXAMPLE]

@@ -21,12 +21,12 @@ pytest.importorskip("torch")
 
 from sklearn.linear_model import SGDClassifier  # noqa: E402
 
-from _deployment import node_processes as _node_processes  # noqa: E402
-from _deployment import write_csv as _csv  # noqa: E402
-from _trust import enroll  # noqa: E402
 from fedcore import Experiment, Node  # noqa: E402
 from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
 from fedcore_torch import TorchTrainingPlan  # noqa: E402
+from tests._support.deployment import node_processes as _node_processes  # noqa: E402
+from tests._support.deployment import write_csv as _csv  # noqa: E402
+from tests._support.trust import enroll  # noqa: E402
 
 NODES = ("site-a", "site-b", "site-c")
 TAGS = ["deploy-e2e"]
@@ -107,7 +107,7 @@ def reference(deployment, tmp_path_factory) -> dict[str, Experiment]:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     pytest.importorskip("paho.mqtt")
-    from test_transport_mqtt import Broker
+    from tests.transports.test_transport_mqtt import Broker
 
     b = Broker(tmp_path_factory.mktemp("mqtt"), "allow_anonymous true").start()
     yield b
@@ -142,7 +142,7 @@ def _run_both(url: str, deployment, reference) -> None:
 
 def test_node_processes_over_websockets_train_exactly_as_in_process(deployment, reference):
     pytest.importorskip("websockets")
-    from test_transport_mqtt import free_port
+    from tests.transports.test_transport_mqtt import free_port
 
     _run_both(f"ws://127.0.0.1:{free_port()}?retry_max=0.5", deployment, reference)
 
@@ -155,7 +155,7 @@ def test_node_processes_over_mqtt_train_exactly_as_in_process(deployment, refere
 def test_a_round_completes_on_every_node_after_the_broker_restarts(deployment, reference,
                                                                    tmp_path):
     pytest.importorskip("paho.mqtt")
-    from test_transport_mqtt import Broker
+    from tests.transports.test_transport_mqtt import Broker
 
     homes, _, enrolled = deployment
     b = Broker(tmp_path, "allow_anonymous true").start()

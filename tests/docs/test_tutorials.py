@@ -17,7 +17,7 @@ pytest.importorskip("ipykernel")
 
 from nbclient.exceptions import CellExecutionError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "docs").rglob("*.ipynb"))
 CELL_TIMEOUT_S = 120  # as tests/test_notebook.py: the first cell also starts fedcore's loop
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours of IPython's tracebacks

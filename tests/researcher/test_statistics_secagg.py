@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from _faults import DiesBeforeUnmasking
 from fedcore import FederatedStatistics, Node
 from fedcore.errors import ConfigurationError, GovernanceError, SecureAggregationError
 from fedcore.params import ParameterSet
 from fedcore.researcher.statistics import POOLED
 from fedcore.secagg import JoyeLibert, PairwiseMasking
-from test_statistics import _federation as _plain_federation
+from tests._support.faults import DiesBeforeUnmasking
+from tests.researcher.test_statistics import _federation as _plain_federation
 
 SIZES = (500, 800, 1200, 300)
 EVERY_NODE = [f"node-{i:02d}" for i in range(1, 6)]

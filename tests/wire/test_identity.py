@@ -279,7 +279,7 @@ def test_a_frame_altered_or_replayed_through_the_mqtt_broker_is_refused(tmp_path
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from test_transport_mqtt import Broker, fed
+    from tests.transports.test_transport_mqtt import Broker, fed
 
     broker = Broker(tmp_path, "allow_anonymous true").start()
     federation = fed()

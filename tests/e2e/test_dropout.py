@@ -177,8 +177,8 @@ def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tm
         assert main(["--home", str(home), "policy", "set", "approval_required=false"]) == 0
         assert main(["--home", str(home), "dataset", "add", "--name", "cohort", "--tags",
                      "drop", "--path", str(csv)]) == 0
-    from _deployment import start_node, stop_processes
-    from _trust import enroll
+    from tests._support.deployment import start_node, stop_processes
+    from tests._support.trust import enroll
 
     enrolled = enroll(homes)
     procs: dict[str, subprocess.Popen[bytes]] = {}

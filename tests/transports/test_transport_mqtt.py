@@ -29,7 +29,6 @@ import pytest
 
 pytest.importorskip("paho.mqtt")
 
-from _trust import enroll  # noqa: E402
 from fedcore import Node
 from fedcore.errors import ConfigurationError, TransportError  # noqa: E402
 from fedcore.testing.transport import Endpoints, TransportConformance, wait_until  # noqa: E402
@@ -40,6 +39,7 @@ from fedcore.wire.identity import researcher_identity  # noqa: E402
 from fedcore.wire.messages import Envelope, ErrorReply, Ping, Pong  # noqa: E402
 from fedcore.wire.signing import Guard  # noqa: E402
 from fedcore_transport.mqtt import MqttTransport  # noqa: E402
+from tests._support.trust import enroll  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 if not Path(MOSQUITTO).exists():  # scripts/test.sh installs it; say so rather than skip

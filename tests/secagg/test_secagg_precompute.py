@@ -21,7 +21,7 @@ from fedcore.params import ParameterSet
 from fedcore.secagg import PairwiseMasking, masking
 from fedcore.secagg import _crypto as C
 from fedcore.secagg.local import through_the_wire
-from test_secagg import open_round as open_secagg_round
+from tests.secagg.test_secagg import open_round as open_secagg_round
 
 
 def open_round(scheme, nodes, reference=None):

@@ -16,11 +16,11 @@ from fedcore_node.cli import main
 pytest.importorskip("websockets")
 pytest.importorskip("sklearn")
 
-from _deployment import start_node  # noqa: E402
-from _trust import enroll  # noqa: E402
 from fedcore import Experiment  # noqa: E402
 from fedcore.errors import RoundError  # noqa: E402
-from test_dropout import SleepWhenToldPlan, _audit_events, _frame, _free_port  # noqa: E402
+from tests._support.deployment import start_node  # noqa: E402
+from tests._support.trust import enroll  # noqa: E402
+from tests.e2e.test_dropout import SleepWhenToldPlan, _audit_events, _frame, _free_port  # noqa: E402
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _faults import DiesBeforeUnmasking
 from fedcore import Experiment, simulate
 from fedcore.errors import ConfigurationError, RoundError
 from fedcore.privacy import Accountant
 from fedcore.secagg import JoyeLibert, PairwiseMasking
+from tests._support.faults import DiesBeforeUnmasking
 
 pytest.importorskip("sklearn")
 pytest.importorskip("torch")

@@ -14,12 +14,12 @@ import pytest
 
 pytest.importorskip("websockets")
 
-from _trust import enroll  # noqa: E402
 from fedcore import Experiment, Node  # noqa: E402
 from fedcore.errors import ConfigurationError  # noqa: E402
 from fedcore.testing.transport import Endpoints, TransportConformance  # noqa: E402
 from fedcore.transport import Role, Transport, open_transport  # noqa: E402
 from fedcore_transport.websocket import WebSocketTransport  # noqa: E402
+from tests._support.trust import enroll  # noqa: E402
 
 
 def free_port() -> int:

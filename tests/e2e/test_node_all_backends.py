@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 
-from _deployment import node_processes, write_csv
-from _trust import enroll
 from fedcore import Experiment, Node
+from tests._support.deployment import node_processes, write_csv
+from tests._support.trust import enroll
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ class JaxPlan(JaxTrainingPlan):
 
 def test_one_node_process_serves_torch_keras_and_jax_plans(tmp_path):
     from fedcore_node.cli import main
-    from test_transport_mqtt import free_port
+    from tests.transports.test_transport_mqtt import free_port
 
     assert jax.__version__  # imported here only to check the environment has it
     home = tmp_path / "site-a"
