@@ -1,12 +1,13 @@
 """Node processes for end-to-end tests: a CSV per site and ``fedcore-node start`` processes.
 
-Shared by test_deployment_e2e.py, test_dropout.py, test_node_all_backends.py and
-test_researcher_cli.py.
+Shared by the end-to-end tests (tests/e2e/), the node daemon's and the researcher CLI's
+tests (tests/apps/).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -17,12 +18,25 @@ import numpy as np
 import pandas as pd
 
 
-def write_csv(path: Path, seed: int, n: int = 120) -> Path:
+def frame(seed: int, n: int) -> pd.DataFrame:
+    """Four normal features and a label linear in the first two."""
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, 4))
     y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
-    pd.DataFrame({**{f"x{i}": X[:, i] for i in range(4)}, "label": y}).to_csv(path, index=False)
+    return pd.DataFrame({**{f"x{i}": X[:, i] for i in range(4)}, "label": y})
+
+
+def write_csv(path: Path, seed: int, n: int = 120) -> Path:
+    frame(seed, n).to_csv(path, index=False)
     return path
+
+
+def audit_events(home: Path) -> list[dict]:
+    """The records of a node's audit log so far (none before the node first wrote one)."""
+    path = home / "audit.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def node_log(home: Path) -> str:

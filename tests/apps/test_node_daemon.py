@@ -18,9 +18,10 @@ pytest.importorskip("sklearn")
 
 from fedcore import Experiment  # noqa: E402
 from fedcore.errors import RoundError  # noqa: E402
-from tests._support.deployment import start_node  # noqa: E402
+from tests._support.deployment import audit_events, frame, start_node  # noqa: E402
+from tests._support.net import free_port  # noqa: E402
+from tests._support.sklearn_plans import SleepWhenToldPlan  # noqa: E402
 from tests._support.trust import enroll  # noqa: E402
-from tests.e2e.test_dropout import SleepWhenToldPlan, _audit_events, _frame, _free_port  # noqa: E402
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
@@ -44,7 +45,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def test_start_status_and_a_clean_stop_on_sigterm(tmp_path: Path, capsys):
     home = str(tmp_path / "home")
-    url = f"ws://127.0.0.1:{_free_port()}"  # nobody listens: the node keeps dialling
+    url = f"ws://127.0.0.1:{free_port()}"  # nobody listens: the node keeps dialling
     assert _cli(capsys, "--home", home, "init", "--id", "site-z", "--federation", url)[0] == 0
     code, out = _cli(capsys, "--home", home, "status")
     assert code == 0 and "not running" in out and url in out
@@ -63,7 +64,7 @@ def test_start_status_and_a_clean_stop_on_sigterm(tmp_path: Path, capsys):
         assert proc.wait(timeout=10) == 0
         # The node's own clock: its last audit record is written within 2 s of the signal
         # (the interpreter's exit after that depends on how busy the machine is).
-        assert _audit_events(Path(home))[-1]["time"] - signalled < 2
+        assert audit_events(Path(home))[-1]["time"] - signalled < 2
         assert b"Stopping on SIGTERM" in proc.stderr.read()  # type: ignore[union-attr]
     finally:
         _stop(proc)
@@ -71,7 +72,7 @@ def test_start_status_and_a_clean_stop_on_sigterm(tmp_path: Path, capsys):
     assert "state:      not running" in _cli(capsys, "--home", home, "status")[1]
     code, out = _cli(capsys, "--home", home, "audit", "verify")
     assert code == 0 and "intact" in out
-    assert [e["event"] for e in _audit_events(Path(home))][-2:] == ["started", "stopped"]
+    assert [e["event"] for e in audit_events(Path(home))][-2:] == ["started", "stopped"]
 
 
 def test_a_stale_pid_file_is_detected_and_replaced(tmp_path: Path, capsys):
@@ -84,9 +85,9 @@ def test_a_stale_pid_file_is_detected_and_replaced(tmp_path: Path, capsys):
 
 def test_sigterm_mid_round_abandons_it_on_record_and_exits_within_2_s(tmp_path: Path, capsys):
     home = tmp_path / "home"
-    url = f"ws://127.0.0.1:{_free_port()}"
+    url = f"ws://127.0.0.1:{free_port()}"
     csv = tmp_path / "c.csv"
-    _frame(0, 100).to_csv(csv, index=False)
+    frame(0, 100).to_csv(csv, index=False)
     for argv in (["init", "--id", "site-t", "--federation", url],
                  ["policy", "set", "approval_required=false"],
                  ["dataset", "add", "--name", "cohort", "--tags", "term", "--path", str(csv)]):
@@ -107,18 +108,18 @@ def test_sigterm_mid_round_abandons_it_on_record_and_exits_within_2_s(tmp_path: 
     worker = threading.Thread(target=round_)
     try:
         worker.start()
-        _wait_for(lambda: any(e["event"] == "train-request" for e in _audit_events(home)), 20,
+        _wait_for(lambda: any(e["event"] == "train-request" for e in audit_events(home)), 20,
                   "the node to start training")
         signalled = time.time()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, home.with_suffix(".log").read_text()
-        assert _audit_events(home)[-1]["time"] - signalled < 2  # see the test above
+        assert audit_events(home)[-1]["time"] - signalled < 2  # see the test above
         worker.join(timeout=10)
         assert errors and "site-t" in str(errors[0])  # the researcher is told
     finally:
         exp.close()
         _stop(proc)
-    events = [e["event"] for e in _audit_events(home)]
+    events = [e["event"] for e in audit_events(home)]
     assert events[-2:] == ["train-abandoned", "stopped"]
     assert _cli(capsys, "--home", str(home), "audit", "verify")[0] == 0
     log = home.with_suffix(".log").read_text()

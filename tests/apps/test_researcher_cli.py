@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from fedcore.wire import codec  # noqa: E402
 from fedcore.wire.identity import enroll as enroll_node  # noqa: E402
 from fedcore.wire.messages import Envelope  # noqa: E402
 from tests._support.deployment import node_processes, write_csv  # noqa: E402
+from tests._support.net import free_port  # noqa: E402
 from tests._support.trust import enroll  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -92,12 +92,6 @@ class Federation:
         return self.folder / "exp.toml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _experiment_toml(url: str, **changes: str) -> str:
     lines = {
         "name": '"cli-e2e"', "plan": '"plans.py:Plan"', "tags": f'["{TAG}"]',
@@ -126,7 +120,7 @@ def federation(tmp_path_factory) -> Federation:
     folder.mkdir()
     for node_id, key in enroll(homes).items():  # the researcher's nodes.toml, not the session's
         enroll_node(node_id, key, folder / "nodes.toml")
-    url = f"ws://127.0.0.1:{_free_port()}?retry_max=0.5"
+    url = f"ws://127.0.0.1:{free_port()}?retry_max=0.5"
     (folder / "plans.py").write_text(PLANS_PY)
     (folder / "exp.toml").write_text(_experiment_toml(url))
     with node_processes(homes, url):
@@ -283,7 +277,7 @@ def test_a_python_file_runs_a_simulated_federation_in_process(tmp_path):
 
 def test_ctrl_c_stops_a_run_with_exit_code_130(federation, tmp_path):
     # Nobody dials this port: the run waits for its nodes until interrupted.
-    url = f"ws://127.0.0.1:{_free_port()}"
+    url = f"ws://127.0.0.1:{free_port()}"
     log = tmp_path / "err.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(

@@ -107,7 +107,7 @@ def reference(deployment, tmp_path_factory) -> dict[str, Experiment]:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     pytest.importorskip("paho.mqtt")
-    from tests.transports.test_transport_mqtt import Broker
+    from tests._support.mqtt import Broker
 
     b = Broker(tmp_path_factory.mktemp("mqtt"), "allow_anonymous true").start()
     yield b
@@ -142,7 +142,7 @@ def _run_both(url: str, deployment, reference) -> None:
 
 def test_node_processes_over_websockets_train_exactly_as_in_process(deployment, reference):
     pytest.importorskip("websockets")
-    from tests.transports.test_transport_mqtt import free_port
+    from tests._support.net import free_port
 
     _run_both(f"ws://127.0.0.1:{free_port()}?retry_max=0.5", deployment, reference)
 
@@ -155,7 +155,7 @@ def test_node_processes_over_mqtt_train_exactly_as_in_process(deployment, refere
 def test_a_round_completes_on_every_node_after_the_broker_restarts(deployment, reference,
                                                                    tmp_path):
     pytest.importorskip("paho.mqtt")
-    from tests.transports.test_transport_mqtt import Broker
+    from tests._support.mqtt import Broker
 
     homes, _, enrolled = deployment
     b = Broker(tmp_path, "allow_anonymous true").start()

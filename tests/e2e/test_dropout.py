@@ -3,15 +3,12 @@ killed mid-round that comes back for the next round."""
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -24,6 +21,10 @@ pytest.importorskip("sklearn")
 from sklearn.linear_model import SGDClassifier  # noqa: E402
 
 from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
+from tests._support.deployment import audit_events  # noqa: E402
+from tests._support.deployment import frame as _frame  # noqa: E402
+from tests._support.net import free_port  # noqa: E402
+from tests._support.sklearn_plans import SleepWhenToldPlan  # noqa: E402
 
 
 class SlowSmallSitePlan(SklearnTrainingPlan):
@@ -38,26 +39,6 @@ class SlowSmallSitePlan(SklearnTrainingPlan):
 
             time.sleep(self.sleep_s)
         return super().fit(dataset, seed)
-
-
-class SleepWhenToldPlan(SklearnTrainingPlan):
-    """Sleeps where the node process has FEDCORE_TEST_SLEEP set (a site to kill mid-round)."""
-
-    estimator = SGDClassifier
-
-    def fit(self, dataset, seed):
-        import os
-        import time
-
-        time.sleep(float(os.environ.get("FEDCORE_TEST_SLEEP", "0")))
-        return super().fit(dataset, seed)
-
-
-def _frame(seed: int, n: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, 4))
-    y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
-    return pd.DataFrame({**{f"x{i}": X[:, i] for i in range(4)}, "label": y})
 
 
 def _inproc(tmp_path: Path, sizes: dict[str, int]) -> tuple[str, list[Node]]:
@@ -151,24 +132,11 @@ def test_fraction_selects_reproducibly_and_the_checkpoint_keeps_the_strategy(tmp
 # --- node processes over websockets ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _audit_events(home: Path) -> list[dict]:
-    path = home / "audit.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tmp_path):
     pytest.importorskip("websockets")
     from fedcore_node.cli import main
 
-    url = f"ws://127.0.0.1:{_free_port()}"
+    url = f"ws://127.0.0.1:{free_port()}"
     homes = {n: tmp_path / n for n in ("site-a", "site-b", "site-c")}
     for i, (node_id, home) in enumerate(homes.items()):
         csv = tmp_path / f"{node_id}.csv"
@@ -195,7 +163,7 @@ def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tm
         def kill_b_when_it_trains() -> None:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                if any(e["event"] == "train-request" for e in _audit_events(homes["site-b"])):
+                if any(e["event"] == "train-request" for e in audit_events(homes["site-b"])):
                     procs["site-b"].send_signal(signal.SIGKILL)
                     return
                 time.sleep(0.05)

@@ -49,7 +49,7 @@ class JaxPlan(JaxTrainingPlan):
 
 def test_one_node_process_serves_torch_keras_and_jax_plans(tmp_path):
     from fedcore_node.cli import main
-    from tests.transports.test_transport_mqtt import free_port
+    from tests._support.net import free_port
 
     assert jax.__version__  # imported here only to check the environment has it
     home = tmp_path / "site-a"

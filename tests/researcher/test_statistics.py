@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedcore import FederatedStatistics, Node, _runtime, simulate
+from fedcore import FederatedStatistics, _runtime, simulate
 from fedcore.errors import ConfigurationError, GovernanceError
 from fedcore.researcher.statistics import POOLED
 from fedcore.transport import open_transport
 from fedcore.wire import codec
 from fedcore.wire.messages import Envelope, ErrorReply, Ping, Pong, StatsReply, StatsRequest
+from tests._support.statistics import federation as _federation
 
 SIZES = (500, 800, 1200, 300)
 
@@ -23,23 +24,6 @@ def _site(i, n, seed=0):
     glucose[rng.random(n) < 0.05] = np.nan
     return pd.DataFrame({"age": rng.integers(18, 95, n), "glucose": glucose,
                          "sex": rng.choice(["F", "M"], n), "label": rng.integers(0, 2, n)})
-
-
-def _federation(tmp_path, frames, configs=None, kinds=None, node_class=Node):
-    """Hospitals with one CSV each; ``configs`` adds lines to a node's config.toml, ``kinds``
-    gives a node another class than ``node_class``."""
-    fed = simulate.SimulatedFederation(root=tmp_path / "fed")
-    for i, frame in enumerate(frames):
-        node_id = f"node-{i + 1:02d}"
-        home = fed.root / node_id
-        home.mkdir(parents=True)
-        extra = (configs or {}).get(node_id, "")
-        (home / "config.toml").write_text(f'node_id = "{node_id}"\n{extra}\n')
-        node = fed.add_node(node_id, node_class=(kinds or {}).get(node_id, node_class))
-        path = tmp_path / f"{node_id}.csv"
-        frame.to_csv(path, index=False)
-        node.datasets.add(f"cohort-{i + 1}", ["cohort"], path)
-    return fed
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from fedcore.params import ParameterSet
 from fedcore.researcher.statistics import POOLED
 from fedcore.secagg import JoyeLibert, PairwiseMasking
 from tests._support.faults import DiesBeforeUnmasking
-from tests.researcher.test_statistics import _federation as _plain_federation
+from tests._support.statistics import federation as _plain_federation
 
 SIZES = (500, 800, 1200, 300)
 EVERY_NODE = [f"node-{i:02d}" for i in range(1, 6)]

@@ -17,7 +17,7 @@ from fedcore.errors import ProtocolError, SecureAggregationError
 from fedcore.params import ParameterSet
 from fedcore.secagg import JoyeLibert, open_node_session
 from fedcore.secagg.local import run_round
-from tests.secagg.test_secagg import check_sum, make_round
+from tests._support.secagg import check_sum, make_round
 
 
 @pytest.mark.parametrize("n_nodes,size", [(2, 1), (3, 100), (10, 500), (50, 20)])

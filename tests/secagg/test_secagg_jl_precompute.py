@@ -18,7 +18,7 @@ from fedcore.params import ParameterSet
 from fedcore.secagg import JoyeLibert, joye_libert
 from fedcore.secagg import _bigint as B
 from fedcore.secagg.local import through_the_wire
-from tests.secagg.test_secagg import open_round as open_secagg_round
+from tests._support.secagg import open_round as open_secagg_round
 
 
 def open_round(nodes, reference=None, key_size=512):
@@ -129,7 +129,7 @@ def test_a_process_holds_at_most_max_precomputed_mask_lists():
 
 torch = pytest.importorskip("torch")
 
-from tests.secagg.test_secagg_precompute import TinyMLP  # noqa: E402
+from tests._support.torch_plans import TinyMLP  # noqa: E402
 
 
 def _run(**kwargs):

@@ -21,7 +21,7 @@ from fedcore.params import ParameterSet
 from fedcore.secagg import PairwiseMasking, masking
 from fedcore.secagg import _crypto as C
 from fedcore.secagg.local import through_the_wire
-from tests.secagg.test_secagg import open_round as open_secagg_round
+from tests._support.secagg import open_round as open_secagg_round
 
 
 def open_round(scheme, nodes, reference=None):
@@ -166,17 +166,7 @@ def test_bad_training_options_are_reported_by_protect_not_by_prepare():
 
 torch = pytest.importorskip("torch")
 
-from fedcore_torch import TorchTrainingPlan  # noqa: E402
-
-
-class TinyMLP(TorchTrainingPlan):
-    def init_model(self):
-        torch.set_num_threads(1)
-        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
-                                   torch.nn.Linear(8, 2))
-
-    def training_step(self, data, target):
-        return torch.nn.functional.cross_entropy(self.model(data), target)
+from tests._support.torch_plans import TinyMLP  # noqa: E402
 
 
 @pytest.fixture

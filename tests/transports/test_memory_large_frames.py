@@ -20,7 +20,6 @@ joined signed frame, websockets' fragments and their join, the transport's reass
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ import pytest
 pytest.importorskip("websockets")
 
 from fedcore.wire.identity import Identity  # noqa: E402
+from tests._support.net import free_port  # noqa: E402
 
 GIB = 1 << 30
 SLACK = 256 << 20
@@ -106,12 +106,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow

@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import getpass
 import ipaddress
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,64 +34,12 @@ from fedcore.wire.identity import researcher_identity  # noqa: E402
 from fedcore.wire.messages import Envelope, ErrorReply, Ping, Pong  # noqa: E402
 from fedcore.wire.signing import Guard  # noqa: E402
 from fedcore_transport.mqtt import MqttTransport  # noqa: E402
+from tests._support.mqtt import Broker, fed, require_mosquitto  # noqa: E402
 from tests._support.trust import enroll  # noqa: E402
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-if not Path(MOSQUITTO).exists():  # scripts/test.sh installs it; say so rather than skip
-    pytest.fail("Mosquitto is missing: apt-get install mosquitto (scripts/test.sh does).",
-                pytrace=False)
+require_mosquitto()  # scripts/test.sh installs it; say so rather than skip
 
 USER, PASSWORD = "fedcore", "s3cret pass"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Broker:
-    """A Mosquitto process on a free loopback port, with its own config in ``folder``."""
-
-    def __init__(self, folder: Path, extra: str = "", port: int | None = None):
-        self.folder, self.port = folder, port or free_port()
-        self.config = folder / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            f"user {getpass.getuser()}\n"
-            "persistence false\n"
-            # as docs/deployment.md advises: Mosquitto's default queue (1000 messages per
-            # client) drops QoS 1 messages to a receiver that lags, e.g. on a loaded CI box
-            "max_queued_messages 0\n"
-            f"log_dest file {folder / 'mosquitto.log'}\n"
-            f"{extra}\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"Mosquitto did not start on {self.port}: {err}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def _password_file(path: Path) -> Path:
@@ -170,10 +113,6 @@ def secure_broker(tmp_path_factory, certificate) -> Iterator[Broker]:
                        f"cafile {ca}\ncertfile {cert}\nkeyfile {key}").start()
     yield b
     b.stop()
-
-
-def fed() -> str:
-    return f"fed-{uuid.uuid4().hex[:8]}"  # a federation per test: no retained leftovers
 
 
 class TestMqttTransport(TransportConformance):

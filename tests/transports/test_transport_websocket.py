@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,8 @@ from fedcore.errors import ConfigurationError  # noqa: E402
 from fedcore.testing.transport import Endpoints, TransportConformance  # noqa: E402
 from fedcore.transport import Role, Transport, open_transport  # noqa: E402
 from fedcore_transport.websocket import WebSocketTransport  # noqa: E402
+from tests._support.net import free_port  # noqa: E402
 from tests._support.trust import enroll  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class TestWebSocketTransport(TransportConformance):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -30,15 +29,10 @@ from fedcore.wire.messages import Envelope, Ping, Pong, TrainReply
 from fedcore.wire.rpc import Client
 from fedcore.wire.signing import TRAILER, Guard
 from fedcore_transport.inprocess import InProcessTransport
+from tests._support.net import free_port  # noqa: E402
 
 LIMIT = 4096  # the in-process transport's message size in these tests
 PIECE = LIMIT - CHUNK_HEADER - TRAILER
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Pair:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,12 +37,7 @@ from fedcore.wire.messages import (  # noqa: E402
 from fedcore.wire.rpc import Client  # noqa: E402
 from fedcore.wire.signing import Guard  # noqa: E402
 from fedcore_node.cli import main as node_cli  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests._support.net import free_port  # noqa: E402
 
 
 def test_a_key_is_created_0600_and_a_readable_one_is_refused(tmp_path):
@@ -279,7 +273,7 @@ def test_a_frame_altered_or_replayed_through_the_mqtt_broker_is_refused(tmp_path
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from tests.transports.test_transport_mqtt import Broker, fed
+    from tests._support.mqtt import Broker, fed
 
     broker = Broker(tmp_path, "allow_anonymous true").start()
     federation = fed()
