@@ -70,9 +70,9 @@ echo "== ruff check ." >&2
 echo "== mypy" >&2
 "$PY" -m mypy || failed+=("mypy (exit $?)")
 
-echo "== pytest $*" >&2
+echo "== pytest --durations=25 $*" >&2
 set +e
-"$PY" -m pytest "$@"
+"$PY" -m pytest --durations=25 "$@"
 rc=$?
 set -e
 case $rc in
