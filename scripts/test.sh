@@ -7,7 +7,7 @@
 # (or $FEDCORE_TFDP_VENV) with fedcore[dev,sklearn,tfdp] (tensorflow-privacy holds numpy at
 # 1.26, so TF DP-SGD has its own environment, pinned by constraints-tfdp.txt), re-using them
 # when up to date; starts the services the tests need; runs `ruff check .`, `mypy`, `pytest`
-# in .venv (the tests marked `tfdp` deselected) and the `tfdp` tests (tests/test_tf_privacy.py)
+# in .venv (the tests marked `tfdp` deselected) and the `tfdp` tests (tests/privacy/test_tf_privacy.py)
 # in .venv-tfdp, with the same PYTEST ARGS. Exits non-zero when any fails, and when the main
 # pytest collects no tests (its exit code 5; the tfdp run may select none).
 set -euo pipefail
@@ -70,9 +70,9 @@ echo "== ruff check ." >&2
 echo "== mypy" >&2
 "$PY" -m mypy || failed+=("mypy (exit $?)")
 
-echo "== pytest $*" >&2
+echo "== pytest --durations=25 $*" >&2
 set +e
-"$PY" -m pytest "$@"
+"$PY" -m pytest --durations=25 "$@"
 rc=$?
 set -e
 case $rc in
@@ -81,9 +81,9 @@ case $rc in
     *) failed+=("pytest (exit $rc)") ;;
 esac
 
-echo "== pytest (TF DP-SGD, $TFDP_VENV) tests/test_tf_privacy.py $*" >&2
+echo "== pytest (TF DP-SGD, $TFDP_VENV) tests/privacy/test_tf_privacy.py $*" >&2
 set +e
-FEDCORE_TFDP=1 "$TFDP_VENV/bin/python" -m pytest tests/test_tf_privacy.py "$@"
+FEDCORE_TFDP=1 "$TFDP_VENV/bin/python" -m pytest tests/privacy/test_tf_privacy.py "$@"
 rc=$?
 set -e
 case $rc in

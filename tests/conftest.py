@@ -39,7 +39,7 @@ def _researcher_identity(tmp_path_factory):
 
 # --- TF DP-SGD: its own environment (tensorflow-privacy holds numpy at 1.26) ------------------
 # scripts/test.sh runs the suite with FEDCORE_TFDP unset (the tests marked `tfdp` are
-# deselected), then tests/test_tf_privacy.py in .venv-tfdp with FEDCORE_TFDP=1 (only the
+# deselected), then tests/privacy/test_tf_privacy.py in .venv-tfdp with FEDCORE_TFDP=1 (only the
 # `tfdp` tests run). tensorflow-privacy's Keras optimizers need Keras 2, chosen by
 # TF_USE_LEGACY_KERAS=1 before TensorFlow is first imported; the variable is process-wide,
 # so only that process sets it, here, before any test module imports TensorFlow.

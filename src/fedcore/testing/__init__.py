@@ -10,7 +10,11 @@ Import the suite of your extension point in a test module and subclass it::
             return Endpoints.same("mine://localhost:9999")
 
 Training-plan backends run :class:`fedcore.testing.backend.BackendConformance` (and
-:func:`fedcore.testing.backend.check_signature_parity`) the same way.
+:func:`fedcore.testing.backend.check_signature_parity`) the same way; aggregators
+:class:`fedcore.testing.aggregator.AggregatorConformance`; secure-aggregation schemes
+:class:`fedcore.testing.secagg.SecureAggregationConformance`. The pytest plugin
+:mod:`fedcore.testing.plugin` (entry point ``fedcore``, loaded by pytest once fedcore is
+installed) adds fixtures that make the suites easy to run from a plug-in's own tests.
 
 ``fedcore.testing`` needs pytest; ``import fedcore`` never imports it.
 """
@@ -20,11 +24,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["BackendConformance", "Endpoints", "TransportConformance",
-           "check_signature_parity"]
+__all__ = ["AggregatorConformance", "BackendConformance", "Endpoints",
+           "SecureAggregationConformance", "TransportConformance", "check_signature_parity"]
 
 _WHERE = {"BackendConformance": "backend", "check_signature_parity": "backend",
-          "Endpoints": "transport", "TransportConformance": "transport"}
+          "Endpoints": "transport", "TransportConformance": "transport",
+          "AggregatorConformance": "aggregator", "SecureAggregationConformance": "secagg"}
 
 
 def __getattr__(name: str) -> Any:  # lazy: a backend's tests need not import transports
