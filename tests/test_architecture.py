@@ -117,7 +117,7 @@ def _describe(component: list[str]) -> str:
 
 def test_the_module_walk_sees_the_package():
     assert "fedcore" in MODULES and "fedcore.researcher.experiment" in MODULES
-    assert "fedcore.wire.rpc" in GRAPH["fedcore.researcher.experiment"]
+    assert "fedcore.researcher.round" in GRAPH["fedcore.researcher.experiment"]
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -149,7 +149,7 @@ def test_set_parameters_from_a_frame_warns_nothing():
     script = textwrap.dedent("""
         import warnings
         import torch
-        from fedcore import codec
+        from fedcore.wire import codec
         from fedcore.wire.messages import Envelope, TrainReply
         from fedcore_torch import convert
 

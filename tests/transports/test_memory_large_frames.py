@@ -39,7 +39,7 @@ _COMMON = """
 import asyncio, json, resource, sys
 from pathlib import Path
 import numpy as np
-from fedcore import codec
+from fedcore.wire import codec
 from fedcore.wire.identity import Identity
 from fedcore.wire.messages import TrainReply
 from fedcore_transport.websocket import WebSocketTransport
