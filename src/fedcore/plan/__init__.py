@@ -7,10 +7,10 @@ metrics with numpy alone.
 
 from fedcore.plan.base import (
     LocalSteps,
-    PlanBundle,
     TrainingPlan,
     batch_indices,
     collect_predictions,
 )
+from fedcore.plan.bundle import PlanBundle
 
 __all__ = ["LocalSteps", "PlanBundle", "TrainingPlan", "batch_indices", "collect_predictions"]
