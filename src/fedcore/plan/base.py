@@ -7,30 +7,17 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedcore.errors import ConfigurationError
+from fedcore.plan.loop import LocalLoop, LocalSteps
+from fedcore.plan.training import LocalTraining
 
 if TYPE_CHECKING:
     from fedcore.data import Dataset
     from fedcore.params import ParameterSet
 
-__all__ = ["LocalSteps", "TrainingPlan", "batch_indices", "collect_predictions"]
-
-
-@dataclass(frozen=True)
-class LocalSteps:
-    """What one round of local training did, as SCAFFOLD's control-variate update needs it.
-
-    ``count`` is the number of optimizer steps (K); ``lr`` maps the name of each parameter
-    the optimizer trained to the mean learning rate of those steps, so ``count * lr[name]``
-    is the sum of the step sizes. Parameters absent from ``lr`` (buffers, frozen weights)
-    were not trained by gradient.
-    """
-
-    count: int
-    lr: Mapping[str, float]
+__all__ = ["TrainingPlan", "batch_indices", "collect_predictions"]
 
 
 class TrainingPlan(abc.ABC):
@@ -38,8 +25,9 @@ class TrainingPlan(abc.ABC):
 
     Constructor arguments are the configuration: ``model_args`` shape the model (they can
     change between rounds without re-approval), ``training_args`` drive local training (the
-    node's policy may override them), ``data_info`` is the merged metadata of the datasets
-    the federation trains on (columns, classes, shapes; never paths).
+    node's policy may override them; parsed once into :attr:`training`), ``data_info`` is
+    the merged metadata of the datasets the federation trains on (columns, classes, shapes;
+    never paths).
     """
 
     backend: ClassVar[str] = ""
@@ -56,6 +44,13 @@ class TrainingPlan(abc.ABC):
     #: ``"dp-sgd"``: :meth:`fit` trains with differentially private SGD when
     #: :attr:`privacy` is set, and records what it spent in :attr:`privacy_events`.
     supports: ClassVar[frozenset[str]] = frozenset()
+    #: The ``training_args`` this plan reads besides the common ones (``epochs``,
+    #: ``batch_size``, ``num_updates``, ``lr``, ``use_gpu``): name -> type, or a tuple of
+    #: types (``object``: anything). Merged along the class hierarchy, so a subclass lists
+    #: only the keys it adds. Any other key is refused, naming the close match.
+    training_keys: ClassVar[Mapping[str, Any]] = {}
+    #: Defaults of ``training_args`` (common or declared), merged like ``training_keys``.
+    training_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(
         self,
@@ -64,6 +59,10 @@ class TrainingPlan(abc.ABC):
         data_info: Mapping[str, Any] | None = None,
     ):
         self.model_args = dict(model_args or {})
+        #: The typed arguments of local training, checked against :attr:`training_keys`
+        #: (raises :class:`~fedcore.errors.ConfigurationError`); ``training_args`` keeps
+        #: the mapping as given.
+        self.training: LocalTraining = self.parse_training(training_args)
         self.training_args = dict(training_args or {})
         self.data_info = dict(data_info or {})
         #: Settings the node imposes on this run (e.g. ``allow_gpu``); set by the node.
@@ -71,6 +70,25 @@ class TrainingPlan(abc.ABC):
         #: Set by the node while a round runs: where :meth:`report` sends progress.
         self.progress_callback: Callable[..., None] | None = None
         self.reset_local_algorithm()
+
+    @classmethod
+    def parse_training(cls, training_args: Mapping[str, Any] | None) -> LocalTraining:
+        """``training_args`` as this plan class reads them (see :attr:`training_keys`)."""
+        keys: dict[str, Any] = {}
+        defaults: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            keys.update(vars(klass).get("training_keys", {}))
+            defaults.update(vars(klass).get("training_defaults", {}))
+        return LocalTraining.parse(training_args, keys=keys, defaults=defaults,
+                                   owner=cls.__name__)
+
+    def local_loop(self, batches_per_epoch: int | None = None) -> LocalLoop:
+        """The counting of this round's local training, reporting progress to the node.
+
+        ``batches_per_epoch`` (when known) makes progress carry the fraction done.
+        """
+        return LocalLoop(self.training, report=self.report,
+                         batches_per_epoch=batches_per_epoch)
 
     def report(self, *, step: int, loss: float | None = None, epoch: int = 0,
                samples: int = 0, fraction: float | None = None) -> None:
@@ -128,7 +146,7 @@ class TrainingPlan(abc.ABC):
 
     @abc.abstractmethod
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:
-        """Train locally on ``dataset`` for ``training_args``; return training statistics."""
+        """Train locally on ``dataset`` for :attr:`training`; return training statistics."""
 
     @abc.abstractmethod
     def predict(self, dataset: Dataset) -> tuple[Any, Any]:

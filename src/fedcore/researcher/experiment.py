@@ -17,7 +17,7 @@ from fedcore.aggregators._local import check_supported
 from fedcore.data import merge_metadata
 from fedcore.errors import ConfigurationError, ProtocolError
 from fedcore.params import ParameterSet
-from fedcore.plan import PlanBundle, TrainingPlan
+from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.researcher import monitoring
 from fedcore.researcher import round as _rounds
@@ -207,7 +207,9 @@ class Experiment:
 
     @training_args.setter
     def training_args(self, value: Mapping[str, Any]) -> None:
-        self._training_args = _as_dict(value, "training_args")
+        value = _as_dict(value, "training_args")
+        check_training_args(self.plan, value)  # a misspelt key fails here, not on the nodes
+        self._training_args = value
 
     @property
     def aggregator(self) -> Aggregator:
