@@ -13,7 +13,7 @@ import optax
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
-from fedcore.plan import LocalSteps, TrainingPlan, batch_indices, collect_predictions
+from fedcore.plan import TrainingPlan, batch_indices, collect_predictions
 from fedcore_jax import convert
 
 
@@ -34,8 +34,9 @@ class JaxTrainingPlan(TrainingPlan):
     - :meth:`testing_step`: ``(data, target) -> (y_true, y_pred)``;
     - :meth:`training_data`: default ``(X, y)`` arrays (float32 features).
 
-    training_args: ``epochs`` (1), ``batch_size`` (32), ``lr``, ``optimizer``,
-    ``num_updates`` (stop after this many steps).
+    training_args (:class:`~fedcore.plan.LocalTraining`): ``epochs`` (1), ``batch_size``
+    (32), ``lr`` (0.01), ``num_updates`` (stop after this many steps), ``optimizer``
+    (``"sgd"``: any optax optimizer's name), ``test_batch_size`` (1024).
 
     Parameters are named by their pytree paths (``layers/0/w``). Each batch runs one
     jitted step (compiled once per batch shape and plan). FedProx and SCAFFOLD add
@@ -47,6 +48,8 @@ class JaxTrainingPlan(TrainingPlan):
     supports = frozenset({"proximal", "gradient_correction"})
     #: The params pytree is the model's whole state: nodes keep the built plan.
     reusable = True
+    training_keys = {"optimizer": str, "test_batch_size": int}
+    training_defaults = {"optimizer": "sgd", "test_batch_size": 1024}
     apply_fn: Callable[[Any, Any], Any]
     params: Any
 
@@ -56,11 +59,11 @@ class JaxTrainingPlan(TrainingPlan):
 
     def init_optimizer(self) -> optax.GradientTransformation:
         """Build the optax optimizer for one round of local training."""
-        name = str(self.training_args.get("optimizer", "sgd"))
+        name = str(self.training.extra["optimizer"])
         factory = getattr(optax, name, None)
         if not callable(factory):
             raise ConfigurationError(f"optax has no optimizer {name!r}. Use 'sgd', 'adam'...")
-        return factory(float(self.training_args.get("lr", 0.01)))
+        return factory(self.training.lr)
 
     def training_step(self, params: Any, data: Any, target: Any) -> Any:
         """The loss of one batch (pure: it runs under ``jax.jit``)."""
@@ -138,9 +141,7 @@ class JaxTrainingPlan(TrainingPlan):
             raise ConfigurationError(
                 "JAX plans do not implement DP-SGD: use privacy={'mechanism': 'update', ...}.")
         data = self.training_data(dataset)
-        epochs = int(self.training_args.get("epochs", 1))
-        batch_size = int(self.training_args.get("batch_size", 32))
-        limit = self.training_args.get("num_updates")
+        batch_size = self.training.batch_size or 32
         rng = np.random.default_rng(seed)
         mu, anchor = self.proximal if self.proximal is not None else (0.0, None)
         proximal = bool(mu) and anchor is not None
@@ -155,31 +156,23 @@ class JaxTrainingPlan(TrainingPlan):
         # A numpy scalar: jit moves it with the batch (jnp.float32 would dispatch an op).
         mu_arr = np.float32(mu)
         zero = np.float32(0.0)
-        steps, total, seen = 0, 0.0, 0
-        planned = epochs * -(-len(data[1]) // batch_size)
-        for epoch in range(epochs):
+        total = 0.0
+        loop = self.local_loop(-(-len(data[1]) // batch_size))
+        for _ in loop.epochs():
             loss_sum: Any = zero
-            for X, y in self._batches(data, batch_size, rng):
+            for X, y in loop.batches(self._batches(data, batch_size, rng)):
                 params, opt_state, loss_sum = step(params, opt_state, loss_sum, X, y, mu_arr,
                                                    anchor_tree, corr_tree)
-                steps += 1
-                seen += len(y)
                 # No loss here: reading it would wait for the device at every step.
-                self.report(step=steps, epoch=epoch + 1, samples=seen,
-                            fraction=steps / planned if planned else None)
-                if limit is not None and steps >= int(limit):
-                    break
+                loop.step(len(y))
             total += float(loss_sum)  # one read (and wait) per epoch
-            if limit is not None and steps >= int(limit):
-                break
         self.params = params
-        lr = float(self.training_args.get("lr", 0.01))
-        self.local_steps = LocalSteps(count=steps, lr={name: lr for name in
-                                                       convert.leaf_names(params)})
-        return {"loss": total / max(seen, 1), "steps": steps, "epochs": epochs}
+        lr = self.training.lr
+        self.local_steps = loop.local_steps({name: lr for name in convert.leaf_names(params)})
+        return loop.stats(total / max(loop.samples, 1))
 
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         data = self.training_data(dataset)
-        batch_size = int(self.training_args.get("test_batch_size", 1024))
+        batch_size = int(self.training.extra["test_batch_size"])
         return collect_predictions(self.testing_step(X, y)
                                    for X, y in self._batches(data, batch_size, None))

@@ -49,8 +49,10 @@ class SklearnTrainingPlan(TrainingPlan):
 
         Experiment(Plan, model_args={"loss": "log_loss", "target": "diagnosis"}, ...)
 
-    training_args: ``epochs`` (default 1), ``batch_size`` (default: the whole dataset per
-    ``partial_fit`` call).
+    training_args (:class:`~fedcore.plan.LocalTraining`): ``epochs`` (default 1),
+    ``batch_size`` (default: the whole dataset per ``partial_fit`` call). The other common
+    keys (``lr``, ``num_updates``, ``use_gpu``) are accepted and not used: the estimator's
+    own ``model_args`` set its learning rate.
 
     FedProx works with the SGD family (``SGDClassifier``, ``SGDRegressor``, ``Perceptron``;
     learning rates ``constant``, ``optimal``, ``invscaling``, ``adaptive``): scikit-learn
@@ -62,6 +64,7 @@ class SklearnTrainingPlan(TrainingPlan):
     backend = "sklearn"
     supports = frozenset({"proximal"})
     estimator: ClassVar[type[BaseEstimator] | None] = None
+    training_defaults = {"batch_size": None}
 
     model: Any = None
 
@@ -169,8 +172,8 @@ class SklearnTrainingPlan(TrainingPlan):
 
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:  # noqa: D102
         X, y = self.training_data(dataset)
-        epochs = int(self.training_args.get("epochs", 1))
-        batch_size = int(self.training_args.get("batch_size") or len(X) or 1)
+        epochs = self.training.epochs
+        batch_size = self.training.batch_size or len(X) or 1
         rng = np.random.default_rng(seed)
         kwargs = {"classes": np.asarray(self.classes())} if is_classifier(self.model) else {}
         anchor = self._proximal_anchor()

@@ -12,7 +12,7 @@ import tensorflow as tf
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
-from fedcore.plan import LocalSteps, TrainingPlan, batch_indices, collect_predictions
+from fedcore.plan import TrainingPlan, batch_indices, collect_predictions
 from fedcore_tf import convert
 
 keras = tf.keras
@@ -35,8 +35,9 @@ class KerasTrainingPlan(TrainingPlan):
     - :meth:`training_data`: default ``(X, y)`` arrays, shuffled and batched by the plan;
       may return a ``tf.data.Dataset`` of ``(x, y)`` batches, used as it is each epoch.
 
-    training_args: ``epochs`` (1), ``batch_size`` (32), ``lr``, ``optimizer``, ``loss``,
-    ``num_updates`` (stop after this many steps).
+    training_args (:class:`~fedcore.plan.LocalTraining`): ``epochs`` (1), ``batch_size``
+    (32), ``lr`` (0.01), ``num_updates`` (stop after this many steps), ``optimizer``
+    (``"sgd"``), ``loss`` (a Keras loss name or config), ``test_batch_size`` (1024).
 
     Training runs a ``tf.function`` step (``GradientTape``; traced once per plan), with
     ``keras.utils.set_random_seed`` and TensorFlow's op determinism, so a seed reproduces
@@ -50,6 +51,8 @@ class KerasTrainingPlan(TrainingPlan):
     supports = frozenset({"proximal", "gradient_correction", "dp-sgd"})
     #: The weights (trainable or not) are the whole state of a standard model.
     reusable = True
+    training_keys = {"optimizer": (str, dict), "loss": (str, dict), "test_batch_size": int}
+    training_defaults = {"optimizer": "sgd", "test_batch_size": 1024}
     model: Any
 
     def init_model(self) -> Any:
@@ -58,13 +61,12 @@ class KerasTrainingPlan(TrainingPlan):
 
     def init_optimizer(self) -> Any:
         """Build the optimizer for local training."""
-        name = self.training_args.get("optimizer", "sgd")
-        cls = type(keras.optimizers.get(name))
-        return cls(learning_rate=float(self.training_args.get("lr", 0.01)))
+        cls = type(keras.optimizers.get(self.training.extra["optimizer"]))
+        return cls(learning_rate=self.training.lr)
 
     def init_loss(self) -> Any:
         """The loss function ``(y_true, y_pred) -> loss``."""
-        name = self.training_args.get("loss")
+        name = self.training.extra.get("loss")
         if name is not None:
             return keras.losses.get(name)
         if self.task == "classification":
@@ -174,9 +176,7 @@ class KerasTrainingPlan(TrainingPlan):
         if self.privacy is not None:
             return self._fit_dp_sgd(dataset, seed)
         data = self.training_data(dataset)
-        epochs = int(self.training_args.get("epochs", 1))
-        batch_size = int(self.training_args.get("batch_size", 32))
-        limit = self.training_args.get("num_updates")
+        batch_size = self.training.batch_size or 32
         keras.utils.set_random_seed(seed)
         rng = np.random.default_rng(seed)
         optimizer = self._reset_optimizer()
@@ -187,26 +187,18 @@ class KerasTrainingPlan(TrainingPlan):
                   if self.gradient_correction is not None else [])
         step = self._step(proximal, bool(corr_t))
         mu_t = tf.constant(float(mu), dtype=tf.float32)
-        steps, losses, seen = 0, [], 0
-        planned = (epochs * -(-len(data[1]) // batch_size)
-                   if isinstance(data, (tuple, list)) else None)
-        for epoch in range(epochs):
-            for X, y in self._batches(data, batch_size, rng):
+        losses = []
+        loop = self.local_loop(-(-len(data[1]) // batch_size)
+                               if isinstance(data, (tuple, list)) else None)
+        for _ in loop.epochs():
+            for X, y in loop.batches(self._batches(data, batch_size, rng)):
                 losses.append((step(X, y, mu_t, anchor_t, corr_t), int(tf.shape(y)[0])))
-                steps += 1
-                seen += losses[-1][1]
                 # No loss here: reading it would wait for the device at every step.
-                self.report(step=steps, epoch=epoch + 1, samples=seen,
-                            fraction=steps / planned if planned else None)
-                if limit is not None and steps >= int(limit):
-                    break
-            if limit is not None and steps >= int(limit):
-                break
+                loop.step(losses[-1][1])
         total = sum(float(loss) * n for loss, n in losses)
-        count = sum(n for _, n in losses)
         lr = float(np.asarray(optimizer.learning_rate))
-        self.local_steps = LocalSteps(count=steps, lr={n: lr for n, _ in self._trained()})
-        return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
+        self.local_steps = loop.local_steps({n: lr for n, _ in self._trained()})
+        return loop.stats(total / max(loop.samples, 1))
 
     def _fit_dp_sgd(self, dataset: Dataset, seed: int) -> dict[str, Any]:
         """Local training with tensorflow-privacy's DP optimizer (:mod:`fedcore_tf.privacy`)."""
@@ -221,16 +213,14 @@ class KerasTrainingPlan(TrainingPlan):
         from fedcore_tf.privacy import DPKerasSGD
 
         dp = DPKerasSGD.from_spec(self.privacy)
-        stats = dp.train(self, self.training_data(dataset),
-                         epochs=int(self.training_args.get("epochs", 1)),
-                         batch_size=int(self.training_args.get("batch_size", 32)),
-                         lr=float(self.training_args.get("lr", 0.01)),
-                         num_updates=self.training_args.get("num_updates"))
+        t = self.training
+        stats = dp.train(self, self.training_data(dataset), epochs=t.epochs,
+                         batch_size=t.batch_size or 32, lr=t.lr, num_updates=t.num_updates)
         self.privacy_events = dp.events()
         return stats
 
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         data = self.training_data(dataset)
-        batch_size = int(self.training_args.get("test_batch_size", 1024))
+        batch_size = int(self.training.extra["test_batch_size"])
         return collect_predictions(self.testing_step(X, y)
                                    for X, y in self._batches(data, batch_size, None))

@@ -12,7 +12,7 @@ import torch
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
-from fedcore.plan import LocalSteps, TrainingPlan
+from fedcore.plan import LocalLoop, TrainingPlan
 from fedcore_torch import convert
 
 
@@ -31,8 +31,9 @@ class TorchTrainingPlan(TrainingPlan):
     - :meth:`testing_step`: ``(data, target) -> (y_true, y_pred)``; default argmax of the
       output for classification, the output itself for regression.
 
-    training_args: ``epochs`` (1), ``batch_size`` (32), ``lr``, ``num_updates`` (stop after
-    this many steps), ``use_gpu`` (True: CUDA when available and the node allows it).
+    training_args (:class:`~fedcore.plan.LocalTraining`): ``epochs`` (1), ``batch_size``
+    (32), ``lr`` (0.01), ``num_updates`` (stop after this many steps), ``use_gpu`` (True:
+    CUDA when available and the node allows it), ``test_batch_size`` (1024).
 
     FedProx and SCAFFOLD work with any model and optimizer: the proximal gradient
     ``mu * (w - w_global)`` and SCAFFOLD's correction are added to each trained parameter's
@@ -44,6 +45,8 @@ class TorchTrainingPlan(TrainingPlan):
     #: The state_dict is the whole state of a standard module, so nodes keep the built
     #: model between rounds. Set False for a model that keeps state outside it.
     reusable = True
+    training_keys = {"test_batch_size": int}
+    training_defaults = {"test_batch_size": 1024}
     model: torch.nn.Module
 
     def init_model(self) -> torch.nn.Module:
@@ -52,8 +55,7 @@ class TorchTrainingPlan(TrainingPlan):
 
     def init_optimizer(self) -> torch.optim.Optimizer:
         """Build the optimizer for one round of local training."""
-        return torch.optim.SGD(self.model.parameters(), lr=float(self.training_args.get("lr",
-                                                                                       0.01)))
+        return torch.optim.SGD(self.model.parameters(), lr=self.training.lr)
 
     def training_step(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of one batch."""
@@ -90,7 +92,7 @@ class TorchTrainingPlan(TrainingPlan):
 
     def _choose_device(self) -> torch.device:
         allowed = bool(self.node_settings.get("allow_gpu", True))
-        wanted = bool(self.training_args.get("use_gpu", True))
+        wanted = self.training.use_gpu
         if allowed and wanted and torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
@@ -133,22 +135,17 @@ class TorchTrainingPlan(TrainingPlan):
         if self.privacy is not None:
             return self._fit_dp_sgd(dataset, seed)
         data = self.training_data(dataset)
-        epochs = int(self.training_args.get("epochs", 1))
-        batch_size = int(self.training_args.get("batch_size", 32))
-        limit = self.training_args.get("num_updates")
+        batch_size = self._batch_size()
         generator = torch.Generator().manual_seed(seed)
         self._manual_seed(seed)
         optimizer = self.init_optimizer()
         self.model.train()
         adjust = self._gradient_terms()
         lr_sums = [0.0] * len(optimizer.param_groups)
-        steps, total, count = 0, 0.0, 0
-        planned = epochs * math.ceil(len(data[1]) / batch_size) if isinstance(data, tuple) \
-            else None
-        if limit is not None and planned is not None:
-            planned = min(planned, int(limit))
-        for epoch in range(epochs):
-            for X, y in self._batches(data, batch_size, generator):
+        loop = self.local_loop(math.ceil(len(data[1]) / batch_size)
+                               if isinstance(data, tuple) else None)
+        for _ in loop.epochs():
+            for X, y in loop.batches(self._batches(data, batch_size, generator)):
                 optimizer.zero_grad(set_to_none=True)
                 loss = self.training_step(X, y)
                 loss.backward()
@@ -157,17 +154,12 @@ class TorchTrainingPlan(TrainingPlan):
                 for i, group in enumerate(optimizer.param_groups):
                     lr_sums[i] += float(group.get("lr", 0.0))
                 optimizer.step()
-                steps += 1
-                total += float(loss.detach()) * len(y)
-                count += len(y)
-                self.report(step=steps, epoch=epoch + 1, loss=total / count, samples=count,
-                            fraction=steps / planned if planned else None)
-                if limit is not None and steps >= int(limit):
-                    break
-            if limit is not None and steps >= int(limit):
-                break
-        self.local_steps = self._local_steps(optimizer, steps, lr_sums)
-        return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
+                loop.step(len(y), loss=float(loss.detach()))
+        self.local_steps = loop.local_steps(self._mean_lr(optimizer, loop.steps, lr_sums))
+        return loop.stats(loop.mean_loss)
+
+    def _batch_size(self) -> int:
+        return self.training.batch_size or 32
 
     def _fit_dp_sgd(self, dataset: Dataset, seed: int) -> dict[str, Any]:
         """Local training with DP-SGD through Opacus (:mod:`fedcore_torch.privacy`)."""
@@ -178,40 +170,32 @@ class TorchTrainingPlan(TrainingPlan):
                 "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node: Opacus "
                 "recomputes the gradients after clipping. Use FedAvg, or update-level DP "
                 "(privacy={'mechanism': 'update', ...}).")
-        epochs = int(self.training_args.get("epochs", 1))
-        limit = self.training_args.get("num_updates")
         self._manual_seed(seed)
         self.model.train()  # Opacus checks the mode (evaluation left it in eval mode)
         dp = DPSGD.from_spec(self.privacy)
         model, optimizer, loader = dp.make_private(
-            self.model, self.init_optimizer(), self.training_data(dataset),
-            int(self.training_args.get("batch_size", 32)))
+            self.model, self.init_optimizer(), self.training_data(dataset), self._batch_size())
         self.model = model
-        steps, total, count = 0, 0.0, 0
+        # No progress: the researcher learns what DP-SGD releases, after the round.
+        loop = LocalLoop(self.training)
         try:
             model.train()
-            for _ in range(epochs):
-                for X, y in loader:
+            for _ in loop.epochs():
+                for X, y in loop.batches(loader):
                     X, y = _to_device(X, self._device), _to_device(y, self._device)
                     optimizer.zero_grad(set_to_none=True)
                     if len(y) == 0:  # a Poisson batch may be empty: it still takes a step
                         optimizer.step()
-                        steps += 1
+                        loop.step(0)
                         continue
                     loss = self.training_step(X, y)
                     loss.backward()
                     optimizer.step()
-                    steps += 1
-                    total += float(loss.detach()) * len(y)
-                    count += len(y)
-                    if limit is not None and steps >= int(limit):
-                        break
-                if limit is not None and steps >= int(limit):
-                    break
+                    loop.step(len(y), loss=float(loss.detach()))
         finally:
             self.model = dp.release()
         self.privacy_events = dp.events()
-        return {"loss": total / max(count, 1), "steps": steps, "epochs": epochs}
+        return loop.stats(loop.mean_loss)
 
     def _gradient_terms(self) -> list[tuple[torch.Tensor, float, torch.Tensor | None,
                                             torch.Tensor | None]]:
@@ -240,16 +224,16 @@ class TorchTrainingPlan(TrainingPlan):
                 f"state_dict. Received: {list(params)[:8]}")
         return convert.to_tensor(params[name]).to(device=like.device, dtype=like.dtype)
 
-    def _local_steps(self, optimizer: torch.optim.Optimizer, steps: int,
-                     lr_sums: list[float]) -> LocalSteps:
-        """K and each trained parameter's mean learning rate, for SCAFFOLD."""
+    def _mean_lr(self, optimizer: torch.optim.Optimizer, steps: int,
+                 lr_sums: list[float]) -> dict[str, float]:
+        """Each trained parameter's mean learning rate over the round, for SCAFFOLD."""
         names = {id(p): n for n, p in self.model.named_parameters() if p.requires_grad}
         lr: dict[str, float] = {}
         for i, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if id(p) in names and steps:
                     lr[names[id(p)]] = lr_sums[i] / steps
-        return LocalSteps(count=steps, lr=lr)
+        return lr
 
     def training_data(self, dataset: Dataset) -> Any:
         """``(X, y)`` with float32 features.
@@ -261,7 +245,7 @@ class TorchTrainingPlan(TrainingPlan):
 
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
         data = self.training_data(dataset)
-        batch_size = int(self.training_args.get("test_batch_size", 1024))
+        batch_size = int(self.training.extra["test_batch_size"])
         self.model.eval()
         trues, preds = [], []
         with torch.no_grad():

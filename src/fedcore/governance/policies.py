@@ -22,6 +22,7 @@ from fedcore.governance._base import Decision, Governance, Policy, Request
 from fedcore.governance._privacy import PrivacyBudget, check_budget
 from fedcore.governance.ledger import TABLE as LEDGER_TABLE
 from fedcore.governance.ledger import PrivacyLedger
+from fedcore.plan.training import LocalTraining
 
 if TYPE_CHECKING:
     from fedcore.governance.plans import PlanStore
@@ -319,25 +320,26 @@ class TrainingArgs(Policy):
     def review(self, request: Request) -> Decision:  # noqa: D102
         if request.kind != "train":
             return Decision.allow()
-        args = request.training_args
+        limits = [(key, lo, hi, lo_name, hi_name) for key, lo, hi, lo_name, hi_name in (
+            ("epochs", None, self.max_epochs, "", "max_epochs"),
+            ("num_updates", None, self.max_updates, "", "max_updates"),
+            ("batch_size", self.batch_size_min, self.batch_size_max, "batch_size_min",
+             "batch_size_max")) if lo is not None or hi is not None]
+        if not limits and self.allow_gpu:
+            return Decision.allow()
+        try:  # the common keys only: the plan, loaded later, checks its own
+            training = LocalTraining.common(request.training_args)
+        except ConfigurationError as exc:
+            return Decision.refuse(str(exc))
         overrides: dict[str, Any] = {}
         notes: list[str] = []
-        limits = [("epochs", None, self.max_epochs, "", "max_epochs"),
-                  ("num_updates", None, self.max_updates, "", "max_updates"),
-                  ("batch_size", self.batch_size_min, self.batch_size_max, "batch_size_min",
-                   "batch_size_max")]
         for key, lo, hi, lo_name, hi_name in limits:
-            if lo is None and hi is None:
-                continue
-            value = args.get(key)
-            if value is None:
+            if key not in training.explicit:
                 if hi is not None and key != "epochs":
                     overrides[key] = hi
                     notes.append(f"{key} not given: set to this node's maximum {hi}")
                 continue
-            if not _is_count(value):
-                return Decision.refuse(f"training_args[{key!r}] must be a whole number. "
-                                       f"Received: {value!r}")
+            value = getattr(training, key)
             bound, word = ((hi, "maximum") if hi is not None and value > hi else
                            (lo, "minimum") if lo is not None and value < lo else (None, ""))
             if bound is None:
@@ -350,18 +352,10 @@ class TrainingArgs(Policy):
                     f"{bound} or {'less' if word == 'maximum' else 'more'}.")
             overrides[key] = bound
             notes.append(f"{key} {value} clamped to this node's {word} {bound} (policy {limit})")
-        if not self.allow_gpu and args.get("use_gpu", False):
+        if not self.allow_gpu and "use_gpu" in training.explicit and training.use_gpu:
             overrides["use_gpu"] = False
             notes.append("use_gpu turned off: this node does not allow the GPU")
         return Decision.override(overrides, notes) if overrides else Decision.allow()
-
-
-def _is_count(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, float):
-        return math.isfinite(value) and value.is_integer()
-    return isinstance(value, int)
 
 
 # --- the default chain ----------------------------------------------------------------------

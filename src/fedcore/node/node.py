@@ -46,7 +46,7 @@ from fedcore.node.protection import update_protection
 from fedcore.node.registry import DatasetRegistry
 from fedcore.node.statistics import answer_statistics
 from fedcore.node.users import Users
-from fedcore.plan import PlanBundle, TrainingPlan
+from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.transport import Transport, open_transport
 from fedcore.wire import codec
@@ -537,6 +537,12 @@ class Node:
             if plan_class is None:
                 plan_class = await loop.run_in_executor(None, admitted.bundle.load)
             self._plans[sha] = plan_class
+            try:  # a misspelt or mistyped training argument is the researcher's to fix
+                check_training_args(plan_class, request.training_args)
+            except ConfigurationError as exc:
+                self.audit("train-refused", **base, reason=str(exc))
+                return ErrorReply(kind="configuration", message=str(exc),
+                                  exc_type="ConfigurationError")
             key = plan_key(env.experiment, sha, request) if plan_class.reusable else ""
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
             reply, plan = await loop.run_in_executor(

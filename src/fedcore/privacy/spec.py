@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcore.errors import ConfigurationError
+from fedcore.plan.training import LocalTraining
 from fedcore.privacy.accountant import Event, check_delta, epsilon
 
 __all__ = ["DEFAULT_DELTA", "MECHANISMS", "PrivacySpec", "dpsgd_schedule", "train_size"]
@@ -123,20 +124,22 @@ class PrivacySpec:
         return {**self.to_dict(), "events": [list(e) for e in spent],
                 "epsilon": epsilon(spent, self.delta), "epsilon_total": total}
 
-    def events(self, *, n_train: int, training_args: Mapping[str, Any] | None = None
-               ) -> list[Event]:
+    def events(self, *, n_train: int,
+               training_args: LocalTraining | Mapping[str, Any] | None = None) -> list[Event]:
         """What one round costs: the accountant events, known before training.
 
         ``n_train`` is the number of training samples (after the test split, see
-        :func:`train_size`); ``training_args`` give DP-SGD's ``epochs`` (default 1),
-        ``batch_size`` (32) and ``num_updates`` (no cap), as the torch plan reads them.
+        :func:`train_size`); ``training_args`` (a :class:`~fedcore.plan.LocalTraining`, or
+        the mapping it is parsed from) give DP-SGD's ``epochs`` (default 1), ``batch_size``
+        (32) and ``num_updates`` (no cap), the values the plan trains with.
         """
         if self.mechanism == "update":
             return [Event(self.noise_multiplier, 1.0, 1)]
-        args = dict(training_args or {})
-        rate, steps = dpsgd_schedule(n_train, batch_size=args.get("batch_size", 32),
-                                     epochs=args.get("epochs", 1),
-                                     num_updates=args.get("num_updates"))
+        training = (training_args if isinstance(training_args, LocalTraining)
+                    else LocalTraining.common(training_args))
+        rate, steps = dpsgd_schedule(n_train, batch_size=training.batch_size or 32,
+                                     epochs=training.epochs,
+                                     num_updates=training.num_updates)
         return [Event(self.noise_multiplier, rate, steps)] if steps else []
 
 

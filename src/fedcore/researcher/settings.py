@@ -10,7 +10,7 @@ from fedcore import _runtime, plugins
 from fedcore.aggregators import Aggregator
 from fedcore.aggregators._local import check_supported
 from fedcore.errors import ConfigurationError
-from fedcore.plan import PlanBundle, TrainingPlan
+from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.researcher import monitoring
 from fedcore.researcher.federation import Federation, Selection
@@ -134,7 +134,9 @@ class ExperimentSettings:
 
     @training_args.setter
     def training_args(self, value: Mapping[str, Any]) -> None:
-        self._training_args = _as_dict(value, "training_args")
+        value = _as_dict(value, "training_args")
+        check_training_args(self.plan, value)  # a misspelt key fails here, not on the nodes
+        self._training_args = value
 
     @property
     def aggregator(self) -> Aggregator:

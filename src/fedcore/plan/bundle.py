@@ -1,0 +1,285 @@
+"""PlanBundle: a plan class shipped as hashed source.
+
+A plan class is shipped as Python source, never pickled. :meth:`PlanBundle.from_class`
+collects the class's source (from a file or from a notebook cell), the imports it needs and
+the helper functions, classes and constants it references from its own module, and writes them
+into one ``plan.py``. Nodes approve and run a plan by the SHA-256 of a canonical form of the
+bundle's files.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import hashlib
+import inspect
+import linecache
+import symtable
+import sys
+import textwrap
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcore.errors import ConfigurationError, PlanError
+from fedcore.plan.base import TrainingPlan
+
+__all__ = ["PlanBundle"]
+
+
+_PLAN_FILE = "plan.py"
+
+
+def _canonical(text: str) -> str:
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class PlanBundle:
+    """A plan as shipped: source files, the entry class name and the backend it needs."""
+
+    files: dict[str, str]
+    entry: str
+    backend: str
+    _loaded: list[type] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 over a canonical form of the files, the entry class and the backend.
+
+        The canonical form normalises line endings and trailing blanks.
+        """
+        h = hashlib.sha256()
+        h.update(f"fedcore-plan-v1\0{self.entry}\0{self.backend}\0".encode())
+        for name in sorted(self.files):
+            h.update(name.encode() + b"\0" + _canonical(self.files[name]).encode() + b"\0")
+        return h.hexdigest()
+
+    @property
+    def source(self) -> str:
+        """The main file's source, as an administrator reviews it."""
+        return self.files[_PLAN_FILE]
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain data for a message or checkpoint."""
+        return {"files": dict(self.files), "entry": self.entry, "backend": self.backend,
+                "sha256": self.sha256}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> PlanBundle:
+        """Rebuild a bundle; refuse it when its declared hash does not match its files."""
+        try:
+            files, entry, backend = data["files"], data["entry"], data["backend"]
+        except (KeyError, TypeError) as exc:
+            raise ConfigurationError(f"Malformed plan bundle: missing {exc}.") from exc
+        if not (
+            isinstance(files, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+            and _PLAN_FILE in files
+            and isinstance(entry, str)
+            and isinstance(backend, str)
+        ):
+            raise ConfigurationError("Malformed plan bundle: expected text files with plan.py.")
+        bundle = cls(files=dict(files), entry=entry, backend=backend)
+        declared = data.get("sha256")
+        if declared is not None and declared != bundle.sha256:
+            raise ConfigurationError(
+                f"Plan bundle hash mismatch: declared {declared}, computed {bundle.sha256}."
+            )
+        return bundle
+
+    @classmethod
+    def from_class(cls, plan_class: type[TrainingPlan]) -> PlanBundle:
+        """Package ``plan_class`` (defined in a file or a notebook cell) as source."""
+        if not (isinstance(plan_class, type) and issubclass(plan_class, TrainingPlan)):
+            raise ConfigurationError(
+                f"Expected a TrainingPlan subclass. Received: {plan_class!r}"
+            )
+        if not plan_class.backend:
+            raise ConfigurationError(
+                f"{plan_class.__name__} does not name a backend: subclass a backend's plan, "
+                "e.g. fedcore_sklearn.SklearnTrainingPlan or fedcore_torch.TorchTrainingPlan."
+            )
+        source = _Collector(plan_class).collect()
+        return cls(files={_PLAN_FILE: source}, entry=plan_class.__name__,
+                   backend=plan_class.backend)
+
+    def load(self) -> type[TrainingPlan]:
+        """Execute the bundle in a fresh module and return its plan class."""
+        if self._loaded:
+            return self._loaded[0]
+        digest = self.sha256
+        name = f"fedcore_plan_{digest[:16]}"
+        filename = f"<fedcore plan {digest[:16]}>"
+        source = self.files[_PLAN_FILE]
+        module = types.ModuleType(name)
+        module.__file__ = filename
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        sys.modules[name] = module
+        try:
+            exec(compile(source, filename, "exec"), module.__dict__)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise PlanError(
+                f"The plan's source failed to load: {type(exc).__name__}: {exc}",
+                exc_type=type(exc).__name__,
+            ) from exc
+        plan_class = module.__dict__.get(self.entry)
+        if not (isinstance(plan_class, type) and issubclass(plan_class, TrainingPlan)):
+            raise PlanError(f"The plan bundle defines no TrainingPlan named {self.entry!r}.")
+        self._loaded.append(plan_class)
+        return plan_class
+
+
+class _Collector:
+    """Gathers the source of a plan class and of everything it references by global name."""
+
+    def __init__(self, plan_class: type[TrainingPlan]):
+        self.root = plan_class
+        self.module_name = plan_class.__module__
+        self.globals = vars(sys.modules[self.module_name]) if self.module_name in sys.modules \
+            else {}
+        self.imports: dict[str, str] = {}
+        self.constants: dict[str, str] = {}
+        self.definitions: dict[str, str] = {}  # name -> source, in dependency order
+        self.visiting: set[str] = set()
+
+    def collect(self) -> str:
+        self._define(self.root.__name__, self.root)
+        parts = ["# Shipped by fedcore. Generated from the researcher's plan class.\n"]
+        parts += [line + "\n" for line in self.root.dependencies]
+        parts += sorted(set(self.imports.values()), key=lambda s: (not s.startswith("import"), s))
+        parts += [f"{v}\n" for v in self.constants.values()]
+        parts += [f"\n\n{src}" for src in self.definitions.values()]
+        return "".join(parts)
+
+    def _define(self, name: str, obj: Any) -> None:
+        if name in self.definitions or name in self.visiting:
+            return
+        self.visiting.add(name)
+        src = _object_source(obj)
+        for ref in sorted(_free_names(src)):
+            if ref != name:
+                self._resolve(ref)
+        self.definitions[name] = src
+        self.visiting.discard(name)
+
+    def _resolve(self, name: str) -> None:
+        if name not in self.globals:
+            return  # a builtin, or a local name inside a function
+        obj = self.globals[name]
+        if isinstance(obj, types.ModuleType):
+            mod = obj.__name__
+            self.imports[name] = f"import {mod}\n" if mod == name else f"import {mod} as {name}\n"
+            return
+        module = getattr(obj, "__module__", None)
+        if isinstance(obj, (type, types.FunctionType)) and module in (self.module_name,
+                                                                      "__main__"):
+            self._define(name, obj)
+            return
+        if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)) and module:
+            public = _public_module(obj, module)
+            qual = getattr(obj, "__qualname__", name)
+            if "." not in qual:
+                alias = "" if qual == name else f" as {name}"
+                self.imports[name] = f"from {public} import {qual}{alias}\n"
+                return
+        if _is_literal(obj):
+            self.constants[name] = f"{name} = {obj!r}"
+            return
+        raise ConfigurationError(
+            f"The plan {self.root.__name__} uses the global {name!r} "
+            f"(a {type(obj).__name__}), which cannot be shipped as source. Define it inside "
+            "the plan, pass it through model_args, or import it in a module the nodes have."
+        )
+
+
+def _object_source(obj: Any) -> str:
+    """Source of a class or function, from its file or from the notebook cell it came from."""
+    try:
+        return textwrap.dedent(inspect.getsource(obj))
+    except (OSError, TypeError):
+        pass
+    # Notebook classes (Python < 3.13 cannot find them): look for the cell through one of
+    # the class's functions, else through the newest interactive cell defining that name.
+    candidates: list[tuple[str, int | None]] = []
+    for member in vars(obj).values() if isinstance(obj, type) else ():
+        func = getattr(member, "__func__", member)
+        func = getattr(func, "fget", func)
+        code = getattr(func, "__code__", None)
+        if code is not None:
+            candidates.append((code.co_filename, code.co_firstlineno))
+    candidates += [(name, None) for name in reversed(list(linecache.cache))
+                   if name.startswith("<") or "ipykernel" in name]
+    for filename, line in candidates:
+        found = _class_in(filename, obj.__name__, line)
+        if found is not None:
+            return found
+    raise ConfigurationError(
+        f"Cannot find the source of {getattr(obj, '__qualname__', obj)!r}. Define the plan in "
+        "a file or a notebook cell (not in exec or an interactive prompt), with at least one "
+        "method."
+    )
+
+
+def _class_in(filename: str, name: str, line: int | None) -> str | None:
+    lines = linecache.getlines(filename)
+    if not lines:
+        return None
+    try:
+        tree = ast.parse("".join(lines))
+    except SyntaxError:
+        return None
+    found = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == name and (
+            line is None or node.lineno <= line <= (node.end_lineno or 0)
+        ):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            found = textwrap.dedent("".join(lines[start - 1 : node.end_lineno]))
+    return found
+
+
+def _free_names(src: str) -> set[str]:
+    """Global names ``src`` reads: not builtins, not locals of its functions."""
+    names: set[str] = set()
+
+    def walk(table: symtable.SymbolTable, top: bool) -> None:
+        for sym in table.get_symbols():
+            if not sym.is_referenced():
+                continue
+            if (top and not sym.is_assigned() and not sym.is_imported()) or (
+                not top and sym.is_global()
+            ):
+                names.add(sym.get_name())
+        for child in table.get_children():
+            walk(child, False)
+
+    walk(symtable.symtable(src, "<plan>", "exec"), True)
+    return {n for n in names if not hasattr(builtins, n)}
+
+
+def _public_module(obj: Any, module: str) -> str:
+    """The shortest importable parent module that exposes ``obj`` under the same name."""
+    parts = module.split(".")
+    name = getattr(obj, "__name__", None)
+    for i in range(1, len(parts)):
+        candidate = ".".join(parts[:i])
+        mod = sys.modules.get(candidate)
+        if mod is not None and name and getattr(mod, name, None) is obj:
+            return candidate
+    return module
+
+
+def _is_literal(obj: Any) -> bool:
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return True
+    if isinstance(obj, (list, tuple, frozenset, set)):
+        return all(_is_literal(x) for x in obj)
+    if isinstance(obj, dict):
+        return all(_is_literal(k) and _is_literal(v) for k, v in obj.items())
+    return False
