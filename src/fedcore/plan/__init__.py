@@ -7,10 +7,15 @@ plan class as source that nodes approve by its SHA-256; :mod:`fedcore.plan.metri
 computes evaluation metrics with numpy alone.
 """
 
-from fedcore.plan.base import TrainingPlan, batch_indices, collect_predictions
+from fedcore.plan.base import (
+    TrainingPlan,
+    batch_indices,
+    check_training_args,
+    collect_predictions,
+)
 from fedcore.plan.bundle import PlanBundle
 from fedcore.plan.loop import LocalLoop, LocalSteps
-from fedcore.plan.training import COMMON_KEYS, LocalTraining, check_training_args
+from fedcore.plan.training import COMMON_KEYS, LocalTraining
 
 __all__ = [
     "COMMON_KEYS",

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from fedcore.data import Dataset
     from fedcore.params import ParameterSet
 
-__all__ = ["TrainingPlan", "batch_indices", "collect_predictions"]
+__all__ = ["TrainingPlan", "batch_indices", "check_training_args", "collect_predictions"]
 
 
 class TrainingPlan(abc.ABC):
@@ -234,3 +234,13 @@ def batch_indices(n: int, batch_size: int, rng: Any = None) -> Iterator[Any]:
     for start in range(0, n, batch_size):
         yield slice(start, start + batch_size) if order is None else \
             order[start:start + batch_size]
+
+
+def check_training_args(plan_class: type[TrainingPlan],
+                        mapping: Mapping[str, Any] | None) -> LocalTraining:
+    """Parse ``mapping`` for ``plan_class``: its declared keys, types and defaults.
+
+    What the researcher's ``Experiment`` calls when ``training_args`` are set, and what
+    the node runs before training; raises :class:`~fedcore.errors.ConfigurationError`.
+    """
+    return plan_class.parse_training(mapping)

@@ -24,14 +24,11 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedcore.errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from fedcore.plan.base import TrainingPlan
-
-__all__ = ["COMMON_KEYS", "LocalTraining", "check_training_args"]
+__all__ = ["COMMON_KEYS", "LocalTraining"]
 
 #: The keys every plan takes, with their types as a researcher writes them.
 COMMON_KEYS: Mapping[str, Any] = MappingProxyType({
@@ -115,16 +112,6 @@ class LocalTraining:
         out = {k: getattr(self, k) for k in COMMON_KEYS if k in self.explicit}
         out.update((k, v) for k, v in self.extra.items() if k in self.explicit)
         return out
-
-
-def check_training_args(plan_class: type[TrainingPlan],
-                        mapping: Mapping[str, Any] | None) -> LocalTraining:
-    """Parse ``mapping`` for ``plan_class``: its declared keys, types and defaults.
-
-    What the researcher's ``Experiment`` calls when ``training_args`` are set, and what
-    the node runs before training; raises :class:`~fedcore.errors.ConfigurationError`.
-    """
-    return plan_class.parse_training(mapping)
 
 
 # --- checks ---------------------------------------------------------------------------------
