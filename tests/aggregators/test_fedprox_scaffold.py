@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
@@ -18,7 +17,7 @@ from sklearn.naive_bayes import GaussianNB  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from fedcore import Experiment, _runtime, simulate  # noqa: E402
+from fedcore import Experiment, simulate  # noqa: E402
 from fedcore.aggregators._local import LocalState  # noqa: E402
 from fedcore.aggregators.fedprox import FedProx  # noqa: E402
 from fedcore.aggregators.scaffold import Scaffold  # noqa: E402
@@ -28,11 +27,11 @@ from fedcore.node import Node  # noqa: E402
 from fedcore.node.executor import run_round  # noqa: E402
 from fedcore.params import ParameterSet  # noqa: E402
 from fedcore.plan import PlanBundle  # noqa: E402
-from fedcore.transport import open_transport  # noqa: E402
 from fedcore.wire import codec  # noqa: E402
-from fedcore.wire.messages import Envelope, ErrorReply, Ping, Pong, TrainReply, TrainRequest  # noqa: E402
+from fedcore.wire.messages import ErrorReply, Ping, Pong, TrainReply, TrainRequest  # noqa: E402
 from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
 from fedcore_torch import TorchTrainingPlan  # noqa: E402
+from tests._support.raw import talk  # noqa: E402
 
 
 class MLP(TorchTrainingPlan):
@@ -384,25 +383,6 @@ def test_an_experiment_refuses_scaffold_with_a_plan_that_cannot_correct_gradient
     assert torch_exp.plan is MLP
 
 
-def _talk(url, recipient, bodies):
-    async def go():
-        t = open_transport(url, role="researcher", identity="raw-researcher")
-        await t.start()
-        replies = []
-        try:
-            for body in bodies:
-                env = Envelope(body, sender="raw-researcher", recipient=recipient,
-                               experiment="exp-1", round=1)
-                await t.send(recipient, codec.encode(env))
-                _, frame = await asyncio.wait_for(t.receive(), 30)
-                replies.append(codec.decode(frame).body)
-        finally:
-            await t.close()
-        return replies
-
-    return _runtime.run(go())
-
-
 def test_a_node_refuses_an_unknown_algorithm_and_keeps_serving(tmp_path, digits, caplog):
     Xtr, _, ytr, _ = digits
     node = Node(tmp_path / "home", node_id="hospital-a", approval_required=False)
@@ -421,7 +401,7 @@ def test_a_node_refuses_an_unknown_algorithm_and_keeps_serving(tmp_path, digits,
     node.start(url)
     try:
         with caplog.at_level(logging.ERROR, "fedcore"):
-            unknown, sklearn_scaffold, pong, ok = _talk(url, "hospital-a", [
+            unknown, sklearn_scaffold, pong, ok = talk(url, "hospital-a", [
                 train(MLP, plan.get_parameters(), {"name": "fedproxx", "mu": 0.1}),
                 train(SGDPlan, sk.get_parameters(),
                       {"name": "scaffold", "c": sk.get_parameters()}),

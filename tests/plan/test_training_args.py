@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 
@@ -11,17 +9,16 @@ pytest.importorskip("sklearn")
 
 from sklearn.linear_model import SGDClassifier  # noqa: E402
 
-from fedcore import Experiment, _runtime, simulate  # noqa: E402
+from fedcore import Experiment, simulate  # noqa: E402
 from fedcore.data import ArrayDataset  # noqa: E402
 from fedcore.errors import ConfigurationError  # noqa: E402
 from fedcore.governance import Request, build_governance  # noqa: E402
 from fedcore.governance.policies import effective_policy  # noqa: E402
 from fedcore.plan import LocalLoop, LocalTraining, PlanBundle, check_training_args  # noqa: E402
 from fedcore.privacy import PrivacySpec  # noqa: E402
-from fedcore.transport import open_transport  # noqa: E402
-from fedcore.wire import codec  # noqa: E402
-from fedcore.wire.messages import Envelope, ErrorReply, TrainReply, TrainRequest  # noqa: E402
+from fedcore.wire.messages import ErrorReply, TrainReply, TrainRequest  # noqa: E402
 from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
+from tests._support.raw import talk  # noqa: E402
 
 KNOWN = "Expected one of: batch_size, epochs, lr, num_updates, use_gpu."
 
@@ -63,25 +60,6 @@ def test_a_misspelt_key_is_refused_when_the_experiment_is_built():
         exp.close()
 
 
-def _talk(url, recipient, bodies):
-    async def go():
-        t = open_transport(url, role="researcher", identity="raw-researcher")
-        await t.start()
-        replies = []
-        try:
-            for body in bodies:
-                env = Envelope(body, sender="raw-researcher", recipient=recipient,
-                               experiment="exp-1", round=1)
-                await t.send(recipient, codec.encode(env))
-                _, frame = await asyncio.wait_for(t.receive(), 30)
-                replies.append(codec.decode(frame).body)
-        finally:
-            await t.close()
-        return replies
-
-    return _runtime.run(go())
-
-
 def test_a_node_answers_a_misspelt_key_with_a_configuration_error_and_keeps_serving():
     """What a researcher who bypasses the Experiment's check (another client) sees."""
     X, y = _data()
@@ -98,7 +76,7 @@ def test_a_node_answers_a_misspelt_key_with_a_configuration_error_and_keeps_serv
                                 model_args={"loss": "log_loss"}, data_info=info,
                                 training_args=training_args)
 
-        bad, ok = _talk(fed.url, node.node_id, [train({"epoch": 2}), train({"epochs": 2})])
+        bad, ok = talk(fed.url, node.node_id, [train({"epoch": 2}), train({"epochs": 2})])
         refused = [e for e in node.audit_log() if e["event"] == "train-refused"]
     assert isinstance(bad, ErrorReply) and bad.kind == "configuration", bad
     assert "Did you mean 'epochs'?" in bad.message and KNOWN in bad.message
