@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from typing import Any
 
 from fedcore.errors import ConfigurationError
 
-__all__ = ["available", "load", "register"]
+__all__ = ["available", "load", "register", "registered"]
 
 GROUPS = ("backends", "transports", "aggregators", "secagg")
 
@@ -69,6 +71,23 @@ def register(group: str, name: str, obj: Any) -> None:
     _check_group(group)
     _registered[group][name] = obj
     _cache.pop((group, name), None)
+
+
+@contextmanager
+def registered(group: str, name: str, obj: Any) -> Iterator[None]:
+    """Register ``obj`` under ``name`` for a ``with`` block; what was there before comes back."""
+    _check_group(group)
+    missing = object()
+    before = _registered[group].get(name, missing)
+    register(group, name, obj)
+    try:
+        yield
+    finally:
+        if before is missing:
+            _registered[group].pop(name, None)
+        else:
+            _registered[group][name] = before
+        _cache.pop((group, name), None)
 
 
 def _entry_points(group: str) -> dict[str, str]:

@@ -106,7 +106,7 @@ def test_scatter_replies_are_typed_answers_or_errors_against_one_node():
         fed = Federation(sim.url)
 
         async def ask():
-            client = await fed.client(2)
+            client = await fed.client(["node-01", "node-02"])
             pings = [r async for r in client.scatter({"node-01": Ping(), "node-02": Ping()})]
             bad = {"node-01": TrainRequest(plan={}, params=None, dataset_id="nope"),
                    "node-02": SearchRequest(tags=["t"])}

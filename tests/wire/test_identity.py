@@ -32,6 +32,7 @@ from fedcore.wire.messages import (  # noqa: E402
     Pong,
     SearchReply,
     SearchRequest,
+    TrainRequest,
 )
 from fedcore.wire.rpc import Client  # noqa: E402
 from fedcore.wire.signing import Guard  # noqa: E402
@@ -203,6 +204,39 @@ def test_audit_records_name_the_key_that_signed_a_request(tmp_path):
     record = next(r for r in node.audit_log() if r["event"] == "search")
     assert record["researcher"] == "someone-else"  # what the envelope claims
     assert record["researcher_key"] == researcher_identity().fingerprint  # who signed it
+
+
+def test_a_signed_training_request_with_swapped_or_unapproved_code_is_refused(tmp_path):
+    """A trusted key sends hand-made training requests: an approved plan's hash with other
+    files, then a plan never approved. Both are refused before any code runs, audited, and
+    the node keeps serving (the ping after the scenario)."""
+    import numpy as np
+
+    from fedcore.params import ParameterSet
+    from fedcore.plan import PlanBundle
+    from tests._support.sklearn_plans import SleepWhenToldPlan
+
+    url, node = _serve(tmp_path)
+    entry = node.datasets.add_arrays("cohort", ["x"], np.zeros((8, 2)), np.arange(8) % 2)
+    approved = PlanBundle.from_class(SleepWhenToldPlan).to_wire()
+    node.plans.submit(PlanBundle.from_wire(approved))
+    node.plans.approve(approved["sha256"])
+    swapped = {**approved, "files": {name: text + "\nimport os\n"
+                                     for name, text in approved["files"].items()}}
+    unapproved = {k: v for k, v in swapped.items() if k != "sha256"}
+
+    def train(guard, plan):
+        body = TrainRequest(plan=plan, params=ParameterSet({}), dataset_id=entry["id"])
+        return guard.seal(Envelope(body, sender="researcher", recipient="site"))
+
+    async def scenario(researcher: Transport, guard: Guard) -> None:
+        await _refused(researcher, guard, train(guard, swapped), "governance", "do not match")
+        await _refused(researcher, guard, train(guard, unapproved), "governance", "approved")
+
+    _talk(url, node, scenario)
+    events = [r["event"] for r in node.audit_log()]
+    assert events.count("train-refused") == 1 and "decision" in events
+    assert "trained" not in events
 
 
 def test_an_oversized_frame_is_refused(tmp_path):

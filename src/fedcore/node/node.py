@@ -472,13 +472,13 @@ class Node:
         base = {"researcher": env.sender, "experiment": env.experiment, "round": env.round,
                 "dataset": request.dataset_id}
         self.audit("train-request", **base)
-        admitted = await self._admit(env, request, base)
+        protection = update_protection(self._secagg, request.secagg)
+        admitted = await self._admit(env, request, protection.scheme, base)
         if isinstance(admitted, ErrorReply):
             return admitted
         if admitted.decision.overrides:
             request = dataclasses.replace(request, training_args={
                 **request.training_args, **admitted.decision.overrides})
-        protection = update_protection(self._secagg, request.secagg)
         protection.prepare(request.params)
         reply = await self._train(env, request, admitted, base)
         if isinstance(reply, ErrorReply):
@@ -499,14 +499,15 @@ class Node:
                                         policy_notes=list(admitted.decision.notes))
         return reply
 
-    async def _admit(self, env: Envelope, request: TrainRequest, base: dict[str, Any]
-                     ) -> _Admitted | ErrorReply:
+    async def _admit(self, env: Envelope, request: TrainRequest, scheme: str | None,
+                     base: dict[str, Any]) -> _Admitted | ErrorReply:
         """Verify the plan, review the request, load the backend and open the dataset."""
         try:
             bundle, sha = self._bundle(request.plan)
             base["plan"] = sha
             entry = self.datasets.get(request.dataset_id)
-            decision = self.review(self._train_request(env, request, bundle, sha, entry))
+            decision = self.review(self._train_request(env, request, bundle, sha, entry,
+                                                       scheme))
             if not decision.allowed:  # the decision is in the audit log already
                 return ErrorReply(kind="governance", message=decision.reason,
                                   exc_type="GovernanceError")
@@ -626,7 +627,7 @@ class Node:
             return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
 
     def _train_request(self, env: Envelope, request: TrainRequest, bundle: PlanBundle,
-                       sha: str, entry: dict[str, Any]) -> Request:
+                       sha: str, entry: dict[str, Any], scheme: str | None) -> Request:
         n = (entry.get("metadata") or {}).get("n_samples")
         if n is None:
             n = len(self.datasets.open(entry))
@@ -634,7 +635,7 @@ class Node:
                        round=env.round, dataset=entry, n_samples=int(n), plan_hash=sha,
                        plan_name=bundle.entry, training_args=dict(request.training_args),
                        privacy=dict(request.privacy), test_ratio=request.test_ratio,
-                       secagg=update_protection(self._secagg, request.secagg).scheme)
+                       secagg=scheme)
 
     def _allow_gpu(self) -> bool:
         try:

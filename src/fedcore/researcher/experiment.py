@@ -245,7 +245,7 @@ class Experiment(ExperimentSettings):
         dropped out stays listed with ``connected=False`` and when it was last heard from.
         """
         sel = self._selection
-        await self._session.client(len(sel.nodes) if sel.nodes else 1, settle=not sel.nodes)
+        await self._session.client(sel.nodes)
         known = {*(sel.targets or {}), *(sel.nodes or ()), *sel.gone}
         return await self._session._node_status(known, sel.dataset_names())
 

@@ -83,11 +83,11 @@ class Federation:
         """True while the session holds an open connection."""
         return self._client is not None
 
-    async def client(self, wanted: int = 1, *, settle: bool = False) -> Client:
-        """The open client, connected first if needed, once ``wanted`` nodes are there.
+    async def client(self, nodes: Sequence[str] | None = None) -> Client:
+        """The open client, connected first if needed, once ``nodes`` (or one node) are there.
 
-        ``settle``: on the first connection to a network, keep waiting a moment for nodes
-        that dial in one after another (when the caller names no nodes).
+        Without a node list, the first connection to a network also waits a moment for the
+        nodes that dial in one after another.
         """
         pause = 0.0
         if self._client is None:
@@ -96,9 +96,10 @@ class Federation:
             client.on_progress = self._on_progress
             await client.start()
             self._client = client
-            if settle and transport.capabilities.networked:
+            if not nodes and transport.capabilities.networked:
                 pause = _SETTLE_S
-        await self._client.wait_for_peers(wanted, self.connect_timeout, settle=pause)
+        await self._client.wait_for_peers(len(nodes) if nodes else 1, self.connect_timeout,
+                                          settle=pause)
         return self._client
 
     def peers(self) -> set[str]:
@@ -135,7 +136,7 @@ class Federation:
     async def find(self, tags: Sequence[str], nodes: Sequence[str] | None = None, *,
                    experiment: str = "") -> Found:
         """The dataset tagged ``tags`` on each connected node (or on ``nodes``)."""
-        client = await self.client(len(nodes) if nodes else 1, settle=not nodes)
+        client = await self.client(nodes)
         return await find_datasets(client, self.url, tags, nodes,
                                    timeout=self.connect_timeout, experiment=experiment)
 
@@ -239,9 +240,8 @@ class Selection:
 
     async def search(self, fed: Federation, experiment: str = "") -> Found:
         """Search now; remember what was found."""
-        await fed.client(len(self._nodes) if self._nodes else 1, settle=not self._nodes)
-        self._searched_peers = frozenset(fed.peers())
         found = await fed.find(self._tags, self._nodes, experiment=experiment)
+        self._searched_peers = found.connected
         self.targets = found.targets
         return found
 
@@ -262,8 +262,7 @@ class Selection:
         if self.targets is None:
             await self.current(fed, experiment)
         else:
-            await fed.client(len(self._nodes) if self._nodes else 1, settle=not self._nodes)
-            peers = frozenset(fed.peers())
+            peers = frozenset((await fed.client(self._nodes)).peers())
             if peers != self._searched_peers:
                 await self._search_again(fed, peers, rnd, experiment)
         assert self.targets is not None
@@ -279,8 +278,8 @@ class Selection:
             gone = sorted(known)
             raise RoundError(f"Round {rnd}: none of the nodes {gone} is connected to "
                              f"{fed.url}.", failures=dict.fromkeys(gone, "not connected"))
-        self._searched_peers = peers
         found = await fed.find(self._tags, wanted, experiment=experiment)
+        self._searched_peers = found.connected
         self.targets = found.targets
         self.gone = sorted(n for n in known - set(self.targets) if n not in peers)
 

@@ -22,6 +22,7 @@ class Found:
 
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> dataset
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per node and match
+    connected: frozenset[str] = frozenset()  # every node connected when the search began
 
     def frame(self) -> pd.DataFrame:
         """Every match: one row per node and dataset."""
@@ -38,7 +39,8 @@ async def find_datasets(client: Client, federation: str, tags: Sequence[str],
     ``DatasetError`` when a node holds several matching datasets or no node holds one (the
     message lists the tags each node has).
     """
-    peers = sorted(client.peers())
+    connected = frozenset(client.peers())
+    peers = sorted(connected)
     if nodes is not None:
         missing = sorted(set(nodes) - set(peers))
         if missing:
@@ -51,7 +53,7 @@ async def find_datasets(client: Client, federation: str, tags: Sequence[str],
             f"No node is connected to {federation} (waited {timeout:g} s). Start the nodes, "
             "or check the URL."
         )
-    found = Found()
+    found = Found(connected=connected)
     tags_by_node: dict[str, list[str]] = {}
     async for reply in client.scatter(
         {p: SearchRequest(tags=list(tags)) for p in peers}, experiment=experiment,

@@ -20,6 +20,7 @@ are plain classes to subclass (:mod:`fedcore.testing.aggregator`,
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,20 +44,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 @pytest.fixture
 def fedcore_register() -> Iterator[Callable[[str, str, Any], None]]:
     """``register(group, name, obj)`` for this test only; earlier registrations come back."""
-    registry = plugins._registered
-    saved = {group: dict(names) for group, names in registry.items()}
+    with contextlib.ExitStack() as stack:
 
-    def register(group: str, name: str, obj: Any) -> None:
-        plugins.register(group, name, obj)
+        def register(group: str, name: str, obj: Any) -> None:
+            stack.enter_context(plugins.registered(group, name, obj))
 
-    yield register
-    for group, names in saved.items():
-        for name in set(registry[group]) - set(names):
-            registry[group].pop(name)
-            plugins._cache.pop((group, name), None)
-        for name, obj in names.items():
-            if registry[group].get(name) is not obj:
-                plugins.register(group, name, obj)
+        yield register
 
 
 @pytest.fixture

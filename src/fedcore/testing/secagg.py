@@ -31,7 +31,13 @@ import pytest
 from fedcore import plugins
 from fedcore.errors import ConfigurationError, ProtocolError, SecureAggregationError
 from fedcore.params import ParameterSet
-from fedcore.secagg.base import SecureAggregation, SecureSum, open_node_session
+from fedcore.secagg.base import (
+    NodeSession,
+    ResearcherSession,
+    SecureAggregation,
+    SecureSum,
+    open_node_session,
+)
 from fedcore.secagg.local import open_sessions, run_round, through_the_wire
 
 __all__ = ["Round", "SecureAggregationConformance"]
@@ -63,7 +69,6 @@ class SecureAggregationConformance:
     @pytest.fixture(autouse=True)
     def _findable_by_name(self, scheme: SecureAggregation) -> Iterator[None]:
         """Nodes open sessions by the scheme's name: register it for the test if need be."""
-        registered = getattr(plugins, "_registered", {}).get("secagg", {})
         try:
             found = plugins.load("secagg", scheme.name)
         except ConfigurationError:
@@ -71,17 +76,21 @@ class SecureAggregationConformance:
         if found is type(scheme):
             yield
             return
-        before = registered.get(scheme.name)
-        plugins.register("secagg", scheme.name, type(scheme))
-        try:
+        with plugins.registered("secagg", scheme.name, type(scheme)):
             yield
-        finally:
-            if before is None:
-                registered.pop(scheme.name, None)
-            else:
-                plugins.register("secagg", scheme.name, before)
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _first_node(self, scheme: SecureAggregation, seed: int
+                    ) -> tuple[Round, ResearcherSession, str, dict[str, Any], NodeSession]:
+        """A round set up in memory: its researcher session, first node, options, session."""
+        r = self.make_round(seed=seed)
+        researcher, sessions = open_sessions(scheme, r.nodes, reference=r.reference,
+                                             weights_hint=r.weights)
+        node = researcher.participants[0]
+        options = through_the_wire(researcher.train_options(node))
+        return r, researcher, node, options, sessions.get(node) or open_node_session(
+            node, options)
 
     def make_round(self, seed: int = 0) -> Round:
         """Inputs of a round among :attr:`n_nodes` nodes.
@@ -184,12 +193,7 @@ class SecureAggregationConformance:
     def test_an_update_from_outside_the_round_is_refused(
             self, scheme: SecureAggregation) -> None:
         """A payload from a node that is not in the round raises ProtocolError."""
-        r = self.make_round(seed=3)
-        researcher, sessions = open_sessions(scheme, r.nodes, reference=r.reference,
-                                             weights_hint=r.weights)
-        node = researcher.participants[0]
-        options = through_the_wire(researcher.train_options(node))
-        session = sessions.get(node) or open_node_session(node, options)
+        r, researcher, node, options, session = self._first_node(scheme, seed=3)
         payload = through_the_wire(session.protect(r.updates[node], r.weights[node], options))
         with pytest.raises(ProtocolError):
             researcher.add_protected("stranger", payload)
@@ -197,12 +201,7 @@ class SecureAggregationConformance:
     def test_the_node_session_refuses_unknown_or_foreign_messages(
             self, scheme: SecureAggregation) -> None:
         """Unknown phases, another session's messages and unmasking first: ProtocolError."""
-        r = self.make_round(seed=4)
-        researcher, sessions = open_sessions(scheme, r.nodes, reference=r.reference,
-                                             weights_hint=r.weights)
-        node = researcher.participants[0]
-        options = through_the_wire(researcher.train_options(node))
-        session = sessions.get(node) or open_node_session(node, options)
+        r, _, node, _, session = self._first_node(scheme, seed=4)
         header = {"session": session.session_id, "round": session.round}
         with pytest.raises(ProtocolError):
             session.answer("bogus", header)
