@@ -41,7 +41,7 @@ from fedcore.node._config import NodeConfig
 from fedcore.node._secagg import SecaggSessions
 from fedcore.node._storage import AtomicJSONStorage
 from fedcore.node.audit import AuditLog, AuditReport, verify
-from fedcore.node.executor import plan_key, run_round
+from fedcore.node.executor import plan_key, private_training, run_round
 from fedcore.node.protection import update_protection
 from fedcore.node.registry import DatasetRegistry
 from fedcore.node.statistics import answer_statistics
@@ -538,12 +538,16 @@ class Node:
             if plan_class is None:
                 plan_class = await loop.run_in_executor(None, admitted.bundle.load)
             self._plans[sha] = plan_class
-            try:  # a misspelt or mistyped training argument is the researcher's to fix
+            try:
+                # A misspelt or mistyped training argument is the researcher's to fix; DP-SGD
+                # the node's backend cannot run around this plan is refused.
                 check_training_args(plan_class, request.training_args)
-            except ConfigurationError as exc:
+                private_training(plan_class, PrivacySpec.parse(request.privacy))
+            except (ConfigurationError, GovernanceError) as exc:
                 self.audit("train-refused", **base, reason=str(exc))
-                return ErrorReply(kind="configuration", message=str(exc),
-                                  exc_type="ConfigurationError")
+                kind = next(k for k, cls in _REFUSALS.items() if isinstance(exc, cls))
+                return ErrorReply(kind=kind, message=str(exc),
+                                  exc_type=_REFUSALS[kind].__name__)
             key = plan_key(env.experiment, sha, request) if plan_class.reusable else ""
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
             reply, plan = await loop.run_in_executor(
