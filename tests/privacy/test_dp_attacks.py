@@ -21,7 +21,7 @@ pytest.importorskip("opacus")
 from fedcore.params import ParameterSet  # noqa: E402
 from fedcore.plan import PlanBundle, TrainingPlan  # noqa: E402
 from fedcore.privacy import Accountant  # noqa: E402
-from fedcore.wire.identity import Identity  # noqa: E402
+from fedcore.wire.identity import Identity, full_fingerprint  # noqa: E402
 from fedcore.wire.messages import ErrorReply, TrainReply, TrainRequest  # noqa: E402
 from fedcore_torch import TorchTrainingPlan  # noqa: E402
 from tests._support.attack import Attacker, serve  # noqa: E402
@@ -115,7 +115,7 @@ def site(tmp_path):
     X = rng.normal(size=(N, 4)).astype(np.float32)
     entry = node.datasets.add_arrays("cohort", ["cohort"], X, (X[:, 0] > 0).astype(np.int64))
     with Attacker(url, {"site": node.identity.public_bytes}, key=alice) as attacker:
-        yield node, attacker, entry["id"], Identity(alice).fingerprint
+        yield node, attacker, entry["id"], full_fingerprint(Identity(alice).public_bytes)
     node.stop()
 
 
@@ -158,6 +158,7 @@ def test_a_plan_that_trains_without_the_dp_optimizer_is_refused_dp_sgd(site):
     assert "overrides `fit`" in reply.message and "update-level DP" in reply.message
     (refused,) = _refusals(node)
     assert "overrides `fit`" in refused["reason"] and refused["researcher_key"] == alice
+    assert refused["researcher"] == "alice"  # the trusted name, not the "bob" it wrote
     assert _spent(node, dataset) == [] and not _refusals(node, "trained")
     # The same plan under update-level DP: the node noises whatever the loop produced.
     honest = _train(attacker, node, SkipsDP, dataset,
@@ -211,6 +212,7 @@ def test_a_plan_that_works_around_the_noise_gets_no_update_and_is_not_charged(
     assert isinstance(reply, ErrorReply) and reason in reply.message
     (failed,) = _refusals(node, "train-failed")
     assert reason in failed["error"] and failed["researcher_key"] == alice
+    assert failed["researcher"] == "alice"
     assert _spent(node, dataset) == [] and not _refusals(node, "trained")
 
 
@@ -219,7 +221,8 @@ def test_a_plan_that_is_not_the_nodes_torch_plan_is_refused_dp_sgd(site):
     reply = _train(attacker, node, Impostor, dataset)
     assert isinstance(reply, ErrorReply) and reply.kind == "governance"
     assert "does not subclass TorchTrainingPlan" in reply.message
-    assert len(_refusals(node)) == 1 and _spent(node, dataset) == []
+    (refused,) = _refusals(node)
+    assert refused["researcher"] == "alice" and _spent(node, dataset) == []
     # An honest plan on the same node trains with DP-SGD and is charged.
     assert isinstance(_train(attacker, node, TinyMLP, dataset), TrainReply)
     assert _spent(node, dataset) == [list(CHARGED)]
