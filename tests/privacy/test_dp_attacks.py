@@ -226,3 +226,24 @@ def test_a_plan_that_is_not_the_nodes_torch_plan_is_refused_dp_sgd(site):
     # An honest plan on the same node trains with DP-SGD and is charged.
     assert isinstance(_train(attacker, node, TinyMLP, dataset), TrainReply)
     assert _spent(node, dataset) == [list(CHARGED)]
+
+
+@pytest.mark.parametrize("on_excess", ["clamp", "refuse"])
+def test_noise_below_the_nodes_floor_is_raised_to_it_or_refused(site, on_excess):
+    """A request for DP in name only (noise 0.01) on a node with dp_min_noise_multiplier."""
+    node, attacker, dataset, _ = site
+    node.set_policy(dp_min_noise_multiplier=1.0, on_excess=on_excess)
+    reply = _train(attacker, node, TinyMLP, dataset, privacy={**DPSGD, "noise_multiplier": 0.01})
+    (decision,) = [r for r in node.audit_log() if r["event"] == "decision"]
+    assert decision["researcher"] == "alice"
+    if on_excess == "refuse":
+        assert isinstance(reply, ErrorReply) and reply.kind == "governance"
+        assert "below this node's minimum of 1" in reply.message
+        assert not decision["allowed"] and _spent(node, dataset) == []
+        return
+    assert isinstance(reply, TrainReply), reply
+    assert reply.privacy["noise_multiplier"] == 1.0 and reply.privacy["events"] == [
+        list(CHARGED)]  # trained, and charged, with the node's noise
+    assert any("raised to this node's minimum 1" in n for n in reply.policy_notes)
+    assert decision["privacy"]["noise_multiplier"] == 1.0
+    assert _spent(node, dataset) == [list(CHARGED)]

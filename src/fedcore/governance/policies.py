@@ -52,7 +52,7 @@ class Setting:
     """One policy key of ``config.toml``: its type, default (``None``: no limit) and meaning."""
 
     key: str
-    type: str  # "bool", "int", "choice", "access", "fraction", "budget"
+    type: str  # "bool", "int", "number", "choice", "access", "fraction", "budget"
     default: Any
     help: str
     minimum: int = 0
@@ -83,6 +83,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
             "spend in total (at dp_delta); a number, or a table of dataset id or name (\"*\" "
             "for the others) -> number; implies dp_required"),
     Setting("dp_delta", "fraction", 1e-5, "the delta at which the privacy budget is counted"),
+    Setting("dp_min_noise_multiplier", "number", None, "smallest noise_multiplier a request's "
+            "DP (update-level or DP-SGD) may ask for: below it the noise is raised to it "
+            "(on_excess 'clamp', the researcher told) or the request refused"),
     Setting("statistics", "bool", True, "answer federated statistics requests"),
     Setting("min_count", "int", 5, "statistics: withhold counts below this"),
     Setting("allow_min_max", "bool", True, "statistics: share minima and maxima"),
@@ -102,6 +105,10 @@ def _check(setting: Setting, value: Any) -> Any:
         if not _is_number(value) or not 0 < value < 1:
             raise ConfigurationError(f"{key} must be a number in (0, 1), e.g. 1e-5. "
                                      f"Received: {value!r}")
+        value = float(value)
+    elif setting.type == "number":
+        if not _is_number(value) or value <= 0:
+            raise ConfigurationError(f"{key} must be a number > 0. Received: {value!r}")
         value = float(value)
     elif setting.type == "budget":
         value = check_budget(key, value)
@@ -380,12 +387,15 @@ def build_governance(policy: Mapping[str, Any], plans: PlanStore,
         max_epochs=policy["max_epochs"], max_updates=policy["max_updates"],
         batch_size_min=policy["batch_size_min"], batch_size_max=policy["batch_size_max"],
         allow_gpu=policy["allow_gpu"], on_excess=policy["on_excess"]))
-    if policy.get("dp_required") or policy.get("dp_max_epsilon") is not None:
+    if policy.get("dp_required") or policy.get("dp_max_epsilon") is not None or \
+            policy.get("dp_min_noise_multiplier") is not None:
         if ledger is None:
             ledger = PrivacyLedger(plans.sibling_table(LEDGER_TABLE))
         chain.append(PrivacyBudget(ledger, max_epsilon=policy.get("dp_max_epsilon"),
                                    delta=policy.get("dp_delta") or 1e-5,
-                                   required=bool(policy.get("dp_required"))))
+                                   required=bool(policy.get("dp_required")),
+                                   min_noise_multiplier=policy.get("dp_min_noise_multiplier"),
+                                   on_excess=policy.get("on_excess") or "clamp"))
     chain.extend(extra)
     return Governance(chain)
 

@@ -309,7 +309,8 @@ class Node:
                    experiment=request.experiment, round=request.round,
                    dataset=(request.dataset or {}).get("id"), plan=request.plan_hash or None,
                    allowed=decision.allowed, reason=decision.reason,
-                   overrides=decision.overrides, policy=decision.policy)
+                   overrides=decision.overrides, policy=decision.policy,
+                   **({"privacy": decision.privacy} if decision.privacy else {}))
         return decision
 
     def researcher(self, env: Envelope) -> str:
@@ -494,9 +495,10 @@ class Node:
         admitted = await self._admit(env, request, protection.scheme, base)
         if isinstance(admitted, ErrorReply):
             return admitted
-        if admitted.decision.overrides:
+        if admitted.decision.overrides or admitted.decision.privacy:
             request = dataclasses.replace(request, training_args={
-                **request.training_args, **admitted.decision.overrides})
+                **request.training_args, **admitted.decision.overrides},
+                privacy=admitted.decision.privacy or request.privacy)
         protection.prepare(request.params)
         reply = await self._train(env, request, admitted, base)
         if isinstance(reply, ErrorReply):
@@ -512,7 +514,7 @@ class Node:
             return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
         self.audit("trained", **base, n_samples=reply.n_samples,
                    seconds=round(reply.timings.get("total_s", 0.0), 4))
-        if admitted.decision.overrides:
+        if admitted.decision.overrides or admitted.decision.privacy:
             reply = dataclasses.replace(reply, overrides=dict(admitted.decision.overrides),
                                         policy_notes=list(admitted.decision.notes))
         return reply
