@@ -60,8 +60,13 @@ def _opacus() -> Any:
     return opacus
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    return torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+def _generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(
+        seed if seed is not None else secrets.randbits(63))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _as_dataset(data: Any) -> Any:
@@ -150,7 +155,9 @@ class DPSGD:
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=self.spec.noise_multiplier, max_grad_norm=self.spec.clip,
                 poisson_sampling=True,
-                noise_generator=_generator(None if self.seed is None else self.seed + 1))
+                # Opacus draws the noise on the parameters' device, with this generator.
+                noise_generator=_generator(None if self.seed is None else self.seed + 1,
+                                           _device_of(model)))
         self._module, self._optimizer = module, dp_optimizer
         accountant_hook = dp_optimizer.step_hook
 
