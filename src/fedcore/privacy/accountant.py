@@ -221,8 +221,10 @@ class Accountant:
         return epsilon([*self.events, *events], delta, self.orders, self.sampling)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data: ``{"events": [[noise, rate, steps], ...]}`` (and ``"sampling"`` when
-        it is not Poisson)."""
+        """Plain data: ``{"events": [[noise, rate, steps], ...]}``, plus ``"sampling"``.
+
+        ``"sampling"`` is there only when it is not Poisson.
+        """
         state: dict[str, Any] = {"events": [list(e) for e in self.events]}
         if self.sampling != "poisson":
             state["sampling"] = self.sampling

@@ -51,9 +51,10 @@ class CentralDP(Aggregator):
 
     Each round is one Gaussian mechanism on the nodes, a fixed-size subset drawn uniformly
     without replacement at ``sample_rate`` (set it to the ``Fraction`` strategy's
-    fraction; 1.0, the default, claims no amplification). :attr:`epsilon` is the total at ``delta`` so far;
-    :meth:`privacy_report` the last round's figures. ``seed`` makes the noise reproducible
-    and is for tests only: by default it is drawn from the operating system's CSPRNG.
+    fraction; 1.0, the default, claims no amplification). :attr:`epsilon` is the total at
+    ``delta`` so far; :meth:`privacy_report` the last round's figures. ``seed`` makes the
+    noise reproducible and is for tests only: by default it is drawn from the operating
+    system's CSPRNG.
 
     Example::
 
