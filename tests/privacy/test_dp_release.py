@@ -25,6 +25,7 @@ from fedcore.node.executor import run_round  # noqa: E402
 from fedcore.params import ParameterSet  # noqa: E402
 from fedcore.plan import PlanBundle  # noqa: E402
 from fedcore.privacy import DEFAULT_ORDERS  # noqa: E402
+from fedcore.wire.identity import Identity, full_fingerprint  # noqa: E402
 from fedcore.wire.messages import ErrorReply, TrainReply, TrainRequest  # noqa: E402
 from tests._support.attack import Attacker, serve  # noqa: E402
 from tests._support.torch_plans import BatchNormMLP  # noqa: E402
@@ -157,26 +158,30 @@ class _Leaky(FedAvg):
 
 def test_an_algorithm_whose_extras_dp_does_not_cover_is_refused_under_dp(tmp_path, cohort):
     """An installed aggregator whose node side returns values from training (not declared
-    as computed from the release) is refused under DP before training, on record; the
+    as computed from the release) is refused under DP before training, audited under the
+    name the node trusts the signing key as (alice, though the envelope claims bob); the
     same node trains it in the clear and keeps serving."""
-    url, node = serve(tmp_path / "site", "site", approval_required=False)
+    key = tmp_path / "alice.key"
+    url, node = serve(tmp_path / "site", "site", trusted={"alice": key},
+                      approval_required=False)
     entry = node.datasets.add_arrays("cohort", ["cohort"], *cohort)
-    x = _initial()
-    request = dataclasses.replace(_train(entry["id"], x), algorithm={"name": "leaky"})
+    request = dataclasses.replace(_train(entry["id"], _initial()), algorithm={"name": "leaky"})
     try:
         with plugins.registered("aggregators", "leaky", _Leaky), \
-                Attacker(url, {"site": node.identity.public_bytes}) as attacker:
-            refused = attacker.ask("site", dataclasses.replace(request,
-                                                               privacy=PRIVACY)).body
-            clear = attacker.ask("site", request).body
+                Attacker(url, {"site": node.identity.public_bytes}, key=key) as attacker:
+            refused = attacker.ask("site", dataclasses.replace(request, privacy=PRIVACY),
+                                   sender="bob").body
+            clear = attacker.ask("site", request, sender="bob").body
     finally:
         node.stop()
     assert isinstance(refused, ErrorReply)
     assert "Leaky returns values computed from local training" in refused.message
     assert "private_extras" in refused.message
     assert isinstance(clear, TrainReply) and "weights" in clear.extras
-    failed = [r for r in node.audit_log() if r["event"] == "train-failed"]
-    assert len(failed) == 1 and "Leaky returns values" in failed[0]["error"]
+    (failed,) = [r for r in node.audit_log() if r["event"] == "train-failed"]
+    assert "Leaky returns values" in failed["error"]
+    assert failed["researcher"] == "alice"
+    assert failed["researcher_key"] == full_fingerprint(Identity(key).public_bytes)
 
 
 def test_scaffold_state_on_the_node_follows_the_release(tmp_path, cohort):
