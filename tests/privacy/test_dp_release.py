@@ -17,10 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 dp_accounting = pytest.importorskip("dp_accounting")
 
-from fedcore import plugins  # noqa: E402
+from fedcore import Experiment, plugins, simulate  # noqa: E402
 from fedcore.aggregators._local import LocalAlgorithm, LocalState  # noqa: E402
 from fedcore.aggregators.fedavg import FedAvg  # noqa: E402
 from fedcore.data import ArrayDataset  # noqa: E402
+from fedcore.errors import ConfigurationError  # noqa: E402
 from fedcore.node.executor import run_round  # noqa: E402
 from fedcore.params import ParameterSet  # noqa: E402
 from fedcore.plan import PlanBundle  # noqa: E402
@@ -195,3 +196,21 @@ def test_scaffold_state_on_the_node_follows_the_release(tmp_path, cohort):
     saved = LocalState(tmp_path, "e", "d", 2).load("scaffold")["c_i"]
     for k, d in reply.extras["delta_c"].items():
         np.testing.assert_array_equal(saved[k], d)  # c_i was 0: c_i+ is the delta sent
+
+
+def test_the_researcher_sees_that_metrics_were_withheld(cohort):
+    """An experiment under update-level DP: the history has no metric columns but says
+    what was withheld, and asking for a curve explains why there is none."""
+    with simulate.from_arrays(*cohort, n_nodes=2, tags=["c"], seed=0) as fed:
+        exp = Experiment(BatchNormMLP, tags=["c"], federation=fed.url, progress=False,
+                         training_args=ARGS, test_ratio=0.25,
+                         privacy={"mechanism": "update", "clip": 1.0, "noise_multiplier": 1.0})
+        exp.run(1)
+        history = exp.history
+    assert set(history["status"]) == {"ok"}
+    assert not [c for c in history if c.startswith(("global_", "local_", "train_"))
+                and not c.endswith("_s")]
+    assert set(history["privacy_withheld"]) == {
+        "metrics_global, metrics_local, train_stats, progress_loss"}
+    with pytest.raises(ConfigurationError, match="withheld their metrics"):
+        exp.plot("accuracy")
