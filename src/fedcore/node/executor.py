@@ -15,7 +15,7 @@ from fedcore.params import ParameterSet
 from fedcore.plan import LocalTraining, TrainingPlan
 from fedcore.plan.metrics import evaluate
 from fedcore.privacy.dpsgd import PrivateTraining, check_wrappable
-from fedcore.privacy.mechanisms import UpdateDP
+from fedcore.privacy.release import PrivateRelease
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.wire.messages import TrainReply, TrainRequest
 
@@ -59,11 +59,15 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     plan.progress_callback = settings.get("progress")
     privacy = PrivacySpec.parse(request.privacy)
     private = private_training(plan_class, privacy)
+    release = PrivateRelease.of(privacy)  # under DP only what the noise covers leaves
+    if release is not None:
+        release.check(algorithm)
+        plan.progress_callback = release.progress(plan.progress_callback)
     timings["setup_s"] = time.perf_counter() - t0
 
     metrics_global: dict[str, float] = {}
     t = time.perf_counter()
-    if request.evaluate_global and len(test):
+    if request.evaluate_global and len(test) and release is None:
         metrics_global = evaluate(plan.task, *plan.predict(test))
     timings["eval_global_s"] = time.perf_counter() - t
 
@@ -84,28 +88,24 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
 
     metrics_local: dict[str, float] = {}
     t = time.perf_counter()
-    if request.evaluate_local and len(test):
+    if request.evaluate_local and len(test) and release is None:
         metrics_local = evaluate(plan.task, *plan.predict(test))
     timings["eval_local_s"] = time.perf_counter() - t
 
+    spent: dict[str, Any] = {}
+    if release is not None:  # first: the algorithm's extras derive from what is released
+        # DP-SGD: the model the node's wrapper trained, charged at the wrapper's count.
+        params, spent = release.apply(plan, request.params, private)
+    else:
+        params = ParameterSet(plan.get_parameters())
     extras: dict[str, Any] = {}
     if algorithm is not None:  # last: the node's state changes only once the round is done
         assert state is not None
         extras = algorithm.after_fit(plan, request.params, state)
-    params = (private.parameters(plan) if private is not None
-              else ParameterSet(plan.get_parameters()))
-    spent: dict[str, Any] = {}
-    if privacy is not None and privacy.mechanism == "update":
-        # The update's norm and whether it was clipped depend on the data: not replied.
-        dp = UpdateDP.from_spec(privacy)
-        params, _ = dp.apply(request.params, params)
-        spent = privacy.reply([dp.event()])
-    elif privacy is not None and private is not None:
-        spent = privacy.reply(private.events())  # the node's count, never the plan's
     if plan.reusable:
         params = params.copy()  # the model lives on: the reply must not alias it
     timings["total_s"] = time.perf_counter() - t0
-    return TrainReply(
+    reply = TrainReply(
         params=params,
         n_samples=len(train),
         n_test=len(test),
@@ -116,7 +116,8 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         device=plan.device(),
         extras=extras,
         privacy=spent,
-    ), plan
+    )
+    return (reply if release is None else release.reply(reply)), plan
 
 
 def private_training(plan_class: type[TrainingPlan],
