@@ -37,6 +37,7 @@ from fedcore.governance import (
 )
 from fedcore.governance.ledger import PrivacyLedger
 from fedcore.governance.policies import Refuse
+from fedcore.governance.statistics_log import QueryLog
 from fedcore.node._config import NodeConfig
 from fedcore.node._secagg import SecaggSessions
 from fedcore.node._storage import AtomicJSONStorage
@@ -149,6 +150,8 @@ class Node:
         self.datasets = DatasetRegistry(self.db, self.home / "data")
         #: What each dataset spent of its differential-privacy budget.
         self.ledger = PrivacyLedger(self.db)
+        #: What each researcher asked and was answered in statistics (their overlap checks).
+        self.statistics_log = QueryLog(self.db)
         self._secagg = SecaggSessions(self.node_id)
         self.max_frame_size = max_frame_size
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
