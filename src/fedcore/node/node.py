@@ -441,8 +441,10 @@ class Node:
         request: SearchRequest = env.body  # type: ignore[assignment]
         found = self.datasets.search(request.tags)
         self.audit("search", researcher=env.sender, tags=request.tags, found=len(found))
+        min_count = self.min_count
         return SearchReply(node_id=self.node_id,
-                           datasets=[self.datasets.public(e) for e in found],
+                           datasets=[self.datasets.public(e, min_count=min_count)
+                                     for e in found],
                            available_tags=self.datasets.all_tags())
 
     def _bundle(self, wire: Any) -> tuple[PlanBundle, str]:
@@ -639,6 +641,17 @@ class Node:
                        plan_name=bundle.entry, training_args=dict(request.training_args),
                        privacy=dict(request.privacy), test_ratio=request.test_ratio,
                        secagg=scheme)
+
+    @property
+    def min_count(self) -> int:
+        """The fewest records a shared count or listed value may single out.
+
+        The policy's ``min_count``; its default (5) while the policy cannot be read.
+        """
+        try:
+            return int(self.policy["min_count"])
+        except ConfigurationError:
+            return 5
 
     def _allow_gpu(self) -> bool:
         try:
