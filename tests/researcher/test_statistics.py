@@ -378,3 +378,46 @@ def test_an_experiment_gives_statistics_over_its_own_datasets(tmp_path, sites):
     nodes = set(table.loc["age"].index) - {POOLED}
     assert nodes == {"node-01", "node-03"}
     assert table.loc[("age", POOLED), "count"] == SIZES[0] + SIZES[2]
+
+
+def test_quantiles_are_not_given_where_withheld_cells_would_bias_them(tmp_path, sites):
+    sites[0].loc[:2, "age"] = 150  # three old patients at node-01: a withheld cell
+    configs = {"node-01": EXTREMES, "node-02": EXTREMES}
+    with _federation(tmp_path, sites[:2], configs) as fed, \
+            FederatedStatistics(fed.url, "cohort") as stats:
+        table = stats.quantiles("age", [0.5, 0.99], bins=[0, 50, 100, 200])
+    # node-01's three (and the cell withheld with them) are somewhere unknown: no estimate.
+    assert table.loc[["node-01", POOLED], ["50%", "99%"]].isna().all().all()
+    assert "quantiles not given" in table.loc["node-01", "note"]
+    assert "quantiles not given" in table.loc[POOLED, "note"]
+    own = sites[1]["age"].to_numpy()
+    assert abs(table.loc["node-02", "50%"] - np.median(own)) <= 50
+
+
+def test_a_histogram_too_fine_for_a_node_is_refused_there_only(tmp_path, sites):
+    small = sites[3].iloc[:40]  # 40 values at node-02: at most 8 bins at min_count 5
+    with _federation(tmp_path, [sites[0], small]) as fed, \
+            FederatedStatistics(fed.url, "cohort") as stats:
+        hist = stats.histogram("age", bins=20, range=(0, 100))
+    assert "at most 8 bins here" in hist.notes["node-02"]
+    assert hist.counts.loc["node-02"].isna().all()
+    assert hist.totals.loc[POOLED, "count"] == SIZES[0]
+
+
+def test_differentially_private_statistics_are_noised_and_charged(tmp_path, sites):
+    configs = {f"node-0{i}": "dp_max_epsilon = 8.0" for i in (1, 2)}
+    whole = pd.concat(sites[:2])["age"]
+    with _federation(tmp_path, sites[:2], configs) as fed:
+        with FederatedStatistics(fed.url, "cohort") as exact:
+            with pytest.raises(GovernanceError, match="only with differential privacy"):
+                exact.describe("age")
+        with FederatedStatistics(fed.url, "cohort", privacy=True) as stats:
+            table = stats.describe("age", bounds=(0, 120))
+            hist = stats.histogram("age", bins=[0, 40, 80, 120])
+        spent = [n.ledger.spent(n.datasets.list()[0]["id"])[0] for n in fed.nodes]
+    pooled = table.loc[("age", POOLED)]
+    assert abs(pooled["count"] - len(whole)) < 100  # noise sd 10 per node
+    assert abs(pooled["mean"] - whole.mean()) < 5 and np.isnan(pooled["max"])
+    assert "differentially private" in pooled["note"]
+    assert abs(hist.pooled.sum() - len(whole)) < 150
+    assert all(0 < s <= 8.0 for s in spent)  # two passes and a histogram, charged
