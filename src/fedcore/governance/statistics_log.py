@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,11 @@ class VariableLog:
 
 
 class QueryLog:
-    """The node's per-researcher statistics query log, persisted in its TinyDB."""
+    """The node's per-researcher statistics query log, persisted in its TinyDB.
+
+    One document per researcher and dataset holds every variable's history, so a request
+    costs one read and at most one write.
+    """
 
     def __init__(self, db: TinyDB | Table):
         # No query cache: the CLI may clear a researcher's log from another process.
@@ -46,44 +50,33 @@ class QueryLog:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _where(researcher: str, dataset: str, variable: str) -> Any:
-        q = Query()
-        return (q.researcher == researcher) & (q.dataset == dataset) & (q.variable == variable)
+    def _where(researcher: str, dataset: str) -> Any:
+        return (Query().researcher == researcher) & (Query().dataset == dataset)
 
-    def get(self, researcher: str, dataset: str, variable: str) -> VariableLog:
-        """The researcher's history on ``variable`` (empty when it never asked)."""
-        found = self._table.search(self._where(researcher, dataset, variable))
-        if not found:
-            return VariableLog()
-        doc = found[0]
-        last = doc.get("last")
-        return VariableLog(
-            asked=_partition(doc.get("asked")), answered=set(doc.get("answered") or ()),
-            last=None if not last else Measure(
-                records=int(last["records"]), missing=int(last["missing"]),
-                digest=str(last["digest"]), partition=_partition(last.get("partition")),
-                atoms=np.asarray(last.get("atoms") or [], dtype=np.int64)))
+    def get(self, researcher: str, dataset: str) -> dict[str, VariableLog]:
+        """The researcher's history on each variable of ``dataset`` it asked about."""
+        found = self._table.search(self._where(researcher, dataset))
+        variables = found[0].get("variables") or {} if found else {}
+        return {str(v): _entry(doc) for v, doc in variables.items()}
 
-    def put(self, researcher: str, dataset: str, variable: str, entry: VariableLog) -> None:
-        """Store ``entry`` (replacing the researcher's history on ``variable``)."""
-        last = entry.last
-        doc = {"researcher": researcher, "dataset": dataset, "variable": variable,
-               "asked": _plain(entry.asked), "answered": sorted(entry.answered),
-               "last": None if last is None else {
-                   "records": last.records, "missing": last.missing, "digest": last.digest,
-                   "partition": _plain(last.partition), "atoms": last.atoms.tolist()},
-               "updated_at": time.time()}
+    def put(self, researcher: str, dataset: str, entries: dict[str, VariableLog]) -> None:
+        """Store the histories of ``entries`` (other variables' are kept)."""
         with self._lock:
-            self._table.upsert(doc, self._where(researcher, dataset, variable))
+            found = self._table.search(self._where(researcher, dataset))
+            variables = dict(found[0].get("variables") or {}) if found else {}
+            variables.update({v: _doc(e) for v, e in entries.items()})
+            self._table.upsert({"researcher": researcher, "dataset": dataset,
+                                "variables": variables, "updated_at": time.time()},
+                               self._where(researcher, dataset))
 
     def list(self, researcher: str | None = None) -> builtins.list[dict[str, Any]]:
-        """Every entry (``researcher``, ``dataset``, ``variable``...), or one researcher's."""
+        """Every document (``researcher``, ``dataset``, ``variables``), or one researcher's."""
         docs = self._table.all() if researcher is None else self._table.search(
             Query().researcher == researcher)
         return [dict(d) for d in docs]
 
     def forget(self, researcher: str, datasets: Iterable[str] | None = None) -> int:
-        """Clear a researcher's history (on ``datasets`` only, if given); how many entries.
+        """Clear a researcher's history (on ``datasets`` only, if given); how many documents.
 
         For a node administrator who decides that a researcher's earlier answers no longer
         matter (e.g. the data was replaced): the node then answers as to a newcomer.
@@ -93,6 +86,24 @@ class QueryLog:
             q = q & Query().dataset.one_of(list(datasets))
         with self._lock:
             return len(self._table.remove(q))
+
+
+def _doc(entry: VariableLog) -> dict[str, Any]:
+    last = entry.last
+    return {"asked": _plain(entry.asked), "answered": sorted(entry.answered),
+            "last": None if last is None else {
+                "records": last.records, "missing": last.missing, "digest": last.digest,
+                "partition": _plain(last.partition), "atoms": last.atoms.tolist()}}
+
+
+def _entry(doc: Mapping[str, Any]) -> VariableLog:
+    last = doc.get("last")
+    return VariableLog(
+        asked=_partition(doc.get("asked")), answered=set(doc.get("answered") or ()),
+        last=None if not last else Measure(
+            records=int(last["records"]), missing=int(last["missing"]),
+            digest=str(last["digest"]), partition=_partition(last.get("partition")),
+            atoms=np.asarray(last.get("atoms") or [], dtype=np.int64)))
 
 
 def _plain(p: Partition) -> dict[str, list[float]]:

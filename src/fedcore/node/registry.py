@@ -274,8 +274,8 @@ class DatasetRegistry:
         ``metadata["categories_withheld"]`` (which values, and how many, is not said);
         per-class counts are dropped when one is below ``min_count``.
         """
-        public = {k: entry[k] for k in ("id", "name", "tags", "description", "metadata",
-                                        "available") if k in entry}
+        public: dict[str, Any] = {k: entry[k] for k in (
+            "id", "name", "tags", "description", "metadata", "available") if k in entry}
         meta = dict(public.get("metadata") or {})
         if min_count > 1 and (meta.get("categories") or meta.get("class_counts")):
             counts = entry.get("category_counts")
@@ -297,7 +297,7 @@ class DatasetRegistry:
             public["metadata"] = meta
         return public
 
-    def _count_categories(self, entry: dict[str, Any]) -> dict[str, list[int]]:
+    def _count_categories(self, entry: dict[str, Any]) -> dict[str, builtins.list[int]]:
         """The fewest records per value of each discrete column of an older entry.
 
         Entries registered before these counts were kept get them now (stored); none when
@@ -404,8 +404,8 @@ def _category_counts(dataset: Dataset, metadata: Mapping[str, Any]) -> dict[str,
             counted = {_plain(k): int(n) for k, n in found.items()}
         elif classes and column == "target":
             counted = {str(k): int(n) for k, n in classes.items()}
-        elif getattr(dataset, "y", None) is not None and column == "target":
-            uniq, n = np.unique(np.asarray(dataset.y), return_counts=True)
+        elif (y := getattr(dataset, "y", None)) is not None and column == "target":
+            uniq, n = np.unique(np.asarray(y), return_counts=True)
             counted = {_plain(k): int(c) for k, c in zip(uniq, n, strict=True)}
         else:
             counted = {}

@@ -265,10 +265,13 @@ async def _compute(node: StatisticsNode, researcher: str, entry: Mapping[str, An
     verdicts = {v: _verdict(lg, keys, tracks[v], policy.min_count)
                 for v, (lg, _, keys) in logs.items()}
     refused = next(((v, *why) for v, why in verdicts.items() if why[0]), None)
+    changed = {}
     for variable, (lg, _, keys) in logs.items():
         after = _next_log(lg, keys, tracks[variable], answered=refused is None)
         if _differs(lg, after):  # a repeated request writes nothing
-            node.statistics_log.put(researcher, dataset_id, variable, after)
+            changed[variable] = after
+    if changed:
+        node.statistics_log.put(researcher, dataset_id, changed)
     if refused is not None:
         variable, reason, detail = refused
         raise _Refused("governance", f"Node {node.node_id!r} refuses statistics on "
@@ -286,6 +289,7 @@ def _logs(query_log: QueryLog, researcher: str, dataset: str, queries: Sequence[
 
     Malformed queries are left to :func:`compute_statistics` to explain.
     """
+    earlier = query_log.get(researcher, dataset)
     edges: dict[str, list[np.ndarray]] = {}
     for q in queries:
         if isinstance(q, Mapping) and isinstance(q.get("variable"), str):
@@ -295,7 +299,7 @@ def _logs(query_log: QueryLog, researcher: str, dataset: str, queries: Sequence[
                     sets.append(check_edges(q["edges"], "edges"))
                 except ConfigurationError:
                     continue
-    return {v: (query_log.get(researcher, dataset, v), Partition.of(sets),
+    return {v: (earlier.get(v) or VariableLog(), Partition.of(sets),
                 {edges_key(e) for e in sets}) for v, sets in edges.items()}
 
 
