@@ -46,7 +46,7 @@ class Track:
         CRC-32 tells whether the data changed between two answers (the node's own data, not
         an adversary's); it costs a millisecond per million values.
         """
-        self._crc = zlib.crc32(np.ascontiguousarray(x).view(np.uint8), self._crc)
+        self._crc = zlib.crc32(np.ascontiguousarray(x).data, self._crc)
 
     def add(self, x: np.ndarray) -> None:
         """Count one chunk of non-missing values."""
