@@ -15,12 +15,12 @@ import pytest
 from fedcore import _runtime
 from fedcore.node import Node
 from fedcore.testing.transport import wait_until
-from fedcore.wire.identity import Identity, fingerprint
+from fedcore.wire.identity import Identity, full_fingerprint
 from fedcore.wire.messages import ErrorReply, SearchReply, SearchRequest, StatsReply, StatsRequest
 from tests._support.attack import Attacker, serve
 
 SITE = "site"
-CLAIMED = "alice"  # the envelope's name: "bob" once the node names researchers by key (main)
+CLAIMED = "bob"  # the name the attacker writes in its envelopes; its key is alice's
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def _refused(node, reply, match):
 
 
 def _alice_key(alice):
-    return fingerprint(Identity(alice).public_bytes)
+    return full_fingerprint(Identity(alice).public_bytes)
 
 
 def test_a_fine_histogram_is_refused_and_withheld_cells_are_not_named(tmp_path, alice):

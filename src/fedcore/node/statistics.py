@@ -122,6 +122,9 @@ class StatisticsNode(Protocol):
     def audit(self, event: str, **fields: Any) -> None:
         """Write ``event`` to the node's audit log."""
 
+    def researcher(self, env: Envelope) -> str:
+        """The verified name of the researcher who sent ``env``."""
+
 
 class _Refused(Exception):
     """A request the node refuses or cannot answer.
@@ -152,7 +155,7 @@ async def answer_statistics(node: StatisticsNode, env: Envelope,
     :class:`ErrorReply` and the node keeps serving.
     """
     request: StatsRequest = env.body  # type: ignore[assignment]
-    researcher = _researcher(node, env)
+    researcher = node.researcher(env)
     secure = request.secagg if isinstance(request.secagg, Mapping) else {}
     scheme = str(secure.get("scheme") or "plain") if secure else None
     base: dict[str, Any] = {
@@ -185,12 +188,6 @@ async def answer_statistics(node: StatisticsNode, env: Envelope,
                           secagg=payload, privacy=privacy)
     return StatsReply(node_id=node.node_id, results=results, min_count=policy.min_count,
                       privacy=privacy)
-
-
-def _researcher(node: StatisticsNode, env: Envelope) -> str:
-    """The researcher's verified name (the one its key is trusted under), else the sender."""
-    verified = getattr(node, "_researcher", None)
-    return str(verified(env)) if callable(verified) else env.sender
 
 
 def _admit(node: StatisticsNode, env: Envelope, request: StatsRequest, researcher: str,
