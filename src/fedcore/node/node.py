@@ -37,6 +37,7 @@ from fedcore.governance import (
 )
 from fedcore.governance.ledger import PrivacyLedger
 from fedcore.governance.policies import DatasetAccess, Refuse
+from fedcore.governance.statistics_log import QueryLog
 from fedcore.node._config import NodeConfig
 from fedcore.node._secagg import SecaggSessions
 from fedcore.node._storage import AtomicJSONStorage
@@ -151,6 +152,8 @@ class Node:
         self.datasets = DatasetRegistry(self.db, self.home / "data")
         #: What each dataset spent of its differential-privacy budget.
         self.ledger = PrivacyLedger(self.db)
+        #: What each researcher asked and was answered in statistics (their overlap checks).
+        self.statistics_log = QueryLog(self.db)
         self._secagg = SecaggSessions(self.node_id)
         self.max_frame_size = max_frame_size
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -457,8 +460,10 @@ class Node:
                  if all(p.review(Request(kind="search", researcher=researcher, dataset=entry))
                         .allowed for p in access)]
         self.audit("search", researcher=researcher, tags=request.tags, found=len(found))
+        min_count = self.min_count
         return SearchReply(node_id=self.node_id,
-                           datasets=[self.datasets.public(e) for e in found],
+                           datasets=[self.datasets.public(e, min_count=min_count)
+                                     for e in found],
                            available_tags=self.datasets.all_tags())
 
     def _bundle(self, wire: Any) -> tuple[PlanBundle, str]:
@@ -660,6 +665,17 @@ class Node:
                        plan_name=bundle.entry, training_args=dict(request.training_args),
                        privacy=dict(request.privacy), test_ratio=request.test_ratio,
                        secagg=scheme)
+
+    @property
+    def min_count(self) -> int:
+        """The fewest records a shared count or listed value may single out.
+
+        The policy's ``min_count``; its default (5) while the policy cannot be read.
+        """
+        try:
+            return int(self.policy["min_count"])
+        except ConfigurationError:
+            return 5
 
     def _allow_gpu(self) -> bool:
         try:

@@ -88,7 +88,7 @@ def dataset(dataset_id: str) -> str:
         entry = node.datasets.get(dataset_id)
     except DatasetError as exc:
         abort(404, str(exc))
-    public = node.datasets.public({**entry, "available": True})
+    public = node.datasets.public({**entry, "available": True}, min_count=node.min_count)
     return render_template("dataset.html", entry=entry, public=public,
                            budget=governance().budgets().get(dataset_id))
 
