@@ -52,7 +52,7 @@ class Setting:
     """One policy key of ``config.toml``: its type, default (``None``: no limit) and meaning."""
 
     key: str
-    type: str  # "bool", "int", "choice", "access", "fraction", "budget"
+    type: str  # "bool", "int", "choice", "access", "fraction", "budget", "digests"
     default: Any
     help: str
     minimum: int = 0
@@ -76,7 +76,15 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
     Setting("dataset_access", "access", None, "table: researcher id (or \"*\" for anyone) "
             "-> dataset ids or names they may use; absent: every dataset"),
     Setting("secagg_required", "bool", False, "train, and answer statistics, only for "
-            "requests that use secure aggregation (a scheme other than 'plain')"),
+            "requests protected by a secure-aggregation session this node set up (a scheme "
+            "other than 'plain')"),
+    Setting("secagg_min_members", "int", 3, "secure aggregation: fewest nodes in a round "
+            "this node takes part in (the sum of fewer reveals too much)", minimum=2),
+    Setting("secagg_min_key_bits", "int", 2048, "secure aggregation: smallest Joye-Libert "
+            "modulus, in bits", minimum=256),
+    Setting("secagg_jl_moduli", "digests", None, "secure aggregation: SHA-256 digests of "
+            "published Joye-Libert moduli this node accepts beside the ones nodes generate "
+            "(`fedcore-node secagg jl-modulus` makes one)"),
     Setting("dp_required", "bool", False, "train only with differential privacy (update-level "
             "DP or DP-SGD in the request)"),
     Setting("dp_max_epsilon", "budget", None, "privacy budget: most epsilon a dataset may "
@@ -117,7 +125,22 @@ def _check(setting: Setting, value: Any) -> Any:
                 f"{key} must be a table of researcher id -> list of dataset ids or names, "
                 f'e.g. {key} = {{ "*" = ["diabetes-2024"] }}. Received: {value!r}')
         value = {k: list(v) for k, v in value.items()}
+    elif setting.type == "digests":
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(d, str) and len(d) == 64 and _is_hex(d) for d in value):
+            raise ConfigurationError(
+                f"{key} must be a list of SHA-256 digests (64 hex digits each), as printed by "
+                f"`fedcore-node secagg jl-modulus`. Received: {value!r}")
+        value = [d.lower() for d in value]
     return value
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_number(value: Any) -> bool:
@@ -280,9 +303,11 @@ class PlanApproval(Policy):
 class SecureAggregationRequired(Policy):
     """Refuses training and statistics requests not protected by secure aggregation.
 
-    The researcher names a scheme in the request (``secagg``); a request with none, or with
-    the ``plain`` identity scheme, is refused: the node fails closed rather than send an
-    update, or statistics, the researcher can read.
+    ``Request.secagg`` is the scheme of the session the node itself holds and will protect
+    the update with (the node resolves it from its own sessions, bound to the researcher's
+    key, experiment and round; never from a name the request writes). Without one, or with
+    the ``plain`` identity scheme, the request is refused: the node fails closed rather than
+    send an update, or statistics, the researcher can read.
     """
 
     name = "secure-aggregation"

@@ -38,9 +38,10 @@ import pandas as pd
 from fedcore.errors import ConfigurationError, DatasetError, FedcoreError
 from fedcore.governance import Decision, Request
 from fedcore.governance.statistics import StatisticsPolicy, statistics_policy
-from fedcore.node._secagg import SecaggSessions
+from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node.registry import DatasetRegistry
 from fedcore.params import ParameterSet
+from fedcore.secagg import NodeSession
 from fedcore.wire.messages import Body, Envelope, ErrorReply, StatsReply, StatsRequest
 from fedcore.wire.statistics import (
     IMAGE_VARIABLE,
@@ -85,6 +86,9 @@ class StatisticsNode(Protocol):
     datasets: DatasetRegistry
     _secagg: SecaggSessions
 
+    def _secagg_binding(self, env: Envelope) -> Binding:
+        """What the request's secure-aggregation session must be bound to."""
+
     @property
     def node_id(self) -> str:
         """The node's name."""
@@ -112,12 +116,18 @@ async def answer_statistics(node: StatisticsNode, env: Envelope,
     """
     request: StatsRequest = env.body  # type: ignore[assignment]
     secure = request.secagg if isinstance(request.secagg, Mapping) else {}
-    scheme = str(secure.get("scheme") or "plain") if secure else None
     base: dict[str, Any] = {
         "researcher": env.sender, "dataset": request.dataset_id,
         "queries": [_describe_query(q) for q in request.queries[:MAX_QUERIES]]}
-    if scheme is not None:
-        base["secagg"] = scheme
+    session: NodeSession | None = None
+    scheme = None
+    if secure:  # the session this node holds decides the protection and what policy sees
+        try:
+            session = node._secagg.session_for(secure, node._secagg_binding(env))
+        except FedcoreError as exc:
+            node.audit("secagg-refused", **base, phase="statistics", reason=str(exc))
+            return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
+        scheme = base["secagg"] = session.scheme.name
     try:
         # The node's checked policy (it raises while config.toml cannot be read).
         policy = statistics_policy(node.policy)
@@ -171,10 +181,10 @@ async def answer_statistics(node: StatisticsNode, env: Envelope,
     withheld = [f"{r['variable']}:{w['cell']}" + (f"[{w['bin']}]" if "bin" in w else "")
                 for r in results for w in r["withheld"]]
     payload: dict[str, Any] = {}
-    if secure:  # the policy is applied above: what is protected is what it lets through
+    if session is not None:  # the policy is applied above: what it lets through is protected
         try:
             payload = await loop.run_in_executor(
-                executor, protect_statistics, node._secagg, secure, results, split)
+                executor, protect_statistics, node._secagg, session, secure, results, split)
         except (FedcoreError, ValueError) as exc:
             node.audit("statistics-failed", **base, reason=f"secure aggregation: {exc}")
             kind = "dataset" if isinstance(exc, DatasetError) else "protocol"
@@ -364,9 +374,10 @@ def _withhold(result: dict[str, Any], records: int, unit: str, k: int) -> None:
 # --- secure aggregation -----------------------------------------------------------------------
 
 
-def protect_statistics(sessions: SecaggSessions, options: Mapping[str, Any],
-                       results: Sequence[Mapping[str, Any]], split: float) -> dict[str, Any]:
-    """The protected payload of ``results`` for the secure-aggregation session in ``options``.
+def protect_statistics(sessions: SecaggSessions, session: NodeSession,
+                       options: Mapping[str, Any], results: Sequence[Mapping[str, Any]],
+                       split: float) -> dict[str, Any]:
+    """The protected payload of ``results`` under ``session`` (named in ``options``).
 
     Each vector ``v`` is cut at ``split`` (a power of two) into ``hi = split * rint(v /
     split)`` and ``lo = v - hi`` (both exact in float64, ``|lo| <= split / 2``): ``hi`` is
@@ -381,4 +392,4 @@ def protect_statistics(sessions: SecaggSessions, options: Mapping[str, Any],
                            "secure aggregation sums finite numbers only.")
     hi = {k: np.rint(v / split) * split for k, v in vectors.items()}
     lo = {k: v - hi[k] for k, v in vectors.items()}
-    return sessions.protect(options, ParameterSet(hi), 1.0, {"lo": ParameterSet(lo)})
+    return sessions.protect(session, options, ParameterSet(hi), 1.0, {"lo": ParameterSet(lo)})
