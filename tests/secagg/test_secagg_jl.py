@@ -119,3 +119,19 @@ def test_without_gmpy2_python_integers_give_the_same_sum_and_one_log_line():
     assert out.stdout.strip() == "python"
     assert out.stderr.count("gmpy2 is not installed") == 1
     assert 'pip install "fedcore[secagg-fast]"' in out.stderr
+
+
+def test_a_published_modulus_is_used_only_by_nodes_whose_administrator_installed_it():
+    from fedcore.secagg import NodeFloors
+    from fedcore.secagg import _bigint as B
+    from fedcore.secagg.context import modulus_digest
+
+    nodes, updates, weights, _ = make_round(3, 20, seed=4)
+    modulus = B.biprime(512)
+    digest = modulus_digest(modulus.to_bytes(64, "little"))
+    installed = NodeFloors(min_key_bits=512, jl_moduli=frozenset({digest}))
+    scheme = JoyeLibert(key_size=512, modulus=modulus, clip=8.0)
+    check_sum(run_round(scheme, updates, weights, floors=installed).result, updates, weights,
+              nodes)
+    with pytest.raises(ProtocolError, match="no node vouches for it"):
+        run_round(scheme, updates, weights, floors=NodeFloors(min_key_bits=512))
