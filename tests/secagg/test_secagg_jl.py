@@ -135,3 +135,19 @@ def test_a_published_modulus_is_used_only_by_nodes_whose_administrator_installed
               nodes)
     with pytest.raises(ProtocolError, match="no node vouches for it"):
         run_round(scheme, updates, weights, floors=NodeFloors(min_key_bits=512))
+
+
+def test_later_rounds_reuse_the_modulus_the_first_node_generated_and_signed():
+    nodes, updates, weights, _ = make_round(3, 20, seed=6)
+    scheme = JoyeLibert(key_size=512, clip=8.0)
+    first = run_round(scheme, updates, weights, floors=SMALL).result
+    dealt, cert = scheme.modulus_, scheme.modulus_cert_
+    assert cert["dealer"] == nodes[0] and len(cert["sig"]) == 64
+    second = run_round(scheme, updates, weights, round=2, floors=SMALL).result
+    for result in (first, second):
+        check_sum(result, updates, weights, nodes)
+    assert scheme.modulus_ == dealt  # no node generated another one
+    scheme.modulus_cert_ = {**cert, "sig": bytes(64)}  # a forged certificate
+    with pytest.raises(ProtocolError, match="Joye-Libert modulus of node 'node-00' does not "
+                                            "verify"):
+        run_round(scheme, updates, weights, round=3, floors=SMALL)

@@ -134,12 +134,7 @@ class NodeContext:
 
     def verify(self, node_id: str, member: str, statement: bytes, relayed_key: object,
                sig: object, what: str) -> None:
-        """``ProtocolError`` unless ``sig`` is ``member``'s signature of ``statement``.
-
-        A node's own keys need no check (it compares them with the ones it holds).
-        """
-        if member == node_id:
-            return
+        """``ProtocolError`` unless ``sig`` is ``member``'s signature of ``statement``."""
         key = self.key_of(node_id, member, relayed_key)
         if not isinstance(sig, bytes) or len(sig) != _SIG_BYTES:
             raise ProtocolError(f"The {what} of node {member!r} carry no signature: refused "

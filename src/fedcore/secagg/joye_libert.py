@@ -418,9 +418,9 @@ class _JLNode(NodeSession):
         keys: dict[str, bytes] = {}
         for node, entry in raw_keys.items():
             keys[node] = _field(entry, "c_pk", bytes, "public keys")
-            # before any secret is derived from them: the key is that node's own
-            self.context.verify(self.node_id, node, self._statement(node, keys[node]),
-                                entry.get("identity"), entry.get("sig"), "round keys")
+            if node != self.node_id:  # its own is compared below; the others' first
+                self.context.verify(self.node_id, node, self._statement(node, keys[node]),
+                                    entry.get("identity"), entry.get("sig"), "round keys")
         if keys[self.node_id] != self.c_pk:
             raise ProtocolError("The public key relayed for this node is not its own.")
         modulus = self._accepted_modulus(msg)

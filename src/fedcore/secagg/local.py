@@ -56,7 +56,7 @@ def open_sessions(scheme: SecureAggregation, nodes: list[str], *, round: int = 1
 
     ``lost_at_setup`` nodes never answer the setup; ``wire=False`` skips the codec round
     trips (to time the schemes' own work). Every node takes part on the terms of ``floors``
-    (default: a node's safe defaults) with an identity key of its own, made for the round.
+    (default: a node's safe defaults) with an identity key of its own, kept across rounds.
     """
     def trip(message: Mapping[str, Any]) -> dict[str, Any]:
         return through_the_wire(message) if wire else dict(message)
@@ -68,7 +68,7 @@ def open_sessions(scheme: SecureAggregation, nodes: list[str], *, round: int = 1
         if node in lost_at_setup:
             continue
         msg = trip(msg)
-        sessions[node] = open_node_session(node, msg, context_for(floors))
+        sessions[node] = open_node_session(node, msg, context_for(floors, node))
         researcher.add_setup(node, trip(sessions[node].answer("setup", msg)))
     for node, msg in researcher.share_requests().items():
         researcher.add_shares(node, trip(sessions[node].answer("share_keys", trip(msg))))
@@ -102,7 +102,7 @@ def run_round(scheme: SecureAggregation, updates: Mapping[str, ParameterSet],
         if node in lost_before_protect:
             continue
         if node not in sessions:  # schemes without a setup phase open the session here
-            sessions[node] = open_node_session(node, options, context_for(floors))
+            sessions[node] = open_node_session(node, options, context_for(floors, node))
         start = time.perf_counter()
         payload = sessions[node].protect(updates[node], weights[node], options,
                                          (extras or {}).get(node))
@@ -121,6 +121,12 @@ def run_round(scheme: SecureAggregation, updates: Mapping[str, ParameterSet],
     return LocalRound(result, protect_s, time.perf_counter() - start)
 
 
-def context_for(floors: NodeFloors | None = None) -> NodeContext:
-    """A node's terms in memory: ``floors``, a fresh identity key, no peer list."""
-    return NodeContext(floors=floors or NodeFloors(), signer=EphemeralSigner())
+#: Identity keys of the nodes simulated here, by node id: made once per process and kept
+#: across rounds, as a node keeps its ``identity.key``.
+_identities: dict[str, EphemeralSigner] = {}
+
+
+def context_for(floors: NodeFloors | None = None, node: str = "") -> NodeContext:
+    """A node's terms in memory: ``floors``, the identity key of ``node``, no peer list."""
+    signer = _identities.setdefault(node, EphemeralSigner()) if node else EphemeralSigner()
+    return NodeContext(floors=floors or NodeFloors(), signer=signer)

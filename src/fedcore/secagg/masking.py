@@ -382,9 +382,9 @@ class _MaskingNode(NodeSession):
                                     f"nodes are {self.nodes}.")
             keys[node] = (_field(pair, "c_pk", bytes, "public keys"),
                           _field(pair, "s_pk", bytes, "public keys"))
-            # before any secret is derived from them: the keys are that node's own
-            self.context.verify(self.node_id, node, self._statement(node, *keys[node]),
-                                pair.get("identity"), pair.get("sig"), "round keys")
+            if node != self.node_id:  # its own are compared below; the others' first
+                self.context.verify(self.node_id, node, self._statement(node, *keys[node]),
+                                    pair.get("identity"), pair.get("sig"), "round keys")
         if keys.get(self.node_id) != (self.c_pk, self.s_pk):
             raise ProtocolError("The public keys relayed for this node are not its own.")
         if len(keys) < t:
