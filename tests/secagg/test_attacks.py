@@ -292,3 +292,34 @@ def test_a_joye_libert_modulus_the_researcher_chose_is_refused(site):
     assert isinstance(stranger, ErrorReply)
     assert "['a-dealer'] are not in this node's peer list" in stranger.message
     assert len(_refusals(site)) == 3
+
+
+# --- the honest path with peer lists -----------------------------------------------------------
+
+
+def test_an_honest_experiment_between_nodes_that_list_each_other_as_peers_runs_unchanged():
+    from fedcore import Experiment, RoundError, simulate
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(90, 3))
+    y = (X[:, 0] > 0).astype(np.int64)
+    with simulate.from_arrays(X, y, n_nodes=3, tags=["p"]) as fed:
+        for node in fed.nodes:
+            for other in fed.nodes:
+                if other is not node:
+                    node.add_peer(other.node_id, other.identity.public_key)
+        exp = Experiment(SleepWhenToldPlan, tags=["p"], federation=fed.url, secagg="masking",
+                         progress=False)
+        rows = exp.run_once()
+        assert rows["status"].tolist() == ["ok"] * 3 and set(rows["secagg"]) == {"masking"}
+        stranger = fed.add_node("node-04")  # joins, but no node lists it
+        stranger.datasets.add_arrays("part-4", ["p"], X, y)
+        exp.search()
+        with pytest.raises(RoundError, match="at least t=3.* Why: node-01: ") as err:
+            exp.run_once()
+        reasons = [str(err.value.failures.get(f"node-0{i}")) for i in (1, 2, 3)]
+        assert all("['node-04'] are not in this node's peer list" in r for r in reasons), \
+            err.value.failures
+        exp.close()
+        assert not _refusals(stranger)
+        assert all(len(_refusals(n, "setup")) == 1 for n in fed.nodes[:3])
