@@ -2,10 +2,11 @@
 
 One real node serves on a loopback websocket and trusts the researcher "alice"; the attacker
 signs with alice's key, so only the node's own checks stand between it and an update in
-clear. The other members of a round are played by the attacker with fedcore's own scheme
-code and identity keys of its own (a "fabricated member"), or are genuine nodes whose keys
-the node's administrator put in its peer list. Each refusal is audited under alice's key,
-and the node keeps answering (the attacker pings it on exit).
+clear (its envelopes claim to come from "bob", a name the node ignores). The other members
+of a round are played by the attacker with fedcore's own scheme code and identity keys of
+its own (a "fabricated member"), or are genuine nodes whose keys the node's administrator
+put in its peer list. Each refusal is audited under alice's trusted name and key, and the
+node keeps answering (the attacker pings it on exit).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fedcore.plan import PlanBundle
 from fedcore.secagg import JoyeLibert, NodeContext, PairwiseMasking, open_node_session
 from fedcore.secagg import _bigint as B
 from fedcore.secagg.context import EphemeralSigner
-from fedcore.wire.identity import Identity, fingerprint
+from fedcore.wire.identity import Identity, full_fingerprint
 from fedcore.wire.messages import ErrorReply, SecaggReply, SecaggRequest, TrainReply, TrainRequest
 from tests._support.attack import Attacker, serve
 from tests._support.secagg import SMALL
@@ -46,7 +47,7 @@ def site(tmp_path):
         return Attacker(url, {SITE: node.identity.public_bytes}, key=keys[name])
 
     node.attacker = attacker
-    node.fingerprint = {n: fingerprint(Identity(p).public_bytes) for n, p in keys.items()}
+    node.fingerprint = {n: full_fingerprint(Identity(p).public_bytes) for n, p in keys.items()}
     yield node
     node.stop()
 
@@ -70,8 +71,14 @@ def _train(node, secagg):
 
 
 def _refusals(node, phase=None):
-    return [e for e in node.audit_log() if e["event"] == "secagg-refused"
-            and (phase is None or e.get("phase") == phase)]
+    """The node's ``secagg-refused`` records; those of a request alice signed name her."""
+    found = [e for e in node.audit_log() if e["event"] == "secagg-refused"
+             and (phase is None or e.get("phase") == phase)]
+    alice = getattr(node, "fingerprint", {}).get("alice")
+    for e in found:
+        if alice and e.get("researcher_key") == alice:
+            assert e["researcher"] == "alice", e  # the trusted name, not the claimed one
+    return found
 
 
 class Round:
@@ -89,7 +96,8 @@ class Round:
         self.played = {}
 
     def ask(self, phase, msg, **envelope):
-        fields = {"experiment": self.experiment, "round": self.round, **envelope}
+        fields = {"experiment": self.experiment, "round": self.round, "sender": "bob",
+                  **envelope}
         return self.a.ask(SITE, SecaggRequest(phase=phase, payload=msg), **fields).body
 
     def setup(self):
@@ -139,13 +147,13 @@ def test_a_failed_setup_leaves_no_session_and_a_training_request_naming_it_is_re
             assert isinstance(refused, ErrorReply), refused
         # the update would have travelled in clear under the "plain" session left behind
         reply = a.ask(SITE, _train(site, {"scheme": "masking", "session": sid, "round": 1,
-                                          "peers": [SITE, "n2", "n3"]})).body
+                                          "peers": [SITE, "n2", "n3"]}), sender="bob").body
     assert isinstance(reply, ErrorReply) and reply.kind == "protocol", reply
     assert "not released" in reply.message and "neither protected nor in clear" in reply.message
     events = [e["event"] for e in site.audit_log()]
     assert "trained" not in events and "decision" not in events  # refused before training
     (train,) = _refusals(site, "train")
-    assert train["researcher_key"] == site.fingerprint["alice"]
+    assert (train["researcher"], train["researcher_key"]) == ("alice", site.fingerprint["alice"])
     assert len(_refusals(site, "setup")) == 2
 
 
@@ -175,6 +183,7 @@ def test_a_session_serves_only_the_key_experiment_and_round_it_was_set_up_for(si
     refused = _refusals(site, "train")
     assert len(refused) == 5
     assert refused[-1]["researcher_key"] == site.fingerprint["bob"]
+    assert refused[-1]["researcher"] == "bob" and refused[0]["researcher"] == "alice"
 
 
 # --- node floors ------------------------------------------------------------------------------
