@@ -16,7 +16,7 @@ from typing import Any
 
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
-from fedcore_node import _budget, _daemon, _trust
+from fedcore_node import _budget, _daemon, _peers, _trust
 from fedcore_node._commands import DESCRIPTION_HELP, add_parsers, handler, load_description, table
 
 DEFAULT_HOME = "fedcore-node"
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     add_parsers(sub)
     _daemon.add_parsers(sub)
     _trust.add_parsers(sub)
+    _peers.add_parsers(sub)
     _budget.add_parsers(sub)
     return p
 
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         args.command == "dataset") else None
     node = _open(args.home)
     command = (handler(args.command) or _trust.handler(args.command)
-               or _budget.handler(args.command)
+               or _peers.handler(args.command) or _budget.handler(args.command)
                or {"start": _daemon.start, "status": _daemon.status}.get(args.command))
     if command is not None:
         return command(args, node, out)

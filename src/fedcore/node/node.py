@@ -39,7 +39,7 @@ from fedcore.governance.ledger import PrivacyLedger
 from fedcore.governance.policies import DatasetAccess, Refuse
 from fedcore.governance.statistics_log import QueryLog
 from fedcore.node._config import NodeConfig
-from fedcore.node._secagg import SecaggSessions
+from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._storage import AtomicJSONStorage
 from fedcore.node.audit import AuditLog, AuditReport, verify
 from fedcore.node.executor import plan_key, private_training, run_round
@@ -49,6 +49,7 @@ from fedcore.node.statistics import answer_statistics
 from fedcore.node.users import Users
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
+from fedcore.secagg import NodeContext, NodeFloors
 from fedcore.transport import Transport, open_transport
 from fedcore.wire import codec
 from fedcore.wire.chunks import ChunkedTransport, Delivery
@@ -154,7 +155,7 @@ class Node:
         self.ledger = PrivacyLedger(self.db)
         #: What each researcher asked and was answered in statistics (their overlap checks).
         self.statistics_log = QueryLog(self.db)
-        self._secagg = SecaggSessions(self.node_id)
+        self._secagg = SecaggSessions(self.node_id, self._secagg_context)
         self.max_frame_size = max_frame_size
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"fedcore-node-{self.node_id}"
@@ -254,6 +255,63 @@ class Node:
         del current[name]
         self._config.set_value("trusted_researchers", current)
         self.audit("researcher-untrusted", by=by, researcher=name)
+
+    # --- peers (secure aggregation) ---------------------------------------------------------
+
+    @property
+    def peers(self) -> dict[str, bytes] | None:
+        """The other nodes this node knows, ``{node id: identity key}``; ``None``: no list.
+
+        With a peer list the node verifies every round member's signed keys against it and
+        refuses members it does not know; without one it checks them against the identity
+        keys relayed with them (docs/secure-aggregation.md says what holds in each case).
+        """
+        listed = self.config.get("peers")
+        if not isinstance(listed, Mapping) or not listed:
+            return None
+        out: dict[str, bytes] = {}
+        for node_id, key in listed.items():
+            try:
+                out[str(node_id)] = parse_public_key(str(key))
+            except ConfigurationError as exc:
+                log.error("Ignored peer %r in config.toml: %s", node_id, exc)
+        return out
+
+    def add_peer(self, node_id: str, key: str, *, by: str = "") -> None:
+        """Know node ``node_id`` by its identity key (base64 or hex, ``fedcore-node identity``)."""
+        raw = parse_public_key(key)
+        if node_id == self.node_id:
+            raise ConfigurationError(f"{node_id!r} is this node itself: add the other nodes "
+                                     "of the federation as peers.")
+        current = dict(self.config.get("peers") or {})
+        current[str(node_id)] = base64.b64encode(raw).decode()
+        self._config.set_value("peers", current)
+        self.audit("peer-added", by=by, peer=node_id, key=fingerprint(raw))
+
+    def remove_peer(self, node_id: str, *, by: str = "") -> None:
+        """Forget peer ``node_id``; ``ConfigurationError`` if it is not in the peer list."""
+        current = dict(self.config.get("peers") or {})
+        if node_id not in current:
+            raise ConfigurationError(f"No peer named {node_id!r}. Peers: "
+                                     f"{sorted(current) or 'none'}.")
+        del current[node_id]
+        self._config.set_value("peers", current)
+        self.audit("peer-removed", by=by, peer=node_id)
+
+    def _secagg_context(self, binding: Binding) -> NodeContext:
+        """The node's terms for a new secure-aggregation session: policy, key, peers."""
+        policy = self.policy
+        floors = NodeFloors(min_members=policy["secagg_min_members"],
+                            min_key_bits=policy["secagg_min_key_bits"],
+                            jl_moduli=frozenset(policy["secagg_jl_moduli"] or ()))
+        return NodeContext(floors=floors, signer=self.identity, peers=self.peers,
+                           experiment=binding.experiment)
+
+    def _secagg_binding(self, env: Envelope) -> Binding:
+        """What a secure-aggregation session of this request is bound to (verified parts)."""
+        caller = _caller.get()
+        researcher = caller[1] if caller else f"in-process sender {env.sender!r}"
+        return Binding(researcher, env.experiment, env.round)
 
     # --- policy and governance --------------------------------------------------------------
 
@@ -496,7 +554,12 @@ class Node:
         base = {"researcher": self.researcher(env), "experiment": env.experiment,
                 "round": env.round, "dataset": request.dataset_id}
         self.audit("train-request", **base)
-        protection = update_protection(self._secagg, request.secagg)
+        try:  # the session the node holds decides the protection, and what governance sees
+            protection = update_protection(self._secagg, request.secagg,
+                                           self._secagg_binding(env))
+        except FedcoreError as exc:
+            self.audit("secagg-refused", **base, phase="train", reason=str(exc))
+            return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
         admitted = await self._admit(env, request, protection.scheme, base)
         if isinstance(admitted, ErrorReply):
             return admitted
@@ -649,10 +712,11 @@ class Node:
     def _on_secagg(self, env: Envelope) -> Body:
         request: SecaggRequest = env.body  # type: ignore[assignment]
         try:
-            return self._secagg.answer(request)
+            return self._secagg.answer(request, self._secagg_binding(env))
         except FedcoreError as exc:
-            self.audit("secagg-refused", researcher=self.researcher(env), experiment=env.experiment,
-                       round=env.round, phase=request.phase, reason=str(exc))
+            self.audit("secagg-refused", researcher=self.researcher(env),
+                       experiment=env.experiment, round=env.round, phase=request.phase,
+                       reason=str(exc))
             return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
 
     def _train_request(self, env: Envelope, request: TrainRequest, bundle: PlanBundle,
