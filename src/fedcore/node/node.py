@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tinydb import TinyDB
-
 from fedcore import _runtime, plugins
 from fedcore.aggregators._local import LocalState, local_algorithm
 from fedcore.errors import (
@@ -38,9 +36,10 @@ from fedcore.governance import (
 from fedcore.governance.ledger import PrivacyLedger
 from fedcore.governance.policies import Refuse
 from fedcore.node._config import NodeConfig
+from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import SecaggSessions
-from fedcore.node._storage import AtomicJSONStorage
-from fedcore.node.audit import AuditLog, AuditReport, verify
+from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
+from fedcore.node.audit import AuditLog, AuditReport
 from fedcore.node.executor import plan_key, run_round
 from fedcore.node.protection import update_protection
 from fedcore.node.registry import DatasetRegistry
@@ -130,13 +129,16 @@ class Node:
     ):
         self.home = Path(home).expanduser()
         self.home.mkdir(parents=True, exist_ok=True)
+        # One writer at a time changes db.json or config.toml, in any process.
+        lock = HomeLock(self.home / LOCK_FILE)
         self._config = NodeConfig(self.home / "config.toml", name=name, node_id=node_id,
-                                  approval_required=approval_required)
+                                  approval_required=approval_required, lock=lock)
         self._node_id = str(self._config.data["node_id"])
         #: The node's key pair (``identity.key`` in its home, created on first use).
         self.identity = Identity(self.home / "identity.key")
         self._audit = AuditLog(self.home / "audit.jsonl")
-        self.db = TinyDB(self.home / "db.json", storage=AtomicJSONStorage)
+        #: The database (TinyDB); ``with node.db.transaction():`` makes one change of it.
+        self.db = NodeDatabase(self.home / "db.json", lock=lock, journal=self._audit)
         #: Training plans submitted for review, and the administrator's decisions.
         self.plans = PlanStore(self.db, audit=self.audit)
         #: Accounts of the node's web GUI.
@@ -146,7 +148,7 @@ class Node:
         if approval_required is not None and self._config.data.get(
                 "approval_required", True) != approval_required:
             self.set_policy(approval_required=approval_required)
-        self.datasets = DatasetRegistry(self.db, self.home / "data")
+        self.datasets = DatasetRegistry(self.db, self.home / "data", audit=self.audit)
         #: What each dataset spent of its differential-privacy budget.
         self.ledger = PrivacyLedger(self.db)
         self._secagg = SecaggSessions(self.node_id)
@@ -191,11 +193,12 @@ class Node:
 
         While a request from a network is handled, the record also names the key that
         signed it (``researcher_key``: its fingerprint), next to the sender it claims.
+        Inside ``node.db.transaction()`` the record is written with the change, or not at all.
         """
         key = _signer_key.get()
         extra = {"researcher_key": key} if key else {}
-        self._audit.append({"time": time.time(), "node": self.node_id, "event": event,
-                            **fields, **extra})
+        self.db.storage.record({"time": time.time(), "node": self.node_id, "event": event,
+                                **fields, **extra})
 
     def _close_audit(self) -> None:
         self._audit.close()
@@ -205,8 +208,12 @@ class Node:
         return self._audit.records()
 
     def verify_audit(self) -> AuditReport:
-        """Check the audit log's hash chain; the report is true when the log is intact."""
-        return verify(self._audit.path)
+        """Check the audit log's hash chain and the database against it.
+
+        The report is true when the log is intact and every plan, dataset and account in
+        the database has the audit records of its changes (``report.mismatches`` otherwise).
+        """
+        return verify_home(self.db, self._audit)
 
     def set_federation(self, url: str, *, by: str = "") -> None:
         """Store the researcher's URL that ``fedcore-node start`` connects to (checked)."""
@@ -215,8 +222,9 @@ class Node:
             raise ConfigurationError(
                 f"Expected a federation URL such as ws://host:port. Received: {url!r}")
         plugins.load("transports", scheme)  # an unknown scheme says which extra to install
-        self._config.set_value("federation", url)
-        self.audit("federation-set", by=by, federation=url)
+        with self.db.transaction():
+            self._config.set_value("federation", url)
+            self.audit("federation-set", by=by, federation=url)
 
     # --- trust ------------------------------------------------------------------------------
 
@@ -235,20 +243,22 @@ class Node:
     def trust(self, name: str, key: str, *, by: str = "") -> None:
         """Trust the researcher whose public key is ``key`` (base64 or hex) under ``name``."""
         raw = parse_public_key(key)
-        current = dict(self.config.get("trusted_researchers") or {})
-        current[str(name)] = base64.b64encode(raw).decode()
-        self._config.set_value("trusted_researchers", current)
-        self.audit("researcher-trusted", by=by, researcher=name, key=fingerprint(raw))
+        with self.db.transaction():  # read, change and write config.toml under the lock
+            current = dict(self.config.get("trusted_researchers") or {})
+            current[str(name)] = base64.b64encode(raw).decode()
+            self._config.set_value("trusted_researchers", current)
+            self.audit("researcher-trusted", by=by, researcher=name, key=fingerprint(raw))
 
     def untrust(self, name: str, *, by: str = "") -> None:
         """Stop trusting researcher ``name``; ``ConfigurationError`` if it was not trusted."""
-        current = dict(self.config.get("trusted_researchers") or {})
-        if name not in current:
-            raise ConfigurationError(f"No trusted researcher named {name!r}. Trusted: "
-                                     f"{sorted(current) or 'none'}.")
-        del current[name]
-        self._config.set_value("trusted_researchers", current)
-        self.audit("researcher-untrusted", by=by, researcher=name)
+        with self.db.transaction():
+            current = dict(self.config.get("trusted_researchers") or {})
+            if name not in current:
+                raise ConfigurationError(f"No trusted researcher named {name!r}. Trusted: "
+                                         f"{sorted(current) or 'none'}.")
+            del current[name]
+            self._config.set_value("trusted_researchers", current)
+            self.audit("researcher-untrusted", by=by, researcher=name)
 
     # --- policy and governance --------------------------------------------------------------
 
@@ -263,9 +273,10 @@ class Node:
         Returns the changes as ``{key: [old, new]}``. Example:
         ``node.set_policy(max_epochs=5, on_excess="refuse")``.
         """
-        changed = self._config.set_policy(changes)
-        if changed:
-            self.audit("policy-changed", by=by, changes=changed)
+        with self.db.transaction():
+            changed = self._config.set_policy(changes)
+            if changed:
+                self.audit("policy-changed", by=by, changes=changed)
         return changed
 
     def policy_toml(self) -> str:
@@ -278,9 +289,10 @@ class Node:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"The policy is not valid TOML: {exc}") from None
-        changed = self._config.set_policy(values, replace=True)
-        if changed:
-            self.audit("policy-changed", by=by, changes=changed)
+        with self.db.transaction():
+            changed = self._config.set_policy(values, replace=True)
+            if changed:
+                self.audit("policy-changed", by=by, changes=changed)
         return changed
 
     @property
