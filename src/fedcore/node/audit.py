@@ -58,15 +58,64 @@ class AuditLog:
         with self._lock:
             f = self._handle()
             with _locked(f):
-                size = os.fstat(f.fileno()).st_size
-                seq, prev, torn = self._tail(f, size)
-                full = {"seq": seq + 1, **record, "prev": prev}
-                line = json.dumps(full, default=str).encode()
-                data = (b"\n" if torn else b"") + line + b"\n"
-                f.write(data)
-                f.flush()
-                self._write_head(seq + 1, _sha(line), size + len(data))
-        return full
+                return self._write(f, [record])[0]
+
+    def append_all(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write ``records`` one after the other and flush them to disk (``fsync``).
+
+        What a change of the node's database is recorded with: once this returns, its
+        records survive a crash of the machine too.
+        """
+        with self._lock:
+            f = self._handle()
+            with _locked(f):
+                written = self._write(f, records)
+                os.fsync(f.fileno())  # the head is not: a stale one is found and rewritten
+        return written
+
+    def size(self) -> int:
+        """The log's size in bytes (0 when there is none yet)."""
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def count_txn(self, txn: str, offset: int = 0) -> int:
+        """How many records of database change ``txn`` the log holds from byte ``offset``."""
+        try:
+            with open(self.path, "rb") as f:
+                if offset <= os.fstat(f.fileno()).st_size:
+                    f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        needle = f'"txn": "{txn}"'.encode()
+        count = 0
+        for line in data.splitlines():
+            if needle in line:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    count += isinstance(record, dict) and record.get("txn") == txn
+        return count
+
+    def _write(self, f: IO[bytes], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        size = os.fstat(f.fileno()).st_size
+        seq, prev, torn = self._tail(f, size)
+        written, chunks = [], [b"\n"] if torn else []
+        for record in records:
+            seq += 1
+            full = {"seq": seq, **record, "prev": prev}
+            line = json.dumps(full, default=str).encode()
+            prev = _sha(line)
+            written.append(full)
+            chunks += [line, b"\n"]
+        data = b"".join(chunks)
+        # One write of every line, then the head: a process killed between the two leaves
+        # the head one step behind, which verify() reports and the next append repairs.
+        f.write(data)
+        f.flush()
+        self._write_head(seq, prev, size + len(data))
+        return written
 
     def close(self) -> None:
         """Close the file handles (the next append reopens them)."""
@@ -181,29 +230,38 @@ class AuditProblem:
 
 @dataclass(frozen=True)
 class AuditReport:
-    """What :func:`verify` found; true when the log is intact."""
+    """What :func:`verify` found; true when the log is intact.
+
+    ``mismatches`` are disagreements between the node's database and the log (filled by
+    ``Node.verify_audit``, which checks both): a plan, dataset or account the database
+    holds without the record of its change, or a recorded change the database lacks.
+    """
 
     path: Path
     records: int
     head: str
     problems: list[AuditProblem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """Whether no record was edited, inserted or deleted."""
-        return not self.problems
+        """Whether no record was edited, inserted or deleted, and the database agrees."""
+        return not self.problems and not self.mismatches
 
     def __bool__(self) -> bool:
         return self.ok
 
     def __str__(self) -> str:
-        if self.ok:
+        if not self.problems:
             text = (f"{self.path}: intact, {self.records} records, head "
                     f"{self.head}")
         else:
             text = f"{self.path}: {len(self.problems)} problem(s) in {self.records} lines\n"
             text += "\n".join(f"  {p}" for p in self.problems)
+        if self.mismatches:
+            text += (f"\nThe database disagrees with the audit log ({len(self.mismatches)} "
+                     "mismatch(es)):\n" + "\n".join(f"  {m}" for m in self.mismatches))
         return "\n".join([text, *self.notes])
 
 

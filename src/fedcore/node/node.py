@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tinydb import TinyDB
-
 from fedcore import _runtime, plugins
 from fedcore.aggregators._local import LocalState, local_algorithm
 from fedcore.errors import (
@@ -39,9 +37,10 @@ from fedcore.governance.ledger import PrivacyLedger
 from fedcore.governance.policies import DatasetAccess, Refuse
 from fedcore.governance.statistics_log import QueryLog
 from fedcore.node._config import NodeConfig
+from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
-from fedcore.node._storage import AtomicJSONStorage
-from fedcore.node.audit import AuditLog, AuditReport, verify
+from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
+from fedcore.node.audit import AuditLog, AuditReport
 from fedcore.node.executor import plan_key, private_training, run_round
 from fedcore.node.protection import update_protection
 from fedcore.node.registry import DatasetRegistry
@@ -134,13 +133,16 @@ class Node:
     ):
         self.home = Path(home).expanduser()
         self.home.mkdir(parents=True, exist_ok=True)
+        # One writer at a time changes db.json or config.toml, in any process.
+        lock = HomeLock(self.home / LOCK_FILE)
         self._config = NodeConfig(self.home / "config.toml", name=name, node_id=node_id,
-                                  approval_required=approval_required)
+                                  approval_required=approval_required, lock=lock)
         self._node_id = str(self._config.data["node_id"])
         #: The node's key pair (``identity.key`` in its home, created on first use).
         self.identity = Identity(self.home / "identity.key")
         self._audit = AuditLog(self.home / "audit.jsonl")
-        self.db = TinyDB(self.home / "db.json", storage=AtomicJSONStorage)
+        #: The database (TinyDB); ``with node.db.transaction():`` makes one change of it.
+        self.db = NodeDatabase(self.home / "db.json", lock=lock, journal=self._audit)
         #: Training plans submitted for review, and the administrator's decisions.
         self.plans = PlanStore(self.db, audit=self.audit)
         #: Accounts of the node's web GUI.
@@ -150,7 +152,7 @@ class Node:
         if approval_required is not None and self._config.data.get(
                 "approval_required", True) != approval_required:
             self.set_policy(approval_required=approval_required)
-        self.datasets = DatasetRegistry(self.db, self.home / "data")
+        self.datasets = DatasetRegistry(self.db, self.home / "data", audit=self.audit)
         #: What each dataset spent of its differential-privacy budget.
         self.ledger = PrivacyLedger(self.db)
         #: What each researcher asked and was answered in statistics (their overlap checks).
@@ -197,11 +199,12 @@ class Node:
 
         While a request from a network is handled, the record also names the key that
         signed it (``researcher_key``: the full SHA-256 fingerprint of that key).
+        Inside ``node.db.transaction()`` the record is written with the change, or not at all.
         """
         caller = _caller.get()
         extra = {"researcher_key": caller[1]} if caller else {}
-        self._audit.append({"time": time.time(), "node": self.node_id, "event": event,
-                            **fields, **extra})
+        self.db.storage.record({"time": time.time(), "node": self.node_id, "event": event,
+                                **fields, **extra})
 
     def _close_audit(self) -> None:
         self._audit.close()
@@ -211,8 +214,12 @@ class Node:
         return self._audit.records()
 
     def verify_audit(self) -> AuditReport:
-        """Check the audit log's hash chain; the report is true when the log is intact."""
-        return verify(self._audit.path)
+        """Check the audit log's hash chain and the database against it.
+
+        The report is true when the log is intact and every plan, dataset and account in
+        the database has the audit records of its changes (``report.mismatches`` otherwise).
+        """
+        return verify_home(self.db, self._audit)
 
     def set_federation(self, url: str, *, by: str = "") -> None:
         """Store the researcher's URL that ``fedcore-node start`` connects to (checked)."""
@@ -221,8 +228,9 @@ class Node:
             raise ConfigurationError(
                 f"Expected a federation URL such as ws://host:port. Received: {url!r}")
         plugins.load("transports", scheme)  # an unknown scheme says which extra to install
-        self._config.set_value("federation", url)
-        self.audit("federation-set", by=by, federation=url)
+        with self.db.transaction():
+            self._config.set_value("federation", url)
+            self.audit("federation-set", by=by, federation=url)
 
     # --- trust ------------------------------------------------------------------------------
 
@@ -241,20 +249,22 @@ class Node:
     def trust(self, name: str, key: str, *, by: str = "") -> None:
         """Trust the researcher whose public key is ``key`` (base64 or hex) under ``name``."""
         raw = parse_public_key(key)
-        current = dict(self.config.get("trusted_researchers") or {})
-        current[str(name)] = base64.b64encode(raw).decode()
-        self._config.set_value("trusted_researchers", current)
-        self.audit("researcher-trusted", by=by, researcher=name, key=fingerprint(raw))
+        with self.db.transaction():  # read, change and write config.toml under the lock
+            current = dict(self.config.get("trusted_researchers") or {})
+            current[str(name)] = base64.b64encode(raw).decode()
+            self._config.set_value("trusted_researchers", current)
+            self.audit("researcher-trusted", by=by, researcher=name, key=fingerprint(raw))
 
     def untrust(self, name: str, *, by: str = "") -> None:
         """Stop trusting researcher ``name``; ``ConfigurationError`` if it was not trusted."""
-        current = dict(self.config.get("trusted_researchers") or {})
-        if name not in current:
-            raise ConfigurationError(f"No trusted researcher named {name!r}. Trusted: "
-                                     f"{sorted(current) or 'none'}.")
-        del current[name]
-        self._config.set_value("trusted_researchers", current)
-        self.audit("researcher-untrusted", by=by, researcher=name)
+        with self.db.transaction():
+            current = dict(self.config.get("trusted_researchers") or {})
+            if name not in current:
+                raise ConfigurationError(f"No trusted researcher named {name!r}. Trusted: "
+                                         f"{sorted(current) or 'none'}.")
+            del current[name]
+            self._config.set_value("trusted_researchers", current)
+            self.audit("researcher-untrusted", by=by, researcher=name)
 
     # --- peers (secure aggregation) ---------------------------------------------------------
 
@@ -283,20 +293,22 @@ class Node:
         if node_id == self.node_id:
             raise ConfigurationError(f"{node_id!r} is this node itself: add the other nodes "
                                      "of the federation as peers.")
-        current = dict(self.config.get("peers") or {})
-        current[str(node_id)] = base64.b64encode(raw).decode()
-        self._config.set_value("peers", current)
-        self.audit("peer-added", by=by, peer=node_id, key=fingerprint(raw))
+        with self.db.transaction():  # read, change and write config.toml under the lock
+            current = dict(self.config.get("peers") or {})
+            current[str(node_id)] = base64.b64encode(raw).decode()
+            self._config.set_value("peers", current)
+            self.audit("peer-added", by=by, peer=node_id, key=fingerprint(raw))
 
     def remove_peer(self, node_id: str, *, by: str = "") -> None:
         """Forget peer ``node_id``; ``ConfigurationError`` if it is not in the peer list."""
-        current = dict(self.config.get("peers") or {})
-        if node_id not in current:
-            raise ConfigurationError(f"No peer named {node_id!r}. Peers: "
-                                     f"{sorted(current) or 'none'}.")
-        del current[node_id]
-        self._config.set_value("peers", current)
-        self.audit("peer-removed", by=by, peer=node_id)
+        with self.db.transaction():
+            current = dict(self.config.get("peers") or {})
+            if node_id not in current:
+                raise ConfigurationError(f"No peer named {node_id!r}. Peers: "
+                                         f"{sorted(current) or 'none'}.")
+            del current[node_id]
+            self._config.set_value("peers", current)
+            self.audit("peer-removed", by=by, peer=node_id)
 
     def _secagg_context(self, binding: Binding) -> NodeContext:
         """The node's terms for a new secure-aggregation session: policy, key, peers."""
@@ -326,9 +338,10 @@ class Node:
         Returns the changes as ``{key: [old, new]}``. Example:
         ``node.set_policy(max_epochs=5, on_excess="refuse")``.
         """
-        changed = self._config.set_policy(changes)
-        if changed:
-            self.audit("policy-changed", by=by, changes=changed)
+        with self.db.transaction():
+            changed = self._config.set_policy(changes)
+            if changed:
+                self.audit("policy-changed", by=by, changes=changed)
         return changed
 
     def policy_toml(self) -> str:
@@ -341,9 +354,10 @@ class Node:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"The policy is not valid TOML: {exc}") from None
-        changed = self._config.set_policy(values, replace=True)
-        if changed:
-            self.audit("policy-changed", by=by, changes=changed)
+        with self.db.transaction():
+            changed = self._config.set_policy(values, replace=True)
+            if changed:
+                self.audit("policy-changed", by=by, changes=changed)
         return changed
 
     @property
