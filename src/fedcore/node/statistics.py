@@ -99,6 +99,9 @@ class StatisticsNode(Protocol):
     def audit(self, event: str, **fields: Any) -> None:
         """Write ``event`` to the node's audit log."""
 
+    def researcher(self, env: Envelope) -> str:
+        """The verified name of the researcher who sent ``env``."""
+
 
 # --- computation ------------------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ async def answer_statistics(node: StatisticsNode, env: Envelope,
     secure = request.secagg if isinstance(request.secagg, Mapping) else {}
     scheme = str(secure.get("scheme") or "plain") if secure else None
     base: dict[str, Any] = {
-        "researcher": env.sender, "dataset": request.dataset_id,
+        "researcher": node.researcher(env), "dataset": request.dataset_id,
         "queries": [_describe_query(q) for q in request.queries[:MAX_QUERIES]]}
     if scheme is not None:
         base["secagg"] = scheme
@@ -125,7 +128,7 @@ async def answer_statistics(node: StatisticsNode, env: Envelope,
         # The whole governance chain: statistics allowed, dataset access, minimum samples,
         # secure aggregation required...
         decision = node.review(Request(
-            kind="statistics", researcher=env.sender, experiment=env.experiment,
+            kind="statistics", researcher=node.researcher(env), experiment=env.experiment,
             dataset=entry, n_samples=int(entry["metadata"].get("n_samples") or 0),
             secagg=scheme))
     except ConfigurationError as exc:  # fail closed: an unreadable policy allows nothing

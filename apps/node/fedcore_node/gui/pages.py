@@ -20,6 +20,7 @@ from werkzeug.wrappers import Response
 
 from fedcore.errors import DatasetError, FedcoreError
 from fedcore.node import Node
+from fedcore.wire.identity import fingerprint
 from fedcore_node.gui.auth import admin_required, governance
 
 bp = Blueprint("pages", __name__)
@@ -66,6 +67,7 @@ def status() -> str:
     return render_template(
         "status.html", rounds=rounds, serving=serving, pending=pending, approval=approval,
         n_datasets=len(node.datasets.list()),
+        trusted=[(name, fingerprint(key)) for name, key in node.trusted_researchers.items()],
     )
 
 
