@@ -16,6 +16,7 @@ from typing import Any
 
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
+from fedcore.transport import redact_url
 from fedcore_node import _budget, _daemon, _peers, _trust
 from fedcore_node._commands import (
     DESCRIPTION_HELP,
@@ -204,5 +205,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args, sys.stdout)
     except FedcoreError as exc:
-        print(f"fedcore-node: error: {exc}", file=sys.stderr)
+        print(f"fedcore-node: error: {redact_url(str(exc))}", file=sys.stderr)
         return 1

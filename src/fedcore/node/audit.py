@@ -6,6 +6,10 @@ happened. A small head file (``audit.head``) holds the sequence number, hash and
 after the last record the node wrote, which catches a change to the last line, and lets an
 append continue the chain without reading the log. :func:`verify` reads the log once.
 
+A record never holds a credential: the password or token of any URL in a record's text is
+replaced by ``***`` before the record is written (:func:`fedcore.transport.redact_url`), since
+nothing can be removed from the chain afterwards.
+
 The chain is not keyed: whoever can rewrite the log and the head from some line on can make
 a consistent forgery. Keep a copy of the head hash that ``fedcore-node audit verify`` prints
 somewhere else now and then, and compare.
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fedcore.transport import redact_url
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: one writing process only
@@ -36,6 +42,19 @@ _HEAD_SIZE = 200
 
 def _sha(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
+
+
+def _scrubbed(value: Any) -> Any:
+    """``value`` with the credentials of URLs in its strings (and keys) redacted."""
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return redact_url(str(value))  # what json.dumps(default=str) would write
 
 
 class AuditLog:
@@ -104,7 +123,7 @@ class AuditLog:
         written, chunks = [], [b"\n"] if torn else []
         for record in records:
             seq += 1
-            full = {"seq": seq, **record, "prev": prev}
+            full = {"seq": seq, **_scrubbed(record), "prev": prev}
             line = json.dumps(full, default=str).encode()
             prev = _sha(line)
             written.append(full)
@@ -128,7 +147,10 @@ class AuditLog:
                 self._head_fd = None
 
     def records(self) -> list[dict[str, Any]]:
-        """Every readable record, oldest first."""
+        """Every readable record, oldest first.
+
+        A credential that a record written by an older version holds is shown as ``***``.
+        """
         if not self.path.exists():
             return []
         out = []
@@ -136,7 +158,7 @@ class AuditLog:
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 if isinstance(record, dict):
-                    out.append(record)
+                    out.append(_scrubbed(record))
         return out
 
     # --- internals --------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from fedcore.node.users import Users
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.secagg import NodeContext, NodeFloors
-from fedcore.transport import Transport, open_transport
+from fedcore.transport import Transport, open_transport, redact_url
 from fedcore.wire import codec
 from fedcore.wire.chunks import ChunkedTransport, Delivery
 from fedcore.wire.identity import Identity, fingerprint, full_fingerprint, parse_public_key
@@ -226,11 +226,12 @@ class Node:
         scheme = urlsplit(url).scheme
         if not scheme or not urlsplit(url).netloc:
             raise ConfigurationError(
-                f"Expected a federation URL such as ws://host:port. Received: {url!r}")
+                f"Expected a federation URL such as ws://host:port. Received: "
+                f"{redact_url(url)!r}")
         plugins.load("transports", scheme)  # an unknown scheme says which extra to install
         with self.db.transaction():
             self._config.set_value("federation", url)
-            self.audit("federation-set", by=by, federation=url)
+            self.audit("federation-set", by=by, federation=redact_url(url))
 
     # --- trust ------------------------------------------------------------------------------
 
@@ -416,7 +417,7 @@ class Node:
         if self._halting:  # stop() came while the transport was starting
             await transport.close()
         tasks: set[asyncio.Task[None]] = set()
-        self.audit("started", transport=transport.url)
+        self.audit("started", transport=redact_url(transport.url))
         try:
             while True:
                 try:
