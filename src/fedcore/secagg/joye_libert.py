@@ -28,9 +28,15 @@ that form (a missing or wrong key) is detected and raises; it never yields a wro
    ``S_k = sum_i r_{i,k}``. The researcher learns ``sum_k S_k = sum_i sk_i`` (so ``sk_0``) and
    nothing about a single ``sk_i``: each ``S_k`` is blinded by the other nodes' shares.
 
-Several fixed-point values are packed per plaintext: slots of 64 bits plus enough carry bits
-for the sum of all nodes (``8 + ceil(bitlen(n) / 8)`` bytes), as many as fit below ``N``: 28
-values per ciphertext for a 2048-bit ``N`` and up to 255 nodes.
+**Packing.** Several fixed-point values share one plaintext. Each value is encoded in a ring
+of ``value_bits`` bits (40 by default; see :mod:`fedcore.secagg.fixedpoint`: the n nodes'
+sum stays below ``2^(value_bits - 1)`` in magnitude) and written in two's complement into a
+slot of ``value_bits`` plus ``8 * ceil(bitlen(max_nodes) / 8)`` carry bits, the headroom that
+keeps the sum of up to ``max_nodes`` such words from carrying into the next slot. As many
+slots as fit below ``N`` make a plaintext: 42 slots of 48 bits for a 2048-bit ``N`` and up to
+255 nodes (28 of 72 bits with 64-bit values). The researcher reads each slot's low
+``value_bits`` bits back as a signed sum. A round with more than ``max_nodes`` nodes is
+refused by the researcher and by every node, before any key is made.
 
 Every node's key is in ``sk_0``, so every node must send its ciphertexts:
 ``tolerates_dropout = False`` and a missing node raises ``SecureAggregationError``.
@@ -68,7 +74,7 @@ from fedcore.secagg.context import (
     modulus_digest,
     modulus_statement,
 )
-from fedcore.secagg.fixedpoint import Encoding, Layout
+from fedcore.secagg.fixedpoint import RING_BITS, Encoding, Layout
 
 __all__ = ["JoyeLibert"]
 
@@ -91,6 +97,11 @@ class JoyeLibert(SecureAggregation):
             round's first node generates one (see module).
         clip, extras_clip, clip_margin, max_weight: the fixed-point encoding, as for
             :class:`~fedcore.secagg.masking.PairwiseMasking`.
+        value_bits: bits of each packed fixed-point value (a multiple of 8, 16 to 64): fewer
+            bits pack more values per ciphertext (faster) at a coarser step (the report's
+            ``step`` and ``error_bound``). 40 by default: 42 values per 2048-bit ciphertext.
+        max_nodes: the most nodes a round may have; sets the carry bits of each slot (one
+            byte up to 255 nodes, two up to 65 535).
     """
 
     name = "joye-libert"
@@ -98,10 +109,21 @@ class JoyeLibert(SecureAggregation):
 
     def __init__(self, key_size: int = 2048, modulus: int | str | None = None,
                  clip: float | None = None, extras_clip: float | None = None,
-                 clip_margin: float = 1024.0, max_weight: float | None = None):
+                 clip_margin: float = 1024.0, max_weight: float | None = None,
+                 value_bits: int = 40, max_nodes: int = 255):
+        if value_bits not in RING_BITS or isinstance(value_bits, bool):
+            raise ConfigurationError(f"Expected value_bits to be one of {RING_BITS}. "
+                                     f"Received {value_bits!r}.")
+        if not isinstance(max_nodes, int) or isinstance(max_nodes, bool) or max_nodes < 1:
+            raise ConfigurationError(f"Expected max_nodes to be a positive integer. "
+                                     f"Received {max_nodes!r}.")
         if not isinstance(key_size, int) or key_size < 256 or key_size % 8:
             raise ConfigurationError(f"Expected key_size to be a multiple of 8 of at least 256 "
                                      f"bits (2048 for real use). Received {key_size!r}.")
+        if value_bits + _carry_bits(max_nodes) > key_size - 1:
+            raise ConfigurationError(f"Expected slots that fit below N. Received value_bits="
+                                     f"{value_bits} and max_nodes={max_nodes} for a "
+                                     f"{key_size}-bit modulus: lower them or raise key_size.")
         n = int(modulus, 16) if isinstance(modulus, str) else modulus
         if n is not None and (n.bit_length() != key_size or n % 2 == 0):
             raise ConfigurationError(f"Expected an odd modulus of exactly {key_size} bits. "
@@ -117,6 +139,8 @@ class JoyeLibert(SecureAggregation):
         self.extras_clip = extras_clip
         self.clip_margin = clip_margin
         self.max_weight = max_weight
+        self.value_bits = value_bits
+        self.max_nodes = max_nodes
         #: The modulus in use: given, or learned from the first round's generating node.
         self.modulus_: int | None = n
         #: The generating node's signed statement for ``modulus_`` (dealer, identity, sig).
@@ -148,33 +172,47 @@ def _bytes_int(data: Any, max_bits: int, what: str) -> int:
     return int.from_bytes(data, "little", signed=True)
 
 
-class _Packing:
-    """Fixed-point uint64 values <-> plaintexts below N, several slots per plaintext."""
+def _carry_bits(max_nodes: int) -> int:
+    """Carry bits (whole bytes) that hold the sum of ``max_nodes`` slot words."""
+    return 8 * math.ceil(max_nodes.bit_length() / 8)
 
-    def __init__(self, modulus: int, n_nodes: int, n_values: int):
+
+class _Packing:
+    """Fixed-point values <-> plaintexts below N, several slots per plaintext.
+
+    A slot is ``value_bits`` (the value modulo ``2^value_bits``, two's complement) plus
+    carry bits for the sum of up to ``max_nodes`` of them (see module).
+    """
+
+    def __init__(self, modulus: int, value_bits: int, max_nodes: int, n_values: int):
         self.n = B.big(modulus)
         self.n2 = self.n * self.n
         self.bits = modulus.bit_length()
-        self.slot = 8 + math.ceil(n_nodes.bit_length() / 8)
+        self.value_bytes = value_bits // 8
+        self.slot = self.value_bytes + _carry_bits(max_nodes) // 8  # bytes
         self.per_ct = (self.bits - 1) // (8 * self.slot)
         self.n_values = n_values
         self.n_ct = -(-n_values // self.per_ct)
         self.ct_bytes = (2 * self.bits + 7) // 8
 
     def pack(self, vector: np.ndarray) -> list[int]:
+        """The plaintexts of a uint64 vector (each value's low ``value_bits``, in order)."""
         padded = np.zeros(self.n_ct * self.per_ct, dtype="<u8")
         padded[:vector.size] = vector
         rows = np.zeros((self.n_ct, self.per_ct, self.slot), dtype=np.uint8)
-        rows[:, :, :8] = padded.view(np.uint8).reshape(self.n_ct, self.per_ct, 8)
+        low = padded.view(np.uint8).reshape(self.n_ct, self.per_ct, 8)
+        rows[:, :, :self.value_bytes] = low[:, :, :self.value_bytes]
         flat = rows.reshape(self.n_ct, -1)
         return [int.from_bytes(flat[i].tobytes(), "little") for i in range(self.n_ct)]
 
     def unpack(self, plaintexts: Sequence[int]) -> np.ndarray:
+        """The slots' sums modulo ``2^value_bits`` (as uint64; the encoding sign-extends)."""
         width = self.per_ct * self.slot
         raw = b"".join(int(m).to_bytes(width, "little") for m in plaintexts)
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(self.n_ct, self.per_ct, self.slot)
-        low = np.ascontiguousarray(rows[:, :, :8]).view("<u8").reshape(-1)  # modulo 2^64
-        return low[:self.n_values].astype(np.uint64)
+        words = np.zeros((self.n_ct, self.per_ct, 8), dtype=np.uint8)
+        words[:, :, :self.value_bytes] = rows[:, :, :self.value_bytes]  # carries dropped
+        return words.view("<u8").reshape(-1)[:self.n_values].astype(np.uint64)
 
     def masks(self, session: str, round: int, key: int, start: int, stop: int) -> list[Any]:
         """H(t)^key mod N^2 for t in [start, stop), batch by batch, on every core."""
@@ -194,16 +232,26 @@ class _Packing:
         return out
 
 
+def _too_many(n_nodes: int, scheme: JoyeLibert) -> str:
+    return (f"Expected at most {scheme.max_nodes} nodes in a Joye-Libert round (max_nodes: each "
+            f"packed slot has {_carry_bits(scheme.max_nodes)} carry bits, and the sum of more "
+            f"nodes would carry into the next value). Received {n_nodes} nodes. Fix: "
+            f"JoyeLibert(max_nodes={n_nodes}), one more carry byte per slot when it passes "
+            f"255 (fewer values per ciphertext).")
+
+
 class _JLResearcher(ResearcherSession):
     scheme: JoyeLibert
 
     def __init__(self, scheme: JoyeLibert, round: int, nodes: Sequence[str],
                  weights_hint: Mapping[str, float] | None, reference: ParameterSet | None):
         super().__init__(scheme, round, nodes)
+        if len(self.nodes) > scheme.max_nodes:
+            raise ConfigurationError(_too_many(len(self.nodes), scheme))
         self.encoding = Encoding.choose(
             len(self.nodes), clip=scheme.clip, extras_clip=scheme.extras_clip,
             clip_margin=scheme.clip_margin, max_weight=scheme.max_weight,
-            weights_hint=weights_hint, reference=reference)
+            weights_hint=weights_hint, reference=reference, ring_bits=scheme.value_bits)
         self.dealer = None if scheme.modulus_ is not None else self.nodes[0]
         self.modulus: int | None = scheme.modulus_
         self._keys: dict[str, bytes] = {}
@@ -291,7 +339,8 @@ class _JLResearcher(ResearcherSession):
         with self._timed("add_protected_s"):
             if self._layout is None:
                 self._layout = layout
-                self._packing = _Packing(self.modulus, len(self.nodes), layout.size)
+                self._packing = _Packing(self.modulus, self.scheme.value_bits,
+                                         self.scheme.max_nodes, layout.size)
             p = self._packing
             assert p is not None
             if cts.dtype != np.uint8 or cts.shape != (p.n_ct, p.ct_bytes):
@@ -346,6 +395,8 @@ class _JLNode(NodeSession):
                 f"secagg_min_key_bits). Received key_size={scheme.key_size}. Fix: use "
                 f"JoyeLibert(key_size={max(floor, 2048)}) (the default is 2048).")
         self.nodes = self._round_nodes(options)
+        if len(self.nodes) > scheme.max_nodes:
+            raise ProtocolError(_too_many(len(self.nodes), scheme))
         self._c_sk, self.c_pk = C.keypair()
         self._keys: dict[str, bytes] | None = None
         self._modulus = 0
@@ -474,7 +525,7 @@ class _JLNode(NodeSession):
             return
         if size is None:
             return
-        p = _Packing(self._modulus, len(self.nodes), size)
+        p = _Packing(self._modulus, self.scheme.value_bits, self.scheme.max_nodes, size)
         tag = (*self._key_tag(), p.n_ct)
         if self._pre.tag == tag:
             return
@@ -518,6 +569,9 @@ class _JLNode(NodeSession):
                                   f"key share from node {sender!r} to node {self.node_id!r}")
             key_share += _bytes_int(plain, limit, f"key share from {sender!r}")
         encoding = Encoding.from_wire(_field(options, "encoding", dict, "training options"))
+        if encoding.ring_bits != self.scheme.value_bits:
+            raise ProtocolError(f"The fixed-point encoding uses a {encoding.ring_bits}-bit ring; "
+                                f"this round packs {self.scheme.value_bits}-bit values.")
         if encoding.n_nodes != len(self.nodes):
             raise ProtocolError(f"The fixed-point encoding is sized for {encoding.n_nodes} "
                                 f"nodes; the round has {len(self.nodes)}.")
@@ -525,7 +579,8 @@ class _JLNode(NodeSession):
             raise ConfigurationError(f"Expected the update as a ParameterSet. "
                                      f"Received {type(update).__name__}.")
         vector, layout = encoding.encode(update, weight, extras)
-        p = _Packing(self._modulus, len(self.nodes), layout.size)
+        p = _Packing(self._modulus, self.scheme.value_bits, self.scheme.max_nodes,
+                     layout.size)
         plaintexts = p.pack(vector)
         self.timings.clear()
         ready: list[Any] = []
