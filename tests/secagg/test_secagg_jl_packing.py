@@ -13,6 +13,7 @@ import pytest
 from fedcore.errors import ConfigurationError, ProtocolError
 from fedcore.params import ParameterSet
 from fedcore.secagg import JoyeLibert, open_node_session
+from fedcore.secagg import _bigint as B
 from fedcore.secagg.fixedpoint import Encoding
 from fedcore.secagg.local import context_for, open_sessions, run_round, through_the_wire
 from tests._support.secagg import SMALL, plain_sum
@@ -102,3 +103,22 @@ def test_a_node_refuses_an_encoding_in_another_ring_than_the_packing():
     options["encoding"] = wide  # 64-bit values would carry into the next 48-bit slot
     with pytest.raises(ProtocolError, match="64-bit ring.*40-bit values"):
         sessions[nodes[0]].protect(updates[nodes[0]], weights[nodes[0]], options)
+
+
+def test_the_researcher_decrypts_without_exponentiating_and_sees_no_key_share(monkeypatch):
+    nodes, updates, weights = extreme_round(3, 50, seed=4)
+    scheme = JoyeLibert(key_size=512, clip=CLIP, max_weight=MAX_WEIGHT)
+    payloads = {}
+    researcher, sessions = open_sessions(scheme, nodes, floors=SMALL)
+    for node in nodes:
+        payloads[node] = through_the_wire(sessions[node].protect(
+            updates[node], weights[node], through_the_wire(researcher.train_options(node))))
+        assert set(payloads[node]) == {"session", "node", "ciphertexts", "layout"}
+    calls = []
+    monkeypatch.setattr(B, "powmod_many", lambda *a: calls.append(a) or [])
+    for node in nodes:
+        researcher.add_protected(node, payloads[node])
+    result = researcher.unprotect_sum()
+    assert calls == []  # the round keys add up to 0: the product is 1 + sum * N
+    np.testing.assert_array_equal(result.sums["w"],
+                                  fixed_point_sum(scheme, nodes, updates, weights)["w"])

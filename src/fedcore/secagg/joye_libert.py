@@ -1,13 +1,14 @@
 """Joye-Libert additively homomorphic aggregation (Joye & Libert, FC 2013), as in Fed-BioMed.
 
-Public modulus ``N = pq`` (``key_size`` bits). Node ``i`` holds a key ``sk_i`` (2 * |N| random
-bits) and encrypts the packed plaintext ``x_t`` of ciphertext index ``t`` as::
+Public modulus ``N = pq`` (``key_size`` bits). Node ``i`` holds a round key ``e_i`` (about
+2 * |N| + 128 bits, step 3) and encrypts the packed plaintext ``x_t`` of ciphertext ``t`` as::
 
-    c_{i,t} = (1 + x_t * N) * H(t)^{sk_i}  mod N^2      H: SHAKE-256 of (session, round, t)
+    c_{i,t} = (1 + x_t * N) * H(t)^{e_i}  mod N^2      H: SHAKE-256 of (session, round, t)
 
-The researcher multiplies the nodes' ciphertexts and removes the keys with ``sk_0 = -sum sk_i``:
-``prod_i c_{i,t} * H(t)^{sk_0} = 1 + (sum_i x_{i,t}) * N  mod N^2``. A decryption that is not of
-that form (a missing or wrong key) is detected and raises; it never yields a wrong sum.
+The round keys add up to zero (step 3), so the researcher multiplies the nodes' ciphertexts
+and reads ``prod_i c_{i,t} = 1 + (sum_i x_{i,t}) * N  mod N^2`` with no exponentiation. A
+decryption that is not of that form (a missing or wrong key) is detected and raises; it never
+yields a wrong sum.
 
 **No trusted dealer.**
 
@@ -24,9 +25,13 @@ that form (a missing or wrong key) is detected and raises; it never yields a wro
 2. share_keys: node ``i`` draws ``sk_i`` and splits it into additive shares over the integers,
    ``sk_i = sum_k r_{i,k}`` (the ``r_{i,k}``, ``k != i``, uniform on 2 * |N| + 128 bits), and
    seals ``r_{i,k}`` for node ``k``.
-3. protect: node ``k`` opens the shares relayed to it and returns, beside its ciphertexts,
-   ``S_k = sum_i r_{i,k}``. The researcher learns ``sum_k S_k = sum_i sk_i`` (so ``sk_0``) and
-   nothing about a single ``sk_i``: each ``S_k`` is blinded by the other nodes' shares.
+3. protect: node ``k`` opens the shares relayed to it and encrypts under the round key
+   ``e_k = sk_k - S_k``, ``S_k = sum_i r_{i,k}``; the ``e_k`` add up to 0. Fed-BioMed's
+   Joye-Libert instead sends ``S_k`` to the researcher, who computes ``sk_0 = -sum_k S_k``
+   and one more exponentiation ``H(t)^{sk_0}`` per ciphertext. This leaks no more: from that
+   protocol's view (``c_k`` and ``S_k``) the researcher could compute this one's ciphertexts
+   itself, ``c_k * H(t)^{-S_k}``, so anything learnt here could be learnt there, and here it
+   never sees an ``S_k``. It halves a round's exponentiations.
 
 **Packing.** Several fixed-point values share one plaintext. Each value is encoded in a ring
 of ``value_bits`` bits (40 by default; see :mod:`fedcore.secagg.fixedpoint`: the n nodes'
@@ -41,13 +46,14 @@ refused by the researcher and by every node, before any key is made.
 Every node's key is in ``sk_0``, so every node must send its ciphertexts:
 ``tolerates_dropout = False`` and a missing node raises ``SecureAggregationError``.
 
-**Precomputation.** ``H(t)^{sk_i}`` does not depend on the update, and ``sk_i`` is drawn in
-share_keys, before training: ``prepare`` (called as training starts) computes the masks of
-the global model's ciphertexts in a daemon thread (512 bytes each for a 2048-bit ``N``: ~18 MB
-per million parameters; at most :data:`MAX_PRECOMPUTED` per process), and ``protect`` only
-multiplies them by ``1 + x_t * N``. Ciphertexts beyond them (extras) are computed then; a
-failed or mismatched precomputation falls back to the direct path, with the same ciphertexts.
-Exponentiations are spread over every core (``_bigint.powmod_many``) on both sides.
+**Precomputation.** ``H(t)^{e_i}`` does not depend on the update, and ``e_i`` is known once
+the training request brings the relayed shares: ``prepare`` (called as training starts)
+computes the masks of the global model's ciphertexts in a daemon thread (512 bytes each for a
+2048-bit ``N``: ~12 MB per million parameters packed; at most :data:`MAX_PRECOMPUTED` per
+process), and ``protect`` only multiplies them by ``1 + x_t * N``. Ciphertexts beyond them
+(extras) are computed then; a failed or mismatched precomputation falls back to the direct
+path, with the same ciphertexts. Exponentiations are spread over every core
+(``_bigint.powmod_many``: gmpy2 releases the GIL, so a thread per core).
 """
 
 from __future__ import annotations
@@ -260,7 +266,6 @@ class _JLResearcher(ResearcherSession):
         self._layout: Layout | None = None
         self._packing: _Packing | None = None
         self._product: list[Any] = []
-        self._key_sum = 0
         self._protected: list[str] = []
 
     def _require_all(self, have: Sequence[str], stage: str) -> None:
@@ -332,9 +337,6 @@ class _JLResearcher(ResearcherSession):
         layout = Layout.from_wire(_field(payload, "layout", dict, "protected update"))
         cts = _field(payload, "ciphertexts", np.ndarray, "protected update")
         assert self.modulus is not None
-        bits = self.modulus.bit_length()
-        key_share = _bytes_int(_field(payload, "key_share", bytes, "protected update"),
-                               2 * bits + _BLIND_BITS + 64, f"key share from {node!r}")
         self.encoding.check_received(layout, node, self._layout)
         with self._timed("add_protected_s"):
             if self._layout is None:
@@ -351,27 +353,21 @@ class _JLResearcher(ResearcherSession):
                 self._product = [v % p.n2 for v in values]
             else:
                 self._product = [a * v % p.n2 for a, v in zip(self._product, values, strict=True)]
-            self._key_sum += key_share
         self._protected.append(node)
 
     def unprotect_sum(self) -> SecureSum:
         self._require_all(self._protected, "training (encrypted update)")
         p, layout = self._packing, self._layout
         assert p is not None and layout is not None
-        sk0 = -self._key_sum
         plaintexts: list[int] = []
-        with self._timed("decrypt_s"):
-            for start in range(0, p.n_ct, _BATCH):
-                stop = min(start + _BATCH, p.n_ct)
-                masks = p.masks(self.session_id, self.round, sk0, start, stop)
-                for prod, mask in zip(self._product[start:stop], masks, strict=True):
-                    v = prod * mask % p.n2
-                    if (v - 1) % p.n:
-                        raise SecureAggregationError(
-                            "Joye-Libert decryption failed its check (the keys do not cancel): "
-                            "a key share or ciphertext is wrong. No sum is returned.",
-                            failures={n: "inconsistent keys" for n in self.nodes})
-                    plaintexts.append(int((v - 1) // p.n))
+        with self._timed("decrypt_s"):  # the round keys add up to 0: no exponentiation
+            for v in self._product:
+                if (v - 1) % p.n:
+                    raise SecureAggregationError(
+                        "Joye-Libert decryption failed its check (the keys do not cancel): "
+                        "a key share or ciphertext is wrong. No sum is returned.",
+                        failures={n: "inconsistent keys" for n in self.nodes})
+                plaintexts.append(int((v - 1) // p.n))
         with self._timed("decode_s"):
             total = p.unpack(plaintexts)
             sums, weight, extras, report = self.encoding.decode(total, layout, len(self.nodes))
@@ -503,10 +499,33 @@ class _JLNode(NodeSession):
     def _ad(self, sender: str, recipient: str) -> bytes:
         return C.label("jl-share", self.session_id, self.round, sender, recipient)
 
-    def _key_tag(self) -> tuple[str, int, int, bytes]:
-        """What precomputed masks are for: session, round, modulus and (a digest of) sk_i."""
-        digest = hashlib.sha256(_int_bytes(self._sk)).digest()
+    def _key_tag(self, key: int) -> tuple[str, int, int, bytes]:
+        """What precomputed masks are for: session, round, modulus and (a digest of) the key."""
+        digest = hashlib.sha256(_int_bytes(key)).digest()
         return (self.session_id, self.round, self._modulus, digest)
+
+    def _round_key(self, options: Mapping[str, Any]) -> int:
+        """``e_k = sk_k - S_k``, ``S_k`` the shares relayed to this node and its own.
+
+        The nodes' ``e_k`` add up to 0 (see module); ``ProtocolError`` for a missing share and
+        an unauthentic one.
+        """
+        if self._keys is None:
+            raise ProtocolError("Training options arrived before the share phase: this node "
+                                "has no key for the round.")
+        sealed = _field(options, "shares", dict, "training options")
+        received = self._own_share
+        limit = 2 * self._modulus.bit_length() + _BLIND_BITS + 8
+        for sender in self.nodes:
+            if sender == self.node_id:
+                continue
+            if not isinstance(sealed.get(sender), bytes):
+                raise ProtocolError(f"The training options lack the key share from {sender!r}.")
+            plain = C.open_sealed(self._pair_key(sender), sealed[sender],
+                                  self._ad(sender, self.node_id),
+                                  f"key share from node {sender!r} to node {self.node_id!r}")
+            received += _bytes_int(plain, limit, f"key share from {sender!r}")
+        return self._sk - received
 
     def prepare(self, options: Mapping[str, Any], reference: ParameterSet | None = None) -> None:
         """Compute ``H(t)^{sk_i}`` for the global model's ciphertexts in a thread.
@@ -521,16 +540,17 @@ class _JLNode(NodeSession):
                 return
             encoding = Encoding.from_wire(_field(options, "encoding", dict, "training options"))
             size = encoding.expected_size(reference)
+            key = self._round_key(options)
         except FedcoreError:
             return
         if size is None:
             return
         p = _Packing(self._modulus, self.scheme.value_bits, self.scheme.max_nodes, size)
-        tag = (*self._key_tag(), p.n_ct)
+        tag = (*self._key_tag(key), p.n_ct)
         if self._pre.tag == tag:
             return
         self._pre.discard()
-        session, round, key = self.session_id, self.round, self._sk
+        session, round = self.session_id, self.round
         self._pre.install(Background.start(
             lambda: p.masks(session, round, key, 0, p.n_ct), _precomputed,
             "the Joye-Libert masks", name="fedcore-secagg-jl", tag=tag))
@@ -553,21 +573,7 @@ class _JLNode(NodeSession):
                  extras: Mapping[str, ParameterSet] | None, pre: Background[list[Any]] | None,
                  began: float) -> dict[str, Any]:
         self._check_session(options, "training options")
-        if self._keys is None:
-            raise ProtocolError("Training options arrived before the share phase: this node "
-                                "has no key for the round.")
-        sealed = _field(options, "shares", dict, "training options")
-        key_share = self._own_share
-        limit = 2 * self._modulus.bit_length() + _BLIND_BITS + 8
-        for sender in self.nodes:
-            if sender == self.node_id:
-                continue
-            if not isinstance(sealed.get(sender), bytes):
-                raise ProtocolError(f"The training options lack the key share from {sender!r}.")
-            plain = C.open_sealed(self._pair_key(sender), sealed[sender],
-                                  self._ad(sender, self.node_id),
-                                  f"key share from node {sender!r} to node {self.node_id!r}")
-            key_share += _bytes_int(plain, limit, f"key share from {sender!r}")
+        key = self._round_key(options)
         encoding = Encoding.from_wire(_field(options, "encoding", dict, "training options"))
         if encoding.ring_bits != self.scheme.value_bits:
             raise ProtocolError(f"The fixed-point encoding uses a {encoding.ring_bits}-bit ring; "
@@ -584,7 +590,7 @@ class _JLNode(NodeSession):
         plaintexts = p.pack(vector)
         self.timings.clear()
         ready: list[Any] = []
-        if pre is not None and pre.tag[:-1] == self._key_tag():
+        if pre is not None and pre.tag[:-1] == self._key_tag(key):
             waited = time.perf_counter()
             ready = pre.result() or []
             self.timings.update(wait_s=time.perf_counter() - waited, precompute_s=pre.seconds,
@@ -594,11 +600,9 @@ class _JLNode(NodeSession):
             stop = min(start + _BATCH, p.n_ct)
             masks = ready[start:stop]
             if len(masks) < stop - start:  # beyond the precomputed ones: computed now
-                masks += p.masks(self.session_id, self.round, self._sk, start + len(masks),
-                                 stop)
+                masks += p.masks(self.session_id, self.round, key, start + len(masks), stop)
             for t, mask in zip(range(start, stop), masks, strict=True):
                 c = (1 + plaintexts[t] * p.n) * mask % p.n2
                 out[t] = np.frombuffer(int(c).to_bytes(p.ct_bytes, "little"), dtype=np.uint8)
         self.timings["protect_s"] = time.perf_counter() - began
-        return self._reply(ciphertexts=out, layout=layout.to_wire(),
-                           key_share=_int_bytes(key_share))
+        return self._reply(ciphertexts=out, layout=layout.to_wire())
