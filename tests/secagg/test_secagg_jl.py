@@ -29,14 +29,14 @@ def test_joye_libert_sum_equals_the_plain_weighted_sum(n_nodes, size):
     assert result.report["scheme"] == "joye-libert"
 
 
-def test_the_default_2048_bit_modulus_packs_28_values_per_ciphertext_for_10_nodes():
+def test_the_default_2048_bit_modulus_packs_42_values_per_ciphertext_for_10_nodes():
     nodes, updates, weights, _ = make_round(10, 50, seed=3)
     scheme = JoyeLibert(clip=8.0)
     result = run_round(scheme, updates, weights).result
     check_sum(result, updates, weights, nodes)
     assert result.report["key_size"] == 2048
-    assert result.report["values_per_ciphertext"] == 28  # 72-bit slots below N
-    assert result.report["ciphertexts"] == 3  # 50 + 6 + 1 values and 3 of bookkeeping
+    assert result.report["values_per_ciphertext"] == 42  # 48-bit slots below N
+    assert result.report["ciphertexts"] == 2  # 50 + 6 + 1 values and 3 of bookkeeping
     # the first node generated the modulus; the next round reuses it (no new generation)
     assert scheme.modulus_ is not None and scheme.modulus_.bit_length() == 2048
     first = scheme.modulus_

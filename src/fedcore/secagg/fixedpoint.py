@@ -17,7 +17,10 @@ node) comes back in the report: a sum is never silently corrupted.
     |q| <= W*R / step <= 2^62 / n   ->   |sum of the n nodes' q| <= 2^62 (+ n/2) < 2^63
 
 so the sum never wraps: 1 sign bit, 1 bit of headroom, log2(n) bits for the sum and the rest
-for the resolution ``step`` (a power of two, so dividing by it is exact). With ``R = 1``:
+for the resolution ``step`` (a power of two, so dividing by it is exact). An encoding may use a
+smaller ring, ``2^b`` (``ring_bits``, whole bytes): the same budget with ``b`` for 64, so each
+value fits in ``b`` bits and the step is ``2^(64 - b)`` times coarser (Joye-Libert packs
+40-bit values by default; masking keeps 64). With ``R = 1``:
 10 nodes and ``W = 1e4`` give ``step = 2^-45`` (2.8e-14); 1000 nodes and ``W = 1e6`` give
 ``2^-32`` (2.3e-10); 10 000 nodes and ``W = 1e7`` give ``2^-25`` (3.0e-8).
 
@@ -44,7 +47,7 @@ __all__ = ["DEFAULT_MAX_WEIGHT", "Encoding", "FixedPoint", "Layout"]
 
 #: Largest weight a node may use when neither ``max_weight`` nor weight hints are given.
 DEFAULT_MAX_WEIGHT = float(2**20)
-_HEADROOM_BITS = 62
+RING_BITS = (16, 24, 32, 40, 48, 56, 64)  # the rings an encoding may use (whole bytes)
 _META = 3  # weight, values clipped in params, values clipped in extras
 _CHUNK = 1 << 16
 
@@ -57,12 +60,16 @@ class FixedPoint:
     exponent: int
 
     @classmethod
-    def for_sum(cls, clip: float, n_nodes: int, max_weight: float) -> FixedPoint:
-        """The finest step at which ``n_nodes`` weighted, clipped values sum without wrapping."""
+    def for_sum(cls, clip: float, n_nodes: int, max_weight: float,
+                ring_bits: int = 64) -> FixedPoint:
+        """The finest step at which ``n_nodes`` weighted, clipped values sum without wrapping.
+
+        Their sum stays below ``2**(ring_bits - 1)`` in magnitude (64: the masking ring).
+        """
         if not (math.isfinite(clip) and clip > 0):
             raise ConfigurationError(f"Expected a positive, finite clip range. Received {clip!r}.")
         bound = n_nodes * max_weight * clip
-        return cls(float(clip), math.ceil(math.log2(bound)) - _HEADROOM_BITS)
+        return cls(float(clip), math.ceil(math.log2(bound)) - (ring_bits - 2))
 
     @property
     def step(self) -> float:
@@ -183,6 +190,15 @@ class Layout:
         return "none"
 
 
+def _sign_extend(sums: np.ndarray, bits: int) -> np.ndarray:
+    """Sums modulo ``2**bits`` as uint64 two's complement (what :meth:`FixedPoint.decode` reads)."""
+    if bits == 64:
+        return sums
+    low = np.asarray(sums, dtype=np.uint64) & np.uint64((1 << bits) - 1)
+    sign = np.uint64(1 << (bits - 1))
+    return (low ^ sign) - sign  # wraps modulo 2^64: negative sums get their high bits set
+
+
 def _short(x: Any) -> str:
     text = repr(x)
     return text if len(text) < 300 else text[:300] + "..."
@@ -196,17 +212,23 @@ class Encoding:
     """
 
     def __init__(self, n_nodes: int, max_weight: float, clip: float, extras_clip: float,
-                 params_layout: list[list[Any]] | None = None):
+                 params_layout: list[list[Any]] | None = None, ring_bits: int = 64):
         if n_nodes < 1:
             raise ConfigurationError(f"Expected at least one node. Received n_nodes={n_nodes}.")
+        if ring_bits not in RING_BITS:
+            raise ConfigurationError(f"Expected ring_bits to be one of {RING_BITS}. "
+                                     f"Received {ring_bits!r}.")
         if not (math.isfinite(max_weight) and max_weight > 0):
             raise ConfigurationError(
                 f"Expected a positive, finite max_weight. Received {max_weight!r}.")
         self.n_nodes = n_nodes
         self.max_weight = float(max_weight)
-        self.values = FixedPoint.for_sum(clip, n_nodes, max_weight)
-        self.extras = FixedPoint.for_sum(extras_clip, n_nodes, max_weight)
-        self.weight = FixedPoint.for_sum(max_weight, n_nodes, 1.0)
+        #: Sums are exact modulo ``2**ring_bits`` (64 for masking; fewer packs more values
+        #: per Joye-Libert plaintext, at a coarser step).
+        self.ring_bits = ring_bits
+        self.values = FixedPoint.for_sum(clip, n_nodes, max_weight, ring_bits)
+        self.extras = FixedPoint.for_sum(extras_clip, n_nodes, max_weight, ring_bits)
+        self.weight = FixedPoint.for_sum(max_weight, n_nodes, 1.0, ring_bits)
         #: The global model's layout ([[name, shape]...]) when the researcher knows it.
         self.params_layout = params_layout
 
@@ -226,7 +248,7 @@ class Encoding:
     def choose(cls, n_nodes: int, *, clip: float | None, extras_clip: float | None,
                clip_margin: float, max_weight: float | None,
                weights_hint: Mapping[str, float] | None,
-               reference: Mapping[str, np.ndarray] | None) -> Encoding:
+               reference: Mapping[str, np.ndarray] | None, ring_bits: int = 64) -> Encoding:
         """Pick the round's ranges: explicit values first, else from the data (see module)."""
         if clip is None:
             if reference is None:
@@ -243,23 +265,24 @@ class Encoding:
         layout = (Layout.of(reference, None).to_wire()["params"]
                   if reference is not None else None)
         return cls(n_nodes, max_weight, clip, clip if extras_clip is None else extras_clip,
-                   layout)
+                   layout, ring_bits)
 
     def to_wire(self) -> dict[str, Any]:
         """Msgpack-safe parameters (exponents travel, so both sides use the same steps)."""
         return {"n_nodes": self.n_nodes, "max_weight": self.max_weight,
                 "clip": self.values.clip, "extras_clip": self.extras.clip,
                 "exponents": [self.values.exponent, self.extras.exponent, self.weight.exponent],
-                "params_layout": self.params_layout}
+                "params_layout": self.params_layout, "ring_bits": self.ring_bits}
 
     @classmethod
     def from_wire(cls, data: Any) -> Encoding:
         """Rebuild the researcher's encoding on a node; ``ProtocolError`` when malformed."""
         try:
             enc = cls(int(data["n_nodes"]), float(data["max_weight"]), float(data["clip"]),
-                      float(data["extras_clip"]), data.get("params_layout"))
+                      float(data["extras_clip"]), data.get("params_layout"),
+                      int(data.get("ring_bits", 64)))
             sent = [int(e) for e in data["exponents"]]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ConfigurationError) as exc:
             raise ProtocolError(f"Malformed fixed-point parameters: {exc}.") from exc
         if sent != [enc.values.exponent, enc.extras.exponent, enc.weight.exponent]:
             raise ProtocolError(
@@ -314,6 +337,7 @@ class Encoding:
         """Sums (float64), total weight, extras' sums and what the decoding reports."""
         if sums.shape != (layout.size,):
             raise ProtocolError(f"Expected {layout.size} summed values. Received {sums.shape}.")
+        sums = _sign_extend(sums, self.ring_bits)
         pos = 0
 
         def take(entries: list[tuple[str, tuple[int, ...]]], fp: FixedPoint) -> ParameterSet:

@@ -1,13 +1,14 @@
 """Joye-Libert additively homomorphic aggregation (Joye & Libert, FC 2013), as in Fed-BioMed.
 
-Public modulus ``N = pq`` (``key_size`` bits). Node ``i`` holds a key ``sk_i`` (2 * |N| random
-bits) and encrypts the packed plaintext ``x_t`` of ciphertext index ``t`` as::
+Public modulus ``N = pq`` (``key_size`` bits). Node ``i`` holds a round key ``e_i`` (about
+2 * |N| + 128 bits, step 3) and encrypts the packed plaintext ``x_t`` of ciphertext ``t`` as::
 
-    c_{i,t} = (1 + x_t * N) * H(t)^{sk_i}  mod N^2      H: SHAKE-256 of (session, round, t)
+    c_{i,t} = (1 + x_t * N) * H(t)^{e_i}  mod N^2      H: SHAKE-256 of (session, round, t)
 
-The researcher multiplies the nodes' ciphertexts and removes the keys with ``sk_0 = -sum sk_i``:
-``prod_i c_{i,t} * H(t)^{sk_0} = 1 + (sum_i x_{i,t}) * N  mod N^2``. A decryption that is not of
-that form (a missing or wrong key) is detected and raises; it never yields a wrong sum.
+The round keys add up to zero (step 3), so the researcher multiplies the nodes' ciphertexts
+and reads ``prod_i c_{i,t} = 1 + (sum_i x_{i,t}) * N  mod N^2`` with no exponentiation. A
+decryption that is not of that form (a missing or wrong key) is detected and raises; it never
+yields a wrong sum.
 
 **No trusted dealer.**
 
@@ -24,24 +25,35 @@ that form (a missing or wrong key) is detected and raises; it never yields a wro
 2. share_keys: node ``i`` draws ``sk_i`` and splits it into additive shares over the integers,
    ``sk_i = sum_k r_{i,k}`` (the ``r_{i,k}``, ``k != i``, uniform on 2 * |N| + 128 bits), and
    seals ``r_{i,k}`` for node ``k``.
-3. protect: node ``k`` opens the shares relayed to it and returns, beside its ciphertexts,
-   ``S_k = sum_i r_{i,k}``. The researcher learns ``sum_k S_k = sum_i sk_i`` (so ``sk_0``) and
-   nothing about a single ``sk_i``: each ``S_k`` is blinded by the other nodes' shares.
+3. protect: node ``k`` opens the shares relayed to it and encrypts under the round key
+   ``e_k = sk_k - S_k``, ``S_k = sum_i r_{i,k}``; the ``e_k`` add up to 0. Fed-BioMed's
+   Joye-Libert instead sends ``S_k`` to the researcher, who computes ``sk_0 = -sum_k S_k``
+   and one more exponentiation ``H(t)^{sk_0}`` per ciphertext. This leaks no more: from that
+   protocol's view (``c_k`` and ``S_k``) the researcher could compute this one's ciphertexts
+   itself, ``c_k * H(t)^{-S_k}``, so anything learnt here could be learnt there, and here it
+   never sees an ``S_k``. It halves a round's exponentiations.
 
-Several fixed-point values are packed per plaintext: slots of 64 bits plus enough carry bits
-for the sum of all nodes (``8 + ceil(bitlen(n) / 8)`` bytes), as many as fit below ``N``: 28
-values per ciphertext for a 2048-bit ``N`` and up to 255 nodes.
+**Packing.** Several fixed-point values share one plaintext. Each value is encoded in a ring
+of ``value_bits`` bits (40 by default; see :mod:`fedcore.secagg.fixedpoint`: the n nodes'
+sum stays below ``2^(value_bits - 1)`` in magnitude) and written in two's complement into a
+slot of ``value_bits`` plus ``8 * ceil(bitlen(max_nodes) / 8)`` carry bits, the headroom that
+keeps the sum of up to ``max_nodes`` such words from carrying into the next slot. As many
+slots as fit below ``N`` make a plaintext: 42 slots of 48 bits for a 2048-bit ``N`` and up to
+255 nodes (28 of 72 bits with 64-bit values). The researcher reads each slot's low
+``value_bits`` bits back as a signed sum. A round with more than ``max_nodes`` nodes is
+refused by the researcher and by every node, before any key is made.
 
 Every node's key is in ``sk_0``, so every node must send its ciphertexts:
 ``tolerates_dropout = False`` and a missing node raises ``SecureAggregationError``.
 
-**Precomputation.** ``H(t)^{sk_i}`` does not depend on the update, and ``sk_i`` is drawn in
-share_keys, before training: ``prepare`` (called as training starts) computes the masks of
-the global model's ciphertexts in a daemon thread (512 bytes each for a 2048-bit ``N``: ~18 MB
-per million parameters; at most :data:`MAX_PRECOMPUTED` per process), and ``protect`` only
-multiplies them by ``1 + x_t * N``. Ciphertexts beyond them (extras) are computed then; a
-failed or mismatched precomputation falls back to the direct path, with the same ciphertexts.
-Exponentiations are spread over every core (``_bigint.powmod_many``) on both sides.
+**Precomputation.** ``H(t)^{e_i}`` does not depend on the update, and ``e_i`` is known once
+the training request brings the relayed shares: ``prepare`` (called as training starts)
+computes the masks of the global model's ciphertexts in a daemon thread (512 bytes each for a
+2048-bit ``N``: ~12 MB per million parameters packed; at most :data:`MAX_PRECOMPUTED` per
+process), and ``protect`` only multiplies them by ``1 + x_t * N``. Ciphertexts beyond them
+(extras) are computed then; a failed or mismatched precomputation falls back to the direct
+path, with the same ciphertexts. Exponentiations are spread over every core
+(``_bigint.powmod_many``: gmpy2 releases the GIL, so a thread per core).
 """
 
 from __future__ import annotations
@@ -68,7 +80,7 @@ from fedcore.secagg.context import (
     modulus_digest,
     modulus_statement,
 )
-from fedcore.secagg.fixedpoint import Encoding, Layout
+from fedcore.secagg.fixedpoint import RING_BITS, Encoding, Layout
 
 __all__ = ["JoyeLibert"]
 
@@ -91,6 +103,11 @@ class JoyeLibert(SecureAggregation):
             round's first node generates one (see module).
         clip, extras_clip, clip_margin, max_weight: the fixed-point encoding, as for
             :class:`~fedcore.secagg.masking.PairwiseMasking`.
+        value_bits: bits of each packed fixed-point value (a multiple of 8, 16 to 64): fewer
+            bits pack more values per ciphertext (faster) at a coarser step (the report's
+            ``step`` and ``error_bound``). 40 by default: 42 values per 2048-bit ciphertext.
+        max_nodes: the most nodes a round may have; sets the carry bits of each slot (one
+            byte up to 255 nodes, two up to 65 535).
     """
 
     name = "joye-libert"
@@ -98,10 +115,21 @@ class JoyeLibert(SecureAggregation):
 
     def __init__(self, key_size: int = 2048, modulus: int | str | None = None,
                  clip: float | None = None, extras_clip: float | None = None,
-                 clip_margin: float = 1024.0, max_weight: float | None = None):
+                 clip_margin: float = 1024.0, max_weight: float | None = None,
+                 value_bits: int = 40, max_nodes: int = 255):
+        if value_bits not in RING_BITS or isinstance(value_bits, bool):
+            raise ConfigurationError(f"Expected value_bits to be one of {RING_BITS}. "
+                                     f"Received {value_bits!r}.")
+        if not isinstance(max_nodes, int) or isinstance(max_nodes, bool) or max_nodes < 1:
+            raise ConfigurationError(f"Expected max_nodes to be a positive integer. "
+                                     f"Received {max_nodes!r}.")
         if not isinstance(key_size, int) or key_size < 256 or key_size % 8:
             raise ConfigurationError(f"Expected key_size to be a multiple of 8 of at least 256 "
                                      f"bits (2048 for real use). Received {key_size!r}.")
+        if value_bits + _carry_bits(max_nodes) > key_size - 1:
+            raise ConfigurationError(f"Expected slots that fit below N. Received value_bits="
+                                     f"{value_bits} and max_nodes={max_nodes} for a "
+                                     f"{key_size}-bit modulus: lower them or raise key_size.")
         n = int(modulus, 16) if isinstance(modulus, str) else modulus
         if n is not None and (n.bit_length() != key_size or n % 2 == 0):
             raise ConfigurationError(f"Expected an odd modulus of exactly {key_size} bits. "
@@ -117,6 +145,8 @@ class JoyeLibert(SecureAggregation):
         self.extras_clip = extras_clip
         self.clip_margin = clip_margin
         self.max_weight = max_weight
+        self.value_bits = value_bits
+        self.max_nodes = max_nodes
         #: The modulus in use: given, or learned from the first round's generating node.
         self.modulus_: int | None = n
         #: The generating node's signed statement for ``modulus_`` (dealer, identity, sig).
@@ -148,33 +178,47 @@ def _bytes_int(data: Any, max_bits: int, what: str) -> int:
     return int.from_bytes(data, "little", signed=True)
 
 
-class _Packing:
-    """Fixed-point uint64 values <-> plaintexts below N, several slots per plaintext."""
+def _carry_bits(max_nodes: int) -> int:
+    """Carry bits (whole bytes) that hold the sum of ``max_nodes`` slot words."""
+    return 8 * math.ceil(max_nodes.bit_length() / 8)
 
-    def __init__(self, modulus: int, n_nodes: int, n_values: int):
+
+class _Packing:
+    """Fixed-point values <-> plaintexts below N, several slots per plaintext.
+
+    A slot is ``value_bits`` (the value modulo ``2^value_bits``, two's complement) plus
+    carry bits for the sum of up to ``max_nodes`` of them (see module).
+    """
+
+    def __init__(self, modulus: int, value_bits: int, max_nodes: int, n_values: int):
         self.n = B.big(modulus)
         self.n2 = self.n * self.n
         self.bits = modulus.bit_length()
-        self.slot = 8 + math.ceil(n_nodes.bit_length() / 8)
+        self.value_bytes = value_bits // 8
+        self.slot = self.value_bytes + _carry_bits(max_nodes) // 8  # bytes
         self.per_ct = (self.bits - 1) // (8 * self.slot)
         self.n_values = n_values
         self.n_ct = -(-n_values // self.per_ct)
         self.ct_bytes = (2 * self.bits + 7) // 8
 
     def pack(self, vector: np.ndarray) -> list[int]:
+        """The plaintexts of a uint64 vector (each value's low ``value_bits``, in order)."""
         padded = np.zeros(self.n_ct * self.per_ct, dtype="<u8")
         padded[:vector.size] = vector
         rows = np.zeros((self.n_ct, self.per_ct, self.slot), dtype=np.uint8)
-        rows[:, :, :8] = padded.view(np.uint8).reshape(self.n_ct, self.per_ct, 8)
+        low = padded.view(np.uint8).reshape(self.n_ct, self.per_ct, 8)
+        rows[:, :, :self.value_bytes] = low[:, :, :self.value_bytes]
         flat = rows.reshape(self.n_ct, -1)
         return [int.from_bytes(flat[i].tobytes(), "little") for i in range(self.n_ct)]
 
     def unpack(self, plaintexts: Sequence[int]) -> np.ndarray:
+        """The slots' sums modulo ``2^value_bits`` (as uint64; the encoding sign-extends)."""
         width = self.per_ct * self.slot
         raw = b"".join(int(m).to_bytes(width, "little") for m in plaintexts)
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(self.n_ct, self.per_ct, self.slot)
-        low = np.ascontiguousarray(rows[:, :, :8]).view("<u8").reshape(-1)  # modulo 2^64
-        return low[:self.n_values].astype(np.uint64)
+        words = np.zeros((self.n_ct, self.per_ct, 8), dtype=np.uint8)
+        words[:, :, :self.value_bytes] = rows[:, :, :self.value_bytes]  # carries dropped
+        return words.view("<u8").reshape(-1)[:self.n_values].astype(np.uint64)
 
     def masks(self, session: str, round: int, key: int, start: int, stop: int) -> list[Any]:
         """H(t)^key mod N^2 for t in [start, stop), batch by batch, on every core."""
@@ -194,16 +238,26 @@ class _Packing:
         return out
 
 
+def _too_many(n_nodes: int, scheme: JoyeLibert) -> str:
+    return (f"Expected at most {scheme.max_nodes} nodes in a Joye-Libert round (max_nodes: each "
+            f"packed slot has {_carry_bits(scheme.max_nodes)} carry bits, and the sum of more "
+            f"nodes would carry into the next value). Received {n_nodes} nodes. Fix: "
+            f"JoyeLibert(max_nodes={n_nodes}), one more carry byte per slot when it passes "
+            f"255 (fewer values per ciphertext).")
+
+
 class _JLResearcher(ResearcherSession):
     scheme: JoyeLibert
 
     def __init__(self, scheme: JoyeLibert, round: int, nodes: Sequence[str],
                  weights_hint: Mapping[str, float] | None, reference: ParameterSet | None):
         super().__init__(scheme, round, nodes)
+        if len(self.nodes) > scheme.max_nodes:
+            raise ConfigurationError(_too_many(len(self.nodes), scheme))
         self.encoding = Encoding.choose(
             len(self.nodes), clip=scheme.clip, extras_clip=scheme.extras_clip,
             clip_margin=scheme.clip_margin, max_weight=scheme.max_weight,
-            weights_hint=weights_hint, reference=reference)
+            weights_hint=weights_hint, reference=reference, ring_bits=scheme.value_bits)
         self.dealer = None if scheme.modulus_ is not None else self.nodes[0]
         self.modulus: int | None = scheme.modulus_
         self._keys: dict[str, bytes] = {}
@@ -212,7 +266,6 @@ class _JLResearcher(ResearcherSession):
         self._layout: Layout | None = None
         self._packing: _Packing | None = None
         self._product: list[Any] = []
-        self._key_sum = 0
         self._protected: list[str] = []
 
     def _require_all(self, have: Sequence[str], stage: str) -> None:
@@ -284,14 +337,12 @@ class _JLResearcher(ResearcherSession):
         layout = Layout.from_wire(_field(payload, "layout", dict, "protected update"))
         cts = _field(payload, "ciphertexts", np.ndarray, "protected update")
         assert self.modulus is not None
-        bits = self.modulus.bit_length()
-        key_share = _bytes_int(_field(payload, "key_share", bytes, "protected update"),
-                               2 * bits + _BLIND_BITS + 64, f"key share from {node!r}")
         self.encoding.check_received(layout, node, self._layout)
         with self._timed("add_protected_s"):
             if self._layout is None:
                 self._layout = layout
-                self._packing = _Packing(self.modulus, len(self.nodes), layout.size)
+                self._packing = _Packing(self.modulus, self.scheme.value_bits,
+                                         self.scheme.max_nodes, layout.size)
             p = self._packing
             assert p is not None
             if cts.dtype != np.uint8 or cts.shape != (p.n_ct, p.ct_bytes):
@@ -302,27 +353,21 @@ class _JLResearcher(ResearcherSession):
                 self._product = [v % p.n2 for v in values]
             else:
                 self._product = [a * v % p.n2 for a, v in zip(self._product, values, strict=True)]
-            self._key_sum += key_share
         self._protected.append(node)
 
     def unprotect_sum(self) -> SecureSum:
         self._require_all(self._protected, "training (encrypted update)")
         p, layout = self._packing, self._layout
         assert p is not None and layout is not None
-        sk0 = -self._key_sum
         plaintexts: list[int] = []
-        with self._timed("decrypt_s"):
-            for start in range(0, p.n_ct, _BATCH):
-                stop = min(start + _BATCH, p.n_ct)
-                masks = p.masks(self.session_id, self.round, sk0, start, stop)
-                for prod, mask in zip(self._product[start:stop], masks, strict=True):
-                    v = prod * mask % p.n2
-                    if (v - 1) % p.n:
-                        raise SecureAggregationError(
-                            "Joye-Libert decryption failed its check (the keys do not cancel): "
-                            "a key share or ciphertext is wrong. No sum is returned.",
-                            failures={n: "inconsistent keys" for n in self.nodes})
-                    plaintexts.append(int((v - 1) // p.n))
+        with self._timed("decrypt_s"):  # the round keys add up to 0: no exponentiation
+            for v in self._product:
+                if (v - 1) % p.n:
+                    raise SecureAggregationError(
+                        "Joye-Libert decryption failed its check (the keys do not cancel): "
+                        "a key share or ciphertext is wrong. No sum is returned.",
+                        failures={n: "inconsistent keys" for n in self.nodes})
+                plaintexts.append(int((v - 1) // p.n))
         with self._timed("decode_s"):
             total = p.unpack(plaintexts)
             sums, weight, extras, report = self.encoding.decode(total, layout, len(self.nodes))
@@ -346,6 +391,8 @@ class _JLNode(NodeSession):
                 f"secagg_min_key_bits). Received key_size={scheme.key_size}. Fix: use "
                 f"JoyeLibert(key_size={max(floor, 2048)}) (the default is 2048).")
         self.nodes = self._round_nodes(options)
+        if len(self.nodes) > scheme.max_nodes:
+            raise ProtocolError(_too_many(len(self.nodes), scheme))
         self._c_sk, self.c_pk = C.keypair()
         self._keys: dict[str, bytes] | None = None
         self._modulus = 0
@@ -452,10 +499,33 @@ class _JLNode(NodeSession):
     def _ad(self, sender: str, recipient: str) -> bytes:
         return C.label("jl-share", self.session_id, self.round, sender, recipient)
 
-    def _key_tag(self) -> tuple[str, int, int, bytes]:
-        """What precomputed masks are for: session, round, modulus and (a digest of) sk_i."""
-        digest = hashlib.sha256(_int_bytes(self._sk)).digest()
+    def _key_tag(self, key: int) -> tuple[str, int, int, bytes]:
+        """What precomputed masks are for: session, round, modulus and (a digest of) the key."""
+        digest = hashlib.sha256(_int_bytes(key)).digest()
         return (self.session_id, self.round, self._modulus, digest)
+
+    def _round_key(self, options: Mapping[str, Any]) -> int:
+        """``e_k = sk_k - S_k``, ``S_k`` the shares relayed to this node and its own.
+
+        The nodes' ``e_k`` add up to 0 (see module); ``ProtocolError`` for a missing share and
+        an unauthentic one.
+        """
+        if self._keys is None:
+            raise ProtocolError("Training options arrived before the share phase: this node "
+                                "has no key for the round.")
+        sealed = _field(options, "shares", dict, "training options")
+        received = self._own_share
+        limit = 2 * self._modulus.bit_length() + _BLIND_BITS + 8
+        for sender in self.nodes:
+            if sender == self.node_id:
+                continue
+            if not isinstance(sealed.get(sender), bytes):
+                raise ProtocolError(f"The training options lack the key share from {sender!r}.")
+            plain = C.open_sealed(self._pair_key(sender), sealed[sender],
+                                  self._ad(sender, self.node_id),
+                                  f"key share from node {sender!r} to node {self.node_id!r}")
+            received += _bytes_int(plain, limit, f"key share from {sender!r}")
+        return self._sk - received
 
     def prepare(self, options: Mapping[str, Any], reference: ParameterSet | None = None) -> None:
         """Compute ``H(t)^{sk_i}`` for the global model's ciphertexts in a thread.
@@ -470,16 +540,17 @@ class _JLNode(NodeSession):
                 return
             encoding = Encoding.from_wire(_field(options, "encoding", dict, "training options"))
             size = encoding.expected_size(reference)
+            key = self._round_key(options)
         except FedcoreError:
             return
         if size is None:
             return
-        p = _Packing(self._modulus, len(self.nodes), size)
-        tag = (*self._key_tag(), p.n_ct)
+        p = _Packing(self._modulus, self.scheme.value_bits, self.scheme.max_nodes, size)
+        tag = (*self._key_tag(key), p.n_ct)
         if self._pre.tag == tag:
             return
         self._pre.discard()
-        session, round, key = self.session_id, self.round, self._sk
+        session, round = self.session_id, self.round
         self._pre.install(Background.start(
             lambda: p.masks(session, round, key, 0, p.n_ct), _precomputed,
             "the Joye-Libert masks", name="fedcore-secagg-jl", tag=tag))
@@ -502,22 +573,11 @@ class _JLNode(NodeSession):
                  extras: Mapping[str, ParameterSet] | None, pre: Background[list[Any]] | None,
                  began: float) -> dict[str, Any]:
         self._check_session(options, "training options")
-        if self._keys is None:
-            raise ProtocolError("Training options arrived before the share phase: this node "
-                                "has no key for the round.")
-        sealed = _field(options, "shares", dict, "training options")
-        key_share = self._own_share
-        limit = 2 * self._modulus.bit_length() + _BLIND_BITS + 8
-        for sender in self.nodes:
-            if sender == self.node_id:
-                continue
-            if not isinstance(sealed.get(sender), bytes):
-                raise ProtocolError(f"The training options lack the key share from {sender!r}.")
-            plain = C.open_sealed(self._pair_key(sender), sealed[sender],
-                                  self._ad(sender, self.node_id),
-                                  f"key share from node {sender!r} to node {self.node_id!r}")
-            key_share += _bytes_int(plain, limit, f"key share from {sender!r}")
+        key = self._round_key(options)
         encoding = Encoding.from_wire(_field(options, "encoding", dict, "training options"))
+        if encoding.ring_bits != self.scheme.value_bits:
+            raise ProtocolError(f"The fixed-point encoding uses a {encoding.ring_bits}-bit ring; "
+                                f"this round packs {self.scheme.value_bits}-bit values.")
         if encoding.n_nodes != len(self.nodes):
             raise ProtocolError(f"The fixed-point encoding is sized for {encoding.n_nodes} "
                                 f"nodes; the round has {len(self.nodes)}.")
@@ -525,11 +585,12 @@ class _JLNode(NodeSession):
             raise ConfigurationError(f"Expected the update as a ParameterSet. "
                                      f"Received {type(update).__name__}.")
         vector, layout = encoding.encode(update, weight, extras)
-        p = _Packing(self._modulus, len(self.nodes), layout.size)
+        p = _Packing(self._modulus, self.scheme.value_bits, self.scheme.max_nodes,
+                     layout.size)
         plaintexts = p.pack(vector)
         self.timings.clear()
         ready: list[Any] = []
-        if pre is not None and pre.tag[:-1] == self._key_tag():
+        if pre is not None and pre.tag[:-1] == self._key_tag(key):
             waited = time.perf_counter()
             ready = pre.result() or []
             self.timings.update(wait_s=time.perf_counter() - waited, precompute_s=pre.seconds,
@@ -539,11 +600,9 @@ class _JLNode(NodeSession):
             stop = min(start + _BATCH, p.n_ct)
             masks = ready[start:stop]
             if len(masks) < stop - start:  # beyond the precomputed ones: computed now
-                masks += p.masks(self.session_id, self.round, self._sk, start + len(masks),
-                                 stop)
+                masks += p.masks(self.session_id, self.round, key, start + len(masks), stop)
             for t, mask in zip(range(start, stop), masks, strict=True):
                 c = (1 + plaintexts[t] * p.n) * mask % p.n2
                 out[t] = np.frombuffer(int(c).to_bytes(p.ct_bytes, "little"), dtype=np.uint8)
         self.timings["protect_s"] = time.perf_counter() - began
-        return self._reply(ciphertexts=out, layout=layout.to_wire(),
-                           key_share=_int_bytes(key_share))
+        return self._reply(ciphertexts=out, layout=layout.to_wire())
