@@ -123,7 +123,7 @@ def test_an_approved_plan_cannot_read_the_key_config_home_or_other_datasets(site
         assert stats[f"{when}_own"].startswith("read:")  # its own dataset it reads in full
     everything = repr(reply)
     assert (node.home / "identity.key").read_bytes().hex() not in everything
-    assert "hunter2" not in everything and "secret_dx".encode().hex() not in everything
+    assert "hunter2" not in everything and b"secret_dx".hex() not in everything
     assert node.plan_isolation == "process"
 
 

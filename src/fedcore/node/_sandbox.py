@@ -30,7 +30,14 @@ from fedcore.node.registry import _open_key, open_entry
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.wire import codec
-from fedcore.wire.messages import Body, Checkpoint, Envelope, ErrorReply, TrainProgress
+from fedcore.wire.messages import (
+    Body,
+    Checkpoint,
+    Envelope,
+    ErrorReply,
+    TrainProgress,
+    TrainRequest,
+)
 
 _WARM_PLANS = 8
 _PROGRESS_S = 0.5  # the node forwards at most one report a second; send it a little more
@@ -81,6 +88,8 @@ class _Runner:
               send: Callable[[Body], None]) -> Body:
         env = codec.decode(request_frame)
         request = env.body
+        if not isinstance(request, TrainRequest):
+            raise ConfigurationError(f"Expected a TrainRequest. Received: {env.tag!r}")
         bundle = PlanBundle.from_wire(job["bundle"])
         sha = bundle.sha256
         plan_class = self.plans.get(sha) or bundle.load()  # the plan's module code runs here

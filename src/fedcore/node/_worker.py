@@ -39,7 +39,15 @@ from fedcore.errors import FedcoreError
 from fedcore.node.registry import entry_paths
 from fedcore.params import ParameterSet
 from fedcore.wire import codec
-from fedcore.wire.messages import Body, Checkpoint, Envelope, ErrorReply, TrainProgress, TrainReply
+from fedcore.wire.messages import (
+    Body,
+    Checkpoint,
+    Envelope,
+    ErrorReply,
+    TrainProgress,
+    TrainReply,
+    TrainRequest,
+)
 
 log = logging.getLogger("fedcore.node")
 
@@ -201,6 +209,7 @@ class PlanWorkers:
             elif isinstance(body, ErrorReply):
                 return body
             elif isinstance(body, TrainReply):
+                assert isinstance(request.body, TrainRequest)
                 _check_layout(body.params, request.body.params)
                 return body
             else:

@@ -40,10 +40,10 @@ from fedcore.node._config import NodeConfig
 from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
+from fedcore.node._worker import PlanWorkers
 from fedcore.node.audit import AuditLog, AuditReport
 from fedcore.node.executor import plan_key, private_training, run_round
 from fedcore.node.protection import update_protection
-from fedcore.node._worker import PlanWorkers
 from fedcore.node.registry import DatasetRegistry, entry_paths
 from fedcore.node.statistics import answer_statistics
 from fedcore.node.users import Users
