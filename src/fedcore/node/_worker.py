@@ -71,6 +71,19 @@ def worker_environment(environ: Mapping[str, str], scratch: Path) -> dict[str, s
     return env
 
 
+def describe(mode: str) -> str:
+    """One line on where a node with ``plan_isolation = mode`` runs researchers' code."""
+    from fedcore.node._landlock import abi_version
+
+    abi = abi_version()
+    worker = (f"a worker process with Landlock file rules (ABI {abi})" if abi else
+              "a worker process without the key or secrets, but this "
+              "kernel has no Landlock: file permissions are the only barrier to the home")
+    return {"process": worker, "none": "in the node process (unsafe for a deployed node)",
+            "auto": f"{worker} on a network; in the node process in simulation"}.get(
+                mode, f"unknown plan_isolation {mode!r}")
+
+
 def _import_path() -> list[str]:
     return [os.path.abspath(p or os.curdir) for p in sys.path if os.path.exists(p or os.curdir)]
 

@@ -41,6 +41,7 @@ from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
 from fedcore.node._worker import PlanWorkers
+from fedcore.node._worker import describe as describe_isolation
 from fedcore.node.audit import AuditLog, AuditReport
 from fedcore.node.executor import plan_key, private_training, run_round
 from fedcore.node.protection import update_protection
@@ -650,6 +651,14 @@ class Node:
         if mode == "auto":
             return "process" if self._networked else "none"
         return mode
+
+    def plan_isolation_summary(self) -> str:
+        """Where researchers' code runs on this node, in words (``fedcore-node status``)."""
+        try:
+            mode = str(self.policy["plan_isolation"])
+        except ConfigurationError:
+            mode = "auto"
+        return describe_isolation(mode)
 
     async def _train(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
                      base: dict[str, Any]) -> TrainReply | ErrorReply:
