@@ -49,6 +49,7 @@ from fedcore.node.registry import DatasetRegistry, entry_paths
 from fedcore.node.statistics import answer_statistics
 from fedcore.node.users import Users
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
+from fedcore.privacy.mechanisms import UpdateDP
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.secagg import NodeContext, NodeFloors
 from fedcore.transport import Transport, open_transport, redact_url
@@ -690,6 +691,12 @@ class Node:
                 self.audit("train-refused", **base, reason=reply.message)
             else:
                 self.audit("train-failed", **base, error=f"{reply.exc_type}: {reply.message}")
+            return reply
+        spec = PrivacySpec.parse(request.privacy)
+        if spec is not None and spec.mechanism == "update":
+            # The charge is the node's, from the spec it enforced, not the worker's count.
+            reply = dataclasses.replace(reply, privacy=spec.reply(
+                [UpdateDP.from_spec(spec).event()]))
         return reply
 
     async def _train_here(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
