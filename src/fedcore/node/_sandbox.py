@@ -94,9 +94,12 @@ class _Runner:
         sha = bundle.sha256
         plan_class = self.plans.get(sha) or bundle.load()  # the plan's module code runs here
         self.plans[sha] = plan_class
-        check_training_args(plan_class, request.training_args)
-        private_training(plan_class, PrivacySpec.parse(request.privacy))
-        dataset = self.open(job["entry"])
+        try:  # refusals, as on the node's training thread
+            check_training_args(plan_class, request.training_args)
+            private_training(plan_class, PrivacySpec.parse(request.privacy))
+            dataset = self.open(job["entry"])
+        except (ConfigurationError, GovernanceError, DatasetError) as exc:
+            return _refusal(exc)
         key = str(job["warm_key"]) if plan_class.reusable else ""
         warm = self.warm.pop(key, None)
         state = _HeldState(job["state"], env.experiment, str(job["entry"]["id"]), env.round)
@@ -125,12 +128,17 @@ def _progress(send: Callable[[Body], None]) -> Callable[..., None]:
     return report
 
 
-def _failure(exc: BaseException) -> ErrorReply:
+def _refusal(exc: Exception) -> ErrorReply:
     kind = ("dataset" if isinstance(exc, DatasetError) else "governance"
-            if isinstance(exc, GovernanceError) else "configuration"
-            if isinstance(exc, ConfigurationError) else "plan")
+            if isinstance(exc, GovernanceError) else "configuration")
+    return ErrorReply(kind=kind, message=str(exc), exc_type=type(exc).__name__)
+
+
+def _failure(exc: BaseException) -> ErrorReply:
+    """The round failed in the plan's code (or the node's code around it): kind ``plan``."""
+    kind = "dataset" if isinstance(exc, DatasetError) else "plan"
     return ErrorReply(kind=kind, message=str(exc), exc_type=type(exc).__name__,
-                      traceback=traceback.format_exc() if kind == "plan" else "")
+                      traceback=traceback.format_exc())
 
 
 def serve(conn: Connection) -> None:

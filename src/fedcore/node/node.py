@@ -687,7 +687,7 @@ class Node:
             self.audit("train-abandoned", **base, reason="the node stopped mid-round")
             raise
         if isinstance(reply, ErrorReply):
-            if reply.kind in _REFUSALS:
+            if reply.kind in ("governance", "configuration"):
                 self.audit("train-refused", **base, reason=reply.message)
             else:
                 self.audit("train-failed", **base, error=f"{reply.exc_type}: {reply.message}")
