@@ -8,7 +8,7 @@ from fedcore_sklearn import SklearnTrainingPlan
 
 
 class SleepWhenToldPlan(SklearnTrainingPlan):
-    """Sleeps where the node process has FEDCORE_TEST_SLEEP set (a site to kill mid-round)."""
+    """Sleeps where the node process has PLAN_TEST_SLEEP set (a site to kill mid-round)."""
 
     estimator = SGDClassifier
 
@@ -16,5 +16,5 @@ class SleepWhenToldPlan(SklearnTrainingPlan):
         import os
         import time
 
-        time.sleep(float(os.environ.get("FEDCORE_TEST_SLEEP", "0")))
+        time.sleep(float(os.environ.get("PLAN_TEST_SLEEP", "0")))
         return super().fit(dataset, seed)

@@ -93,7 +93,7 @@ def test_sigterm_mid_round_abandons_it_on_record_and_exits_within_2_s(tmp_path: 
                  ["dataset", "add", "--name", "cohort", "--tags", "term", "--path", str(csv)]):
         assert _cli(capsys, "--home", str(home), *argv)[0] == 0
     enrolled = enroll({"site-t": home})
-    proc = start_node(home, url, FEDCORE_TEST_SLEEP="30")
+    proc = start_node(home, url, PLAN_TEST_SLEEP="30")
     exp = Experiment(SleepWhenToldPlan, tags=["term"], federation=url, nodes=["site-t"],
                      model_args={"target": "label"}, progress=False, connect_timeout=20,
                      enrolled=enrolled)

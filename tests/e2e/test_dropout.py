@@ -156,7 +156,7 @@ def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tm
                      strategy=AllNodes(min_nodes=2))
     try:
         for node_id, home in homes.items():
-            extra = {"FEDCORE_TEST_SLEEP": "30"} if node_id == "site-b" else {}
+            extra = {"PLAN_TEST_SLEEP": "30"} if node_id == "site-b" else {}
             procs[node_id] = start_node(home, url, **extra)
         exp.search()
 

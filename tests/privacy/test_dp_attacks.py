@@ -114,7 +114,9 @@ def site(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(N, 4)).astype(np.float32)
     entry = node.datasets.add_arrays("cohort", ["cohort"], X, (X[:, 0] > 0).astype(np.int64))
-    with Attacker(url, {"site": node.identity.public_bytes}, key=alice) as attacker:
+    # The first round starts the plan worker (torch and Opacus imported): slow on a busy CI.
+    with Attacker(url, {"site": node.identity.public_bytes}, key=alice,
+                  timeout=120) as attacker:
         yield node, attacker, entry["id"], full_fingerprint(Identity(alice).public_bytes)
     node.stop()
 

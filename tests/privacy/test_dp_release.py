@@ -166,6 +166,9 @@ def test_an_algorithm_whose_extras_dp_does_not_cover_is_refused_under_dp(tmp_pat
     url, node = serve(tmp_path / "site", "site", trusted={"alice": key},
                       approval_required=False)
     entry = node.datasets.add_arrays("cohort", ["cohort"], *cohort)
+    # The aggregator is registered in this process only (no entry point), which a plan
+    # worker process would not see: train on the node's own thread.
+    node.set_policy(plan_isolation="none")
     request = dataclasses.replace(_train(entry["id"], _initial()), algorithm={"name": "leaky"})
     try:
         with plugins.registered("aggregators", "leaky", _Leaky), \

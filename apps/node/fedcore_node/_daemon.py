@@ -180,7 +180,8 @@ def status(args: argparse.Namespace, node: Node, out: Any) -> int:
             "datasets": [{"id": d["id"], "name": d["name"], "tags": d["tags"],
                           "available": d["available"]} for d in datasets],
             "pending_plans": [{"sha256": p["sha256"], "plan": p["entry"],
-                               "submitter": p["submitter"]} for p in pending]}
+                               "submitter": p["submitter"]} for p in pending],
+            "plans_run": node.plan_isolation_summary()}
     if args.json:
         print(json.dumps(info, indent=1), file=out)
         return 0
@@ -194,5 +195,6 @@ def status(args: argparse.Namespace, node: Node, out: Any) -> int:
     plans = ", ".join(f"{p['entry']} {p['sha256'][:12]}" for p in pending) or "none"
     print(f"node:       {node.node_id} ({info['name']})\nstate:      {state}\n"
           f"federation: {info['federation'] or 'not set (use start --federation URL)'}\n"
-          f"datasets:   {names}\npending:    {plans}", file=out)
+          f"datasets:   {names}\npending:    {plans}\n"
+          f"plans run:  {info['plans_run']}", file=out)
     return 0

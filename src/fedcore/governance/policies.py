@@ -72,6 +72,11 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
     Setting("on_excess", "choice", "clamp", "a request outside a cap is 'clamp'ed to it "
             "(and the researcher told) or 'refuse'd", choices=("clamp", "refuse")),
     Setting("allow_gpu", "bool", True, "let plans train on a GPU"),
+    Setting("plan_isolation", "choice", "auto", "where researchers' code runs: 'process' (a "
+            "worker process that cannot read the node's key, config or other datasets), "
+            "'none' (the node's own process: unsafe for a deployed node), 'auto' (a worker "
+            "process on a network, in-process in simulation)",
+            choices=("auto", "process", "none")),
     Setting("min_samples", "int", 0, "never train on a dataset with fewer samples"),
     Setting("dataset_access", "access", None, "table: researcher id (or \"*\" for anyone) "
             "-> dataset ids or names they may use; absent: every dataset"),

@@ -40,13 +40,16 @@ from fedcore.node._config import NodeConfig
 from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
+from fedcore.node._worker import PlanWorkers
+from fedcore.node._worker import describe as describe_isolation
 from fedcore.node.audit import AuditLog, AuditReport
 from fedcore.node.executor import plan_key, private_training, run_round
 from fedcore.node.protection import update_protection
-from fedcore.node.registry import DatasetRegistry
+from fedcore.node.registry import DatasetRegistry, entry_paths
 from fedcore.node.statistics import answer_statistics
 from fedcore.node.users import Users
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
+from fedcore.privacy.mechanisms import UpdateDP
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.secagg import NodeContext, NodeFloors
 from fedcore.transport import Transport, open_transport, redact_url
@@ -166,6 +169,8 @@ class Node:
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
         self._backends: set[str] = set()  # backends whose framework is imported
+        self._workers = PlanWorkers(self.home, self.node_id)  # researcher code runs there
+        self._networked = False  # whether serve()'s transport is a network (not in-process)
         self._handlers: dict[type[Body], Callable[[Envelope], Any]] = {
             Ping: self._on_ping,
             SearchRequest: self._on_search,
@@ -405,6 +410,7 @@ class Node:
     async def serve(self, transport: Transport) -> None:
         """Answer requests arriving on ``transport`` until it closes."""
         self._halting = False
+        self._networked = transport.capabilities.networked
         guard = Guard(self.identity, lambda: self.trusted_researchers,
                       networked=transport.capabilities.networked,
                       max_size=self.max_frame_size, untrusted_hint=_TRUST_HINT,
@@ -434,6 +440,7 @@ class Node:
             await asyncio.gather(*tasks, return_exceptions=True)
             await link.close()
             guard.close()
+            await asyncio.get_running_loop().run_in_executor(None, self._workers.close)
             self.audit("stopped")
             self._close_audit()
 
@@ -631,8 +638,69 @@ class Node:
             kind = next(k for k, cls in _REFUSALS.items() if isinstance(exc, cls))
             return ErrorReply(kind=kind, message=str(exc), exc_type=_REFUSALS[kind].__name__)
 
+    @property
+    def plan_isolation(self) -> str:
+        """Where this node runs researchers' code now: ``"process"`` or ``"none"`` (in-thread).
+
+        The policy's ``plan_isolation``: ``auto`` (the default) is a worker process on a
+        networked transport and the training thread in-process (simulation).
+        """
+        try:
+            mode = str(self.policy["plan_isolation"])
+        except ConfigurationError:
+            mode = "auto"
+        if mode == "auto":
+            return "process" if self._networked else "none"
+        return mode
+
+    def plan_isolation_summary(self) -> str:
+        """Where researchers' code runs on this node, in words (``fedcore-node status``)."""
+        try:
+            mode = str(self.policy["plan_isolation"])
+        except ConfigurationError:
+            mode = "auto"
+        return describe_isolation(mode)
+
     async def _train(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
                      base: dict[str, Any]) -> TrainReply | ErrorReply:
+        """Run the plan, in a worker process or on the training thread (plan_isolation)."""
+        if self.plan_isolation == "process":
+            return await self._train_apart(env, request, admitted, base)
+        return await self._train_here(env, request, admitted, base)
+
+    async def _train_apart(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
+                           base: dict[str, Any]) -> TrainReply | ErrorReply:
+        """Run the round in the dataset's worker process (docs: "What approval means")."""
+        job = {"bundle": admitted.bundle.to_wire(), "allow_gpu": self._allow_gpu(),
+               "warm_key": plan_key(env.experiment, admitted.sha, request)}
+        entry = admitted.entry
+        forbidden = [str(self.home), *(p for e in self.datasets.list() if e["id"] != entry["id"]
+                                       for p in entry_paths(e))]
+        state = LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
+                           env.round)
+        sent = Envelope(request, sender=env.sender, experiment=env.experiment, round=env.round)
+        try:
+            reply = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._workers.run, job, sent, entry, forbidden, state,
+                self._progress(env))
+        except asyncio.CancelledError:
+            self.audit("train-abandoned", **base, reason="the node stopped mid-round")
+            raise
+        if isinstance(reply, ErrorReply):
+            if reply.kind in ("governance", "configuration"):
+                self.audit("train-refused", **base, reason=reply.message)
+            else:
+                self.audit("train-failed", **base, error=f"{reply.exc_type}: {reply.message}")
+            return reply
+        spec = PrivacySpec.parse(request.privacy)
+        if spec is not None and spec.mechanism == "update":
+            # The charge is the node's, from the spec it enforced, not the worker's count.
+            reply = dataclasses.replace(reply, privacy=spec.reply(
+                [UpdateDP.from_spec(spec).event()]))
+        return reply
+
+    async def _train_here(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
+                          base: dict[str, Any]) -> TrainReply | ErrorReply:
         """Run the plan on the training thread; a failure is the plan's, and is reported."""
         loop = asyncio.get_running_loop()
         sha = admitted.sha

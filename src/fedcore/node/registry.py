@@ -275,10 +275,7 @@ class DatasetRegistry:
         key = _open_key(entry)
         cached = self._cache.get(entry["id"])
         if cached is None or cached[0] != key:
-            plan = _plan(entry.get("loading_plan"))
-            dataset = _LOADERS[entry["kind"]].open(Path(entry["path"]),
-                                                   dict(entry["options"]), plan)
-            cached = self._cache[entry["id"]] = (key, dataset)
+            cached = self._cache[entry["id"]] = (key, open_entry(entry))
         return cached[1]
 
     def public(self, entry: dict[str, Any], *, min_count: int = 5) -> dict[str, Any]:
@@ -327,6 +324,24 @@ class DatasetRegistry:
         with self._lock:
             self._table.update({"category_counts": counts}, Query().id == entry["id"])
         return counts
+
+
+def open_entry(entry: Mapping[str, Any]) -> Dataset:
+    """Open one dataset entry through its DataLoadingPlan (no database needed).
+
+    The plan worker opens the one dataset of its round with this, from the entry alone.
+    """
+    plan = _plan(entry.get("loading_plan"))
+    return _LOADERS[entry["kind"]].open(Path(entry["path"]), dict(entry["options"]), plan)
+
+
+def entry_paths(entry: Mapping[str, Any]) -> builtins.list[str]:
+    """The files and folders a dataset entry reads (its path, a medical folder's demographics)."""
+    paths = [str(entry["path"])]
+    demographics = (entry.get("options") or {}).get("demographics")
+    if demographics:
+        paths.append(str(demographics))
+    return paths
 
 
 def _open_key(entry: Mapping[str, Any]) -> str:

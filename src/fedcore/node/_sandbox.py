@@ -1,0 +1,175 @@
+"""The plan worker's side: a process that runs researchers' code apart from the node.
+
+Started by :mod:`fedcore.node._worker` as ``python -c "...main()" FD`` with a scrubbed
+environment, in an empty scratch folder, and connected to the node by a socket (file
+descriptor ``FD``). Its first message from the node says which files it may read and write;
+it locks itself to them with Landlock before it reads anything else, then answers rounds:
+it imports the plan bundle (module-level code runs here), opens the one dataset of the
+round, and runs :func:`fedcore.node.executor.run_round`.
+
+Every message in both directions is a frame of fedcore's codec (no pickle): the node decodes
+what comes back as it would a message from the network, and checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
+from typing import Any
+
+from fedcore.aggregators._local import LocalState
+from fedcore.data import Dataset
+from fedcore.errors import ConfigurationError, DatasetError, GovernanceError
+from fedcore.node import _landlock
+from fedcore.node.executor import private_training, run_round
+from fedcore.node.registry import _open_key, open_entry
+from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
+from fedcore.privacy.spec import PrivacySpec
+from fedcore.wire import codec
+from fedcore.wire.messages import (
+    Body,
+    Checkpoint,
+    Envelope,
+    ErrorReply,
+    TrainProgress,
+    TrainRequest,
+)
+
+_WARM_PLANS = 8
+_PROGRESS_S = 0.5  # the node forwards at most one report a second; send it a little more
+
+
+def frame(body: Body) -> bytes:
+    """One message of the worker protocol."""
+    return codec.encode(Envelope(body, sender="plan-worker"))
+
+
+class _HeldState(LocalState):
+    """A :class:`LocalState` whose files the node reads and writes (not this process).
+
+    The node sends the saved values of the round's experiment and dataset; what the
+    algorithm saves goes back to the node in the reply.
+    """
+
+    def __init__(self, values: Mapping[str, Any], experiment: str, dataset: str, round: int):
+        super().__init__(".", experiment, dataset, round)
+        self.values = dict(values)
+        self.saved: dict[str, Any] = {}
+
+    def load(self, algorithm: str) -> dict[str, Any] | None:  # noqa: D102
+        value = self.values.get(algorithm)
+        return dict(value) if isinstance(value, Mapping) else None
+
+    def save(self, algorithm: str, value: Mapping[str, Any]) -> Any:  # noqa: D102
+        self.saved[algorithm] = dict(value)
+        return None
+
+
+class _Runner:
+    """What the worker keeps between rounds: loaded plan classes, built plans, the dataset."""
+
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+        self.plans: dict[str, type[TrainingPlan]] = {}
+        self.warm: dict[str, TrainingPlan] = {}
+        self.dataset: tuple[str, Dataset] | None = None
+
+    def open(self, entry: Mapping[str, Any]) -> Dataset:
+        key = _open_key(entry)
+        if self.dataset is None or self.dataset[0] != key:
+            self.dataset = (key, open_entry(entry))
+        return self.dataset[1]
+
+    def round(self, job: Mapping[str, Any], request_frame: bytes,
+              send: Callable[[Body], None]) -> Body:
+        env = codec.decode(request_frame)
+        request = env.body
+        if not isinstance(request, TrainRequest):
+            raise ConfigurationError(f"Expected a TrainRequest. Received: {env.tag!r}")
+        bundle = PlanBundle.from_wire(job["bundle"])
+        sha = bundle.sha256
+        plan_class = self.plans.get(sha) or bundle.load()  # the plan's module code runs here
+        self.plans[sha] = plan_class
+        try:  # refusals, as on the node's training thread
+            check_training_args(plan_class, request.training_args)
+            private_training(plan_class, PrivacySpec.parse(request.privacy))
+            dataset = self.open(job["entry"])
+        except (ConfigurationError, GovernanceError, DatasetError) as exc:
+            return _refusal(exc)
+        key = str(job["warm_key"]) if plan_class.reusable else ""
+        warm = self.warm.pop(key, None)
+        state = _HeldState(job["state"], env.experiment, str(job["entry"]["id"]), env.round)
+        reply, plan = run_round(plan_class, request, dataset, self.node_id, env.round,
+                                {"allow_gpu": bool(job["allow_gpu"]),
+                                 "progress": _progress(send)}, warm, state)
+        if key:
+            self.warm[key] = plan
+            while len(self.warm) > _WARM_PLANS:
+                self.warm.pop(next(iter(self.warm)))
+        if state.saved:
+            send(Checkpoint(state={"algorithm_state": state.saved}))
+        return reply
+
+
+def _progress(send: Callable[[Body], None]) -> Callable[..., None]:
+    last = time.monotonic()
+
+    def report(**fields: Any) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= _PROGRESS_S:
+            last = now
+            send(TrainProgress(**fields))
+
+    return report
+
+
+def _refusal(exc: Exception) -> ErrorReply:
+    kind = ("dataset" if isinstance(exc, DatasetError) else "governance"
+            if isinstance(exc, GovernanceError) else "configuration")
+    return ErrorReply(kind=kind, message=str(exc), exc_type=type(exc).__name__)
+
+
+def _failure(exc: BaseException) -> ErrorReply:
+    """The round failed in the plan's code (or the node's code around it): kind ``plan``."""
+    kind = "dataset" if isinstance(exc, DatasetError) else "plan"
+    return ErrorReply(kind=kind, message=str(exc), exc_type=type(exc).__name__,
+                      traceback=traceback.format_exc())
+
+
+def serve(conn: Connection) -> None:
+    """Lock this process to its files, then answer rounds until the node closes the socket."""
+    setup = json.loads(conn.recv_bytes())
+    try:
+        # /proc/self resolves to this process's own folder when the rule is made.
+        abi = _landlock.restrict([*setup["read"], "/proc/self"], setup["write"])
+    except OSError as exc:  # Landlock is there but refused: say so, run nothing
+        conn.send_bytes(frame(ErrorReply(kind="internal", message=str(exc))))
+        return
+    conn.send_bytes(frame(Checkpoint(state={"landlock": abi})))
+    runner = _Runner(str(setup["node_id"]))
+    while True:
+        try:
+            job = codec.decode(conn.recv_bytes()).body
+            request = conn.recv_bytes()
+        except EOFError:
+            return
+        try:
+            assert isinstance(job, Checkpoint)
+            reply = runner.round(job.state, request, lambda body: conn.send_bytes(frame(body)))
+        except Exception as exc:  # the plan's failure is the round's answer
+            reply = _failure(exc)
+        conn.send_bytes(frame(reply))
+
+
+def main() -> None:
+    """Entry point of the worker process (``sys.argv[1]``: the socket's descriptor)."""
+    conn = Connection(int(sys.argv[1]))
+    try:
+        serve(conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass

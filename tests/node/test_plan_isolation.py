@@ -1,0 +1,148 @@
+"""An approved plan runs apart from the node's secrets (docs/node-administration.md).
+
+A trusted researcher (alice) ships a plan the administrator approved. At import (module
+code) and in its training step it tries to read the node's identity key, config, database
+and audit log, another registered dataset, the node process's environment, and to list the
+node home, and returns whatever it got in its training stats (the researcher's history
+columns). On a deployed node (a websocket URL) it runs in a worker process: every read is
+refused with ``PermissionError`` and the reply carries nothing of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("sklearn")
+
+from fedcore.data import ArrayDataset  # noqa: E402
+from fedcore.node import _landlock  # noqa: E402
+from fedcore.plan import PlanBundle  # noqa: E402
+from fedcore.wire.messages import ErrorReply, TrainReply, TrainRequest  # noqa: E402
+from tests._support.attack import Attacker, serve  # noqa: E402
+from tests._support.sklearn_plans import SleepWhenToldPlan  # noqa: E402
+
+landlock = pytest.mark.skipif(_landlock.abi_version() == 0,
+                              reason="this kernel has no Landlock: file permissions are the "
+                              "only barrier (docs/node-administration.md says so)")
+
+SNOOP = '''
+import ctypes
+import os
+
+from sklearn.linear_model import SGDClassifier
+
+from fedcore_sklearn import SklearnTrainingPlan
+
+TARGETS = TARGETS_HERE
+
+
+def _snoop():
+    got = {}
+    for name, path in TARGETS.items():
+        try:
+            if os.path.isdir(path):
+                got[name] = "listed:" + ",".join(sorted(os.listdir(path)))
+            else:
+                with open(path, "rb") as f:
+                    got[name] = "read:" + f.read().hex()
+        except OSError as exc:
+            got[name] = type(exc).__name__
+    got["env"] = ",".join(sorted(k for k in os.environ if "FEDCORE" in k or "PASSWORD" in k))
+    return got
+
+
+AT_IMPORT = _snoop()
+
+
+class SnoopPlan(SklearnTrainingPlan):
+    estimator = SGDClassifier
+
+    def fit(self, dataset, seed):
+        how = self.data_info.get("die")
+        if how == "exit":
+            os._exit(3)
+        if how == "segfault":
+            ctypes.string_at(0)
+        stats = dict(super().fit(dataset, seed) or {})
+        stats.update({"import_" + k: v for k, v in AT_IMPORT.items()})
+        stats.update({"fit_" + k: v for k, v in _snoop().items()})
+        return stats
+'''
+
+X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+Y = (X[:, 0] > 0).astype(np.int64)
+INFO = {**ArrayDataset(X, Y).metadata(), "categories": {"target": [0, 1]}}
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A deployed node (websocket URL) with two datasets; the plan is shipped and approved."""
+    monkeypatch.setenv("FEDCORE_MQTT_PASSWORD", "hunter2-secret")
+    alice = tmp_path / "alice.key"
+    url, node = serve(tmp_path / "site", "site", trusted={"alice": alice})
+    own = node.datasets.add_arrays("cohort", ["cohort"], X, Y)
+    other = tmp_path / "other-hospital.csv"
+    pd.DataFrame({"age": [71, 64, 58, 49, 80, 33], "secret_dx": list("ABCABC")}).to_csv(
+        other, index=False)
+    node.datasets.add("other", ["other"], other)
+    home = node.home
+    targets = {"key": home / "identity.key", "config": home / "config.toml",
+               "db": home / "db.json", "audit": home / "audit.jsonl", "other": other,
+               "home": home, "node_environ": f"/proc/{os.getpid()}/environ",
+               "own": own["path"]}
+    source = SNOOP.replace("TARGETS_HERE", repr({k: str(v) for k, v in targets.items()}))
+    bundle = PlanBundle(files={"plan.py": source}, entry="SnoopPlan", backend="sklearn")
+    node.plans.submit(bundle)
+    node.plans.approve(bundle.sha256)
+    with Attacker(url, {"site": node.identity.public_bytes}, key=alice) as attacker:
+        yield node, attacker, bundle.to_wire(), own["id"]
+    node.stop()
+
+
+def _request(wire, dataset, **info):
+    plan = SleepWhenToldPlan({}, {}, INFO)  # the same estimator: the global model's layout
+    plan.build(seed=0)
+    return TrainRequest(plan=wire, params=plan.get_parameters(), dataset_id=dataset,
+                        data_info={**INFO, **info}, training_args={"epochs": 1},
+                        test_ratio=0.0, evaluate_global=False, evaluate_local=False)
+
+
+@landlock
+def test_an_approved_plan_cannot_read_the_key_config_home_or_other_datasets(site):
+    node, attacker, wire, dataset = site
+    reply = attacker.ask("site", _request(wire, dataset)).body
+    assert isinstance(reply, TrainReply), reply
+    stats = reply.train_stats
+    for when in ("import", "fit"):  # module code and the training step alike
+        for target in ("key", "config", "db", "audit", "other", "home", "node_environ"):
+            assert stats[f"{when}_{target}"] == "PermissionError", (when, target)
+        assert stats[f"{when}_own"].startswith("read:")  # its own dataset it reads in full
+    everything = repr(reply)
+    assert (node.home / "identity.key").read_bytes().hex() not in everything
+    assert "hunter2" not in everything and b"secret_dx".hex() not in everything
+    assert node.plan_isolation == "process"
+
+
+def test_the_worker_environment_holds_none_of_the_node_secrets(site):
+    node, attacker, wire, dataset = site
+    reply = attacker.ask("site", _request(wire, dataset)).body
+    assert isinstance(reply, TrainReply), reply
+    assert os.environ["FEDCORE_MQTT_PASSWORD"] == "hunter2-secret"  # the node has it
+    assert reply.train_stats["import_env"] == reply.train_stats["fit_env"] == ""
+
+
+@pytest.mark.parametrize("how", ["exit", "segfault"])
+def test_a_plan_that_kills_its_worker_fails_its_round_and_the_next_round_works(site, how):
+    node, attacker, wire, dataset = site
+    failed = attacker.ask("site", _request(wire, dataset, die=how), sender="bob").body
+    assert isinstance(failed, ErrorReply) and failed.kind == "plan"
+    assert "worker process ended during the round" in failed.message
+    assert "starts a new worker" in failed.message
+    record = [r for r in node.audit_log() if r["event"] == "train-failed"][-1]
+    assert record["researcher"] == "alice"  # as the node trusts the key, not as claimed
+    again = attacker.ask("site", _request(wire, dataset), round=2).body
+    assert isinstance(again, TrainReply) and again.n_samples == len(X)
