@@ -49,8 +49,9 @@ from fedcore.node.registry import DatasetRegistry, entry_paths
 from fedcore.node.statistics import answer_statistics
 from fedcore.node.users import Users
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
+from fedcore.privacy.accountant import Event, epsilon
 from fedcore.privacy.mechanisms import UpdateDP
-from fedcore.privacy.spec import PrivacySpec
+from fedcore.privacy.spec import PrivacySpec, train_size
 from fedcore.secagg import NodeContext, NodeFloors
 from fedcore.transport import Transport, open_transport, redact_url
 from fedcore.wire import codec
@@ -593,7 +594,7 @@ class Node:
         reply = await self._train(env, request, admitted, base)
         if isinstance(reply, ErrorReply):
             return reply
-        if reply.privacy:  # spent: on record before the update leaves the node
+        if request.privacy:  # spent: on record before the update leaves the node
             reply = self._charge_privacy(request, admitted.entry, reply, base)
             if isinstance(reply, ErrorReply):
                 return reply
@@ -693,11 +694,34 @@ class Node:
                 self.audit("train-failed", **base, error=f"{reply.exc_type}: {reply.message}")
             return reply
         spec = PrivacySpec.parse(request.privacy)
-        if spec is not None and spec.mechanism == "update":
-            # The charge is the node's, from the spec it enforced, not the worker's count.
+        if spec is not None:
+            # The charge is the node's, from the spec and schedule it enforced; the count the
+            # researcher's code reported (it runs in the plan worker) can only raise it.
             reply = dataclasses.replace(reply, privacy=spec.reply(
-                [UpdateDP.from_spec(spec).event()]))
+                self._privacy_events(spec, request, admitted.entry, reply)))
         return reply
+
+    def _privacy_events(self, spec: PrivacySpec, request: TrainRequest,
+                        entry: dict[str, Any], reply: TrainReply) -> list[Event]:
+        """What the round costs by the node's own accounting (the larger of two counts).
+
+        Update-level DP: one release at the enforced noise. DP-SGD: the Poisson schedule of
+        the enforced epochs, batch size and step cap over the node's own training-set size,
+        or what the worker counted if that costs more (it never costs less).
+        """
+        if spec.mechanism == "update":
+            return [UpdateDP.from_spec(spec).event()]
+        n = (entry.get("metadata") or {}).get("n_samples")
+        if n is None:
+            n = len(self.datasets.open(entry))
+        mine = spec.events(n_train=train_size(int(n), request.test_ratio),
+                           training_args=request.training_args)
+        try:
+            counted = [Event.coerce(e) for e in (reply.privacy or {}).get("events") or ()]
+        except (TypeError, ValueError, FedcoreError):
+            counted = []
+        delta = spec.delta
+        return counted if epsilon(counted, delta) > epsilon(mine, delta) else mine
 
     async def _train_here(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
                           base: dict[str, Any]) -> TrainReply | ErrorReply:
