@@ -141,9 +141,11 @@ def test_altered_reordered_spliced_or_replayed_chunks_never_make_a_frame(tmp_pat
     assert frames_got == [frames[1]]  # only the untouched frame b
     errors = [str(g.error) for g in got if g.error is not None]
     assert len(errors) == 1 and "Replayed" in errors[0]  # b's first chunk, replayed
-    for line in ("Dropped a duplicated chunk", "Bad signature", "a chunk was lost",
-                 "the frame's start was lost", "Dropped an incomplete frame"):
+    for line in ("a chunk was lost", "the frame's start was lost",
+                 "Dropped an incomplete frame"):
         assert line in caplog.text, line
+    # the messages that failed verification are counted, not logged one by one
+    assert "{'replayed': 1, 'bad signature': 1}" in caplog.text  # a summary at close
 
 
 def test_oversized_frames_and_too_many_frames_in_flight_are_refused(tmp_path):

@@ -86,6 +86,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
     Setting("statistics", "bool", True, "answer federated statistics requests"),
     Setting("min_count", "int", 5, "statistics: withhold counts below this"),
     Setting("allow_min_max", "bool", True, "statistics: share minima and maxima"),
+    Setting("max_requests_per_s", "int", 20, "most requests a second taken from one "
+            "researcher key on a network (bursts of twice that); more are refused",
+            minimum=1),
 ]}
 
 

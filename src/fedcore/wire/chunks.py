@@ -17,9 +17,15 @@ spliced from another frame or reordered, and its counter is checked against repl
 then does the first chunk of a frame allocate one buffer of the announced length (at most
 ``max_frame_size``); every chunk is copied into place, and the frame is handed on, whole, as
 a read-only view of that buffer (decoded without a copy). At most ``in_flight`` frames per
-sender are reassembled at a time; one that receives no chunk for ``timeout`` seconds is
-dropped with a log line. Anything malformed is refused with a log line; the endpoint keeps
-serving.
+signing key are reassembled at a time, whatever sender names it claims; one that receives
+no chunk for ``timeout`` seconds is dropped with a log line. Anything malformed is refused;
+the endpoint keeps serving.
+
+What a refusal costs is bounded (:mod:`fedcore.wire.limits`): a message that fails
+verification (unsigned, unknown key, bad signature, stale, replayed, oversized) is counted
+in a summary reported at most every ``Drops.interval`` seconds, and only a few such
+refusals are handed on one by one (to be answered); frames from one verified key beyond
+``request_rate`` a second are refused the same way; per-name state is capped.
 """
 
 from __future__ import annotations
@@ -31,15 +37,17 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedcore.errors import FedcoreError, GovernanceError, ProtocolError, TransportError
 from fedcore.transport import Capabilities, Transport
 from fedcore.wire import codec
+from fedcore.wire.limits import Bounded, Drops, TokenBucket
 from fedcore.wire.signing import TRAILER, Guard, ReplayedFrame
 
 if TYPE_CHECKING:
@@ -54,6 +62,11 @@ _MAGIC = b"FCC1"
 CHUNK_HEADER = _HEADER.size  #: bytes of a chunk's header
 _THREAD_BYTES = 256 << 10  # hash and copy larger messages on a worker thread
 _HEAD = 64 << 10  # bytes of a refused frame kept, to read its header for an error reply
+_NAMES = 1024  # sender names whose state is kept (the least recently used go first)
+_REASONS = (("unsigned", "Unsigned frame"), ("unknown key", "unknown key"),
+            ("nobody trusted", "nobody is trusted"), ("bad signature", "Bad signature"),
+            ("clock", "was signed"), ("oversized", "exceeds the limit"),
+            ("rate limited", "Too many frames"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,8 @@ class Delivery:
     ``frame`` is the frame (for a refusal: its first bytes when known, else empty),
     ``signer`` the trusted name and ``key`` the raw public key that signed it (empty on an
     unsigned transport), ``error`` why it was refused (``None`` when it was not).
+    ``summarized`` is true for a refusal already counted in the dropped-frame summaries
+    (its sender was not verified, or sent too much): it needs no record of its own.
     """
 
     peer: str
@@ -70,6 +85,7 @@ class Delivery:
     signer: str = ""
     key: bytes = b""
     error: FedcoreError | None = None
+    summarized: bool = False
 
 
 @dataclass
@@ -87,11 +103,16 @@ class ChunkedTransport(Transport):
 
     Without a guard nothing is signed or verified (the in-process transport, or tests of a
     transport). :meth:`deliver` also reports refusals; :meth:`receive` skips them.
+    ``on_dropped`` receives each summary of dropped frames (default: a log line; see
+    :class:`~fedcore.wire.limits.Drops`); ``request_rate`` returns the most frames a second
+    taken from one verified key (``None``: no limit), read as each frame starts.
     """
 
     def __init__(self, inner: Transport, guard: Guard | None = None, *,
                  max_frame_size: int = codec.DEFAULT_MAX_FRAME, in_flight: int = 4,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0,
+                 on_dropped: Callable[[dict[str, Any]], None] | None = None,
+                 request_rate: Callable[[], float | None] | None = None):
         super().__init__(inner.url, role=inner.role, identity=inner.identity)
         if guard is not None and not guard.networked:
             guard = None
@@ -102,8 +123,14 @@ class ChunkedTransport(Transport):
         self.timeout = timeout
         self._ids = itertools.count(random.getrandbits(62))
         self._partials: dict[str, dict[int, _Partial]] = {}
-        self._refused: dict[str, set[int]] = {}  # frames whose first chunk was refused
-        self._sending: dict[str, asyncio.Semaphore] = {}
+        self._flight: Counter[bytes | str] = Counter()  # partial frames per key (or peer)
+        # frames whose first chunk was refused, by sender name
+        self._refused: Bounded[str, set[int]] = Bounded(_NAMES)
+        self._sending: Bounded[str, asyncio.Semaphore] = Bounded(_NAMES)
+        #: Refused frames, counted and summarised (see :class:`~fedcore.wire.limits.Drops`).
+        self.drops = Drops(on_dropped or _log_summary)
+        self._rate = request_rate
+        self._buckets: Bounded[bytes, TokenBucket] = Bounded(_NAMES)
         self._receiving = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -129,6 +156,8 @@ class ChunkedTransport(Transport):
             self._sweeper = None
         await self.inner.close()
         self._partials.clear()
+        self._flight.clear()
+        self.drops.flush()
 
     def peers(self) -> set[str]:
         """The inner transport's peers."""
@@ -161,7 +190,7 @@ class ChunkedTransport(Transport):
         if piece < 1024:
             raise TransportError(f"{self.url} carries messages of {limit} bytes at most: too "
                                  "small to carry chunks.")
-        gate = self._sending.setdefault(peer, asyncio.Semaphore(self.in_flight))
+        gate = self._sending.get_or_add(peer, lambda: asyncio.Semaphore(self.in_flight))
         async with gate:  # never more frames in flight to a peer than it reassembles
             await self._send_chunks(peer, views, total, piece)
 
@@ -220,7 +249,7 @@ class ChunkedTransport(Transport):
         view = memoryview(message).cast("B")
         header = self._chunk_header(view)
         if header is None and len(view) > self.max_frame_size + TRAILER * bool(self.guard):
-            return Delivery(peer, view[:_HEAD], error=ProtocolError(
+            return self._junk(peer, view[:_HEAD], ProtocolError(
                 f"Frame of {len(view)} bytes exceeds the limit of {self.max_frame_size} "
                 "bytes. Refused unread."))
         if self.guard is None:
@@ -242,11 +271,36 @@ class ChunkedTransport(Transport):
                 return self._advance(peer, header[0], partial, end)
             signed = (await asyncio.to_thread(self.guard.verify, view, claimed)
                       if len(view) > _THREAD_BYTES else self.guard.verify(view, claimed))
+            if (header is None or header[1] == 0) and self._over_rate(claimed[1]):
+                raise ProtocolError(
+                    f"Too many frames from {claimed[0]!r}: at most {self._rate_now():g} a "
+                    "second are taken from one key (the node's policy max_requests_per_s). "
+                    "Slow down, or ask the node's administrator to raise it.")
         except (ProtocolError, GovernanceError) as exc:
             return self._refuse(peer, view, header, exc)
         if header is None:
             return Delivery(peer, signed.body.toreadonly(), *claimed)
         return await self._chunk(peer, header, signed.body[CHUNK_HEADER:], *claimed)
+
+    def _rate_now(self) -> float | None:
+        return self._rate() if self._rate is not None else None
+
+    def _over_rate(self, key: bytes) -> bool:
+        """Whether a new frame from ``key`` goes beyond its rate (spends a token if not)."""
+        rate = self._rate_now()
+        if not rate:
+            return False
+        bucket = self._buckets.get_or_add(key, lambda: TokenBucket(rate, 2 * rate))
+        bucket.rate, bucket.burst = rate, 2 * rate  # follows a change of the policy
+        return not bucket.take()
+
+    def _junk(self, peer: str, head: memoryview, exc: FedcoreError) -> Delivery | None:
+        """Count a refused frame; hand it on (to be answered) only while reports are cheap."""
+        if self.guard is None:  # nothing is verified: every refusal is handed on
+            return Delivery(peer, head, error=exc)
+        if self.drops.drop(peer, _reason(exc), str(exc)):
+            return Delivery(peer, head, error=exc, summarized=True)
+        return None
 
     def _continued(self, peer: str, header: tuple[int, int, int] | None, size: int
                    ) -> _Partial | None:
@@ -284,29 +338,24 @@ class ChunkedTransport(Transport):
                 exc: FedcoreError) -> Delivery | None:
         """A refused message: a :class:`Delivery` for a frame's first one, else a log line."""
         if header is None:
-            return Delivery(peer, view[:_HEAD], error=exc)
-        frame_id, offset, total = header
-        if isinstance(exc, ReplayedFrame) and offset > 0:
-            log.info("Dropped a duplicated chunk of frame %d from %s.", frame_id, peer)
+            return self._junk(peer, view[:_HEAD], exc)
+        frame_id, offset, _ = header
+        if offset > 0:  # counted; only a frame's first message is ever answered
+            self.drops.drop(peer, _reason(exc), str(exc))
             return None
-        if offset > 0:
-            log.warning("Refused a chunk of %d bytes from %s (frame %d, at %d of %d): %s",
-                        len(view), peer, frame_id, offset, total, exc)
-            return None
-        refused = self._refused.setdefault(peer, set())
+        refused = self._refused.get_or_add(peer, set)
         if len(refused) > 64:
             refused.clear()
         refused.add(frame_id)
         self._drop(peer, frame_id)
-        head = view[CHUNK_HEADER:CHUNK_HEADER + _HEAD]
-        return Delivery(peer, head, error=exc)
+        return self._junk(peer, view[CHUNK_HEADER:CHUNK_HEADER + _HEAD], exc)
 
     async def _chunk(self, peer: str, header: tuple[int, int, int], data: memoryview,
                      signer: str, key: bytes) -> Delivery | None:
         """Check a (verified) chunk against its frame, copy it into place."""
         frame_id, offset, total = header
-        partials = self._partials.setdefault(peer, {})
-        partial = partials.get(frame_id)
+        partial = self._partials.get(peer, {}).get(frame_id)
+        owner = key or peer  # frames in flight count per verified key
         problem = ""
         if total > self.max_frame_size:
             problem = (f"Frame of {total} bytes exceeds the limit of {self.max_frame_size} "
@@ -317,9 +366,9 @@ class ChunkedTransport(Transport):
             log.warning("Dropped a chunk of frame %d from %s: the frame's start was lost or "
                         "refused.", frame_id, peer)
             return None
-        elif partial is None and len(partials) >= self.in_flight:
-            problem = (f"Too many frames in flight from {peer!r} (at most {self.in_flight} "
-                       "are reassembled at a time).")
+        elif partial is None and self._flight[owner] >= self.in_flight:
+            problem = (f"Too many frames in flight from {signer or peer!r} (at most "
+                       f"{self.in_flight} per key are reassembled at a time).")
         elif partial is not None and (signer, key) != (partial.signer, partial.key):
             problem = "A chunk of a frame signed by another key."
         if problem:
@@ -329,8 +378,9 @@ class ChunkedTransport(Transport):
             log.warning("Refused a chunk from %s: %s", peer, problem)
             return None
         if partial is None:
-            partial = partials[frame_id] = _Partial(np.empty(total, np.uint8), total, signer,
-                                                    key)
+            partial = _Partial(np.empty(total, np.uint8), total, signer, key)
+            self._partials.setdefault(peer, {})[frame_id] = partial
+            self._flight[owner] += 1
         elif offset < partial.filled:
             log.info("Dropped a duplicated chunk of frame %d from %s.", frame_id, peer)
             return None
@@ -359,14 +409,20 @@ class ChunkedTransport(Transport):
     def _drop(self, peer: str, frame_id: int) -> None:
         partials = self._partials.get(peer)
         if partials is not None:
-            partials.pop(frame_id, None)
+            partial = partials.pop(frame_id, None)
+            if partial is not None:
+                owner = partial.key or peer
+                self._flight[owner] -= 1
+                if self._flight[owner] <= 0:
+                    del self._flight[owner]
             if not partials:
                 del self._partials[peer]
 
     async def _sweep(self) -> None:
         """Drop partial frames that received nothing for ``timeout`` seconds."""
         while True:
-            await asyncio.sleep(max(0.05, self.timeout / 4))
+            await asyncio.sleep(max(0.05, min(self.timeout / 4, 5.0)))
+            self.drops.tick()
             stale = time.monotonic() - self.timeout
             for peer, partials in list(self._partials.items()):
                 for frame_id, partial in list(partials.items()):
@@ -375,6 +431,21 @@ class ChunkedTransport(Transport):
                                     "arrived, then nothing for %g s.", peer, partial.filled,
                                     partial.total, self.timeout)
                         self._drop(peer, frame_id)
+
+
+def _reason(exc: FedcoreError) -> str:
+    """A short name for why a message was refused (the key of a summary's counts)."""
+    if isinstance(exc, ReplayedFrame):
+        return "replayed"
+    text = str(exc)
+    return next((reason for reason, marker in _REASONS if marker in text),
+                type(exc).__name__)
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    log.warning("Dropped %d frame(s) in %.0f s that failed verification or came too fast "
+                "(%s), claimed by %s.", summary["dropped"], summary["seconds"],
+                summary["reasons"], summary["peers"])
 
 
 def _pieces(views: list[memoryview], piece: int) -> list[tuple[int, list[memoryview]]]:
