@@ -12,7 +12,7 @@ import abc
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -152,6 +152,11 @@ class Transport(abc.ABC):
     """
 
     capabilities: Capabilities
+    #: A cheap check the core installs (:mod:`fedcore.wire.chunks`): a transport that can
+    #: calls it, on its receiving thread, with ``(peer, message)`` before it queues a
+    #: message, and drops the message when it returns false (the core counted it). Junk on
+    #: a broker then costs no hop to the event loop.
+    screen: Callable[[str, bytes | bytearray], bool] | None = None
 
     def __init__(self, url: str, *, role: Role, identity: str):
         self.url = url

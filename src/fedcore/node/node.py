@@ -143,6 +143,7 @@ class Node:
         self.users = Users(self.db, audit=self.audit)
         self._policies = list(policies)
         self._chain: tuple[int, Governance] | None = None
+        self._trusted: tuple[int, dict[str, bytes]] | None = None  # parsed, per config version
         if approval_required is not None and self._config.data.get(
                 "approval_required", True) != approval_required:
             self.set_policy(approval_required=approval_required)
@@ -223,14 +224,17 @@ class Node:
     @property
     def trusted_researchers(self) -> dict[str, bytes]:
         """The researchers this node answers on a network: ``{name: public key}``."""
-        trusted = self.config.get("trusted_researchers") or {}
+        trusted = self.config.get("trusted_researchers") or {}  # rereads a changed file
+        if self._trusted is not None and self._trusted[0] == self._config.version:
+            return dict(self._trusted[1])  # read for every frame: parsed once per version
         out: dict[str, bytes] = {}
         for name, key in trusted.items() if isinstance(trusted, Mapping) else ():
             try:
                 out[str(name)] = parse_public_key(str(key))
             except ConfigurationError as exc:
                 log.error("Ignored trusted researcher %r in config.toml: %s", name, exc)
-        return out
+        self._trusted = (self._config.version, out)
+        return dict(out)
 
     def trust(self, name: str, key: str, *, by: str = "") -> None:
         """Trust the researcher whose public key is ``key`` (base64 or hex) under ``name``."""

@@ -63,10 +63,11 @@ CHUNK_HEADER = _HEADER.size  #: bytes of a chunk's header
 _THREAD_BYTES = 256 << 10  # hash and copy larger messages on a worker thread
 _HEAD = 64 << 10  # bytes of a refused frame kept, to read its header for an error reply
 _NAMES = 1024  # sender names whose state is kept (the least recently used go first)
+_STRANGERS = 20.0  # checks a second of signatures under a key from names it never used
 _REASONS = (("unsigned", "Unsigned frame"), ("unknown key", "unknown key"),
             ("nobody trusted", "nobody is trusted"), ("bad signature", "Bad signature"),
             ("clock", "was signed"), ("oversized", "exceeds the limit"),
-            ("rate limited", "Too many frames"))
+            ("unverified", "dropped unverified"), ("rate limited", "Too many frames"))
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,13 @@ class ChunkedTransport(Transport):
         #: Refused frames, counted and summarised (see :class:`~fedcore.wire.limits.Drops`).
         self.drops = Drops(on_dropped or _log_summary)
         self._rate = request_rate
+        if guard is not None:
+            inner.screen = self._screen
         self._buckets: Bounded[bytes, TokenBucket] = Bounded(_NAMES)
+        # per key: the sender names its verified frames came from, and a budget of checks
+        # for frames that claim it under other names (forged signatures cost a check each)
+        self._vouched: Bounded[bytes, Bounded[str, bool]] = Bounded(_NAMES)
+        self._strangers: Bounded[bytes, TokenBucket] = Bounded(_NAMES)
         self._receiving = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -260,6 +267,11 @@ class ChunkedTransport(Transport):
             return None  # the rest of a frame whose first chunk was refused
         try:
             claimed = self.guard.signer(view)  # cheap: before any hashing
+            if self._stranger_over_budget(peer, claimed):
+                raise ProtocolError(
+                    f"Too many frames claiming the key of {claimed[0]!r} under sender names "
+                    "it never used: dropped unverified. (With the broker ACL of "
+                    "docs/deployment.md nobody else can use its name.)")
             partial = self._continued(peer, header, len(view) - CHUNK_HEADER - TRAILER)
             if partial is not None and len(view) > _THREAD_BYTES \
                     and claimed == (partial.signer, partial.key):
@@ -278,6 +290,7 @@ class ChunkedTransport(Transport):
                     "Slow down, or ask the node's administrator to raise it.")
         except (ProtocolError, GovernanceError) as exc:
             return self._refuse(peer, view, header, exc)
+        self._vouched.get_or_add(claimed[1], lambda: Bounded(64)).get_or_add(peer, bool)
         if header is None:
             return Delivery(peer, signed.body.toreadonly(), *claimed)
         return await self._chunk(peer, header, signed.body[CHUNK_HEADER:], *claimed)
@@ -292,6 +305,30 @@ class ChunkedTransport(Transport):
             return False
         bucket = self._buckets.get_or_add(key, lambda: TokenBucket(rate, 2 * rate))
         bucket.rate, bucket.burst = rate, 2 * rate  # follows a change of the policy
+        return not bucket.take()
+
+    def _screen(self, peer: str, message: bytes | bytearray) -> bool:
+        """On the inner transport's receiving thread: drop, counted, what no trusted key signed.
+
+        The few refusals that may still be answered go on, to be refused on the loop.
+        """
+        assert self.guard is not None
+        try:
+            self.guard.signer(message)
+        except FedcoreError as exc:
+            if self.drops.reportable():
+                return True
+            self.drops.drop(peer, _reason(exc), str(exc))
+            return False
+        return True
+
+    def _stranger_over_budget(self, peer: str, claimed: tuple[str, bytes]) -> bool:
+        """Whether a message claiming a key under a name it never used exceeds the budget."""
+        vouched = self._vouched.get(claimed[1])
+        if vouched is not None and peer in vouched:
+            return False
+        bucket = self._strangers.get_or_add(
+            claimed[1], lambda: TokenBucket(_STRANGERS, 2 * _STRANGERS))
         return not bucket.take()
 
     def _junk(self, peer: str, head: memoryview, exc: FedcoreError) -> Delivery | None:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -35,13 +36,17 @@ class TokenBucket:
 
     def take(self) -> bool:
         """Spend one token if there is one; whether there was."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
+        if not self.ready():
             return False
         self.tokens -= 1.0
         return True
+
+    def ready(self) -> bool:
+        """Whether a token is there now (none is spent)."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens >= 1.0
 
 
 class Bounded(OrderedDict[K, V], Generic[K, V]):
@@ -70,6 +75,9 @@ _EXAMPLE = 300  # characters of an example refusal kept per reason
 class Drops:
     """Refused frames, counted; a few reported one by one, the rest in summaries.
 
+    Thread-safe: a transport may count drops on its own receiving thread. ``report`` is
+    called on the thread that made the summary due.
+
     :meth:`drop` says whether a refusal may be reported on its own (at most ``burst`` at
     once, ``per_s`` a second after that). ``report`` receives each summary: a dict with
     ``dropped`` (frames), ``seconds`` (the span it covers), ``reasons`` (count per reason),
@@ -87,6 +95,7 @@ class Drops:
         self.total = 0
         self._individual = TokenBucket(per_s, burst)
         self._reported_at = -interval  # monotonic time of the latest summary
+        self._lock = threading.RLock()
         self._reset()
 
     def _reset(self) -> None:
@@ -96,8 +105,17 @@ class Drops:
         self._examples: dict[str, str] = {}
         self._peers: Counter[str] = Counter()
 
+    def reportable(self) -> bool:
+        """Whether the next drop could be reported alone (nothing is counted)."""
+        with self._lock:
+            return self._individual.ready()
+
     def drop(self, peer: str, reason: str, message: str) -> bool:
         """Count one refused frame; whether it may also be reported (and answered) alone."""
+        with self._lock:
+            return self._drop(peer, reason, message)
+
+    def _drop(self, peer: str, reason: str, message: str) -> bool:
         self.total += 1
         if not self._count:
             self._since = time.time()
@@ -113,11 +131,16 @@ class Drops:
 
     def tick(self) -> None:
         """Send the summary if one is due."""
-        if self._count and time.monotonic() - self._reported_at >= self.interval:
-            self.flush()
+        with self._lock:
+            if self._count and time.monotonic() - self._reported_at >= self.interval:
+                self.flush()
 
     def flush(self) -> None:
         """Send the summary of the drops not summarised yet, if any."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self._count:
             return
         summary = {"dropped": self._count, "seconds": round(time.time() - self._since, 3),
