@@ -21,7 +21,7 @@ signing key are reassembled at a time, whatever sender names it claims; one that
 no chunk for ``timeout`` seconds is dropped with a log line. Anything malformed is refused;
 the endpoint keeps serving.
 
-What a refusal costs is bounded (:mod:`fedcore.wire.limits`): a message that fails
+What a refusal costs is bounded (:mod:`fedcore.wire.admission`): a message that fails
 verification (unsigned, unknown key, bad signature, stale, replayed, oversized) is counted
 in a summary reported at most every ``Drops.interval`` seconds, and only a few such
 refusals are handed on one by one (to be answered); frames from one verified key beyond
@@ -47,8 +47,9 @@ import numpy as np
 from fedcore.errors import FedcoreError, GovernanceError, ProtocolError, TransportError
 from fedcore.transport import Capabilities, Transport
 from fedcore.wire import codec
-from fedcore.wire.limits import Bounded, Drops, TokenBucket
-from fedcore.wire.signing import TRAILER, Guard, ReplayedFrame
+from fedcore.wire.admission import NAMES, Admission
+from fedcore.wire.limits import Bounded
+from fedcore.wire.signing import TRAILER, Guard
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -62,12 +63,6 @@ _MAGIC = b"FCC1"
 CHUNK_HEADER = _HEADER.size  #: bytes of a chunk's header
 _THREAD_BYTES = 256 << 10  # hash and copy larger messages on a worker thread
 _HEAD = 64 << 10  # bytes of a refused frame kept, to read its header for an error reply
-_NAMES = 1024  # sender names whose state is kept (the least recently used go first)
-_STRANGERS = 20.0  # checks a second of signatures under a key from names it never used
-_REASONS = (("unsigned", "Unsigned frame"), ("unknown key", "unknown key"),
-            ("nobody trusted", "nobody is trusted"), ("bad signature", "Bad signature"),
-            ("clock", "was signed"), ("oversized", "exceeds the limit"),
-            ("unverified", "dropped unverified"), ("rate limited", "Too many frames"))
 
 
 @dataclass(frozen=True)
@@ -126,18 +121,13 @@ class ChunkedTransport(Transport):
         self._partials: dict[str, dict[int, _Partial]] = {}
         self._flight: Counter[bytes | str] = Counter()  # partial frames per key (or peer)
         # frames whose first chunk was refused, by sender name
-        self._refused: Bounded[str, set[int]] = Bounded(_NAMES)
-        self._sending: Bounded[str, asyncio.Semaphore] = Bounded(_NAMES)
-        #: Refused frames, counted and summarised (see :class:`~fedcore.wire.limits.Drops`).
-        self.drops = Drops(on_dropped or _log_summary)
-        self._rate = request_rate
-        if guard is not None:
-            inner.screen = self._screen
-        self._buckets: Bounded[bytes, TokenBucket] = Bounded(_NAMES)
-        # per key: the sender names its verified frames came from, and a budget of checks
-        # for frames that claim it under other names (forged signatures cost a check each)
-        self._vouched: Bounded[bytes, Bounded[str, bool]] = Bounded(_NAMES)
-        self._strangers: Bounded[bytes, TokenBucket] = Bounded(_NAMES)
+        self._refused: Bounded[str, set[int]] = Bounded(NAMES)
+        self._sending: Bounded[str, asyncio.Semaphore] = Bounded(NAMES)
+        #: The limits on what is received (``None`` without a guard: nothing is verified).
+        self.admission = (Admission(guard, on_dropped, request_rate) if guard is not None
+                          else None)
+        if self.admission is not None:
+            inner.screen = self.admission.screen
         self._receiving = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -164,7 +154,8 @@ class ChunkedTransport(Transport):
         await self.inner.close()
         self._partials.clear()
         self._flight.clear()
-        self.drops.flush()
+        if self.admission is not None:
+            self.admission.drops.flush()
 
     def peers(self) -> set[str]:
         """The inner transport's peers."""
@@ -259,7 +250,7 @@ class ChunkedTransport(Transport):
             return self._junk(peer, view[:_HEAD], ProtocolError(
                 f"Frame of {len(view)} bytes exceeds the limit of {self.max_frame_size} "
                 "bytes. Refused unread."))
-        if self.guard is None:
+        if self.guard is None or self.admission is None:
             if header is None:
                 return Delivery(peer, message)
             return await self._chunk(peer, header, view[CHUNK_HEADER:], "", b"")
@@ -267,11 +258,7 @@ class ChunkedTransport(Transport):
             return None  # the rest of a frame whose first chunk was refused
         try:
             claimed = self.guard.signer(view)  # cheap: before any hashing
-            if self._stranger_over_budget(peer, claimed):
-                raise ProtocolError(
-                    f"Too many frames claiming the key of {claimed[0]!r} under sender names "
-                    "it never used: dropped unverified. (With the broker ACL of "
-                    "docs/deployment.md nobody else can use its name.)")
+            self.admission.check_claim(peer, claimed)
             partial = self._continued(peer, header, len(view) - CHUNK_HEADER - TRAILER)
             if partial is not None and len(view) > _THREAD_BYTES \
                     and claimed == (partial.signer, partial.key):
@@ -283,59 +270,20 @@ class ChunkedTransport(Transport):
                 return self._advance(peer, header[0], partial, end)
             signed = (await asyncio.to_thread(self.guard.verify, view, claimed)
                       if len(view) > _THREAD_BYTES else self.guard.verify(view, claimed))
-            if (header is None or header[1] == 0) and self._over_rate(claimed[1]):
-                raise ProtocolError(
-                    f"Too many frames from {claimed[0]!r}: at most {self._rate_now():g} a "
-                    "second are taken from one key (the node's policy max_requests_per_s). "
-                    "Slow down, or ask the node's administrator to raise it.")
+            self.admission.vouch(peer, claimed[1])
+            if header is None or header[1] == 0:  # a new frame
+                self.admission.check_rate(claimed)
         except (ProtocolError, GovernanceError) as exc:
             return self._refuse(peer, view, header, exc)
-        self._vouched.get_or_add(claimed[1], lambda: Bounded(64)).get_or_add(peer, bool)
         if header is None:
             return Delivery(peer, signed.body.toreadonly(), *claimed)
         return await self._chunk(peer, header, signed.body[CHUNK_HEADER:], *claimed)
 
-    def _rate_now(self) -> float | None:
-        return self._rate() if self._rate is not None else None
-
-    def _over_rate(self, key: bytes) -> bool:
-        """Whether a new frame from ``key`` goes beyond its rate (spends a token if not)."""
-        rate = self._rate_now()
-        if not rate:
-            return False
-        bucket = self._buckets.get_or_add(key, lambda: TokenBucket(rate, 2 * rate))
-        bucket.rate, bucket.burst = rate, 2 * rate  # follows a change of the policy
-        return not bucket.take()
-
-    def _screen(self, peer: str, message: bytes | bytearray) -> bool:
-        """On the inner transport's receiving thread: drop, counted, what no trusted key signed.
-
-        The few refusals that may still be answered go on, to be refused on the loop.
-        """
-        assert self.guard is not None
-        try:
-            self.guard.signer(message)
-        except FedcoreError as exc:
-            if self.drops.reportable():
-                return True
-            self.drops.drop(peer, _reason(exc), str(exc))
-            return False
-        return True
-
-    def _stranger_over_budget(self, peer: str, claimed: tuple[str, bytes]) -> bool:
-        """Whether a message claiming a key under a name it never used exceeds the budget."""
-        vouched = self._vouched.get(claimed[1])
-        if vouched is not None and peer in vouched:
-            return False
-        bucket = self._strangers.get_or_add(
-            claimed[1], lambda: TokenBucket(_STRANGERS, 2 * _STRANGERS))
-        return not bucket.take()
-
     def _junk(self, peer: str, head: memoryview, exc: FedcoreError) -> Delivery | None:
         """Count a refused frame; hand it on (to be answered) only while reports are cheap."""
-        if self.guard is None:  # nothing is verified: every refusal is handed on
+        if self.admission is None:  # nothing is verified: every refusal is handed on
             return Delivery(peer, head, error=exc)
-        if self.drops.drop(peer, _reason(exc), str(exc)):
+        if self.admission.refused(peer, exc):
             return Delivery(peer, head, error=exc, summarized=True)
         return None
 
@@ -378,7 +326,8 @@ class ChunkedTransport(Transport):
             return self._junk(peer, view[:_HEAD], exc)
         frame_id, offset, _ = header
         if offset > 0:  # counted; only a frame's first message is ever answered
-            self.drops.drop(peer, _reason(exc), str(exc))
+            if self.admission is not None:
+                self.admission.count(peer, exc)
             return None
         refused = self._refused.get_or_add(peer, set)
         if len(refused) > 64:
@@ -459,7 +408,8 @@ class ChunkedTransport(Transport):
         """Drop partial frames that received nothing for ``timeout`` seconds."""
         while True:
             await asyncio.sleep(max(0.05, min(self.timeout / 4, 5.0)))
-            self.drops.tick()
+            if self.admission is not None:
+                self.admission.drops.tick()
             stale = time.monotonic() - self.timeout
             for peer, partials in list(self._partials.items()):
                 for frame_id, partial in list(partials.items()):
@@ -468,21 +418,6 @@ class ChunkedTransport(Transport):
                                     "arrived, then nothing for %g s.", peer, partial.filled,
                                     partial.total, self.timeout)
                         self._drop(peer, frame_id)
-
-
-def _reason(exc: FedcoreError) -> str:
-    """A short name for why a message was refused (the key of a summary's counts)."""
-    if isinstance(exc, ReplayedFrame):
-        return "replayed"
-    text = str(exc)
-    return next((reason for reason, marker in _REASONS if marker in text),
-                type(exc).__name__)
-
-
-def _log_summary(summary: dict[str, Any]) -> None:
-    log.warning("Dropped %d frame(s) in %.0f s that failed verification or came too fast "
-                "(%s), claimed by %s.", summary["dropped"], summary["seconds"],
-                summary["reasons"], summary["peers"])
 
 
 def _pieces(views: list[memoryview], piece: int) -> list[tuple[int, list[memoryview]]]:
