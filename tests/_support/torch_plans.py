@@ -17,3 +17,15 @@ class TinyMLP(TorchTrainingPlan):
 
     def training_step(self, data, target):
         return torch.nn.functional.cross_entropy(self.model(data), target)
+
+
+class BatchNormMLP(TorchTrainingPlan):
+    """A 4-64-2 MLP with BatchNorm: an int64 buffer (``num_batches_tracked``) beside floats."""
+
+    def init_model(self):
+        torch.set_num_threads(1)
+        return torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.BatchNorm1d(64),
+                                   torch.nn.ReLU(), torch.nn.Linear(64, 2))
+
+    def training_step(self, data, target):
+        return torch.nn.functional.cross_entropy(self.model(data), target)

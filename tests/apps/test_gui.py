@@ -31,6 +31,7 @@ from sklearn.linear_model import SGDClassifier  # noqa: E402
 from fedcore import Experiment, simulate  # noqa: E402
 from fedcore.errors import RoundError  # noqa: E402
 from fedcore.node import Node  # noqa: E402
+from fedcore.wire.identity import Identity, fingerprint  # noqa: E402
 from fedcore_node.gui import make_gui_server  # noqa: E402
 from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
 
@@ -264,6 +265,17 @@ def test_a_read_only_user_sees_plans_but_cannot_approve(federation):
     assert r.status_code == 403
     assert node.plans.status(exp.plan_hash) == "pending"
     exp.close()
+
+
+def test_the_status_page_names_trusted_researchers_by_128_bit_fingerprints(federation,
+                                                                           tmp_path):
+    _, node, gui = federation
+    key = Identity(tmp_path / "alice.key")
+    node.trust("alice", key.public_key)
+    page = _session(gui, READER, READER_PW).get(gui.url + "/", timeout=10)
+    assert page.status_code == 200 and "alice" in page.text
+    assert fingerprint(key.public_bytes) in page.text
+    assert len(fingerprint(key.public_bytes).replace(":", "")) == len("SHA256") + 32
 
 
 def test_an_admin_edits_datasets_and_policy_through_the_forms(federation, tmp_path):

@@ -196,7 +196,12 @@ def test_registration_applies_the_plan_and_shows_only_harmonised_names(tmp_path)
     assert local["columns"] == ["age_months", "dx", "gender"]
 
     entry = node.datasets.set_loading_plan(entry["id"], plan)
-    public = node.datasets.public({**node.datasets.get(entry["id"]), "available": True})
+    stored = {**node.datasets.get(entry["id"]), "available": True}
+    # Six subjects: a value held by fewer than min_count of them is not listed by default.
+    small = node.datasets.public(stored)["metadata"]
+    assert small["categories_withheld"] == ["diagnosis", "sex"]
+    assert small["categories"]["sex"] == [] and small["categories"]["diagnosis"] == []
+    public = node.datasets.public(stored, min_count=0)
     meta = public["metadata"]
     assert meta["modalities"] == ["T1", "T2"] and meta["columns"] == ["age", "diagnosis", "sex"]
     assert meta["categories"]["sex"] == ["F", "M"] and meta["categories"]["diagnosis"] == [0, 1]
@@ -383,6 +388,7 @@ def test_a_broken_volume_fails_only_its_node_which_keeps_serving(tmp_path):
         for node_id in SITES:
             cohort, plan = _site(tmp_path / "sites", node_id, n_subjects=8)
             node = fed.add_node(node_id)
+            node.set_policy(min_count=0)  # 8 subjects: list their diagnoses all the same
             _register(node, cohort, plan)
             if node_id == "node-02":
                 damaged = node

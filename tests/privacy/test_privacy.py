@@ -163,10 +163,12 @@ def test_update_dp_noise_has_the_promised_standard_deviation():
     local = ParameterSet({"w": np.full((400, 500), 10.0, np.float32), "n": np.array(4)})
     dp = UpdateDP(clip=0.5, noise_multiplier=2.0, delta=1e-5)
     out, report = dp.apply(glob, local, rng=np.random.default_rng(7))
-    assert report["clipped"] and report["sigma"] == 1.0 and report["norm"] > 4000
+    # replace-one: two clipped updates lie up to 2 * clip apart; std = z * 2 * clip
+    assert report["sensitivity"] == dp.sensitivity == 1.0
+    assert report["clipped"] and report["sigma"] == 2.0 and report["norm"] > 4000
     noise = out["w"].astype(np.float64) - 0.5 / np.sqrt(200_000)  # clipped update is flat
-    assert noise.std() == pytest.approx(1.0, rel=0.02) and abs(noise.mean()) < 0.01
-    assert out["w"].dtype == np.float32 and int(out["n"]) == 4  # counters pass through
+    assert noise.std() == pytest.approx(2.0, rel=0.02) and abs(noise.mean()) < 0.02
+    assert out["w"].dtype == np.float32 and int(out["n"]) == 3  # counters stay on the node
     assert dp.event() == (2.0, 1.0, 1)
     del rng
     # without a generator the noise is drawn from a CSPRNG-seeded one: never repeated
@@ -193,9 +195,11 @@ def test_central_dp_clips_each_update_and_noises_the_mean():
     agg.add(ParameterSet({"w": np.full(10_000, 0.001)}), 1.0, "small")
     out = agg.result()
     noise = out["w"] - (0.01 + 0.001) / 2  # clipped big update: 1/sqrt(10000) per value
-    assert noise.std() == pytest.approx(0.5 * 1.0 / 2, rel=0.05)
+    # replace-one: the mean of 2 updates clipped to 1 moves by up to 2 * 1 / 2
+    assert noise.std() == pytest.approx(0.5 * 2 * 1.0 / 2, rel=0.05)
     report = agg.privacy_report()
-    assert report["nodes"] == 2 and report["clipped"] == 1 and report["sigma"] == 0.25
+    assert report["nodes"] == 2 and report["clipped"] == 1 and report["sigma"] == 0.5
+    assert report["sensitivity"] == 1.0 and report["relation"] == "replace-one"
     assert report["epsilon"] == report["epsilon_total"] == agg.epsilon > 0
     assert agg.result() is out and len(agg.accountant_.events) == 1  # accounted once
     assert CentralDP.sum_only is False
@@ -348,9 +352,12 @@ def test_the_reply_reports_parameters_and_epsilon_but_no_data():
     spec = PrivacySpec.parse({**UPDATE_DP, "delta": 1e-6})
     reply = spec.reply([(1.0, 1.0, 1)], total_events=[(1.0, 1.0, 3)])
     assert reply == {"mechanism": "update", "noise_multiplier": 1.0, "clip": 1.0,
-                     "delta": 1e-6, "events": [[1.0, 1.0, 1]],
+                     "delta": 1e-6, "relation": "replace-one", "sensitivity": 2.0,
+                     "events": [[1.0, 1.0, 1]],
                      "epsilon": epsilon([(1.0, 1.0, 1)], 1e-6),
-                     "epsilon_total": epsilon([(1.0, 1.0, 3)], 1e-6)}
+                     "epsilon_total": epsilon([(1.0, 1.0, 3)], 1e-6),
+                     "withheld": ["metrics_global", "metrics_local", "train_stats",
+                                  "progress_loss"]}
     assert json.loads(json.dumps(reply)) == reply  # plain data for the wire
 
 

@@ -35,8 +35,13 @@ def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-300)
 
 
+# min and max are off by default (each is one record's value): these nodes share them.
+EXTREMES = "allow_min_max = true"
+NO_SUPPRESSION = f"min_count = 0\n{EXTREMES}"
+
+
 def test_pooled_statistics_equal_those_of_the_concatenated_data(tmp_path, sites):
-    no_suppression = {f"node-{i:02d}": "min_count = 0" for i in range(1, 5)}
+    no_suppression = {f"node-{i:02d}": NO_SUPPRESSION for i in range(1, 5)}
     whole = pd.concat(sites, ignore_index=True)
     with _federation(tmp_path, sites, no_suppression) as fed, \
             FederatedStatistics(fed.url, ["cohort"]) as stats:
@@ -77,7 +82,7 @@ def test_pooled_statistics_equal_those_of_the_concatenated_data(tmp_path, sites)
 
 def test_quantiles_come_from_the_pooled_histogram_within_one_bin(tmp_path, sites):
     whole = pd.concat(sites, ignore_index=True)["glucose"].dropna().to_numpy()
-    no_suppression = {f"node-{i:02d}": "min_count = 0" for i in range(1, 5)}
+    no_suppression = {f"node-{i:02d}": NO_SUPPRESSION for i in range(1, 5)}
     qs = [0.0, 0.05, 0.5, 0.9, 1.0]
     with _federation(tmp_path, sites, no_suppression) as fed, \
             FederatedStatistics(fed.url, "cohort") as stats:
@@ -110,11 +115,14 @@ def test_small_cells_are_withheld_reported_and_left_out_of_pooled_results(tmp_pa
     kept = pd.concat(sites[:3])["age"]
     assert _rel(pooled["mean"], kept.mean()) < 1e-9
     # node-02's cell [150, 250) holds 3 (< 5): withheld, with one more cell so that the
-    # withheld total (count minus what is published) does not reveal it.
+    # withheld total (count minus what is published) does not reveal it. Neither is named:
+    # both read as 0, and only their number is told.
     counts = hist.counts.loc["node-02"]
-    assert pd.isna(counts.iloc[3])
-    reasons = hist.suppressed[hist.suppressed["node"] == "node-02"]["reason"].tolist()
-    assert "fewer than 5 values" in reasons and any("complementary" in r for r in reasons)
+    assert counts.iloc[3] == 0 and not counts.isna().any()
+    own = np.histogram(sites[1]["age"], bins=edges)[0]
+    assert (counts.to_numpy(int) != own).sum() == 2  # two cells zeroed, unnamed
+    row = hist.suppressed[hist.suppressed["node"] == "node-02"].iloc[0]
+    assert row["cells"] == 2 and "not named" in row["reason"]
     node2_age = sites[1]["age"].to_numpy()
     assert len(node2_age) - counts.sum() >= 5  # what cannot be told apart
     assert hist.counts.loc["node-04"].isna().all()
@@ -122,17 +130,18 @@ def test_small_cells_are_withheld_reported_and_left_out_of_pooled_results(tmp_pa
     np.testing.assert_array_equal(hist.pooled, published)
     assert "node-02" in hist.notes[POOLED] and "node-04 (suppressed)" in hist.notes[POOLED]
     hidden = hist.totals.loc["node-02", "withheld"]
-    assert hidden == len(node2_age) - counts.sum() and hist.totals.loc[POOLED, "withheld"] == (
-        hidden)
-    assert hist.notes["node-02"] == f"2 small cell(s) withheld ({hidden} values)"
+    assert hidden == len(node2_age) - counts.sum() == row["values"]
+    assert hist.totals.loc[POOLED, "withheld"] == hidden
+    assert hist.notes["node-02"] == (f"2 small cell(s) withheld ({hidden} values, not "
+                                     "located: they read as 0)")
     answered = [e for e in audit if e["event"] == "statistics"]
     assert any("age:bin[3]" in e["withheld"] for e in answered)
     assert all(e["min_count"] == 5 for e in answered)
 
 
 def test_node_policy_refuses_or_withholds_extremes(tmp_path, sites):
-    configs = {"node-02": "statistics = false", "node-03": "allow_min_max = false",
-               "node-04": "min_samples = 100000"}
+    configs = {"node-01": EXTREMES, "node-02": "statistics = false",
+               "node-03": "allow_min_max = false", "node-04": "min_samples = 100000"}
     with _federation(tmp_path, sites, configs) as fed, \
             FederatedStatistics(fed.url, "cohort") as stats:
         table = stats.describe("age")
@@ -159,7 +168,8 @@ def test_node_policy_refuses_or_withholds_extremes(tmp_path, sites):
 
 
 def test_a_node_whose_data_vanished_is_left_out_of_pooled_results(tmp_path, sites, caplog):
-    with _federation(tmp_path, sites[:3]) as fed, \
+    extremes = {f"node-{i:02d}": EXTREMES for i in range(1, 4)}
+    with _federation(tmp_path, sites[:3], extremes) as fed, \
             FederatedStatistics(fed.url, "cohort") as stats:
         assert list(stats.search()["node"]) == ["node-01", "node-02", "node-03"]
         (tmp_path / "node-03.csv").unlink()
@@ -216,7 +226,8 @@ def test_statistics_work_inside_a_running_event_loop(tmp_path, sites):
         await stats.aclose()
         return table, hist, median, again
 
-    with _federation(tmp_path, sites[:2]) as fed:
+    with _federation(tmp_path, sites[:2], dict.fromkeys(["node-01", "node-02"], EXTREMES)
+                     ) as fed:
         table, hist, median, again = asyncio.run(notebook_cell(fed.url))
     assert table.equals(again) and table.loc[("age", POOLED), "count"] == sum(SIZES[:2])
     assert hist.pooled.sum() == sum(SIZES[:2]) and list(median.columns) == ["50%", "note"]
@@ -295,7 +306,7 @@ def _imaging_federation(tmp_path, subjects, configs=None):
 
 def test_image_intensities_per_modality_pool_exactly(tmp_path):
     pytest.importorskip("nibabel")
-    no_suppression = {f"node-{i:02d}": "min_count = 0" for i in range(1, 4)}
+    no_suppression = {f"node-{i:02d}": NO_SUPPRESSION for i in range(1, 4)}
     fed, voxels = _imaging_federation(tmp_path, [4, 6, 5], no_suppression)
     with fed, FederatedStatistics(fed.url, "mri") as stats:
         table = stats.describe(["T1", "T2", "age"])  # modalities and demographics
@@ -367,3 +378,46 @@ def test_an_experiment_gives_statistics_over_its_own_datasets(tmp_path, sites):
     nodes = set(table.loc["age"].index) - {POOLED}
     assert nodes == {"node-01", "node-03"}
     assert table.loc[("age", POOLED), "count"] == SIZES[0] + SIZES[2]
+
+
+def test_quantiles_are_not_given_where_withheld_cells_would_bias_them(tmp_path, sites):
+    sites[0].loc[:2, "age"] = 150  # three old patients at node-01: a withheld cell
+    configs = {"node-01": EXTREMES, "node-02": EXTREMES}
+    with _federation(tmp_path, sites[:2], configs) as fed, \
+            FederatedStatistics(fed.url, "cohort") as stats:
+        table = stats.quantiles("age", [0.5, 0.99], bins=[0, 50, 100, 200])
+    # node-01's three (and the cell withheld with them) are somewhere unknown: no estimate.
+    assert table.loc[["node-01", POOLED], ["50%", "99%"]].isna().all().all()
+    assert "quantiles not given" in table.loc["node-01", "note"]
+    assert "quantiles not given" in table.loc[POOLED, "note"]
+    own = sites[1]["age"].to_numpy()
+    assert abs(table.loc["node-02", "50%"] - np.median(own)) <= 50
+
+
+def test_a_histogram_too_fine_for_a_node_is_refused_there_only(tmp_path, sites):
+    small = sites[3].iloc[:40]  # 40 values at node-02: at most 8 bins at min_count 5
+    with _federation(tmp_path, [sites[0], small]) as fed, \
+            FederatedStatistics(fed.url, "cohort") as stats:
+        hist = stats.histogram("age", bins=20, range=(0, 100))
+    assert "at most 8 bins here" in hist.notes["node-02"]
+    assert hist.counts.loc["node-02"].isna().all()
+    assert hist.totals.loc[POOLED, "count"] == SIZES[0]
+
+
+def test_differentially_private_statistics_are_noised_and_charged(tmp_path, sites):
+    configs = {f"node-0{i}": "dp_max_epsilon = 8.0" for i in (1, 2)}
+    whole = pd.concat(sites[:2])["age"]
+    with _federation(tmp_path, sites[:2], configs) as fed:
+        with FederatedStatistics(fed.url, "cohort") as exact:
+            with pytest.raises(GovernanceError, match="only with differential privacy"):
+                exact.describe("age")
+        with FederatedStatistics(fed.url, "cohort", privacy=True) as stats:
+            table = stats.describe("age", bounds=(0, 120))
+            hist = stats.histogram("age", bins=[0, 40, 80, 120])
+        spent = [n.ledger.spent(n.datasets.list()[0]["id"])[0] for n in fed.nodes]
+    pooled = table.loc[("age", POOLED)]
+    assert abs(pooled["count"] - len(whole)) < 100  # noise sd 10 per node
+    assert abs(pooled["mean"] - whole.mean()) < 5 and np.isnan(pooled["max"])
+    assert "differentially private" in pooled["note"]
+    assert abs(hist.pooled.sum() - len(whole)) < 150
+    assert all(0 < s <= 8.0 for s in spent)  # two passes and a histogram, charged

@@ -159,7 +159,8 @@ def run(args: argparse.Namespace, out: Any) -> int:
     elif args.action == "list":
         rows = node.datasets.list()
         if args.json:
-            print(json.dumps([{**node.datasets.public(r), "kind": r["kind"]} for r in rows],
+            print(json.dumps([{**node.datasets.public(r, min_count=node.min_count),
+                               "kind": r["kind"]} for r in rows],
                              indent=1), file=out)
             return 0
         rows_ = [{"id": r["id"], "name": r["name"], "kind": r["kind"],

@@ -14,6 +14,9 @@ A round on the node then runs::
     plan.fit(train, seed)                                # the backend applies them
     extras = algorithm.after_fit(plan, global_params, state)   # -> TrainReply.extras
 
+Under differential privacy the node sets the plan to the released (noised) parameters
+between ``fit`` and ``after_fit`` (:mod:`fedcore.privacy.release`).
+
 What a backend must do (torch and scikit-learn do it; TF and JAX backends will too): declare
 in ``TrainingPlan.supports`` the features its ``fit`` implements, and implement them as
 documented in :meth:`fedcore.plan.TrainingPlan.reset_local_algorithm`:
@@ -67,6 +70,12 @@ class LocalAlgorithm:
     title: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
     hint: ClassVar[str] = "Use a plan whose backend supports it, or FedAvg."
+    #: ``True`` when :meth:`after_fit` computes its extras only from the plan's parameters
+    #: (and values the node saved or the researcher sent), never from training's internals.
+    #: Under differential privacy the node sets the plan to the released, noised parameters
+    #: before ``after_fit``, so such extras are post-processing of the release; an
+    #: algorithm that returns extras without this promise is refused under DP.
+    private_extras: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any]):
         self.options = dict(options)

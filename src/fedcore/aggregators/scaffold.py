@@ -40,10 +40,17 @@ class ScaffoldLocal(LocalAlgorithm):
     ``c_i`` is the node's own control variate, kept in its home (never sent); the reply's
     ``extras["delta_c"]`` carries only its change. Option II of the paper:
     ``c_i+ = c_i - c + (w_global - w_local) / (K * lr)`` over the K local steps.
+
+    Under differential privacy ``w_local`` is the released, noised model (the node sets the
+    plan to it before :meth:`after_fit`), so ``delta_c`` reveals nothing the update does not:
+    the researcher who inverts it finds the noised model, never the clean one. ``K`` and the
+    learning rates are the plan's configuration (a learning rate that follows the loss, such
+    as a plateau scheduler, would be data and is not covered).
     """
 
     title = "SCAFFOLD"
     requires = frozenset({"gradient_correction"})
+    private_extras = True
     hint = "Use a torch plan, or FedAvg/FedProx."
 
     def before_fit(self, plan: TrainingPlan, global_params: ParameterSet,

@@ -100,6 +100,8 @@ class PrivacyBudget(Policy):
                 "for a larger budget.")
 
     def review(self, request: Request) -> Decision:  # noqa: D102
+        if request.kind == "statistics":
+            return self._review_statistics(request)
         if request.kind != "train":
             return Decision.allow()
         label, limit = request.dataset_label, self.limit(request.dataset)
@@ -140,6 +142,33 @@ class PrivacyBudget(Policy):
             f"{spec.noise_multiplier:g}) would cost {alone:.4g} on its own, bringing the total "
             f"to {after:.4g}. Ask for more noise or fewer steps, or ask the node's "
             "administrator for a larger budget.")
+
+
+    def _review_statistics(self, request: Request) -> Decision:
+        """Statistics of a dataset with a budget: only noised, and while the budget lasts.
+
+        ``privacy["events"]`` are the Gaussian releases the node will make (set by the node).
+        """
+        label, limit = request.dataset_label, self.limit(request.dataset)
+        if limit is None or request.dataset is None:
+            return Decision.allow()
+        events = request.privacy.get("events") if request.privacy else None
+        if not events:
+            return Decision.refuse(
+                f"Dataset {label!r} has a privacy budget on this node (epsilon {limit:g} at "
+                f"delta {self.delta:g}, policy dp_max_epsilon), so it answers statistics only "
+                "with differential privacy, charged to that budget. Ask with "
+                "FederatedStatistics(..., privacy=True).")
+        accountant = self.ledger.accountant(str(request.dataset.get("id")))
+        spent, after = accountant.epsilon(self.delta), accountant.epsilon_with(events,
+                                                                                self.delta)
+        if after <= limit:
+            return Decision.allow()
+        return Decision.refuse(
+            f"Dataset {label!r} would exceed its privacy budget on this node: it has spent "
+            f"epsilon {spent:.4g} of {limit:g} (delta {self.delta:g}, policy dp_max_epsilon) "
+            f"and these statistics would bring it to {after:.4g}. Ask for fewer variables "
+            "or queries, or ask the node's administrator for a larger budget.")
 
 
 def budget_summary(ledger: PrivacyLedger, datasets: Iterable[Mapping[str, Any]],

@@ -52,7 +52,7 @@ class Setting:
     """One policy key of ``config.toml``: its type, default (``None``: no limit) and meaning."""
 
     key: str
-    type: str  # "bool", "int", "choice", "access", "fraction", "budget"
+    type: str  # "bool", "int", "number", "choice", "access", "fraction", "budget"
     default: Any
     help: str
     minimum: int = 0
@@ -84,8 +84,15 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
             "for the others) -> number; implies dp_required"),
     Setting("dp_delta", "fraction", 1e-5, "the delta at which the privacy budget is counted"),
     Setting("statistics", "bool", True, "answer federated statistics requests"),
-    Setting("min_count", "int", 5, "statistics: withhold counts below this"),
-    Setting("allow_min_max", "bool", True, "statistics: share minima and maxima"),
+    Setting("min_count", "int", 5, "statistics: the fewest records a shared count may single "
+            "out (smaller cells withheld, too fine or differencing queries refused)"),
+    Setting("allow_min_max", "bool", False, "statistics: share minima and maxima (each is "
+            "one record's value)"),
+    Setting("statistics_dp", "bool", False, "statistics: answer only with differential "
+            "privacy (Gaussian noise charged to the dataset's privacy budget); a dataset "
+            "with a budget (dp_max_epsilon) answers only so in any case"),
+    Setting("statistics_noise", "number", 10.0, "statistics under differential privacy: "
+            "the noise multiplier (noise standard deviation over each sum's sensitivity)"),
     Setting("max_requests_per_s", "int", 20, "most requests a second taken from one "
             "researcher key on a network (bursts of twice that); more are refused",
             minimum=1),
@@ -101,6 +108,10 @@ def _check(setting: Setting, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value < setting.minimum:
             raise ConfigurationError(
                 f"{key} must be a whole number >= {setting.minimum}. Received: {value!r}")
+    elif setting.type == "number":
+        if not _is_number(value) or value <= 0:
+            raise ConfigurationError(f"{key} must be a number > 0. Received: {value!r}")
+        value = float(value)
     elif setting.type == "fraction":
         if not _is_number(value) or not 0 < value < 1:
             raise ConfigurationError(f"{key} must be a number in (0, 1), e.g. 1e-5. "
@@ -189,17 +200,26 @@ def parse_setting(key: str, text: str) -> Any:
 
 
 class StatisticsAllowed(Policy):
-    """Refuses statistics requests on a node that does not answer them."""
+    """Refuses statistics requests on a node that does not answer them.
+
+    With ``dp_only`` (policy ``statistics_dp``), exact ones are refused too.
+    """
 
     name = "statistics"
 
-    def __init__(self, allowed: bool = True):
-        self.allowed = allowed
+    def __init__(self, allowed: bool = True, dp_only: bool = False):
+        self.allowed, self.dp_only = allowed, dp_only
 
     def review(self, request: Request) -> Decision:  # noqa: D102
-        if request.kind == "statistics" and not self.allowed:
+        if request.kind != "statistics":
+            return Decision.allow()
+        if not self.allowed:
             return Decision.refuse("This node does not answer statistics requests "
                                    "(its policy sets statistics = false).")
+        if self.dp_only and not request.privacy:
+            return Decision.refuse(
+                "This node answers statistics only with differential privacy (policy "
+                "statistics_dp). Ask with FederatedStatistics(..., privacy=True).")
         return Decision.allow()
 
 
@@ -372,7 +392,7 @@ def build_governance(policy: Mapping[str, Any], plans: PlanStore,
     ``ledger`` holds what each dataset spent of its privacy budget; by default it is the
     ``privacy`` table of the database ``plans`` live in.
     """
-    chain: list[Policy] = [StatisticsAllowed(policy["statistics"]),
+    chain: list[Policy] = [StatisticsAllowed(policy["statistics"], policy["statistics_dp"]),
                            DatasetAccess(policy["dataset_access"]),
                            MinSamples(policy["min_samples"])]
     if policy["approval_required"]:

@@ -13,7 +13,7 @@ from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.plan import TrainingPlan
 from fedcore.plan.metrics import evaluate
-from fedcore.privacy.mechanisms import UpdateDP
+from fedcore.privacy.release import PrivateRelease
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.wire.messages import TrainReply, TrainRequest
 
@@ -56,6 +56,10 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     plan.reset_local_algorithm()
     plan.progress_callback = settings.get("progress")
     privacy = PrivacySpec.parse(request.privacy)
+    release = PrivateRelease.of(privacy)  # under DP only what the noise covers leaves
+    if release is not None:
+        release.check(algorithm)
+        plan.progress_callback = release.progress(plan.progress_callback)
     if privacy is not None and privacy.mechanism == "dp-sgd":
         if "dp-sgd" not in plan_class.supports:
             raise ConfigurationError(
@@ -67,7 +71,7 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
 
     metrics_global: dict[str, float] = {}
     t = time.perf_counter()
-    if request.evaluate_global and len(test):
+    if request.evaluate_global and len(test) and release is None:
         metrics_global = evaluate(plan.task, *plan.predict(test))
     timings["eval_global_s"] = time.perf_counter() - t
 
@@ -83,27 +87,22 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
 
     metrics_local: dict[str, float] = {}
     t = time.perf_counter()
-    if request.evaluate_local and len(test):
+    if request.evaluate_local and len(test) and release is None:
         metrics_local = evaluate(plan.task, *plan.predict(test))
     timings["eval_local_s"] = time.perf_counter() - t
 
+    params = ParameterSet(plan.get_parameters())
+    spent: dict[str, Any] = {}
+    if release is not None:  # first: the algorithm's extras derive from what is released
+        params, spent = release.apply(plan, request.params)
     extras: dict[str, Any] = {}
     if algorithm is not None:  # last: the node's state changes only once the round is done
         assert state is not None
         extras = algorithm.after_fit(plan, request.params, state)
-    params = ParameterSet(plan.get_parameters())
-    spent: dict[str, Any] = {}
-    if privacy is not None and privacy.mechanism == "update":
-        # The update's norm and whether it was clipped depend on the data: not replied.
-        dp = UpdateDP.from_spec(privacy)
-        params, _ = dp.apply(request.params, params)
-        spent = privacy.reply([dp.event()])
-    elif privacy is not None:
-        spent = privacy.reply(plan.privacy_events)
     if plan.reusable:
         params = params.copy()  # the model lives on: the reply must not alias it
     timings["total_s"] = time.perf_counter() - t0
-    return TrainReply(
+    reply = TrainReply(
         params=params,
         n_samples=len(train),
         n_test=len(test),
@@ -114,7 +113,8 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         device=plan.device(),
         extras=extras,
         privacy=spent,
-    ), plan
+    )
+    return (reply if release is None else release.reply(reply)), plan
 
 
 def plan_key(experiment: str, plan_hash: str, request: TrainRequest) -> str:

@@ -36,7 +36,8 @@ from fedcore.governance import (
     build_governance,
 )
 from fedcore.governance.ledger import PrivacyLedger
-from fedcore.governance.policies import Refuse
+from fedcore.governance.policies import DatasetAccess, Refuse
+from fedcore.governance.statistics_log import QueryLog
 from fedcore.node._config import NodeConfig
 from fedcore.node._secagg import SecaggSessions
 from fedcore.node._storage import AtomicJSONStorage
@@ -51,7 +52,7 @@ from fedcore.privacy.spec import PrivacySpec
 from fedcore.transport import Transport, open_transport
 from fedcore.wire import codec
 from fedcore.wire.chunks import ChunkedTransport, Delivery
-from fedcore.wire.identity import Identity, fingerprint, parse_public_key
+from fedcore.wire.identity import Identity, fingerprint, full_fingerprint, parse_public_key
 from fedcore.wire.messages import (
     Body,
     Envelope,
@@ -72,8 +73,10 @@ from fedcore.wire.messages import (
 from fedcore.wire.signing import Guard, ReplayedFrame
 
 log = logging.getLogger("fedcore.node")
-# The fingerprint of the key that signed the request being handled (set per request task).
-_signer_key: contextvars.ContextVar[str] = contextvars.ContextVar("signer_key", default="")
+# Who sent the request being handled, as the node verified it (set per request task): the
+# name under which the node trusts the key that signed it, and that key's full fingerprint.
+_caller: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "caller", default=None)
 #: Where the request being handled came from, for messages sent before its reply (progress).
 _origin: contextvars.ContextVar[tuple[ChunkedTransport, str] | None] = contextvars.ContextVar(
     "origin", default=None)
@@ -150,6 +153,8 @@ class Node:
         self.datasets = DatasetRegistry(self.db, self.home / "data")
         #: What each dataset spent of its differential-privacy budget.
         self.ledger = PrivacyLedger(self.db)
+        #: What each researcher asked and was answered in statistics (their overlap checks).
+        self.statistics_log = QueryLog(self.db)
         self._secagg = SecaggSessions(self.node_id)
         self.max_frame_size = max_frame_size
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -191,10 +196,10 @@ class Node:
         """Append one event to the audit log (hash-chained JSON lines, never rewritten).
 
         While a request from a network is handled, the record also names the key that
-        signed it (``researcher_key``: its fingerprint), next to the sender it claims.
+        signed it (``researcher_key``: the full SHA-256 fingerprint of that key).
         """
-        key = _signer_key.get()
-        extra = {"researcher_key": key} if key else {}
+        caller = _caller.get()
+        extra = {"researcher_key": caller[1]} if caller else {}
         self._audit.append({"time": time.time(), "node": self.node_id, "event": event,
                             **fields, **extra})
 
@@ -314,6 +319,17 @@ class Node:
                    overrides=decision.overrides, policy=decision.policy)
         return decision
 
+    def researcher(self, env: Envelope) -> str:
+        """The researcher who sent ``env``, as this node knows them.
+
+        On a network it is the name under which the node trusts the key that signed the
+        frame (``fedcore-node trust add NAME KEY``); the sender name written in the envelope
+        is ignored, so a trusted key cannot borrow another researcher's rights. In-process
+        (simulation, no keys) it is the envelope's sender.
+        """
+        caller = _caller.get()
+        return caller[0] if caller else env.sender
+
     # --- serving ----------------------------------------------------------------------------
 
     async def serve(self, transport: Transport) -> None:
@@ -400,7 +416,7 @@ class Node:
             self.audit("internal-error", peer=got.peer, error=f"{type(exc).__name__}: {exc}")
 
     async def _answer(self, link: ChunkedTransport, got: Delivery) -> None:
-        peer, frame, signer = got.peer, got.frame, got.signer
+        peer, frame = got.peer, got.frame
         try:
             if got.error is not None:
                 raise got.error
@@ -421,14 +437,14 @@ class Node:
                              sender=self.node_id, recipient=peer, reply_to=reply_to)
         else:
             started = time.perf_counter()
-            if got.key:  # audit records of this request name the key that signed it
-                _signer_key.set(fingerprint(got.key))
+            if got.key:  # governance and the audit use the verified name and key
+                _caller.set((got.signer, full_fingerprint(got.key)))
             _origin.set((link, peer))
             body = await self._dispatch(env)
             reply = env.reply(body, sender=self.node_id)
             outcome = (f"{body.kind} error: {body.message}" if isinstance(body, ErrorReply)
                        else "ok")
-            log.info("%s %s: %s (%.2f s)", signer or env.sender, env.tag, outcome[:200],
+            log.info("%s %s: %s (%.2f s)", self.researcher(env), env.tag, outcome[:200],
                      time.perf_counter() - started)
         try:
             await link.send_parts(peer, codec.encode_parts(reply, max_size=self.max_frame_size))
@@ -457,10 +473,17 @@ class Node:
 
     def _on_search(self, env: Envelope) -> Body:
         request: SearchRequest = env.body  # type: ignore[assignment]
-        found = self.datasets.search(request.tags)
-        self.audit("search", researcher=env.sender, tags=request.tags, found=len(found))
+        researcher = self.researcher(env)
+        # A researcher finds only the datasets this node lets them use (policy dataset_access).
+        access = [p for p in self.governance.policies if isinstance(p, DatasetAccess)]
+        found = [entry for entry in self.datasets.search(request.tags)
+                 if all(p.review(Request(kind="search", researcher=researcher, dataset=entry))
+                        .allowed for p in access)]
+        self.audit("search", researcher=researcher, tags=request.tags, found=len(found))
+        min_count = self.min_count
         return SearchReply(node_id=self.node_id,
-                           datasets=[self.datasets.public(e) for e in found],
+                           datasets=[self.datasets.public(e, min_count=min_count)
+                                     for e in found],
                            available_tags=self.datasets.all_tags())
 
     def _bundle(self, wire: Any) -> tuple[PlanBundle, str]:
@@ -490,8 +513,8 @@ class Node:
 
     async def _on_train(self, env: Envelope) -> Body:
         request: TrainRequest = env.body  # type: ignore[assignment]
-        base = {"researcher": env.sender, "experiment": env.experiment, "round": env.round,
-                "dataset": request.dataset_id}
+        base = {"researcher": self.researcher(env), "experiment": env.experiment,
+                "round": env.round, "dataset": request.dataset_id}
         self.audit("train-request", **base)
         protection = update_protection(self._secagg, request.secagg)
         admitted = await self._admit(env, request, protection.scheme, base)
@@ -643,7 +666,7 @@ class Node:
         try:
             return self._secagg.answer(request)
         except FedcoreError as exc:
-            self.audit("secagg-refused", researcher=env.sender, experiment=env.experiment,
+            self.audit("secagg-refused", researcher=self.researcher(env), experiment=env.experiment,
                        round=env.round, phase=request.phase, reason=str(exc))
             return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
 
@@ -652,11 +675,22 @@ class Node:
         n = (entry.get("metadata") or {}).get("n_samples")
         if n is None:
             n = len(self.datasets.open(entry))
-        return Request(kind="train", researcher=env.sender, experiment=env.experiment,
+        return Request(kind="train", researcher=self.researcher(env), experiment=env.experiment,
                        round=env.round, dataset=entry, n_samples=int(n), plan_hash=sha,
                        plan_name=bundle.entry, training_args=dict(request.training_args),
                        privacy=dict(request.privacy), test_ratio=request.test_ratio,
                        secagg=scheme)
+
+    @property
+    def min_count(self) -> int:
+        """The fewest records a shared count or listed value may single out.
+
+        The policy's ``min_count``; its default (5) while the policy cannot be read.
+        """
+        try:
+            return int(self.policy["min_count"])
+        except ConfigurationError:
+            return 5
 
     def _allow_gpu(self) -> bool:
         try:
@@ -669,10 +703,10 @@ class Node:
         try:
             bundle, sha = self._bundle(body.plan)
         except (ConfigurationError, GovernanceError) as exc:
-            self.audit("plan-submit-refused", researcher=env.sender, reason=str(exc))
+            self.audit("plan-submit-refused", researcher=self.researcher(env), reason=str(exc))
             return ErrorReply(kind="configuration", message=str(exc),
                               exc_type=type(exc).__name__)
-        self.plans.submit(bundle, submitter=env.sender, message=body.message)
+        self.plans.submit(bundle, submitter=self.researcher(env), message=body.message)
         return self._plan_status(env, sha)
 
     def _on_plan_status(self, env: Envelope) -> Body:
@@ -686,7 +720,7 @@ class Node:
         except ConfigurationError:
             required = True
         status = str(entry.get("status", "unknown"))
-        self.audit("plan-status", researcher=env.sender, plan=sha, status=status)
+        self.audit("plan-status", researcher=self.researcher(env), plan=sha, status=status)
         return PlanStatus(node_id=self.node_id, plan_hash=sha, status=status,
                           note=str(entry.get("note", "")), approval_required=required,
                           submitted_at=entry.get("submitted_at"),

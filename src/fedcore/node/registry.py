@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from tinydb import Query, TinyDB
 
 from fedcore.data import (
@@ -159,6 +161,7 @@ class DatasetRegistry:
                 "options": options,
                 "loading_plan": plan.to_dict() if plan else None,
                 "metadata": metadata,
+                "category_counts": _category_counts(dataset, metadata),
                 "report": _report(dataset),
                 "added_at": time.time(),
             }
@@ -199,8 +202,10 @@ class DatasetRegistry:
             loading_plan = _plan(plan)
             spec = _LOADERS[entry["kind"]]
             dataset = spec.open(Path(entry["path"]), dict(entry["options"]), loading_plan)
+            metadata = dataset.metadata()
             changes = {"loading_plan": loading_plan.to_dict() if loading_plan else None,
-                       "metadata": dataset.metadata(), "report": _report(dataset)}
+                       "metadata": metadata, "report": _report(dataset),
+                       "category_counts": _category_counts(dataset, metadata)}
             self._table.update(changes, Query().id == dataset_id)
             self._cache[dataset_id] = (_open_key({**entry, **changes}), dataset)
         return {**entry, **changes}
@@ -260,11 +265,52 @@ class DatasetRegistry:
             cached = self._cache[entry["id"]] = (key, dataset)
         return cached[1]
 
-    @staticmethod
-    def public(entry: dict[str, Any]) -> dict[str, Any]:
-        """What a researcher may see of an entry: no path, no loader options."""
-        return {k: entry[k] for k in ("id", "name", "tags", "description", "metadata",
-                                      "available") if k in entry}
+    def public(self, entry: dict[str, Any], *, min_count: int = 5) -> dict[str, Any]:
+        """What a researcher may see of an entry: no path, no loader options.
+
+        A value of a discrete column (``metadata["categories"]``) is listed only when at
+        least ``min_count`` records hold it (the node's policy): a rare value would single
+        its records out. A column with values left out is named in
+        ``metadata["categories_withheld"]`` (which values, and how many, is not said);
+        per-class counts are dropped when one is below ``min_count``.
+        """
+        public: dict[str, Any] = {k: entry[k] for k in (
+            "id", "name", "tags", "description", "metadata", "available") if k in entry}
+        meta = dict(public.get("metadata") or {})
+        if min_count > 1 and (meta.get("categories") or meta.get("class_counts")):
+            counts = entry.get("category_counts")
+            if counts is None:
+                counts = self._count_categories(entry)
+            cats, withheld = {}, []
+            for column, values in (meta.get("categories") or {}).items():
+                n = counts.get(column) or []
+                kept = [v for i, v in enumerate(values or [])
+                        if i < len(n) and int(n[i]) >= min_count]
+                cats[column] = kept
+                if len(kept) < len(values or []):
+                    withheld.append(column)
+            meta["categories"] = cats
+            if withheld:
+                meta["categories_withheld"] = sorted(withheld)
+            if any(int(n) < min_count for n in (meta.get("class_counts") or {}).values()):
+                meta.pop("class_counts")
+            public["metadata"] = meta
+        return public
+
+    def _count_categories(self, entry: dict[str, Any]) -> dict[str, builtins.list[int]]:
+        """The fewest records per value of each discrete column of an older entry.
+
+        Entries registered before these counts were kept get them now (stored); none when
+        the data cannot be opened, and then no values are listed.
+        """
+        try:
+            dataset = self.open(entry)
+        except (ConfigurationError, DatasetError):
+            return {}
+        counts = _category_counts(dataset, entry.get("metadata") or {})
+        with self._lock:
+            self._table.update({"category_counts": counts}, Query().id == entry["id"])
+        return counts
 
 
 def _open_key(entry: Mapping[str, Any]) -> str:
@@ -340,6 +386,35 @@ def _available(entry: Mapping[str, Any]) -> bool:
         return False
     demographics = (entry.get("options") or {}).get("demographics")
     return demographics is None or Path(demographics).is_file()
+
+
+def _category_counts(dataset: Dataset, metadata: Mapping[str, Any]) -> dict[str, list[int]]:
+    """How many records hold each value listed in ``metadata["categories"]`` (in order).
+
+    Never shared: it decides which values may be listed. A column it cannot count gets no
+    counts, and then none of its values is listed.
+    """
+    out: dict[str, list[int]] = {}
+    classes = metadata.get("class_counts") or {}
+    table = next((t for name in ("frame", "demographics")
+                  if isinstance(t := getattr(dataset, name, None), pd.DataFrame)), None)
+    for column, values in (metadata.get("categories") or {}).items():
+        if table is not None and column in table.columns:
+            found = table[column].dropna().value_counts()
+            counted = {_plain(k): int(n) for k, n in found.items()}
+        elif classes and column == "target":
+            counted = {str(k): int(n) for k, n in classes.items()}
+        elif (y := getattr(dataset, "y", None)) is not None and column == "target":
+            uniq, n = np.unique(np.asarray(y), return_counts=True)
+            counted = {_plain(k): int(c) for k, c in zip(uniq, n, strict=True)}
+        else:
+            counted = {}
+        out[column] = [counted.get(_plain(v), 0) for v in values or []]
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
 
 
 def _report(dataset: Dataset) -> dict[str, Any]:

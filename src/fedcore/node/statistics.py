@@ -1,4 +1,4 @@
-"""A node's side of federated statistics: its policy, the computation, the audit.
+"""A node's side of federated statistics: its policy, the disclosure checks, the audit.
 
 A node answers a :class:`~fedcore.wire.messages.StatsRequest` with additive sufficient statistics
 per variable (see :mod:`fedcore.researcher.statistics` for the researcher's side):
@@ -6,14 +6,21 @@ per variable (see :mod:`fedcore.researcher.statistics` for the researcher's side
 - ``count`` and ``missing`` values, ``sum`` of ``x - shift`` and ``sumsq`` of
   ``(x - shift) ** 2`` in float64, and for a histogram the counts per bin and ``below`` and
   ``above`` its edges. Replies of several nodes add up to the pooled ones.
-- ``min`` and ``max`` when asked and the policy allows; they are not additive.
-- ``withheld``: the cells it suppressed. A variable with fewer records than ``min_count``
-  (values of a column, images of a modality) is withheld whole; so is every histogram cell
-  with a non-zero count below ``min_count``, and enough further cells that their total,
-  which the published count reveals, is at least ``min_count`` too. Withheld sums are zero.
+- ``min`` and ``max`` when asked and the policy allows (``allow_min_max``, default false).
+- ``withheld``: what it suppressed, never where. A variable with fewer than ``min_count``
+  records is withheld whole; histogram cells with a non-zero count below ``min_count`` are
+  zeroed, with enough further cells that their total is at least ``min_count`` too, and the
+  reply only counts them. A histogram finer than one bin per ``min_count`` values is refused.
 
-Policy keys in ``config.toml``: ``statistics`` (default true), ``min_count`` (default 5)
-and ``allow_min_max`` (default true), read on every request by :func:`statistics_policy`.
+Every exact answer is checked against what the same researcher (the name the node trusts
+its key under) was answered before, through the node's query log
+(:mod:`fedcore.governance.statistics_log`): new bin edges that would, with earlier ones,
+isolate fewer than ``min_count`` records, and data that changed by fewer than ``min_count``
+records since the last answer, are refused (:mod:`fedcore.governance.statistics`).
+
+A request with ``privacy`` (and every request on a dataset with a privacy budget, or on a
+node with ``statistics_dp``) is answered with Gaussian noise instead, set by the node
+(``statistics_noise``) and charged to the dataset's privacy budget like training.
 
 Under secure aggregation (``StatsRequest.secagg``) the node computes the same results under
 the same policy, then sends none of them in clear: it packs each query's additive statistics
@@ -27,20 +34,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pandas as pd
 
-from fedcore.errors import ConfigurationError, DatasetError, FedcoreError
-from fedcore.governance import Decision, Request
-from fedcore.governance.statistics import StatisticsPolicy, statistics_policy
+from fedcore.errors import ConfigurationError, DatasetError, FedcoreError, GovernanceError
+from fedcore.governance import Decision, Governance, Request
+from fedcore.governance.ledger import PrivacyLedger
+from fedcore.governance.statistics import (
+    Measure,
+    Partition,
+    StatisticsPolicy,
+    cells_changed,
+    edges_key,
+    isolates,
+    records_changed,
+    statistics_policy,
+)
+from fedcore.governance.statistics_log import QueryLog, VariableLog
 from fedcore.node._secagg import SecaggSessions
+from fedcore.node._statistics_compute import Noise, Track, compute_statistics
 from fedcore.node.registry import DatasetRegistry
 from fedcore.params import ParameterSet
+from fedcore.privacy.spec import DEFAULT_DELTA
 from fedcore.wire.messages import Body, Envelope, ErrorReply, StatsReply, StatsRequest
 from fedcore.wire.statistics import (
     IMAGE_VARIABLE,
@@ -50,7 +68,6 @@ from fedcore.wire.statistics import (
     additive_from_vector,
     additive_vector,
     check_edges,
-    check_query,
     check_split,
     vector_size,
 )
@@ -83,6 +100,8 @@ class StatisticsNode(Protocol):
     """What :func:`answer_statistics` uses of a :class:`~fedcore.node.Node`."""
 
     datasets: DatasetRegistry
+    ledger: PrivacyLedger
+    statistics_log: QueryLog
     _secagg: SecaggSessions
 
     @property
@@ -93,98 +112,273 @@ class StatisticsNode(Protocol):
     def policy(self) -> dict[str, Any]:
         """The node's effective policy (``ConfigurationError`` while it cannot be read)."""
 
+    @property
+    def governance(self) -> Governance:
+        """The node's chain of policies."""
+
     def review(self, request: Request) -> Decision:
-        """The node's governance decision on ``request``."""
+        """The node's governance decision on ``request`` (audited)."""
 
     def audit(self, event: str, **fields: Any) -> None:
         """Write ``event`` to the node's audit log."""
 
+    def researcher(self, env: Envelope) -> str:
+        """The verified name of the researcher who sent ``env``."""
 
-# --- computation ------------------------------------------------------------------------------
+
+class _Refused(Exception):
+    """A request the node refuses or cannot answer.
+
+    ``kind`` and ``reason`` go in the reply, ``event`` and ``fields`` in the audit log.
+    """
+
+    def __init__(self, kind: str, reason: str, event: str = "statistics-refused",
+                 exc_type: str = "GovernanceError", **fields: Any):
+        super().__init__(reason)
+        self.kind, self.reason, self.event, self.exc_type = kind, reason, event, exc_type
+        self.fields = fields
+
+    def reply(self, node: StatisticsNode, base: Mapping[str, Any]) -> ErrorReply:
+        node.audit(self.event, **base, reason=self.reason, **self.fields)
+        return ErrorReply(kind=self.kind, message=self.reason, exc_type=self.exc_type)
+
+
+# --- the request ------------------------------------------------------------------------------
 
 
 async def answer_statistics(node: StatisticsNode, env: Envelope,
                             executor: concurrent.futures.Executor | None) -> Body:
     """A node's answer to a :class:`StatsRequest`: policy, computation on ``executor``, audit.
 
-    Every request and its outcome goes to the node's audit log; a refused, invalid or failed
-    request is answered with an :class:`ErrorReply` and the node keeps serving.
+    Every request and its outcome goes to the node's audit log under the researcher's
+    verified name; a refused, invalid or failed request is answered with an
+    :class:`ErrorReply` and the node keeps serving.
     """
     request: StatsRequest = env.body  # type: ignore[assignment]
+    researcher = node.researcher(env)
     secure = request.secagg if isinstance(request.secagg, Mapping) else {}
     scheme = str(secure.get("scheme") or "plain") if secure else None
     base: dict[str, Any] = {
-        "researcher": env.sender, "dataset": request.dataset_id,
+        "researcher": researcher, "dataset": request.dataset_id,
         "queries": [_describe_query(q) for q in request.queries[:MAX_QUERIES]]}
     if scheme is not None:
         base["secagg"] = scheme
-    try:
-        # The node's checked policy (it raises while config.toml cannot be read).
-        policy = statistics_policy(node.policy)
-        entry = node.datasets.get(request.dataset_id)
-        # The whole governance chain: statistics allowed, dataset access, minimum samples,
-        # secure aggregation required...
-        decision = node.review(Request(
-            kind="statistics", researcher=env.sender, experiment=env.experiment,
-            dataset=entry, n_samples=int(entry["metadata"].get("n_samples") or 0),
-            secagg=scheme))
-    except ConfigurationError as exc:  # fail closed: an unreadable policy allows nothing
-        reason = f"Node {node.node_id!r} refuses statistics: its policy is invalid ({exc})"
-        node.audit("statistics-refused", **base, reason=reason)
-        return ErrorReply(kind="governance", message=reason, exc_type="GovernanceError")
-    except DatasetError as exc:
-        node.audit("statistics-failed", **base, reason=str(exc))
-        return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
-    if not decision.allowed:
-        reason = f"Node {node.node_id!r} refuses statistics: {decision.reason}"
-        node.audit("statistics-refused", **base, reason=reason)
-        return ErrorReply(kind="governance", message=reason, exc_type="GovernanceError")
+    if request.privacy:
+        base["privacy"] = request.privacy
     start = time.perf_counter()
     try:
+        policy, entry, events = _admit(node, env, request, researcher, scheme)
         split = check_split(secure.get("split")) if secure else 0.0
-    except ConfigurationError as exc:
-        node.audit("statistics-invalid", **base, reason=str(exc))
-        return ErrorReply(kind="configuration", message=str(exc),
-                          exc_type="ConfigurationError")
-    try:
-        dataset = node.datasets.open(entry)
-    except (ConfigurationError, DatasetError) as exc:
-        node.audit("statistics-failed", **base, reason=str(exc))
-        return ErrorReply(kind="dataset", message=str(exc), exc_type=type(exc).__name__)
-    loop = asyncio.get_running_loop()
-    try:
-        results = await loop.run_in_executor(
-            executor, compute_statistics, dataset, request.queries, policy)
-    except ConfigurationError as exc:  # the request does not fit: say which key
-        node.audit("statistics-invalid", **base, reason=str(exc))
-        return ErrorReply(kind="configuration", message=str(exc),
-                          exc_type="ConfigurationError")
-    except DatasetError as exc:
-        node.audit("statistics-failed", **base, reason=str(exc))
-        return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
-    except Exception as exc:  # a reader or a node bug: details (maybe paths) stay here
-        log.exception("Statistics failed on dataset %s", request.dataset_id)
-        node.audit("statistics-failed", **base, error=f"{type(exc).__name__}: {exc}")
-        return ErrorReply(kind="internal", exc_type=type(exc).__name__, message=(
-            f"{type(exc).__name__} while computing statistics on node {node.node_id!r}; "
-            "its administrator finds the details in the node's log."))
-    withheld = [f"{r['variable']}:{w['cell']}" + (f"[{w['bin']}]" if "bin" in w else "")
-                for r in results for w in r["withheld"]]
-    payload: dict[str, Any] = {}
-    if secure:  # the policy is applied above: what is protected is what it lets through
-        try:
-            payload = await loop.run_in_executor(
+        dataset = _open(node, entry)
+        results, internals = await _compute(node, researcher, entry, dataset, request,
+                                            policy, events, executor)
+        payload: dict[str, Any] = {}
+        if secure:  # the policy is applied above: what is protected is what it lets through
+            payload = await asyncio.get_running_loop().run_in_executor(
                 executor, protect_statistics, node._secagg, secure, results, split)
-        except (FedcoreError, ValueError) as exc:
-            node.audit("statistics-failed", **base, reason=f"secure aggregation: {exc}")
-            kind = "dataset" if isinstance(exc, DatasetError) else "protocol"
-            return ErrorReply(kind=kind, message=str(exc), exc_type=type(exc).__name__)
-    node.audit("statistics", **base, min_count=policy.min_count, withheld=withheld,
+        privacy = _charge(node, env, entry, request, researcher, events, base)
+    except _Refused as refusal:
+        return refusal.reply(node, base)
+    except Exception as exc:  # noqa: BLE001 - every failure is answered, the node serves on
+        return _failure(node, base, request, exc)
+    node.audit("statistics", **base, min_count=policy.min_count, withheld=internals,
                seconds=round(time.perf_counter() - start, 4))
     if secure:
         return StatsReply(node_id=node.node_id, results=[], min_count=policy.min_count,
-                          secagg=payload)
-    return StatsReply(node_id=node.node_id, results=results, min_count=policy.min_count)
+                          secagg=payload, privacy=privacy)
+    return StatsReply(node_id=node.node_id, results=results, min_count=policy.min_count,
+                      privacy=privacy)
+
+
+def _admit(node: StatisticsNode, env: Envelope, request: StatsRequest, researcher: str,
+           scheme: str | None) -> tuple[StatisticsPolicy, dict[str, Any], list[list[float]]]:
+    """The node's policy, the dataset's entry and the privacy the answer will spend.
+
+    The whole governance chain reviews it: statistics allowed (or only with differential
+    privacy), dataset access, minimum samples, secure aggregation required, privacy budget.
+    """
+    try:  # fail closed: an unreadable policy allows nothing
+        policy = statistics_policy(node.policy)
+    except ConfigurationError as exc:
+        raise _Refused("governance", f"Node {node.node_id!r} refuses statistics: its policy "
+                       f"is invalid ({exc})") from None
+    try:
+        entry = node.datasets.get(request.dataset_id)
+    except DatasetError as exc:
+        raise _Refused("dataset", str(exc), "statistics-failed", "DatasetError") from None
+    events = _events(request, policy)
+    decision = node.review(Request(
+        kind="statistics", researcher=researcher, experiment=env.experiment, dataset=entry,
+        n_samples=int(entry["metadata"].get("n_samples") or 0), secagg=scheme,
+        privacy={"events": events} if events else {}))
+    if not decision.allowed:
+        raise _Refused("governance",
+                       f"Node {node.node_id!r} refuses statistics: {decision.reason}")
+    return policy, entry, events
+
+
+def _open(node: StatisticsNode, entry: dict[str, Any]) -> Any:
+    try:
+        return node.datasets.open(entry)
+    except (ConfigurationError, DatasetError) as exc:  # the node's own setup: not the request
+        raise _Refused("dataset", str(exc), "statistics-failed", type(exc).__name__) from None
+
+
+def _events(request: StatsRequest, policy: StatisticsPolicy) -> list[list[float]]:
+    """The Gaussian releases a differentially private answer makes (none: exact answers)."""
+    asked = request.privacy
+    if not asked:
+        return []
+    if not isinstance(asked, Mapping) or dict(asked) != {"mechanism": "gaussian"}:
+        raise _Refused("configuration", "A statistics request's privacy must be "
+                       '{"mechanism": "gaussian"} (the node sets the noise). '
+                       f"Received: {asked!r}", "statistics-invalid", "ConfigurationError")
+    queries = [q for q in request.queries if isinstance(q, Mapping)]
+    steps = sum(3 + (q.get("edges") is not None) for q in queries) or 1
+    return [[policy.noise, 1.0, steps]]
+
+
+async def _compute(node: StatisticsNode, researcher: str, entry: Mapping[str, Any],
+                   dataset: Any, request: StatsRequest, policy: StatisticsPolicy,
+                   events: list[list[float]], executor: concurrent.futures.Executor | None
+                   ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The results, checked against the researcher's query log, and the withheld cells.
+
+    The cells are named for the node's audit log only.
+    """
+    dataset_id = str(entry["id"])
+    checked = policy.protects and not events
+    logs = _logs(node.statistics_log, researcher, dataset_id, request.queries) if checked else {}
+    tracks = {v: Track(lg.last.partition if lg.last else Partition(), lg.asked.joined(asked))
+              for v, (lg, asked, _) in logs.items()}
+    noise = Noise(policy.noise) if events else None
+    try:
+        results = await asyncio.get_running_loop().run_in_executor(
+            executor, lambda: compute_statistics(dataset, request.queries, policy,
+                                                 tracks=tracks, noise=noise))
+    except GovernanceError as exc:
+        raise _Refused("governance", f"Node {node.node_id!r} refuses statistics: {exc}"
+                       ) from None
+    verdicts = {v: _verdict(lg, keys, tracks[v], policy.min_count)
+                for v, (lg, _, keys) in logs.items()}
+    refused = next(((v, *why) for v, why in verdicts.items() if why[0]), None)
+    changed = {}
+    for variable, (lg, _, keys) in logs.items():
+        after = _next_log(lg, keys, tracks[variable], answered=refused is None)
+        if _differs(lg, after):  # a repeated request writes nothing
+            changed[variable] = after
+    if changed:
+        node.statistics_log.put(researcher, dataset_id, changed)
+    if refused is not None:
+        variable, reason, detail = refused
+        raise _Refused("governance", f"Node {node.node_id!r} refuses statistics on "
+                       f"{variable!r}: {reason}.", variable=variable, where=detail)
+    internals = [f"{r['variable']}:{cell}" for r in results for cell in r.pop("_cells", [])]
+    for r in results:
+        if any(w["cell"] == "all" for w in r["withheld"]):
+            internals.append(f"{r['variable']}:all")
+    return results, internals
+
+
+def _logs(query_log: QueryLog, researcher: str, dataset: str, queries: Sequence[Any]
+          ) -> dict[str, tuple[VariableLog, Partition, set[str]]]:
+    """Per variable: the researcher's log, this request's edges, the keys of its edge sets.
+
+    Malformed queries are left to :func:`compute_statistics` to explain.
+    """
+    earlier = query_log.get(researcher, dataset)
+    edges: dict[str, list[np.ndarray]] = {}
+    for q in queries:
+        if isinstance(q, Mapping) and isinstance(q.get("variable"), str):
+            sets = edges.setdefault(q["variable"], [])
+            if q.get("edges") is not None:
+                try:
+                    sets.append(check_edges(q["edges"], "edges"))
+                except ConfigurationError:
+                    continue
+    return {v: (earlier.get(v) or VariableLog(), Partition.of(sets),
+                {edges_key(e) for e in sets}) for v, sets in edges.items()}
+
+
+def _verdict(lg: VariableLog, keys: set[str], track: Track, k: int) -> tuple[str, str]:
+    """Why answering would single out records with the researcher's earlier answers."""
+    reason = detail = ""
+    if lg.last is not None:
+        reason, detail = records_changed(lg.last, track.measure_before, k)
+        if not reason and keys:
+            reason, detail = cells_changed(lg.last, track.measure_before, k)
+    if not reason and keys - lg.answered and (lg.asked or len(keys) > 1):
+        reason, detail = isolates(track.measure_after, k)
+    return reason, detail
+
+
+def _next_log(lg: VariableLog, keys: set[str], track: Track, *, answered: bool
+              ) -> VariableLog:
+    """The researcher's log on a variable after this request (edges refused count as asked).
+
+    The atoms kept are those of the last histogram answered; records and digest those of
+    the last answer.
+    """
+    if not answered:
+        return VariableLog(track.after, lg.answered, lg.last)
+    now = track.measure_after
+    if not keys and lg.last is not None:
+        now = Measure(now.records, now.missing, now.digest, lg.last.partition, lg.last.atoms)
+    return VariableLog(track.after, lg.answered | keys, now)
+
+
+def _differs(old: VariableLog, new: VariableLog) -> bool:
+    if (old.asked, old.answered) != (new.asked, new.answered) or (old.last is None) != (
+            new.last is None):
+        return True
+    return old.last is not None and new.last is not None and (
+        (old.last.digest, old.last.partition) != (new.last.digest, new.last.partition)
+        or not np.array_equal(old.last.atoms, new.last.atoms))
+
+
+def _charge(node: StatisticsNode, env: Envelope, entry: Mapping[str, Any],
+            request: StatsRequest, researcher: str, events: list[list[float]],
+            base: Mapping[str, Any]) -> dict[str, Any]:
+    """Charge a differentially private answer to the dataset's budget, before it leaves."""
+    if not events:
+        return {}
+    # Asked again, unaudited, right before charging: another request may have spent the
+    # budget while this one was computed.
+    decision = node.governance.review(Request(
+        kind="statistics", researcher=researcher, experiment=env.experiment, dataset=entry,
+        n_samples=int(entry["metadata"].get("n_samples") or 0), privacy={"events": events}))
+    if not decision.allowed:
+        raise _Refused("governance", f"Node {node.node_id!r} refuses statistics: "
+                       f"{decision.reason}")
+    try:
+        delta = float(node.policy.get("dp_delta") or DEFAULT_DELTA)
+    except ConfigurationError:
+        delta = DEFAULT_DELTA
+    epsilon, delta = node.ledger.record(str(entry["id"]), events, delta=delta)
+    noise, _, steps = events[0]
+    return {"mechanism": "gaussian", "noise_multiplier": noise, "steps": int(steps),
+            "epsilon": epsilon, "delta": delta}
+
+
+def _failure(node: StatisticsNode, base: Mapping[str, Any], request: StatsRequest,
+             exc: Exception) -> ErrorReply:
+    """The reply and audit record of a request that could not be answered."""
+    if isinstance(exc, ConfigurationError):  # the request does not fit: say which key
+        node.audit("statistics-invalid", **base, reason=str(exc))
+        return ErrorReply(kind="configuration", message=str(exc),
+                          exc_type="ConfigurationError")
+    if isinstance(exc, DatasetError):
+        node.audit("statistics-failed", **base, reason=str(exc))
+        return ErrorReply(kind="dataset", message=str(exc), exc_type="DatasetError")
+    if isinstance(exc, (FedcoreError, ValueError)):  # secure aggregation
+        node.audit("statistics-failed", **base, reason=f"secure aggregation: {exc}")
+        return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
+    # a reader or a node bug: details (maybe paths) stay here
+    log.error("Statistics failed on dataset %s", request.dataset_id, exc_info=exc)
+    node.audit("statistics-failed", **base, error=f"{type(exc).__name__}: {exc}")
+    return ErrorReply(kind="internal", exc_type=type(exc).__name__, message=(
+        f"{type(exc).__name__} while computing statistics on node {node.node_id!r}; "
+        "its administrator finds the details in the node's log."))
 
 
 def _describe_query(query: Any) -> dict[str, Any]:
@@ -193,172 +387,6 @@ def _describe_query(query: Any) -> dict[str, Any]:
     edges = query.get("edges")
     return {"variable": str(query.get("variable")), "min_max": query.get("min_max") is True,
             "bins": len(edges) - 1 if isinstance(edges, np.ndarray) and edges.ndim == 1 else 0}
-
-
-def compute_statistics(dataset: Any, queries: Sequence[Any],
-                       policy: StatisticsPolicy) -> list[dict[str, Any]]:
-    """Answer ``queries`` on ``dataset`` under ``policy``: additive sums, extremes, withheld cells.
-
-    Tables answer for their numeric columns (``dataset.frame``), medical folders for the voxel
-    intensities of a modality (``dataset.modalities``, ``dataset.iter_volumes(modality)``),
-    image folders for ``"intensity"`` (``dataset.iter_images()``). Every query is checked
-    before any is computed; a bad one raises ``ConfigurationError`` naming its key.
-    """
-    if not 0 < len(queries) <= MAX_QUERIES:
-        raise ConfigurationError(f"A statistics request holds 1 to {MAX_QUERIES} queries. "
-                                 f"Received: {len(queries)}")
-    checked = [check_query(i, q) for i, q in enumerate(queries)]
-    sources = [_source(dataset, variable) for variable, *_ in checked]
-    return [_answer(variable, chunks, unit, shift, min_max, edges, policy)
-            for (variable, shift, min_max, edges), (chunks, unit) in zip(checked, sources,
-                                                                          strict=True)]
-
-
-def _source(dataset: Any, variable: str) -> tuple[Iterable[Any], str]:
-    """The values of ``variable`` as chunks, and what one record is ("values" or "images")."""
-    modalities: list[str] = []
-    if hasattr(dataset, "modalities") and hasattr(dataset, "iter_volumes"):
-        modalities = [str(m) for m in dataset.modalities]
-        if variable in modalities:
-            return _Lazy(dataset.iter_volumes, variable), "images"
-    table = _table(dataset)
-    if table is not None:
-        columns = {str(c): c for c in table.columns}
-        numeric = [name for name, c in columns.items() if _numeric(table[c].dtype)]
-        if variable not in columns and modalities:
-            raise ConfigurationError(f"{variable!r} is neither a modality nor a column of the "
-                                     f"dataset. Modalities: {modalities}; numeric columns: "
-                                     f"{numeric}")
-        if variable not in columns:
-            raise ConfigurationError(f"Column {variable!r} is not in the dataset. Numeric "
-                                     f"columns: {numeric}")
-        column = table[columns[variable]]
-        if variable not in numeric:
-            raise ConfigurationError(
-                f"Column {variable!r} holds {column.dtype} values, not numbers: statistics "
-                f"need a numeric column. Numeric columns: {numeric}")
-        return [column.to_numpy(dtype=np.float64, na_value=np.nan)], "values"
-    if modalities:
-        raise ConfigurationError(f"Modality {variable!r} is not in the dataset. "
-                                 f"Modalities: {modalities}")
-    if hasattr(dataset, "iter_images"):
-        if variable != IMAGE_VARIABLE:
-            raise ConfigurationError(f"An image folder has one variable, {IMAGE_VARIABLE!r} "
-                                     f"(pixel intensities). Received: {variable!r}")
-        return _Lazy(dataset.iter_images), "images"
-    meta = dataset.metadata() if hasattr(dataset, "metadata") else {}
-    raise DatasetError(
-        f"Statistics are not available for a dataset of kind {meta.get('kind', '?')!r}: "
-        "expected a table (its numeric columns), a medical folder (its modalities and "
-        f"demographics) or an image folder ({IMAGE_VARIABLE!r}).")
-
-
-def _table(dataset: Any) -> pd.DataFrame | None:
-    """A table's rows (``frame``), or a medical folder's ``demographics``; None otherwise."""
-    for name in ("frame", "demographics"):
-        table = getattr(dataset, name, None)
-        if isinstance(table, pd.DataFrame):
-            return table
-    return None
-
-
-class _Lazy:
-    """An iterable calling ``fn(*args)`` when iterated, so checks run before any reading."""
-
-    def __init__(self, fn: Any, *args: Any):
-        self.fn, self.args = fn, args
-
-    def __iter__(self) -> Any:
-        return iter(self.fn(*self.args))
-
-
-def _numeric(dtype: Any) -> bool:
-    return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_complex_dtype(
-        dtype)
-
-
-def _answer(variable: str, chunks: Iterable[Any], unit: str, shift: float, min_max: bool,
-            edges: np.ndarray | None, policy: StatisticsPolicy) -> dict[str, Any]:
-    n = missing = images = below = above = 0
-    s = q = 0.0
-    lo, hi = math.inf, -math.inf
-    hist = None if edges is None else np.zeros(edges.size - 1, dtype=np.int64)
-    # Equally spaced edges take numpy's fast path, which bins exactly as searchsorted would.
-    uniform = edges is not None and np.array_equal(
-        edges, np.linspace(edges[0], edges[-1], edges.size))
-    for chunk in chunks:
-        x = np.asarray(chunk)
-        if x.dtype.kind not in "biuf":
-            raise DatasetError(f"{variable!r} holds {x.dtype} values, not numbers.")
-        x = x.reshape(-1).astype(np.float64, copy=False)
-        images += 1
-        nan = np.isnan(x)
-        if nan.any():
-            missing += int(nan.sum())
-            x = x[~nan]
-        if not x.size:
-            continue
-        n += x.size
-        d = x - shift if shift else x
-        s += float(d.sum())
-        q += float(np.dot(d, d))
-        if min_max and policy.min_max:
-            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
-        if edges is not None and hist is not None:
-            if uniform:
-                hist += np.histogram(x, bins=edges.size - 1, range=(edges[0], edges[-1]))[0]
-            else:
-                hist += np.histogram(x, bins=edges)[0]
-            below += int(np.count_nonzero(x < edges[0]))
-            above += int(np.count_nonzero(x > edges[-1]))
-    additive: dict[str, Any] = {"count": n, "missing": missing, "sum": s, "sumsq": q}
-    if hist is not None:
-        additive.update(hist=hist, below=below, above=above)
-    result: dict[str, Any] = {"variable": variable, "additive": additive, "min": None,
-                              "max": None, "withheld": []}
-    if min_max and n:
-        if policy.min_max:
-            result.update(min=lo, max=hi)
-        else:
-            result["withheld"].append({"cell": "min_max",
-                                       "reason": "node policy (allow_min_max = false)"})
-    records = n if unit == "values" else images
-    if 0 < n < policy.min_count <= records:  # many images, yet few values (NaN voxels)
-        records, unit = n, "values"
-    _withhold(result, records, unit, policy.min_count)
-    return result
-
-
-def _withhold(result: dict[str, Any], records: int, unit: str, k: int) -> None:
-    """Zero the counts below ``k`` (and enough others that the total cannot reveal them)."""
-    add = result["additive"]
-    if 0 < records < k:
-        for key, value in add.items():
-            add[key] = np.zeros_like(value) if isinstance(value, np.ndarray) else type(value)(0)
-        result.update(min=None, max=None, withheld=[
-            {"cell": "all", "reason": f"fewer than {k} {unit}"}])
-        return
-    if "hist" not in add:
-        return
-    cells = np.concatenate([[add["below"]], add["hist"], [add["above"]]])
-    primary = (cells > 0) & (cells < k)
-    withheld = primary.copy()
-    # The count is published, so the withheld cells' total is known: keep it >= k by
-    # withholding the smallest other non-zero cells too (complementary suppression).
-    while 0 < cells[withheld].sum() < k:
-        others = np.flatnonzero(~withheld & (cells > 0))
-        if not others.size:  # cannot happen: the cells hold count >= k values in all
-            break
-        withheld[others[np.argmin(cells[others])]] = True
-    last = cells.size - 1
-    for i in np.flatnonzero(withheld):
-        cell: dict[str, Any] = ({"cell": "below"} if i == 0 else {"cell": "above"}
-                                if i == last else {"cell": "bin", "bin": int(i - 1)})
-        cell["reason"] = (f"fewer than {k} values" if primary[i] else
-                          "complementary: the total would reveal a smaller withheld cell")
-        result["withheld"].append(cell)
-    cells[withheld] = 0
-    add.update(below=int(cells[0]), hist=cells[1:-1].copy(), above=int(cells[-1]))
 
 
 # --- secure aggregation -----------------------------------------------------------------------

@@ -9,6 +9,10 @@ Three flavours, each reported with its parameters and an epsilon for a given del
 - central DP at the researcher (:class:`CentralDP`, the ``central-dp`` aggregator): it
   clips each node's update and noises the aggregate; it trusts the researcher.
 
+Each flavour states its neighbouring relation and calibrates the noise to its sensitivity
+(``noise_multiplier`` is the noise standard deviation over the sensitivity); under node-side
+DP only what the noise covers leaves the node (:class:`PrivateRelease`).
+
 Epsilon comes from :class:`Accountant` (Renyi DP through ``dp-accounting``, the
 ``fedcore[dp]`` extra). A node enforces a budget per dataset with the ``dp_max_epsilon``
 policy. See docs/differential-privacy.md.
@@ -17,15 +21,26 @@ policy. See docs/differential-privacy.md.
 from fedcore.privacy.accountant import DEFAULT_ORDERS, Accountant, Event, epsilon
 from fedcore.privacy.central import CentralDP
 from fedcore.privacy.mechanisms import UpdateDP, add_noise, clip_update
-from fedcore.privacy.spec import MECHANISMS, PrivacySpec, dpsgd_schedule, train_size
+from fedcore.privacy.release import PrivateRelease
+from fedcore.privacy.spec import (
+    MECHANISMS,
+    RELATIONS,
+    WITHHELD,
+    PrivacySpec,
+    dpsgd_schedule,
+    train_size,
+)
 
 __all__ = [
     "DEFAULT_ORDERS",
     "MECHANISMS",
+    "RELATIONS",
+    "WITHHELD",
     "Accountant",
     "CentralDP",
     "Event",
     "PrivacySpec",
+    "PrivateRelease",
     "UpdateDP",
     "add_noise",
     "clip_update",

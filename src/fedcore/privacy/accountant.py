@@ -7,6 +7,12 @@ many times it ran. Events compose across rounds, possibly with different paramet
 Renyi-DP accountant of Google's ``dp-accounting`` package, over the same orders as Opacus's
 ``RDPAccountant``, so the three agree on the epsilon of the same history.
 
+Sub-sampling is Poisson (each record takes part with probability ``sample_rate``, the
+add/remove-one relation: DP-SGD) unless an accountant is built with
+``sampling="without-replacement"``: a uniformly drawn subset of fixed size, the fraction
+``sample_rate`` of a population whose size is public (the replace-one relation: central DP
+over the nodes a strategy such as ``Fraction`` picks).
+
 An :class:`Accountant` keeps its events as plain data (``[[noise, rate, steps], ...]``), so
 it persists in TinyDB, in checkpoints and on the wire.
 """
@@ -16,17 +22,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 from fedcore.errors import ConfigurationError
 
-__all__ = ["DEFAULT_ORDERS", "Accountant", "Event", "check_delta", "epsilon"]
+__all__ = ["DEFAULT_ORDERS", "SAMPLINGS", "Accountant", "Event", "check_delta", "check_sampling",
+           "epsilon"]
 
 #: The Renyi orders searched for the best conversion to (epsilon, delta): Opacus's
 #: ``RDPAccountant.DEFAULT_ALPHAS``, so fedcore's numbers match Opacus's.
 DEFAULT_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
+
+#: How a sub-sampled event draws its sample (see the module docstring).
+SAMPLINGS = ("poisson", "without-replacement")
 
 _INSTALL = 'pip install "fedcore[dp]"'
 
@@ -104,14 +115,30 @@ class _Quiet(logging.Filter):
 _QUIET = _Quiet()
 
 
+def check_sampling(sampling: Any) -> str:
+    """``sampling`` if it is one of :data:`SAMPLINGS`, else a ``ConfigurationError``."""
+    if sampling not in SAMPLINGS:
+        raise ConfigurationError(f"sampling must be one of {list(SAMPLINGS)}. Received: "
+                                 f"{sampling!r}")
+    return str(sampling)
+
+
 @lru_cache(maxsize=256)
-def _rdp(noise: float, rate: float, orders: tuple[float, ...]) -> tuple[float, ...]:
+def _rdp(noise: float, rate: float, orders: tuple[float, ...],
+         sampling: str = "poisson") -> tuple[float, ...]:
     """The RDP curve of one step of the subsampled Gaussian mechanism (cached)."""
     dpa = _dp_accounting()
-    accountant = dpa.rdp.RdpAccountant(orders=list(orders))
     event = dpa.GaussianDpEvent(noise)
-    if rate < 1:
+    if rate < 1 and sampling == "poisson":
+        accountant = dpa.rdp.RdpAccountant(orders=list(orders))
         event = dpa.PoissonSampledDpEvent(rate, event)
+    elif rate < 1:  # a fixed-size subset: only its proportion enters the bound
+        part = Fraction(rate).limit_denominator(1_000_000)
+        accountant = dpa.rdp.RdpAccountant(
+            orders=list(orders), neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+        event = dpa.SampledWithoutReplacementDpEvent(part.denominator, part.numerator, event)
+    else:
+        accountant = dpa.rdp.RdpAccountant(orders=list(orders))
     absl = logging.getLogger("absl")
     absl.addFilter(_QUIET)
     try:
@@ -123,14 +150,16 @@ def _rdp(noise: float, rate: float, orders: tuple[float, ...]) -> tuple[float, .
 
 
 def epsilon(events: Iterable[Event | Sequence[Any]], delta: float,
-            orders: Sequence[float] = DEFAULT_ORDERS) -> float:
+            orders: Sequence[float] = DEFAULT_ORDERS, sampling: str = "poisson") -> float:
     """The epsilon of the composition of ``events`` at ``delta`` (0 for no event).
 
     ``math.inf`` when an event has no noise. Uses ``dp_accounting``'s RDP accountant and
     its conversion to (epsilon, delta); ``ConfigurationError`` names ``pip install
-    "fedcore[dp]"`` when it is missing.
+    "fedcore[dp]"`` when it is missing. ``sampling`` says how events with a sample rate
+    below 1 draw their sample (:data:`SAMPLINGS`).
     """
     delta = check_delta(delta)
+    sampling = check_sampling(sampling)
     checked = [e for e in map(Event.coerce, events) if e.steps > 0]
     if not checked:
         return 0.0
@@ -139,7 +168,7 @@ def epsilon(events: Iterable[Event | Sequence[Any]], delta: float,
     orders = tuple(float(a) for a in orders)
     total = [0.0] * len(orders)
     for e in checked:
-        curve = _rdp(e.noise_multiplier, e.sample_rate, orders)
+        curve = _rdp(e.noise_multiplier, e.sample_rate, orders, sampling)
         total = [t + e.steps * r for t, r in zip(total, curve, strict=True)]
     eps, _ = _dp_accounting().rdp.compute_epsilon(list(orders), total, delta)
     return float(eps)
@@ -159,8 +188,9 @@ class Accountant:
     """
 
     def __init__(self, events: Iterable[Event | Sequence[Any]] = (),
-                 orders: Sequence[float] = DEFAULT_ORDERS):
+                 orders: Sequence[float] = DEFAULT_ORDERS, sampling: str = "poisson"):
         self.orders = tuple(float(a) for a in orders)
+        self.sampling = check_sampling(sampling)
         self.events: list[Event] = []
         self.extend(events)
 
@@ -184,18 +214,25 @@ class Accountant:
 
     def epsilon(self, delta: float) -> float:
         """Epsilon of every event so far, at ``delta``."""
-        return epsilon(self.events, delta, self.orders)
+        return epsilon(self.events, delta, self.orders, self.sampling)
 
     def epsilon_with(self, events: Iterable[Event | Sequence[Any]], delta: float) -> float:
         """Epsilon at ``delta`` if ``events`` were added too (nothing is recorded)."""
-        return epsilon([*self.events, *events], delta, self.orders)
+        return epsilon([*self.events, *events], delta, self.orders, self.sampling)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data: ``{"events": [[noise, rate, steps], ...]}``."""
-        return {"events": [list(e) for e in self.events]}
+        """Plain data: ``{"events": [[noise, rate, steps], ...]}``, plus ``"sampling"``.
+
+        ``"sampling"`` is there only when it is not Poisson.
+        """
+        state: dict[str, Any] = {"events": [list(e) for e in self.events]}
+        if self.sampling != "poisson":
+            state["sampling"] = self.sampling
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the events by those of :meth:`state_dict`."""
+        """Replace the events (and the sampling) by those of :meth:`state_dict`."""
+        self.sampling = check_sampling(state.get("sampling", "poisson"))
         self.events = []
         self.extend(state.get("events") or [])
 

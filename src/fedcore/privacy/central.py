@@ -8,6 +8,11 @@ the updates against the researcher. Nodes that do not trust the researcher want
 update-level DP or DP-SGD on their own side (``TrainRequest.privacy``), or secure
 aggregation. Because it needs each update on its own to clip it, it is not ``sum_only``
 and cannot run under secure aggregation.
+
+Neighbouring federations are *replace-one*: the same nodes take part (who answered a round
+is public: the researcher names them), one node's data replaced by any other. Two means of
+``n`` updates clipped to ``clip`` then differ by at most ``2 * clip / n``, the sensitivity
+the noise is calibrated to.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.privacy.accountant import Accountant, check_delta, epsilon
 from fedcore.privacy.mechanisms import _recombine, clip_update
-from fedcore.privacy.spec import DEFAULT_DELTA, PrivacySpec
+from fedcore.privacy.spec import DEFAULT_DELTA, REPLACE_ONE, PrivacySpec
 
 __all__ = ["CentralDP"]
+
+_SAMPLING = "without-replacement"  # the Fraction strategy: a fixed-size uniform subset
 
 
 class CentralDP(Aggregator):
@@ -35,16 +42,19 @@ class CentralDP(Aggregator):
     Every round: each node's update (its parameters minus the global ones, floating-point
     parameters jointly) is clipped to L2 norm ``clip``; the clipped updates are averaged
     with equal weights (sample counts would make the sensitivity depend on the data);
-    Gaussian noise of standard deviation ``noise_multiplier * clip / n`` (``n`` nodes
-    folded) is added to the mean, and the noised model goes to the ``aggregator`` (FedAvg
-    by default; a server optimiser such as FedAdam post-processes it, which keeps the
-    guarantee). Integer parameters are averaged without noise.
+    Gaussian noise of standard deviation ``noise_multiplier * 2 * clip / n`` (``n`` nodes
+    folded; ``2 * clip / n`` is the mean's sensitivity when one node's data is replaced by
+    any other) is added to the mean, and the noised model goes to the ``aggregator``
+    (FedAvg by default; a server optimiser such as FedAdam post-processes it, which keeps
+    the guarantee). Integer parameters cannot be noised: the released model keeps the
+    global model's values for them.
 
-    Each round is one Gaussian mechanism on the set of nodes, sampled at ``sample_rate``
-    (set it to the strategy's fraction of nodes selected per round; 1.0, the default,
-    claims no amplification). :attr:`epsilon` is the total at ``delta`` so far;
-    :meth:`privacy_report` the last round's figures. ``seed`` makes the noise reproducible
-    and is for tests only: by default it is drawn from the operating system's CSPRNG.
+    Each round is one Gaussian mechanism on the nodes, a fixed-size subset drawn uniformly
+    without replacement at ``sample_rate`` (set it to the ``Fraction`` strategy's
+    fraction; 1.0, the default, claims no amplification). :attr:`epsilon` is the total at
+    ``delta`` so far; :meth:`privacy_report` the last round's figures. ``seed`` makes the
+    noise reproducible and is for tests only: by default it is drawn from the operating
+    system's CSPRNG.
 
     Example::
 
@@ -87,7 +97,7 @@ class CentralDP(Aggregator):
                 f"CentralDP noises the mean of the clipped updates; {aggregator!r} needs every "
                 "update at once (a robust aggregator) and would see a single noised mean. "
                 "Use a mean-based aggregator: 'fedavg', 'fedprox' or a server optimiser.")
-        self.accountant_ = Accountant()
+        self.accountant_ = Accountant(sampling=_SAMPLING)
         self.rounds_: list[dict[str, Any]] = []
         self._reset(None, 0)
 
@@ -95,7 +105,6 @@ class CentralDP(Aggregator):
         self._global = global_params
         self._round = round
         self._sums: dict[str, np.ndarray] = {}
-        self._other: dict[str, np.ndarray] = {}
         self._n = 0
         self._clipped = 0
         self._result: ParameterSet | None = None
@@ -121,13 +130,9 @@ class CentralDP(Aggregator):
         delta, _, clipped = clip_update(self._global, update, self.clip)
         if not self._sums:
             self._sums = delta
-            self._other = {k: np.asarray(update[k], dtype=np.float64).copy()
-                           for k in update if k not in delta}
         else:
             for k, d in delta.items():
                 self._sums[k] += d
-            for k in self._other:
-                self._other[k] += np.asarray(update[k], dtype=np.float64)
         self._n += 1
         self._clipped += int(clipped)
         self._result = None
@@ -142,30 +147,26 @@ class CentralDP(Aggregator):
         if self._global is None or self._n == 0:
             raise ConfigurationError("CentralDP.result() called before any update was added.")
         n = self._n
-        sigma = self.noise_multiplier * self.clip / n
+        sensitivity = REPLACE_ONE * self.clip / n
+        sigma = self.noise_multiplier * sensitivity
         rng = (np.random.default_rng([self.seed, self._round]) if self.seed is not None
                else np.random.default_rng(secrets.randbits(128)))
         mean = {k: s / n + rng.normal(0.0, sigma, size=s.shape) for k, s in self._sums.items()}
-        other = {k: self._other_mean(k, v / n) for k, v in self._other.items()}
-        noised = _recombine(self._global, mean, other)
+        noised = _recombine(self._global, mean)
         self._inner.start(self._global, self._round)
         self._inner.add(noised, 1.0, "central-dp")
         self._result = self._inner.result()
         self.accountant_.add(self.noise_multiplier, self.sample_rate, 1)
         report = {"round": self._round, "mechanism": "central", "clip": self.clip,
-                  "noise_multiplier": self.noise_multiplier, "sigma": sigma,
+                  "noise_multiplier": self.noise_multiplier, "relation": "replace-one",
+                  "sensitivity": sensitivity, "sigma": sigma,
                   "sample_rate": self.sample_rate, "delta": self.delta, "nodes": n,
                   "clipped": self._clipped,
                   "epsilon": epsilon([(self.noise_multiplier, self.sample_rate, 1)],
-                                     self.delta),
+                                     self.delta, sampling=_SAMPLING),
                   "epsilon_total": self.accountant_.epsilon(self.delta)}
         self.rounds_.append(report)
         return self._result
-
-    def _other_mean(self, key: str, mean: np.ndarray) -> np.ndarray:
-        assert self._global is not None
-        dtype = np.asarray(self._global[key]).dtype
-        return (np.rint(mean) if dtype.kind in "iub" else mean).astype(dtype)
 
     # --- privacy ----------------------------------------------------------------------------
 
@@ -191,6 +192,7 @@ class CentralDP(Aggregator):
                 "inner": self._inner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
-        self.accountant_ = Accountant.from_state(state.get("accountant") or {})
+        self.accountant_ = Accountant.from_state(
+            {"sampling": _SAMPLING, **(state.get("accountant") or {})})
         self.rounds_ = [dict(r) for r in state.get("rounds") or []]
         self._inner.load_state_dict(dict(state.get("inner") or {}))

@@ -1,9 +1,12 @@
 """The Gaussian mechanism on model updates, for every backend (numpy on ParameterSets).
 
 An update is ``local - global`` over the floating-point parameters, taken jointly as one
-vector: its L2 norm is clipped to ``clip`` and Gaussian noise of standard deviation
-``noise_multiplier * clip`` is added. Integer and boolean parameters (counters such as
-BatchNorm's ``num_batches_tracked``) carry no gradient information and pass through.
+vector: its L2 norm is clipped to ``clip``. Two such updates, from any two datasets, differ
+by at most ``2 * clip`` (the *replace-one* relation: the dataset's whole contribution
+replaced by any other), so that is the sensitivity, and the noise added has standard
+deviation ``noise_multiplier * 2 * clip``. Integer and boolean parameters (counters such as
+BatchNorm's ``num_batches_tracked``) cannot be noised: they are kept on the node, and the
+released model carries the global model's values for them.
 
 Noise comes from a generator seeded by the operating system's CSPRNG
 (``np.random.default_rng(secrets.randbits(128))``) unless a generator is passed, which only
@@ -22,7 +25,7 @@ import numpy as np
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.privacy.accountant import Event, check_delta
-from fedcore.privacy.spec import DEFAULT_DELTA, PrivacySpec
+from fedcore.privacy.spec import DEFAULT_DELTA, REPLACE_ONE, PrivacySpec
 
 __all__ = ["UpdateDP", "add_noise", "clip_update", "secure_rng"]
 
@@ -67,15 +70,19 @@ def add_noise(arrays: dict[str, np.ndarray], sigma: float, rng: np.random.Genera
 
 
 def _recombine(global_params: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray],
-               other: Mapping[str, Any]) -> ParameterSet:
-    """``global + delta`` for float parameters (dtype kept); ``other`` for the rest."""
+               ) -> ParameterSet:
+    """``global + delta`` for float parameters (dtype kept); the global values for the rest.
+
+    Integer and boolean parameters cannot carry noise, so what training did to them stays
+    on the node: the released model holds the global model's values.
+    """
     out: dict[str, np.ndarray] = {}
     for k, g in global_params.items():
         g = np.asarray(g)
         if k in delta:
             out[k] = (g.astype(np.float64) + delta[k]).astype(g.dtype, copy=False)
         else:
-            out[k] = np.array(other[k], copy=True)
+            out[k] = np.array(g, copy=True)
     return ParameterSet(out)
 
 
@@ -83,19 +90,23 @@ class UpdateDP:
     """Update-level DP on the node: clip the round's whole update, add Gaussian noise.
 
     Applied once per round after local training, for any backend (it sees only
-    ParameterSets). It protects the dataset's whole contribution to the round: the released
-    update is the Gaussian mechanism with sensitivity ``clip`` and standard deviation
-    ``noise_multiplier * clip``, whatever one record or all of them did. The node accounts
-    it as the event ``(noise_multiplier, 1.0, 1)`` per round it takes part in: it cannot
-    verify how the researcher samples nodes, so it credits no amplification from that.
-    The epsilon is therefore a bound for the dataset as a whole (a node-level guarantee),
-    stronger than, and not comparable with, DP-SGD's per-record epsilon.
+    ParameterSets). It protects the dataset's whole contribution to the round under the
+    *replace-one* relation: whatever one record or all of them did, the clipped update lies
+    within ``2 * clip`` of the update any other dataset would give, so the released update
+    is the Gaussian mechanism with sensitivity ``2 * clip`` and standard deviation
+    ``noise_multiplier * 2 * clip`` (:attr:`sigma`). Integer parameters are released as the
+    global model's values. The node accounts it as the event ``(noise_multiplier, 1.0, 1)``
+    per round it takes part in: it cannot verify how the researcher samples nodes, so it
+    credits no amplification from that. The epsilon is therefore a bound for the dataset as
+    a whole (a node-level guarantee), stronger than, and not comparable with, DP-SGD's
+    per-record epsilon.
 
     Example::
 
         dp = UpdateDP(clip=1.0, noise_multiplier=1.1)
         params, report = dp.apply(global_params, local_params)
         report["clipped"], report["sigma"]   # keep on the node: the norm is data
+        dp.sigma                             # 2.2: noise_multiplier * 2 * clip
     """
 
     mechanism = "update"
@@ -120,9 +131,14 @@ class UpdateDP:
                 f"delta={self.delta!r})")
 
     @property
+    def sensitivity(self) -> float:
+        """How far two datasets' clipped updates can lie apart: ``2 * clip`` (replace-one)."""
+        return REPLACE_ONE * self.clip
+
+    @property
     def sigma(self) -> float:
-        """The noise standard deviation: ``noise_multiplier * clip``."""
-        return self.noise_multiplier * self.clip
+        """The noise standard deviation: ``noise_multiplier * sensitivity``."""
+        return self.noise_multiplier * self.sensitivity
 
     def event(self) -> Event:
         """What one application costs: ``(noise_multiplier, 1.0, 1)``."""
@@ -139,8 +155,9 @@ class UpdateDP:
         """
         delta, norm, clipped = clip_update(global_params, local_params, self.clip)
         add_noise(delta, self.sigma, rng if rng is not None else secure_rng())
-        params = _recombine(global_params, delta, local_params)
+        params = _recombine(global_params, delta)
         report = {"mechanism": self.mechanism, "clip": self.clip,
-                  "noise_multiplier": self.noise_multiplier, "sigma": self.sigma,
+                  "noise_multiplier": self.noise_multiplier,
+                  "sensitivity": self.sensitivity, "sigma": self.sigma,
                   "delta": self.delta, "norm": norm, "clipped": clipped}
         return params, report

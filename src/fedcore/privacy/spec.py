@@ -1,20 +1,28 @@
 """What differential privacy a researcher asks of a node, and what a round of it costs.
 
 The researcher puts a plain dict in ``TrainRequest.privacy``; :meth:`PrivacySpec.parse`
-checks it. Two mechanisms run on the node:
+checks it. ``noise_multiplier`` is always the noise standard deviation divided by the
+mechanism's L2 sensitivity (``std = noise_multiplier * sensitivity``), the convention of
+``dp-accounting`` and Opacus, so the accountant's epsilon is the one of the noise applied.
+Two mechanisms run on the node:
 
 - ``"update"`` (update-level DP, any backend): after local training, the node clips the L2
-  norm of its whole update to ``clip`` and adds Gaussian noise of standard deviation
-  ``noise_multiplier * clip``. One Gaussian mechanism per round over the dataset's whole
-  contribution: the event ``(noise_multiplier, 1.0, 1)``.
+  norm of its whole update to ``clip`` and adds Gaussian noise. Neighbouring datasets are
+  *replace-one*: the dataset's whole contribution replaced by any other, so two clipped
+  updates differ by up to ``2 * clip``, the sensitivity, and the noise's standard deviation
+  is ``noise_multiplier * 2 * clip``. One Gaussian mechanism per round over the dataset's
+  whole contribution: the event ``(noise_multiplier, 1.0, 1)``.
 - ``"dp-sgd"`` (backends that declare it, e.g. torch through Opacus): every optimiser step
-  clips each sample's gradient to ``clip`` and adds noise; batches are Poisson samples.
-  With ``n`` training samples and batch size ``B`` the sample rate is ``1 / ceil(n / B)``
-  and an epoch ``ceil(n / B)`` steps (Opacus's own rule), capped by ``num_updates``: the
-  event ``(noise_multiplier, rate, steps)``.
+  clips each sample's gradient to ``clip`` and adds noise of standard deviation
+  ``noise_multiplier * clip``; batches are Poisson samples and neighbours differ by adding
+  or removing one sample (sensitivity ``clip``). With ``n`` training samples and batch
+  size ``B`` the sample rate is ``1 / ceil(n / B)`` and an epoch ``ceil(n / B)`` steps
+  (Opacus's own rule), capped by ``num_updates``: the event ``(noise_multiplier, rate,
+  steps)``.
 
 Both costs are known before training from the parameters and the dataset size, which is
-how a node's budget policy refuses a round before it runs.
+how a node's budget policy refuses a round before it runs. Under either mechanism the
+node releases only what the mechanism covers (see :data:`WITHHELD`).
 """
 
 from __future__ import annotations
@@ -29,10 +37,20 @@ from fedcore.errors import ConfigurationError
 from fedcore.plan.training import LocalTraining
 from fedcore.privacy.accountant import Event, check_delta, epsilon
 
-__all__ = ["DEFAULT_DELTA", "MECHANISMS", "PrivacySpec", "dpsgd_schedule", "train_size"]
+__all__ = ["DEFAULT_DELTA", "MECHANISMS", "RELATIONS", "REPLACE_ONE", "WITHHELD", "PrivacySpec",
+           "dpsgd_schedule", "train_size"]
 
 #: Mechanisms a node runs: update-level DP and DP-SGD.
 MECHANISMS = ("update", "dp-sgd")
+#: How many times the clipping norm two neighbouring contributions can differ by when one
+#: is replaced by any other: two vectors of norm at most ``clip`` lie up to ``2 * clip`` apart.
+REPLACE_ONE = 2.0
+#: Each mechanism's neighbouring relation and its sensitivity in units of ``clip``.
+RELATIONS = {"update": ("replace-one", REPLACE_ONE), "dp-sgd": ("add-remove-one", 1.0)}
+#: What a node under DP never replies, because no noise covers it: the evaluation metrics
+#: of the global and the local model, what training reported (loss...), and the loss of
+#: its progress messages.
+WITHHELD = ("metrics_global", "metrics_local", "train_stats", "progress_loss")
 DEFAULT_DELTA = 1e-5
 _KEYS = ("mechanism", "noise_multiplier", "clip", "delta")
 _ALIASES = {"max_grad_norm": "clip"}  # Opacus's name for the per-sample clipping norm
@@ -107,22 +125,36 @@ class PrivacySpec:
                 "clip": self.clip, "delta": self.delta}
 
     @property
+    def relation(self) -> str:
+        """The neighbouring relation: ``"replace-one"`` (update) or ``"add-remove-one"``."""
+        return RELATIONS[self.mechanism][0]
+
+    @property
+    def sensitivity(self) -> float:
+        """The L2 sensitivity: ``2 * clip`` for update-level DP, ``clip`` for DP-SGD."""
+        return RELATIONS[self.mechanism][1] * self.clip
+
+    @property
     def sigma(self) -> float:
-        """The noise standard deviation: ``noise_multiplier * clip``."""
-        return self.noise_multiplier * self.clip
+        """The noise standard deviation: ``noise_multiplier * sensitivity``."""
+        return self.noise_multiplier * self.sensitivity
 
     def reply(self, events: Iterable[Event | Sequence[Any]],
               total_events: Iterable[Event | Sequence[Any]] | None = None) -> dict[str, Any]:
         """What ``TrainReply.privacy`` carries for a round that spent ``events``.
 
-        The parameters, ``events``, ``epsilon`` (this round alone) and ``epsilon_total``
+        The parameters, the neighbouring ``relation`` and ``sensitivity`` the noise was
+        calibrated to, ``events``, ``epsilon`` (this round alone) and ``epsilon_total``
         (``total_events``: every round of the dataset so far, this one included; ``None``
-        when not given), both at this spec's ``delta``. Nothing data-dependent.
+        when not given), both at this spec's ``delta``, and ``withheld``: the reply fields
+        left empty because no noise covers them. Nothing data-dependent.
         """
         spent = [Event.coerce(e) for e in events]
         total = None if total_events is None else epsilon(total_events, self.delta)
-        return {**self.to_dict(), "events": [list(e) for e in spent],
-                "epsilon": epsilon(spent, self.delta), "epsilon_total": total}
+        return {**self.to_dict(), "relation": self.relation,
+                "sensitivity": self.sensitivity, "events": [list(e) for e in spent],
+                "epsilon": epsilon(spent, self.delta), "epsilon_total": total,
+                "withheld": list(WITHHELD)}
 
     def events(self, *, n_train: int,
                training_args: LocalTraining | Mapping[str, Any] | None = None) -> list[Event]:

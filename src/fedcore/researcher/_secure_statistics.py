@@ -104,7 +104,7 @@ def configured(scheme: SecureAggregation, n_nodes: int, split: float) -> SecureA
 async def secure_sums(client: Scatters, scheme: SecureAggregation,
                       targets: Mapping[str, Mapping[str, Any]],
                       queries: list[dict[str, Any]], *, bound: float, label: str, round: int,
-                      timeout: float) -> SecureSums:
+                      timeout: float, privacy: Mapping[str, Any] | None = None) -> SecureSums:
     """Ask ``targets`` (node -> dataset) for ``queries`` and sum their replies securely.
 
     Asked again, once each: at :func:`widest_bound` when a value exceeded ``bound`` (the
@@ -123,7 +123,7 @@ async def secure_sums(client: Scatters, scheme: SecureAggregation,
         try:
             return await _once(client, scheme, targets, nodes, queries, bound=bound,
                                label=label, round=3 * round + attempt, timeout=timeout,
-                               failed=failed)
+                               failed=failed, privacy=dict(privacy or {}))
         except _OutOfRange:
             if widened or bound >= widest_bound(len(nodes)):
                 raise
@@ -153,7 +153,8 @@ class _OutOfRange(SecureAggregationError):
 async def _once(client: Scatters, scheme: SecureAggregation,
                 targets: Mapping[str, Mapping[str, Any]], nodes: list[str],
                 queries: list[dict[str, Any]], *, bound: float, label: str, round: int,
-                timeout: float, failed: dict[str, tuple[str, str]]) -> SecureSums:
+                timeout: float, failed: dict[str, tuple[str, str]],
+                privacy: dict[str, Any]) -> SecureSums:
     split = split_for(bound, len(nodes))
     bins = [0 if q["edges"] is None else len(q["edges"]) - 1 for q in queries]
     reference = ParameterSet({f"q{i}": np.zeros(vector_size(b)) for i, b in enumerate(bins)})
@@ -164,7 +165,7 @@ async def _once(client: Scatters, scheme: SecureAggregation,
     for node, error in secure.failures.items():
         failed[node] = ("failed", error)
     bodies = {n: StatsRequest(dataset_id=str(targets[n]["id"]), queries=queries,
-                              secagg={**secure.options(n), "split": split})
+                              secagg={**secure.options(n), "split": split}, privacy=privacy)
               for n in secure.participants}
     invalid: dict[str, str] = {}
     async for reply in client.scatter(bodies, experiment=label, round=round, timeout=timeout):

@@ -137,6 +137,16 @@ def _available(history: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
+def _withheld(history: pd.DataFrame) -> str:
+    """Why metrics may be missing: nodes under differential privacy withhold them."""
+    column = history.get("privacy_withheld")
+    if column is None or not column.notna().any():
+        return ""
+    return (" Nodes training under differential privacy withheld their metrics and losses "
+            "(history column privacy_withheld): no noise covers them. Evaluate the global "
+            "model on data of your own, or train without DP where the nodes allow it.")
+
+
 def plot(
     history: pd.DataFrame,
     metric: str = "accuracy",
@@ -166,7 +176,8 @@ def plot(
     if metric not in columns:
         raise ConfigurationError(
             f"Expected a metric of the history. Received: metric={metric!r}, "
-            f"which={which!r}. Available metrics: {_available(history)}.")
+            f"which={which!r}. Available metrics: {_available(history)}."
+            f"{_withheld(history)}")
     column = columns[metric]
     if ax is None:
         fig = _figure_class()(figsize=figsize, dpi=dpi, layout="constrained")

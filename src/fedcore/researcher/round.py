@@ -233,6 +233,9 @@ def _reply_columns(body: TrainReply) -> dict[str, Any]:
                    privacy_epsilon=body.privacy.get("epsilon"),
                    privacy_epsilon_total=body.privacy.get("epsilon_total"),
                    privacy_delta=body.privacy.get("delta"))
+        withheld = body.privacy.get("withheld")
+        if withheld:  # metrics the node kept: no noise covers them
+            row.update(privacy_withheld=", ".join(map(str, withheld)))
     if body.overrides:
         row.update(overrides=dict(body.overrides), policy="; ".join(body.policy_notes))
     return row

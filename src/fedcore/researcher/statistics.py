@@ -43,7 +43,7 @@ from fedcore.researcher._secure_statistics import (
 from fedcore.researcher.federation import Federation, Selection
 from fedcore.secagg import SecureAggregation, scheme_of
 from fedcore.wire.messages import StatsReply, StatsRequest
-from fedcore.wire.statistics import MAX_BINS, check_edges
+from fedcore.wire.statistics import MAX_BINS, check_edges, withheld_cells
 
 __all__ = [
     "POOLED",
@@ -56,6 +56,8 @@ log = logging.getLogger("fedcore.statistics")
 #: The row label of pooled results.
 POOLED = "pooled"
 
+_Bounds = tuple[float, float] | Mapping[str, tuple[float, float]] | None
+
 # --- researcher side ------------------------------------------------------------------------
 
 
@@ -64,13 +66,14 @@ class Histogram:
     """A federated histogram of one variable: per-node rows and the pooled row.
 
     ``counts`` has one row per node then ``"pooled"`` and one column per bin (an
-    ``IntervalIndex``; as in numpy the last bin includes its right edge). A count a node
-    withheld is ``<NA>`` in its row and left out of the pooled row. ``totals`` has, per row,
-    the ``count`` of values, those ``below`` the first edge and ``above`` the last, and how
-    many sit in ``withheld`` cells. ``notes`` says, per row, what was withheld or why a node
-    is missing; ``suppressed`` lists every withheld cell with the reason. Under secure
-    aggregation there is only the pooled row, and ``suppressed`` is empty: which node
-    withheld which cell is not known (the pooled note counts them).
+    ``IntervalIndex``; as in numpy the last bin includes its right edge). Cells a node
+    withheld (too few values) are not named: they read as 0, in its row and in the pooled
+    one. ``totals`` has, per row, the ``count`` of values, those ``below`` the first edge and
+    ``above`` the last, and how many sit in ``withheld`` cells. ``notes`` says, per row, what
+    was withheld or why a node is missing; ``suppressed`` has one row per node that withheld
+    cells: how many ``cells``, how many ``values`` they hold, and the reason. Under secure
+    aggregation there is only the pooled row, and ``suppressed`` is empty (the pooled note
+    counts the cells).
     """
 
     variable: str
@@ -86,8 +89,9 @@ class Histogram:
         return self.counts.loc[POOLED].to_numpy(dtype=np.int64)
 
     def __repr__(self) -> str:
+        cells = int(self.suppressed["cells"].sum()) if len(self.suppressed) else 0
         return (f"Histogram({self.variable!r}, bins={self.edges.size - 1}, "
-                f"withheld cells={len(self.suppressed)})\n{self.counts.T}")
+                f"withheld cells={cells})\n{self.counts.T}")
 
 
 @dataclass
@@ -112,7 +116,13 @@ class FederatedStatistics:
     rows, no min or max; histograms and quantiles need a ``range`` or explicit edges), and
     the pooled note names the scheme, how many nodes contributed and how many withheld the
     variable (they contribute zeros). A node whose policy requires secure aggregation
-    (``secagg_required``) refuses requests without it. See docs/statistics.md.
+    (``secagg_required``) refuses requests without it.
+
+    ``privacy=True`` asks for differentially private answers: each node clips values to
+    the query's bounds (``describe(..., bounds=...)``, a histogram's edges), adds Gaussian
+    noise it chooses and charges its dataset's privacy budget; a dataset with a budget
+    answers only so. No extremes then, and figures are noisy (the notes say so). See
+    docs/statistics.md.
 
     Example::
 
@@ -126,8 +136,12 @@ class FederatedStatistics:
                  nodes: Sequence[str] | None = None, *, timeout: float = 60.0,
                  connect_timeout: float = 10.0, identity: str | Path | None = None,
                  enrolled: Mapping[str, str] | str | Path | None = None,
-                 secagg: str | SecureAggregation | None = None):
+                 secagg: str | SecureAggregation | None = None, privacy: bool = False):
         self._selection = Selection(tags, nodes)
+        if not isinstance(privacy, bool):
+            raise ConfigurationError(f"privacy must be True or False. Received: {privacy!r}")
+        #: Whether answers are asked for with differential privacy.
+        self.privacy = privacy
         secagg = scheme_of(secagg)
         #: The secure aggregation scheme, or None (replies in clear).
         self.secagg = secagg
@@ -165,15 +179,18 @@ class FederatedStatistics:
 
     # --- public API -------------------------------------------------------------------------
 
-    def describe(self, variables: str | Sequence[str], *, ddof: int = 1) -> pd.DataFrame:
+    def describe(self, variables: str | Sequence[str], *, ddof: int = 1,
+                 bounds: _Bounds = None) -> pd.DataFrame:
         """Count, missing, sum, mean, variance (``ddof``), std, min and max of each variable.
 
         One row per ``(variable, node)``, the node ``"pooled"`` last; ``status`` is ``ok``,
         ``suppressed`` (the node withheld the variable: too few values), ``refused`` (its
         policy) or ``failed``; ``note`` explains, and on pooled rows lists what was left out.
-        Under secure aggregation: the pooled rows only, ``min`` and ``max`` NaN.
+        Under secure aggregation: the pooled rows only, ``min`` and ``max`` NaN. ``bounds``
+        (``(low, high)`` for every variable, or ``{variable: (low, high)}``) is the range
+        values are clipped to under differential privacy.
         """
-        return _runtime.run(self._describe(_names(variables), ddof))
+        return _runtime.run(self._describe(_names(variables), ddof, bounds))
 
     def histogram(self, variable: str, bins: int | Sequence[float] = 10,
                   range: tuple[float, float] | None = None) -> Histogram:
@@ -191,8 +208,10 @@ class FederatedStatistics:
         """Quantiles estimated from a histogram by linear interpolation within its bins.
 
         Exact to within one bin's width. One row per node, then pooled; columns ``"25%"``
-        etc. and ``note``. Counts a node withheld are left out (the note says so); a
-        quantile that falls below or above the histogram's range is NaN.
+        etc. and ``note``. A row where small cells were withheld gets NaN (their values are
+        somewhere unknown, so any estimate could be off by more than a bin; the note says
+        so: ask for fewer bins); a quantile that falls below or above the histogram's range
+        is NaN.
         """
         return _runtime.run(self._quantiles(variable, q, bins, range))
 
@@ -202,10 +221,10 @@ class FederatedStatistics:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def adescribe(self, variables: str | Sequence[str], *, ddof: int = 1
-                        ) -> pd.DataFrame:
+    async def adescribe(self, variables: str | Sequence[str], *, ddof: int = 1,
+                        bounds: _Bounds = None) -> pd.DataFrame:
         """Async twin of :meth:`describe`."""
-        return await _runtime.run_async(self._describe(_names(variables), ddof))
+        return await _runtime.run_async(self._describe(_names(variables), ddof, bounds))
 
     async def ahistogram(self, variable: str, bins: int | Sequence[float] = 10,
                          range: tuple[float, float] | None = None) -> Histogram:
@@ -250,11 +269,12 @@ class FederatedStatistics:
             sums = await secure_sums(
                 self.session, self._scheme, targets, queries, bound=bound,
                 label=f"statistics-{id(self):x}", round=self._secure_rounds,
-                timeout=self.timeout)
+                timeout=self.timeout, privacy=self._privacy_request)
             for node, (status, message) in sorted(sums.failed.items()):
                 log.warning("Node %s gave no statistics (%s): %s", node, status, message)
             return _Answers({}, sums.failed, sums)
-        bodies = {n: StatsRequest(dataset_id=t["id"], queries=queries)
+        bodies = {n: StatsRequest(dataset_id=t["id"], queries=queries,
+                                  privacy=self._privacy_request)
                   for n, t in targets.items()}
         answers = _Answers({}, {})
         invalid: dict[str, str] = {}
@@ -280,13 +300,20 @@ class FederatedStatistics:
 
     # --- statistics -------------------------------------------------------------------------
 
-    async def _describe(self, variables: list[str], ddof: int) -> pd.DataFrame:
+    @property
+    def _privacy_request(self) -> dict[str, Any]:
+        return {"mechanism": "gaussian"} if self.privacy else {}
+
+    async def _describe(self, variables: list[str], ddof: int,
+                        bounds: _Bounds) -> pd.DataFrame:
         if not isinstance(ddof, int) or ddof < 0:
             raise ConfigurationError(f"ddof must be an integer >= 0. Received: {ddof!r}")
-        first = await self._ask([_query(v) for v in variables])
+        clip = _bounds(variables, bounds)
+        first = await self._ask([_query(v, bounds=clip[v]) for v in variables])
         totals = [_pool(first, i) for i, _ in enumerate(variables)]
         shifts = [t["sum"] / t["count"] if t["count"] else 0.0 for t in totals]
-        answers = await self._ask([_query(v, shift=s, min_max=self.secagg is None)
+        extremes = self.secagg is None and not self.privacy
+        answers = await self._ask([_query(v, shift=s, min_max=extremes, bounds=clip[v])
                                    for v, s in zip(variables, shifts, strict=True)],
                                   bound=second_pass_bound(totals))
         rows = []
@@ -307,10 +334,11 @@ class FederatedStatistics:
         return frame.set_index(["variable", "node"])
 
     async def _range(self, variable: str) -> tuple[float, float]:
-        if self.secagg is not None:
+        if self.secagg is not None or self.privacy:
+            why = "secure aggregation" if self.secagg is not None else "differential privacy"
             raise ConfigurationError(
-                f"Cannot choose bins for {variable!r}: under secure aggregation nodes send only "
-                "sums, never their min and max. Pass range=(low, high) or explicit bin edges.")
+                f"Cannot choose bins for {variable!r}: under {why} nodes send only sums, "
+                "never their min and max. Pass range=(low, high) or explicit bin edges.")
         answers = await self._ask([_query(variable, min_max=True)])
         lows, highs, without = [], [], []
         for node, results in answers.results.items():
@@ -350,23 +378,18 @@ class FederatedStatistics:
             if _suppressed(r):
                 continue
             add = r["additive"]
-            row = pd.array(add["hist"], dtype="Int64")
-            total = pd.array([add["count"], add["below"], add["above"], _hidden(add)],
-                             dtype="Int64")
+            counts.loc[node] = pd.array(add["hist"], dtype="Int64")
+            totals.loc[node] = pd.array([add["count"], add["below"], add["above"],
+                                         _hidden(add)], dtype="Int64")
             for w in r["withheld"]:
-                if w["cell"] == "bin":
-                    row[w["bin"]] = pd.NA
-                elif w["cell"] in ("below", "above"):
-                    total[1 if w["cell"] == "below" else 2] = pd.NA
-                withheld.append({"node": node, "reason": w["reason"], "cell": intervals[
-                    w["bin"]] if w["cell"] == "bin" else w["cell"]})
-            counts.loc[node] = row
-            totals.loc[node] = total
+                if w["cell"] == "cells":
+                    withheld.append({"node": node, "cells": int(w["cells"]),
+                                     "values": _hidden(add), "reason": w["reason"]})
         pooled = _pool(answers, 0)
         counts.loc[POOLED] = pd.array(pooled["hist"], dtype="Int64")
         totals.loc[POOLED] = pd.array([pooled["count"], pooled["below"], pooled["above"],
                                        _hidden(pooled)], dtype="Int64")
-        suppressed = pd.DataFrame(withheld, columns=["node", "cell", "reason"])
+        suppressed = pd.DataFrame(withheld, columns=["node", "cells", "values", "reason"])
         return Histogram(variable, edges, counts, totals, notes, suppressed)
 
     async def _quantiles(self, variable: str, q: float | Sequence[float],
@@ -379,9 +402,18 @@ class FederatedStatistics:
             counts = hist.counts.loc[node].fillna(0).to_numpy(dtype=np.float64)
             below, above = hist.totals.loc[node, ["below", "above"]].fillna(0).to_numpy(
                 dtype=np.float64)
-            values = (np.full(len(qs), np.nan) if pd.isna(hist.totals.loc[node, "count"])
-                      else _interpolate(hist.edges, counts, below, above, qs))
-            rows.append([*values, hist.notes[node]])
+            note = hist.notes[node]
+            hidden = hist.totals.loc[node, "withheld"]
+            if pd.isna(hist.totals.loc[node, "count"]):
+                values = np.full(len(qs), np.nan)
+            elif not pd.isna(hidden) and hidden > 0:  # never quietly biased: not given
+                values = np.full(len(qs), np.nan)
+                note = "; ".join(x for x in (note, (
+                    f"quantiles not given: {hidden} values sit in withheld cells, somewhere "
+                    "unknown; ask for fewer bins")) if x)
+            else:
+                values = _interpolate(hist.edges, counts, below, above, qs)
+            rows.append([*values, note])
         labels = [f"{100 * x:g}%" for x in qs]
         return pd.DataFrame(rows, index=hist.counts.index, columns=[*labels, "note"])
 
@@ -395,8 +427,12 @@ class FederatedStatistics:
 
 
 def _query(variable: str, *, shift: float = 0.0, min_max: bool = False,
-           edges: np.ndarray | None = None) -> dict[str, Any]:
-    return {"variable": variable, "shift": float(shift), "min_max": min_max, "edges": edges}
+           edges: np.ndarray | None = None,
+           bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    query = {"variable": variable, "shift": float(shift), "min_max": min_max, "edges": edges}
+    if bounds is not None:
+        query["bounds"] = [float(bounds[0]), float(bounds[1])]
+    return query
 
 
 def _pool(answers: _Answers, i: int) -> dict[str, Any]:
@@ -425,11 +461,13 @@ def _node_status(answers: _Answers, node: str, i: int) -> dict[str, str]:
     r = answers.results[node][i]
     if _suppressed(r):
         return {"status": "suppressed", "note": f"withheld: {r['withheld'][0]['reason']}"}
-    cells = [w for w in r["withheld"] if w["cell"] != "min_max"]
-    notes = [f"{len(cells)} small cell(s) withheld ({_hidden(r['additive'])} values)"
-             ] if cells else []
+    cells = withheld_cells(r)
+    notes = [f"{cells} small cell(s) withheld ({_hidden(r['additive'])} values, not located: "
+             "they read as 0)"] if cells else []
     if any(w["cell"] == "min_max" for w in r["withheld"]):
         notes.append("min/max withheld by node policy")
+    if "noise" in r:
+        notes.append(f"differentially private: noise sd {r['noise']['count']:g} on counts")
     return {"status": "ok", "note": "; ".join(notes)}
 
 
@@ -441,12 +479,14 @@ def _pooled_note(answers: _Answers, i: int) -> str:
     for node, results in sorted(answers.results.items()):
         if _suppressed(results[i]):
             left_out.append(f"{node} (suppressed)")
-        elif any(w["cell"] != "min_max" for w in results[i]["withheld"]):
+        elif withheld_cells(results[i]):
             partial.append(node)
             hidden += _hidden(results[i]["additive"])
     notes = [f"excludes {', '.join(left_out)}"] if left_out else []
     if partial:
         notes.append(f"excludes cells withheld by {', '.join(partial)} ({hidden} values)")
+    if any("noise" in results[i] for results in answers.results.values()):
+        notes.append("differentially private: sums of the nodes' noised answers")
     return "; ".join(notes)
 
 
@@ -544,6 +584,31 @@ def _edges(bins: Any, range: Any) -> np.ndarray | None:
         raise ConfigurationError(f"bins must be a number of bins or a list of bin edges. "
                                  f"Received: bins={bins!r}")
     return check_edges(bins, "bins")
+
+
+def _bounds(variables: list[str], bounds: _Bounds) -> dict[str, tuple[float, float] | None]:
+    """Each variable's clipping range from ``describe(..., bounds=)`` (checked)."""
+    given: Mapping[str, Any] = (bounds if isinstance(bounds, Mapping) else
+                                dict.fromkeys(variables, bounds))
+    unknown = sorted(set(given) - set(variables))
+    if unknown:
+        raise ConfigurationError(f"bounds names variables not asked for: {unknown}. "
+                                 f"Variables: {variables}")
+    out: dict[str, tuple[float, float] | None] = {}
+    for v in variables:
+        b = given.get(v)
+        if b is not None:
+            try:
+                lo, hi = (float(x) for x in b)
+            except (TypeError, ValueError):
+                raise ConfigurationError(f"bounds must be (low, high) per variable. Received: "
+                                         f"{v}={b!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ConfigurationError(f"bounds must be finite with low < high. Received: "
+                                         f"{v}={b!r}")
+            b = (lo, hi)
+        out[v] = b
+    return out
 
 
 def _check_q(q: float | Sequence[float]) -> list[float]:

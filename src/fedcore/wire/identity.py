@@ -90,9 +90,18 @@ def _load_or_create(path: Path) -> Ed25519PrivateKey:
 
 
 def fingerprint(public: bytes) -> str:
-    """``SHA256:`` and the first 16 hex digits of the key's digest, in groups of four."""
-    digest = hashlib.sha256(public).hexdigest()[:16]
-    return "SHA256:" + ":".join(digest[i:i + 4] for i in range(0, 16, 4))
+    """``SHA256:`` and the first 32 hex digits (128 bits) of the key's digest, by fours.
+
+    Long enough that nobody can make a second key with the same fingerprint; short enough to
+    compare by eye or read over the phone.
+    """
+    digest = hashlib.sha256(public).hexdigest()[:32]
+    return "SHA256:" + ":".join(digest[i:i + 4] for i in range(0, 32, 4))
+
+
+def full_fingerprint(public: bytes) -> str:
+    """``SHA256:`` and the whole hex digest of the key: what the audit log records."""
+    return "SHA256:" + hashlib.sha256(public).hexdigest()
 
 
 def parse_public_key(text: str | bytes) -> bytes:

@@ -345,8 +345,9 @@ class StatsRequest(Body):
 
     Each query is a map: ``variable`` (a column of a table, a modality of a medical folder,
     ``"intensity"`` for an image folder), ``shift`` (a float: sums are of ``x - shift``),
-    ``min_max`` (bool: also the extremes, where the node's policy allows) and ``edges``
-    (float64 histogram bin edges, or None for no histogram).
+    ``min_max`` (bool: also the extremes, where the node's policy allows), ``edges``
+    (float64 histogram bin edges, or None for no histogram) and ``bounds`` (``[low, high]``:
+    under differential privacy values are clipped to them; default the edges' range).
     """
 
     dataset_id: str
@@ -355,6 +356,9 @@ class StatsRequest(Body):
     #: and ``split``, the power of two at which sums are cut in two exact parts
     #: (:func:`fedcore.node.statistics.protect_statistics`); empty: replies in clear.
     secagg: dict[str, Any] = field(default_factory=dict)
+    #: ``{"mechanism": "gaussian"}`` asks for differentially private answers (the node sets
+    #: the noise and charges the dataset's privacy budget); empty: exact answers.
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 @message("stats-reply")
@@ -365,7 +369,8 @@ class StatsReply(Body):
     A result's ``additive`` map holds only sums (counts, sums and sums of squares of the
     shifted values, histogram counts), so replies of several nodes add up to the pooled
     statistics: a sum-only secure aggregation can combine them. Cells the node withheld are
-    zero there and listed in ``withheld``; ``min`` and ``max`` are None unless shared.
+    zero there and counted (never located) in ``withheld``; ``min`` and ``max`` are None
+    unless shared.
     """
 
     node_id: str
@@ -374,6 +379,9 @@ class StatsReply(Body):
     #: Under secure aggregation: the protected payload of the additive statistics; then
     #: ``results`` is empty (nothing of one node travels in clear).
     secagg: dict[str, Any] = field(default_factory=dict)
+    #: Under differential privacy: ``mechanism``, ``noise_multiplier``, ``steps`` (Gaussian
+    #: releases charged), ``epsilon`` and ``delta`` (the dataset's total spent, after it).
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 @message("plan-submit")

@@ -1,7 +1,10 @@
 """The statistics protocol both sides check: query limits, bin edges, the additive vector.
 
 A :class:`~fedcore.wire.messages.StatsRequest` holds up to :data:`MAX_QUERIES` queries, each a
-map of ``variable``, ``shift``, ``min_max`` and bin ``edges`` (:func:`check_query`). Under
+map of ``variable``, ``shift``, ``min_max``, bin ``edges`` and ``bounds`` (:func:`check_query`).
+A result's ``withheld`` list says what the node withheld without saying where: ``{"cell":
+"all"}`` (the whole variable), ``{"cell": "cells", "cells": n}`` (n histogram cells, which
+stay unnamed: they read as zeros) or ``{"cell": "min_max"}``. Under
 secure aggregation a node packs each query's additive statistics in one float64 vector
 (:func:`additive_vector`, laid out as :data:`SECURE_FIELDS`) and the researcher reads the
 summed vector back (:func:`additive_from_vector`); the node computes the statistics in
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,11 +28,13 @@ __all__ = [
     "MAX_BINS",
     "MAX_QUERIES",
     "SECURE_FIELDS",
+    "Query",
     "additive_from_vector",
     "additive_vector",
     "check_edges",
     "check_query",
     "check_split",
+    "withheld_cells",
     "vector_size",
 ]
 
@@ -42,8 +48,38 @@ MAX_BINS = 100_000
 # --- queries ----------------------------------------------------------------------------------
 
 
-def check_query(i: int, query: Any) -> tuple[str, float, bool, np.ndarray | None]:
-    """Query ``i`` of a request as ``(variable, shift, min_max, edges)``, checked.
+@dataclass(frozen=True)
+class Query:
+    """One checked query of a :class:`~fedcore.wire.messages.StatsRequest`.
+
+    Sums of ``x - shift``, extremes if ``min_max``, a histogram on ``edges``; under
+    differential privacy values are clipped to ``bounds``.
+    """
+
+    variable: str
+    shift: float = 0.0
+    min_max: bool = False
+    edges: np.ndarray | None = None
+    bounds: tuple[float, float] | None = None
+
+    @property
+    def bins(self) -> int:
+        """The number of histogram bins (0: no histogram)."""
+        return 0 if self.edges is None else self.edges.size - 1
+
+    @property
+    def clip(self) -> tuple[float, float] | None:
+        """The range values are clipped to under differential privacy.
+
+        ``bounds``, or the edges' range; ``None`` when neither is given.
+        """
+        if self.bounds is not None:
+            return self.bounds
+        return None if self.edges is None else (float(self.edges[0]), float(self.edges[-1]))
+
+
+def check_query(i: int, query: Any) -> Query:
+    """Query ``i`` of a request, checked.
 
     A malformed query raises ``ConfigurationError`` naming its key.
     """
@@ -54,8 +90,7 @@ def check_query(i: int, query: Any) -> tuple[str, float, bool, np.ndarray | None
     if not isinstance(variable, str) or not variable:
         raise ConfigurationError(f"Query {i}: 'variable' must be a non-empty string. "
                                  f"Received: {variable!r}")
-    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not math.isfinite(
-            shift):
+    if not _finite(shift):
         raise ConfigurationError(f"Query {i} ({variable!r}): 'shift' must be a finite number. "
                                  f"Received: {shift!r}")
     if not isinstance(min_max, bool):
@@ -63,7 +98,19 @@ def check_query(i: int, query: Any) -> tuple[str, float, bool, np.ndarray | None
                                  f"Received: {min_max!r}")
     if edges is not None:
         edges = check_edges(edges, f"Query {i} ({variable!r}): 'edges'")
-    return variable, float(shift), min_max, edges
+    bounds = query.get("bounds")
+    if bounds is not None:
+        if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2
+                and all(_finite(b) for b in bounds) and bounds[0] < bounds[1]):
+            raise ConfigurationError(f"Query {i} ({variable!r}): 'bounds' must be [low, high], "
+                                     f"finite, low < high. Received: {bounds!r}")
+        bounds = (float(bounds[0]), float(bounds[1]))
+    return Query(variable, float(shift), min_max, edges, bounds)
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def check_edges(edges: Any, what: str) -> np.ndarray:
@@ -100,13 +147,18 @@ def additive_vector(result: Mapping[str, Any]) -> np.ndarray:
     Vectors of several nodes add up to the pooled statistics, suppression counts included.
     """
     add = result["additive"]
-    cells = sum(1 for w in result["withheld"] if w["cell"] in ("bin", "below", "above"))
+    cells = withheld_cells(result)
     suppressed = any(w["cell"] == "all" for w in result["withheld"])
     head = [add["count"], add["missing"], add["sum"], add["sumsq"], float(suppressed), cells]
     if "hist" not in add:
         return np.array(head, dtype=np.float64)
     return np.concatenate([np.array([*head, add["below"], add["above"]], dtype=np.float64),
                            np.asarray(add["hist"], dtype=np.float64)])
+
+
+def withheld_cells(result: Mapping[str, Any]) -> int:
+    """How many histogram cells a node withheld in one result (they are not named)."""
+    return sum(int(w.get("cells", 0)) for w in result["withheld"] if w.get("cell") == "cells")
 
 
 def additive_from_vector(vector: np.ndarray, bins: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from werkzeug.wrappers import Response
 
 from fedcore.errors import DatasetError, FedcoreError
 from fedcore.node import Node
+from fedcore.wire.identity import fingerprint
 from fedcore_node.gui.auth import admin_required, governance
 
 bp = Blueprint("pages", __name__)
@@ -66,6 +67,7 @@ def status() -> str:
     return render_template(
         "status.html", rounds=rounds, serving=serving, pending=pending, approval=approval,
         n_datasets=len(node.datasets.list()),
+        trusted=[(name, fingerprint(key)) for name, key in node.trusted_researchers.items()],
     )
 
 
@@ -86,7 +88,7 @@ def dataset(dataset_id: str) -> str:
         entry = node.datasets.get(dataset_id)
     except DatasetError as exc:
         abort(404, str(exc))
-    public = node.datasets.public({**entry, "available": True})
+    public = node.datasets.public({**entry, "available": True}, min_count=node.min_count)
     return render_template("dataset.html", entry=entry, public=public,
                            budget=governance().budgets().get(dataset_id))
 
