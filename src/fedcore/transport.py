@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,7 +24,8 @@ from fedcore.errors import ConfigurationError, TransportError
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["Capabilities", "Inbox", "Role", "Transport", "open_transport"]
+__all__ = ["REDACTED", "Capabilities", "Inbox", "Role", "Transport", "open_transport",
+           "redact_url"]
 
 Role = Literal["researcher", "node"]
 
@@ -144,11 +146,43 @@ class Inbox:
         return peer, frame
 
 
+#: What stands in for a credential that :func:`redact_url` removed.
+REDACTED = "***"
+
+# user:PASSWORD@ after a scheme (the password runs to the last '@' before the path).
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*):"
+                       r"(?P<secret>[^\s/?#]*)@")
+# ?password=... or &token=... (any option whose name says it is a secret).
+_QUERY = re.compile(r"(?P<head>[?&;](?:[A-Za-z0-9_.-]*?)"
+                    r"(?:password|passwd|pwd|secret|token|api_?key|auth)=)(?P<secret>[^&#\s]*)",
+                    re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``.
+
+    A password in the user information (``mqtt://user:PASSWORD@host``) and the value of any
+    option whose name says it is a secret (``?password=``, ``token=``, ``secret=``,
+    ``api_key=``...) are replaced; the rest stays readable. ``text`` may be one URL or a
+    message that contains URLs (a log line, an error). Everything that shows, logs, audits
+    or stores a federation URL goes through this function. Example::
+
+        >>> redact_url("mqtts://site-a:s3cret@broker:8883/study?cafile=ca.pem&password=x")
+        'mqtts://site-a:***@broker:8883/study?cafile=ca.pem&password=***'
+    """
+    if "://" not in text and "=" not in text:
+        return text
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+    return _QUERY.sub(lambda m: f"{m['head']}{REDACTED}" if m["secret"] else m[0], text)
+
+
 class Transport(abc.ABC):
     """Moves frames between this endpoint and its peers.
 
     A researcher endpoint talks to many nodes; a node endpoint talks to its researcher(s).
     Implementations are async and live on one event loop, the one ``start`` runs on.
+    ``url`` is the address as it may be shown: without credentials (:func:`redact_url`); an
+    implementation reads credentials from the ``url`` its constructor received.
     """
 
     capabilities: Capabilities
@@ -159,7 +193,8 @@ class Transport(abc.ABC):
     screen: Callable[[str, bytes | bytearray], bool] | None = None
 
     def __init__(self, url: str, *, role: Role, identity: str):
-        self.url = url
+        #: The URL without its credentials, safe to log, audit and show.
+        self.url = redact_url(url)
         self.role = role
         self.identity = identity
 
@@ -201,7 +236,7 @@ def open_transport(url: str, *, role: Role, identity: str) -> Transport:
     if not scheme:
         raise ConfigurationError(
             f"Expected a federation URL such as 'inproc://demo' or 'ws://host:port'. "
-            f"Received: {url!r}"
+            f"Received: {redact_url(url)!r}"
         )
     cls = plugins.load("transports", scheme)
     return cls(url, role=role, identity=identity)

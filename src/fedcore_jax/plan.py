@@ -137,9 +137,6 @@ class JaxTrainingPlan(TrainingPlan):
         return self._steps[key]
 
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:
-        if self.privacy is not None:
-            raise ConfigurationError(
-                "JAX plans do not implement DP-SGD: use privacy={'mechanism': 'update', ...}.")
         data = self.training_data(dataset)
         batch_size = self.training.batch_size or 32
         rng = np.random.default_rng(seed)

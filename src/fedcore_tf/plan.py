@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.plan import TrainingPlan, batch_indices, collect_predictions
 from fedcore_tf import convert
+from fedcore_tf.privacy import KerasPrivateTraining
 
 keras = tf.keras
 
@@ -43,12 +43,17 @@ class KerasTrainingPlan(TrainingPlan):
     ``keras.utils.set_random_seed`` and TensorFlow's op determinism, so a seed reproduces
     a round exactly. FedProx and SCAFFOLD add ``mu * (w - w_global)`` and the correction to
     each trained weight's gradient before ``apply_gradients``. DP-SGD (``privacy``
-    mechanism ``"dp-sgd"``) trains through tensorflow-privacy's ``DPKerasSGDOptimizer``
-    (:mod:`fedcore_tf.privacy`, which needs ``TF_USE_LEGACY_KERAS=1``).
+    mechanism ``"dp-sgd"``) is run by the node's installed
+    :class:`~fedcore_tf.privacy.KerasPrivateTraining` through tensorflow-privacy's
+    ``DPKerasSGDOptimizer`` (it needs ``TF_USE_LEGACY_KERAS=1``), around the plan's model,
+    :meth:`init_loss` and :meth:`training_data`; a plan that overrides :meth:`fit` or
+    :meth:`get_parameters` is refused DP-SGD.
     """
 
     backend = "tf"
-    supports = frozenset({"proximal", "gradient_correction", "dp-sgd"})
+    supports = frozenset({"proximal", "gradient_correction"})
+    #: DP-SGD through tensorflow-privacy, run by the node around the plan (not by fit).
+    private_training = KerasPrivateTraining
     #: The weights (trainable or not) are the whole state of a standard model.
     reusable = True
     training_keys = {"optimizer": (str, dict), "loss": (str, dict), "test_batch_size": int}
@@ -173,8 +178,6 @@ class KerasTrainingPlan(TrainingPlan):
         return out
 
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:
-        if self.privacy is not None:
-            return self._fit_dp_sgd(dataset, seed)
         data = self.training_data(dataset)
         batch_size = self.training.batch_size or 32
         keras.utils.set_random_seed(seed)
@@ -199,25 +202,6 @@ class KerasTrainingPlan(TrainingPlan):
         lr = float(np.asarray(optimizer.learning_rate))
         self.local_steps = loop.local_steps({n: lr for n, _ in self._trained()})
         return loop.stats(total / max(loop.samples, 1))
-
-    def _fit_dp_sgd(self, dataset: Dataset, seed: int) -> dict[str, Any]:
-        """Local training with tensorflow-privacy's DP optimizer (:mod:`fedcore_tf.privacy`)."""
-        if self.proximal is not None and self.proximal[0] or self.gradient_correction is not None:
-            raise ConfigurationError(
-                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node. Use FedAvg, "
-                "or update-level DP (privacy={'mechanism': 'update', ...}).")
-        if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
-            raise ConfigurationError(
-                "TF DP-SGD runs tensorflow-privacy's Keras 2 optimizers: start the node with "
-                "TF_USE_LEGACY_KERAS=1 and install fedcore[tfdp] (see fedcore_tf.privacy).")
-        from fedcore_tf.privacy import DPKerasSGD
-
-        dp = DPKerasSGD.from_spec(self.privacy)
-        t = self.training
-        stats = dp.train(self, self.training_data(dataset), epochs=t.epochs,
-                         batch_size=t.batch_size or 32, lr=t.lr, num_updates=t.num_updates)
-        self.privacy_events = dp.events()
-        return stats
 
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         data = self.training_data(dataset)

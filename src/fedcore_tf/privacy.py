@@ -26,11 +26,17 @@ given those orders, fedcore's accountant returns its epsilon exactly (tested). W
 fedcore's default orders (Opacus's) the two differ by up to about 1% either way, both
 valid bounds: the minimum over two different grids of the same RDP curve. The noise comes from
 TensorFlow's generator seeded from the operating system (never the experiment's seed).
+
+On a node, :class:`KerasPrivateTraining` (``KerasTrainingPlan.private_training``) runs the
+round around the plan's model, loss and data: the node's code, not the plan's (see
+:mod:`fedcore.privacy.dpsgd`); the node charges the steps the DP optimizer took at the rate
+of its own data size.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import sys
 from collections.abc import Mapping
@@ -39,9 +45,12 @@ from typing import Any
 import numpy as np
 
 from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+from fedcore.plan import LocalTraining
 from fedcore.privacy import Accountant, Event, PrivacySpec
+from fedcore.privacy.dpsgd import PrivateTraining
 
-__all__ = ["DPKerasSGD", "tf_privacy"]
+__all__ = ["DPKerasSGD", "KerasPrivateTraining", "tf_privacy"]
 
 
 def tf_privacy() -> Any:
@@ -126,3 +135,53 @@ class DPKerasSGD:
     def epsilon(self, delta: float | None = None) -> float:
         """The round's epsilon at ``delta`` (default: the spec's), by fedcore's accountant."""
         return Accountant(self._events).epsilon(self.delta if delta is None else delta)
+
+
+class KerasPrivateTraining(PrivateTraining):
+    """DP-SGD around a Keras plan, run by the node (``KerasTrainingPlan.private_training``).
+
+    :class:`DPKerasSGD` trains the plan's model on the ``(X, y)`` of its ``training_data``
+    (one example per record of the node's dataset) with the loss of its ``init_loss``. The
+    node charges ``(noise_multiplier, batch_size / n, steps)`` with ``n`` its own training
+    records and ``steps`` the DP optimizer's iterations; the update is read from the model
+    that was trained.
+    """
+
+    relies_on = ("get_parameters", "set_parameters")
+
+    def __init__(self, spec: PrivacySpec):
+        super().__init__(spec)
+        self._model: Any = None
+
+    def train(self, plan: Any, dataset: Any, seed: int,
+              training: LocalTraining) -> dict[str, Any]:  # noqa: D102 - inherits the doc
+        if (plan.proximal is not None and plan.proximal[0]) or \
+                plan.gradient_correction is not None:
+            raise ConfigurationError(
+                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node. Use FedAvg, "
+                "or update-level DP (privacy={'mechanism': 'update', ...}).")
+        if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+            raise ConfigurationError(
+                "TF DP-SGD runs tensorflow-privacy's Keras 2 optimizers: start the node with "
+                "TF_USE_LEGACY_KERAS=1 and install fedcore[tfdp] (see fedcore_tf.privacy).")
+        data = plan.training_data(dataset)
+        if isinstance(data, tuple) and len(data) == 2 and len(data[0]) != len(dataset):
+            raise ConfigurationError(
+                "Under DP-SGD one record of the node's dataset is one training example: "
+                f"training_data() returned {len(data[0])} examples for {len(dataset)} "
+                "records. Return one example per record, or ask for update-level DP.")
+        batch_size = training.batch_size or 32
+        self._model = plan.model
+        self._charge(batch_size / max(len(dataset), 1))
+        dp = DPKerasSGD(self.spec.noise_multiplier, self.spec.clip, self.spec.delta)
+        stats = dp.train(plan, data, epochs=training.epochs, batch_size=batch_size,
+                         lr=plan.training.lr, num_updates=training.num_updates)
+        self.steps = sum(e.steps for e in dp.events())
+        return stats
+
+    def parameters(self, plan: Any) -> ParameterSet:  # noqa: D102
+        from fedcore_tf import convert
+
+        if self._model is None:
+            raise ConfigurationError("KerasPrivateTraining.parameters() before train().")
+        return convert.get_parameters(self._model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -56,3 +58,14 @@ def to_tensor(array: object, dtype: torch.dtype | None = None) -> torch.Tensor:
         arr = arr.copy()
     tensor = torch.from_numpy(arr)
     return tensor if dtype is None else tensor.to(dtype)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A collated batch (a tensor, or tuples, lists and dicts of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch

@@ -12,8 +12,9 @@ import torch
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
-from fedcore.plan import LocalLoop, TrainingPlan
+from fedcore.plan import TrainingPlan
 from fedcore_torch import convert
+from fedcore_torch.privacy import TorchPrivateTraining
 
 
 class TorchTrainingPlan(TrainingPlan):
@@ -38,10 +39,17 @@ class TorchTrainingPlan(TrainingPlan):
     FedProx and SCAFFOLD work with any model and optimizer: the proximal gradient
     ``mu * (w - w_global)`` and SCAFFOLD's correction are added to each trained parameter's
     ``grad`` after ``backward()`` and before ``optimizer.step()``.
+
+    DP-SGD (``privacy`` mechanism ``"dp-sgd"``) is run by the node's installed
+    :class:`~fedcore_torch.privacy.TorchPrivateTraining` around :meth:`init_optimizer`,
+    :meth:`training_data` and :meth:`training_step`; a plan that overrides :meth:`fit`,
+    :meth:`get_parameters` or :meth:`set_parameters` is refused DP-SGD.
     """
 
     backend = "torch"
-    supports = frozenset({"proximal", "gradient_correction", "dp-sgd"})
+    supports = frozenset({"proximal", "gradient_correction"})
+    #: DP-SGD through Opacus, run by the node around the plan (not by :meth:`fit`).
+    private_training = TorchPrivateTraining
     #: The state_dict is the whole state of a standard module, so nodes keep the built
     #: model between rounds. Set False for a model that keeps state outside it.
     reusable = True
@@ -114,7 +122,8 @@ class TorchTrainingPlan(TrainingPlan):
                 data, batch_size=batch_size, shuffle=generator is not None,
                 generator=generator)
             for batch in loader:
-                yield _to_device(batch[0], self._device), _to_device(batch[1], self._device)
+                yield (convert.to_device(batch[0], self._device),
+                       convert.to_device(batch[1], self._device))
             return
         X, y = data
         X = convert.to_tensor(X).to(self._device)
@@ -132,8 +141,6 @@ class TorchTrainingPlan(TrainingPlan):
                 yield X[idx], y[idx]
 
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:  # noqa: D102
-        if self.privacy is not None:
-            return self._fit_dp_sgd(dataset, seed)
         data = self.training_data(dataset)
         batch_size = self._batch_size()
         generator = torch.Generator().manual_seed(seed)
@@ -160,42 +167,6 @@ class TorchTrainingPlan(TrainingPlan):
 
     def _batch_size(self) -> int:
         return self.training.batch_size or 32
-
-    def _fit_dp_sgd(self, dataset: Dataset, seed: int) -> dict[str, Any]:
-        """Local training with DP-SGD through Opacus (:mod:`fedcore_torch.privacy`)."""
-        from fedcore_torch.privacy import DPSGD
-
-        if self._gradient_terms():
-            raise ConfigurationError(
-                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node: Opacus "
-                "recomputes the gradients after clipping. Use FedAvg, or update-level DP "
-                "(privacy={'mechanism': 'update', ...}).")
-        self._manual_seed(seed)
-        self.model.train()  # Opacus checks the mode (evaluation left it in eval mode)
-        dp = DPSGD.from_spec(self.privacy)
-        model, optimizer, loader = dp.make_private(
-            self.model, self.init_optimizer(), self.training_data(dataset), self._batch_size())
-        self.model = model
-        # No progress: the researcher learns what DP-SGD releases, after the round.
-        loop = LocalLoop(self.training)
-        try:
-            model.train()
-            for _ in loop.epochs():
-                for X, y in loop.batches(loader):
-                    X, y = _to_device(X, self._device), _to_device(y, self._device)
-                    optimizer.zero_grad(set_to_none=True)
-                    if len(y) == 0:  # a Poisson batch may be empty: it still takes a step
-                        optimizer.step()
-                        loop.step(0)
-                        continue
-                    loss = self.training_step(X, y)
-                    loss.backward()
-                    optimizer.step()
-                    loop.step(len(y), loss=float(loss.detach()))
-        finally:
-            self.model = dp.release()
-        self.privacy_events = dp.events()
-        return loop.stats(loop.mean_loss)
 
     def _gradient_terms(self) -> list[tuple[torch.Tensor, float, torch.Tensor | None,
                                             torch.Tensor | None]]:
@@ -270,13 +241,3 @@ def _adjust_gradients(terms: list[tuple[torch.Tensor, float, torch.Tensor | None
             if correction is not None:
                 p.grad.add_(correction)
 
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """A collated batch (a tensor, or tuples, lists and dicts of them) on ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch

@@ -15,6 +15,11 @@ compose across rounds in fedcore's accountant) and its epsilon. A round::
     plan.model = dp.release()                  # the plain module again, hooks removed
     dp.events(), dp.epsilon()
 
+On a node, :class:`TorchPrivateTraining` (``TorchTrainingPlan.private_training``) runs that
+loop around a plan's model, optimizer, data and ``training_step``: the node's code, not the
+plan's (see :mod:`fedcore.privacy.dpsgd`). It also checks that nothing but the DP optimizer
+changes the model's state during the round.
+
 Sampling and noise draw from torch generators seeded from the operating system's CSPRNG,
 never from the experiment's seed (which the researcher knows). Opacus's ``secure_mode``
 (torchcsprng) is not available for current torch, so the generators themselves are
@@ -33,10 +38,14 @@ import numpy as np
 import torch
 
 from fedcore.errors import ConfigurationError
+from fedcore.params import ParameterSet
+from fedcore.plan import LocalLoop, LocalTraining
 from fedcore.privacy import Accountant, Event, PrivacySpec, dpsgd_schedule
+from fedcore.privacy.dpsgd import PrivateTraining
 from fedcore.privacy.spec import DEFAULT_DELTA
+from fedcore_torch import convert
 
-__all__ = ["DPSGD"]
+__all__ = ["DPSGD", "TorchPrivateTraining"]
 
 _INSTALL = 'pip install "fedcore[torch]"'
 
@@ -51,8 +60,13 @@ def _opacus() -> Any:
     return opacus
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    return torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+def _generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(
+        seed if seed is not None else secrets.randbits(63))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _as_dataset(data: Any) -> Any:
@@ -91,6 +105,8 @@ class DPSGD:
         self._dataset_size = 0
         self._batch = 1
         self._norms: list[torch.Tensor] = []
+        #: Optimizer steps that clipped and noised (counted by this class's step hook).
+        self.noised_steps = 0
 
     @classmethod
     def from_spec(cls, spec: PrivacySpec | Mapping[str, Any]) -> DPSGD:
@@ -139,11 +155,14 @@ class DPSGD:
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=self.spec.noise_multiplier, max_grad_norm=self.spec.clip,
                 poisson_sampling=True,
-                noise_generator=_generator(None if self.seed is None else self.seed + 1))
+                # Opacus draws the noise on the parameters' device, with this generator.
+                noise_generator=_generator(None if self.seed is None else self.seed + 1,
+                                           _device_of(model)))
         self._module, self._optimizer = module, dp_optimizer
         accountant_hook = dp_optimizer.step_hook
 
         def step_hook(optim: Any) -> None:  # keep Opacus's accounting, note the norms
+            self.noised_steps += 1
             self._note_norms(optim)
             if accountant_hook is not None:
                 accountant_hook(optim)
@@ -214,3 +233,129 @@ class DPSGD:
         return {**self.spec.to_dict(), "sample_rate": events[0].sample_rate if events else None,
                 "steps": sum(e.steps for e in events), "events": [list(e) for e in events],
                 "epsilon": self.epsilon()}
+
+
+class TorchPrivateTraining(PrivateTraining):
+    """DP-SGD around a torch plan, run by the node (``TorchTrainingPlan.private_training``).
+
+    The round's loop is this class's: Opacus wraps the plan's model, the optimizer of its
+    ``init_optimizer`` (a ``torch.optim`` optimizer) and the data of its ``training_data``
+    (one example per record of the node's dataset); the plan's ``training_step`` gives each
+    batch's loss. Before every optimizer step the model's whole state (parameters and
+    buffers) must be as the previous step left it: a plan whose code writes into the model
+    other than through the noised gradients is stopped. The update is read from the module
+    that was wrapped. No progress is reported during the round.
+    """
+
+    relies_on = ("get_parameters", "set_parameters")
+
+    def __init__(self, spec: PrivacySpec):
+        super().__init__(spec)
+        self._module: torch.nn.Module | None = None
+
+    def train(self, plan: Any, dataset: Any, seed: int,
+              training: LocalTraining) -> dict[str, Any]:  # noqa: D102 - inherits the doc
+        if (plan.proximal is not None and plan.proximal[0]) or \
+                plan.gradient_correction is not None:
+            raise ConfigurationError(
+                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node: Opacus "
+                "recomputes the gradients after clipping. Use FedAvg, or update-level DP "
+                "(privacy={'mechanism': 'update', ...}).")
+        device = getattr(plan, "_device", torch.device("cpu"))
+        if device.type == "cpu":
+            torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+        model = plan.model
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigurationError("DP-SGD trains plan.model, a torch.nn.Module. Received: "
+                                     f"{type(model).__name__}")
+        optimizer = plan.init_optimizer()
+        _check_optimizer(optimizer)
+        data = plan.training_data(dataset)
+        batch_size = training.batch_size or 32
+        model.train()  # Opacus checks the mode (evaluation left it in eval mode)
+        dp = DPSGD(self.spec.noise_multiplier, self.spec.clip, self.spec.delta)
+        private, dp_optimizer, loader = dp.make_private(model, optimizer, data, batch_size)
+        noised: Any = dp_optimizer  # an Opacus DPOptimizer
+        self._module = model
+        try:
+            if dp._dataset_size != len(dataset):
+                raise ConfigurationError(
+                    "Under DP-SGD one record of the node's dataset is one training example: "
+                    f"training_data() returned {dp._dataset_size} examples for "
+                    f"{len(dataset)} records. Return one example per record, or ask for "
+                    "update-level DP.")
+            self._charge(self.poisson_rate(len(dataset), batch_size))
+            plan.model = private
+            stats = self._loop(plan, private, dp_optimizer, loader, training, device)
+        finally:
+            plan.model = dp.release()
+        self.steps = dp.noised_steps
+        if (noised.noise_multiplier, noised.max_grad_norm) != (
+                self.spec.noise_multiplier, self.spec.clip):
+            raise ConfigurationError("The DP optimizer's noise or clipping changed during the "
+                                     "round: its update is withheld.")
+        return stats
+
+    def _loop(self, plan: Any, private: Any, optimizer: Any, loader: Any,
+              training: LocalTraining, device: torch.device) -> dict[str, Any]:
+        loop = LocalLoop(training)  # no progress: the loss would leave during the round
+        state = _State(self._module)
+        private.train()
+        for _ in loop.epochs():
+            for X, y in loop.batches(loader):
+                X, y = convert.to_device(X, device), convert.to_device(y, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = None
+                if len(y):
+                    loss = plan.training_step(X, y)
+                    loss.backward()
+                else:  # an empty Poisson batch still takes a noised step
+                    for p in optimizer.params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype,
+                                                    device=p.device)
+                state.check()
+                optimizer.step()
+                state.snapshot()
+                loop.step(len(y), loss=None if loss is None else float(loss.detach()))
+        state.check()
+        return loop.stats(loop.mean_loss)
+
+    def parameters(self, plan: Any) -> ParameterSet:  # noqa: D102
+        if self._module is None:
+            raise ConfigurationError("TorchPrivateTraining.parameters() before train().")
+        return convert.get_parameters(self._module)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """The optimizer must be torch's own: its step is the only code that moves the weights."""
+    kind = type(optimizer)
+    if not isinstance(optimizer, torch.optim.Optimizer) or \
+            not kind.__module__.startswith("torch.optim."):
+        raise ConfigurationError(
+            "Under DP-SGD the node applies the noised gradients with one of torch.optim's "
+            f"optimizers. init_optimizer() returned {kind.__module__}.{kind.__qualname__}. "
+            "Return a torch.optim optimizer (SGD, Adam...), or ask for update-level DP.")
+
+
+class _State:
+    """The model's state between optimizer steps: nothing else may change it."""
+
+    def __init__(self, module: Any):
+        self.module = module
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        self.saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def check(self) -> None:
+        now = self.module.state_dict()
+        changed = sorted(set(now) ^ set(self.saved)) or [
+            k for k, v in now.items() if not torch.equal(v, self.saved[k])]
+        if changed:
+            raise ConfigurationError(
+                f"The plan's code changed the model's {changed[:4]} outside the DP "
+                "optimizer's step, so the node cannot vouch for DP-SGD: the round's update is "
+                "withheld. Change the model only through training_step's loss.")
+

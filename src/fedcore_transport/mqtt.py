@@ -26,9 +26,17 @@ paho reconnects by itself (``retry_max`` caps the backoff); on every connection 
 endpoint subscribes and announces itself again, so a broker restart is survived. Frames in
 flight during the outage may be lost: correlation and timeouts live in the core.
 
-URL options: ``username``/``password`` (or ``user:password@`` in the URL), ``cafile``,
-``certfile``/``keyfile`` (``mqtts://``), ``chunk_size``, ``keepalive``, ``retry_max``,
-``connect_timeout``.
+URL options: ``username``, ``password_file``, ``cafile``, ``certfile``/``keyfile``
+(``mqtts://``), ``chunk_size``, ``keepalive``, ``retry_max``, ``connect_timeout``.
+
+Credentials: the user name comes from the URL (``mqtt://site-a@broker/...`` or
+``?username=``) or ``$FEDCORE_MQTT_USERNAME``; the password, best kept out of the URL, from
+the file named by ``?password_file=`` or ``$FEDCORE_MQTT_PASSWORD_FILE`` (its first line), or
+from ``$FEDCORE_MQTT_PASSWORD``. A password written in the URL (``user:password@`` or
+``?password=``) still works, but the URL is then never shown whole: every log line, audit
+record, page and file shows it through :func:`fedcore.transport.redact_url`, and a URL shown
+that way (``user:***@``) may be given back, the password then coming from the file or the
+environment.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import ssl as ssl_lib
 import uuid
@@ -49,14 +58,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedcore.errors import ConfigurationError, TransportError
-from fedcore.transport import Capabilities, Inbox, Role, Transport
+from fedcore.transport import REDACTED, Capabilities, Inbox, Role, Transport, redact_url
 
 __all__ = ["MqttTransport"]
 
 log = logging.getLogger("fedcore.transport.mqtt")
 
-_QUERY_KEYS = {"username", "password", "cafile", "certfile", "keyfile", "chunk_size",
-               "keepalive", "retry_max", "connect_timeout"}
+_QUERY_KEYS = {"username", "password", "password_file", "cafile", "certfile", "keyfile",
+               "chunk_size", "keepalive", "retry_max", "connect_timeout"}
 _PRESENCE_VERSION = 1
 _WINDOW = 64  # messages published and not yet acknowledged by the broker, per endpoint
 _AUTH_FAILURES = {"Bad user name or password", "Not authorized"}
@@ -82,18 +91,18 @@ class MqttTransport(Transport):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or bad_port:
             raise ConfigurationError(
                 f"Expected mqtt://HOST[:PORT]/FEDERATION or mqtts://... Received: "
-                f"{_redact(url)!r}")
+                f"{redact_url(url)!r}")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = sorted(set(query) - _QUERY_KEYS)
         if unknown:
-            raise ConfigurationError(f"Unknown option(s) {unknown} in {_redact(url)!r}. "
+            raise ConfigurationError(f"Unknown option(s) {unknown} in {redact_url(url)!r}. "
                                      f"Expected some of {sorted(_QUERY_KEYS)}.")
         self.federation = parts.path.strip("/") or "default"
         _check_name("federation", self.federation, slash=True)
         _check_name("identity", identity, slash=False)
         tls = parts.scheme == "mqtts"
         if ssl is not None and not tls:
-            raise ConfigurationError(f"An ssl context was given for {_redact(url)!r}: "
+            raise ConfigurationError(f"An ssl context was given for {redact_url(url)!r}: "
                                      "use mqtts://.")
         self._host = parts.hostname
         self._port = port or (8883 if tls else 1883)
@@ -104,14 +113,13 @@ class MqttTransport(Transport):
             retry_max = float(query.get("retry_max", retry_max))
             self._connect_timeout = float(query.get("connect_timeout", connect_timeout))
         except ValueError as exc:
-            raise ConfigurationError(f"Bad number in {_redact(url)!r}: {exc}") from exc
+            raise ConfigurationError(f"Bad number in {redact_url(url)!r}: {exc}") from exc
         if self._chunk < 2048:
             raise ConfigurationError(f"chunk_size must be at least 2048 bytes. "
                                      f"Received: {self._chunk}")
         self._set_chunk(self._chunk)
         self._inbox_bytes = inbox_bytes
-        username = query.get("username") or (unquote(parts.username) if parts.username else None)
-        password = query.get("password") or (unquote(parts.password) if parts.password else None)
+        username, password = _credentials(query, parts.username, parts.password)
         self._session = uuid.uuid4().int & 0xFFFFFFFF
         other = "node" if role == "researcher" else "researcher"
         root = f"fedcore/{self.federation}"
@@ -184,8 +192,10 @@ class MqttTransport(Transport):
         if refusal is not None:
             await self._stop_client()
             raise TransportError(f"The MQTT broker at {self._where} refused {self.identity!r}: "
-                                 f"{refusal}. Check the username and password (URL userinfo "
-                                 f"or ?username=&password=).")
+                                 f"{refusal}. Check the username (URL user@ or "
+                                 f"$FEDCORE_MQTT_USERNAME) and the password (the file named by "
+                                 f"?password_file= or $FEDCORE_MQTT_PASSWORD_FILE, or "
+                                 f"$FEDCORE_MQTT_PASSWORD).")
 
     async def send(self, peer: str, frame: bytes) -> None:
         if len(frame) > self.capabilities.max_frame_size:
@@ -376,15 +386,27 @@ def _check_name(what: str, name: str, *, slash: bool) -> None:
                                  f"'+', '#'{allowed}. Received: {name!r}")
 
 
-def _redact(url: str) -> str:
-    """``url`` without its password (userinfo or query)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password:
-        netloc = netloc.replace(f":{parts.password}@", ":***@")
-    query = "&".join("password=***" if q.startswith("password=") else q
-                     for q in parts.query.split("&")) if parts.query else ""
-    return parts._replace(netloc=netloc, query=query).geturl()
+def _credentials(query: dict[str, str], user: str | None, secret: str | None
+                 ) -> tuple[str | None, str | None]:
+    """``(username, password)`` from the URL, a password file or the environment."""
+    username = query.get("username") or (unquote(user) if user else None) \
+        or os.environ.get("FEDCORE_MQTT_USERNAME") or None
+    password = query.get("password") or (unquote(secret) if secret is not None else None)
+    if password == REDACTED:  # a URL shown redacted and given back: look elsewhere
+        password = None
+    path = query.get("password_file") or os.environ.get("FEDCORE_MQTT_PASSWORD_FILE")
+    if password is None and path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"Cannot read the MQTT password file {path!r}: {exc.strerror}. Expected a "
+                "file whose first line is the password (readable by this user only: chmod "
+                "600).") from exc
+    if password is None:
+        password = os.environ.get("FEDCORE_MQTT_PASSWORD") or None
+    return username, password
 
 
 def _ssl_context(query: dict[str, str]) -> ssl_lib.SSLContext:

@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.frames import CloseCode
 
 from fedcore.errors import ConfigurationError, TransportError
-from fedcore.transport import Capabilities, Inbox, Role, Transport
+from fedcore.transport import Capabilities, Inbox, Role, Transport, redact_url
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -75,15 +75,15 @@ class WebSocketTransport(Transport):
             port = None
         if parts.scheme not in ("ws", "wss") or not parts.hostname or port is None:
             raise ConfigurationError(
-                f"Expected ws://HOST:PORT or wss://HOST:PORT. Received: {url!r}")
+                f"Expected ws://HOST:PORT or wss://HOST:PORT. Received: {self.url!r}")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = sorted(set(query) - _QUERY_KEYS)
         if unknown:
             raise ConfigurationError(
-                f"Unknown option(s) {unknown} in {url!r}. Expected some of "
+                f"Unknown option(s) {unknown} in {self.url!r}. Expected some of "
                 f"{sorted(_QUERY_KEYS)}.")
         if ssl is not None and parts.scheme == "ws":
-            raise ConfigurationError(f"An ssl context was given for {url!r}: use wss://.")
+            raise ConfigurationError(f"An ssl context was given for {self.url!r}: use wss://.")
         self._host, self._port = parts.hostname, port
         self._uri = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
         self._ssl = ssl or (_ssl_context(role, query) if parts.scheme == "wss" else None)
@@ -225,17 +225,17 @@ class WebSocketTransport(Transport):
                     self._researcher = _check_hello(raw, "researcher")
                     ws.protocol.max_message_size = self.capabilities.max_frame_size
                     self._ws, delay = ws, initial
-                    log.info("Connected to %s as %r", self._uri, self.identity)
+                    log.info("Connected to %s as %r", self.url, self.identity)
                     async for message in ws:
                         await self._put(self._researcher, message)
-                    log.info("The researcher at %s closed the connection", self._uri)
+                    log.info("The researcher at %s closed the connection", self.url)
             except ConnectionClosed as exc:
                 _log_too_big(self._researcher, exc, self.capabilities.max_frame_size)
-                log.info("Lost the researcher at %s (%s); reconnecting in %.1f s", self._uri,
-                         exc, delay)
+                log.info("Lost the researcher at %s (%s); reconnecting in %.1f s", self.url,
+                         redact_url(str(exc)), delay)
             except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
                 log.info("Cannot reach the researcher at %s (%s); retrying in %.1f s",
-                         self._uri, exc or type(exc).__name__, delay)
+                         self.url, redact_url(str(exc)) or type(exc).__name__, delay)
             finally:
                 self._ws = None
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))

@@ -99,7 +99,7 @@ class Attacker:
         self.guard = Guard(identity, lambda: self.nodes, networked=True,
                            max_size=codec.DEFAULT_MAX_FRAME)
         await wait_until(lambda: set(self.nodes) <= set(self._transport.peers()),
-                         f"nodes {sorted(self.nodes)} to connect")
+                         f"nodes {sorted(self.nodes)} to connect", timeout=self.timeout)
 
     async def close(self) -> None:
         """Close the transport."""

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from fedcore.params import ParameterSet
+from fedcore.secagg import NodeFloors
 from fedcore.secagg.local import open_sessions
+
+#: Node terms for in-memory tests of the schemes' arithmetic on small rounds and small keys
+#: (a node's defaults refuse rounds of fewer than 3 nodes and keys below 2048 bits).
+SMALL = NodeFloors(min_members=2, min_key_bits=256)
 
 
 def make_round(n_nodes: int, size: int, seed: int = 0, with_extras: bool = False):
@@ -46,6 +51,6 @@ def check_sum(result, updates, weights, nodes, extras=None):
     assert report["clipped"] == {"params": 0, "extras": 0}
 
 
-def open_round(scheme, nodes, reference=None):
+def open_round(scheme, nodes, reference=None, floors=None):
     """A masking round up to the training options; returns (researcher, node sessions)."""
-    return open_sessions(scheme, nodes, reference=reference)
+    return open_sessions(scheme, nodes, reference=reference, floors=floors)

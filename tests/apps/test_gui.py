@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import html
 import inspect
-import os
 import re
-import shutil
-import subprocess
-import threading
 import time
 
 import pytest
@@ -18,11 +14,7 @@ pytest.importorskip("sklearn")
 requests = pytest.importorskip("requests")
 webdriver = pytest.importorskip("selenium.webdriver")
 
-from selenium.common.exceptions import (  # noqa: E402
-    StaleElementReferenceException,
-    WebDriverException,
-)
-from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -32,11 +24,9 @@ from fedcore import Experiment, simulate  # noqa: E402
 from fedcore.errors import RoundError  # noqa: E402
 from fedcore.node import Node  # noqa: E402
 from fedcore.wire.identity import Identity, fingerprint  # noqa: E402
-from fedcore_node.gui import make_gui_server  # noqa: E402
 from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
+from tests._support.browser import Gui, chromium  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 ADMIN, ADMIN_PW = "alice", "correct horse battery"
 READER, READER_PW = "bob", "staple of the hospital"
 
@@ -47,58 +37,9 @@ class GuiPlan(SklearnTrainingPlan):
 
 # --- fixtures -------------------------------------------------------------------------------
 
-def _chromium_installed() -> bool:
-    return os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)
-
-
-def _install_chromium() -> str:
-    """Install the Debian packages as scripts/test.sh does; returns why not, or ''."""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "not root or no apt-get"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540)
-        if done.returncode:
-            return f"{' '.join(cmd)} failed: {done.stderr[-500:]}"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def browser():
-    if not _chromium_installed():
-        why = _install_chromium()
-        if not _chromium_installed():
-            pytest.skip(f"Chromium could not be installed ({why}); the GUI browser tests need "
-                        "the Debian packages chromium and chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
-                "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    try:
-        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    except WebDriverException as exc:
-        pytest.fail(f"Chromium is installed but would not start: {exc.msg}")
-    driver.implicitly_wait(5)
-    yield driver
-    driver.quit()
-
-
-class Gui:
-    """The GUI of ``node`` served from this process on a free loopback port."""
-
-    def __init__(self, node: Node, **options):
-        self.node = node
-        self.server = make_gui_server(node, "127.0.0.1", 0, **options)
-        self.url = f"http://127.0.0.1:{self.server.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
+    yield from chromium()
 
 
 @pytest.fixture

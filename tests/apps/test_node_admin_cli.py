@@ -225,6 +225,61 @@ def test_bad_policy_settings_are_refused_and_nothing_is_written(home, capsys, se
     assert _state(home) == before
 
 
+def test_secure_aggregation_floors_are_policy_keys_with_safe_defaults(home, capsys):
+    code, out, _ = _run(capsys, home, "policy", "show")
+    rows = {ln.split()[0]: ln.split()[1] for ln in out.splitlines()[1:] if ln.strip()}
+    assert (rows["secagg_min_members"], rows["secagg_min_key_bits"],
+            rows["secagg_jl_moduli"]) == ("3", "2048", "none")
+    digest = "ab" * 32
+    code, out, _ = _run(capsys, home, "policy", "set", "secagg_min_members=4",
+                        f'secagg_jl_moduli=["{digest}"]')
+    assert code == 0 and "secagg_min_members: 3 -> 4" in out
+    assert Node(home).policy["secagg_jl_moduli"] == [digest]
+    before = _state(home)
+    for bad, expected in (("secagg_min_members=1", "secagg_min_members must be a whole "
+                           "number >= 2"),
+                          ("secagg_min_key_bits=128", ">= 256"),
+                          ('secagg_jl_moduli=["not-a-digest"]', "64 hex digits")):
+        code, _, err = _run(capsys, home, "policy", "set", bad)
+        assert code == 1 and expected in err, err
+    assert _state(home) == before
+
+
+def test_peer_add_list_remove_are_audited_and_stored_in_config_toml(home, capsys, tmp_path):
+    from fedcore.wire.identity import Identity
+
+    other = Identity(tmp_path / "other.key")
+    code, out, _ = _run(capsys, home, "peer", "list")
+    assert code == 0 and "No peer list" in out and "making up members" in out
+    code, out, _ = _run(capsys, home, "peer", "add", "hosp-b", other.public_key)
+    assert code == 0 and f"Peer 'hosp-b' ({other.fingerprint})" in out
+    assert Node(home).peers == {"hosp-b": other.public_bytes}
+    assert "[peers]" in (home / "config.toml").read_text()
+    code, out, _ = _run(capsys, home, "peer", "list")
+    assert "hosp-b" in out and other.fingerprint in out
+    code, _, err = _run(capsys, home, "peer", "add", "hosp-c", "not a key")
+    assert code == 1 and "Expected an Ed25519 public key" in err
+    code, _, err = _run(capsys, home, "peer", "add", "hosp-a", other.public_key)
+    assert code == 1 and "this node itself" in err
+    code, out, _ = _run(capsys, home, "peer", "remove", "hosp-b")
+    assert code == 0 and "The peer list is empty" in out and Node(home).peers is None
+    code, _, err = _run(capsys, home, "peer", "remove", "hosp-b")
+    assert code == 1 and "No peer named 'hosp-b'" in err
+    events = [e["event"] for e in Node(home).audit_log()]
+    assert events.count("peer-added") == 1 and events.count("peer-removed") == 1
+
+
+def test_secagg_jl_modulus_prints_a_2048_bit_modulus_and_the_digest_to_install(home, capsys):
+    import hashlib
+
+    code, out, _ = _run(capsys, home, "secagg", "jl-modulus")
+    lines = dict(ln.split(":", 1) for ln in out.splitlines()[:2])
+    modulus = int(lines["modulus"].strip(), 16)
+    assert code == 0 and modulus.bit_length() == 2048 and modulus % 2 == 1
+    digest = hashlib.sha256(modulus.to_bytes(256, "little")).hexdigest()
+    assert lines["sha256"].strip() == digest and f"secagg_jl_moduli=[\"{digest}\"]" in out
+
+
 def test_a_misspelt_key_in_config_toml_is_pointed_out(home, capsys):
     config = home / "config.toml"
     config.write_text(config.read_text() + "max_epoch = 3\n")

@@ -48,7 +48,7 @@ def test_the_node_database_survives_sigkill_at_random_moments(tmp_path):
         child = ctx.Process(target=_writer, args=(str(home), str(report), 3 * k * 1000 + 1))
         child.start()
         _wait_for(report, k + 1)  # the child opened the node: kill it while it writes
-        time.sleep(rng.uniform(0.0, 0.05))
+        time.sleep(rng.uniform(0.0, 0.1))  # a write is ~2 fsyncs: db.json, audit
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
         assert child.exitcode == -signal.SIGKILL
@@ -62,6 +62,10 @@ def test_the_node_database_survives_sigkill_at_random_moments(tmp_path):
         if policies:
             # The last change that returned, or one made after it before the kill.
             assert node.policy["max_epochs"] >= policies[-1], f"kill {k}"
+        # Every stored plan has its plan-submitted record, after any kill (issue 15).
+        verified = node.verify_audit()
+        assert not verified.mismatches, f"kill {k}: {verified}"
+        assert all("killed while writing" in p.message for p in verified.problems), verified
     assert len(plans) > KILLS // 2, "the children hardly wrote anything: kill later"
 
 

@@ -72,16 +72,35 @@ def test_a_plan_from_notebook_cells_ships_with_what_it_uses():
     assert plan.get_parameters()["coef_"].shape == (1, 3)
 
 
-def test_hash_is_canonical_and_tracks_the_code():
+def test_the_hash_is_the_bytes_that_run():
     nb = _run_cells(CELL_1, CELL_2)
     bundle = PlanBundle.from_class(nb.NotebookPlan)
-    crlf = PlanBundle({"plan.py": bundle.source.replace("\n", "  \r\n")}, bundle.entry,
-                      bundle.backend)
-    assert crlf.sha256 == bundle.sha256
-    changed = PlanBundle({"plan.py": bundle.source.replace("2.0", "3.0")}, bundle.entry,
-                         bundle.backend)
-    assert changed.sha256 != bundle.sha256
     assert len(bundle.sha256) == 64
+    assert PlanBundle.from_class(nb.NotebookPlan).sha256 == bundle.sha256  # deterministic
+    source = bundle.source
+    # Any change to the text the node executes changes the hash: trailing blanks, line
+    # endings, a final newline, one character of code.
+    variants = [source.replace("\n", "  \n", 1), source.replace("\n", "\r\n"),
+                source + "\n", source.rstrip("\n"), source.replace("2.0", "3.0"),
+                source.replace("    ", "\t", 1)]
+    hashes = {PlanBundle({"plan.py": v}, bundle.entry, bundle.backend).sha256
+              for v in variants}
+    assert len(hashes) == len(variants) and bundle.sha256 not in hashes
+    # The file boundaries are part of the hash: moving text between files changes it.
+    a = PlanBundle({"plan.py": "x\0", "z.py": "y"}, "P", "sklearn")
+    b = PlanBundle({"plan.py": "x", "\0z.py": "y"}, "P", "sklearn")
+    assert a.sha256 != b.sha256
+
+
+def test_sources_that_behave_differently_have_different_hashes():
+    """A trailing blank inside a string literal changes what the plan does (issue 15)."""
+    nb = _run_cells(CELL_1, CELL_2)
+    bundle = PlanBundle.from_class(nb.NotebookPlan)
+    plain, blank = (PlanBundle({"plan.py": bundle.source + f'\nNOTE = """ok{end}\n"""\n'},
+                               bundle.entry, bundle.backend) for end in ("", "  "))
+    notes = [sys.modules[b.load().__module__].NOTE for b in (plain, blank)]
+    assert notes == ["ok\n", "ok  \n"]  # the node runs these two texts differently...
+    assert plain.sha256 != blank.sha256  # ...so an approval of one is not one of the other
 
 
 def test_a_bundle_whose_hash_does_not_match_is_refused():

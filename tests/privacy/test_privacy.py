@@ -375,3 +375,23 @@ def test_the_budget_is_checked_again_on_what_a_round_really_spent(node):
     node.set_policy(dp_max_epsilon={"other": 0.1})
     (budget,) = [p for p in node.governance.policies if isinstance(p, PrivacyBudget)]
     assert budget.overspent(entry, [(1.0, 1.0, 50)]) is None  # no cap on this dataset
+
+
+def test_the_noise_floor_raises_or_refuses_and_the_budget_prices_the_raised_noise(node):
+    sgd = {"mechanism": "dp-sgd", "clip": 1.0, "noise_multiplier": 0.3}
+    node.set_policy(dp_min_noise_multiplier=2.0)
+    decision = node.review(_request(node, sgd, training_args={"batch_size": 150}))
+    assert decision.allowed and decision.privacy == {**sgd, "noise_multiplier": 2.0,
+                                                     "delta": 1e-5}
+    assert "raised to this node's minimum 2" in decision.reason
+    assert node.review(_request(node, {**sgd, "noise_multiplier": 2.5})).privacy == {}
+    # With a budget, the round is priced at the raised noise: 150 samples, one step, rate 1.
+    at_floor, asked = epsilon([(2.0, 1.0, 1)], 1e-5), epsilon([(0.3, 1.0, 1)], 1e-5)
+    node.set_policy(dp_max_epsilon=(at_floor + asked) / 2)
+    assert node.review(_request(node, sgd, training_args={"batch_size": 150},
+                                test_ratio=0.25)).allowed
+    node.set_policy(on_excess="refuse")
+    decision = node.review(_request(node, sgd))
+    assert not decision.allowed and "policy dp_min_noise_multiplier" in decision.reason
+    with pytest.raises(ConfigurationError, match="dp_min_noise_multiplier must be a number > 0"):
+        node.set_policy(dp_min_noise_multiplier=0)

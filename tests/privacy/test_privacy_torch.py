@@ -197,3 +197,31 @@ def test_dp_sgd_refuses_models_and_settings_it_cannot_protect():
         DPSGD(noise_multiplier=-1.0, clip=1.0)
     with pytest.raises(ConfigurationError, match="DPSGD runs the 'dp-sgd' mechanism"):
         DPSGD.from_spec({"mechanism": "update", "clip": 1.0, "noise_multiplier": 1.0})
+
+
+def test_the_nodes_dp_sgd_counts_every_noised_step_empty_poisson_batches_included():
+    """TorchPrivateTraining: 3 records in batches of 1 (rate 1/3), 5 epochs of 3 steps.
+
+    About a third of Poisson batches are empty; each still takes a noised step, and the
+    round is charged the 15 steps the node predicts from its own data size.
+    """
+    from fedcore.data import ArrayDataset
+    from fedcore.plan import LocalTraining
+    from fedcore_torch.privacy import TorchPrivateTraining
+    from tests._support.torch_plans import TinyMLP
+
+    X, y = _data(3)
+    plan = TinyMLP({}, {"use_gpu": False})
+    plan.build(seed=0)
+    before = plan.get_parameters().copy()
+    spec = PrivacySpec.parse({"mechanism": "dp-sgd", "noise_multiplier": 1.0, "clip": 1.0})
+    training = LocalTraining.common({"epochs": 5, "batch_size": 1})
+    dp = TorchPrivateTraining(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = dp.train(plan, ArrayDataset(X, y), 0, training)
+    assert stats["steps"] == dp.steps == 15
+    assert dp.events() == spec.events(n_train=3, training_args=training) == [(1.0, 1 / 3, 15)]
+    after = dp.parameters(plan)
+    assert all(not np.array_equal(after[k], before[k]) for k in before)  # noise everywhere
+    assert not any(hasattr(p, "grad_sample") for p in plan.model.parameters())

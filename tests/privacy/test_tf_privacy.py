@@ -69,10 +69,14 @@ def test_dp_sgd_trains_on_a_node_and_its_epsilon_matches_tensorflow_privacy():
                                   "clip": clip, "delta": delta},
                          test_ratio=0.0, evaluate_global=False, evaluate_local=False)
         rows = exp.run_once()
+        # Under DP the reply withholds training statistics: the steps are the node's count,
+        # as charged to its ledger.
+        steps_by_node = {node.node_id: node.ledger.events(node.datasets.list()[0]["id"])[0].steps
+                         for node in fed.nodes}
     assert set(rows["status"]) == {"ok"}, rows.get("error")
 
     for row in rows.to_dict("records"):
-        n, steps = int(row["n_samples"]), int(row["train_steps"])
+        n, steps = int(row["n_samples"]), steps_by_node[row["node"]]
         # The steps the node ran are the ones tensorflow-privacy counts for these settings
         # (ceil(epochs * n / batch): the same as the plan's when batch divides n).
         assert n % batch == 0
@@ -142,3 +146,42 @@ def test_a_round_that_spent_more_than_its_budget_predicted_is_withheld():
         assert node.ledger.spent(entry["id"])[0] == 0  # nothing released, nothing spent
         events = [e["event"] for e in node.audit_log()]
     assert "train-refused" in events and "trained" not in events
+
+
+class SkipsDP(SmallKerasPlan):
+    """Trains with the plain loop whatever the request asks, and reports nothing spent."""
+
+    privacy_events: list = []
+
+    def fit(self, dataset, seed):
+        return KerasTrainingPlan.fit(self, dataset, seed)
+
+
+class ReportsNothing(SmallKerasPlan):
+    """The standard loop, with a claim of no spending the node never reads."""
+
+    privacy_events = [(1000.0, 1e-6, 1)]
+
+
+def test_the_node_applies_and_charges_tf_dp_sgd_whatever_the_plan_reports():
+    """A Keras plan that overrides fit is refused DP-SGD; one that claims to spend nothing
+    is trained by the node's KerasPrivateTraining and charged the node's own count."""
+    X, y = _data(160)
+    privacy = {"mechanism": "dp-sgd", "noise_multiplier": 1.1, "clip": 1.0, "delta": 1e-5}
+    args = {"epochs": 1, "batch_size": 16, "lr": 0.1}
+    with simulate.from_arrays(X, y, n_nodes=1, tags=["dp"]) as fed:
+        (node,) = fed.nodes
+        node.set_policy(dp_max_epsilon=50.0)
+        for plan, ok in ((SkipsDP, False), (ReportsNothing, True)):
+            exp = Experiment(plan, tags=["dp"], federation=fed.url, progress=False,
+                             training_args=args, privacy=privacy, test_ratio=0.0,
+                             evaluate_global=False, evaluate_local=False)
+            if not ok:
+                with pytest.raises(RoundError, match="overrides `fit`"):
+                    exp.run_once()
+                (entry,) = node.datasets.list()
+                assert node.ledger.events(entry["id"]) == []
+                continue
+            (row,) = exp.run_once().to_dict("records")
+            assert row["status"] == "ok"
+        assert [list(e) for e in node.ledger.events(entry["id"])] == [[1.1, 16 / 160, 10]]

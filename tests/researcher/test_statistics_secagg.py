@@ -163,7 +163,9 @@ def test_a_node_lost_before_unmasking_is_recovered_until_too_few_remain(tmp_path
 
 def test_a_node_refusing_between_setup_and_reply_is_left_out_of_the_secure_sum(tmp_path,
                                                                                 sites):
-    configs = {"node-03": "statistics = false"}
+    small_keys = "secagg_min_key_bits = 512"  # a test's speed
+    configs = {"node-01": small_keys, "node-02": small_keys, "node-04": small_keys,
+               "node-03": f"statistics = false\n{small_keys}"}
     expected = pd.concat([sites[0], sites[1], sites[3]])["age"]
     for scheme in ("masking", JoyeLibert(key_size=512)):  # JL asks again without it
         with _federation(tmp_path / str(id(scheme)), sites, configs) as fed, \
@@ -176,8 +178,8 @@ def test_a_node_refusing_between_setup_and_reply_is_left_out_of_the_secure_sum(t
 
 
 def test_a_node_requiring_secure_aggregation_refuses_plain_statistics(tmp_path, sites):
-    required = {f"node-{i:02d}": "secagg_required = true" for i in (1, 2)}
-    with _federation(tmp_path, sites[:2], required) as fed:
+    required = {f"node-{i:02d}": "secagg_required = true" for i in (1, 2, 3)}
+    with _federation(tmp_path, sites[:3], required) as fed:
         with FederatedStatistics(fed.url, "cohort") as stats, \
                 pytest.raises(GovernanceError, match="Every node refused") as info:
             stats.describe("age")
@@ -188,7 +190,7 @@ def test_a_node_requiring_secure_aggregation_refuses_plain_statistics(tmp_path, 
             table = stats.describe("age")
         events = [e["event"] for e in fed.nodes[0].audit_log()]
     assert "policy secagg_required" in str(info.value) and "secagg=" in str(info.value)
-    assert table.loc[("age", POOLED), "count"] == SIZES[0] + SIZES[1]
+    assert table.loc[("age", POOLED), "count"] == sum(SIZES[:3])
     assert events.count("statistics-refused") == 2 and "statistics" in events
 
 
@@ -196,8 +198,9 @@ def test_joye_libert_sums_statistics_too(tmp_path, sites):
     frames = [s.iloc[:40] for s in sites[:3]]
     whole = pd.concat(frames)
     scheme = JoyeLibert(key_size=512)
-    with _federation(tmp_path, frames, {f"node-{i:02d}": "min_count = 0" for i in (1, 2, 3)}
-                     ) as fed, FederatedStatistics(fed.url, "cohort", secagg=scheme) as stats:
+    configs = {f"node-{i:02d}": "min_count = 0\nsecagg_min_key_bits = 512" for i in (1, 2, 3)}
+    with _federation(tmp_path, frames, configs) as fed, \
+            FederatedStatistics(fed.url, "cohort", secagg=scheme) as stats:
         table = stats.describe("glucose")
         hist = stats.histogram("age", bins=[0, 40, 60, 100])
     pooled = table.loc[("glucose", POOLED)]
@@ -214,7 +217,7 @@ def test_secure_requests_that_cannot_be_answered_are_explained(tmp_path, sites):
     with pytest.raises(ConfigurationError, match=r"Expected a fedcore.secagg scheme or its "
                                                  r"name.*Received: secagg=3"):
         FederatedStatistics("inproc://x", "cohort", secagg=3)
-    with _federation(tmp_path, sites[:2]) as fed:
+    with _federation(tmp_path, sites[:3]) as fed:
         with FederatedStatistics(fed.url, "cohort", secagg="masking") as stats:
             with pytest.raises(ConfigurationError, match="under secure aggregation nodes send "
                                                          r"only sums.*Pass range="):
@@ -225,7 +228,7 @@ def test_secure_requests_that_cannot_be_answered_are_explained(tmp_path, sites):
                                                          r"dataset"):
                 stats.describe("weight")
             assert stats.histogram("age", bins=5, range=(0, 100)).pooled.sum() == sum(
-                SIZES[:2])
+                SIZES[:3])
         with FederatedStatistics(fed.url, "cohort", nodes=["node-01"],
                                  secagg="masking") as stats:
             with pytest.raises(ConfigurationError, match="at least 2 nodes: the sum of one "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedcore.secagg import JoyeLibert, PairwiseMasking, PlainAggregation
+from fedcore.secagg import JoyeLibert, NodeFloors, PairwiseMasking, PlainAggregation
 from fedcore.testing.secagg import SecureAggregationConformance
 
 
@@ -31,6 +31,7 @@ class TestPairwiseMaskingWithThreshold(SecureAggregationConformance):
 class TestJoyeLibert(SecureAggregationConformance):
     # seconds per ciphertext at real key sizes: a 256-bit key (tests only) and tiny updates
     n_nodes, size = 3, 4
+    floors = NodeFloors(min_key_bits=256)  # a node's default refuses keys below 2048 bits
 
     @pytest.fixture
     def scheme(self):

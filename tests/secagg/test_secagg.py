@@ -23,7 +23,7 @@ from fedcore.secagg import (
 )
 from fedcore.secagg.local import run_round
 from fedcore.secagg.shamir import PRIME, ShareError, combine, combine_bytes, split, split_bytes
-from tests._support.secagg import check_sum, make_round, open_round, plain_sum
+from tests._support.secagg import SMALL, check_sum, make_round, open_round, plain_sum
 
 # --- fixed point ---------------------------------------------------------------------------
 
@@ -111,7 +111,7 @@ def test_secure_sum_equals_the_plain_weighted_sum(scheme, n_nodes, size):
     # the global model sets the clipping range: 4 x its largest value, 8 (no clipping here)
     reference = ParameterSet({k: np.full_like(v, 2) for k, v in updates[nodes[0]].items()})
     result = run_round(scheme, updates, weights, extras=extras, reference=reference,
-                       weights_hint=weights).result
+                       weights_hint=weights, floors=SMALL).result
     check_sum(result, updates, weights, nodes, extras)
     assert result.report["scheme"] == scheme.name
 
@@ -122,7 +122,8 @@ def test_masking_sums_ten_million_values(n_nodes):
     base = np.random.default_rng(1).standard_normal(10_000_000, dtype=np.float32)
     updates = {n: ParameterSet({"w": base * np.float32(i + 1)}) for i, n in enumerate(nodes)}
     weights = {n: float(7 + 9 * i) for i, n in enumerate(nodes)}
-    result = run_round(PairwiseMasking(clip=40.0, max_weight=100.0), updates, weights).result
+    result = run_round(PairwiseMasking(clip=40.0, max_weight=100.0), updates, weights,
+                       floors=SMALL).result
     want = plain_sum(updates, weights, nodes)
     assert np.max(np.abs(result.sums["w"] - want)) <= result.report["error_bound"]["params"]
     assert result.total_weight == sum(weights.values())
@@ -253,7 +254,7 @@ def test_a_tampered_share_is_named_as_an_authentication_failure():
 
 def test_a_node_never_reveals_both_secrets_of_the_same_node():
     nodes = ["a", "b", "c", "d"]
-    researcher, sessions = open_round(PairwiseMasking(threshold=2, clip=1.0), nodes)
+    researcher, sessions = open_round(PairwiseMasking(threshold=3, clip=1.0), nodes)
     for node in nodes:
         options = researcher.train_options(node)
         researcher.add_protected(node, sessions[node].protect(
@@ -300,7 +301,9 @@ def test_schemes_are_registered_and_configured_by_their_constructor():
     scheme = PairwiseMasking(threshold=3, clip=2.0)
     assert PairwiseMasking(**scheme.get_params()).get_params() == scheme.get_params()
     assert PairwiseMasking.tolerates_dropout and not JoyeLibert.tolerates_dropout
-    with pytest.raises(ConfigurationError, match="threshold <= the 2 nodes"):
+    with pytest.raises(ConfigurationError, match="strict majority of the round's 2 nodes"):
         scheme.researcher_session(1, ["a", "b"])
+    with pytest.raises(ConfigurationError, match=r"strict majority .* Received threshold=2"):
+        PairwiseMasking(threshold=2).researcher_session(1, ["a", "b", "c", "d"])
     with pytest.raises(ConfigurationError, match="positive"):
         PairwiseMasking(clip=-1.0)

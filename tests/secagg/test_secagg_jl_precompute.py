@@ -18,12 +18,13 @@ from fedcore.params import ParameterSet
 from fedcore.secagg import JoyeLibert, joye_libert
 from fedcore.secagg import _bigint as B
 from fedcore.secagg.local import through_the_wire
+from tests._support.secagg import SMALL
 from tests._support.secagg import open_round as open_secagg_round
 
 
 def open_round(nodes, reference=None, key_size=512):
     scheme = JoyeLibert(key_size=key_size, clip=4.0)
-    researcher, sessions = open_secagg_round(scheme, nodes, reference)
+    researcher, sessions = open_secagg_round(scheme, nodes, reference, SMALL)
     options = {n: through_the_wire(researcher.train_options(n)) for n in nodes}
     return researcher, sessions, options
 
@@ -137,7 +138,9 @@ def _run(**kwargs):
         for i in range(3):
             rng = np.random.default_rng(i)
             X = rng.normal(size=(60, 4)).astype(np.float32)
-            fed.add_node(f"node-{i + 1}").datasets.add_arrays(
+            node = fed.add_node(f"node-{i + 1}")
+            node.set_policy(secagg_min_key_bits=512)  # small keys: a test's speed
+            node.datasets.add_arrays(
                 f"part-{i}", ["pre"], X, (X[:, 0] > 0).astype(np.int64))
         exp = Experiment(TinyMLP, tags=["pre"], federation=fed.url, seed=3, progress=False,
                          training_args={"epochs": 1, "batch_size": 16, "lr": 0.1},

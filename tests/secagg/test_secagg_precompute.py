@@ -21,13 +21,14 @@ from fedcore.params import ParameterSet
 from fedcore.secagg import PairwiseMasking, masking
 from fedcore.secagg import _crypto as C
 from fedcore.secagg.local import through_the_wire
+from tests._support.secagg import SMALL
 from tests._support.secagg import open_round as open_secagg_round
 
 
 def open_round(scheme, nodes, reference=None):
     """test_secagg's round up to the training options, and the options: (researcher,
     node sessions, options)."""
-    researcher, sessions = open_secagg_round(scheme, nodes, reference)
+    researcher, sessions = open_secagg_round(scheme, nodes, reference, SMALL)
     options = {n: through_the_wire(researcher.train_options(n)) for n in nodes}
     return researcher, sessions, options
 
@@ -111,7 +112,7 @@ def test_a_failed_precomputation_falls_back_to_direct_masking(monkeypatch, caplo
 
 def test_a_mask_prepared_for_other_peers_or_discarded_is_not_used():
     nodes = ["a", "b", "c", "d"]
-    _, sessions, options = open_round(PairwiseMasking(threshold=2, clip=4.0), nodes,
+    _, sessions, options = open_round(PairwiseMasking(threshold=3, clip=4.0), nodes,
                                       update(100))
     session = sessions["b"]
     fewer = {**options["b"], "peers": ["a", "b", "c"]}  # "d" left before training
@@ -180,7 +181,9 @@ def _run(**kwargs):
         for i in range(3):
             rng = np.random.default_rng(i)
             X = rng.normal(size=(60, 4)).astype(np.float32)
-            fed.add_node(f"node-{i + 1}").datasets.add_arrays(
+            node = fed.add_node(f"node-{i + 1}")
+            node.set_policy(secagg_min_key_bits=512)  # small keys: a test's speed
+            node.datasets.add_arrays(
                 f"part-{i}", ["pre"], X, (X[:, 0] > 0).astype(np.int64))
         exp = Experiment(TinyMLP, tags=["pre"], federation=fed.url, seed=3, progress=False,
                          training_args={"epochs": 1, "batch_size": 16, "lr": 0.1},

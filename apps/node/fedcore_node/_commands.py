@@ -114,8 +114,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--tail", type=int, default=0, help="only the last N records")
     p.add_argument("--event", help="only records of this event (e.g. decision, trained)")
     p.add_argument("--json", action="store_true", help="JSON lines, as stored")
-    p = asub.add_parser("verify", help="check the hash chain; exit code 1 names each "
-                        "edited, inserted or deleted record")
+    p = asub.add_parser("verify", help="check the hash chain and the database against it; "
+                        "exit code 1 names each edited, inserted or deleted record and each "
+                        "plan, dataset or account the log does not account for")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     user = sub.add_parser("user", help="accounts of the web GUI (no account exists until "
@@ -222,8 +223,19 @@ def _policy(args: argparse.Namespace, node: Node, out: Any) -> int:
             print(f"warning: config.toml key {key} is not a policy setting and has no "
                   "effect", file=out)
         return 0
+    with node.db.transaction():  # dataset_access.X=... changes the table as it is now
+        changed = node.set_policy(by=_admin(), **_policy_changes(args.settings, node))
+    if not changed:
+        print("Nothing changed.", file=out)
+    for key, (old, new) in changed.items():
+        print(f"{key}: {_show(old)} -> {_show(new)}", file=out)
+    return 0
+
+
+def _policy_changes(settings: Sequence[str], node: Node) -> dict[str, Any]:
+    """The policy changes `policy set KEY=VALUE ...` asks for, checked."""
     changes: dict[str, Any] = {}
-    for item in args.settings:
+    for item in settings:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
@@ -244,12 +256,7 @@ def _policy(args: argparse.Namespace, node: Node, out: Any) -> int:
                 f"dataset_access is a table: set one researcher's datasets with "
                 f"dataset_access.RESEARCHER=ds1,ds2. Received: {item!r}")
         changes[key] = value
-    changed = node.set_policy(by=_admin(), **changes)
-    if not changed:
-        print("Nothing changed.", file=out)
-    for key, (old, new) in changed.items():
-        print(f"{key}: {_show(old)} -> {_show(new)}", file=out)
-    return 0
+    return changes
 
 
 def _show(value: Any) -> str:
@@ -270,7 +277,8 @@ def _audit(args: argparse.Namespace, node: Node, out: Any) -> int:
             print(json.dumps({"ok": report.ok, "records": report.records, "head": report.head,
                               "problems": [{"line": p.line, "seq": p.seq, "event": p.event,
                                             "message": p.message} for p in report.problems],
-                              "notes": report.notes}, indent=1), file=out)
+                              "mismatches": report.mismatches, "notes": report.notes},
+                             indent=1), file=out)
         else:
             print(report, file=out)
         return 0 if report.ok else 1

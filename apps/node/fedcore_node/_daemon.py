@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from fedcore.errors import ConfigurationError
 from fedcore.node import Node
+from fedcore.transport import redact_url
 
 try:
     import fcntl
@@ -94,10 +95,17 @@ def _lock(home: Path) -> IO[str]:
     return f
 
 
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then removes the credentials of any URL in the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(super().format(record))
+
+
 def _logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                           "%H:%M:%S"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s",
+                                            "%H:%M:%S"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
@@ -133,7 +141,7 @@ def start(args: argparse.Namespace, node: Node, out: Any) -> int:
     try:
         node.start(str(url))
         log.info("Node %s serving %s (pid %d); SIGTERM or Ctrl-C stops it", node.node_id,
-                 url, os.getpid())
+                 redact_url(str(url)), os.getpid())
         while not stop.wait(0.5):
             pass
         log.info("Stopping on %s", received[0] if received else "request")
@@ -155,6 +163,10 @@ def start(args: argparse.Namespace, node: Node, out: Any) -> int:
     return 0
 
 
+def _shown(url: Any) -> str | None:
+    return redact_url(str(url)) if url else None
+
+
 def status(args: argparse.Namespace, node: Node, out: Any) -> int:
     """Print whether a node process serves this home, and what it offers."""
     import json
@@ -164,7 +176,7 @@ def status(args: argparse.Namespace, node: Node, out: Any) -> int:
     pending = node.plans.list(status="pending")
     info = {"running": running, "pid": pid if running else None, "id": node.node_id,
             "name": node.config.get("name", ""), "home": str(node.home.resolve()),
-            "federation": node.config.get("federation"),
+            "federation": _shown(node.config.get("federation")),
             "datasets": [{"id": d["id"], "name": d["name"], "tags": d["tags"],
                           "available": d["available"]} for d in datasets],
             "pending_plans": [{"sha256": p["sha256"], "plan": p["entry"],

@@ -16,8 +16,16 @@ from typing import Any
 
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
-from fedcore_node import _budget, _daemon, _trust
-from fedcore_node._commands import DESCRIPTION_HELP, add_parsers, handler, load_description, table
+from fedcore.transport import redact_url
+from fedcore_node import _budget, _daemon, _peers, _trust
+from fedcore_node._commands import (
+    DESCRIPTION_HELP,
+    _admin,
+    add_parsers,
+    handler,
+    load_description,
+    table,
+)
 
 DEFAULT_HOME = "fedcore-node"
 
@@ -79,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     add_parsers(sub)
     _daemon.add_parsers(sub)
     _trust.add_parsers(sub)
+    _peers.add_parsers(sub)
     _budget.add_parsers(sub)
     return p
 
@@ -136,7 +145,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         args.command == "dataset") else None
     node = _open(args.home)
     command = (handler(args.command) or _trust.handler(args.command)
-               or _budget.handler(args.command)
+               or _peers.handler(args.command) or _budget.handler(args.command)
                or {"start": _daemon.start, "status": _daemon.status}.get(args.command))
     if command is not None:
         return command(args, node, out)
@@ -151,8 +160,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
               "review", file=out)
     elif args.action == "add":
         assert to_check is not None
-        entry = node.datasets.add(**to_check)
-        node.audit("dataset-added", dataset=entry["id"], name=entry["name"], tags=entry["tags"])
+        entry = node.datasets.add(**to_check, by=_admin())  # audited with the change
         print(f"Registered {entry['name']!r} as {entry['id']} "
               f"({entry['metadata'].get('n_samples', '?')} samples, tags {entry['tags']})",
               file=out)
@@ -170,8 +178,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         print(table(rows_, ["id", "name", "kind", "tags", "samples", "available"])
               if rows_ else "No datasets. Add one with: fedcore-node dataset add ...", file=out)
     elif args.action == "remove":
-        node.datasets.remove(args.dataset_id)
-        node.audit("dataset-removed", dataset=args.dataset_id)
+        node.datasets.remove(args.dataset_id, by=_admin())
         print(f"Removed {args.dataset_id}", file=out)
     elif args.action == "show":
         entry = node.datasets.get(args.dataset_id)
@@ -187,8 +194,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
             plan = json.loads(Path(args.plan_file).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise FedcoreError(f"Cannot read the DataLoadingPlan {args.plan_file}: {exc}") from exc
-        node.datasets.set_loading_plan(args.dataset_id, plan)
-        node.audit("loading-plan-set", dataset=args.dataset_id, plan=plan)
+        node.datasets.set_loading_plan(args.dataset_id, plan, by=_admin())
         print(f"DataLoadingPlan attached to {args.dataset_id}", file=out)
     return 0
 
@@ -199,5 +205,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args, sys.stdout)
     except FedcoreError as exc:
-        print(f"fedcore-node: error: {exc}", file=sys.stderr)
+        print(f"fedcore-node: error: {redact_url(str(exc))}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedcore import Experiment, TrainingPlan
 from fedcore.errors import ConfigurationError, DatasetError, FedcoreError, RoundError
+from fedcore.transport import redact_url
 from fedcore.wire import identity as keys
 from fedcore_researcher import _output
 from fedcore_researcher._experiment_file import open_experiment
@@ -131,9 +132,10 @@ def _drive(exp: Experiment, args: argparse.Namespace, out: Any) -> int:
     except RoundError as exc:
         exp.close()
         checkpoint = _output.newest_checkpoint(exp.checkpoint_dir)
-        print(f"fedcore: error: {_without_details(str(exc), exc.failures)}", file=sys.stderr)
+        print(f"fedcore: error: {redact_url(_without_details(str(exc), exc.failures))}",
+              file=sys.stderr)
         for node, reason in sorted(exc.failures.items()):
-            print(f"  {node}: {reason}", file=sys.stderr)
+            print(f"  {node}: {redact_url(str(reason))}", file=sys.stderr)
         if checkpoint is not None:
             print(f"The last checkpoint is {checkpoint} (round {exp.round}); resume with: "
                   f"fedcore resume {checkpoint.parent}", file=sys.stderr)
@@ -182,7 +184,7 @@ def nodes(args: argparse.Namespace, out: Any) -> int:
         exp.close()
     status = status.drop(columns=["dataset"])
     if args.json:
-        doc: dict[str, Any] = {"federation": args.federation,
+        doc: dict[str, Any] = {"federation": exp.federation,
                                "nodes": _output.records(status)}
         if args.tags:
             doc.update(tags=list(args.tags), datasets=[] if datasets is None
@@ -190,7 +192,7 @@ def nodes(args: argparse.Namespace, out: Any) -> int:
         print(_output.dumps(doc), file=out)
     else:
         print(_output.frame_table(status) if len(status) else
-              f"No node is connected to {args.federation}.", file=out)
+              f"No node is connected to {exp.federation}.", file=out)
         if datasets is not None:
             shown = datasets.drop(columns=["metadata"])
             print(f"\nDatasets tagged {', '.join(args.tags)}:", file=out)
@@ -198,7 +200,7 @@ def nodes(args: argparse.Namespace, out: Any) -> int:
     if note:
         print(f"fedcore: {note}", file=sys.stderr)
     if not connected:
-        print(f"fedcore: no node connected to {args.federation} within {args.wait:g} s. "
+        print(f"fedcore: no node connected to {exp.federation} within {args.wait:g} s. "
               "Check that the nodes run (`fedcore-node status`), that their federation URL "
               "points here, and that they are enrolled.", file=sys.stderr)
         return EXIT_FAILED

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from fedcore import Experiment
+from fedcore.transport import redact_url
 
 # History columns shown in the table of `fedcore history` (all of them go to CSV and JSON).
 HISTORY_COLUMNS = ("round", "node", "dataset", "status", "n_samples", "n_test")
@@ -77,7 +78,8 @@ def summary(exp: Experiment, status: str, checkpoint: Path | None,
         "checkpoint": None if checkpoint is None else str(checkpoint),
     }
     if error is not None:
-        doc.update(error=error, failures={k: str(v) for k, v in (failures or {}).items()})
+        doc.update(error=redact_url(error),
+                   failures={k: redact_url(str(v)) for k, v in (failures or {}).items()})
     return doc
 
 

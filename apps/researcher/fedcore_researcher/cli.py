@@ -18,6 +18,7 @@ from typing import Any
 
 import fedcore
 from fedcore.errors import ConfigurationError, FedcoreError
+from fedcore.transport import redact_url
 from fedcore_researcher import _commands
 from fedcore_researcher._commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
@@ -273,9 +274,10 @@ _COMMANDS = {"run": _commands.run, "resume": _commands.resume, "nodes": _command
 
 
 class _Lowercase(logging.Formatter):
+    # Lower-case levels; and no URL's credentials in any line (a library's error included).
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(logging.makeLogRecord(
-            {**record.__dict__, "levelname": record.levelname.lower()}))
+        return redact_url(super().format(logging.makeLogRecord(
+            {**record.__dict__, "levelname": record.levelname.lower()})))
 
 
 def _logging() -> None:
@@ -298,10 +300,10 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     try:
         return _COMMANDS[args.command](args, out or sys.stdout)
     except ConfigurationError as exc:
-        print(f"fedcore: error: {exc}", file=sys.stderr)
+        print(f"fedcore: error: {redact_url(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except FedcoreError as exc:
-        print(f"fedcore: error: {exc}", file=sys.stderr)
+        print(f"fedcore: error: {redact_url(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("\nfedcore: interrupted", file=sys.stderr)

@@ -57,7 +57,9 @@ class Request:
 class Decision:
     """A policy's answer: allow, refuse with a reason, or allow with overrides.
 
-    ``overrides`` maps training argument names to the values the node imposes; ``notes``
+    ``overrides`` maps training argument names to the values the node imposes; ``privacy``
+    (when not empty) is the differential privacy the node imposes instead of the request's
+    (``TrainRequest.privacy``, e.g. a noise multiplier raised to the node's floor); ``notes``
     say why, one line per override, for the researcher. ``policy`` names the policy that
     refused (or the policies that overrode).
     """
@@ -67,6 +69,7 @@ class Decision:
     overrides: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     policy: str = ""
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def allow(cls) -> Decision:
@@ -79,10 +82,12 @@ class Decision:
         return cls(False, reason=reason)
 
     @classmethod
-    def override(cls, overrides: Mapping[str, Any], notes: Iterable[str]) -> Decision:
-        """Let the request through with these training arguments replaced."""
+    def override(cls, overrides: Mapping[str, Any], notes: Iterable[str], *,
+                 privacy: Mapping[str, Any] | None = None) -> Decision:
+        """Let the request through with these training arguments (or its DP) replaced."""
         notes = tuple(notes)
-        return cls(True, reason="; ".join(notes), overrides=dict(overrides), notes=notes)
+        return cls(True, reason="; ".join(notes), overrides=dict(overrides), notes=notes,
+                   privacy=dict(privacy or {}))
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -122,18 +127,22 @@ class Governance:
     def review(self, request: Request) -> Decision:
         """The chain's decision on ``request``."""
         overrides: dict[str, Any] = {}
+        privacy: dict[str, Any] = {}
         notes: list[str] = []
         names: list[str] = []
         for policy in self.policies:
             decision = policy.review(request)
             if not decision.allowed:
                 return dataclasses.replace(decision, policy=decision.policy or policy.name)
-            if decision.overrides:
+            if decision.overrides or decision.privacy:
                 overrides.update(decision.overrides)
+                privacy = dict(decision.privacy or privacy)
                 notes.extend(decision.notes)
                 names.append(policy.name)
                 args = {**request.training_args, **decision.overrides}
-                request = dataclasses.replace(request, training_args=args)
-        if not overrides:
+                request = dataclasses.replace(request, training_args=args,
+                                              privacy=privacy or request.privacy)
+        if not overrides and not privacy:
             return Decision.allow()
-        return dataclasses.replace(Decision.override(overrides, notes), policy=",".join(names))
+        return dataclasses.replace(Decision.override(overrides, notes, privacy=privacy),
+                                   policy=",".join(names))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -45,25 +46,51 @@ class PrivacyBudget(Policy):
     ``max_epsilon`` is the most a dataset may spend in total at ``delta``: a number for
     every dataset, or a mapping of dataset id or name (``"*"``: the others) to a number;
     ``None`` for no cap. A dataset with a cap trains only with DP; ``required`` asks for DP
-    without a cap. Before a round runs, its cost is computed from the request's parameters,
-    the dataset's size, the test split and the training arguments (as the policies before
-    this one left them), and composed with what the dataset already spent (``ledger``).
+    without a cap. ``min_noise_multiplier`` is the least noise a request may ask for: below
+    it the noise is raised to it (``on_excess="clamp"``, the researcher told) or the request
+    refused (``"refuse"``). Before a round runs, its cost is computed from the request's
+    parameters (as the floor left them), the dataset's size, the test split and the training
+    arguments (as the policies before this one left them), and composed with what the
+    dataset already spent (``ledger``).
     """
 
     name = "privacy-budget"
 
     def __init__(self, ledger: PrivacyLedger, *,
                  max_epsilon: float | Mapping[str, float] | None = None,
-                 delta: float = 1e-5, required: bool = False):
+                 delta: float = 1e-5, required: bool = False,
+                 min_noise_multiplier: float | None = None, on_excess: str = "clamp"):
         self.ledger = ledger
         self.max_epsilon = (dict(max_epsilon) if isinstance(max_epsilon, Mapping)
                             else max_epsilon)
         self.delta = check_delta(delta)
         self.required = required
+        self.min_noise_multiplier = min_noise_multiplier
+        self.on_excess = on_excess
 
     def __repr__(self) -> str:
         return (f"PrivacyBudget(max_epsilon={self.max_epsilon!r}, delta={self.delta!r}, "
-                f"required={self.required!r})")
+                f"required={self.required!r}, "
+                f"min_noise_multiplier={self.min_noise_multiplier!r})")
+
+    def _floor(self, spec: PrivacySpec) -> tuple[PrivacySpec, Decision | None]:
+        """``spec`` with its noise raised to the node's floor, and the decision that says so.
+
+        The decision is a refusal (``on_excess="refuse"``), an override (the noise was
+        raised) or ``None`` (the request's noise is at or above the floor).
+        """
+        floor = self.min_noise_multiplier
+        if floor is None or spec.noise_multiplier >= floor:
+            return spec, None
+        if self.on_excess == "refuse":
+            return spec, Decision.refuse(
+                f"privacy noise_multiplier={spec.noise_multiplier:g} is below this node's "
+                f"minimum of {floor:g} (policy dp_min_noise_multiplier); this node refuses "
+                f"such requests. Ask for noise_multiplier={floor:g} or more.")
+        raised = dataclasses.replace(spec, noise_multiplier=float(floor))
+        return raised, Decision.override({}, [
+            f"privacy noise_multiplier {spec.noise_multiplier:g} raised to this node's "
+            f"minimum {floor:g} (policy dp_min_noise_multiplier)"], privacy=raised.to_dict())
 
     def limit(self, dataset: Mapping[str, Any] | None) -> float | None:
         """The budget of ``dataset`` (its registry entry); ``None`` when uncapped."""
@@ -120,8 +147,12 @@ class PrivacyBudget(Policy):
                     "This node trains only with differential privacy (policy dp_required) "
                     f"and the request asks for none. Ask for it with {_ASK}.")
             return Decision.allow()
+        spec, floored = self._floor(spec)
+        if floored is not None and not floored.allowed:
+            return floored
+        allowed = floored or Decision.allow()
         if limit is None or request.dataset is None:
-            return Decision.allow()
+            return allowed
         try:
             events = spec.events(
                 n_train=train_size(int(request.n_samples or 0), request.test_ratio),
@@ -132,7 +163,7 @@ class PrivacyBudget(Policy):
         spent = accountant.epsilon(self.delta)
         after = accountant.epsilon_with(events, self.delta)
         if after <= limit:
-            return Decision.allow()
+            return allowed
         alone = epsilon(events, self.delta)
         remaining = max(limit - spent, 0.0)
         return Decision.refuse(

@@ -10,6 +10,7 @@ the total survives node restarts. Reads go to the database file every time, so
 from __future__ import annotations
 
 import builtins
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -60,7 +61,8 @@ class PrivacyLedger:
         new = [Event.coerce(e) for e in events]
         if delta is not None:
             delta = check_delta(delta)
-        with self._lock:
+        begin = getattr(self._table.storage, "transaction", None)  # the node's: cross-process
+        with begin() if callable(begin) else contextlib.nullcontext(), self._lock:
             entry = self._entry(dataset_id)
             acc = Accountant((entry or {}).get("events") or [])
             acc.extend(new)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import difflib
 import time
 from collections.abc import Callable
@@ -29,11 +30,13 @@ class PlanStore:
 
     Reads go to the database file every time (never a cached query), so a decision taken
     with ``fedcore-node plan approve`` in another process counts from the next request on.
+    On a node's database (which has ``transaction()``), each change and its audit record
+    are one transaction: read afresh under the home's lock, written together or not at all.
     """
 
     def __init__(self, db: TinyDB, *, audit: Callable[..., None] | None = None):
         self._db = db
-        self._table = db.table("plans")
+        self._table = db.table("plans", cache_size=0)
         self._audit = audit or (lambda event, **fields: None)
 
     def sibling_table(self, name: str) -> Table:
@@ -41,7 +44,11 @@ class PlanStore:
 
         It has no query cache: the node, the CLI and the GUI may be different processes.
         """
-        return Table(self._db.storage, name, cache_size=0)
+        return self._db.table_class(self._db.storage, name, cache_size=0)
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+        begin = getattr(self._db, "transaction", None)
+        return begin() if callable(begin) else contextlib.nullcontext()
 
     # --- researcher side --------------------------------------------------------------------
 
@@ -49,15 +56,16 @@ class PlanStore:
                ) -> dict[str, Any]:
         """Store ``bundle`` as pending review (an already known plan keeps its status)."""
         sha = bundle.sha256
-        known = self.find(sha)
-        if known is not None:
-            return known
-        entry = {"sha256": sha, "entry": bundle.entry, "backend": bundle.backend,
-                 "files": dict(bundle.files), "submitter": submitter,
-                 "submitted_at": time.time(), "message": message, "status": "pending",
-                 "note": "", "reviewed_by": "", "reviewed_at": None}
-        self._table.insert(entry)
-        self._audit("plan-submitted", plan=sha, entry=bundle.entry, submitter=submitter)
+        with self._transaction():
+            known = self.find(sha)
+            if known is not None:
+                return known
+            entry = {"sha256": sha, "entry": bundle.entry, "backend": bundle.backend,
+                     "files": dict(bundle.files), "submitter": submitter,
+                     "submitted_at": time.time(), "message": message, "status": "pending",
+                     "note": "", "reviewed_by": "", "reviewed_at": None}
+            self._table.insert(entry)
+            self._audit("plan-submitted", plan=sha, entry=bundle.entry, submitter=submitter)
         return dict(entry)
 
     def status(self, sha256: str) -> str:
@@ -79,12 +87,13 @@ class PlanStore:
         return self._decide(ref, "rejected", by=by, note=note)
 
     def _decide(self, ref: str, status: str, *, by: str, note: str) -> dict[str, Any]:
-        entry = self.get(ref)
-        changes = {"status": status, "note": note, "reviewed_by": by,
-                   "reviewed_at": time.time()}
-        self._table.update(changes, Query().sha256 == entry["sha256"])
-        self._audit(f"plan-{status}", plan=entry["sha256"], entry=entry["entry"], by=by,
-                    note=note, was=entry["status"])
+        with self._transaction():
+            entry = self.get(ref)
+            changes = {"status": status, "note": note, "reviewed_by": by,
+                       "reviewed_at": time.time()}
+            self._table.update(changes, Query().sha256 == entry["sha256"])
+            self._audit(f"plan-{status}", plan=entry["sha256"], entry=entry["entry"], by=by,
+                        note=note, was=entry["status"])
         return {**entry, **changes}
 
     # --- queries ----------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class Setting:
     """One policy key of ``config.toml``: its type, default (``None``: no limit) and meaning."""
 
     key: str
-    type: str  # "bool", "int", "number", "choice", "access", "fraction", "budget"
+    type: str  # "bool", "int", "number", "choice", "access", "fraction", "budget", "digests"
     default: Any
     help: str
     minimum: int = 0
@@ -76,13 +76,24 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
     Setting("dataset_access", "access", None, "table: researcher id (or \"*\" for anyone) "
             "-> dataset ids or names they may use; absent: every dataset"),
     Setting("secagg_required", "bool", False, "train, and answer statistics, only for "
-            "requests that use secure aggregation (a scheme other than 'plain')"),
+            "requests protected by a secure-aggregation session this node set up (a scheme "
+            "other than 'plain')"),
+    Setting("secagg_min_members", "int", 3, "secure aggregation: fewest nodes in a round "
+            "this node takes part in (the sum of fewer reveals too much)", minimum=2),
+    Setting("secagg_min_key_bits", "int", 2048, "secure aggregation: smallest Joye-Libert "
+            "modulus, in bits", minimum=256),
+    Setting("secagg_jl_moduli", "digests", None, "secure aggregation: SHA-256 digests of "
+            "published Joye-Libert moduli this node accepts beside the ones nodes generate "
+            "(`fedcore-node secagg jl-modulus` makes one)"),
     Setting("dp_required", "bool", False, "train only with differential privacy (update-level "
             "DP or DP-SGD in the request)"),
     Setting("dp_max_epsilon", "budget", None, "privacy budget: most epsilon a dataset may "
             "spend in total (at dp_delta); a number, or a table of dataset id or name (\"*\" "
             "for the others) -> number; implies dp_required"),
     Setting("dp_delta", "fraction", 1e-5, "the delta at which the privacy budget is counted"),
+    Setting("dp_min_noise_multiplier", "number", None, "smallest noise_multiplier a request's "
+            "DP (update-level or DP-SGD) may ask for: below it the noise is raised to it "
+            "(on_excess 'clamp', the researcher told) or the request refused"),
     Setting("statistics", "bool", True, "answer federated statistics requests"),
     Setting("min_count", "int", 5, "statistics: the fewest records a shared count may single "
             "out (smaller cells withheld, too fine or differencing queries refused)"),
@@ -99,39 +110,77 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
 ]}
 
 
-def _check(setting: Setting, value: Any) -> Any:
-    key = setting.key
-    if setting.type == "bool":
-        if not isinstance(value, bool):
-            raise ConfigurationError(f"{key} must be true or false. Received: {value!r}")
-    elif setting.type == "int":
-        if not isinstance(value, int) or isinstance(value, bool) or value < setting.minimum:
-            raise ConfigurationError(
-                f"{key} must be a whole number >= {setting.minimum}. Received: {value!r}")
-    elif setting.type == "number":
-        if not _is_number(value) or value <= 0:
-            raise ConfigurationError(f"{key} must be a number > 0. Received: {value!r}")
-        value = float(value)
-    elif setting.type == "fraction":
-        if not _is_number(value) or not 0 < value < 1:
-            raise ConfigurationError(f"{key} must be a number in (0, 1), e.g. 1e-5. "
-                                     f"Received: {value!r}")
-        value = float(value)
-    elif setting.type == "budget":
-        value = check_budget(key, value)
-    elif setting.type == "choice":
-        if value not in setting.choices:
-            raise ConfigurationError(
-                f"{key} must be one of {list(setting.choices)}. Received: {value!r}")
-    elif setting.type == "access":
-        if not isinstance(value, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, (list, tuple))
-                and all(isinstance(d, str) for d in v) for k, v in value.items()):
-            raise ConfigurationError(
-                f"{key} must be a table of researcher id -> list of dataset ids or names, "
-                f'e.g. {key} = {{ "*" = ["diabetes-2024"] }}. Received: {value!r}')
-        value = {k: list(v) for k, v in value.items()}
+def _check_bool(setting: Setting, value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{setting.key} must be true or false. Received: {value!r}")
     return value
+
+
+def _check_int(setting: Setting, value: Any) -> Any:
+    if not isinstance(value, int) or isinstance(value, bool) or value < setting.minimum:
+        raise ConfigurationError(f"{setting.key} must be a whole number >= {setting.minimum}. "
+                                 f"Received: {value!r}")
+    return value
+
+
+def _check_number(setting: Setting, value: Any) -> Any:
+    if not _is_number(value) or value <= 0:
+        raise ConfigurationError(f"{setting.key} must be a number > 0. Received: {value!r}")
+    return float(value)
+
+
+def _check_fraction(setting: Setting, value: Any) -> Any:
+    if not _is_number(value) or not 0 < value < 1:
+        raise ConfigurationError(f"{setting.key} must be a number in (0, 1), e.g. 1e-5. "
+                                 f"Received: {value!r}")
+    return float(value)
+
+
+def _check_choice(setting: Setting, value: Any) -> Any:
+    if value not in setting.choices:
+        raise ConfigurationError(
+            f"{setting.key} must be one of {list(setting.choices)}. Received: {value!r}")
+    return value
+
+
+def _check_access(setting: Setting, value: Any) -> Any:
+    if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple))
+            and all(isinstance(d, str) for d in v) for k, v in value.items()):
+        raise ConfigurationError(
+            f"{setting.key} must be a table of researcher name -> list of dataset ids or "
+            f'names, e.g. {setting.key} = {{ "*" = ["diabetes-2024"] }}. Received: {value!r}')
+    return {k: list(v) for k, v in value.items()}
+
+
+def _check_digests(setting: Setting, value: Any) -> Any:
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(d, str) and len(d) == 64 and _is_hex(d) for d in value):
+        raise ConfigurationError(
+            f"{setting.key} must be a list of SHA-256 digests (64 hex digits each), as printed "
+            f"by `fedcore-node secagg jl-modulus`. Received: {value!r}")
+    return [d.lower() for d in value]
+
+
+#: How each type of setting is checked (and cleaned).
+_CHECKS: dict[str, Any] = {
+    "bool": _check_bool, "int": _check_int, "number": _check_number,
+    "fraction": _check_fraction, "choice": _check_choice, "access": _check_access,
+    "digests": _check_digests,
+    "budget": lambda setting, value: check_budget(setting.key, value),
+}
+
+
+def _check(setting: Setting, value: Any) -> Any:
+    return _CHECKS[setting.type](setting, value)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_number(value: Any) -> bool:
@@ -303,9 +352,11 @@ class PlanApproval(Policy):
 class SecureAggregationRequired(Policy):
     """Refuses training and statistics requests not protected by secure aggregation.
 
-    The researcher names a scheme in the request (``secagg``); a request with none, or with
-    the ``plain`` identity scheme, is refused: the node fails closed rather than send an
-    update, or statistics, the researcher can read.
+    ``Request.secagg`` is the scheme of the session the node itself holds and will protect
+    the update with (the node resolves it from its own sessions, bound to the researcher's
+    key, experiment and round; never from a name the request writes). Without one, or with
+    the ``plain`` identity scheme, the request is refused: the node fails closed rather than
+    send an update, or statistics, the researcher can read.
     """
 
     name = "secure-aggregation"
@@ -403,12 +454,15 @@ def build_governance(policy: Mapping[str, Any], plans: PlanStore,
         max_epochs=policy["max_epochs"], max_updates=policy["max_updates"],
         batch_size_min=policy["batch_size_min"], batch_size_max=policy["batch_size_max"],
         allow_gpu=policy["allow_gpu"], on_excess=policy["on_excess"]))
-    if policy.get("dp_required") or policy.get("dp_max_epsilon") is not None:
+    if policy.get("dp_required") or policy.get("dp_max_epsilon") is not None or \
+            policy.get("dp_min_noise_multiplier") is not None:
         if ledger is None:
             ledger = PrivacyLedger(plans.sibling_table(LEDGER_TABLE))
         chain.append(PrivacyBudget(ledger, max_epsilon=policy.get("dp_max_epsilon"),
                                    delta=policy.get("dp_delta") or 1e-5,
-                                   required=bool(policy.get("dp_required"))))
+                                   required=bool(policy.get("dp_required")),
+                                   min_noise_multiplier=policy.get("dp_min_noise_multiplier"),
+                                   on_excess=policy.get("on_excess") or "clamp"))
     chain.extend(extra)
     return Governance(chain)
 

@@ -15,7 +15,7 @@ import tomli_w
 from fedcore._files import write_atomic
 from fedcore.errors import ConfigurationError
 from fedcore.governance.policies import SETTINGS, effective_policy, validate_policy
-from fedcore.node._storage import remove_stale_temporaries
+from fedcore.node._storage import LOCK_FILE, HomeLock, remove_stale_temporaries
 
 _HEADER = ("# fedcore node configuration: identity and policy.\n"
            "# Policy keys are explained by `fedcore-node policy show` and in "
@@ -50,13 +50,28 @@ class NodeConfig:
     """A node's ``config.toml``: identity and policy, reread whenever the file changes.
 
     An administrator may change the policy with ``fedcore-node policy set`` (another
-    process), the GUI or an editor while the node serves; the next request sees it.
+    process), the GUI or an editor while the node serves; the next request sees it. Every
+    change rereads the file and writes it under ``lock`` (the home's), so two processes
+    changing different keys at once both keep their change.
     """
 
     def __init__(self, path: Path, *, name: str | None = None, node_id: str | None = None,
-                 approval_required: bool | None = None):
+                 approval_required: bool | None = None, lock: HomeLock | None = None):
         self.path = path
+        self._lock = lock or HomeLock(path.parent / LOCK_FILE)
         remove_stale_temporaries(path)
+        with self._lock.hold():
+            self._open(name, node_id, approval_required)
+            self._stamp = stamp(path)
+        self._error = ""
+        #: Goes up by one each time the configuration is reread or written.
+        self.version = 0
+        if "node_id" not in self._data:
+            raise ConfigurationError(f"{path} has no node_id. Add node_id = \"...\" to it.")
+
+    def _open(self, name: str | None, node_id: str | None,
+              approval_required: bool | None) -> None:
+        path = self.path
         if path.exists():
             self._data = read_config(path)
             if node_id and node_id != self._data.get("node_id"):
@@ -70,12 +85,6 @@ class NodeConfig:
             if approval_required is not None:
                 self._data["approval_required"] = bool(approval_required)
             write_config(path, self._data)
-        self._stamp = stamp(path)
-        self._error = ""
-        #: Goes up by one each time the configuration is reread or written.
-        self.version = 0
-        if "node_id" not in self._data:
-            raise ConfigurationError(f"{path} has no node_id. Add node_id = \"...\" to it.")
 
     @property
     def data(self) -> dict[str, Any]:
@@ -120,6 +129,10 @@ class NodeConfig:
         Everything is checked before the file is written. Returns the keys that changed,
         as ``{key: [old, new]}``.
         """
+        with self._lock.hold():
+            return self._set_policy(changes, replace)
+
+    def _set_policy(self, changes: Mapping[str, Any], replace: bool) -> dict[str, Any]:
         self.refresh()
         current = {k: v for k, v in self._data.items() if k in SETTINGS}
         wanted = {} if replace else dict(current)
@@ -145,11 +158,12 @@ class NodeConfig:
         """Write one setting that is not a policy key (such as ``federation``)."""
         if key in SETTINGS or key == "node_id":
             raise ConfigurationError(f"{key!r} is not set this way.")
-        self.refresh()
-        data = {**self._data, key: value}
-        write_config(self.path, data)
-        self._data, self._stamp = data, stamp(self.path)
-        self.version += 1
+        with self._lock.hold():
+            self.refresh()
+            data = {**self._data, key: value}
+            write_config(self.path, data)
+            self._data, self._stamp = data, stamp(self.path)
+            self.version += 1
 
     def policy_toml(self) -> str:
         """The policy keys present in the file, as TOML text (for an editor)."""

@@ -1,41 +1,280 @@
+"""The node's database: one writer at a time across processes, each change audited with it.
+
+The daemon, ``fedcore-node`` commands and the web GUI are separate processes that all change
+``db.json``. TinyDB rewrites the whole file on every change, so two processes that read,
+change and write it at the same time lose one of the changes. Here:
+
+- :class:`HomeLock` is an exclusive ``flock`` on ``write.lock`` in the node home (and a
+  thread lock), taken around every read-modify-write of ``db.json`` and ``config.toml``.
+- :meth:`NodeStorage.transaction` takes the lock, reads the file afresh, lets the change
+  happen in memory, writes the file once (atomically, fsynced) and releases the lock. Every
+  TinyDB table write runs inside one; a logical change spanning several reads and writes
+  (check the tags, then insert) opens one around them all: ``with node.db.transaction():``.
+- Audit records made during a transaction (``Node.audit``) are written *with* the change:
+  they go into ``db.json`` (key ``_audit_pending``) in the same atomic write, and are then
+  appended to the audit log (fsynced) while the lock is still held. A process killed between
+  the two leaves them in ``db.json``: the next transaction, in any process, finds them,
+  appends those the log lacks (marked ``"recovered": true``) and goes on. So a crash leaves
+  the change and its record, or neither.
+
+Reads outside a transaction take no lock: the file is replaced atomically, so a reader sees
+one whole version, the latest committed one (nothing is cached between reads).
+"""
+
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
 import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinydb import TinyDB
 from tinydb.storages import Storage
+from tinydb.table import Table
 
 from fedcore._files import write_atomic
+from fedcore.node.audit import AuditLog
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one writing process only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["PENDING", "HomeLock", "NodeDatabase", "NodeStorage", "NodeTable"]
+
+#: The key of ``db.json`` holding the audit records of the last change, until they are
+#: known to be in the audit log.
+PENDING = "_audit_pending"
+LOCK_FILE = "write.lock"
 
 
-class AtomicJSONStorage(Storage):
-    """TinyDB storage that replaces the file atomically on every write.
+class HomeLock:
+    """An exclusive lock on a node home, across processes (``flock``) and threads.
 
-    TinyDB's default storage rewrites the file in place, so a crash mid-write leaves a
-    truncated or NUL-filled database. Here a write goes to a temporary file in the same
-    folder, is flushed to disk and renamed over the old one: readers see the old or the new
-    database, never half of one.
+    Re-entrant within a thread: a transaction may call code that takes it again.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the lock for the ``with`` block (waits while another writer holds it)."""
+        with self._thread_lock:
+            if self._depth == 0:
+                self._fd = _flock(self.path)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    os.close(self._fd)  # closing the file releases the flock
+                    self._fd = None
+
+
+def _flock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+@dataclass
+class _Transaction:
+    data: dict[str, Any]
+    dirty: bool = False
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class NodeStorage(Storage):
+    """TinyDB storage of ``db.json`` with transactions; see the module's docstring.
+
+    ``lock`` defaults to ``write.lock`` beside the file; ``journal`` is the audit log that
+    records made in a transaction go to (without one, records are refused).
+    """
+
+    def __init__(self, path: str | Path, lock: HomeLock | None = None,
+                 journal: AuditLog | None = None):
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.path)
+        self.lock = lock or HomeLock(self.path.parent / LOCK_FILE)
+        self.journal = journal
+        self._local = threading.local()
+        self._known: deque[str] = deque(maxlen=64)  # transactions known to be in the log
+
+    # --- transactions -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One logical change: read afresh under the lock, change, write once, audit.
+
+        Nested calls join the transaction already open in this thread. An exception leaves
+        the file (and the audit log) as they were.
+        """
+        if self._current() is not None:
+            yield
+            return
+        with self.lock.hold():
+            raw = self._load()
+            pending = raw.pop(PENDING, None)
+            if pending:
+                self._recover(pending)
+            txn = self._local.txn = _Transaction(raw)
+            try:
+                yield
+                self._commit(txn)
+            finally:
+                self._local.txn = None
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Audit ``record``: with the open transaction's change, or at once without one."""
+        txn = self._current()
+        if txn is not None:
+            txn.records.append(record)
+        elif self.journal is not None:
+            self.journal.append(record)
+
+    def recover(self) -> None:
+        """Append to the audit log the records of a change a crash left unaudited."""
+        with self.transaction():
+            pass
+
+    def _current(self) -> _Transaction | None:
+        return getattr(self._local, "txn", None)
+
+    def _commit(self, txn: _Transaction) -> None:
+        records = txn.records
+        if txn.dirty:
+            data = dict(txn.data)
+            if records:
+                if self.journal is None:
+                    raise RuntimeError("NodeStorage has no audit log to write records to")
+                tid = uuid.uuid4().hex
+                for record in records:
+                    record["txn"] = tid
+                data[PENDING] = {"1": {"txn": tid, "offset": self.journal.size(),
+                                       "records": records}}
+            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True, default=str))
+            if records:
+                assert self.journal is not None
+                self.journal.append_all(records)
+                self._known.append(records[0]["txn"])
+        elif self.journal is not None:  # nothing in db.json to tie them to
+            for record in records:
+                self.journal.append(record)
+
+    def _recover(self, pending: dict[str, Any]) -> None:
+        for entry in pending.values():
+            tid = entry.get("txn") if isinstance(entry, dict) else None
+            if not isinstance(tid, str) or tid in self._known or self.journal is None:
+                continue
+            records = [r for r in entry.get("records") or [] if isinstance(r, dict)]
+            logged = self.journal.count_txn(tid, int(entry.get("offset") or 0))
+            if logged < len(records):
+                self.journal.append_all([{**r, "recovered": True} for r in records[logged:]])
+            self._known.append(tid)
+
+    # --- TinyDB's storage interface ---------------------------------------------------------
 
     def read(self) -> dict[str, dict[str, Any]] | None:
+        """The database: the open transaction's copy, else the file as last committed."""
+        txn = self._current()
+        if txn is not None:
+            return _copy(txn.data)
+        data = self._load()
+        data.pop(PENDING, None)
+        return data or None
+
+    def write(self, data: dict[str, dict[str, Any]]) -> None:
+        """Replace the database (inside a transaction: written when it commits)."""
+        txn = self._current()
+        if txn is None:
+            with self.transaction():
+                self.write(data)
+            return
+        txn.data = data
+        txn.dirty = True
+
+    def close(self) -> None:
+        """Nothing stays open between transactions."""
+
+    def _load(self) -> dict[str, Any]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return None
-        return json.loads(text) if text.strip() else None
+            return {}
+        data = json.loads(text) if text.strip() else {}
+        return data if isinstance(data, dict) else {}
 
-    def write(self, data: dict[str, dict[str, Any]]) -> None:
-        write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
 
-    def close(self) -> None:
-        pass
+def _copy(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy down to each document (what TinyDB's updaters change in place)."""
+    return {name: {k: dict(d) if isinstance(d, dict) else d for k, d in table.items()}
+            if isinstance(table, dict) else table for name, table in data.items()}
+
+
+class NodeTable(Table):
+    """A TinyDB table whose every write is a :meth:`NodeStorage.transaction`.
+
+    No query cache (another process may change the file at any time), and a new
+    document's id is computed under the lock, from the file as it is then.
+    """
+
+    default_query_cache_capacity = 0
+
+    def _update_table(self, updater: Any) -> None:
+        with self._transaction():
+            super()._update_table(updater)
+
+    def insert(self, document: Any) -> int:
+        with self._transaction():
+            self._next_id = None  # another process may have inserted since
+            return super().insert(document)
+
+    def insert_multiple(self, documents: Any) -> list[int]:
+        with self._transaction():
+            self._next_id = None
+            return super().insert_multiple(documents)
+
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        begin = getattr(self._storage, "transaction", None)
+        return begin() if begin is not None else contextlib.nullcontext()
+
+
+class NodeDatabase(TinyDB):
+    """The node's TinyDB (``db.json``) on a :class:`NodeStorage`."""
+
+    table_class = NodeTable
+
+    def __init__(self, path: str | Path, *, lock: HomeLock | None = None,
+                 journal: AuditLog | None = None):
+        super().__init__(path, storage=NodeStorage, lock=lock, journal=journal)
+
+    @property
+    def storage(self) -> NodeStorage:
+        """The storage, with its transactions."""
+        return self._storage  # type: ignore[return-value]
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the home's lock for one logical change; see :meth:`NodeStorage.transaction`."""
+        return self.storage.transaction()
 
 
 def remove_stale_temporaries(path: Path, age_s: float = 300.0) -> None:

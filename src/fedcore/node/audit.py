@@ -6,6 +6,10 @@ happened. A small head file (``audit.head``) holds the sequence number, hash and
 after the last record the node wrote, which catches a change to the last line, and lets an
 append continue the chain without reading the log. :func:`verify` reads the log once.
 
+A record never holds a credential: the password or token of any URL in a record's text is
+replaced by ``***`` before the record is written (:func:`fedcore.transport.redact_url`), since
+nothing can be removed from the chain afterwards.
+
 The chain is not keyed: whoever can rewrite the log and the head from some line on can make
 a consistent forgery. Keep a copy of the head hash that ``fedcore-node audit verify`` prints
 somewhere else now and then, and compare.
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fedcore.transport import redact_url
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: one writing process only
@@ -36,6 +42,19 @@ _HEAD_SIZE = 200
 
 def _sha(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
+
+
+def _scrubbed(value: Any) -> Any:
+    """``value`` with the credentials of URLs in its strings (and keys) redacted."""
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return redact_url(str(value))  # what json.dumps(default=str) would write
 
 
 class AuditLog:
@@ -58,15 +77,64 @@ class AuditLog:
         with self._lock:
             f = self._handle()
             with _locked(f):
-                size = os.fstat(f.fileno()).st_size
-                seq, prev, torn = self._tail(f, size)
-                full = {"seq": seq + 1, **record, "prev": prev}
-                line = json.dumps(full, default=str).encode()
-                data = (b"\n" if torn else b"") + line + b"\n"
-                f.write(data)
-                f.flush()
-                self._write_head(seq + 1, _sha(line), size + len(data))
-        return full
+                return self._write(f, [record])[0]
+
+    def append_all(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write ``records`` one after the other and flush them to disk (``fsync``).
+
+        What a change of the node's database is recorded with: once this returns, its
+        records survive a crash of the machine too.
+        """
+        with self._lock:
+            f = self._handle()
+            with _locked(f):
+                written = self._write(f, records)
+                os.fsync(f.fileno())  # the head is not: a stale one is found and rewritten
+        return written
+
+    def size(self) -> int:
+        """The log's size in bytes (0 when there is none yet)."""
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def count_txn(self, txn: str, offset: int = 0) -> int:
+        """How many records of database change ``txn`` the log holds from byte ``offset``."""
+        try:
+            with open(self.path, "rb") as f:
+                if offset <= os.fstat(f.fileno()).st_size:
+                    f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        needle = f'"txn": "{txn}"'.encode()
+        count = 0
+        for line in data.splitlines():
+            if needle in line:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    count += isinstance(record, dict) and record.get("txn") == txn
+        return count
+
+    def _write(self, f: IO[bytes], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        size = os.fstat(f.fileno()).st_size
+        seq, prev, torn = self._tail(f, size)
+        written, chunks = [], [b"\n"] if torn else []
+        for record in records:
+            seq += 1
+            full = {"seq": seq, **_scrubbed(record), "prev": prev}
+            line = json.dumps(full, default=str).encode()
+            prev = _sha(line)
+            written.append(full)
+            chunks += [line, b"\n"]
+        data = b"".join(chunks)
+        # One write of every line, then the head: a process killed between the two leaves
+        # the head one step behind, which verify() reports and the next append repairs.
+        f.write(data)
+        f.flush()
+        self._write_head(seq, prev, size + len(data))
+        return written
 
     def close(self) -> None:
         """Close the file handles (the next append reopens them)."""
@@ -79,7 +147,10 @@ class AuditLog:
                 self._head_fd = None
 
     def records(self) -> list[dict[str, Any]]:
-        """Every readable record, oldest first."""
+        """Every readable record, oldest first.
+
+        A credential that a record written by an older version holds is shown as ``***``.
+        """
         if not self.path.exists():
             return []
         out = []
@@ -87,7 +158,7 @@ class AuditLog:
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 if isinstance(record, dict):
-                    out.append(record)
+                    out.append(_scrubbed(record))
         return out
 
     # --- internals --------------------------------------------------------------------------
@@ -181,29 +252,38 @@ class AuditProblem:
 
 @dataclass(frozen=True)
 class AuditReport:
-    """What :func:`verify` found; true when the log is intact."""
+    """What :func:`verify` found; true when the log is intact.
+
+    ``mismatches`` are disagreements between the node's database and the log (filled by
+    ``Node.verify_audit``, which checks both): a plan, dataset or account the database
+    holds without the record of its change, or a recorded change the database lacks.
+    """
 
     path: Path
     records: int
     head: str
     problems: list[AuditProblem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """Whether no record was edited, inserted or deleted."""
-        return not self.problems
+        """Whether no record was edited, inserted or deleted, and the database agrees."""
+        return not self.problems and not self.mismatches
 
     def __bool__(self) -> bool:
         return self.ok
 
     def __str__(self) -> str:
-        if self.ok:
+        if not self.problems:
             text = (f"{self.path}: intact, {self.records} records, head "
                     f"{self.head}")
         else:
             text = f"{self.path}: {len(self.problems)} problem(s) in {self.records} lines\n"
             text += "\n".join(f"  {p}" for p in self.problems)
+        if self.mismatches:
+            text += (f"\nThe database disagrees with the audit log ({len(self.mismatches)} "
+                     "mismatch(es)):\n" + "\n".join(f"  {m}" for m in self.mismatches))
         return "\n".join([text, *self.notes])
 
 

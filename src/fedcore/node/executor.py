@@ -7,12 +7,14 @@ import json
 import time
 from typing import Any
 
+from fedcore import plugins
 from fedcore.aggregators._local import LocalState, local_algorithm
 from fedcore.data import Dataset
-from fedcore.errors import ConfigurationError
+from fedcore.errors import ConfigurationError, GovernanceError
 from fedcore.params import ParameterSet
-from fedcore.plan import TrainingPlan
+from fedcore.plan import LocalTraining, TrainingPlan
 from fedcore.plan.metrics import evaluate
+from fedcore.privacy.dpsgd import PrivateTraining, check_wrappable
 from fedcore.privacy.release import PrivateRelease
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.wire.messages import TrainReply, TrainRequest
@@ -56,17 +58,11 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     plan.reset_local_algorithm()
     plan.progress_callback = settings.get("progress")
     privacy = PrivacySpec.parse(request.privacy)
+    private = private_training(plan_class, privacy)
     release = PrivateRelease.of(privacy)  # under DP only what the noise covers leaves
     if release is not None:
         release.check(algorithm)
         plan.progress_callback = release.progress(plan.progress_callback)
-    if privacy is not None and privacy.mechanism == "dp-sgd":
-        if "dp-sgd" not in plan_class.supports:
-            raise ConfigurationError(
-                f"DP-SGD was asked for, which {plan_class.__name__} (backend "
-                f"{plan_class.backend!r}) does not support. Use privacy={{'mechanism': "
-                "'update', ...}} (update-level DP works with every backend), or a torch plan.")
-        plan.privacy = privacy
     timings["setup_s"] = time.perf_counter() - t0
 
     metrics_global: dict[str, float] = {}
@@ -79,8 +75,13 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     if algorithm is not None:
         assert state is not None
         algorithm.before_fit(plan, request.params, state)
+    seed = derive_seed(request.seed, round, node_id)
     try:
-        train_stats = plan.fit(train, seed=derive_seed(request.seed, round, node_id))
+        if private is not None:  # the node's installed DP-SGD runs the round, not plan.fit
+            train_stats = private.train(plan, train, seed,
+                                        LocalTraining.common(request.training_args))
+        else:
+            train_stats = plan.fit(train, seed=seed)
     finally:
         plan.progress_callback = None  # a warm plan must not report into a later round
     timings["train_s"] = time.perf_counter() - t
@@ -91,10 +92,12 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         metrics_local = evaluate(plan.task, *plan.predict(test))
     timings["eval_local_s"] = time.perf_counter() - t
 
-    params = ParameterSet(plan.get_parameters())
     spent: dict[str, Any] = {}
     if release is not None:  # first: the algorithm's extras derive from what is released
-        params, spent = release.apply(plan, request.params)
+        # DP-SGD: the model the node's wrapper trained, charged at the wrapper's count.
+        params, spent = release.apply(plan, request.params, private)
+    else:
+        params = ParameterSet(plan.get_parameters())
     extras: dict[str, Any] = {}
     if algorithm is not None:  # last: the node's state changes only once the round is done
         assert state is not None
@@ -115,6 +118,25 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         privacy=spent,
     )
     return (reply if release is None else release.reply(reply)), plan
+
+
+def private_training(plan_class: type[TrainingPlan],
+                     privacy: PrivacySpec | None) -> PrivateTraining | None:
+    """The node's DP-SGD for a round of ``plan_class`` (``None`` unless DP-SGD is asked).
+
+    Taken from the backend installed on the node (the plug-in registry's class for the
+    plan's backend), never from the plan class; :class:`~fedcore.errors.GovernanceError`
+    says why the node refuses (no DP-SGD in that backend, a plan that overrides what the
+    wrapper relies on: :func:`fedcore.privacy.dpsgd.check_wrappable`).
+    """
+    if privacy is None or privacy.mechanism != "dp-sgd":
+        return None
+    try:
+        base = plugins.load("backends", str(plan_class.backend))
+    except ConfigurationError as exc:
+        raise GovernanceError(f"DP-SGD was asked for, but this node cannot load the plan's "
+                              f"backend: {exc}") from None
+    return check_wrappable(plan_class, base, privacy)
 
 
 def plan_key(experiment: str, plan_hash: str, request: TrainRequest) -> str:

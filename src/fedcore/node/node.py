@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tinydb import TinyDB
-
 from fedcore import _runtime, plugins
 from fedcore.aggregators._local import LocalState, local_algorithm
 from fedcore.errors import (
@@ -39,17 +37,19 @@ from fedcore.governance.ledger import PrivacyLedger
 from fedcore.governance.policies import DatasetAccess, Refuse
 from fedcore.governance.statistics_log import QueryLog
 from fedcore.node._config import NodeConfig
-from fedcore.node._secagg import SecaggSessions
-from fedcore.node._storage import AtomicJSONStorage
-from fedcore.node.audit import AuditLog, AuditReport, verify
-from fedcore.node.executor import plan_key, run_round
+from fedcore.node._reconcile import verify_home
+from fedcore.node._secagg import Binding, SecaggSessions
+from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
+from fedcore.node.audit import AuditLog, AuditReport
+from fedcore.node.executor import plan_key, private_training, run_round
 from fedcore.node.protection import update_protection
 from fedcore.node.registry import DatasetRegistry
 from fedcore.node.statistics import answer_statistics
 from fedcore.node.users import Users
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
-from fedcore.transport import Transport, open_transport
+from fedcore.secagg import NodeContext, NodeFloors
+from fedcore.transport import Transport, open_transport, redact_url
 from fedcore.wire import codec
 from fedcore.wire.chunks import ChunkedTransport, Delivery
 from fedcore.wire.identity import Identity, fingerprint, full_fingerprint, parse_public_key
@@ -133,13 +133,16 @@ class Node:
     ):
         self.home = Path(home).expanduser()
         self.home.mkdir(parents=True, exist_ok=True)
+        # One writer at a time changes db.json or config.toml, in any process.
+        lock = HomeLock(self.home / LOCK_FILE)
         self._config = NodeConfig(self.home / "config.toml", name=name, node_id=node_id,
-                                  approval_required=approval_required)
+                                  approval_required=approval_required, lock=lock)
         self._node_id = str(self._config.data["node_id"])
         #: The node's key pair (``identity.key`` in its home, created on first use).
         self.identity = Identity(self.home / "identity.key")
         self._audit = AuditLog(self.home / "audit.jsonl")
-        self.db = TinyDB(self.home / "db.json", storage=AtomicJSONStorage)
+        #: The database (TinyDB); ``with node.db.transaction():`` makes one change of it.
+        self.db = NodeDatabase(self.home / "db.json", lock=lock, journal=self._audit)
         #: Training plans submitted for review, and the administrator's decisions.
         self.plans = PlanStore(self.db, audit=self.audit)
         #: Accounts of the node's web GUI.
@@ -150,12 +153,12 @@ class Node:
         if approval_required is not None and self._config.data.get(
                 "approval_required", True) != approval_required:
             self.set_policy(approval_required=approval_required)
-        self.datasets = DatasetRegistry(self.db, self.home / "data")
+        self.datasets = DatasetRegistry(self.db, self.home / "data", audit=self.audit)
         #: What each dataset spent of its differential-privacy budget.
         self.ledger = PrivacyLedger(self.db)
         #: What each researcher asked and was answered in statistics (their overlap checks).
         self.statistics_log = QueryLog(self.db)
-        self._secagg = SecaggSessions(self.node_id)
+        self._secagg = SecaggSessions(self.node_id, self._secagg_context)
         self.max_frame_size = max_frame_size
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"fedcore-node-{self.node_id}"
@@ -197,11 +200,12 @@ class Node:
 
         While a request from a network is handled, the record also names the key that
         signed it (``researcher_key``: the full SHA-256 fingerprint of that key).
+        Inside ``node.db.transaction()`` the record is written with the change, or not at all.
         """
         caller = _caller.get()
         extra = {"researcher_key": caller[1]} if caller else {}
-        self._audit.append({"time": time.time(), "node": self.node_id, "event": event,
-                            **fields, **extra})
+        self.db.storage.record({"time": time.time(), "node": self.node_id, "event": event,
+                                **fields, **extra})
 
     def _close_audit(self) -> None:
         self._audit.close()
@@ -211,18 +215,24 @@ class Node:
         return self._audit.records()
 
     def verify_audit(self) -> AuditReport:
-        """Check the audit log's hash chain; the report is true when the log is intact."""
-        return verify(self._audit.path)
+        """Check the audit log's hash chain and the database against it.
+
+        The report is true when the log is intact and every plan, dataset and account in
+        the database has the audit records of its changes (``report.mismatches`` otherwise).
+        """
+        return verify_home(self.db, self._audit)
 
     def set_federation(self, url: str, *, by: str = "") -> None:
         """Store the researcher's URL that ``fedcore-node start`` connects to (checked)."""
         scheme = urlsplit(url).scheme
         if not scheme or not urlsplit(url).netloc:
             raise ConfigurationError(
-                f"Expected a federation URL such as ws://host:port. Received: {url!r}")
+                f"Expected a federation URL such as ws://host:port. Received: "
+                f"{redact_url(url)!r}")
         plugins.load("transports", scheme)  # an unknown scheme says which extra to install
-        self._config.set_value("federation", url)
-        self.audit("federation-set", by=by, federation=url)
+        with self.db.transaction():
+            self._config.set_value("federation", url)
+            self.audit("federation-set", by=by, federation=redact_url(url))
 
     # --- trust ------------------------------------------------------------------------------
 
@@ -244,20 +254,81 @@ class Node:
     def trust(self, name: str, key: str, *, by: str = "") -> None:
         """Trust the researcher whose public key is ``key`` (base64 or hex) under ``name``."""
         raw = parse_public_key(key)
-        current = dict(self.config.get("trusted_researchers") or {})
-        current[str(name)] = base64.b64encode(raw).decode()
-        self._config.set_value("trusted_researchers", current)
-        self.audit("researcher-trusted", by=by, researcher=name, key=fingerprint(raw))
+        with self.db.transaction():  # read, change and write config.toml under the lock
+            current = dict(self.config.get("trusted_researchers") or {})
+            current[str(name)] = base64.b64encode(raw).decode()
+            self._config.set_value("trusted_researchers", current)
+            self.audit("researcher-trusted", by=by, researcher=name, key=fingerprint(raw))
 
     def untrust(self, name: str, *, by: str = "") -> None:
         """Stop trusting researcher ``name``; ``ConfigurationError`` if it was not trusted."""
-        current = dict(self.config.get("trusted_researchers") or {})
-        if name not in current:
-            raise ConfigurationError(f"No trusted researcher named {name!r}. Trusted: "
-                                     f"{sorted(current) or 'none'}.")
-        del current[name]
-        self._config.set_value("trusted_researchers", current)
-        self.audit("researcher-untrusted", by=by, researcher=name)
+        with self.db.transaction():
+            current = dict(self.config.get("trusted_researchers") or {})
+            if name not in current:
+                raise ConfigurationError(f"No trusted researcher named {name!r}. Trusted: "
+                                         f"{sorted(current) or 'none'}.")
+            del current[name]
+            self._config.set_value("trusted_researchers", current)
+            self.audit("researcher-untrusted", by=by, researcher=name)
+
+    # --- peers (secure aggregation) ---------------------------------------------------------
+
+    @property
+    def peers(self) -> dict[str, bytes] | None:
+        """The other nodes this node knows, ``{node id: identity key}``; ``None``: no list.
+
+        With a peer list the node verifies every round member's signed keys against it and
+        refuses members it does not know; without one it checks them against the identity
+        keys relayed with them (docs/secure-aggregation.md says what holds in each case).
+        """
+        listed = self.config.get("peers")
+        if not isinstance(listed, Mapping) or not listed:
+            return None
+        out: dict[str, bytes] = {}
+        for node_id, key in listed.items():
+            try:
+                out[str(node_id)] = parse_public_key(str(key))
+            except ConfigurationError as exc:
+                log.error("Ignored peer %r in config.toml: %s", node_id, exc)
+        return out
+
+    def add_peer(self, node_id: str, key: str, *, by: str = "") -> None:
+        """Know node ``node_id`` by its identity key (base64 or hex, ``fedcore-node identity``)."""
+        raw = parse_public_key(key)
+        if node_id == self.node_id:
+            raise ConfigurationError(f"{node_id!r} is this node itself: add the other nodes "
+                                     "of the federation as peers.")
+        with self.db.transaction():  # read, change and write config.toml under the lock
+            current = dict(self.config.get("peers") or {})
+            current[str(node_id)] = base64.b64encode(raw).decode()
+            self._config.set_value("peers", current)
+            self.audit("peer-added", by=by, peer=node_id, key=fingerprint(raw))
+
+    def remove_peer(self, node_id: str, *, by: str = "") -> None:
+        """Forget peer ``node_id``; ``ConfigurationError`` if it is not in the peer list."""
+        with self.db.transaction():
+            current = dict(self.config.get("peers") or {})
+            if node_id not in current:
+                raise ConfigurationError(f"No peer named {node_id!r}. Peers: "
+                                         f"{sorted(current) or 'none'}.")
+            del current[node_id]
+            self._config.set_value("peers", current)
+            self.audit("peer-removed", by=by, peer=node_id)
+
+    def _secagg_context(self, binding: Binding) -> NodeContext:
+        """The node's terms for a new secure-aggregation session: policy, key, peers."""
+        policy = self.policy
+        floors = NodeFloors(min_members=policy["secagg_min_members"],
+                            min_key_bits=policy["secagg_min_key_bits"],
+                            jl_moduli=frozenset(policy["secagg_jl_moduli"] or ()))
+        return NodeContext(floors=floors, signer=self.identity, peers=self.peers,
+                           experiment=binding.experiment)
+
+    def _secagg_binding(self, env: Envelope) -> Binding:
+        """What a secure-aggregation session of this request is bound to (verified parts)."""
+        caller = _caller.get()
+        researcher = caller[1] if caller else f"in-process sender {env.sender!r}"
+        return Binding(researcher, env.experiment, env.round)
 
     # --- policy and governance --------------------------------------------------------------
 
@@ -272,9 +343,10 @@ class Node:
         Returns the changes as ``{key: [old, new]}``. Example:
         ``node.set_policy(max_epochs=5, on_excess="refuse")``.
         """
-        changed = self._config.set_policy(changes)
-        if changed:
-            self.audit("policy-changed", by=by, changes=changed)
+        with self.db.transaction():
+            changed = self._config.set_policy(changes)
+            if changed:
+                self.audit("policy-changed", by=by, changes=changed)
         return changed
 
     def policy_toml(self) -> str:
@@ -287,9 +359,10 @@ class Node:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"The policy is not valid TOML: {exc}") from None
-        changed = self._config.set_policy(values, replace=True)
-        if changed:
-            self.audit("policy-changed", by=by, changes=changed)
+        with self.db.transaction():
+            changed = self._config.set_policy(values, replace=True)
+            if changed:
+                self.audit("policy-changed", by=by, changes=changed)
         return changed
 
     @property
@@ -316,7 +389,8 @@ class Node:
                    experiment=request.experiment, round=request.round,
                    dataset=(request.dataset or {}).get("id"), plan=request.plan_hash or None,
                    allowed=decision.allowed, reason=decision.reason,
-                   overrides=decision.overrides, policy=decision.policy)
+                   overrides=decision.overrides, policy=decision.policy,
+                   **({"privacy": decision.privacy} if decision.privacy else {}))
         return decision
 
     def researcher(self, env: Envelope) -> str:
@@ -348,7 +422,7 @@ class Node:
         if self._halting:  # stop() came while the transport was starting
             await transport.close()
         tasks: set[asyncio.Task[None]] = set()
-        self.audit("started", transport=transport.url)
+        self.audit("started", transport=redact_url(transport.url))
         try:
             while True:
                 try:
@@ -516,13 +590,19 @@ class Node:
         base = {"researcher": self.researcher(env), "experiment": env.experiment,
                 "round": env.round, "dataset": request.dataset_id}
         self.audit("train-request", **base)
-        protection = update_protection(self._secagg, request.secagg)
+        try:  # the session the node holds decides the protection, and what governance sees
+            protection = update_protection(self._secagg, request.secagg,
+                                           self._secagg_binding(env))
+        except FedcoreError as exc:
+            self.audit("secagg-refused", **base, phase="train", reason=str(exc))
+            return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
         admitted = await self._admit(env, request, protection.scheme, base)
         if isinstance(admitted, ErrorReply):
             return admitted
-        if admitted.decision.overrides:
+        if admitted.decision.overrides or admitted.decision.privacy:
             request = dataclasses.replace(request, training_args={
-                **request.training_args, **admitted.decision.overrides})
+                **request.training_args, **admitted.decision.overrides},
+                privacy=admitted.decision.privacy or request.privacy)
         protection.prepare(request.params)
         reply = await self._train(env, request, admitted, base)
         if isinstance(reply, ErrorReply):
@@ -538,7 +618,7 @@ class Node:
             return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
         self.audit("trained", **base, n_samples=reply.n_samples,
                    seconds=round(reply.timings.get("total_s", 0.0), 4))
-        if admitted.decision.overrides:
+        if admitted.decision.overrides or admitted.decision.privacy:
             reply = dataclasses.replace(reply, overrides=dict(admitted.decision.overrides),
                                         policy_notes=list(admitted.decision.notes))
         return reply
@@ -582,12 +662,16 @@ class Node:
             if plan_class is None:
                 plan_class = await loop.run_in_executor(None, admitted.bundle.load)
             self._plans[sha] = plan_class
-            try:  # a misspelt or mistyped training argument is the researcher's to fix
+            try:
+                # A misspelt or mistyped training argument is the researcher's to fix; DP-SGD
+                # the node's backend cannot run around this plan is refused.
                 check_training_args(plan_class, request.training_args)
-            except ConfigurationError as exc:
+                private_training(plan_class, PrivacySpec.parse(request.privacy))
+            except (ConfigurationError, GovernanceError) as exc:
                 self.audit("train-refused", **base, reason=str(exc))
-                return ErrorReply(kind="configuration", message=str(exc),
-                                  exc_type="ConfigurationError")
+                kind = next(k for k, cls in _REFUSALS.items() if isinstance(exc, cls))
+                return ErrorReply(kind=kind, message=str(exc),
+                                  exc_type=_REFUSALS[kind].__name__)
             key = plan_key(env.experiment, sha, request) if plan_class.reusable else ""
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
             reply, plan = await loop.run_in_executor(
@@ -664,10 +748,11 @@ class Node:
     def _on_secagg(self, env: Envelope) -> Body:
         request: SecaggRequest = env.body  # type: ignore[assignment]
         try:
-            return self._secagg.answer(request)
+            return self._secagg.answer(request, self._secagg_binding(env))
         except FedcoreError as exc:
-            self.audit("secagg-refused", researcher=self.researcher(env), experiment=env.experiment,
-                       round=env.round, phase=request.phase, reason=str(exc))
+            self.audit("secagg-refused", researcher=self.researcher(env),
+                       experiment=env.experiment, round=env.round, phase=request.phase,
+                       reason=str(exc))
             return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
 
     def _train_request(self, env: Envelope, request: TrainRequest, bundle: PlanBundle,

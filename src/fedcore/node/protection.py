@@ -4,6 +4,8 @@ It mirrors :mod:`fedcore.researcher.protection`: :class:`ClearUpdate` is the ide
 :class:`SecureUpdate` protects the update through the round's secure-aggregation session
 (:class:`~fedcore.node._secagg.SecaggSessions`). :func:`update_protection` picks one from the
 training request, so the round executor has no branch of its own for secure aggregation.
+The session is the one the node holds for the request's researcher key, experiment and round
+(never one the request makes up): its scheme is what governance sees.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedcore.errors import ConfigurationError
-from fedcore.node._secagg import SecaggSessions
+from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.params import ParameterSet
 from fedcore.wire.messages import TrainReply
 
@@ -25,7 +27,8 @@ __all__ = ["ClearUpdate", "SecureUpdate", "UpdateProtection", "update_protection
 class UpdateProtection:
     """How one round's update leaves the node (the identity: as it is)."""
 
-    #: The scheme governance sees (``None``: in clear).
+    #: The scheme of the session that protects the update, which governance sees
+    #: (``None``: in clear).
     scheme: str | None = None
 
     def prepare(self, reference: ParameterSet) -> None:
@@ -44,14 +47,17 @@ class ClearUpdate(UpdateProtection):
 class SecureUpdate(UpdateProtection):
     """The update is replaced by its secure-aggregation payload; the researcher sees a sum."""
 
-    def __init__(self, sessions: SecaggSessions, options: Mapping[str, Any]):
+    def __init__(self, sessions: SecaggSessions, options: Mapping[str, Any],
+                 binding: Binding):
         self._sessions = sessions
         self._options = options
-        self.scheme = str(options.get("scheme") or "plain")
+        #: Raises ProtocolError when the node holds no such session for ``binding``.
+        self.session = sessions.session_for(options, binding)
+        self.scheme = self.session.scheme.name
 
     def prepare(self, reference: ParameterSet) -> None:
         # The masks are computed in a thread while the node trains.
-        self._sessions.prepare(self._options, reference)
+        self._sessions.prepare(self.session, self._options, reference)
 
     async def protect(self, reply: TrainReply,
                       executor: concurrent.futures.Executor) -> TrainReply:
@@ -65,11 +71,15 @@ class SecureUpdate(UpdateProtection):
             raise ConfigurationError(
                 f"Secure aggregation sums ParameterSets only; the aggregator's node side "
                 f"returned other extras: {sorted(set(reply.extras) - set(extras))}.")
-        payload = self._sessions.protect(options, reply.params, weight, extras or None)
+        payload = self._sessions.protect(self.session, options, reply.params, weight,
+                                         extras or None)
         return dataclasses.replace(reply, params=ParameterSet({}), extras={}, secagg=payload)
 
 
-def update_protection(sessions: SecaggSessions, options: Mapping[str, Any]
-                      ) -> UpdateProtection:
-    """The protection a training request asks for: its ``secagg`` options, or none."""
-    return SecureUpdate(sessions, options) if options else ClearUpdate()
+def update_protection(sessions: SecaggSessions, options: Mapping[str, Any],
+                      binding: Binding) -> UpdateProtection:
+    """The protection a training request asks for: its ``secagg`` options, or none.
+
+    ``ProtocolError`` when the options name a session the node does not hold for ``binding``.
+    """
+    return SecureUpdate(sessions, options, binding) if options else ClearUpdate()

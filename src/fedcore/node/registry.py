@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import threading
 import time
@@ -94,6 +95,8 @@ class DatasetRegistry:
     names). A dataset is opened and checked before its entry is written. Tag sets must not
     overlap: a new dataset whose tags are a subset or superset of an existing one's is
     refused, so a researcher's search by a dataset's tags finds exactly that dataset.
+    Each change is written to the audit log through ``audit`` (``dataset-added``,
+    ``dataset-removed``, ``loading-plan-set``), in the same transaction as the change.
 
     Options by kind: ``csv``: ``read_csv`` (keyword arguments of ``pandas.read_csv``);
     ``medical-folder``: ``demographics`` (CSV path), ``subject_column`` (default
@@ -101,10 +104,13 @@ class DatasetRegistry:
     ``image-folder``: ``mode`` (Pillow mode, e.g. ``"L"``), ``size`` (``[height, width]``).
     """
 
-    def __init__(self, db: TinyDB, data_dir: Path):
+    def __init__(self, db: TinyDB, data_dir: Path, *,
+                 audit: Callable[..., None] | None = None):
         # No query cache: another process (the CLI, the GUI) may change the file at any time.
+        self._db = db
         self._table = db.table("datasets", cache_size=0)
         self._data_dir = data_dir
+        self._audit = audit or (lambda event, **fields: None)
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[str, Dataset]] = {}  # id -> (_open_key, dataset)
 
@@ -120,12 +126,13 @@ class DatasetRegistry:
         description: str = "",
         options: dict[str, Any] | None = None,
         loading_plan: DataLoadingPlan | Mapping[str, Any] | None = None,
+        by: str = "",
     ) -> dict[str, Any]:
         """Register the file or folder at ``path``; returns the new entry (with its ``id``).
 
         The dataset is opened and checked first (files read, headers and the
         ``loading_plan`` applied): a ``DatasetError`` or ``ConfigurationError`` says what is
-        wrong, and nothing is written.
+        wrong, and nothing is written. ``by`` names the administrator, for the audit log.
         """
         tags = _clean_tags(tags)
         path = Path(path).expanduser().resolve()
@@ -143,7 +150,7 @@ class DatasetRegistry:
         plan = _plan(loading_plan)
         dataset = spec.open(path, options, plan)
         metadata = dataset.metadata()
-        with self._lock:
+        with self._transaction(), self._lock:
             for other in self._table.all():
                 if _overlap(tags, other["tags"]):
                     raise ConfigurationError(
@@ -166,6 +173,7 @@ class DatasetRegistry:
                 "added_at": time.time(),
             }
             self._table.insert(entry)
+            self._audit("dataset-added", dataset=entry["id"], name=name, tags=tags, by=by)
             self._cache[entry["id"]] = (_open_key(entry), dataset)
         return entry
 
@@ -177,18 +185,20 @@ class DatasetRegistry:
         ArrayDataset(X, y).save(path)
         return self.add(name, tags, path, kind="npz", **kwargs)
 
-    def remove(self, dataset_id: str) -> None:
+    def remove(self, dataset_id: str, *, by: str = "") -> None:
         """Forget a dataset (files the node copied into its home are deleted too)."""
-        with self._lock:
+        with self._transaction(), self._lock:
             entry = self.get(dataset_id)
             self._table.remove(Query().id == dataset_id)
+            self._audit("dataset-removed", dataset=dataset_id, by=by)
             self._cache.pop(dataset_id, None)
         path = Path(entry["path"])
         if path.parent == self._data_dir.resolve() and path.is_file():
             path.unlink()
 
     def set_loading_plan(
-        self, dataset_id: str, plan: DataLoadingPlan | Mapping[str, Any] | None
+        self, dataset_id: str, plan: DataLoadingPlan | Mapping[str, Any] | None, *,
+        by: str = "",
     ) -> dict[str, Any]:
         """Attach ``plan`` to a dataset (``None`` removes it); returns the updated entry.
 
@@ -197,7 +207,7 @@ class DatasetRegistry:
         entry is left as it was. On success the metadata researchers see is recomputed
         under the harmonised names.
         """
-        with self._lock:
+        with self._transaction(), self._lock:
             entry = self.get(dataset_id)
             loading_plan = _plan(plan)
             spec = _LOADERS[entry["kind"]]
@@ -207,6 +217,8 @@ class DatasetRegistry:
                        "metadata": metadata, "report": _report(dataset),
                        "category_counts": _category_counts(dataset, metadata)}
             self._table.update(changes, Query().id == dataset_id)
+            self._audit("loading-plan-set", dataset=dataset_id, plan=changes["loading_plan"],
+                        by=by)
             self._cache[dataset_id] = (_open_key({**entry, **changes}), dataset)
         return {**entry, **changes}
 
@@ -214,6 +226,10 @@ class DatasetRegistry:
         """The DataLoadingPlan attached to a dataset, or ``None``."""
         stored = self.get(dataset_id).get("loading_plan")
         return DataLoadingPlan.from_dict(stored) if stored else None
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+        begin = getattr(self._db, "transaction", None)
+        return begin() if callable(begin) else contextlib.nullcontext()
 
     # --- queries ----------------------------------------------------------------------------
 

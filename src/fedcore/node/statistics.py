@@ -54,11 +54,12 @@ from fedcore.governance.statistics import (
     statistics_policy,
 )
 from fedcore.governance.statistics_log import QueryLog, VariableLog
-from fedcore.node._secagg import SecaggSessions
+from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._statistics_compute import Noise, Track, compute_statistics
 from fedcore.node.registry import DatasetRegistry
 from fedcore.params import ParameterSet
 from fedcore.privacy.spec import DEFAULT_DELTA
+from fedcore.secagg import NodeSession
 from fedcore.wire.messages import Body, Envelope, ErrorReply, StatsReply, StatsRequest
 from fedcore.wire.statistics import (
     IMAGE_VARIABLE,
@@ -103,6 +104,9 @@ class StatisticsNode(Protocol):
     ledger: PrivacyLedger
     statistics_log: QueryLog
     _secagg: SecaggSessions
+
+    def _secagg_binding(self, env: Envelope) -> Binding:
+        """What the request's secure-aggregation session must be bound to."""
 
     @property
     def node_id(self) -> str:
@@ -157,14 +161,20 @@ async def answer_statistics(node: StatisticsNode, env: Envelope,
     request: StatsRequest = env.body  # type: ignore[assignment]
     researcher = node.researcher(env)
     secure = request.secagg if isinstance(request.secagg, Mapping) else {}
-    scheme = str(secure.get("scheme") or "plain") if secure else None
     base: dict[str, Any] = {
         "researcher": researcher, "dataset": request.dataset_id,
         "queries": [_describe_query(q) for q in request.queries[:MAX_QUERIES]]}
-    if scheme is not None:
-        base["secagg"] = scheme
     if request.privacy:
         base["privacy"] = request.privacy
+    session: NodeSession | None = None
+    scheme = None
+    if secure:  # the session this node holds decides the protection and what policy sees
+        try:
+            session = node._secagg.session_for(secure, node._secagg_binding(env))
+        except FedcoreError as exc:
+            node.audit("secagg-refused", **base, phase="statistics", reason=str(exc))
+            return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
+        scheme = base["secagg"] = session.scheme.name
     start = time.perf_counter()
     try:
         policy, entry, events = _admit(node, env, request, researcher, scheme)
@@ -173,9 +183,9 @@ async def answer_statistics(node: StatisticsNode, env: Envelope,
         results, internals = await _compute(node, researcher, entry, dataset, request,
                                             policy, events, executor)
         payload: dict[str, Any] = {}
-        if secure:  # the policy is applied above: what is protected is what it lets through
-            payload = await asyncio.get_running_loop().run_in_executor(
-                executor, protect_statistics, node._secagg, secure, results, split)
+        if session is not None:  # the policy is applied above: what it lets through is
+            payload = await asyncio.get_running_loop().run_in_executor(  # protected
+                executor, protect_statistics, node._secagg, session, secure, results, split)
         privacy = _charge(node, env, entry, request, researcher, events, base)
     except _Refused as refusal:
         return refusal.reply(node, base)
@@ -392,9 +402,10 @@ def _describe_query(query: Any) -> dict[str, Any]:
 # --- secure aggregation -----------------------------------------------------------------------
 
 
-def protect_statistics(sessions: SecaggSessions, options: Mapping[str, Any],
-                       results: Sequence[Mapping[str, Any]], split: float) -> dict[str, Any]:
-    """The protected payload of ``results`` for the secure-aggregation session in ``options``.
+def protect_statistics(sessions: SecaggSessions, session: NodeSession,
+                       options: Mapping[str, Any], results: Sequence[Mapping[str, Any]],
+                       split: float) -> dict[str, Any]:
+    """The protected payload of ``results`` under ``session`` (named in ``options``).
 
     Each vector ``v`` is cut at ``split`` (a power of two) into ``hi = split * rint(v /
     split)`` and ``lo = v - hi`` (both exact in float64, ``|lo| <= split / 2``): ``hi`` is
@@ -409,4 +420,4 @@ def protect_statistics(sessions: SecaggSessions, options: Mapping[str, Any],
                            "secure aggregation sums finite numbers only.")
     hi = {k: np.rint(v / split) * split for k, v in vectors.items()}
     lo = {k: v - hi[k] for k, v in vectors.items()}
-    return sessions.protect(options, ParameterSet(hi), 1.0, {"lo": ParameterSet(lo)})
+    return sessions.protect(session, options, ParameterSet(hi), 1.0, {"lo": ParameterSet(lo)})

@@ -12,6 +12,7 @@ first administrator is created with ``fedcore-node user add NAME --role admin``.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import re
 import threading
 import time
@@ -37,7 +38,8 @@ class Users:
     """
 
     def __init__(self, db: TinyDB, *, audit: Callable[..., None] | None = None):
-        self._table = db.table("users")
+        self._db = db
+        self._table = db.table("users", cache_size=0)
         self._audit = audit or (lambda event, **fields: None)
         self._lock = threading.Lock()
         self._hasher: Any = None
@@ -48,23 +50,23 @@ class Users:
         if role not in ROLES:
             raise ConfigurationError(f"role must be one of {list(ROLES)}. Received: {role!r}")
         digest = self._hash(password)
-        with self._lock:
+        with self._transaction(), self._lock:
             if self._find(username) is not None:
                 raise ConfigurationError(f"User {username!r} already exists. Change the "
                                          "password with `fedcore-node user passwd`.")
             self._table.insert({"username": username, "role": role, "password_hash": digest,
                                 "created": time.time()})
-        self._audit("user-added", user=username, role=role)
+            self._audit("user-added", user=username, role=role)
 
     def set_password(self, username: str, password: str) -> None:
         """Replace the password of an existing account."""
         digest = self._hash(password)
-        with self._lock:
+        with self._transaction(), self._lock:
             if self._find(username) is None:
                 raise ConfigurationError(f"No user {username!r}. Users: "
                                          f"{[u['username'] for u in self.list()]}")
             self._table.update({"password_hash": digest}, Query().username == username)
-        self._audit("password-changed", user=username)
+            self._audit("password-changed", user=username)
 
     def verify(self, username: str, password: str) -> str | None:
         """The role of ``username`` when ``password`` is right, else ``None`` (audited)."""
@@ -92,6 +94,10 @@ class Users:
                        for e in self._table.all()), key=lambda e: e["username"])
 
     # --- internals --------------------------------------------------------------------------
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+        begin = getattr(self._db, "transaction", None)  # a node's database: cross-process
+        return begin() if callable(begin) else contextlib.nullcontext()
 
     def _find(self, username: str) -> dict[str, Any] | None:
         doc = self._table.get(Query().username == username)

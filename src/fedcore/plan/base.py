@@ -41,9 +41,12 @@ class TrainingPlan(abc.ABC):
     #: needed by FedProx) and ``"gradient_correction"`` (applies
     #: :attr:`gradient_correction` and reports :attr:`local_steps`, needed by SCAFFOLD).
     #: An experiment whose aggregator needs a feature its plan lacks is refused at once.
-    #: ``"dp-sgd"``: :meth:`fit` trains with differentially private SGD when
-    #: :attr:`privacy` is set, and records what it spent in :attr:`privacy_events`.
     supports: ClassVar[frozenset[str]] = frozenset()
+    #: A backend's DP-SGD (a :class:`fedcore.privacy.dpsgd.PrivateTraining` subclass), set
+    #: by the backend's base plan class; ``None``: the backend has none. The node takes it
+    #: from the backend it installed (through the plug-in registry), never from the
+    #: researcher's class, and runs it instead of :meth:`fit`.
+    private_training: ClassVar[Any] = None
     #: The ``training_args`` this plan reads besides the common ones (``epochs``,
     #: ``batch_size``, ``num_updates``, ``lr``, ``use_gpu``): name -> type, or a tuple of
     #: types (``object``: anything). Merged along the class hierarchy, so a subclass lists
@@ -124,11 +127,6 @@ class TrainingPlan(abc.ABC):
         self.proximal: tuple[float, ParameterSet] | None = None
         self.gradient_correction: ParameterSet | None = None
         self.local_steps: LocalSteps | None = None
-        #: DP-SGD parameters for this round (a :class:`fedcore.privacy.PrivacySpec`), set
-        #: by the node when the researcher asked for ``"dp-sgd"``; ``None`` otherwise.
-        self.privacy: Any = None
-        #: What DP-SGD spent this round: accountant events ``(noise, sample_rate, steps)``.
-        self.privacy_events: list[Any] = []
 
     # --- what a backend provides -----------------------------------------------------------
 

@@ -3,8 +3,9 @@
 A plan class is shipped as Python source, never pickled. :meth:`PlanBundle.from_class`
 collects the class's source (from a file or from a notebook cell), the imports it needs and
 the helper functions, classes and constants it references from its own module, and writes them
-into one ``plan.py``. Nodes approve and run a plan by the SHA-256 of a canonical form of the
-bundle's files.
+into one ``plan.py``. Nodes approve and run a plan by the SHA-256 of exactly the bundle's
+files as they will run: no normalisation, so two sources that differ in any character
+(a trailing blank included) have different hashes.
 """
 
 from __future__ import annotations
@@ -29,13 +30,17 @@ __all__ = ["PlanBundle"]
 
 
 _PLAN_FILE = "plan.py"
+_HASH_VERSION = b"fedcore-plan-v2"
 
 
-def _canonical(text: str) -> str:
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    return "\n".join(lines) + "\n"
+def _field(data: bytes) -> bytes:
+    """``data`` with its length in front: no two sequences of fields encode alike."""
+    return len(data).to_bytes(8, "big") + data
+
+
+def _utf8(text: str) -> bytes:
+    # surrogatepass: every str has one encoding, so distinct texts give distinct bytes.
+    return text.encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)
@@ -49,14 +54,15 @@ class PlanBundle:
 
     @property
     def sha256(self) -> str:
-        """SHA-256 over a canonical form of the files, the entry class and the backend.
+        """SHA-256 over exactly the files the node runs, the entry class and the backend.
 
-        The canonical form normalises line endings and trailing blanks.
+        Each file's text is hashed as its UTF-8 bytes, unchanged (what :meth:`load`
+        compiles), every field length-prefixed: any change to what runs changes the hash.
         """
-        h = hashlib.sha256()
-        h.update(f"fedcore-plan-v1\0{self.entry}\0{self.backend}\0".encode())
+        h = hashlib.sha256(_field(_HASH_VERSION) + _field(_utf8(self.entry))
+                           + _field(_utf8(self.backend)) + len(self.files).to_bytes(8, "big"))
         for name in sorted(self.files):
-            h.update(name.encode() + b"\0" + _canonical(self.files[name]).encode() + b"\0")
+            h.update(_field(_utf8(name)) + _field(_utf8(self.files[name])))
         return h.hexdigest()
 
     @property

@@ -32,6 +32,7 @@ from fedcore.privacy.spec import PrivacySpec
 if TYPE_CHECKING:
     from fedcore.aggregators._local import LocalAlgorithm
     from fedcore.plan import TrainingPlan
+    from fedcore.privacy.dpsgd import PrivateTraining
     from fedcore.wire.messages import TrainReply
 
 __all__ = ["PrivateRelease", "keep_integers_local"]
@@ -97,24 +98,27 @@ class PrivateRelease:
             "(noised) model (LocalAlgorithm.private_extras). Refused under DP: use FedAvg, "
             "FedProx or SCAFFOLD, or train without DP.")
 
-    def apply(self, plan: TrainingPlan, global_params: ParameterSet
-              ) -> tuple[ParameterSet, dict[str, Any]]:
+    def apply(self, plan: TrainingPlan, global_params: ParameterSet,
+              private: PrivateTraining | None = None) -> tuple[ParameterSet, dict[str, Any]]:
         """The parameters that may leave, and what they cost (``TrainReply.privacy``).
 
-        Update-level DP clips and noises the update; DP-SGD's model is released as trained.
-        Either way integer parameters keep their global values. The plan is set to the
-        released parameters, so whatever is computed from it afterwards (a local
-        algorithm's extras) is post-processing of the noised release.
+        Update-level DP clips and noises the update; DP-SGD's model is released as the
+        node's ``private`` training left it (read by the backend, charged at its own count:
+        :mod:`fedcore.privacy.dpsgd`). Either way integer parameters keep their global
+        values. The plan is set to the released parameters, so whatever is computed from it
+        afterwards (a local algorithm's extras) is post-processing of the noised release.
         """
-        local = ParameterSet(plan.get_parameters())
         if self.spec.mechanism == "update":
             # The update's norm and whether it was clipped depend on the data: not replied.
             dp = UpdateDP.from_spec(self.spec)
-            params, _ = dp.apply(global_params, local)
+            params, _ = dp.apply(global_params, ParameterSet(plan.get_parameters()))
             events = [dp.event()]
         else:
-            params = keep_integers_local(global_params, local)
-            events = list(plan.privacy_events)
+            if private is None:
+                raise ConfigurationError("DP-SGD is released only from the node's own "
+                                         "PrivateTraining, which ran no round here.")
+            params = keep_integers_local(global_params, private.parameters(plan))
+            events = private.events()
         plan.set_parameters(params)
         return params, self.spec.reply(events)
 

@@ -21,7 +21,7 @@ import pandas as pd
 from fedcore import _runtime
 from fedcore.errors import ConfigurationError, RoundError
 from fedcore.researcher.search import Found, find_datasets
-from fedcore.transport import open_transport
+from fedcore.transport import open_transport, redact_url
 from fedcore.wire.messages import Body, Envelope, Ping, Pong
 from fedcore.wire.rpc import Client, Reply, credentials
 
@@ -60,7 +60,10 @@ class Federation:
             raise ConfigurationError(
                 f"Expected a federation URL such as inproc://name or ws://host:port. "
                 f"Received: {url!r}")
-        self.url = url
+        self._url = url
+        #: The URL as it may be shown, logged and stored: without its credentials (a
+        #: password in it is replaced by ``***``; see :func:`fedcore.transport.redact_url`).
+        self.url = redact_url(url)
         self.identity = identity
         self.enrolled = enrolled
         self.connect_timeout = float(connect_timeout)
@@ -91,7 +94,7 @@ class Federation:
         """
         pause = 0.0
         if self._client is None:
-            transport = open_transport(self.url, role="researcher", identity=self.name)
+            transport = open_transport(self._url, role="researcher", identity=self.name)
             client = Client(transport, **credentials(transport, self.identity, self.enrolled))
             client.on_progress = self._on_progress
             await client.start()

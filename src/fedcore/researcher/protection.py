@@ -18,12 +18,13 @@ it too.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from fedcore.aggregators import Aggregator
-from fedcore.errors import ProtocolError
+from fedcore.errors import ProtocolError, SecureAggregationError
 from fedcore.params import ParameterSet
 from fedcore.researcher.strategies import Strategy
 from fedcore.secagg import ResearcherSession, SecureAggregation, SecureSum
@@ -123,15 +124,34 @@ class SecureExchange:
                 self.failures[reply.node] = f"secure aggregation ({phase}): {exc}"
 
     async def prepare(self) -> None:
-        """Run the setup exchanges; nodes that fail them are in :attr:`failures`."""
+        """Run the setup exchanges; nodes that fail them are in :attr:`failures`.
+
+        ``SecureAggregationError`` when too few are left; it says why each node left (a
+        node's refusal, say a member outside its peer list, rather than just "no setup").
+        """
         s = self.session
         await self._exchange("setup", s.setup_requests(), s.add_setup)
-        await self._exchange("share_keys", s.share_requests(), s.add_shares)
+        with self._explained():
+            requests = s.share_requests()
+        await self._exchange("share_keys", requests, s.add_shares)
 
     @property
     def participants(self) -> list[str]:
-        """The nodes that train and protect their update this round."""
-        return [n for n in self.session.participants if n not in self.failures]
+        """The nodes that train and protect their update this round (as :meth:`prepare`)."""
+        with self._explained():
+            return [n for n in self.session.participants if n not in self.failures]
+
+    @contextlib.contextmanager
+    def _explained(self) -> Iterator[None]:
+        """Adds the nodes' own reasons to a ``SecureAggregationError`` raised inside."""
+        try:
+            yield
+        except SecureAggregationError as exc:
+            if not self.failures:
+                raise
+            why = "; ".join(f"{n}: {e}" for n, e in sorted(self.failures.items()))
+            raise SecureAggregationError(f"{exc} Why: {why}", failures={
+                **(exc.failures or {}), **self.failures}) from exc
 
     def options(self, node: str) -> dict[str, Any]:
         """What ``node``'s request carries for its protection."""

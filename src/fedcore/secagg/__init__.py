@@ -16,6 +16,7 @@ from fedcore.secagg.base import (
     open_node_session,
     scheme_of,
 )
+from fedcore.secagg.context import NodeContext, NodeFloors
 from fedcore.secagg.fixedpoint import Encoding, FixedPoint
 from fedcore.secagg.joye_libert import JoyeLibert
 from fedcore.secagg.masking import PairwiseMasking
@@ -25,6 +26,8 @@ __all__ = [
     "Encoding",
     "FixedPoint",
     "JoyeLibert",
+    "NodeContext",
+    "NodeFloors",
     "NodeSession",
     "PairwiseMasking",
     "PlainAggregation",

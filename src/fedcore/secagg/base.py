@@ -37,6 +37,7 @@ import numpy as np
 
 from fedcore.errors import ConfigurationError, ProtocolError, SecureAggregationError
 from fedcore.params import ParameterSet
+from fedcore.secagg.context import NodeContext
 
 __all__ = ["PHASES", "NodeSession", "PlainAggregation", "ResearcherSession",
            "SecureAggregation", "SecureSum", "open_node_session"]
@@ -62,6 +63,10 @@ class SecureAggregation(abc.ABC):
 
     name: ClassVar[str] = ""
     tolerates_dropout: ClassVar[bool] = False
+    #: Whether a node's session opens with a ``setup`` exchange. A node protects an update
+    #: only with a session it set up itself; schemes without a setup (the identity) open
+    #: theirs with the training request.
+    has_setup: ClassVar[bool] = True
 
     def get_params(self) -> dict[str, Any]:
         """Constructor arguments, for inspection, cloning and checkpoints."""
@@ -84,8 +89,13 @@ class SecureAggregation(abc.ABC):
         """
 
     @abc.abstractmethod
-    def node_session(self, node_id: str, options: Mapping[str, Any]) -> NodeSession:
-        """Open a node's side of the round described by the researcher's first message."""
+    def node_session(self, node_id: str, options: Mapping[str, Any],
+                     context: NodeContext | None = None) -> NodeSession:
+        """Open a node's side of the round described by the researcher's first message.
+
+        ``context`` holds the node's floors, identity key and peer list (default: the safe
+        floors, a key made for the session, no peer list).
+        """
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -108,11 +118,13 @@ def scheme_of(value: str | SecureAggregation | None) -> SecureAggregation | None
     return value
 
 
-def open_node_session(node_id: str, options: Mapping[str, Any]) -> NodeSession:
+def open_node_session(node_id: str, options: Mapping[str, Any],
+                      context: NodeContext | None = None) -> NodeSession:
     """A node's session from the first secure-aggregation message of a round.
 
     The scheme is looked up by ``options["scheme"]`` in the ``fedcore.secagg`` registry and
-    built from ``options["params"]``; anything malformed raises ``ProtocolError``.
+    built from ``options["params"]``; anything malformed, or below the node's floors in
+    ``context``, raises ``ProtocolError``.
     """
     from fedcore import plugins  # lazy: plugins imports nothing of ours at module load
 
@@ -126,7 +138,10 @@ def open_node_session(node_id: str, options: Mapping[str, Any]) -> NodeSession:
                             f"researcher's options: {exc}") from exc
     if not isinstance(scheme, SecureAggregation):
         raise ProtocolError(f"{name!r} is not a secure-aggregation scheme.")
-    return scheme.node_session(node_id, options)
+    try:
+        return scheme.node_session(node_id, options, context)
+    except ConfigurationError as exc:  # parameters this node does not accept
+        raise ProtocolError(str(exc)) from exc
 
 
 def _field(msg: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -237,19 +252,34 @@ class ResearcherSession(abc.ABC):
 class NodeSession(abc.ABC):
     """A node's side of one round; :meth:`answer` runs the phase a researcher asks for."""
 
-    def __init__(self, scheme: SecureAggregation, node_id: str, options: Mapping[str, Any]):
+    def __init__(self, scheme: SecureAggregation, node_id: str, options: Mapping[str, Any],
+                 context: NodeContext | None = None):
         self.scheme = scheme
         self.node_id = node_id
+        #: The node's floors, identity key and peer list for this session.
+        self.context = context or NodeContext()
         self.session_id: str = _field(options, "session", str, "secure-aggregation options")
         self.round: int = _field(options, "round", int, "secure-aggregation options")
 
+    @property
+    def ready(self) -> bool:
+        """Whether the setup exchanges are done and :meth:`protect` can run."""
+        return True
+
     def _round_nodes(self, options: Mapping[str, Any]) -> list[str]:
-        """The round's nodes from a setup message, sorted; ``ProtocolError`` without this one."""
+        """The round's nodes from a setup message, sorted and checked against the floors.
+
+        ``ProtocolError`` without this node, with fewer members than the node accepts, or
+        (with a peer list) with members the node does not know.
+        """
         nodes = sorted(_node_list(_field(options, "nodes", list, "setup message"),
                                   "the round's nodes"))
+        if len(set(nodes)) != len(nodes):
+            raise ProtocolError(f"The round's nodes must be distinct. Received {nodes}.")
         if self.node_id not in nodes:
             raise ProtocolError(f"This node ({self.node_id!r}) is not among the round's nodes "
                                 f"{nodes}.")
+        self.context.check_members(self.node_id, nodes)
         return nodes
 
     def answer(self, phase: str, msg: Mapping[str, Any]) -> dict[str, Any]:
@@ -327,6 +357,7 @@ class PlainAggregation(SecureAggregation):
 
     name = "plain"
     tolerates_dropout = True
+    has_setup = False
 
     def researcher_session(self, round: int, nodes: Sequence[str],
                            weights_hint: Mapping[str, float] | None = None,
@@ -334,9 +365,10 @@ class PlainAggregation(SecureAggregation):
         """See :meth:`SecureAggregation.researcher_session`."""
         return _PlainResearcher(self, round, nodes, reference)
 
-    def node_session(self, node_id: str, options: Mapping[str, Any]) -> NodeSession:
+    def node_session(self, node_id: str, options: Mapping[str, Any],
+                     context: NodeContext | None = None) -> NodeSession:
         """See :meth:`SecureAggregation.node_session`."""
-        return _PlainNode(self, node_id, options)
+        return _PlainNode(self, node_id, options, context)
 
 
 class _PlainResearcher(ResearcherSession):

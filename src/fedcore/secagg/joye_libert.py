@@ -12,10 +12,15 @@ that form (a missing or wrong key) is detected and raises; it never yields a wro
 **No trusted dealer.**
 
 1. setup: every node makes an X25519 key pair to seal what it sends to the others through the
-   researcher. The modulus is the scheme's ``modulus`` when given (a published biprime whose
-   factors nobody kept), else the round's first node (sorted ids) generates one and forgets
-   ``p, q``; the researcher keeps it for the next rounds (``modulus_``). Whoever knows the
-   factors could read a single ciphertext, so that node must not collude with the researcher.
+   researcher, and signs it with its identity key (checked by every other node before use).
+   The modulus is never the researcher's alone: the round's first node (sorted ids)
+   generates one, forgets ``p, q`` and signs its SHA-256 (a certificate the researcher keeps
+   with ``modulus_`` for the next rounds, ``modulus_cert_``), or it is a published modulus
+   (the scheme's ``modulus``) whose SHA-256 every node's administrator installed (policy
+   ``secagg_jl_moduli``). A node refuses any other modulus, a certificate from a node it does
+   not know (with a peer list), and moduli below its ``secagg_min_key_bits``. Whoever knows
+   the factors could read a single ciphertext, so the generating node must not collude with
+   the researcher.
 2. share_keys: node ``i`` draws ``sk_i`` and splits it into additive shares over the integers,
    ``sk_i = sum_k r_{i,k}`` (the ``r_{i,k}``, ``k != i``, uniform on 2 * |N| + 128 bits), and
    seals ``r_{i,k}`` for node ``k``.
@@ -57,6 +62,12 @@ from fedcore.secagg import _bigint as B
 from fedcore.secagg import _crypto as C
 from fedcore.secagg._background import Background, Pending
 from fedcore.secagg.base import NodeSession, ResearcherSession, SecureAggregation, SecureSum, _field
+from fedcore.secagg.context import (
+    NodeContext,
+    keys_statement,
+    modulus_digest,
+    modulus_statement,
+)
 from fedcore.secagg.fixedpoint import Encoding, Layout
 
 __all__ = ["JoyeLibert"]
@@ -76,7 +87,8 @@ class JoyeLibert(SecureAggregation):
     Args:
         key_size: bits of the modulus N (2048 by default; smaller sizes are for tests).
         modulus: a public biprime of ``key_size`` bits whose factors nobody holds (an int, or
-            its hex string); ``None``: the round's first node generates one (see module).
+            its hex string), whose SHA-256 the nodes' administrators installed; ``None``: the
+            round's first node generates one (see module).
         clip, extras_clip, clip_margin, max_weight: the fixed-point encoding, as for
             :class:`~fedcore.secagg.masking.PairwiseMasking`.
     """
@@ -107,6 +119,8 @@ class JoyeLibert(SecureAggregation):
         self.max_weight = max_weight
         #: The modulus in use: given, or learned from the first round's generating node.
         self.modulus_: int | None = n
+        #: The generating node's signed statement for ``modulus_`` (dealer, identity, sig).
+        self.modulus_cert_: dict[str, Any] | None = None
 
     def wire_params(self) -> dict[str, Any]:
         """The constructor arguments for the nodes; the modulus travels apart, as bytes."""
@@ -118,9 +132,10 @@ class JoyeLibert(SecureAggregation):
         """See :meth:`SecureAggregation.researcher_session`."""
         return _JLResearcher(self, round, nodes, weights_hint, reference)
 
-    def node_session(self, node_id: str, options: Mapping[str, Any]) -> NodeSession:
+    def node_session(self, node_id: str, options: Mapping[str, Any],
+                     context: NodeContext | None = None) -> NodeSession:
         """See :meth:`SecureAggregation.node_session`."""
-        return _JLNode(self, node_id, options)
+        return _JLNode(self, node_id, options, context)
 
 
 def _int_bytes(value: int) -> bytes:
@@ -192,6 +207,7 @@ class _JLResearcher(ResearcherSession):
         self.dealer = None if scheme.modulus_ is not None else self.nodes[0]
         self.modulus: int | None = scheme.modulus_
         self._keys: dict[str, bytes] = {}
+        self._vouch: dict[str, dict[str, bytes]] = {}
         self._shares: dict[str, dict[str, bytes]] = {}
         self._layout: Layout | None = None
         self._packing: _Packing | None = None
@@ -211,25 +227,33 @@ class _JLResearcher(ResearcherSession):
     def setup_requests(self) -> dict[str, dict[str, Any]]:
         modulus = None if self.modulus is None else self.modulus.to_bytes(
             self.scheme.key_size // 8, "little")
-        return {n: {**self.opening(), "modulus": modulus, "dealer": self.dealer}
-                for n in self.nodes}
+        cert = None if modulus is None else self.scheme.modulus_cert_
+        return {n: {**self.opening(), "modulus": modulus, "modulus_cert": cert,
+                    "dealer": self.dealer} for n in self.nodes}
 
     def add_setup(self, node: str, reply: Mapping[str, Any]) -> None:
         self._check_message(node, reply, self.nodes, "setup reply")
         key = _field(reply, "c_pk", bytes, "setup reply")
+        vouch = {k: _field(reply, k, bytes, "setup reply") for k in ("identity", "sig")}
         if node == self.dealer:
             n = int.from_bytes(_field(reply, "modulus", bytes, "setup reply"), "little")
             if n.bit_length() != self.scheme.key_size or n % 2 == 0:
                 raise ProtocolError(f"Expected an odd {self.scheme.key_size}-bit modulus from "
                                     f"{node!r}. Received {n.bit_length()} bits.")
             self.modulus = self.scheme.modulus_ = n
+            self.scheme.modulus_cert_ = {
+                "dealer": node, "identity": vouch["identity"],
+                "sig": _field(reply, "modulus_sig", bytes, "setup reply")}
+        self._vouch[node] = vouch
         self._keys[node] = key
 
     def share_requests(self) -> dict[str, dict[str, Any]]:
         self._require_all(list(self._keys), "setup")
         assert self.modulus is not None
-        msg = {**self.header(), "keys": dict(self._keys),
-               "modulus": self.modulus.to_bytes(self.scheme.key_size // 8, "little")}
+        keys = {n: {"c_pk": k, **self._vouch[n]} for n, k in self._keys.items()}
+        msg = {**self.header(), "keys": keys,
+               "modulus": self.modulus.to_bytes(self.scheme.key_size // 8, "little"),
+               "modulus_cert": self.scheme.modulus_cert_}
         return {n: msg for n in self.nodes}
 
     def add_shares(self, node: str, reply: Mapping[str, Any]) -> None:
@@ -312,8 +336,15 @@ class _JLResearcher(ResearcherSession):
 class _JLNode(NodeSession):
     scheme: JoyeLibert
 
-    def __init__(self, scheme: JoyeLibert, node_id: str, options: Mapping[str, Any]):
-        super().__init__(scheme, node_id, options)
+    def __init__(self, scheme: JoyeLibert, node_id: str, options: Mapping[str, Any],
+                 context: NodeContext | None = None):
+        super().__init__(scheme, node_id, options, context)
+        floor = self.context.floors.min_key_bits
+        if scheme.key_size < floor:
+            raise ProtocolError(
+                f"Expected a Joye-Libert key of at least {floor} bits (this node's policy "
+                f"secagg_min_key_bits). Received key_size={scheme.key_size}. Fix: use "
+                f"JoyeLibert(key_size={max(floor, 2048)}) (the default is 2048).")
         self.nodes = self._round_nodes(options)
         self._c_sk, self.c_pk = C.keypair()
         self._keys: dict[str, bytes] | None = None
@@ -327,26 +358,72 @@ class _JLNode(NodeSession):
         #: time, not the pool's) and ``wait_s``.
         self.timings: dict[str, float] = {}
 
+    @property
+    def ready(self) -> bool:
+        """Whether the share phase is done (the node holds its key and the modulus)."""
+        return self._keys is not None
+
+    def _statement(self, node: str, c_pk: bytes) -> bytes:
+        return keys_statement(self.scheme.name, self.session_id, self.context.experiment,
+                              self.round, self.nodes, node, {"c_pk": c_pk})
+
     def setup(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        """The node's signed sealing key; the dealer adds a modulus it made and signed."""
+        signed = self.context.sign_keys(self._statement(self.node_id, self.c_pk))
         if msg.get("dealer") == self.node_id:
             if not self._modulus:
                 self._modulus = B.biprime(self.scheme.key_size)  # p, q are not kept
-            return self._reply(c_pk=self.c_pk,
-                               modulus=self._modulus.to_bytes(self.scheme.key_size // 8,
-                                                              "little"))
-        return self._reply(c_pk=self.c_pk)
+            raw = self._modulus.to_bytes(self.scheme.key_size // 8, "little")
+            cert = self.context.signer.sign(modulus_statement(
+                modulus_digest(raw), self.scheme.key_size, self.node_id))
+            return self._reply(c_pk=self.c_pk, modulus=raw, modulus_sig=cert, **signed)
+        if msg.get("modulus") is not None:  # a known modulus: refused now if not acceptable
+            self._accepted_modulus(msg)
+        return self._reply(c_pk=self.c_pk, **signed)
 
-    def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        keys = _field(msg, "keys", dict, "share message")
-        if sorted(keys) != self.nodes or not all(isinstance(k, bytes) for k in keys.values()):
-            raise ProtocolError(f"Expected the public keys of every node {self.nodes}. "
-                                f"Received keys for {sorted(keys)}.")
-        if keys[self.node_id] != self.c_pk:
-            raise ProtocolError("The public key relayed for this node is not its own.")
-        modulus = int.from_bytes(_field(msg, "modulus", bytes, "share message"), "little")
+    def _accepted_modulus(self, msg: Mapping[str, Any]) -> int:
+        """The message's modulus, if the node accepts it; ``ProtocolError`` saying why not.
+
+        Accepted: a modulus whose SHA-256 the administrator installed (``jl_moduli``), or one
+        signed by the node that generated it (this node, a node of its peer list, or,
+        without a peer list, the node whose identity key came with the certificate).
+        """
+        raw = _field(msg, "modulus", bytes, "Joye-Libert message")
+        modulus = int.from_bytes(raw, "little")
         if modulus.bit_length() != self.scheme.key_size or modulus % 2 == 0:
             raise ProtocolError(f"Expected an odd {self.scheme.key_size}-bit modulus. "
                                 f"Received {modulus.bit_length()} bits.")
+        digest = modulus_digest(raw)
+        if digest in self.context.floors.jl_moduli or modulus == self._modulus:
+            return modulus
+        cert = msg.get("modulus_cert")
+        if not isinstance(cert, Mapping) or not isinstance(cert.get("dealer"), str):
+            raise ProtocolError(
+                f"Refused the Joye-Libert modulus (SHA-256 {digest[:16]}...): no node vouches "
+                "for it and this node's administrator did not install it, so its factors may "
+                "be known to whoever sent it. Fix: let the nodes generate the modulus "
+                "(JoyeLibert(modulus=None), the default), or have every node's administrator "
+                "add its SHA-256 to the policy key secagg_jl_moduli.")
+        dealer = cert["dealer"]
+        self.context.verify(self.node_id, dealer,
+                            modulus_statement(digest, self.scheme.key_size, dealer),
+                            cert.get("identity"), cert.get("sig"), "Joye-Libert modulus")
+        return modulus
+
+    def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        raw_keys = _field(msg, "keys", dict, "share message")
+        if sorted(raw_keys) != self.nodes:
+            raise ProtocolError(f"Expected the public keys of every node {self.nodes}. "
+                                f"Received keys for {sorted(raw_keys)}.")
+        keys: dict[str, bytes] = {}
+        for node, entry in raw_keys.items():
+            keys[node] = _field(entry, "c_pk", bytes, "public keys")
+            if node != self.node_id:  # its own is compared below; the others' first
+                self.context.verify(self.node_id, node, self._statement(node, keys[node]),
+                                    entry.get("identity"), entry.get("sig"), "round keys")
+        if keys[self.node_id] != self.c_pk:
+            raise ProtocolError("The public key relayed for this node is not its own.")
+        modulus = self._accepted_modulus(msg)
         if self._share_reply is not None:
             if (keys, modulus) != (self._keys, self._modulus):
                 raise ProtocolError("A second share message with other keys: refused.")

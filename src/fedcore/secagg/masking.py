@@ -48,6 +48,7 @@ from fedcore.secagg.base import (
     _field,
     _node_list,
 )
+from fedcore.secagg.context import NodeContext, keys_statement, majority
 from fedcore.secagg.fixedpoint import Encoding, Layout
 from fedcore.secagg.shamir import SHARE_BYTES, ShareError, combine_bytes, split_bytes
 
@@ -66,7 +67,9 @@ class PairwiseMasking(SecureAggregation):
 
     Args:
         threshold: nodes needed to unmask (t of Shamir's t-of-n); default a majority of the
-            round's nodes, ``n // 2 + 1``. More drop-outs than ``n - t`` fail the round.
+            round's nodes, ``n // 2 + 1``, which is also the least any node accepts (with
+            fewer, two disjoint groups told different drop-outs would rebuild both masks of
+            one node). More drop-outs than ``n - t`` fail the round.
         clip: values are clipped to ``[-clip, clip]``; ``None`` chooses it each round from
             the global model (``clip_margin * max(1, max |value|)``).
         extras_clip: the range for extras (e.g. SCAFFOLD corrections); ``None``: ``clip``'s.
@@ -99,10 +102,13 @@ class PairwiseMasking(SecureAggregation):
 
     def threshold_for(self, n_nodes: int) -> int:
         """The t used for a round of ``n_nodes`` nodes."""
-        t = self.threshold if self.threshold is not None else n_nodes // 2 + 1
-        if t > n_nodes:
-            raise ConfigurationError(f"Expected threshold <= the {n_nodes} nodes of the round. "
-                                     f"Received threshold={t}.")
+        t = self.threshold if self.threshold is not None else majority(n_nodes)
+        if not majority(n_nodes) <= t <= n_nodes:
+            raise ConfigurationError(
+                f"Expected a threshold from a strict majority of the round's {n_nodes} nodes "
+                f"({majority(n_nodes)}) to {n_nodes}. Received threshold={t}. A smaller one "
+                "lets inconsistent drop-out claims unmask one node's update: no node accepts "
+                "it. Fix: leave threshold=None (a majority) or raise it.")
         return t
 
     def researcher_session(self, round: int, nodes: Sequence[str],
@@ -111,9 +117,10 @@ class PairwiseMasking(SecureAggregation):
         """See :meth:`SecureAggregation.researcher_session`."""
         return _MaskingResearcher(self, round, nodes, weights_hint, reference)
 
-    def node_session(self, node_id: str, options: Mapping[str, Any]) -> NodeSession:
+    def node_session(self, node_id: str, options: Mapping[str, Any],
+                     context: NodeContext | None = None) -> NodeSession:
         """See :meth:`SecureAggregation.node_session`."""
-        return _MaskingNode(self, node_id, options)
+        return _MaskingNode(self, node_id, options, context)
 
 
 def _pair_info(session: str, round: int, a: str, b: str, purpose: str) -> bytes:
@@ -141,6 +148,7 @@ class _MaskingResearcher(ResearcherSession):
             clip_margin=scheme.clip_margin, max_weight=scheme.max_weight,
             weights_hint=weights_hint, reference=reference)
         self._keys: dict[str, tuple[bytes, bytes]] = {}  # U1: node -> (c_pk, s_pk)
+        self._vouch: dict[str, dict[str, bytes]] = {}  # U1: node -> identity key, signature
         self._u1: list[str] | None = None
         self._shares: dict[str, dict[str, bytes]] = {}  # U2: sender -> recipient -> sealed
         self._commit: dict[str, bytes] = {}
@@ -173,6 +181,8 @@ class _MaskingResearcher(ResearcherSession):
                 _field(reply, "s_pk", bytes, "setup reply"))
         if any(len(k) != C.KEY_BYTES for k in keys):
             raise ProtocolError(f"Expected 32-byte X25519 public keys from {node!r}.")
+        self._vouch[node] = {k: _field(reply, k, bytes, "setup reply")
+                             for k in ("identity", "sig")}
         self._keys[node] = keys
 
     # --- phase 2 ------------------------------------------------------------------------
@@ -180,7 +190,7 @@ class _MaskingResearcher(ResearcherSession):
         if self._u1 is None:
             self._lost("setup", sorted(self._keys), self.nodes)
             self._u1 = sorted(self._keys)
-        keys = {n: {"c_pk": c, "s_pk": s} for n, (c, s) in self._keys.items()}
+        keys = {n: {"c_pk": c, "s_pk": s, **self._vouch[n]} for n, (c, s) in self._keys.items()}
         return {n: {**self.header(), "threshold": self.t, "keys": keys} for n in self._u1}
 
     def add_shares(self, node: str, reply: Mapping[str, Any]) -> None:
@@ -327,8 +337,9 @@ class _MaskingResearcher(ResearcherSession):
 class _MaskingNode(NodeSession):
     scheme: PairwiseMasking
 
-    def __init__(self, scheme: PairwiseMasking, node_id: str, options: Mapping[str, Any]):
-        super().__init__(scheme, node_id, options)
+    def __init__(self, scheme: PairwiseMasking, node_id: str, options: Mapping[str, Any],
+                 context: NodeContext | None = None):
+        super().__init__(scheme, node_id, options, context)
         self.nodes = self._round_nodes(options)
         self.t = scheme.threshold_for(len(self.nodes))
         self._c_sk, self.c_pk = C.keypair()
@@ -344,8 +355,19 @@ class _MaskingNode(NodeSession):
         #: ``precompute_s`` (its thread's wall time), ``precompute_cpu_s`` and ``wait_s``.
         self.timings: dict[str, float] = {}
 
+    @property
+    def ready(self) -> bool:
+        """Whether the share phase is done (the node holds every peer's verified keys)."""
+        return self._keys is not None
+
+    def _statement(self, node: str, c_pk: bytes, s_pk: bytes) -> bytes:
+        return keys_statement(self.scheme.name, self.session_id, self.context.experiment,
+                              self.round, self.nodes, node, {"c_pk": c_pk, "s_pk": s_pk})
+
     def setup(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        return self._reply(c_pk=self.c_pk, s_pk=self.s_pk)
+        """The round's public keys, signed with the node's identity key."""
+        return self._reply(c_pk=self.c_pk, s_pk=self.s_pk, **self.context.sign_keys(
+            self._statement(self.node_id, self.c_pk, self.s_pk)))
 
     def share_keys(self, msg: Mapping[str, Any]) -> dict[str, Any]:
         t = _field(msg, "threshold", int, "share message")
@@ -360,6 +382,9 @@ class _MaskingNode(NodeSession):
                                     f"nodes are {self.nodes}.")
             keys[node] = (_field(pair, "c_pk", bytes, "public keys"),
                           _field(pair, "s_pk", bytes, "public keys"))
+            if node != self.node_id:  # its own are compared below; the others' first
+                self.context.verify(self.node_id, node, self._statement(node, *keys[node]),
+                                    pair.get("identity"), pair.get("sig"), "round keys")
         if keys.get(self.node_id) != (self.c_pk, self.s_pk):
             raise ProtocolError("The public keys relayed for this node are not its own.")
         if len(keys) < t:

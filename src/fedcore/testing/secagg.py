@@ -14,6 +14,7 @@ test, as nodes look schemes up by name. Slow schemes shrink the rounds::
 
     class TestMyScheme(SecureAggregationConformance):
         n_nodes, size = 3, 4
+        floors = NodeFloors(min_key_bits=256)  # the nodes' terms: small keys, for tests
 
         @pytest.fixture
         def scheme(self):
@@ -38,7 +39,8 @@ from fedcore.secagg.base import (
     SecureSum,
     open_node_session,
 )
-from fedcore.secagg.local import open_sessions, run_round, through_the_wire
+from fedcore.secagg.context import NodeFloors
+from fedcore.secagg.local import context_for, open_sessions, run_round, through_the_wire
 
 __all__ = ["Round", "SecureAggregationConformance"]
 
@@ -58,6 +60,9 @@ class SecureAggregationConformance:
 
     #: Nodes per round (at least 3: one may drop out).
     n_nodes: int = 4
+    #: The nodes' terms (a node's safe defaults; a scheme tested with small keys lowers
+    #: ``min_key_bits``).
+    floors: NodeFloors = NodeFloors()
     #: Values of each update's float32 vector.
     size: int = 50
 
@@ -86,11 +91,11 @@ class SecureAggregationConformance:
         """A round set up in memory: its researcher session, first node, options, session."""
         r = self.make_round(seed=seed)
         researcher, sessions = open_sessions(scheme, r.nodes, reference=r.reference,
-                                             weights_hint=r.weights)
+                                             weights_hint=r.weights, floors=self.floors)
         node = researcher.participants[0]
         options = through_the_wire(researcher.train_options(node))
         return r, researcher, node, options, sessions.get(node) or open_node_session(
-            node, options)
+            node, options, context_for(self.floors))
 
     def make_round(self, seed: int = 0) -> Round:
         """Inputs of a round among :attr:`n_nodes` nodes.
@@ -119,7 +124,7 @@ class SecureAggregationConformance:
         ``lost`` names the nodes lost at each stage, as :func:`fedcore.secagg.local.run_round`.
         """
         return run_round(scheme, r.updates, r.weights, extras=r.extras, reference=r.reference,
-                         weights_hint=r.weights, **lost).result
+                         weights_hint=r.weights, floors=self.floors, **lost).result
 
     @staticmethod
     def check_sum(result: SecureSum, r: Round, nodes: list[str]) -> None:
@@ -181,7 +186,7 @@ class SecureAggregationConformance:
         """A payload without its fields, or from another session, raises ProtocolError."""
         r = self.make_round(seed=2)
         researcher, _ = open_sessions(scheme, r.nodes, reference=r.reference,
-                                      weights_hint=r.weights)
+                                      weights_hint=r.weights, floors=self.floors)
         node = researcher.participants[0]
         with pytest.raises(ProtocolError):
             researcher.add_protected(node, {"session": researcher.session_id, "node": node})
@@ -216,7 +221,7 @@ class SecureAggregationConformance:
         """No payload arrived: SecureAggregationError, never an empty sum."""
         r = self.make_round(seed=5)
         researcher, _ = open_sessions(scheme, r.nodes, reference=r.reference,
-                                      weights_hint=r.weights)
+                                      weights_hint=r.weights, floors=self.floors)
         for node in researcher.participants:
             researcher.train_options(node)
         with pytest.raises(SecureAggregationError):

@@ -5,16 +5,44 @@ Pages use this adapter only, so a change in the governance API touches this file
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from fedcore.node import Node
 
+#: Password hashes (argon2id, 64 MiB each) the GUI computes at once, by default.
+DEFAULT_PASSWORD_CHECKS = 2
+
+
+class PasswordsBusy(Exception):
+    """Every password-hashing slot is taken: the request should be retried in a moment."""
+
 
 class Governance:
-    """What the GUI needs of a node, in the GUI's own terms."""
+    """What the GUI needs of a node, in the GUI's own terms.
 
-    def __init__(self, node: Node):
+    At most ``password_checks`` password hashes run at once (each takes 64 MiB and a CPU
+    for a fraction of a second); a call that would start one more raises
+    :class:`PasswordsBusy` at once instead of queueing, so a burst of logins cannot grow the
+    GUI's memory or stack up threads.
+    """
+
+    def __init__(self, node: Node, *, password_checks: int = DEFAULT_PASSWORD_CHECKS):
+        if password_checks < 1:
+            raise ValueError(f"password_checks must be >= 1. Received: {password_checks!r}")
         self.node = node
+        self._hashing = threading.BoundedSemaphore(password_checks)
+
+    @contextlib.contextmanager
+    def _hash_slot(self) -> Iterator[None]:
+        if not self._hashing.acquire(blocking=False):
+            raise PasswordsBusy("Too many password checks at once.")
+        try:
+            yield
+        finally:
+            self._hashing.release()
 
     # --- users ------------------------------------------------------------------------------
 
@@ -26,7 +54,8 @@ class Governance:
         """The role of ``user`` when ``password`` is right, else None (audited as ``login``)."""
         if not user or not password:
             return None
-        return self.node.users.verify(user, password)
+        with self._hash_slot():
+            return self.node.users.verify(user, password)
 
     def role_of(self, user: str) -> str | None:
         """The current role of ``user``; None when the account no longer exists."""
@@ -41,11 +70,13 @@ class Governance:
 
     def add_user(self, user: str, password: str, role: str) -> None:
         """Create an account (audited as ``user-added``)."""
-        self.node.users.add(user, password, role)
+        with self._hash_slot():
+            self.node.users.add(user, password, role)
 
     def set_password(self, user: str, password: str) -> None:
         """Replace the password of ``user`` (audited as ``password-changed``)."""
-        self.node.users.set_password(user, password)
+        with self._hash_slot():
+            self.node.users.set_password(user, password)
 
     # --- plans ------------------------------------------------------------------------------
 

@@ -35,6 +35,9 @@ def create_app(
     session_minutes: float = DEFAULT_SESSION_MINUTES,
     secure_cookies: bool = False,
     secret_key: bytes | None = None,
+    password_checks: int = _governance.DEFAULT_PASSWORD_CHECKS,
+    login_limit: int = 5,
+    address_limit: int = 20,
 ) -> Flask:
     """The node administration GUI for ``node`` as a WSGI application.
 
@@ -42,6 +45,11 @@ def create_app(
     request, at logout, and when the server restarts. ``secure_cookies`` marks the session
     cookie HTTPS-only (set it when the GUI is served over TLS). ``secret_key`` signs the
     cookie; by default a fresh random key is drawn for each process.
+
+    Logins: after ``login_limit`` attempts for one user name (``address_limit`` from one
+    client address) that failed or are still running, that name (address) is locked for a
+    minute; at most ``password_checks`` password hashes (64 MiB each) run at once. Refused
+    attempts get HTTP 429 with ``Retry-After`` and check no password.
     """
     if session_minutes <= 0:
         raise ValueError(f"session_minutes must be > 0. Received: {session_minutes!r}")
@@ -59,9 +67,11 @@ def create_app(
         TEMPLATES_AUTO_RELOAD=False,
     )
     app.extensions["fedcore_node"] = node
-    app.extensions["fedcore_governance"] = _governance.Governance(node)
+    app.extensions["fedcore_governance"] = _governance.Governance(
+        node, password_checks=password_checks)
     app.extensions["fedcore_sessions"] = auth.SessionStore(lifetime)
-    app.extensions["fedcore_throttle"] = auth.LoginThrottle()
+    app.extensions["fedcore_throttle"] = auth.LoginThrottle(login_limit,
+                                                            address_limit=address_limit)
     CSRFProtect(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(pages.bp)
@@ -72,6 +82,7 @@ def create_app(
     app.register_error_handler(CSRFError, _csrf_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(FedcoreError, _fedcore_error)
+    app.register_error_handler(_governance.PasswordsBusy, _busy)
     app.add_url_rule("/highlight.css", "highlight_css", plans.highlight_css)
     return app
 
@@ -93,6 +104,14 @@ def _csrf_error(exc: CSRFError) -> tuple[str, int]:
 def _http_error(exc: HTTPException) -> tuple[str, int]:
     return render_template("error.html", title=f"{exc.code} {exc.name}",
                            message=exc.description or ""), exc.code or 500
+
+
+def _busy(exc: _governance.PasswordsBusy) -> Response:
+    response = Response(render_template(
+        "error.html", title="Busy", message="The node is checking other passwords right "
+        "now. Try again in a second."), 429)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def _fedcore_error(exc: FedcoreError) -> tuple[str, int]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
 from flask import (
     Blueprint,
@@ -25,7 +28,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response
 
-from fedcore_node.gui._governance import Governance
+from fedcore_node.gui._governance import Governance, PasswordsBusy
 
 bp = Blueprint("auth", __name__)
 
@@ -98,37 +101,94 @@ class SessionStore:
             del self._sessions[sid]
 
 
+@dataclass
+class _Tries:
+    failures: int = 0
+    running: int = 0  # attempts started and not finished: they count already
+    last: float = 0.0  # time of the last failure
+
+
 class LoginThrottle:
-    """Slows password guessing: after ``limit`` failures, a user name is locked a while."""
+    """Slows password guessing, per user name and per client address.
 
-    def __init__(self, limit: int = 5, lock_seconds: float = 60.0):
+    An attempt counts from the moment it starts: after ``limit`` attempts for one user name
+    (``address_limit`` from one address) that failed or are still being checked, further
+    attempts are refused without a password check until ``lock_seconds`` after the last
+    failure. So 40 guesses sent at once for one user check at most ``limit`` passwords. A
+    success forgets the user name's failures. At most ``max_entries`` names and addresses
+    are remembered (idle ones are forgotten first).
+    """
+
+    def __init__(self, limit: int = 5, lock_seconds: float = 60.0, *,
+                 address_limit: int = 20, max_entries: int = 10_000):
         self.limit = limit
+        self.address_limit = address_limit
         self.lock_seconds = lock_seconds
+        self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._failures: dict[str, tuple[int, float]] = {}
+        self._tries: OrderedDict[tuple[str, str], _Tries] = OrderedDict()
 
-    def locked_for(self, user: str) -> float:
-        """Seconds until ``user`` may try again (0 when it may now)."""
+    def begin(self, user: str, address: str) -> float:
+        """Start an attempt: 0 when it may go on (it counts from now), else seconds to wait."""
+        keys = (("user", user), ("address", address))
         with self._lock:
-            count, since = self._failures.get(user, (0, 0.0))
-            if count < self.limit:
-                return 0.0
-            left = self.lock_seconds - (time.monotonic() - since)
-            if left <= 0:
-                del self._failures[user]
-                return 0.0
-            return left
+            now = time.monotonic()
+            tries = [self._entry(key, now) for key in keys]
+            wait = max(self._wait(t, limit, now) for t, limit in
+                       zip(tries, (self.limit, self.address_limit), strict=True))
+            if wait:
+                return wait
+            for t in tries:
+                t.running += 1
+            return 0.0
 
-    def failed(self, user: str) -> None:
-        """Count a failed attempt."""
+    def failed(self, user: str, address: str) -> None:
+        """An attempt begun with :meth:`begin` found a wrong password."""
         with self._lock:
-            count, _ = self._failures.get(user, (0, 0.0))
-            self._failures[user] = (count + 1, time.monotonic())
+            for key in (("user", user), ("address", address)):
+                t = self._tries.setdefault(key, _Tries())
+                t.running, t.failures, t.last = max(t.running - 1, 0), t.failures + 1, \
+                    time.monotonic()
 
-    def succeeded(self, user: str) -> None:
-        """Forget the failures of ``user``."""
+    def succeeded(self, user: str, address: str) -> None:
+        """An attempt begun with :meth:`begin` logged in: the user name's failures go."""
+        self.cancel(user, address)
         with self._lock:
-            self._failures.pop(user, None)
+            self._tries.pop(("user", user), None)
+
+    def cancel(self, user: str, address: str) -> None:
+        """An attempt begun with :meth:`begin` checked no password after all."""
+        with self._lock:
+            for key in (("user", user), ("address", address)):
+                t = self._tries.get(key)
+                if t is not None:
+                    t.running = max(t.running - 1, 0)
+
+    def _entry(self, key: tuple[str, str], now: float) -> _Tries:
+        t = self._tries.get(key)
+        if t is None:
+            if len(self._tries) >= self.max_entries:
+                self._forget_idle(now)
+            t = self._tries[key] = _Tries()
+        else:
+            self._tries.move_to_end(key)
+        if t.failures and now - t.last >= self.lock_seconds:
+            t.failures = 0  # the lock (or the count towards it) has expired
+        return t
+
+    def _wait(self, t: _Tries, limit: int, now: float) -> float:
+        if t.failures + t.running < limit:
+            return 0.0
+        if t.failures >= limit:
+            return max(self.lock_seconds - (now - t.last), 0.001)
+        return 1.0  # attempts still running may yet fail: ask again in a moment
+
+    def _forget_idle(self, now: float) -> None:
+        for key in [k for k, t in self._tries.items() if not t.running
+                    and (not t.failures or now - t.last >= self.lock_seconds)]:
+            del self._tries[key]
+        while len(self._tries) >= self.max_entries:  # everyone is busy: drop the oldest
+            self._tries.popitem(last=False)
 
 
 def _sessions() -> SessionStore:
@@ -174,11 +234,28 @@ def template_context() -> dict[str, Any]:
     return {"login": g.get("login"), "node": node}
 
 
-def _safe_next(target: str | None) -> str:
-    # Only paths on this site: never an absolute URL an attacker could slip in.
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for("pages.status")
+def safe_next(target: str | None) -> str:
+    """``target`` when it is a path on this site, else the status page.
+
+    Only a relative path that starts with one ``/`` passes: never ``//host``, a slash and
+    a backslash, a scheme, a host, a control character, or anything a browser would read
+    as another site once it has normalised it (backslashes count as slashes, tabs and new
+    lines are dropped).
+    """
+    fallback = url_for("pages.status")
+    if not target or len(target) > 2048:
+        return fallback
+    if any(ord(c) < 0x21 or c == "\x7f" for c in target):
+        return fallback  # browsers drop tabs and new lines: "/\t/evil" is "//evil"
+    browser_view = target.replace("\\", "/")
+    parts = urlsplit(browser_view)
+    path = unquote(browser_view.partition("?")[0].partition("#")[0])
+    # No "//" and no "." or ".." segment anywhere: once resolved, either could leave a
+    # path that starts with "//", and no page of the GUI needs them.
+    if (not browser_view.startswith("/") or parts.scheme or parts.netloc or "//" in path
+            or any(segment in (".", "..") for segment in path.split("/"))):
+        return fallback
+    return target
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -190,23 +267,53 @@ def login() -> Any:
     if request.method == "GET":
         return render_template("login.html", next=request.args.get("next", ""))
     user = request.form.get("username", "").strip()
-    password = request.form.get("password", "")
-    throttle = current_app.extensions["fedcore_throttle"]
-    wait = throttle.locked_for(user)
-    if wait:
-        flash(f"Too many failed attempts. Try again in {int(wait) + 1} s.", "error")
-        return render_template("login.html", next=request.form.get("next", "")), 429
-    role = gov.check_password(user, password)  # the users module audits the attempt
+    role = _check_password(user, request.form.get("password", ""), "login.html",
+                           next=request.form.get("next", ""))
     if role is None:
-        throttle.failed(user)
         flash("Wrong user name or password.", "error")
         return render_template("login.html", next=request.form.get("next", "")), 401
-    throttle.succeeded(user)
     _sessions().close(session.get("sid"))
     session.clear()  # no fixation: the old session (and its CSRF token) is dropped
     session.permanent = True
     session["sid"] = _sessions().open(user, role)
-    return redirect(_safe_next(request.form.get("next")))
+    return redirect(safe_next(request.form.get("next")))
+
+
+def _check_password(user: str, password: str, template: str, **context: Any) -> str | None:
+    """The role of ``user`` if ``password`` is right, else None; throttled.
+
+    The attempt counts before the password is checked; when the user name or the address
+    is locked, or every password-hashing slot is busy, the request ends here with 429 and
+    ``Retry-After`` (``template`` shown again with the reason).
+    """
+    throttle: LoginThrottle = current_app.extensions["fedcore_throttle"]
+    address = request.remote_addr or "?"
+    wait = throttle.begin(user, address)
+    if wait:
+        _too_many(f"Too many login attempts. Try again in {math.ceil(wait)} s.", wait,
+                  template, context)
+    try:
+        role = governance().check_password(user, password)  # audited by the users module
+    except PasswordsBusy:
+        throttle.cancel(user, address)
+        _too_many("The node is checking other logins right now. Try again in a second.",
+                  1.0, template, context)
+    except Exception:
+        throttle.cancel(user, address)
+        raise
+    if role is None:
+        throttle.failed(user, address)
+    else:
+        throttle.succeeded(user, address)
+    return role
+
+
+def _too_many(message: str, wait: float, template: str, context: dict[str, Any]) -> None:
+    """End the request with 429, ``Retry-After`` and ``template`` showing ``message``."""
+    flash(message, "error")
+    response = current_app.make_response((render_template(template, **context), 429))
+    response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+    abort(response)
 
 
 @bp.route("/logout", methods=["POST"])
@@ -228,7 +335,8 @@ def account() -> Any:
     gov = governance()
     current = request.form.get("current", "")
     new = request.form.get("new", "")
-    if gov.check_password(g.login.user, current) is None:
+    # The current password is a login attempt too: a stolen session cannot guess it faster.
+    if _check_password(g.login.user, current, "account.html") is None:
         flash("The current password is wrong.", "error")
         return render_template("account.html"), 400
     if new != request.form.get("confirm", ""):

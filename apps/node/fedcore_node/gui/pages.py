@@ -101,9 +101,8 @@ def dataset_add() -> Response:
     tags = [t for t in form.get("tags", "").split(",") if t.strip()]
     entry = _node().datasets.add(form.get("name", "").strip(), tags, form.get("path", ""),
                                  kind=form.get("kind") or None,
-                                 description=form.get("description", ""))
-    governance().audit("dataset-added", dataset=entry["id"], name=entry["name"],
-                       tags=entry["tags"], user=g.login.user)
+                                 description=form.get("description", ""),
+                                 by=g.login.user)  # audited with the change
     flash(f"Registered {entry['name']!r} as {entry['id']} "
           f"({entry['metadata'].get('n_samples', '?')} samples).", "info")
     return redirect(url_for("pages.datasets"))
@@ -113,8 +112,7 @@ def dataset_add() -> Response:
 @admin_required
 def dataset_remove(dataset_id: str) -> Response:
     """Forget a dataset."""
-    _node().datasets.remove(dataset_id)
-    governance().audit("dataset-removed", dataset=dataset_id, user=g.login.user)
+    _node().datasets.remove(dataset_id, by=g.login.user)
     flash(f"Removed {dataset_id}.", "info")
     return redirect(url_for("pages.datasets"))
 
