@@ -54,8 +54,12 @@ def test_under_the_documented_acl_a_node_cannot_publish_to_another_nodes_inbox(t
     broker = _broker(tmp_path).start()
     federation = fed()
 
-    def url(user: str) -> str:
-        return f"mqtt://{user}:{ACCOUNTS[user]}@127.0.0.1:{broker.port}/{federation}"
+    def url(user: str) -> str:  # the password from a file, as the docs advise
+        secret = tmp_path / f"{user}.pw"
+        secret.write_text(ACCOUNTS[user] + "\n")
+        secret.chmod(0o600)
+        return (f"mqtt://{user}@127.0.0.1:{broker.port}/{federation}"
+                f"?password_file={secret}")
 
     nodes = [Node(tmp_path / n, node_id=n) for n in ("site-a", "site-b")]
     enrolled = enroll(nodes)
