@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import entry_points
@@ -90,8 +91,18 @@ def registered(group: str, name: str, obj: Any) -> Iterator[None]:
         _cache.pop((group, name), None)
 
 
+_SCANNED: dict[str, tuple[float, dict[str, str]]] = {}
+_RESCAN_S = 30.0  # a package installed meanwhile is seen within this
+
+
 def _entry_points(group: str) -> dict[str, str]:
-    return {ep.name: ep.value for ep in entry_points(group=f"fedcore.{group}")}
+    # Scanning the installed distributions takes tens of milliseconds: a node answering
+    # pings (which list the backends) must not spend that on every one.
+    scanned = _SCANNED.get(group)
+    if scanned is None or time.monotonic() - scanned[0] > _RESCAN_S:
+        found = {ep.name: ep.value for ep in entry_points(group=f"fedcore.{group}")}
+        scanned = _SCANNED[group] = (time.monotonic(), found)
+    return dict(scanned[1])
 
 
 def available(group: str) -> list[str]:

@@ -13,7 +13,7 @@ import asyncio
 import re
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -186,6 +186,11 @@ class Transport(abc.ABC):
     """
 
     capabilities: Capabilities
+    #: A cheap check the core installs (:mod:`fedcore.wire.chunks`): a transport that can
+    #: calls it, on its receiving thread, with ``(peer, message)`` before it queues a
+    #: message, and drops the message when it returns false (the core counted it). Junk on
+    #: a broker then costs no hop to the event loop.
+    screen: Callable[[str, bytes | bytearray], bool] | None = None
 
     def __init__(self, url: str, *, role: Role, identity: str):
         #: The URL without its credentials, safe to log, audit and show.

@@ -301,6 +301,9 @@ class MqttTransport(Transport):
             self._on_presence(topic, message.payload)
             return
         sender = topic.rpartition("/")[2]
+        screen = self.screen
+        if screen is not None and not screen(sender, message.payload):
+            return  # junk: dropped (and counted) here, before it costs the loop anything
         loop = self._loop
         # Waits while the inbox is full: the PUBACK, sent when this returns, waits too.
         if loop is not None and not self._inbox.put_threadsafe(

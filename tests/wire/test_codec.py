@@ -30,6 +30,8 @@ from fedcore.wire.messages import (
     TrainRequest,
     message_types,
 )
+from tests._support import fuzz
+from tests._support.fuzz import HOSTILE_DTYPES, HOSTILE_SHAPES
 
 
 def _params():
@@ -159,7 +161,7 @@ def _frame(header_overrides=None, raw_header=None):
         (pickle.dumps(np.zeros(3)), "Not a fedcore frame"),
         (_frame({"v": 99}), "protocol version 99"),
         (_frame({"t": "launch-missiles"}), "Unknown message type 'launch-missiles'"),
-        (_frame({"a": [["|O8", [3]]]}), "non-numeric array descriptor"),
+        (_frame({"a": [["|O8", [3]]]}), "dtype '|O8' is not allowed"),
         (_frame({"b": msgpack.packb([1, 2])}), "body must be a map"),
         (_frame(raw_header=b"\xc1\xc1\xc1"), "Malformed frame header"),
         (_frame(raw_header=msgpack.packb([1, 2, 3])), "expected a map"),
@@ -219,3 +221,45 @@ def test_array_reference_out_of_range_is_refused():
     raw = msgpack.packb(header)
     with pytest.raises(ProtocolError, match="out of range"):
         codec.decode(codec.MAGIC + struct.pack("<I", len(raw)) + raw)
+
+
+@pytest.mark.parametrize("dtype", HOSTILE_DTYPES)
+def test_only_numpys_canonical_numeric_dtypes_decode(dtype):
+    """Strings that look numeric but numpy rejects or reads otherwise ("f3", "<f8\\n",
+    "<f16") are protocol errors, as is anything that is not a string."""
+    frame = _frame({"a": [[dtype, [3]]], "b": msgpack.packb({})})
+    with pytest.raises(ProtocolError, match="not allowed on the wire"):
+        codec.decode(frame)
+
+
+@pytest.mark.parametrize("shape", HOSTILE_SHAPES)
+def test_array_shapes_are_bounded_in_rank_and_size(shape):
+    frame = _frame({"a": [["<f8", shape]], "b": msgpack.packb({})})
+    with pytest.raises(ProtocolError, match="shape"):
+        codec.decode(frame)
+
+
+def test_every_allowed_dtype_round_trips_in_both_byte_orders():
+    arrays = {name: np.arange(3).astype(name) for name in sorted(codec.DTYPES)}
+    back = codec.decode(codec.encode(Envelope(TrainReply(
+        params=ParameterSet(arrays), n_samples=1)))).body.params
+    assert {name: back[name].dtype.str for name in back} == {n: n for n in arrays}
+
+
+def test_a_dtype_the_wire_does_not_carry_is_refused_when_sent():
+    with pytest.raises(ProtocolError, match=r"convert it first"):
+        codec.encode(Envelope(TrainReply(params=ParameterSet(
+            {"w": np.zeros(2, dtype=np.longdouble)}), n_samples=1)))
+
+
+def test_100000_mutated_frames_raise_only_protocol_errors():
+    """The decoder alone, seeded: every outcome is an envelope or a ProtocolError (the node's
+    and the researcher's receive paths are fuzzed in tests/wire/test_fuzz.py)."""
+    decoded = 0
+    for frame in fuzz.frames(SAMPLES, 100_000, seed=15):
+        try:
+            codec.decode(frame)
+            decoded += 1
+        except ProtocolError:
+            pass
+    assert 1_000 < decoded < 90_000  # the mutations reach far, and most are refused

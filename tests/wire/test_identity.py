@@ -36,7 +36,7 @@ from fedcore.wire.messages import (  # noqa: E402
     TrainRequest,
 )
 from fedcore.wire.rpc import Client  # noqa: E402
-from fedcore.wire.signing import Guard  # noqa: E402
+from fedcore.wire.signing import TRAILER, Guard  # noqa: E402
 from fedcore_node.cli import main as node_cli  # noqa: E402
 from fedcore_researcher.cli import main  # noqa: E402
 from tests._support.net import free_port  # noqa: E402
@@ -136,7 +136,10 @@ async def _refused(researcher: Transport, guard: Guard, frame: bytes, kind: str,
 
 
 def _audited(node: Node, match: str) -> None:
+    """A refusal is on record: one by one for a verified sender, else in a summary."""
     reasons = [r["reason"] for r in node.audit_log() if r["event"] == "refused-frame"]
+    reasons += [e for r in node.audit_log() if r["event"] == "frames-dropped"
+                for e in r["examples"].values()]
     assert any(match in r for r in reasons), reasons
 
 
@@ -189,8 +192,9 @@ def test_a_frame_captured_before_a_node_restart_is_refused_after_it(tmp_path):
         await researcher.send("site", captured[0])  # no answer: _talk's ping comes first
 
     _talk(url, restarted, replay)
-    reasons = [r["reason"] for r in restarted.audit_log() if r["event"] == "refused-frame"]
-    assert len(reasons) == 1 and "Replayed" in reasons[0], reasons
+    dropped = [r for r in restarted.audit_log() if r["event"] == "frames-dropped"]
+    assert [r["reasons"] for r in dropped] == [{"replayed": 1}], dropped
+    assert "Replayed" in dropped[0]["examples"]["replayed"]
 
 
 def test_audit_records_name_the_key_that_signed_a_request(tmp_path):
@@ -302,8 +306,10 @@ def test_a_networked_researcher_with_no_enrolled_node_is_told_how_to_enroll(tmp_
 
 
 def test_a_frame_altered_or_replayed_through_the_mqtt_broker_is_refused(tmp_path):
-    """A plain MQTT client captures a real frame on the broker, then injects a modified copy
-    and an exact copy: the first fails its signature, the second is a replay."""
+    """A plain MQTT client captures a real frame on the broker, then injects modified copies
+    and an exact copy: a copy with its counter changed fails its signature; a changed header
+    under the accepted counter, and the exact copy, are replays (refused before any
+    cryptography, unanswered)."""
     pytest.importorskip("paho.mqtt")
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
@@ -331,7 +337,10 @@ def test_a_frame_altered_or_replayed_through_the_mqtt_broker_is_refused(tmp_path
         await wait_until(lambda: bool(captured), "the intruder to capture the frame")
         frame = captured[0]  # one MQTT message is one signed frame
         altered = bytearray(frame)
-        altered[20] ^= 0xFF  # a byte of the header
+        altered[20] ^= 0xFF  # a byte of the header: refused, unanswered (a replay)
+        intruder.publish(topic, bytes(altered), qos=1).wait_for_publish(5)
+        altered = bytearray(frame)
+        altered[len(frame) - TRAILER + 36] ^= 1  # the counter: a fresh, forged one
         intruder.publish(topic, bytes(altered), qos=1).wait_for_publish(5)
         reply, _ = guard.open((await asyncio.wait_for(researcher.receive(), 10))[1])
         assert isinstance(reply.body, ErrorReply) and "Bad signature" in reply.body.message
@@ -345,3 +354,5 @@ def test_a_frame_altered_or_replayed_through_the_mqtt_broker_is_refused(tmp_path
         broker.stop()
     _audited(node, "Bad signature")
     _audited(node, "Replayed")
+    dropped = [r["reasons"] for r in node.audit_log() if r["event"] == "frames-dropped"]
+    assert sum(sum(r.values()) for r in dropped) == 3, dropped

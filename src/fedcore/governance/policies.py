@@ -109,6 +109,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in [
             "with a budget (dp_max_epsilon) answers only so in any case"),
     Setting("statistics_noise", "number", 10.0, "statistics under differential privacy: "
             "the noise multiplier (noise standard deviation over each sum's sensitivity)"),
+    Setting("max_requests_per_s", "int", 100, "most requests a second taken from one "
+            "researcher key on a network (bursts of twice that); more are refused",
+            minimum=1),
 ]}
 
 

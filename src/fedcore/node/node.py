@@ -153,6 +153,7 @@ class Node:
         self.users = Users(self.db, audit=self.audit)
         self._policies = list(policies)
         self._chain: tuple[int, Governance] | None = None
+        self._trusted: tuple[int, dict[str, bytes]] | None = None  # parsed, per config version
         if approval_required is not None and self._config.data.get(
                 "approval_required", True) != approval_required:
             self.set_policy(approval_required=approval_required)
@@ -244,14 +245,17 @@ class Node:
     @property
     def trusted_researchers(self) -> dict[str, bytes]:
         """The researchers this node answers on a network: ``{name: public key}``."""
-        trusted = self.config.get("trusted_researchers") or {}
+        trusted = self.config.get("trusted_researchers") or {}  # rereads a changed file
+        if self._trusted is not None and self._trusted[0] == self._config.version:
+            return dict(self._trusted[1])  # read for every frame: parsed once per version
         out: dict[str, bytes] = {}
         for name, key in trusted.items() if isinstance(trusted, Mapping) else ():
             try:
                 out[str(name)] = parse_public_key(str(key))
             except ConfigurationError as exc:
                 log.error("Ignored trusted researcher %r in config.toml: %s", name, exc)
-        return out
+        self._trusted = (self._config.version, out)
+        return dict(out)
 
     def trust(self, name: str, key: str, *, by: str = "") -> None:
         """Trust the researcher whose public key is ``key`` (base64 or hex) under ``name``."""
@@ -418,7 +422,8 @@ class Node:
                       replay_file=self.home / "replay.log")
         if guard.networked and not self.trusted_researchers:
             log.warning("Node %s trusts no researcher yet. %s", self.node_id, _TRUST_HINT)
-        link = ChunkedTransport(transport, guard, max_frame_size=self.max_frame_size)
+        link = ChunkedTransport(transport, guard, max_frame_size=self.max_frame_size,
+                                on_dropped=self._dropped, request_rate=self._request_rate)
         await link.start()
         self._transport = transport
         if self._halting:  # stop() came while the transport was starting
@@ -473,7 +478,26 @@ class Node:
         if self._transport is not None:
             await self._transport.close()
 
+    def _dropped(self, summary: dict[str, Any]) -> None:
+        """A summary of frames the transport dropped unanswered: one record, one line."""
+        log.warning("Dropped %d frame(s) in %.0f s that failed verification or came too fast: "
+                    "%s", summary["dropped"], summary["seconds"], summary["reasons"])
+        self.audit("frames-dropped", **summary)
+
+    def _request_rate(self) -> float | None:
+        try:
+            return float(self.policy["max_requests_per_s"])
+        except (ConfigurationError, KeyError, TypeError):
+            return 1.0  # a broken policy fails closed (governance refuses anyway)
+
     async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
+        try:
+            await self._answer(link, got)
+        except Exception as exc:  # a node bug must neither stop the node nor go unrecorded
+            log.exception("Internal error answering a frame from %s", got.peer)
+            self.audit("internal-error", peer=got.peer, error=f"{type(exc).__name__}: {exc}")
+
+    async def _answer(self, link: ChunkedTransport, got: Delivery) -> None:
         peer, frame = got.peer, got.frame
         try:
             if got.error is not None:
@@ -484,14 +508,11 @@ class Node:
                                     f"this node ({self.node_id!r}).")
         except (ProtocolError, GovernanceError) as exc:
             log.warning("Refused a frame from %s: %s", peer, exc)
-            self.audit("refused-frame", peer=peer, reason=str(exc))
+            if not got.summarized:  # else it is counted in a `frames-dropped` record
+                self.audit("refused-frame", peer=peer, reason=str(exc))
             if isinstance(exc, ReplayedFrame):  # the original was answered: say nothing
                 return
-            reply_to = ""
-            try:
-                reply_to = str(codec.peek_header(frame, max_size=self.max_frame_size)["id"])
-            except (ProtocolError, KeyError):
-                pass
+            reply_to = codec.reply_id(frame, max_size=self.max_frame_size)[0]
             kind = "governance" if isinstance(exc, GovernanceError) else "protocol"
             reply = Envelope(ErrorReply(kind=kind, message=str(exc),
                                         exc_type=type(exc).__name__),

@@ -17,9 +17,15 @@ spliced from another frame or reordered, and its counter is checked against repl
 then does the first chunk of a frame allocate one buffer of the announced length (at most
 ``max_frame_size``); every chunk is copied into place, and the frame is handed on, whole, as
 a read-only view of that buffer (decoded without a copy). At most ``in_flight`` frames per
-sender are reassembled at a time; one that receives no chunk for ``timeout`` seconds is
-dropped with a log line. Anything malformed is refused with a log line; the endpoint keeps
-serving.
+signing key are reassembled at a time, whatever sender names it claims; one that receives
+no chunk for ``timeout`` seconds is dropped with a log line. Anything malformed is refused;
+the endpoint keeps serving.
+
+What a refusal costs is bounded (:mod:`fedcore.wire.admission`): a message that fails
+verification (unsigned, unknown key, bad signature, stale, replayed, oversized) is counted
+in a summary reported at most every ``Drops.interval`` seconds, and only a few such
+refusals are handed on one by one (to be answered); frames from one verified key beyond
+``request_rate`` a second are refused the same way; per-name state is capped.
 """
 
 from __future__ import annotations
@@ -31,16 +37,19 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedcore.errors import FedcoreError, GovernanceError, ProtocolError, TransportError
 from fedcore.transport import Capabilities, Transport
 from fedcore.wire import codec
-from fedcore.wire.signing import TRAILER, Guard, ReplayedFrame
+from fedcore.wire.admission import NAMES, Admission
+from fedcore.wire.limits import Bounded
+from fedcore.wire.signing import TRAILER, Guard
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -63,6 +72,8 @@ class Delivery:
     ``frame`` is the frame (for a refusal: its first bytes when known, else empty),
     ``signer`` the trusted name and ``key`` the raw public key that signed it (empty on an
     unsigned transport), ``error`` why it was refused (``None`` when it was not).
+    ``summarized`` is true for a refusal already counted in the dropped-frame summaries
+    (its sender was not verified, or sent too much): it needs no record of its own.
     """
 
     peer: str
@@ -70,6 +81,7 @@ class Delivery:
     signer: str = ""
     key: bytes = b""
     error: FedcoreError | None = None
+    summarized: bool = False
 
 
 @dataclass
@@ -87,11 +99,16 @@ class ChunkedTransport(Transport):
 
     Without a guard nothing is signed or verified (the in-process transport, or tests of a
     transport). :meth:`deliver` also reports refusals; :meth:`receive` skips them.
+    ``on_dropped`` receives each summary of dropped frames (default: a log line; see
+    :class:`~fedcore.wire.limits.Drops`); ``request_rate`` returns the most frames a second
+    taken from one verified key (``None``: no limit), read as each frame starts.
     """
 
     def __init__(self, inner: Transport, guard: Guard | None = None, *,
                  max_frame_size: int = codec.DEFAULT_MAX_FRAME, in_flight: int = 4,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0,
+                 on_dropped: Callable[[dict[str, Any]], None] | None = None,
+                 request_rate: Callable[[], float | None] | None = None):
         super().__init__(inner.url, role=inner.role, identity=inner.identity)
         if guard is not None and not guard.networked:
             guard = None
@@ -102,8 +119,15 @@ class ChunkedTransport(Transport):
         self.timeout = timeout
         self._ids = itertools.count(random.getrandbits(62))
         self._partials: dict[str, dict[int, _Partial]] = {}
-        self._refused: dict[str, set[int]] = {}  # frames whose first chunk was refused
-        self._sending: dict[str, asyncio.Semaphore] = {}
+        self._flight: Counter[bytes | str] = Counter()  # partial frames per key (or peer)
+        # frames whose first chunk was refused, by sender name
+        self._refused: Bounded[str, set[int]] = Bounded(NAMES)
+        self._sending: Bounded[str, asyncio.Semaphore] = Bounded(NAMES)
+        #: The limits on what is received (``None`` without a guard: nothing is verified).
+        self.admission = (Admission(guard, on_dropped, request_rate) if guard is not None
+                          else None)
+        if self.admission is not None:
+            inner.screen = self.admission.screen
         self._receiving = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -129,6 +153,9 @@ class ChunkedTransport(Transport):
             self._sweeper = None
         await self.inner.close()
         self._partials.clear()
+        self._flight.clear()
+        if self.admission is not None:
+            self.admission.drops.flush()
 
     def peers(self) -> set[str]:
         """The inner transport's peers."""
@@ -161,7 +188,7 @@ class ChunkedTransport(Transport):
         if piece < 1024:
             raise TransportError(f"{self.url} carries messages of {limit} bytes at most: too "
                                  "small to carry chunks.")
-        gate = self._sending.setdefault(peer, asyncio.Semaphore(self.in_flight))
+        gate = self._sending.get_or_add(peer, lambda: asyncio.Semaphore(self.in_flight))
         async with gate:  # never more frames in flight to a peer than it reassembles
             await self._send_chunks(peer, views, total, piece)
 
@@ -220,10 +247,10 @@ class ChunkedTransport(Transport):
         view = memoryview(message).cast("B")
         header = self._chunk_header(view)
         if header is None and len(view) > self.max_frame_size + TRAILER * bool(self.guard):
-            return Delivery(peer, view[:_HEAD], error=ProtocolError(
+            return self._junk(peer, view[:_HEAD], ProtocolError(
                 f"Frame of {len(view)} bytes exceeds the limit of {self.max_frame_size} "
                 "bytes. Refused unread."))
-        if self.guard is None:
+        if self.guard is None or self.admission is None:
             if header is None:
                 return Delivery(peer, message)
             return await self._chunk(peer, header, view[CHUNK_HEADER:], "", b"")
@@ -231,6 +258,7 @@ class ChunkedTransport(Transport):
             return None  # the rest of a frame whose first chunk was refused
         try:
             claimed = self.guard.signer(view)  # cheap: before any hashing
+            self.admission.check_claim(peer, claimed)
             partial = self._continued(peer, header, len(view) - CHUNK_HEADER - TRAILER)
             if partial is not None and len(view) > _THREAD_BYTES \
                     and claimed == (partial.signer, partial.key):
@@ -242,11 +270,22 @@ class ChunkedTransport(Transport):
                 return self._advance(peer, header[0], partial, end)
             signed = (await asyncio.to_thread(self.guard.verify, view, claimed)
                       if len(view) > _THREAD_BYTES else self.guard.verify(view, claimed))
+            self.admission.vouch(peer, claimed[1])
+            if header is None or header[1] == 0:  # a new frame
+                self.admission.check_rate(claimed)
         except (ProtocolError, GovernanceError) as exc:
             return self._refuse(peer, view, header, exc)
         if header is None:
             return Delivery(peer, signed.body.toreadonly(), *claimed)
         return await self._chunk(peer, header, signed.body[CHUNK_HEADER:], *claimed)
+
+    def _junk(self, peer: str, head: memoryview, exc: FedcoreError) -> Delivery | None:
+        """Count a refused frame; hand it on (to be answered) only while reports are cheap."""
+        if self.admission is None:  # nothing is verified: every refusal is handed on
+            return Delivery(peer, head, error=exc)
+        if self.admission.refused(peer, exc):
+            return Delivery(peer, head, error=exc, summarized=True)
+        return None
 
     def _continued(self, peer: str, header: tuple[int, int, int] | None, size: int
                    ) -> _Partial | None:
@@ -284,29 +323,25 @@ class ChunkedTransport(Transport):
                 exc: FedcoreError) -> Delivery | None:
         """A refused message: a :class:`Delivery` for a frame's first one, else a log line."""
         if header is None:
-            return Delivery(peer, view[:_HEAD], error=exc)
-        frame_id, offset, total = header
-        if isinstance(exc, ReplayedFrame) and offset > 0:
-            log.info("Dropped a duplicated chunk of frame %d from %s.", frame_id, peer)
+            return self._junk(peer, view[:_HEAD], exc)
+        frame_id, offset, _ = header
+        if offset > 0:  # counted; only a frame's first message is ever answered
+            if self.admission is not None:
+                self.admission.count(peer, exc)
             return None
-        if offset > 0:
-            log.warning("Refused a chunk of %d bytes from %s (frame %d, at %d of %d): %s",
-                        len(view), peer, frame_id, offset, total, exc)
-            return None
-        refused = self._refused.setdefault(peer, set())
+        refused = self._refused.get_or_add(peer, set)
         if len(refused) > 64:
             refused.clear()
         refused.add(frame_id)
         self._drop(peer, frame_id)
-        head = view[CHUNK_HEADER:CHUNK_HEADER + _HEAD]
-        return Delivery(peer, head, error=exc)
+        return self._junk(peer, view[CHUNK_HEADER:CHUNK_HEADER + _HEAD], exc)
 
     async def _chunk(self, peer: str, header: tuple[int, int, int], data: memoryview,
                      signer: str, key: bytes) -> Delivery | None:
         """Check a (verified) chunk against its frame, copy it into place."""
         frame_id, offset, total = header
-        partials = self._partials.setdefault(peer, {})
-        partial = partials.get(frame_id)
+        partial = self._partials.get(peer, {}).get(frame_id)
+        owner = key or peer  # frames in flight count per verified key
         problem = ""
         if total > self.max_frame_size:
             problem = (f"Frame of {total} bytes exceeds the limit of {self.max_frame_size} "
@@ -317,9 +352,9 @@ class ChunkedTransport(Transport):
             log.warning("Dropped a chunk of frame %d from %s: the frame's start was lost or "
                         "refused.", frame_id, peer)
             return None
-        elif partial is None and len(partials) >= self.in_flight:
-            problem = (f"Too many frames in flight from {peer!r} (at most {self.in_flight} "
-                       "are reassembled at a time).")
+        elif partial is None and self._flight[owner] >= self.in_flight:
+            problem = (f"Too many frames in flight from {signer or peer!r} (at most "
+                       f"{self.in_flight} per key are reassembled at a time).")
         elif partial is not None and (signer, key) != (partial.signer, partial.key):
             problem = "A chunk of a frame signed by another key."
         if problem:
@@ -329,8 +364,9 @@ class ChunkedTransport(Transport):
             log.warning("Refused a chunk from %s: %s", peer, problem)
             return None
         if partial is None:
-            partial = partials[frame_id] = _Partial(np.empty(total, np.uint8), total, signer,
-                                                    key)
+            partial = _Partial(np.empty(total, np.uint8), total, signer, key)
+            self._partials.setdefault(peer, {})[frame_id] = partial
+            self._flight[owner] += 1
         elif offset < partial.filled:
             log.info("Dropped a duplicated chunk of frame %d from %s.", frame_id, peer)
             return None
@@ -359,14 +395,21 @@ class ChunkedTransport(Transport):
     def _drop(self, peer: str, frame_id: int) -> None:
         partials = self._partials.get(peer)
         if partials is not None:
-            partials.pop(frame_id, None)
+            partial = partials.pop(frame_id, None)
+            if partial is not None:
+                owner = partial.key or peer
+                self._flight[owner] -= 1
+                if self._flight[owner] <= 0:
+                    del self._flight[owner]
             if not partials:
                 del self._partials[peer]
 
     async def _sweep(self) -> None:
         """Drop partial frames that received nothing for ``timeout`` seconds."""
         while True:
-            await asyncio.sleep(max(0.05, self.timeout / 4))
+            await asyncio.sleep(max(0.05, min(self.timeout / 4, 5.0)))
+            if self.admission is not None:
+                self.admission.drops.tick()
             stale = time.monotonic() - self.timeout
             for peer, partials in list(self._partials.items()):
                 for frame_id, partial in list(partials.items()):

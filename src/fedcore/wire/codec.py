@@ -9,13 +9,15 @@ replaced by references) and one ``[dtype, shape]`` descriptor per array. Array b
 at 64-byte aligned offsets, so encoding is one ``memcpy`` per array and decoding builds
 ``numpy.frombuffer`` views on the frame without copying. Decoded arrays are read-only.
 
-Only numeric dtypes cross the wire; object arrays, pickle and class names never do.
+Only numeric dtypes cross the wire, named exactly as numpy's canonical ``dtype.str`` spells
+them (:data:`DTYPES`); object arrays, pickle and class names never do. An array has at most
+:data:`MAX_RANK` dimensions, and its elements fit the frame size limit. Whatever the bytes,
+:func:`decode` raises :class:`~fedcore.errors.ProtocolError` and nothing else.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,8 @@ from fedcore.wire.messages import PROTOCOL_VERSION, Envelope, body_type
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DEFAULT_MAX_FRAME", "MAGIC", "decode", "encode", "encode_parts", "peek_header"]
+__all__ = ["DEFAULT_MAX_FRAME", "DTYPES", "MAGIC", "MAX_RANK", "decode", "encode", "encode_parts",
+           "peek_header", "reply_id"]
 
 MAGIC = b"FCF1"
 DEFAULT_MAX_FRAME = 1 << 31  # 2 GiB: a 1 GiB model and its header fit with room to spare
@@ -38,7 +41,14 @@ _ALIGN = 64
 _PREFIX = struct.Struct("<4sI")
 _EXT_ARRAY = 1
 _EXT_PARAMS = 2
-_DTYPE = re.compile(r"^[<>|=]?[biufc][1-9][0-9]?$")
+#: The dtypes an array may have on the wire, exactly as numpy's ``dtype.str`` names them
+#: (both byte orders: a NIfTI file may hold big-endian data).
+DTYPES = frozenset(
+    {"|b1", "|i1", "|u1"}
+    | {f"{order}{kind}{size}" for order in "<>" for kind in "iu" for size in (2, 4, 8)}
+    | {f"{order}f{size}" for order in "<>" for size in (2, 4, 8)}
+    | {f"{order}c{size}" for order in "<>" for size in (8, 16)})
+MAX_RANK = 32  #: the most dimensions an array on the wire may have
 _PAD = bytes(_ALIGN)
 
 
@@ -108,8 +118,13 @@ def encode(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
 
 
 def _ref(arr: np.ndarray, arrays: list[np.ndarray]) -> bytes:
-    if arr.dtype.kind not in "biufc":
-        raise TypeError(f"Only numeric arrays can be sent. Received dtype={arr.dtype}")
+    if arr.dtype.str not in DTYPES:
+        raise TypeError(f"Only numeric arrays of the dtypes {sorted(DTYPES)} can be sent. "
+                        f"Received dtype={arr.dtype} ({arr.dtype.str!r}): convert it first, "
+                        "e.g. arr.astype('float64').")
+    if arr.ndim > MAX_RANK:
+        raise TypeError(f"Arrays of at most {MAX_RANK} dimensions can be sent. Received "
+                        f"shape={arr.shape}.")
     arrays.append(np.asarray(arr, order="C"))  # keeps 0-d arrays 0-d
     return struct.pack("<I", len(arrays) - 1)
 
@@ -146,12 +161,33 @@ def peek_header(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> dict[str
     return {k: v for k, v in header.items() if k not in ("a", "b")}
 
 
+def reply_id(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> tuple[str, str]:
+    """``(id, reply-to)`` of a frame that may be malformed; ``""`` for what cannot be read."""
+    try:
+        header = peek_header(frame, max_size=max_size)
+    except ProtocolError:
+        return "", ""
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) and len(value) <= 128 else ""
+
+    return text(header.get("id")), text(header.get("re"))
+
+
 def decode(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
     """Decode a frame into an :class:`Envelope`; arrays are zero-copy, read-only views.
 
     Raises :class:`ProtocolError` for anything that is not a well-formed frame of this
-    protocol version.
+    protocol version, and never any other exception, whatever the bytes.
     """
+    try:
+        return _decode(frame, max_size)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a check missed a case: still the library's own error
+        raise ProtocolError(f"Malformed frame ({type(exc).__name__}: {exc}).") from exc
+
+
+def _decode(frame: Buffer, max_size: int) -> Envelope:
     view, header, pos = _split(frame, max_size)
     version = header.get("v")
     if version != PROTOCOL_VERSION:
@@ -160,7 +196,7 @@ def decode(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
             f"{PROTOCOL_VERSION}. Run the same fedcore release on both ends."
         )
     cls = body_type(str(header.get("t")))
-    arrays = _arrays(view, header.get("a"), pos)
+    arrays = _arrays(view, header.get("a"), pos, max_size)
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code == _EXT_ARRAY:
@@ -188,8 +224,14 @@ def decode(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
         header.get("rnd"), int
     ):
         raise ProtocolError("Malformed frame header: routing fields have the wrong types.")
+    try:
+        body = cls.from_wire(body_data)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as exc:  # a body's own checks (__post_init__)
+        raise ProtocolError(f"Malformed {cls.TAG} body: {exc}") from exc
     return Envelope(
-        body=cls.from_wire(body_data),
+        body=body,
         sender=routing["from"],
         recipient=routing["to"],
         experiment=routing["exp"],
@@ -200,22 +242,13 @@ def decode(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
     )
 
 
-def _arrays(view: memoryview, descriptors: Any, pos: int) -> list[np.ndarray]:
+def _arrays(view: memoryview, descriptors: Any, pos: int, max_size: int) -> list[np.ndarray]:
     if not isinstance(descriptors, list):
         raise ProtocolError("Malformed frame header: array descriptors missing.")
     arrays: list[np.ndarray] = []
     for desc in descriptors:
-        if not (
-            isinstance(desc, list)
-            and len(desc) == 2
-            and isinstance(desc[0], str)
-            and _DTYPE.match(desc[0])
-            and isinstance(desc[1], list)
-            and all(isinstance(d, int) and d >= 0 for d in desc[1])
-        ):
-            raise ProtocolError(f"Malformed or non-numeric array descriptor: {desc!r}")
-        dtype = np.dtype(desc[0])
-        count = math.prod(desc[1])
+        dtype, shape = _descriptor(desc, max_size)
+        count = math.prod(shape)
         pos = _aligned(pos)
         end = pos + count * dtype.itemsize
         if end > len(view):
@@ -223,9 +256,29 @@ def _arrays(view: memoryview, descriptors: Any, pos: int) -> list[np.ndarray]:
                 f"Truncated frame: array {len(arrays)} needs bytes up to {end}, "
                 f"frame has {len(view)}."
             )
-        arrays.append(np.frombuffer(view, dtype=dtype, count=count, offset=pos).reshape(desc[1]))
+        arrays.append(np.frombuffer(view, dtype=dtype, count=count, offset=pos).reshape(shape))
         pos = end
     return arrays
+
+
+def _descriptor(desc: Any, max_size: int) -> tuple[np.dtype[Any], list[int]]:
+    """The dtype and shape an array descriptor ``[dtype, shape]`` names, checked."""
+    if not (isinstance(desc, list) and len(desc) == 2 and isinstance(desc[1], list)):
+        raise ProtocolError(f"Malformed array descriptor: expected [dtype, shape]. "
+                            f"Received: {desc!r:.200}")
+    name, shape = desc
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ProtocolError(f"Array dtype {name!r:.40} is not allowed on the wire. Expected "
+                            f"one of {sorted(DTYPES)}.")
+    if len(shape) > MAX_RANK or not all(
+            type(d) is int and 0 <= d <= max_size for d in shape):
+        raise ProtocolError(f"Malformed array shape {shape!r:.200}: expected at most "
+                            f"{MAX_RANK} dimensions, each from 0 to {max_size}.")
+    dtype = np.dtype(name)
+    if math.prod(d for d in shape if d) * dtype.itemsize > max_size:  # even if another is 0
+        raise ProtocolError(f"Array of shape {shape!r:.200} and dtype {name} exceeds the "
+                            f"frame size limit of {max_size} bytes.")
+    return dtype, shape
 
 
 def _lookup(arrays: list[np.ndarray], data: Any) -> np.ndarray:

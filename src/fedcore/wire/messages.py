@@ -132,9 +132,21 @@ def _matches(value: Any, expected: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if base is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if base is list:
-        return isinstance(value, (list, tuple))
+    args = typing.get_args(expected)
+    if base is list:  # the elements too: a handler may hash or sort them
+        return isinstance(value, (list, tuple)) and (
+            not args or all(_item(v, args[0]) for v in value))
+    if base is dict:
+        return isinstance(value, dict) and (not args or all(
+            _item(k, args[0]) and _item(v, args[1]) for k, v in value.items()))
     return isinstance(value, base)
+
+
+def _item(value: Any, expected: Any) -> bool:
+    """:func:`_matches` for an element of a container (a missing number may be None)."""
+    if expected is float and value is None:
+        return True
+    return expected is Any or _matches(value, expected)
 
 
 def _type_name(expected: Any) -> str:

@@ -13,15 +13,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedcore.errors import ConfigurationError, GovernanceError, ProtocolError, TransportError
 from fedcore.transport import Transport
 from fedcore.wire import codec
-from fedcore.wire.chunks import ChunkedTransport
+from fedcore.wire.chunks import ChunkedTransport, Delivery
 from fedcore.wire.identity import Identity, enrolled_nodes, researcher_identity
 from fedcore.wire.messages import Body, Envelope, ErrorReply, TrainProgress
 from fedcore.wire.signing import Guard
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 log = logging.getLogger("fedcore.rpc")
 B = TypeVar("B", bound=Body)
@@ -152,29 +155,51 @@ class Client:
         self._pending.clear()
 
     async def _read(self) -> None:
+        """Hand each reply to its request; no frame, however made, stops this loop."""
         while True:
             got = await self._link.deliver()
-            peer = got.peer
             try:
-                if got.error is not None:
-                    raise got.error
-                if self._guard.networked and got.signer != peer:
-                    raise GovernanceError(f"Refused a frame from {peer!r} signed with the key "
-                                          f"enrolled for {got.signer!r}.")
-                env = codec.decode(got.frame, max_size=self.max_frame_size)
-            except (ProtocolError, GovernanceError) as exc:
-                log.warning("Refused a frame from %s: %s", peer, exc)
-                continue
-            self.last_heard[peer] = time.time()
-            if isinstance(env.body, TrainProgress):  # news of a request still running
-                if self._awaiting.get(env.reply_to) == peer and self.on_progress is not None:
+                self._take(got)
+            except Exception:  # a bug here must not lose every later reply
+                log.exception("Internal error reading a frame from %s", got.peer)
+
+    def _take(self, got: Delivery) -> None:
+        peer = got.peer
+        if got.error is not None:  # not verified: nothing in it can be believed
+            log.warning("Refused a frame from %s: %s", peer, got.error)
+            return
+        if self._guard.networked and got.signer != peer:
+            log.warning("Refused a frame from %s signed with the key enrolled for %r.", peer,
+                        got.signer)
+            return
+        try:
+            env = codec.decode(got.frame, max_size=self.max_frame_size)
+        except ProtocolError as exc:  # a verified node sent a bad reply: fail that request
+            self._bad_reply(peer, got.frame, exc)
+            return
+        self.last_heard[peer] = time.time()
+        if self._awaiting.get(env.reply_to) != peer:
+            log.debug("Ignored an unsolicited %s from %s", env.tag, peer)
+            return
+        if isinstance(env.body, TrainProgress):  # news of a request still running
+            if self.on_progress is not None:
+                try:
                     self.on_progress(peer, env)
-                continue
-            fut = self._pending.pop(env.reply_to, None)
-            if fut is None:
-                log.debug("Ignored an unsolicited %s from %s", env.tag, peer)
-            elif not fut.done():
-                fut.set_result(env)
+                except Exception:
+                    log.exception("The progress callback failed on news from %s", peer)
+            return
+        fut = self._pending.pop(env.reply_to, None)
+        if fut is not None and not fut.done():
+            fut.set_result(env)
+
+    def _bad_reply(self, peer: str, frame: Buffer, exc: ProtocolError) -> None:
+        """A malformed frame from ``peer``: the request it answers fails, no other."""
+        _, reply_to = codec.reply_id(frame, max_size=self.max_frame_size)
+        fut = self._pending.get(reply_to) if self._awaiting.get(reply_to) == peer else None
+        log.warning("Node %s sent a malformed frame%s: %s", peer,
+                    " (its request fails)" if fut is not None else "", exc)
+        if fut is not None and not fut.done():
+            fut.set_exception(ProtocolError(f"Node {peer!r} sent a malformed reply: {exc}"))
 
     async def _watch_peers(self) -> None:
         """Fail the requests of a peer whose connection dropped, instead of waiting them out.
@@ -230,10 +255,10 @@ class Client:
                                   f"{_ENROLL_HINT}")
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._pending[env.id] = fut
+        self._awaiting[env.id] = peer  # only this peer's answer is taken
         try:
             await self._link.send_parts(peer, codec.encode_parts(
                 env, max_size=self.max_frame_size))
-            self._awaiting[env.id] = peer
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise TransportError(

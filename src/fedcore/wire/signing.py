@@ -81,9 +81,15 @@ class _Seen:
         self.recent: set[int] = set()
         self.prune_at = 64
 
+    def fresh(self, counter: int) -> bool:
+        """Whether ``counter`` was never accepted and is recent enough to be accepted."""
+        reorder = int(REORDER_S * 1e9)
+        return not (counter <= self.floor or counter in self.recent
+                    or counter <= self.highest - reorder)
+
     def accept(self, counter: int) -> bool:
         reorder = int(REORDER_S * 1e9)
-        if counter <= self.floor or counter in self.recent or counter <= self.highest - reorder:
+        if not self.fresh(counter):
             return False
         self.recent.add(counter)
         if counter > self.highest:
@@ -185,8 +191,10 @@ class Guard:
         """Check the signature trailer of ``message``; return its signer and body.
 
         ``signer`` is what :meth:`signer` returned for it, when the caller checked already.
-        The replay state is updated only when every check passed (thread-safe: large
-        messages are verified on worker threads).
+        The cheap checks (size, key, time, counter) come before the hashing and the
+        signature check, so a stale or replayed message costs no cryptography. The replay
+        state is updated only when every check passed (thread-safe: large messages are
+        verified on worker threads).
         """
         view = memoryview(message).cast("B")
         if len(view) > self.max_size + TRAILER:
@@ -195,6 +203,15 @@ class Guard:
         name, key = signer or self.signer(view)
         body, trailer = view[:-TRAILER], view[-TRAILER:]
         _, _, counter, millis = _SIGNED.unpack(trailer[:_SIGNED.size])
+        skew = abs(time.time() - millis / 1000)
+        if skew > WINDOW_S:
+            raise ProtocolError(f"Frame from {name!r} was signed {skew:.0f} s away from this "
+                                f"clock (allowed: {WINDOW_S:.0f} s): a replay, or clocks "
+                                "out of sync (run NTP). Refused.")
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and not seen.fresh(counter):
+                raise self._replayed(name, counter)
         digest = hashlib.sha256(body).digest()
         try:
             self._public(key).verify(bytes(trailer[_SIGNED.size:]),
@@ -202,19 +219,17 @@ class Guard:
         except InvalidSignature:
             raise ProtocolError(f"Bad signature on a frame from {name!r}: it was altered "
                                 "in transit or forged. Refused.") from None
-        skew = abs(time.time() - millis / 1000)
-        if skew > WINDOW_S:
-            raise ProtocolError(f"Frame from {name!r} was signed {skew:.0f} s away from this "
-                                f"clock (allowed: {WINDOW_S:.0f} s): a replay, or clocks "
-                                "out of sync (run NTP). Refused.")
         with self._lock:
             seen = self._seen.setdefault(key, _Seen())
-            if not seen.accept(counter):
-                raise ReplayedFrame(f"Replayed frame from {name!r}: its counter {counter} was "
-                                    "already seen (a replay, or a duplicate delivery). "
-                                    "Refused.")
+            if not seen.accept(counter):  # accepted meanwhile, on another thread
+                raise self._replayed(name, counter)
             self._remember(key, counter)
         return Signed(name, key, body)
+
+    @staticmethod
+    def _replayed(name: str, counter: int) -> ReplayedFrame:
+        return ReplayedFrame(f"Replayed frame from {name!r}: its counter {counter} was "
+                             "already seen (a replay, or a duplicate delivery). Refused.")
 
     def _public(self, key: bytes) -> Ed25519PublicKey:
         public = self._keys.get(key)
