@@ -20,6 +20,8 @@ from the network; the node keeps the algorithms' state files.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -88,6 +90,29 @@ def _import_path() -> list[str]:
     return [os.path.abspath(p or os.curdir) for p in sys.path if os.path.exists(p or os.curdir)]
 
 
+def _package_folders() -> list[str]:
+    """The folders of fedcore and of every installed plug-in's top-level package.
+
+    An editable install is imported through a finder, not from a ``sys.path`` entry, so
+    these folders are not always under the import path.
+    """
+    names = {"fedcore"}
+    for group in ("backends", "transports", "aggregators", "secagg"):
+        for ep in importlib.metadata.entry_points(group=f"fedcore.{group}"):
+            names.add(ep.value.split(":")[0].split(".")[0])
+    folders = []
+    for name in sorted(names):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None:
+            folders += list(spec.submodule_search_locations or ())
+            if spec.origin and not spec.submodule_search_locations:
+                folders.append(os.path.dirname(spec.origin))
+    return folders
+
+
 def _within(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
@@ -99,7 +124,8 @@ def readable(dataset: Mapping[str, Any], forbidden: Iterable[str]) -> list[str]:
     whatever it is (a sys.path entry such as the folder the node was started from).
     """
     banned = [os.path.realpath(p) for p in forbidden]
-    wanted = [sys.prefix, sys.base_prefix, sys.exec_prefix, *_import_path(), *_SYSTEM_READ]
+    wanted = [sys.prefix, sys.base_prefix, sys.exec_prefix, *_import_path(),
+              *_package_folders(), *_SYSTEM_READ]
     out: list[str] = []
     for path in {q for p in wanted for q in (os.path.abspath(p), os.path.realpath(p))}:
         if any(_within(b, path) for b in banned):
