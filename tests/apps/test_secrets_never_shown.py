@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ requests = pytest.importorskip("requests")
 
 from fedcore import Experiment, Node  # noqa: E402
 from fedcore.wire.identity import enroll as enroll_node  # noqa: E402
+from tests._support.browser import Gui  # noqa: E402
 from tests._support.deployment import stop_processes, write_csv  # noqa: E402
 from tests._support.mqtt import Broker, fed, require_mosquitto  # noqa: E402
 from tests._support.trust import enroll  # noqa: E402
@@ -206,22 +206,7 @@ def test_the_node_cli_audit_and_log_never_show_the_password(researched):
     _no_secret(d.shown)
 
 
-class _Gui:
-    def __init__(self, node: Node):
-        from fedcore_node.gui import make_gui_server
-
-        self.server = make_gui_server(node, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
-
-
-def _login(gui: _Gui, user: str, password: str) -> requests.Session:
+def _login(gui: Gui, user: str, password: str) -> requests.Session:
     s = requests.Session()
     token = re.search(r'name="csrf_token" value="([^"]+)"',
                       s.get(gui.url + "/login", timeout=10).text)
@@ -235,7 +220,7 @@ def _login(gui: _Gui, user: str, password: str) -> requests.Session:
 def test_no_gui_page_shows_the_password_to_either_role(researched):
     d = researched
     node = Node(d.home)
-    gui = _Gui(node)
+    gui = Gui(node)
     try:
         (dataset,) = node.datasets.list()
         plans = [f"/plans/{p['sha256']}" for p in node.plans.list()]

@@ -153,7 +153,8 @@ class Node:
         self.users = Users(self.db, audit=self.audit)
         self._policies = list(policies)
         self._chain: tuple[int, Governance] | None = None
-        self._trusted: tuple[int, dict[str, bytes]] | None = None  # parsed, per config version
+        #: Key tables of config.toml, parsed: {table: (config version, {name: key})}.
+        self._parsed_keys: dict[str, tuple[int, dict[str, bytes]]] = {}
         if approval_required is not None and self._config.data.get(
                 "approval_required", True) != approval_required:
             self.set_policy(approval_required=approval_required)
@@ -245,37 +246,19 @@ class Node:
     @property
     def trusted_researchers(self) -> dict[str, bytes]:
         """The researchers this node answers on a network: ``{name: public key}``."""
-        trusted = self.config.get("trusted_researchers") or {}  # rereads a changed file
-        if self._trusted is not None and self._trusted[0] == self._config.version:
-            return dict(self._trusted[1])  # read for every frame: parsed once per version
-        out: dict[str, bytes] = {}
-        for name, key in trusted.items() if isinstance(trusted, Mapping) else ():
-            try:
-                out[str(name)] = parse_public_key(str(key))
-            except ConfigurationError as exc:
-                log.error("Ignored trusted researcher %r in config.toml: %s", name, exc)
-        self._trusted = (self._config.version, out)
-        return dict(out)
+        return self._keys("trusted_researchers")
 
     def trust(self, name: str, key: str, *, by: str = "") -> None:
         """Trust the researcher whose public key is ``key`` (base64 or hex) under ``name``."""
         raw = parse_public_key(key)
-        with self.db.transaction():  # read, change and write config.toml under the lock
-            current = dict(self.config.get("trusted_researchers") or {})
-            current[str(name)] = base64.b64encode(raw).decode()
-            self._config.set_value("trusted_researchers", current)
-            self.audit("researcher-trusted", by=by, researcher=name, key=fingerprint(raw))
+        self._put_key("trusted_researchers", name, raw,
+                      lambda: self.audit("researcher-trusted", by=by, researcher=name,
+                                         key=fingerprint(raw)))
 
     def untrust(self, name: str, *, by: str = "") -> None:
         """Stop trusting researcher ``name``; ``ConfigurationError`` if it was not trusted."""
-        with self.db.transaction():
-            current = dict(self.config.get("trusted_researchers") or {})
-            if name not in current:
-                raise ConfigurationError(f"No trusted researcher named {name!r}. Trusted: "
-                                         f"{sorted(current) or 'none'}.")
-            del current[name]
-            self._config.set_value("trusted_researchers", current)
-            self.audit("researcher-untrusted", by=by, researcher=name)
+        self._drop_key("trusted_researchers", name, ("trusted researcher", "Trusted"),
+                       lambda: self.audit("researcher-untrusted", by=by, researcher=name))
 
     # --- peers (secure aggregation) ---------------------------------------------------------
 
@@ -287,16 +270,7 @@ class Node:
         refuses members it does not know; without one it checks them against the identity
         keys relayed with them (docs/secure-aggregation.md says what holds in each case).
         """
-        listed = self.config.get("peers")
-        if not isinstance(listed, Mapping) or not listed:
-            return None
-        out: dict[str, bytes] = {}
-        for node_id, key in listed.items():
-            try:
-                out[str(node_id)] = parse_public_key(str(key))
-            except ConfigurationError as exc:
-                log.error("Ignored peer %r in config.toml: %s", node_id, exc)
-        return out
+        return self._keys("peers") or None
 
     def add_peer(self, node_id: str, key: str, *, by: str = "") -> None:
         """Know node ``node_id`` by its identity key (base64 or hex, ``fedcore-node identity``)."""
@@ -304,22 +278,52 @@ class Node:
         if node_id == self.node_id:
             raise ConfigurationError(f"{node_id!r} is this node itself: add the other nodes "
                                      "of the federation as peers.")
-        with self.db.transaction():  # read, change and write config.toml under the lock
-            current = dict(self.config.get("peers") or {})
-            current[str(node_id)] = base64.b64encode(raw).decode()
-            self._config.set_value("peers", current)
-            self.audit("peer-added", by=by, peer=node_id, key=fingerprint(raw))
+        self._put_key("peers", node_id, raw,
+                      lambda: self.audit("peer-added", by=by, peer=node_id,
+                                         key=fingerprint(raw)))
 
     def remove_peer(self, node_id: str, *, by: str = "") -> None:
         """Forget peer ``node_id``; ``ConfigurationError`` if it is not in the peer list."""
+        self._drop_key("peers", node_id, ("peer", "Peers"),
+                       lambda: self.audit("peer-removed", by=by, peer=node_id))
+
+    # --- the key tables of config.toml (trusted researchers, peers) --------------------------
+
+    def _keys(self, table: str) -> dict[str, bytes]:
+        """``{name: raw public key}`` of ``table``, parsed once per version of the file.
+
+        The trusted researchers are read for every frame, the peers for every session.
+        """
+        listed = self.config.get(table) or {}  # rereads a changed file
+        cached = self._parsed_keys.get(table)
+        if cached is not None and cached[0] == self._config.version:
+            return dict(cached[1])
+        out: dict[str, bytes] = {}
+        for name, key in listed.items() if isinstance(listed, Mapping) else ():
+            try:
+                out[str(name)] = parse_public_key(str(key))
+            except ConfigurationError as exc:
+                log.error("Ignored %r in config.toml's %s: %s", name, table, exc)
+        self._parsed_keys[table] = (self._config.version, out)
+        return dict(out)
+
+    def _put_key(self, table: str, name: str, raw: bytes, record: Callable[[], None]) -> None:
+        with self.db.transaction():  # read, change and write config.toml under the lock
+            current = dict(self.config.get(table) or {})
+            current[str(name)] = base64.b64encode(raw).decode()
+            self._config.set_value(table, current)
+            record()
+
+    def _drop_key(self, table: str, name: str, what: tuple[str, str],
+                  record: Callable[[], None]) -> None:
         with self.db.transaction():
-            current = dict(self.config.get("peers") or {})
-            if node_id not in current:
-                raise ConfigurationError(f"No peer named {node_id!r}. Peers: "
+            current = dict(self.config.get(table) or {})
+            if name not in current:
+                raise ConfigurationError(f"No {what[0]} named {name!r}. {what[1]}: "
                                          f"{sorted(current) or 'none'}.")
-            del current[node_id]
-            self._config.set_value("peers", current)
-            self.audit("peer-removed", by=by, peer=node_id)
+            del current[name]
+            self._config.set_value(table, current)
+            record()
 
     def _secagg_context(self, binding: Binding) -> NodeContext:
         """The node's terms for a new secure-aggregation session: policy, key, peers."""
@@ -732,10 +736,7 @@ class Node:
         """
         if spec.mechanism == "update":
             return [UpdateDP.from_spec(spec).event()]
-        n = (entry.get("metadata") or {}).get("n_samples")
-        if n is None:
-            n = len(self.datasets.open(entry))
-        mine = spec.events(n_train=train_size(int(n), request.test_ratio),
+        mine = spec.events(n_train=train_size(self._n_samples(entry), request.test_ratio),
                            training_args=request.training_args)
         try:
             counted = [Event.coerce(e) for e in (reply.privacy or {}).get("events") or ()]
@@ -847,13 +848,16 @@ class Node:
                        reason=str(exc))
             return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)
 
+    def _n_samples(self, entry: dict[str, Any]) -> int:
+        """The dataset's size: from its registered metadata, else by opening it."""
+        n = (entry.get("metadata") or {}).get("n_samples")
+        return int(n) if n is not None else len(self.datasets.open(entry))
+
     def _train_request(self, env: Envelope, request: TrainRequest, bundle: PlanBundle,
                        sha: str, entry: dict[str, Any], scheme: str | None) -> Request:
-        n = (entry.get("metadata") or {}).get("n_samples")
-        if n is None:
-            n = len(self.datasets.open(entry))
         return Request(kind="train", researcher=self.researcher(env), experiment=env.experiment,
-                       round=env.round, dataset=entry, n_samples=int(n), plan_hash=sha,
+                       round=env.round, dataset=entry, n_samples=self._n_samples(entry),
+                       plan_hash=sha,
                        plan_name=bundle.entry, training_args=dict(request.training_args),
                        privacy=dict(request.privacy), test_ratio=request.test_ratio,
                        secagg=scheme)
