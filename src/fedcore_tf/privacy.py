@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcore.errors import ConfigurationError
+from fedcore.errors import ConfigurationError, MissingDependencyError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalTraining
 from fedcore.privacy import Accountant, Event, PrivacySpec
@@ -59,7 +59,7 @@ def tf_privacy() -> Any:
     try:
         from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
     except ImportError as exc:
-        raise ConfigurationError(
+        raise MissingDependencyError(
             f"TF DP-SGD needs tensorflow-privacy and tf-keras ({exc}). Install "
             '"fedcore[tfdp]" in its own environment and start with TF_USE_LEGACY_KERAS=1.'
         ) from exc

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcore.errors import ConfigurationError
+from fedcore.errors import ConfigurationError, MissingDependencyError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalLoop, LocalTraining
 from fedcore.privacy import Accountant, Event, PrivacySpec, dpsgd_schedule
@@ -54,7 +54,7 @@ def _opacus() -> Any:
     try:
         import opacus
     except ImportError as exc:
-        raise ConfigurationError(
+        raise MissingDependencyError(
             f"DP-SGD for torch plans needs Opacus ({exc}). Install it with: {_INSTALL}"
         ) from exc
     return opacus

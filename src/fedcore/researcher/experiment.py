@@ -464,7 +464,7 @@ class Experiment(ExperimentSettings):
 
 
 def _progress_bar(progress: bool) -> Any:
-    """tqdm's notebook widget where one can show, else its console bar; never a warning.
+    """The notebook widget of tqdm where one can show, else its console bar; never a warning.
 
     ``tqdm.auto`` warns on import in a Jupyter kernel without ipywidgets, even when the bar is
     disabled: a disabled bar and a kernel without widgets both use the console class.
