@@ -147,11 +147,31 @@ def test_an_untrusted_broker_is_never_joined(secure_broker):
     async def scenario() -> None:  # no cafile: the test CA is not in the system's store
         t = open_transport(f"mqtts://{USER}:x@127.0.0.1:{secure_broker.port}/{fed()}"
                            f"?connect_timeout=1", role="researcher", identity="r")
-        with pytest.raises(TransportError, match="Cannot reach"):
+        # The cause is named, with the fix: not a broker that seems not to answer.
+        with pytest.raises(TransportError, match=r"does not trust the server's TLS "
+                                                 r"certificate.*\?cafile=PATH"):
             await t.start()
         await t.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_a_broker_that_requires_client_certificates_says_so(tmp_path, certificate):
+    ca, cert, key = certificate
+    strict = Broker(tmp_path, f"allow_anonymous true\ncafile {ca}\ncertfile {cert}\n"
+                              f"keyfile {key}\nrequire_certificate true").start()
+    try:
+        async def scenario() -> None:  # the CA is given, the client certificate is not
+            t = open_transport(f"mqtts://127.0.0.1:{strict.port}/{fed()}?cafile={ca}"
+                               f"&connect_timeout=1", role="researcher", identity="r")
+            with pytest.raises(TransportError, match=r"requires a client certificate.*"
+                                                     r"certfile=PATH&keyfile=PATH"):
+                await t.start()
+            await t.close()
+
+        asyncio.run(asyncio.wait_for(scenario(), 20))
+    finally:
+        strict.stop()
 
 
 @pytest.mark.parametrize("url, message", [
