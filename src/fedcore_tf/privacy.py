@@ -155,11 +155,7 @@ class KerasPrivateTraining(PrivateTraining):
 
     def train(self, plan: Any, dataset: Any, seed: int,
               training: LocalTraining) -> dict[str, Any]:  # noqa: D102 - inherits the doc
-        if (plan.proximal is not None and plan.proximal[0]) or \
-                plan.gradient_correction is not None:
-            raise ConfigurationError(
-                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node. Use FedAvg, "
-                "or update-level DP (privacy={'mechanism': 'update', ...}).")
+        self._refuse_corrections(plan)
         if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
             raise ConfigurationError(
                 "TF DP-SGD runs tensorflow-privacy's Keras 2 optimizers: start the node with "

@@ -255,12 +255,7 @@ class TorchPrivateTraining(PrivateTraining):
 
     def train(self, plan: Any, dataset: Any, seed: int,
               training: LocalTraining) -> dict[str, Any]:  # noqa: D102 - inherits the doc
-        if (plan.proximal is not None and plan.proximal[0]) or \
-                plan.gradient_correction is not None:
-            raise ConfigurationError(
-                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node: Opacus "
-                "recomputes the gradients after clipping. Use FedAvg, or update-level DP "
-                "(privacy={'mechanism': 'update', ...}).")
+        self._refuse_corrections(plan, "Opacus recomputes the gradients after clipping")
         device = getattr(plan, "_device", torch.device("cpu"))
         if device.type == "cpu":
             torch.default_generator.manual_seed(seed)
