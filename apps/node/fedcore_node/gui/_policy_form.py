@@ -84,32 +84,31 @@ def _parse(key: str, kind: str, text: str) -> Any:
     if not text:
         return None
     if kind == "access":
-        table: dict[str, list[str]] = {}
-        for n, line in _lines(text):
-            who, sep, names = line.partition(":")
-            if not sep or not who.strip():
-                raise ConfigurationError(
-                    f"{key}, line {n}: expected 'RESEARCHER: DATASET, DATASET' (\"*\" for "
-                    f"anyone), e.g. 'alice: diabetes-2024'. Received: {line!r}")
-            table[who.strip()] = [d for d in _SPLIT.split(names.strip()) if d]
-        return table
+        return _table(key, text, "'RESEARCHER: DATASET, DATASET' (\"*\" for anyone), e.g. "
+                      "'alice: diabetes-2024'",
+                      lambda names: [d for d in _SPLIT.split(names) if d])
     if kind == "budget":
         if ":" not in text and "\n" not in text:
             return _number(key, text)
-        budgets: dict[str, Any] = {}  # checked by the setting
-        for n, line in _lines(text):
-            name, sep, value = line.partition(":")
-            if not sep or not name.strip():
-                raise ConfigurationError(
-                    f"{key}, line {n}: expected 'DATASET: EPSILON' (\"*\" for the others), "
-                    f"e.g. 'diabetes-2024: 3'. Received: {line!r}")
-            budgets[name.strip()] = _number(key, value.strip())
-        return budgets
+        return _table(key, text, "'DATASET: EPSILON' (\"*\" for the others), e.g. "
+                      "'diabetes-2024: 3'", lambda value: _number(key, value))
     if kind == "digests":
         return [d for d in _SPLIT.split(text) if d]
     if kind in ("int", "number", "fraction"):
         return _number(key, text)
     return parse_setting(key, text)
+
+
+def _table(key: str, text: str, expected: str, value: Any) -> dict[str, Any]:
+    """Lines of ``NAME: VALUE`` as a table (the values checked by the setting)."""
+    table: dict[str, Any] = {}
+    for n, line in _lines(text):
+        name, sep, rest = line.partition(":")
+        if not sep or not name.strip():
+            raise ConfigurationError(
+                f"{key}, line {n}: expected {expected}. Received: {line!r}")
+        table[name.strip()] = value(rest.strip())
+    return table
 
 
 def _number(key: str, text: str) -> int | float | str:
