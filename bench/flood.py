@@ -108,6 +108,7 @@ def node_under_flood(port: int, rate: float, seconds: float, folder: Path,
                 asked = time.monotonic()
                 await client.request("site", Ping(), timeout=60)
                 out["latencies"].append(time.monotonic() - asked)
+                out.setdefault("when", []).append(asked - started)
                 await asyncio.sleep(0.25)
             flooded, _ = flooder.communicate(timeout=30)
             out.update(json.loads(flooded))
@@ -127,6 +128,7 @@ def node_under_flood(port: int, rate: float, seconds: float, folder: Path,
     out["dropped"] = sum(r["dropped"] for r in summaries)
     out["added"] = len(events) - out["records_before"] - 1  # the node's own "stopped"
     out["summaries"] = len(summaries)
+    out["log"] = (folder / "node.log").read_text()
     return out
 
 
@@ -156,6 +158,10 @@ def main() -> None:
           f"slowest {slowest:.3f} s (target < {TARGET_S:g} s: "
           f"{'met' if slowest < TARGET_S else 'NOT met'})")
     print(f"node memory                 {got['rss_before']:.0f} -> {got['rss_after']:.0f} MiB")
+    import os as _o
+    if _o.environ.get("FLOOD_DEBUG"):
+        print([f"{w:.2f}:{x:.3f}" for w, x in zip(got["when"], got["latencies"])])
+        print(got["log"][-3000:])
     print(f"audit records the flood added: {got['added']} ({got['summaries']} summaries; "
           "the rest are the pings' own)")
 

@@ -229,6 +229,15 @@ class Transport(abc.ABC):
     def peers(self) -> set[str]:
         """The peers currently connected (for a researcher: the nodes)."""
 
+    def verified(self, peer: str) -> None:
+        """The core verified a message that came from ``peer`` (under a key it trusts).
+
+        Called on the event loop for every verified message, so it must be cheap. A
+        transport whose senders share one stream with strangers (a broker) may use it to
+        keep hearing the senders it verified while strangers flood it (the MQTT transport
+        then listens to those senders alone for a while). The default does nothing.
+        """
+
 
 def open_transport(url: str, *, role: Role, identity: str) -> Transport:
     """Build the transport that serves ``url`` (``inproc://name``, ``ws://...``, ...)."""

@@ -271,6 +271,7 @@ class ChunkedTransport(Transport):
             signed = (await asyncio.to_thread(self.guard.verify, view, claimed)
                       if len(view) > _THREAD_BYTES else self.guard.verify(view, claimed))
             self.admission.vouch(peer, claimed[1])
+            self.inner.verified(peer)
             if header is None or header[1] == 0:  # a new frame
                 self.admission.check_rate(claimed)
         except (ProtocolError, GovernanceError) as exc:
