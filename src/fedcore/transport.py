@@ -229,7 +229,7 @@ class Transport(abc.ABC):
     def peers(self) -> set[str]:
         """The peers currently connected (for a researcher: the nodes)."""
 
-    def verified(self, peer: str) -> None:
+    def verified(self, peer: str) -> None:  # noqa: B027  (optional: most transports need not)
         """The core verified a message that came from ``peer`` (under a key it trusts).
 
         Called on the event loop for every verified message, so it must be cheap. A

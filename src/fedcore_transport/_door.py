@@ -1,5 +1,4 @@
-"""Which senders a broker endpoint listens to: everyone, or, while strangers flood it, only
-the senders the core has verified.
+"""Which senders a broker endpoint hears: everyone, or, under a flood, the ones it verified.
 
 A broker delivers an endpoint's messages over one stream, in the order they were published.
 When strangers publish on its inbox faster than the endpoint's MQTT client reads (a Python
