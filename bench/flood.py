@@ -126,6 +126,11 @@ def node_under_flood(port: int, rate: float, seconds: float, folder: Path,
 
     try:
         asyncio.run(scenario())
+    except Exception as exc:  # say which run failed, with the node's log, and go on
+        tail = (folder / f"{federation}.log").read_text(errors="replace")[-4000:]
+        print(f"run {federation}{query} failed: {exc!r}\nnode log tail:\n{tail}",
+              file=sys.stderr, flush=True)
+        raise
     finally:
         proc.terminate()
         proc.wait(30)
@@ -155,6 +160,8 @@ def main() -> None:
                 for way, query in (("door", ""), ("open", "?strangers_per_s=0")):
                     runs[way].append(node_under_flood(broker.port, args.rate, args.seconds,
                                                       folder, researcher, query))
+                    print(f"{way}: slowest ping {max(runs[way][-1]['latencies']):.3f} s",
+                          file=sys.stderr, flush=True)
         finally:
             broker.stop()
     med = statistics.median

@@ -56,6 +56,7 @@ import logging
 import os
 import socket
 import ssl as ssl_lib
+import time
 import uuid
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -146,6 +147,7 @@ class MqttTransport(Transport):
         self._door = Door(f"{root}/to/{identity}/from/", self._resubscribe,
                           strangers_per_s=strangers_per_s, closed_s=strangers_shut_s)
         self._reopen: asyncio.TimerHandle | None = None
+        self._last_shut = -1e9
         self._outbox = f"{root}/to/{{peer}}/from/{identity}"
         self._presence = f"{root}/presence/{role}/{identity}"
         self._peer_presence = f"{root}/presence/{other}/"
@@ -395,9 +397,11 @@ class MqttTransport(Transport):
 
     def _door_closed(self) -> None:
         door = self._door
-        (log.warning if door.closures == 1 else log.info)(
+        now = time.monotonic()  # a warning when a flood starts, then one info line per shut
+        fresh, self._last_shut = now - self._last_shut > 3 * door.closed_s, now
+        (log.warning if fresh else log.info)(
             "More than %d messages a second on %s's inbox at %s come from senders never "
-            "verified: for %g s it hears only the senders it verified (close #%d; a broker "
+            "verified: for %g s it hears only the senders it verified (shut #%d; a broker "
             "ACL keeps strangers off the inbox: docs/deployment.md).", door.strangers_per_s,
             self.identity, self._where, door.closed_s, door.closures)
         if self._reopen is not None:
