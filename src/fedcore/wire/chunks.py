@@ -49,7 +49,7 @@ from fedcore.transport import Capabilities, Transport
 from fedcore.wire import codec
 from fedcore.wire.admission import NAMES, Admission
 from fedcore.wire.limits import Bounded
-from fedcore.wire.signing import TRAILER, Guard
+from fedcore.wire.signing import TRAILER, Guard, ReplayedFrame
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -330,11 +330,14 @@ class ChunkedTransport(Transport):
             if self.admission is not None:
                 self.admission.count(peer, exc)
             return None
-        refused = self._refused.get_or_add(peer, set)
-        if len(refused) > 64:
-            refused.clear()
-        refused.add(frame_id)
-        self._drop(peer, frame_id)
+        # A replayed first message is a copy of one taken (a QoS 1 resend, or overlapping
+        # subscriptions of a broker endpoint): the frame it started goes on.
+        if not isinstance(exc, ReplayedFrame):
+            refused = self._refused.get_or_add(peer, set)
+            if len(refused) > 64:
+                refused.clear()
+            refused.add(frame_id)
+            self._drop(peer, frame_id)
         return self._junk(peer, view[CHUNK_HEADER:CHUNK_HEADER + _HEAD], exc)
 
     async def _chunk(self, peer: str, header: tuple[int, int, int], data: memoryview,
