@@ -129,3 +129,29 @@ def test_a_flooded_node_hears_its_verified_researcher_and_no_stranger_until_it_e
 def test_bad_door_options_are_explained(query):
     with pytest.raises(ConfigurationError, match="strangers_per_s >= 0"):
         MqttTransport(f"mqtt://127.0.0.1/fed?{query}", role="node", identity="n")
+
+
+def test_the_door_keeps_a_bounded_list_of_senders_and_shuts_only_with_someone_to_hear():
+    from fedcore_transport._door import Door
+
+    changes: list[tuple[list[str], list[str]]] = []
+    now = [0.0]
+    door = Door("in/", lambda sub, unsub: changes.append((sub, unsub)), strangers_per_s=3,
+                closed_s=10, cap=2, clock=lambda: now[0])
+    assert not any(door.stranger() for _ in range(5))  # nobody verified: nobody to keep
+    assert not door.closed and changes == []
+    for sender in ("a", "b", "c"):
+        door.verified(sender)
+    assert not door.knows("a") and door.knows("c")  # the least recent beyond the cap goes
+    now[0] = 1.0  # a new second: 3 strangers in it shut the door
+    assert [door.stranger() for _ in range(3)] == [False, False, True]
+    assert door.closed and changes == [(["in/b", "in/c"], ["in/+"])]
+    assert door.filters() == ["in/b", "in/c"]  # what a reconnection subscribes to
+    door.verified("d")  # heard while shut (a message already on its way): heard from now on
+    assert changes[-1] == (["in/d"], ["in/b"])
+    door.shut_out = 7
+    assert door.open() == 7 and not door.closed
+    assert changes[-1] == (["in/+"], ["in/c", "in/d"]) and door.filters() == ["in/+"]
+    never = Door("in/", lambda sub, unsub: changes.append((sub, unsub)), strangers_per_s=0)
+    never.verified("a")
+    assert not any(never.stranger() for _ in range(1000)) and not never.closed
