@@ -155,3 +155,55 @@ def test_the_door_keeps_a_bounded_list_of_senders_and_shuts_only_with_someone_to
     never = Door("in/", lambda sub, unsub: changes.append((sub, unsub)), strangers_per_s=0)
     never.verified("a")
     assert not any(never.stranger() for _ in range(1000)) and not never.closed
+
+
+def test_a_node_that_shut_strangers_out_keeps_them_out_across_a_broker_restart(tmp_path):
+    broker = Broker(tmp_path, "allow_anonymous true").start()
+    url = f"mqtt://127.0.0.1:{broker.port}/{fed()}?retry_max=0.5"
+    got: list[tuple[str, bytes]] = []
+
+    async def scenario() -> None:
+        node = MqttTransport(url, role="node", identity="site", strangers_shut_s=60)
+        researcher = MqttTransport(url, role="researcher", identity="researcher")
+        stranger = MqttTransport(url, role="researcher", identity="stranger")
+        for endpoint in (node, researcher, stranger):
+            await endpoint.start()
+
+        async def read() -> None:
+            while True:
+                peer, message = await node.receive()
+                got.append((peer, bytes(message)))
+
+        def present() -> bool:
+            return "site" in researcher.peers() and "site" in stranger.peers()
+
+        reader = asyncio.create_task(read())
+        try:
+            await wait_until(present, "the node's presence")
+            await researcher.send("site", b"hello")
+            await wait_until(lambda: ("researcher", b"hello") in got, "the researcher")
+            node.verified("researcher")  # as the core does
+            for i in range(300):  # more than 100 a second from a sender never verified
+                await stranger.send("site", b"junk %d" % i)
+            await researcher.send("site", b"r1")
+            await wait_until(lambda: ("researcher", b"r1") in got, "r1", timeout=30)
+            broker.kill()
+            await wait_until(lambda: not researcher.peers(), "the loss of the broker")
+            broker.start()  # same port: every endpoint reconnects and subscribes again
+            await wait_until(present, "the reconnections", timeout=30)
+            await stranger.send("site", b"stranger after the restart")
+            for text in (b"r2", b"r3"):  # r3 leaves after r2 came back: the stranger's
+                await researcher.send("site", text)  # message, sent before both, is through
+                await wait_until(lambda t=text: ("researcher", t) in got, text.decode(),
+                                 timeout=30)
+            assert ("stranger", b"stranger after the restart") not in got
+            assert sum(peer == "stranger" for peer, _ in got) < 300  # the broker shed most
+        finally:
+            reader.cancel()
+            for endpoint in (stranger, researcher, node):
+                await endpoint.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 90))
+    finally:
+        broker.stop()
