@@ -58,7 +58,8 @@ def test_a_flooded_node_hears_its_verified_researcher_and_no_stranger_until_it_e
     lines = Lines()
     logger = logging.getLogger("fedcore.transport.mqtt")
     logger.addHandler(lines)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not .level =: it clears the level cache
     got: dict[str, list[bytes]] = {}
 
     async def scenario() -> None:
@@ -121,7 +122,7 @@ def test_a_flooded_node_hears_its_verified_researcher_and_no_stranger_until_it_e
         asyncio.run(asyncio.wait_for(scenario(), 120))
     finally:
         logger.removeHandler(lines)
-        logger.level = level
+        logger.setLevel(level)
         broker.stop()
 
 
