@@ -344,6 +344,8 @@ class MqttTransport(Transport):
                 self._call(self._door_closed)
             if door.closed:  # what the broker had queued before it heard the door close
                 door.shut_out += 1
+                if self.shed is not None:
+                    self.shed(sender)
                 return
         screen = self.screen
         if screen is not None and not screen(sender, message.payload):

@@ -112,8 +112,8 @@ def test_a_flood_of_junk_frames_neither_delays_the_researcher_nor_grows_the_node
     dropped = sum(r["dropped"] for r in summaries)
     offered = sent["sent"] / sent["seconds"]
     print(f"\nflood: {offered:,.0f} junk frames/s offered for {sent['seconds']:.1f} s, "
-          f"{dropped:,} read and dropped by the node in {len(summaries)} summaries (the "
-          f"broker discarded the rest); {len(latencies)} requests, median "
+          f"{dropped:,} dropped by the node in {len(summaries)} summaries (the broker "
+          f"discarded the rest); {len(latencies)} requests, median "
           f"{sorted(latencies)[len(latencies) // 2]:.3f} s, slowest {max(latencies):.3f} s; "
           f"node memory {memory['before']:.0f} -> peak {memory['peak']:.0f} MiB; load "
           f"average {os.getloadavg()[0]:.1f}")
@@ -121,7 +121,7 @@ def test_a_flood_of_junk_frames_neither_delays_the_researcher_nor_grows_the_node
     assert max(latencies) < 2.0, (latencies, node_log(home))
     assert memory["peak"] - memory["before"] < 50, memory
     assert "hears only the senders it verified" in home.with_suffix(".log").read_text()
-    assert 0 < dropped < sent["sent"]  # what the node read of it, it dropped
+    assert 0 < dropped < sent["sent"]  # what reached the node, it dropped and counted
     assert 1 <= len(summaries) <= 4, [r["seconds"] for r in summaries]
     assert not [r for r in events if r["event"] in ("refused-frame", "internal-error")]
     requests = [r for r in events if r["event"] == "search"]

@@ -128,6 +128,7 @@ class ChunkedTransport(Transport):
                           else None)
         if self.admission is not None:
             inner.screen = self.admission.screen
+            inner.shed = self._shed
         self._receiving = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -279,6 +280,12 @@ class ChunkedTransport(Transport):
         if header is None:
             return Delivery(peer, signed.body.toreadonly(), *claimed)
         return await self._chunk(peer, header, signed.body[CHUNK_HEADER:], *claimed)
+
+    def _shed(self, peer: str) -> None:
+        """Count a message the transport dropped unread (on its receiving thread)."""
+        assert self.admission is not None
+        self.admission.drops.drop(peer, "shut out", "Dropped unread: strangers flooded this "
+                                  "endpoint, which heard only the senders it verified.")
 
     def _junk(self, peer: str, head: memoryview, exc: FedcoreError) -> Delivery | None:
         """Count a refused frame; hand it on (to be answered) only while reports are cheap."""
