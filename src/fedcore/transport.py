@@ -191,10 +191,10 @@ class Transport(abc.ABC):
     #: message, and drops the message when it returns false (the core counted it). Junk on
     #: a broker then costs no hop to the event loop.
     screen: Callable[[str, bytes | bytearray], bool] | None = None
-    #: Installed by the core with ``screen``: a transport calls it, on its receiving thread,
-    #: with the sender of each message it dropped unread (the MQTT transport, for what was
-    #: already on its way when it shut strangers out), so the core's summaries count it.
-    shed: Callable[[str], None] | None = None
+    #: Installed by the core with ``screen``: a transport calls it on the event loop with the
+    #: number of messages it dropped unread since it last did (the MQTT transport: what was
+    #: on its way when it shut strangers out), so that the core's summaries count them.
+    shed: Callable[[int], None] | None = None
 
     def __init__(self, url: str, *, role: Role, identity: str):
         #: The URL without its credentials, safe to log, audit and show.

@@ -343,9 +343,7 @@ class MqttTransport(Transport):
             if door.stranger():
                 self._call(self._door_closed)
             if door.closed:  # what the broker had queued before it heard the door close
-                door.shut_out += 1
-                if self.shed is not None:
-                    self.shed(sender)
+                door.shut_out += 1  # counted for the core when the door opens
                 return
         screen = self.screen
         if screen is not None and not screen(sender, message.payload):
@@ -414,6 +412,8 @@ class MqttTransport(Transport):
     def _open_door(self) -> None:
         self._reopen = None
         shut_out = self._door.open()
+        if shut_out and self.shed is not None:
+            self.shed(shut_out)
         log.info("%s hears every sender on its inbox at %s again (%d messages from strangers "
                  "were dropped unread while it did not).", self.identity, self._where, shut_out)
 

@@ -281,11 +281,13 @@ class ChunkedTransport(Transport):
             return Delivery(peer, signed.body.toreadonly(), *claimed)
         return await self._chunk(peer, header, signed.body[CHUNK_HEADER:], *claimed)
 
-    def _shed(self, peer: str) -> None:
-        """Count a message the transport dropped unread (on its receiving thread)."""
+    def _shed(self, count: int) -> None:
+        """Count ``count`` messages the transport dropped unread."""
         assert self.admission is not None
-        self.admission.drops.drop(peer, "shut out", "Dropped unread: strangers flooded this "
-                                  "endpoint, which heard only the senders it verified.")
+        for _ in range(count):  # a few hundred, once per shut-out
+            self.admission.drops.drop("(strangers)", "shut out", "Dropped unread: strangers "
+                                      "flooded this endpoint, which heard only the senders "
+                                      "it verified.")
 
     def _junk(self, peer: str, head: memoryview, exc: FedcoreError) -> Delivery | None:
         """Count a refused frame; hand it on (to be answered) only while reports are cheap."""
