@@ -39,7 +39,7 @@ from fedcore.governance.statistics_log import QueryLog
 from fedcore.node._config import NodeConfig
 from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
-from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
+from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase, file_sha256
 from fedcore.node._worker import PlanWorkers
 from fedcore.node._worker import describe as describe_isolation
 from fedcore.node.audit import AuditLog, AuditReport
@@ -147,6 +147,7 @@ class Node:
         self._audit = AuditLog(self.home / "audit.jsonl")
         #: The database (TinyDB); ``with node.db.transaction():`` makes one change of it.
         self.db = NodeDatabase(self.home / "db.json", lock=lock, journal=self._audit)
+        self._config.storage = self.db.storage  # config changes go with their audit record
         #: Training plans submitted for review, and the administrator's decisions.
         self.plans = PlanStore(self.db, audit=self.audit)
         #: Accounts of the node's web GUI.
@@ -227,7 +228,23 @@ class Node:
         The report is true when the log is intact and every plan, dataset and account in
         the database has the audit records of its changes (``report.mismatches`` otherwise).
         """
-        return verify_home(self.db, self._audit)
+        return verify_home(self.db, self._audit, self._config.path)
+
+    def accept_config(self, *, by: str = "") -> str:
+        """Record ``config.toml`` as it is now (after a reviewed hand edit); its SHA-256.
+
+        ``audit verify`` compares the file with the hash of the last change the log
+        recorded; this writes a ``config-accepted`` record with the file's current hash.
+        """
+        with self.db.transaction():
+            try:
+                text = self._config.path.read_bytes().decode("utf-8")  # exactly its bytes
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigurationError(f"Cannot read {self._config.path} as UTF-8 TOML: "
+                                         f"{exc}. Fix the file first.") from None
+            self.db.storage.stage(self._config.path, text)
+            self.audit("config-accepted", by=by)
+        return file_sha256(self._config.path)
 
     def set_federation(self, url: str, *, by: str = "") -> None:
         """Store the researcher's URL that ``fedcore-node start`` connects to (checked)."""
