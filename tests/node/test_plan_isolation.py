@@ -10,9 +10,11 @@ refused with ``PermissionError`` and the reply carries nothing of them.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -21,10 +23,16 @@ import pytest
 pytest.importorskip("sklearn")
 
 from fedcore.data import ArrayDataset  # noqa: E402
-from fedcore.node import _landlock  # noqa: E402
+from fedcore.node import (
+    Node,  # noqa: E402
+    _landlock,  # noqa: E402
+)
 from fedcore.plan import PlanBundle  # noqa: E402
+from fedcore.wire.identity import Identity  # noqa: E402
 from fedcore.wire.messages import ErrorReply, TrainReply, TrainRequest  # noqa: E402
 from tests._support.attack import Attacker, serve  # noqa: E402
+from tests._support.deployment import start_node, stop_processes  # noqa: E402
+from tests._support.net import free_port as _free_port  # noqa: E402
 from tests._support.sklearn_plans import SleepWhenToldPlan  # noqa: E402
 
 landlock = pytest.mark.skipif(_landlock.abi_version() == 0,
@@ -249,3 +257,78 @@ def test_an_approved_plan_cannot_connect_to_a_host_it_controls(site):
     assert [h for h in heard if h[0] == "tcp"] == [], heard  # the server heard nothing
     if "namespace" in network:  # no network at all: UDP (DNS...) goes nowhere either
         assert heard == [], heard
+
+
+PLAIN = '''
+from sklearn.linear_model import SGDClassifier
+
+from fedcore_sklearn import SklearnTrainingPlan
+
+
+class PlainPlan(SklearnTrainingPlan):
+    estimator = SGDClassifier
+'''
+
+
+def _frameworks(pid: int) -> set[str]:
+    """The ML frameworks whose compiled modules process ``pid`` has loaded."""
+    maps = open(f"/proc/{pid}/maps").read()
+    return {name for name in ("sklearn", "torch", "tensorflow", "jax") if f"/{name}/" in maps}
+
+
+def test_a_restarted_node_starts_its_worker_ahead_with_the_frameworks_it_ran(tmp_path):
+    """The first round after a restart finds its worker started, its framework imported."""
+    alice = tmp_path / "alice.key"
+    url, node = serve(tmp_path / "site", "site", trusted={"alice": alice})
+    dataset = node.datasets.add_arrays("cohort", ["cohort"], X, Y)["id"]
+    bundle = PlanBundle(files={"plan.py": PLAIN}, entry="PlainPlan", backend="sklearn")
+    node.plans.submit(bundle)
+    node.plans.approve(bundle.sha256)
+    with Attacker(url, {"site": node.identity.public_bytes}, key=alice) as attacker:
+        assert isinstance(attacker.ask("site", _request(bundle.to_wire(), dataset)).body,
+                          TrainReply)
+    node.stop()
+    assert json.loads((node.home / "plan-workers.json").read_text()) == {dataset: ["sklearn"]}
+
+    url = f"ws://127.0.0.1:{_free_port()}"
+    again = Node(node.home).start(url)  # no request yet
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := list(again._workers._workers.values())) or "sklearn" not in \
+                _frameworks(workers[0].process.pid):
+            assert time.monotonic() < deadline, "no worker with sklearn started ahead"
+            time.sleep(0.05)
+        [worker] = workers
+        with Attacker(url, {"site": again.identity.public_bytes}, key=alice) as attacker:
+            reply = attacker.ask("site", _request(bundle.to_wire(), dataset)).body
+        assert isinstance(reply, TrainReply) and reply.n_samples == len(X)
+        assert list(again._workers._workers.values()) == [worker]  # it ran the round
+        assert worker.process.poll() is None
+    finally:
+        again.stop()
+
+
+def test_admitting_an_isolated_plan_imports_no_framework_in_the_node(tmp_path):
+    """Under process isolation only the worker imports the plan's framework (a node process)."""
+    alice = tmp_path / "alice.key"
+    home = tmp_path / "site"
+    node = Node(home, node_id="site")
+    node.trust("alice", Identity(alice).public_key)
+    dataset = node.datasets.add_arrays("cohort", ["cohort"], X, Y)["id"]
+    bundle = PlanBundle(files={"plan.py": PLAIN}, entry="PlainPlan", backend="sklearn")
+    node.plans.submit(bundle)
+    node.plans.approve(bundle.sha256)
+    key = node.identity.public_bytes
+    node._close_audit()
+    url = f"ws://127.0.0.1:{_free_port()}"
+    proc = start_node(home, url)
+    try:
+        with Attacker(url, {"site": key}, key=alice) as attacker:
+            reply = attacker.ask("site", _request(bundle.to_wire(), dataset)).body
+            assert isinstance(reply, TrainReply) and reply.n_samples == len(X), reply
+            assert _frameworks(proc.pid) == set()  # the node process imported no framework
+            workers = [int(p) for task in os.listdir(f"/proc/{proc.pid}/task")
+                       for p in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+            assert any("sklearn" in _frameworks(pid) for pid in workers)  # its worker did
+    finally:
+        stop_processes([proc])

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
+from fedcore import plugins
 from fedcore.aggregators._local import LocalState
 from fedcore.data import Dataset
 from fedcore.errors import ConfigurationError, DatasetError, GovernanceError
@@ -143,6 +144,18 @@ def _failure(exc: BaseException) -> ErrorReply:
                       traceback=traceback.format_exc())
 
 
+def _preload(backends: Any) -> None:
+    """Import the backends the node expects (their frameworks), ahead of the first round.
+
+    It runs after Landlock's rules: every thread a framework starts is under them too.
+    """
+    for name in backends if isinstance(backends, list) else ():
+        try:
+            plugins.load("backends", str(name))
+        except Exception:  # noqa: BLE001 - a round with this backend reports it
+            pass
+
+
 def serve(conn: Connection, offline: bool = False) -> None:
     """Lock this process to its files, then answer rounds until the node closes the socket.
 
@@ -162,6 +175,9 @@ def serve(conn: Connection, offline: bool = False) -> None:
     while True:
         try:
             job = codec.decode(conn.recv_bytes()).body
+            if isinstance(job, Checkpoint) and "preload" in job.state:
+                _preload(job.state["preload"])
+                continue
             request = conn.recv_bytes()
         except EOFError:
             return

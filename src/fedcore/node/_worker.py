@@ -12,9 +12,13 @@ would copy the identity key in memory) started with
   ``db.json``, ``audit.jsonl``), not the node's other datasets.
 
 A worker serves one dataset (the rules name its files), lives as long as the node and keeps
-built plans between rounds. When it dies the round fails for this node with a clear reply,
-and the next round starts a new one. What comes back is decoded and checked like a message
-from the network; the node keeps the algorithms' state files.
+built plans between rounds. The node remembers which backends ran on which dataset
+(``plan-workers.json`` in its home) and, when it starts serving a network, starts those
+workers ahead of time: each locks itself to its files, then imports those backends' ML
+frameworks, so that the first round costs no cold import. When a worker dies the round
+fails for this node with a clear reply, and the next round starts a new one. What comes
+back is decoded and checked like a message from the network; the node keeps the
+algorithms' state files.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from fedcore._files import write_atomic
 from fedcore.aggregators._local import LocalState
 from fedcore.errors import FedcoreError
 from fedcore.node import _landlock
@@ -61,6 +66,7 @@ _SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/s
 _SYSTEM_WRITE = ("/dev/null", "/dev/shm", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0",
                  "/dev/dri")
 _WORKERS = 4  # datasets with a live worker; the least recently used one ends beyond this
+MEMORY = "plan-workers.json"  # in the node home: {dataset id: [backends run on it]}
 _MAX_REPLY = codec.DEFAULT_MAX_FRAME
 # The worker leaves the host's network first, before any import starts a thread (numpy's
 # BLAS does): _landlock.py is loaded from its file, without fedcore's package imports.
@@ -168,6 +174,14 @@ class _Worker:
         #: its own), ``tcp`` (Landlock refuses TCP connect and bind), both, or ``open``.
         self.network = str(hello.state.get("network", "open"))
 
+    def preload(self, backends: Iterable[str]) -> None:
+        """Have the worker import these backends (their ML frameworks) now, in the background.
+
+        It answers nothing: a round sent meanwhile waits in the socket until the imports end.
+        """
+        self.conn.send_bytes(codec.encode(Envelope(
+            Checkpoint(state={"preload": sorted(backends)}), sender="node")))
+
     def receive(self) -> Body:
         """The next message (``EOFError`` when the process ended)."""
         return codec.decode(self.conn.recv_bytes(_MAX_REPLY), max_size=_MAX_REPLY).body
@@ -195,6 +209,7 @@ class PlanWorkers:
         self._lock = threading.Lock()
         self.landlock: int | None = None  # the ABI the last worker applied (0: none)
         self.network: str | None = None  # how the last worker was kept off the network
+        self._used: dict[str, list[str]] | None = None  # MEMORY, once read
 
     def _worker(self, entry: Mapping[str, Any], forbidden: list[str]) -> _Worker:
         read = readable(entry, forbidden)
@@ -216,6 +231,41 @@ class PlanWorkers:
         while len(self._workers) > _WORKERS:
             self._workers.pop(next(iter(self._workers))).close()
         return worker
+
+    def remembered(self) -> dict[str, list[str]]:
+        """``{dataset id: [backends]}`` whose rounds ran in workers before (oldest first)."""
+        try:
+            data = json.loads((self.home / MEMORY).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): [str(b) for b in v] for k, v in data.items() if isinstance(v, list)}
+
+    def remember(self, dataset: str, backend: str) -> None:
+        """Note that ``backend`` ran on ``dataset`` (written only when that is new)."""
+        used = self._used if self._used is not None else self.remembered()
+        self._used = used
+        if backend in used.get(dataset, ()):
+            return
+        used.setdefault(dataset, []).append(backend)
+        while len(used) > _WORKERS:
+            used.pop(next(iter(used)))
+        try:
+            write_atomic(self.home / MEMORY, json.dumps(used))
+        except OSError as exc:
+            log.warning("Could not remember the plan workers' backends in %s: %s",
+                        self.home / MEMORY, exc)
+
+    def prestart(self, entry: Mapping[str, Any], forbidden: list[str],
+                 backends: Iterable[str]) -> None:
+        """Start the worker of ``entry`` now and have it import ``backends``."""
+        with self._lock:
+            try:
+                self._worker(entry, forbidden).preload(backends)
+            except (EOFError, OSError, FedcoreError) as exc:
+                log.warning("Could not start the plan worker of dataset %s ahead of time "
+                            "(%r); its first round starts one.", entry.get("id"), exc)
 
     def run(self, job: Mapping[str, Any], request: Envelope, entry: Mapping[str, Any],
             forbidden: list[str], state: LocalState,

@@ -100,7 +100,10 @@ _REFUSALS: dict[str, type[FedcoreError]] = {
 
 @dataclasses.dataclass(frozen=True)
 class _Admitted:
-    """A training request the node accepted: the verified plan, the decision, the data."""
+    """A training request the node accepted: the verified plan, the decision, the data.
+
+    ``dataset`` is ``None`` under process isolation: the plan's worker opens it.
+    """
 
     bundle: PlanBundle
     sha: str
@@ -449,6 +452,8 @@ class Node:
         self._transport = transport
         if self._halting:  # stop() came while the transport was starting
             await transport.close()
+        elif self.plan_isolation == "process":  # warm workers before the first round
+            asyncio.get_running_loop().run_in_executor(self._executor, self._prestart_workers)
         tasks: set[asyncio.Task[None]] = set()
         self.audit("started", transport=redact_url(transport.url))
         try:
@@ -664,6 +669,13 @@ class Node:
             if not decision.allowed:  # the decision is in the audit log already
                 return ErrorReply(kind="governance", message=decision.reason,
                                   exc_type="GovernanceError")
+            local_algorithm(request.algorithm)  # an unknown aggregator is refused here
+            if self.plan_isolation == "process":
+                # The plan's worker imports its framework and opens the dataset: the node
+                # only checks that the backend is one it knows, without importing it.
+                if bundle.backend not in plugins.available("backends"):
+                    plugins.load("backends", bundle.backend)  # the error names close ones
+                return _Admitted(bundle, sha, entry, decision, None)
             if bundle.backend not in self._backends:
                 # Importing a framework takes seconds: off the loop, which keeps serving.
                 # Once imported, later rounds skip the thread hop (it costs milliseconds
@@ -671,7 +683,6 @@ class Node:
                 await asyncio.get_running_loop().run_in_executor(
                     None, plugins.load, "backends", bundle.backend)
                 self._backends.add(bundle.backend)
-            local_algorithm(request.algorithm)  # an unknown aggregator is refused here
             return _Admitted(bundle, sha, entry, decision, self.datasets.open(entry))
         except asyncio.CancelledError:  # the node stops while loading the framework
             self.audit("train-abandoned", **base, reason="the node stopped mid-round")
@@ -717,8 +728,7 @@ class Node:
         job = {"bundle": admitted.bundle.to_wire(), "allow_gpu": self._allow_gpu(),
                "warm_key": plan_key(env.experiment, admitted.sha, request)}
         entry = admitted.entry
-        forbidden = [str(self.home), *(p for e in self.datasets.list() if e["id"] != entry["id"]
-                                       for p in entry_paths(e))]
+        forbidden = self._forbidden(entry)
         state = LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
                            env.round)
         sent = Envelope(request, sender=env.sender, experiment=env.experiment, round=env.round)
@@ -729,6 +739,8 @@ class Node:
         except asyncio.CancelledError:
             self.audit("train-abandoned", **base, reason="the node stopped mid-round")
             raise
+        if not isinstance(reply, ErrorReply) or reply.kind == "plan":
+            self._workers.remember(str(entry["id"]), admitted.bundle.backend)
         if isinstance(reply, ErrorReply):
             if reply.kind in ("governance", "configuration"):
                 self.audit("train-refused", **base, reason=reply.message)
@@ -742,6 +754,26 @@ class Node:
             reply = dataclasses.replace(reply, privacy=spec.reply(
                 self._privacy_events(spec, request, admitted.entry, reply)))
         return reply
+
+    def _forbidden(self, entry: Mapping[str, Any]) -> list[str]:
+        """What the worker of ``entry`` may not read: the home and the other datasets."""
+        return [str(self.home), *(p for e in self.datasets.list() if e["id"] != entry["id"]
+                                  for p in entry_paths(e))]
+
+    def _prestart_workers(self) -> None:
+        """Start the workers of the datasets that ran plans before, importing their backends.
+
+        Runs on the training thread as the node starts serving: a round that comes meanwhile
+        waits for it, then finds its worker warm.
+        """
+        try:
+            entries = {str(e["id"]): e for e in self.datasets.list()}
+            for dataset, backends in self._workers.remembered().items():
+                if dataset in entries:
+                    self._workers.prestart(entries[dataset], self._forbidden(entries[dataset]),
+                                           backends)
+        except Exception:  # noqa: BLE001 - never fatal: the first round starts a worker
+            log.exception("Could not start plan workers ahead of time")
 
     def _privacy_events(self, spec: PrivacySpec, request: TrainRequest,
                         entry: dict[str, Any], reply: TrainReply) -> list[Event]:
