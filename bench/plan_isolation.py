@@ -11,7 +11,8 @@ worker (its start: Python, the backend's import, Landlock) is printed on its own
 
 Then, for ``process``, the node is stopped and started again on the same home (issue #16:
 "the first round no slower than the frameworks' import time plus two steady rounds"). The
-restarted node starts its worker ahead of time and imports the backend it ran before there.
+restarted node starts its worker ahead of time, which imports there what the rounds before
+imported (the backend, its framework, the plan's libraries).
 The first round is measured twice: right after the restart (the worker's start races the
 round), and once the node has finished starting (its worker warm). Both are printed against
 the frameworks' import time (``import fedcore_sklearn, sklearn.linear_model`` in a fresh
@@ -58,12 +59,12 @@ def _import_s() -> float:
         for _ in range(3))
 
 
-def _warm(node: Node, timeout: float = 120.0) -> None:
-    """Wait until the node's worker has started ahead of time with sklearn imported."""
+def _warm(node: Node, timeout: float = 300.0) -> None:
+    """Wait until the node's worker has started ahead of time and imported its modules."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         workers = list(node._workers._workers.values())
-        if workers and "/sklearn/" in Path(f"/proc/{workers[0].process.pid}/maps").read_text():
+        if workers and workers[0].warm:
             return
         time.sleep(0.05)
     raise RuntimeError("no worker started ahead of time")

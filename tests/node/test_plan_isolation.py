@@ -288,17 +288,20 @@ def test_a_restarted_node_starts_its_worker_ahead_with_the_frameworks_it_ran(tmp
         assert isinstance(attacker.ask("site", _request(bundle.to_wire(), dataset)).body,
                           TrainReply)
     node.stop()
-    assert json.loads((node.home / "plan-workers.json").read_text()) == {dataset: ["sklearn"]}
+    remembered = json.loads((node.home / "plan-workers.json").read_text())
+    assert list(remembered) == [dataset] and remembered[dataset]["backends"] == ["sklearn"]
+    assert "sklearn.linear_model" in remembered[dataset]["modules"]  # what the plan imported
+    assert not [m for m in remembered[dataset]["modules"] if m.startswith("fedcore_plan")]
 
     url = f"ws://127.0.0.1:{_free_port()}"
     again = Node(node.home).start(url)  # no request yet
     try:
         deadline = time.monotonic() + 120
-        while not (workers := list(again._workers._workers.values())) or "sklearn" not in \
-                _frameworks(workers[0].process.pid):
-            assert time.monotonic() < deadline, "no worker with sklearn started ahead"
+        while not (workers := list(again._workers._workers.values())) or not workers[0].warm:
+            assert time.monotonic() < deadline, "no worker started ahead"
             time.sleep(0.05)
         [worker] = workers
+        assert "sklearn" in _frameworks(worker.process.pid)  # imported before any request
         with Attacker(url, {"site": again.identity.public_bytes}, key=alice) as attacker:
             reply = attacker.ask("site", _request(bundle.to_wire(), dataset)).body
         assert isinstance(reply, TrainReply) and reply.n_samples == len(X)

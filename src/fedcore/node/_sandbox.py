@@ -15,11 +15,14 @@ what comes back as it would a message from the network, and checks it.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import sys
+import sysconfig
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -93,6 +96,15 @@ class _Runner:
         request = env.body
         if not isinstance(request, TrainRequest):
             raise ConfigurationError(f"Expected a TrainRequest. Received: {env.tag!r}")
+        before = set(sys.modules)
+        try:
+            return self._round(job, send, env, request)
+        finally:  # what the round imported, for the next start of this worker
+            if new := _installed(set(sys.modules) - before):
+                send(Checkpoint(state={"modules": new}))
+
+    def _round(self, job: Mapping[str, Any], send: Callable[[Body], None], env: Envelope,
+               request: TrainRequest) -> Body:
         bundle = PlanBundle.from_wire(job["bundle"])
         sha = bundle.sha256
         plan_class = self.plans.get(sha) or bundle.load()  # the plan's module code runs here
@@ -144,8 +156,8 @@ def _failure(exc: BaseException) -> ErrorReply:
                       traceback=traceback.format_exc())
 
 
-def _preload(backends: Any) -> None:
-    """Import the backends the node expects (their frameworks), ahead of the first round.
+def _preload(backends: Any, modules: Any) -> None:
+    """Import what earlier rounds imported (backends, installed modules), ahead of a round.
 
     It runs after Landlock's rules: every thread a framework starts is under them too.
     """
@@ -154,6 +166,27 @@ def _preload(backends: Any) -> None:
             plugins.load("backends", str(name))
         except Exception:  # noqa: BLE001 - a round with this backend reports it
             pass
+    for name in modules if isinstance(modules, list) else ():
+        try:
+            importlib.import_module(str(name))
+        except Exception:  # noqa: BLE001 - gone or changed since: the round imports its own
+            pass
+
+
+def _installed(names: Iterable[str]) -> list[str]:
+    """Of ``names`` (in ``sys.modules``), those imported from the Python installation.
+
+    Not the plan's own modules, nor anything from the scratch folder or a dataset.
+    """
+    paths = sysconfig.get_paths()
+    roots = tuple({os.path.join(os.path.realpath(paths[k]), "")
+                   for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths})
+    out = []
+    for name in sorted(names):
+        origin = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(origin, str) and os.path.realpath(origin).startswith(roots):
+            out.append(name)
+    return out
 
 
 def serve(conn: Connection, offline: bool = False) -> None:
@@ -176,7 +209,8 @@ def serve(conn: Connection, offline: bool = False) -> None:
         try:
             job = codec.decode(conn.recv_bytes()).body
             if isinstance(job, Checkpoint) and "preload" in job.state:
-                _preload(job.state["preload"])
+                _preload(job.state["preload"], job.state.get("modules"))
+                conn.send_bytes(frame(Checkpoint(state={"preloaded": len(sys.modules)})))
                 continue
             request = conn.recv_bytes()
         except EOFError:

@@ -12,10 +12,11 @@ would copy the identity key in memory) started with
   ``db.json``, ``audit.jsonl``), not the node's other datasets.
 
 A worker serves one dataset (the rules name its files), lives as long as the node and keeps
-built plans between rounds. The node remembers which backends ran on which dataset
-(``plan-workers.json`` in its home) and, when it starts serving a network, starts those
-workers ahead of time: each locks itself to its files, then imports those backends' ML
-frameworks, so that the first round costs no cold import. When a worker dies the round
+built plans between rounds. The node remembers which backends ran on which dataset, and
+which installed modules (the frameworks' and the libraries') their rounds imported
+(``plan-workers.json`` in its home). When it starts serving a network it starts those
+workers ahead of time: each locks itself to its files, then imports those modules, so that
+the first round costs no cold import. When a worker dies the round
 fails for this node with a clear reply, and the next round starts a new one. What comes
 back is decoded and checked like a message from the network; the node keeps the
 algorithms' state files.
@@ -66,7 +67,10 @@ _SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/s
 _SYSTEM_WRITE = ("/dev/null", "/dev/shm", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0",
                  "/dev/dri")
 _WORKERS = 4  # datasets with a live worker; the least recently used one ends beyond this
-MEMORY = "plan-workers.json"  # in the node home: {dataset id: [backends run on it]}
+MEMORY = "plan-workers.json"  # in the node home: {dataset id: {backends, modules}}
+_MODULES = 4000  # installed modules remembered per dataset, at most
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_PRELOAD_S = 600.0  # the longest a worker may take to import what it is told to
 _MAX_REPLY = codec.DEFAULT_MAX_FRAME
 # The worker leaves the host's network first, before any import starts a thread (numpy's
 # BLAS does): _landlock.py is loaded from its file, without fedcore's package imports.
@@ -173,14 +177,18 @@ class _Worker:
         #: How the worker is kept off the network: ``namespace`` (a network namespace of
         #: its own), ``tcp`` (Landlock refuses TCP connect and bind), both, or ``open``.
         self.network = str(hello.state.get("network", "open"))
+        #: Whether it imported, ahead of time, what earlier rounds on its dataset imported.
+        self.warm = False
 
-    def preload(self, backends: Iterable[str]) -> None:
-        """Have the worker import these backends (their ML frameworks) now, in the background.
-
-        It answers nothing: a round sent meanwhile waits in the socket until the imports end.
-        """
+    def preload(self, backends: list[str], modules: list[str]) -> None:
+        """Have the worker import these backends and installed modules; wait until it did."""
         self.conn.send_bytes(codec.encode(Envelope(
-            Checkpoint(state={"preload": sorted(backends)}), sender="node")))
+            Checkpoint(state={"preload": backends, "modules": modules}), sender="node")))
+        if not self.conn.poll(_PRELOAD_S):
+            raise FedcoreError(f"the worker took over {_PRELOAD_S:g} s to import its modules")
+        done = self.receive()
+        if not isinstance(done, Checkpoint) or "preloaded" not in done.state:
+            raise FedcoreError(f"unexpected {_said(done)}")
 
     def receive(self) -> Body:
         """The next message (``EOFError`` when the process ended)."""
@@ -209,7 +217,8 @@ class PlanWorkers:
         self._lock = threading.Lock()
         self.landlock: int | None = None  # the ABI the last worker applied (0: none)
         self.network: str | None = None  # how the last worker was kept off the network
-        self._used: dict[str, list[str]] | None = None  # MEMORY, once read
+        self._used: dict[str, dict[str, list[str]]] | None = None  # MEMORY, once read
+        self._closes = 0  # calls of close(): a worker started meanwhile is closed at once
 
     def _worker(self, entry: Mapping[str, Any], forbidden: list[str]) -> _Worker:
         read = readable(entry, forbidden)
@@ -232,23 +241,32 @@ class PlanWorkers:
             self._workers.pop(next(iter(self._workers))).close()
         return worker
 
-    def remembered(self) -> dict[str, list[str]]:
-        """``{dataset id: [backends]}`` whose rounds ran in workers before (oldest first)."""
+    def remembered(self) -> dict[str, dict[str, list[str]]]:
+        """``{dataset id: {"backends": [...], "modules": [...]}}`` of earlier worker rounds.
+
+        Oldest first; what is not a valid module name is left out.
+        """
         try:
             data = json.loads((self.home / MEMORY).read_text())
         except (OSError, ValueError):
             return {}
-        if not isinstance(data, dict):
-            return {}
-        return {str(k): [str(b) for b in v] for k, v in data.items() if isinstance(v, list)}
+        out: dict[str, dict[str, list[str]]] = {}
+        for dataset, used in data.items() if isinstance(data, dict) else ():
+            if isinstance(used, dict):
+                out[str(dataset)] = {k: _names(used.get(k)) for k in ("backends", "modules")}
+        return out
 
-    def remember(self, dataset: str, backend: str) -> None:
-        """Note that ``backend`` ran on ``dataset`` (written only when that is new)."""
+    def remember(self, dataset: str, backend: str, modules: Iterable[str] = ()) -> None:
+        """Note that ``backend`` ran on ``dataset`` and imported ``modules`` (when new)."""
         used = self._used if self._used is not None else self.remembered()
         self._used = used
-        if backend in used.get(dataset, ()):
+        mine = used.setdefault(dataset, {"backends": [], "modules": []})
+        new = [m for m in _names(list(modules)) if m not in set(mine["modules"])]
+        if backend in mine["backends"] and not new:
             return
-        used.setdefault(dataset, []).append(backend)
+        if backend not in mine["backends"] and _MODULE.fullmatch(backend):
+            mine["backends"].append(backend)
+        mine["modules"] = (mine["modules"] + new)[:_MODULES]
         while len(used) > _WORKERS:
             used.pop(next(iter(used)))
         try:
@@ -258,14 +276,29 @@ class PlanWorkers:
                         self.home / MEMORY, exc)
 
     def prestart(self, entry: Mapping[str, Any], forbidden: list[str],
-                 backends: Iterable[str]) -> None:
-        """Start the worker of ``entry`` now and have it import ``backends``."""
+                 used: Mapping[str, list[str]]) -> None:
+        """Start the worker of ``entry`` now; return once it imported what ``used`` lists.
+
+        ``used`` is what :meth:`remembered` holds for the dataset.
+        """
         with self._lock:
+            closes = self._closes
+            worker = None
             try:
-                self._worker(entry, forbidden).preload(backends)
+                worker = self._worker(entry, forbidden)
+                worker.preload(list(used.get("backends", ())), list(used.get("modules", ())))
+                worker.warm = True
             except (EOFError, OSError, FedcoreError) as exc:
                 log.warning("Could not start the plan worker of dataset %s ahead of time "
                             "(%r); its first round starts one.", entry.get("id"), exc)
+                if worker is not None:
+                    self._workers = {k: w for k, w in self._workers.items() if w is not worker}
+                    worker.process.kill()
+                    worker.close()
+                return
+            if closes != self._closes:  # the node stopped meanwhile: no worker outlives it
+                self._workers = {k: w for k, w in self._workers.items() if w is not worker}
+                worker.close()
 
     def run(self, job: Mapping[str, Any], request: Envelope, entry: Mapping[str, Any],
             forbidden: list[str], state: LocalState,
@@ -285,7 +318,7 @@ class PlanWorkers:
                     Checkpoint(state={**job, "entry": dict(entry), "state": values}),
                     sender=self.node_id)))
                 worker.conn.send_bytes(codec.encode(request))
-                return self._answer(worker, request, state, progress)
+                reply, modules = self._answer(worker, request, state, progress)
             except (EOFError, OSError, FedcoreError) as exc:
                 self._workers = {k: w for k, w in self._workers.items() if w is not worker}
                 worker.process.kill()
@@ -297,9 +330,15 @@ class PlanWorkers:
                     f"The plan's worker process {what}. The node keeps serving and starts a "
                     "new worker for the next round; fix the plan (it may have exited, "
                     "crashed, or run out of memory)."))
+            if isinstance(reply, TrainReply) or reply.kind == "plan":
+                self.remember(str(entry["id"]), str(job.get("backend", "")), modules)
+            return reply
 
     def _answer(self, worker: _Worker, request: Envelope, state: LocalState,
-                progress: Callable[..., None] | None) -> TrainReply | ErrorReply:
+                progress: Callable[..., None] | None
+                ) -> tuple[TrainReply | ErrorReply, list[str]]:
+        """The round's reply, and the installed modules the worker says it imported."""
+        modules: list[str] = []
         while True:
             body = worker.receive()
             if isinstance(body, TrainProgress):
@@ -311,20 +350,31 @@ class PlanWorkers:
                 for name, value in saved.items():
                     if isinstance(value, dict):
                         state.save(str(name), value)
+            elif isinstance(body, Checkpoint) and isinstance(
+                    imported := body.state.get("modules"), list):
+                modules = _names(imported)
             elif isinstance(body, ErrorReply):
-                return body
+                return body, modules
             elif isinstance(body, TrainReply):
                 assert isinstance(request.body, TrainRequest)
                 _check_layout(body.params, request.body.params)
-                return body
+                return body, modules
             else:
                 raise FedcoreError(f"unexpected {type(body).__name__}")
 
     def close(self) -> None:
         """End every worker (the node stops; a round still running in one fails)."""
+        self._closes += 1
         workers, self._workers = list(self._workers.values()), {}
         for worker in workers:
             worker.close()
+
+
+def _names(value: Any) -> list[str]:
+    """The valid module names of a list (at most :data:`_MODULES`), in order."""
+    items = value if isinstance(value, list) else []
+    return [str(v) for v in items if isinstance(v, str) and len(v) < 200
+            and _MODULE.fullmatch(v)][:_MODULES]
 
 
 def _algorithms(state: LocalState) -> set[str]:

@@ -726,6 +726,7 @@ class Node:
                            base: dict[str, Any]) -> TrainReply | ErrorReply:
         """Run the round in the dataset's worker process (docs: "What approval means")."""
         job = {"bundle": admitted.bundle.to_wire(), "allow_gpu": self._allow_gpu(),
+               "backend": admitted.bundle.backend,
                "warm_key": plan_key(env.experiment, admitted.sha, request)}
         entry = admitted.entry
         forbidden = self._forbidden(entry)
@@ -739,8 +740,6 @@ class Node:
         except asyncio.CancelledError:
             self.audit("train-abandoned", **base, reason="the node stopped mid-round")
             raise
-        if not isinstance(reply, ErrorReply) or reply.kind == "plan":
-            self._workers.remember(str(entry["id"]), admitted.bundle.backend)
         if isinstance(reply, ErrorReply):
             if reply.kind in ("governance", "configuration"):
                 self.audit("train-refused", **base, reason=reply.message)
@@ -768,10 +767,10 @@ class Node:
         """
         try:
             entries = {str(e["id"]): e for e in self.datasets.list()}
-            for dataset, backends in self._workers.remembered().items():
+            for dataset, used in self._workers.remembered().items():
                 if dataset in entries:
                     self._workers.prestart(entries[dataset], self._forbidden(entries[dataset]),
-                                           backends)
+                                           used)
         except Exception:  # noqa: BLE001 - never fatal: the first round starts a worker
             log.exception("Could not start plan workers ahead of time")
 
