@@ -116,7 +116,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="JSON lines, as stored")
     p = asub.add_parser("verify", help="check the hash chain and the database against it; "
                         "exit code 1 names each edited, inserted or deleted record and each "
-                        "plan, dataset or account the log does not account for")
+                        "plan, dataset or account the log does not account for, and a "
+                        "config.toml unlike the one the last recorded change left")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     asub.add_parser("accept-config", help="record config.toml as it is now, after you "
                     "reviewed a hand edit that `audit verify` reports (writes a "
