@@ -6,7 +6,9 @@ before its hello), and from then on every binary message is one message of the c
 ``max_frame_size`` (16 MiB by default; the core cuts larger frames into chunks). The
 researcher maps connections to node ids from the hellos. Received messages wait in a
 bounded inbox (``inbox_bytes``, 4 messages' worth by default): when the consumer lags, the
-endpoint stops reading from the socket and TCP slows the sender down.
+endpoint stops reading from the socket and TCP slows the sender down. A message that the
+core's screen (``Transport.screen``: no trusted key signed it) refuses is dropped as it is
+read, before it is queued: junk costs no inbox room, no hop to the consumer and no reply.
 Nodes reconnect by themselves, with exponential backoff and jitter, so a node can start
 before its researcher and survives a researcher restart.
 
@@ -211,8 +213,12 @@ class WebSocketTransport(Transport):
     async def _put(self, peer: str, message: str | bytes) -> None:
         if isinstance(message, str):
             log.warning("Ignored a text message from %s: frames are binary.", peer)
-        else:  # waits while the inbox is full: the socket is not read meanwhile
-            await self._inbox.put(peer, message)
+            return
+        screen = self.screen
+        if screen is not None and not screen(peer, message):
+            return  # junk: dropped (and counted) where it was read, never queued
+        # waits while the inbox is full: the socket is not read meanwhile
+        await self._inbox.put(peer, message)
 
     # --- node side --------------------------------------------------------------------------
 

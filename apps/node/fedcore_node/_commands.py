@@ -116,8 +116,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="JSON lines, as stored")
     p = asub.add_parser("verify", help="check the hash chain and the database against it; "
                         "exit code 1 names each edited, inserted or deleted record and each "
-                        "plan, dataset or account the log does not account for")
+                        "plan, dataset or account the log does not account for, and a "
+                        "config.toml unlike the one the last recorded change left")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    asub.add_parser("accept-config", help="record config.toml as it is now, after you "
+                    "reviewed a hand edit that `audit verify` reports (writes a "
+                    "config-accepted record with the file's SHA-256)")
 
     user = sub.add_parser("user", help="accounts of the web GUI (no account exists until "
                           "you add one)")
@@ -282,6 +286,10 @@ def _audit(args: argparse.Namespace, node: Node, out: Any) -> int:
         else:
             print(report, file=out)
         return 0 if report.ok else 1
+    if args.action == "accept-config":
+        sha = node.accept_config(by=_admin())
+        print(f"Recorded config.toml as it is now (SHA-256 {sha[:16]}...).", file=out)
+        return 0
     records = node.audit_log()
     if args.event:
         records = [r for r in records if r.get("event") == args.event]

@@ -15,7 +15,7 @@ import tomli_w
 from fedcore._files import write_atomic
 from fedcore.errors import ConfigurationError
 from fedcore.governance.policies import SETTINGS, effective_policy, validate_policy
-from fedcore.node._storage import LOCK_FILE, HomeLock, remove_stale_temporaries
+from fedcore.node._storage import LOCK_FILE, HomeLock, NodeStorage, remove_stale_temporaries
 
 _HEADER = ("# fedcore node configuration: identity and policy.\n"
            "# Policy keys are explained by `fedcore-node policy show` and in "
@@ -32,9 +32,14 @@ def read_config(path: Path) -> dict[str, Any]:
                                  "restore it), then try again.") from exc
 
 
+def config_text(config: Mapping[str, Any]) -> str:
+    """The text of ``config.toml`` holding ``config``."""
+    return _HEADER + tomli_w.dumps(dict(config))
+
+
 def write_config(path: Path, config: Mapping[str, Any]) -> None:
     """Replace ``path`` atomically: a reader sees the old file or the new one, whole."""
-    write_atomic(path, _HEADER + tomli_w.dumps(dict(config)))
+    write_atomic(path, config_text(config))
 
 
 def stamp(path: Path) -> tuple[int, int, int]:
@@ -52,8 +57,13 @@ class NodeConfig:
     An administrator may change the policy with ``fedcore-node policy set`` (another
     process), the GUI or an editor while the node serves; the next request sees it. Every
     change rereads the file and writes it under ``lock`` (the home's), so two processes
-    changing different keys at once both keep their change.
+    changing different keys at once both keep their change. With ``storage`` (the node's
+    database), a change made inside one of its transactions is written by that transaction,
+    together with its audit record (:meth:`NodeStorage.stage`).
     """
+
+    #: The database whose transactions write changes with their audit records.
+    storage: NodeStorage | None = None
 
     def __init__(self, path: Path, *, name: str | None = None, node_id: str | None = None,
                  approval_required: bool | None = None, lock: HomeLock | None = None):
@@ -148,9 +158,8 @@ class NodeConfig:
                                                if replace or _valid(k, v)})}
         data = {k: v for k, v in self._data.items() if k not in SETTINGS}
         data.update(wanted)
-        write_config(self.path, data)
-        self._data, self._stamp, self._error = data, stamp(self.path), ""
-        self.version += 1
+        self._write(data)
+        self._error = ""
         return {k: [current.get(k), wanted.get(k)] for k in sorted(set(current) | set(wanted))
                 if current.get(k) != wanted.get(k)}
 
@@ -160,10 +169,25 @@ class NodeConfig:
             raise ConfigurationError(f"{key!r} is not set this way.")
         with self._lock.hold():
             self.refresh()
-            data = {**self._data, key: value}
+            self._write({**self._data, key: value})
+
+    def _write(self, data: dict[str, Any]) -> None:
+        """Replace the file with ``data`` (under the lock): with the open transaction, if any."""
+        txn = self.storage is not None and self.storage.in_transaction()
+        self._data = data
+        self.version += 1
+        if not txn:
             write_config(self.path, data)
-            self._data, self._stamp = data, stamp(self.path)
-            self.version += 1
+            self._stamp = stamp(self.path)
+            return
+        assert self.storage is not None
+        self._stamp = stamp(self.path)  # the file as it is: reads in the transaction see data
+
+        def done(committed: bool) -> None:
+            # Committed: the file is what this object holds. Not: reread it when next asked.
+            self._stamp = stamp(self.path) if committed else (0, 0, 0)
+
+        self.storage.stage(self.path, config_text(data), done)
 
     def policy_toml(self) -> str:
         """The policy keys present in the file, as TOML text (for an editor)."""

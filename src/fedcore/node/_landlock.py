@@ -6,7 +6,9 @@ from then on the kernel refuses every other open, listing, creation or removal w
 ``EACCES`` (Python: ``PermissionError``), for it and every process it starts, and no call
 can lift it. Landlock also stops the process from tracing or reading the memory and
 environment (``/proc/PID/mem``, ``environ``) of processes outside its domain, such as the
-node, and (ABI 6+) from signalling them.
+node, and (ABI 6+) from signalling them. From ABI 4 on, the same rules also refuse every TCP
+``connect`` and ``bind`` (no port is allowed): the process cannot reach a host on the
+network over TCP, nor listen.
 
 There is no maintained PyPI binding yet (``landlock`` is a 1.0 development release), and the
 interface is three calls and two structs, so it lives here.
@@ -31,6 +33,8 @@ _WRITE_TREE = sum(1 << bit for bit in range(4, 13))  # remove, make dir/file/soc
 _REFER, _TRUNCATE, _IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 _FILE_ONLY = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV
 _SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1, 2
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4+
+_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -70,17 +74,20 @@ def _handled(abi: int) -> int:
 def restrict(read: Iterable[str], write: Iterable[str]) -> int:
     """Allow this process only ``read`` (read, list, execute) and ``write`` (everything).
 
-    Paths that do not exist are skipped. Returns the Landlock ABI version applied, or 0
-    (nothing restricted) where the kernel has no Landlock; ``OSError`` when it has Landlock
-    but a call fails.
+    Paths that do not exist are skipped. From ABI 4 on, TCP connect and bind are refused
+    too. Returns the Landlock ABI version applied, or 0 (nothing restricted) where the
+    kernel has no Landlock; ``OSError`` when it has Landlock but a call fails. Only the
+    calling thread and the threads and processes it starts afterwards are restricted:
+    call it before any other thread exists.
     """
     abi = abi_version()
     if abi <= 0:
         return 0
     libc = _libc()
     handled = _handled(abi)
-    attr = _RulesetAttr(handled, 0, (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0)
-    size = 24 if abi >= 6 else 8  # older kernels refuse fields they do not know
+    net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
+    attr = _RulesetAttr(handled, net, (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # older kernels refuse unknown fields
     ruleset = libc.syscall(_CREATE, ctypes.byref(attr), ctypes.c_size_t(size),
                            ctypes.c_uint32(0))
     if ruleset < 0:
@@ -118,3 +125,28 @@ def _add(libc: ctypes.CDLL, ruleset: int, path: str, access: int) -> None:
 def _error(call: str) -> OSError:
     errno = ctypes.get_errno()
     return OSError(errno, f"{call} failed: {os.strerror(errno)}")
+
+
+def leave_network() -> bool:
+    """Move this process into a network namespace of its own, with no interface up.
+
+    Unprivileged Linux allows it inside a new user namespace (``unshare(CLONE_NEWUSER |
+    CLONE_NEWNET)``), whose user and group map to the process's own so that files keep
+    their owners. Afterwards no connection of any kind (TCP, UDP, DNS) leaves the process;
+    it shares no network with the host. Returns whether it worked: not where the kernel or
+    its policy forbids unprivileged user namespaces, nor once the process has threads.
+    """
+    if platform.system() != "Linux":
+        return False
+    uid, gid = os.getuid(), os.getgid()
+    if _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+        return False
+    try:  # map our own ids, so that owners and permissions read as before
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError:
+        pass  # still outside the host's network; ids read as the overflow id
+    return True
+

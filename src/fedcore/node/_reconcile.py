@@ -6,32 +6,63 @@ from the start must give the database's state: the plans submitted and each one'
 status (its last ``plan-approved`` / ``plan-rejected``, else pending), the datasets added and
 not removed, the accounts added. Anything else is a change made behind the node's back (a
 hand edit, a restored backup) or a lost one, and is reported with what to look at.
+
+``config.toml`` is checked the same way: every change the node makes to it is written with
+an audit record that carries the file's new SHA-256 (``config_sha256``), so the file must
+have the hash of the last such record. A hand edit shows up until it is reviewed and
+recorded with ``fedcore-node audit accept-config`` (:meth:`Node.accept_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-from fedcore.node._storage import NodeDatabase
+from fedcore.node._storage import CONFIG_HASH, NodeDatabase, file_sha256
 from fedcore.node.audit import AuditLog, AuditReport, verify
 
-__all__ = ["check_database", "verify_home"]
+__all__ = ["check_config", "check_database", "verify_home"]
 
 _DECISIONS = {"plan-approved": "approved", "plan-rejected": "rejected"}
 
 
-def verify_home(db: NodeDatabase, audit: AuditLog) -> AuditReport:
-    """Check the audit log's chain, then the database against it (both read under the lock).
+def verify_home(db: NodeDatabase, audit: AuditLog, config: Path | None = None
+                ) -> AuditReport:
+    """Check the audit log's chain, then the database (and ``config``) against it.
 
-    Records a crash left unwritten are appended first (a change and its record are one).
+    Everything is read under the home's lock. Records a crash left unwritten are appended
+    first (a change and its record are one).
     """
     with db.transaction():  # no writer between reading the database and the log
         tables = db.storage.read() or {}
         records = audit.records()
         report = verify(audit.path)
-    return dataclasses.replace(report, mismatches=check_database(tables, records))
+        found = file_sha256(config) if config is not None else None
+    mismatches = check_database(tables, records)
+    if config is not None and found is not None:
+        mismatches += check_config(config.name, found, records)
+    return dataclasses.replace(report, mismatches=mismatches)
+
+
+def check_config(name: str, found: str, records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Whether ``found`` (the SHA-256 of the config file) is what the last change left.
+
+    A home whose log records no hash yet (made before this check existed) is not compared
+    until its first audited change.
+    """
+    last: Mapping[str, Any] | None = None
+    for r in records:
+        if isinstance(r.get(CONFIG_HASH), str):
+            last = r
+    if last is None or last[CONFIG_HASH] == found:
+        return []
+    return [f"{name} is not what the last audited change left (record {last.get('seq')}, "
+            f"{last.get('event')}): its SHA-256 is {found[:16]}, the log says "
+            f"{str(last[CONFIG_HASH])[:16]}. It was edited by hand or restored from a backup. "
+            "Review it (`fedcore-node policy show`, `fedcore-node trust list`, `fedcore-node "
+            "peer list`), then record it as it is with `fedcore-node audit accept-config`."]
 
 
 def check_database(tables: Mapping[str, Any], records: Iterable[Mapping[str, Any]]

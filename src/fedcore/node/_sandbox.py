@@ -3,8 +3,10 @@
 Started by :mod:`fedcore.node._worker` as ``python -c "...main()" FD`` with a scrubbed
 environment, in an empty scratch folder, and connected to the node by a socket (file
 descriptor ``FD``). Its first message from the node says which files it may read and write;
-it locks itself to them with Landlock before it reads anything else, then answers rounds:
-it imports the plan bundle (module-level code runs here), opens the one dataset of the
+it locks itself to them with Landlock before it reads anything else (and, before it imports
+anything, leaves the host's network: a network namespace of its own where unprivileged
+Linux allows one, and Landlock's TCP rules from ABI 4 on), then answers rounds: it imports
+the plan bundle (module-level code runs here), opens the one dataset of the
 round, and runs :func:`fedcore.node.executor.run_round`.
 
 Every message in both directions is a frame of fedcore's codec (no pickle): the node decodes
@@ -13,14 +15,18 @@ what comes back as it would a message from the network, and checks it.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import sys
+import sysconfig
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
+from fedcore import plugins
 from fedcore.aggregators._local import LocalState
 from fedcore.data import Dataset
 from fedcore.errors import (
@@ -96,6 +102,15 @@ class _Runner:
         request = env.body
         if not isinstance(request, TrainRequest):
             raise ConfigurationError(f"Expected a TrainRequest. Received: {env.tag!r}")
+        before = set(sys.modules)
+        try:
+            return self._round(job, send, env, request)
+        finally:  # what the round imported, for the next start of this worker
+            if new := _installed(set(sys.modules) - before):
+                send(Checkpoint(state={"modules": new}))
+
+    def _round(self, job: Mapping[str, Any], send: Callable[[Body], None], env: Envelope,
+               request: TrainRequest) -> Body:
         bundle = PlanBundle.from_wire(job["bundle"])
         sha = bundle.sha256
         plan_class = self.plans.get(sha) or bundle.load()  # the plan's module code runs here
@@ -155,8 +170,44 @@ def _failure(exc: BaseException, node: str = "") -> ErrorReply:
                       traceback=traceback.format_exc())
 
 
-def serve(conn: Connection) -> None:
-    """Lock this process to its files, then answer rounds until the node closes the socket."""
+def _preload(backends: Any, modules: Any) -> None:
+    """Import what earlier rounds imported (backends, installed modules), ahead of a round.
+
+    It runs after Landlock's rules: every thread a framework starts is under them too.
+    """
+    for name in backends if isinstance(backends, list) else ():
+        try:
+            plugins.load("backends", str(name))
+        except Exception:  # noqa: BLE001 - a round with this backend reports it
+            pass
+    for name in modules if isinstance(modules, list) else ():
+        try:
+            importlib.import_module(str(name))
+        except Exception:  # noqa: BLE001 - gone or changed since: the round imports its own
+            pass
+
+
+def _installed(names: Iterable[str]) -> list[str]:
+    """Of ``names`` (in ``sys.modules``), those imported from the Python installation.
+
+    Not the plan's own modules, nor anything from the scratch folder or a dataset.
+    """
+    paths = sysconfig.get_paths()
+    roots = tuple({os.path.join(os.path.realpath(paths[k]), "")
+                   for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths})
+    out = []
+    for name in sorted(names):
+        origin = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(origin, str) and os.path.realpath(origin).startswith(roots):
+            out.append(name)
+    return out
+
+
+def serve(conn: Connection, offline: bool = False) -> None:
+    """Lock this process to its files, then answer rounds until the node closes the socket.
+
+    ``offline``: the process already left the host's network (:func:`_landlock.leave_network`).
+    """
     setup = json.loads(conn.recv_bytes())
     try:
         # /proc/self resolves to this process's own folder when the rule is made.
@@ -164,11 +215,17 @@ def serve(conn: Connection) -> None:
     except OSError as exc:  # Landlock is there but refused: say so, run nothing
         conn.send_bytes(frame(ErrorReply(kind="internal", message=str(exc))))
         return
-    conn.send_bytes(frame(Checkpoint(state={"landlock": abi})))
+    network = ("namespace" if offline else "") + ("+tcp" if abi >= 4 else "")
+    conn.send_bytes(frame(Checkpoint(state={"landlock": abi,
+                                            "network": network.lstrip("+") or "open"})))
     runner = _Runner(str(setup["node_id"]))
     while True:
         try:
             job = codec.decode(conn.recv_bytes()).body
+            if isinstance(job, Checkpoint) and "preload" in job.state:
+                _preload(job.state["preload"], job.state.get("modules"))
+                conn.send_bytes(frame(Checkpoint(state={"preloaded": len(sys.modules)})))
+                continue
             request = conn.recv_bytes()
         except EOFError:
             return
@@ -180,10 +237,15 @@ def serve(conn: Connection) -> None:
         conn.send_bytes(frame(reply))
 
 
-def main() -> None:
-    """Entry point of the worker process (``sys.argv[1]``: the socket's descriptor)."""
+def main(offline: bool = False) -> None:
+    """Entry point of the worker process (``sys.argv[1]``: the socket's descriptor).
+
+    ``offline``: whether the process left the host's network before it imported anything
+    (:data:`fedcore.node._worker.START`: a user namespace needs a process without threads,
+    and numpy starts some).
+    """
     conn = Connection(int(sys.argv[1]))
     try:
-        serve(conn)
+        serve(conn, offline)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass

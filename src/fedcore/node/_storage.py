@@ -16,6 +16,13 @@ change and write it at the same time lose one of the changes. Here:
   the two leaves them in ``db.json``: the next transaction, in any process, finds them,
   appends those the log lacks (marked ``"recovered": true``) and goes on. So a crash leaves
   the change and its record, or neither.
+- A transaction may also replace a small file of the home (``config.toml``:
+  :meth:`NodeStorage.stage`). The new text goes into the same ``db.json`` write as the
+  records, with the SHA-256 of the file before and after; the file is then written, then the
+  records (each carries ``config_sha256``, the new file's hash). Recovery finishes what a
+  crash interrupted: a file still as it was before is written, and the records appended. So
+  a ``config.toml`` change and its audit record are also both there, or neither, and
+  ``audit verify`` can compare the file with the last hash the log recorded.
 
 Reads outside a transaction take no lock: the file is replaced atomically, so a reader sees
 one whole version, the latest committed one (nothing is cached between reads).
@@ -24,13 +31,14 @@ one whole version, the latest committed one (nothing is cached between reads).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +55,8 @@ try:
 except ImportError:  # pragma: no cover - Windows: one writing process only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PENDING", "HomeLock", "NodeDatabase", "NodeStorage", "NodeTable"]
+__all__ = ["CONFIG_HASH", "PENDING", "HomeLock", "NodeDatabase", "NodeStorage", "NodeTable",
+           "file_sha256"]
 
 #: The key of ``db.json`` holding the audit records of the last change, until they are
 #: known to be in the audit log.
@@ -95,11 +104,30 @@ def _flock(path: Path) -> int:
     return fd
 
 
+#: The record field that holds the SHA-256 of ``config.toml`` as a change left it.
+CONFIG_HASH = "config_sha256"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (of no bytes when it does not exist)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return hashlib.sha256(b"").hexdigest()
+
+
+@dataclass
+class _Staged:
+    text: str
+    done: Callable[[bool], None] | None
+
+
 @dataclass
 class _Transaction:
     data: dict[str, Any]
     dirty: bool = False
     records: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, _Staged] = field(default_factory=dict)
 
 
 class NodeStorage(Storage):
@@ -137,11 +165,29 @@ class NodeStorage(Storage):
             if pending:
                 self._recover(pending)
             txn = self._local.txn = _Transaction(raw)
+            committed = False
             try:
                 yield
                 self._commit(txn)
+                committed = True
             finally:
                 self._local.txn = None
+                for staged in txn.files.values():
+                    if staged.done is not None:
+                        staged.done(committed)
+
+    def stage(self, path: str | Path, text: str,
+              done: Callable[[bool], None] | None = None) -> None:
+        """Replace the file ``path`` with ``text`` when the open transaction commits.
+
+        The file and the transaction's audit records are written together (see the module's
+        docstring). ``done(committed)`` is called when the transaction ends.
+        """
+        txn = self._current()
+        if txn is None:
+            raise RuntimeError("NodeStorage.stage needs an open transaction")
+        txn.files[str(Path(path).resolve())] = _Staged(text, done)
+        txn.dirty = True
 
     def record(self, record: dict[str, Any]) -> None:
         """Audit ``record``: with the open transaction's change, or at once without one."""
@@ -156,6 +202,10 @@ class NodeStorage(Storage):
         with self.transaction():
             pass
 
+    def in_transaction(self) -> bool:
+        """Whether this thread has a transaction open."""
+        return self._current() is not None
+
     def _current(self) -> _Transaction | None:
         return getattr(self._local, "txn", None)
 
@@ -163,15 +213,23 @@ class NodeStorage(Storage):
         records = txn.records
         if txn.dirty:
             data = dict(txn.data)
+            files = {path: {"old": file_sha256(path),
+                            "new": hashlib.sha256(staged.text.encode()).hexdigest(),
+                            "text": staged.text} for path, staged in txn.files.items()}
             if records:
                 if self.journal is None:
                     raise RuntimeError("NodeStorage has no audit log to write records to")
                 tid = uuid.uuid4().hex
                 for record in records:
                     record["txn"] = tid
+                    for path, change in files.items():
+                        if Path(path).name == "config.toml":
+                            record[CONFIG_HASH] = change["new"]
                 data[PENDING] = {"1": {"txn": tid, "offset": self.journal.size(),
-                                       "records": records}}
+                                       "records": records, "files": files}}
             write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True, default=str))
+            for path, staged in txn.files.items():
+                write_atomic(path, staged.text)
             if records:
                 assert self.journal is not None
                 self.journal.append_all(records)
@@ -188,6 +246,7 @@ class NodeStorage(Storage):
             records = [r for r in entry.get("records") or [] if isinstance(r, dict)]
             logged = self.journal.count_txn(tid, int(entry.get("offset") or 0))
             if logged < len(records):
+                _finish_files(entry.get("files"))
                 self.journal.append_all([{**r, "recovered": True} for r in records[logged:]])
             self._known.append(tid)
 
@@ -222,6 +281,20 @@ class NodeStorage(Storage):
             return {}
         data = json.loads(text) if text.strip() else {}
         return data if isinstance(data, dict) else {}
+
+
+def _finish_files(files: Any) -> None:
+    """Write the files of an interrupted transaction that are still as they were before it.
+
+    A file that is neither as before nor as after was changed by hand since: it is left
+    alone (``audit verify`` then reports it).
+    """
+    for path, change in (files or {}).items() if isinstance(files, dict) else ():
+        if not isinstance(change, dict) or not isinstance(change.get("text"), str):
+            continue
+        now = file_sha256(path)
+        if now == change.get("old") and now != change.get("new"):
+            write_atomic(path, change["text"])
 
 
 def _copy(data: dict[str, Any]) -> dict[str, Any]:

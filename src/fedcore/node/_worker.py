@@ -12,9 +12,14 @@ would copy the identity key in memory) started with
   ``db.json``, ``audit.jsonl``), not the node's other datasets.
 
 A worker serves one dataset (the rules name its files), lives as long as the node and keeps
-built plans between rounds. When it dies the round fails for this node with a clear reply,
-and the next round starts a new one. What comes back is decoded and checked like a message
-from the network; the node keeps the algorithms' state files.
+built plans between rounds. The node remembers which backends ran on which dataset, and
+which installed modules (the frameworks' and the libraries') their rounds imported
+(``plan-workers.json`` in its home). When it starts serving a network it starts those
+workers ahead of time: each locks itself to its files, then imports those modules, so that
+the first round costs no cold import. When a worker dies the round
+fails for this node with a clear reply, and the next round starts a new one. What comes
+back is decoded and checked like a message from the network; the node keeps the
+algorithms' state files.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from fedcore._files import write_atomic
 from fedcore.aggregators._local import LocalState
 from fedcore.errors import FedcoreError
+from fedcore.node import _landlock
 from fedcore.node.registry import entry_paths
 from fedcore.params import ParameterSet
 from fedcore.wire import codec
@@ -60,8 +67,18 @@ _SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/s
 _SYSTEM_WRITE = ("/dev/null", "/dev/shm", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0",
                  "/dev/dri")
 _WORKERS = 4  # datasets with a live worker; the least recently used one ends beyond this
+MEMORY = "plan-workers.json"  # in the node home: {dataset id: {backends, modules}}
+_MODULES = 4000  # installed modules remembered per dataset, at most
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_PRELOAD_S = 600.0  # the longest a worker may take to import what it is told to
 _MAX_REPLY = codec.DEFAULT_MAX_FRAME
-_CMD = "from fedcore.node._sandbox import main; main()"
+# The worker leaves the host's network first, before any import starts a thread (numpy's
+# BLAS does): _landlock.py is loaded from its file, without fedcore's package imports.
+_CMD = ("import importlib.util as u, sys\n"
+        "s = u.spec_from_file_location('_fedcore_landlock', sys.argv[2])\n"
+        "m = u.module_from_spec(s); s.loader.exec_module(m)\n"
+        "offline = m.leave_network()\n"
+        "from fedcore.node._sandbox import main; main(offline)")
 
 
 def worker_environment(environ: Mapping[str, str], scratch: Path) -> dict[str, str]:
@@ -75,10 +92,9 @@ def worker_environment(environ: Mapping[str, str], scratch: Path) -> dict[str, s
 
 def describe(mode: str) -> str:
     """One line on where a node with ``plan_isolation = mode`` runs researchers' code."""
-    from fedcore.node._landlock import abi_version
-
-    abi = abi_version()
-    worker = (f"a worker process with Landlock file rules (ABI {abi})" if abi else
+    abi = _landlock.abi_version()
+    net = ", no TCP connections" if abi >= 4 else ""
+    worker = (f"a worker process with Landlock file rules (ABI {abi}){net}" if abi else
               "a worker process without the key or secrets, but this "
               "kernel has no Landlock: file permissions are the only barrier to the home")
     return {"process": worker, "none": "in the node process (unsafe for a deployed node)",
@@ -145,7 +161,8 @@ class _Worker:
         scratch.mkdir(parents=True, mode=0o700)
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _CMD, str(theirs.fileno())], cwd=scratch,
+            [sys.executable, "-c", _CMD, str(theirs.fileno()), _landlock.__file__],
+            cwd=scratch,
             env=worker_environment(os.environ, scratch), pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL)
         theirs.close()
@@ -157,6 +174,21 @@ class _Worker:
         if not isinstance(hello, Checkpoint) or "landlock" not in hello.state:
             raise FedcoreError(f"The plan worker could not start: {_said(hello)}")
         self.landlock = int(hello.state["landlock"])
+        #: How the worker is kept off the network: ``namespace`` (a network namespace of
+        #: its own), ``tcp`` (Landlock refuses TCP connect and bind), both, or ``open``.
+        self.network = str(hello.state.get("network", "open"))
+        #: Whether it imported, ahead of time, what earlier rounds on its dataset imported.
+        self.warm = False
+
+    def preload(self, backends: list[str], modules: list[str]) -> None:
+        """Have the worker import these backends and installed modules; wait until it did."""
+        self.conn.send_bytes(codec.encode(Envelope(
+            Checkpoint(state={"preload": backends, "modules": modules}), sender="node")))
+        if not self.conn.poll(_PRELOAD_S):
+            raise FedcoreError(f"the worker took over {_PRELOAD_S:g} s to import its modules")
+        done = self.receive()
+        if not isinstance(done, Checkpoint) or "preloaded" not in done.state:
+            raise FedcoreError(f"unexpected {_said(done)}")
 
     def receive(self) -> Body:
         """The next message (``EOFError`` when the process ended)."""
@@ -184,6 +216,9 @@ class PlanWorkers:
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         self.landlock: int | None = None  # the ABI the last worker applied (0: none)
+        self.network: str | None = None  # how the last worker was kept off the network
+        self._used: dict[str, dict[str, list[str]]] | None = None  # MEMORY, once read
+        self._closes = 0  # calls of close(): a worker started meanwhile is closed at once
 
     def _worker(self, entry: Mapping[str, Any], forbidden: list[str]) -> _Worker:
         read = readable(entry, forbidden)
@@ -195,11 +230,75 @@ class PlanWorkers:
                 log.warning("This kernel has no Landlock: plans run in a worker process "
                             "without the node's key and secrets in memory, but file "
                             "permissions are the only barrier to the node home's files.")
-            self.landlock = worker.landlock
+            if worker.network == "open" and self.network != "open":
+                log.warning("Plans run in a worker process that can reach the network: this "
+                            "kernel allows neither an unprivileged network namespace nor "
+                            "Landlock's TCP rules (ABI 4+). Block the node user's outgoing "
+                            "connections at the host (docs/node-administration.md).")
+            self.landlock, self.network = worker.landlock, worker.network
         self._workers[key] = worker  # most recently used last
         while len(self._workers) > _WORKERS:
             self._workers.pop(next(iter(self._workers))).close()
         return worker
+
+    def remembered(self) -> dict[str, dict[str, list[str]]]:
+        """``{dataset id: {"backends": [...], "modules": [...]}}`` of earlier worker rounds.
+
+        Oldest first; what is not a valid module name is left out.
+        """
+        try:
+            data = json.loads((self.home / MEMORY).read_text())
+        except (OSError, ValueError):
+            return {}
+        out: dict[str, dict[str, list[str]]] = {}
+        for dataset, used in data.items() if isinstance(data, dict) else ():
+            if isinstance(used, dict):
+                out[str(dataset)] = {k: _names(used.get(k)) for k in ("backends", "modules")}
+        return out
+
+    def remember(self, dataset: str, backend: str, modules: Iterable[str] = ()) -> None:
+        """Note that ``backend`` ran on ``dataset`` and imported ``modules`` (when new)."""
+        used = self._used if self._used is not None else self.remembered()
+        self._used = used
+        mine = used.setdefault(dataset, {"backends": [], "modules": []})
+        new = [m for m in _names(list(modules)) if m not in set(mine["modules"])]
+        if backend in mine["backends"] and not new:
+            return
+        if backend not in mine["backends"] and _MODULE.fullmatch(backend):
+            mine["backends"].append(backend)
+        mine["modules"] = (mine["modules"] + new)[:_MODULES]
+        while len(used) > _WORKERS:
+            used.pop(next(iter(used)))
+        try:
+            write_atomic(self.home / MEMORY, json.dumps(used))
+        except OSError as exc:
+            log.warning("Could not remember the plan workers' backends in %s: %s",
+                        self.home / MEMORY, exc)
+
+    def prestart(self, entry: Mapping[str, Any], forbidden: list[str],
+                 used: Mapping[str, list[str]]) -> None:
+        """Start the worker of ``entry`` now; return once it imported what ``used`` lists.
+
+        ``used`` is what :meth:`remembered` holds for the dataset.
+        """
+        with self._lock:
+            closes = self._closes
+            worker = None
+            try:
+                worker = self._worker(entry, forbidden)
+                worker.preload(list(used.get("backends", ())), list(used.get("modules", ())))
+                worker.warm = True
+            except (EOFError, OSError, FedcoreError) as exc:
+                log.warning("Could not start the plan worker of dataset %s ahead of time "
+                            "(%r); its first round starts one.", entry.get("id"), exc)
+                if worker is not None:
+                    self._workers = {k: w for k, w in self._workers.items() if w is not worker}
+                    worker.process.kill()
+                    worker.close()
+                return
+            if closes != self._closes:  # the node stopped meanwhile: no worker outlives it
+                self._workers = {k: w for k, w in self._workers.items() if w is not worker}
+                worker.close()
 
     def run(self, job: Mapping[str, Any], request: Envelope, entry: Mapping[str, Any],
             forbidden: list[str], state: LocalState,
@@ -219,7 +318,7 @@ class PlanWorkers:
                     Checkpoint(state={**job, "entry": dict(entry), "state": values}),
                     sender=self.node_id)))
                 worker.conn.send_bytes(codec.encode(request))
-                return self._answer(worker, request, state, progress)
+                reply, modules = self._answer(worker, request, state, progress)
             except (EOFError, OSError, FedcoreError) as exc:
                 self._workers = {k: w for k, w in self._workers.items() if w is not worker}
                 worker.process.kill()
@@ -231,9 +330,15 @@ class PlanWorkers:
                     f"The plan's worker process {what}. The node keeps serving and starts a "
                     "new worker for the next round; fix the plan (it may have exited, "
                     "crashed, or run out of memory)."))
+            if isinstance(reply, TrainReply) or reply.kind == "plan":
+                self.remember(str(entry["id"]), str(job.get("backend", "")), modules)
+            return reply
 
     def _answer(self, worker: _Worker, request: Envelope, state: LocalState,
-                progress: Callable[..., None] | None) -> TrainReply | ErrorReply:
+                progress: Callable[..., None] | None
+                ) -> tuple[TrainReply | ErrorReply, list[str]]:
+        """The round's reply, and the installed modules the worker says it imported."""
+        modules: list[str] = []
         while True:
             body = worker.receive()
             if isinstance(body, TrainProgress):
@@ -245,20 +350,31 @@ class PlanWorkers:
                 for name, value in saved.items():
                     if isinstance(value, dict):
                         state.save(str(name), value)
+            elif isinstance(body, Checkpoint) and isinstance(
+                    imported := body.state.get("modules"), list):
+                modules = _names(imported)
             elif isinstance(body, ErrorReply):
-                return body
+                return body, modules
             elif isinstance(body, TrainReply):
                 assert isinstance(request.body, TrainRequest)
                 _check_layout(body.params, request.body.params)
-                return body
+                return body, modules
             else:
                 raise FedcoreError(f"unexpected {type(body).__name__}")
 
     def close(self) -> None:
         """End every worker (the node stops; a round still running in one fails)."""
+        self._closes += 1
         workers, self._workers = list(self._workers.values()), {}
         for worker in workers:
             worker.close()
+
+
+def _names(value: Any) -> list[str]:
+    """The valid module names of a list (at most :data:`_MODULES`), in order."""
+    items = value if isinstance(value, list) else []
+    return [str(v) for v in items if isinstance(v, str) and len(v) < 200
+            and _MODULE.fullmatch(v)][:_MODULES]
 
 
 def _algorithms(state: LocalState) -> set[str]:

@@ -41,7 +41,7 @@ from fedcore.governance.statistics_log import QueryLog
 from fedcore.node._config import NodeConfig
 from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
-from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
+from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase, file_sha256
 from fedcore.node._worker import PlanWorkers
 from fedcore.node._worker import describe as describe_isolation
 from fedcore.node.audit import AuditLog, AuditReport
@@ -102,7 +102,10 @@ _REFUSALS: dict[str, type[FedcoreError]] = {
 
 @dataclasses.dataclass(frozen=True)
 class _Admitted:
-    """A training request the node accepted: the verified plan, the decision, the data."""
+    """A training request the node accepted: the verified plan, the decision, the data.
+
+    ``dataset`` is ``None`` under process isolation: the plan's worker opens it.
+    """
 
     bundle: PlanBundle
     sha: str
@@ -149,6 +152,7 @@ class Node:
         self._audit = AuditLog(self.home / "audit.jsonl")
         #: The database (TinyDB); ``with node.db.transaction():`` makes one change of it.
         self.db = NodeDatabase(self.home / "db.json", lock=lock, journal=self._audit)
+        self._config.storage = self.db.storage  # config changes go with their audit record
         #: Training plans submitted for review, and the administrator's decisions.
         self.plans = PlanStore(self.db, audit=self.audit)
         #: Accounts of the node's web GUI.
@@ -229,7 +233,23 @@ class Node:
         The report is true when the log is intact and every plan, dataset and account in
         the database has the audit records of its changes (``report.mismatches`` otherwise).
         """
-        return verify_home(self.db, self._audit)
+        return verify_home(self.db, self._audit, self._config.path)
+
+    def accept_config(self, *, by: str = "") -> str:
+        """Record ``config.toml`` as it is now (after a reviewed hand edit); its SHA-256.
+
+        ``audit verify`` compares the file with the hash of the last change the log
+        recorded; this writes a ``config-accepted`` record with the file's current hash.
+        """
+        with self.db.transaction():
+            try:
+                text = self._config.path.read_bytes().decode("utf-8")  # exactly its bytes
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigurationError(f"Cannot read {self._config.path} as UTF-8 TOML: "
+                                         f"{exc}. Fix the file first.") from None
+            self.db.storage.stage(self._config.path, text)
+            self.audit("config-accepted", by=by)
+        return file_sha256(self._config.path)
 
     def set_federation(self, url: str, *, by: str = "") -> None:
         """Store the researcher's URL that ``fedcore-node start`` connects to (checked)."""
@@ -434,6 +454,8 @@ class Node:
         self._transport = transport
         if self._halting:  # stop() came while the transport was starting
             await transport.close()
+        elif self.plan_isolation == "process":  # warm workers before the first round
+            asyncio.get_running_loop().run_in_executor(self._executor, self._prestart_workers)
         tasks: set[asyncio.Task[None]] = set()
         self.audit("started", transport=redact_url(transport.url))
         try:
@@ -649,6 +671,13 @@ class Node:
             if not decision.allowed:  # the decision is in the audit log already
                 return ErrorReply(kind="governance", message=decision.reason,
                                   exc_type="GovernanceError")
+            local_algorithm(request.algorithm)  # an unknown aggregator is refused here
+            if self.plan_isolation == "process":
+                # The plan's worker imports its framework and opens the dataset: the node
+                # only checks that the backend is one it knows, without importing it.
+                if bundle.backend not in plugins.available("backends"):
+                    plugins.load("backends", bundle.backend)  # the error names close ones
+                return _Admitted(bundle, sha, entry, decision, None)
             if bundle.backend not in self._backends:
                 # Importing a framework takes seconds: off the loop, which keeps serving.
                 # Once imported, later rounds skip the thread hop (it costs milliseconds
@@ -656,7 +685,6 @@ class Node:
                 await asyncio.get_running_loop().run_in_executor(
                     None, plugins.load, "backends", bundle.backend)
                 self._backends.add(bundle.backend)
-            local_algorithm(request.algorithm)  # an unknown aggregator is refused here
             return _Admitted(bundle, sha, entry, decision, self.datasets.open(entry))
         except asyncio.CancelledError:  # the node stops while loading the framework
             self.audit("train-abandoned", **base, reason="the node stopped mid-round")
@@ -700,10 +728,10 @@ class Node:
                            base: dict[str, Any]) -> TrainReply | ErrorReply:
         """Run the round in the dataset's worker process (docs: "What approval means")."""
         job = {"bundle": admitted.bundle.to_wire(), "allow_gpu": self._allow_gpu(),
+               "backend": admitted.bundle.backend,
                "warm_key": plan_key(env.experiment, admitted.sha, request)}
         entry = admitted.entry
-        forbidden = [str(self.home), *(p for e in self.datasets.list() if e["id"] != entry["id"]
-                                       for p in entry_paths(e))]
+        forbidden = self._forbidden(entry)
         state = LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
                            env.round)
         sent = Envelope(request, sender=env.sender, experiment=env.experiment, round=env.round)
@@ -727,6 +755,26 @@ class Node:
             reply = dataclasses.replace(reply, privacy=spec.reply(
                 self._privacy_events(spec, request, admitted.entry, reply)))
         return reply
+
+    def _forbidden(self, entry: Mapping[str, Any]) -> list[str]:
+        """What the worker of ``entry`` may not read: the home and the other datasets."""
+        return [str(self.home), *(p for e in self.datasets.list() if e["id"] != entry["id"]
+                                  for p in entry_paths(e))]
+
+    def _prestart_workers(self) -> None:
+        """Start the workers of the datasets that ran plans before, importing their backends.
+
+        Runs on the training thread as the node starts serving: a round that comes meanwhile
+        waits for it, then finds its worker warm.
+        """
+        try:
+            entries = {str(e["id"]): e for e in self.datasets.list()}
+            for dataset, used in self._workers.remembered().items():
+                if dataset in entries:
+                    self._workers.prestart(entries[dataset], self._forbidden(entries[dataset]),
+                                           used)
+        except Exception:  # noqa: BLE001 - never fatal: the first round starts a worker
+            log.exception("Could not start plan workers ahead of time")
 
     def _privacy_events(self, spec: PrivacySpec, request: TrainRequest,
                         entry: dict[str, Any], reply: TrainReply) -> list[Event]:
