@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--tags",
                      help="comma-separated tags researchers search by, e.g. diabetes,2024")
     add.add_argument("--path", help="the data file or folder")
-    add.add_argument("--kind", help="csv, npz, medical-folder, image-folder (default: from "
-                     "the file suffix)")
+    add.add_argument("--kind", help="csv, npz, medical-folder, image-folder, dicom (default: "
+                     "from the file suffix)")
     add.add_argument("--description", default="")
     add.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                      help="loader option, repeatable (e.g. demographics=FILE, "

@@ -77,6 +77,10 @@ class MedicalFolderDataset(Dataset):
     paths; errors name files relative to the root.
     """
 
+    _KIND = "medical-folder"
+    _WHAT = "medical folder"
+    _LAYOUT = "<subject>/<modality>/<volume>.nii(.gz)"
+
     def __init__(
         self,
         root: str | Path,
@@ -105,21 +109,13 @@ class MedicalFolderDataset(Dataset):
     def _scan(self) -> _Index:
         if not self.root.is_dir():
             raise DatasetError(
-                "The medical folder is unavailable (it was moved or deleted). The node "
+                f"The {self._WHAT} is unavailable (it was moved or deleted). The node "
                 "administrator can re-register it."
             )
-        found: dict[str, dict[str, list[str]]] = {}  # subject -> modality -> volumes
-        for subject_dir in _subdirs(self.root):
-            found[subject_dir.name] = {
-                mod_dir.name: sorted(f"{subject_dir.name}/{mod_dir.name}/{f.name}"
-                                     for f in mod_dir.iterdir()
-                                     if _is_nifti(f.name) and f.is_file())
-                for mod_dir in _subdirs(subject_dir)
-            }
+        found = self._discover()
         if not found:
             raise DatasetError(
-                "The medical folder holds no subject folders: expected "
-                "<subject>/<modality>/<volume>.nii(.gz)."
+                f"The {self._WHAT} holds no subject folders: expected {self._LAYOUT}."
             )
         local = self._used_modalities(found)
         names = self.loading_plan.modality_names(local)  # local -> harmonised
@@ -157,20 +153,31 @@ class MedicalFolderDataset(Dataset):
         return _Index(kept, dict(sorted(files.items())), shapes, spacings, skipped,
                       demographics)
 
+    def _discover(self) -> dict[str, dict[str, list[str]]]:
+        """Subject -> local modality -> its volumes (names relative to the root)."""
+        found: dict[str, dict[str, list[str]]] = {}
+        for subject_dir in _subdirs(self.root):
+            found[subject_dir.name] = {
+                mod_dir.name: sorted(f"{subject_dir.name}/{mod_dir.name}/{f.name}"
+                                     for f in mod_dir.iterdir()
+                                     if _is_nifti(f.name) and f.is_file())
+                for mod_dir in _subdirs(subject_dir)
+            }
+        return found
+
     def _used_modalities(self, found: dict[str, dict[str, list[str]]]) -> list[str]:
         present = sorted({m for mods in found.values() for m in mods})
         if self._local_modalities is None:
             if not present:
                 raise DatasetError(
-                    "The subject folders hold no modality folders: expected "
-                    "<subject>/<modality>/<volume>.nii(.gz)."
+                    f"The subject folders hold no modalities: expected {self._LAYOUT}."
                 )
             return present
         absent = [m for m in self._local_modalities if m not in present]
         if absent:
             raise DatasetError(
-                f"No subject has a modality folder named {absent[0]!r}. Modality folders "
-                f"found: {present}."
+                f"No subject has a modality named {absent[0]!r}. Modalities found: "
+                f"{present}."
             )
         return sorted(set(self._local_modalities))
 
@@ -300,7 +307,7 @@ class MedicalFolderDataset(Dataset):
         demo = idx.demographics
         shapes = {m: _summary(s) for m, s in idx.shapes.items()}
         meta: dict[str, Any] = {
-            "kind": "medical-folder",
+            "kind": self._KIND,
             "n_samples": len(idx.subjects),
             "n_skipped": len(idx.skipped),
             "modalities": list(idx.files),

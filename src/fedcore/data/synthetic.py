@@ -7,7 +7,10 @@ units), so a :class:`~fedcore.data.DataLoadingPlan` has something to harmonise:
 - :func:`medical_folder`: ``subject/modality/volume.nii.gz`` plus a demographics CSV; the
   ``T1`` volumes of subjects with ``diagnosis == 1`` are brighter in a fixed cube;
 - :func:`image_folder`: ``class/image.png``; ``lesion`` images carry a bright square;
-- :func:`site_csv`: a tabular cohort whose ``label`` depends on age and weight.
+- :func:`site_csv`: a tabular cohort whose ``label`` depends on age and weight;
+- :func:`dicom_folder`: ``patient/study/series/image.dcm`` (one MR study per patient, two
+  series, slices stored out of order and rescaled) plus a demographics CSV, with planted
+  identifying tags (names, IDs, dates, institution) that must never reach a researcher.
 
 Site naming takes harmonised names to local ones, the inverse of a DataLoadingPlan:
 ``folders={"T1": "t1_mprage"}``, ``columns={"sex": "gender"}``,
@@ -24,10 +27,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcore.data._synthetic_dicom import SyntheticDicomFolder, dicom_folder
 from fedcore.errors import ConfigurationError
 
-__all__ = ["SyntheticMedicalFolder", "image_folder", "medical_folder", "signal_region",
-           "site_csv"]
+__all__ = ["SyntheticDicomFolder", "SyntheticMedicalFolder", "dicom_folder", "image_folder",
+           "medical_folder", "signal_region", "site_csv"]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from fedcore.data import (
     ArrayDataset,
     DataLoadingPlan,
     Dataset,
+    DicomDataset,
     ImageFolderDataset,
     MedicalFolderDataset,
     TabularDataset,
@@ -68,6 +69,16 @@ def _open_medical(path: Path, opts: dict[str, Any],
     )
 
 
+def _open_dicom(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
+    return DicomDataset(
+        path, demographics=opts.get("demographics"),
+        subject_column=opts.get("subject_column", "subject"),
+        modalities=_names(opts.get("modalities")),
+        dicom_modality=_names(opts.get("dicom_modality")), loading_plan=plan,
+        read_csv_kwargs=opts.get("read_csv"),
+    )
+
+
 def _open_images(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
     size = opts.get("size")
     if isinstance(size, str):
@@ -75,14 +86,17 @@ def _open_images(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None)
     return ImageFolderDataset(path, mode=opts.get("mode"), size=size, loading_plan=plan)
 
 
-#: Dataset kinds a node registers: ``csv`` and ``npz`` files, ``medical-folder`` and
-#: ``image-folder`` directories.
+#: Dataset kinds a node registers: ``csv`` and ``npz`` files, ``medical-folder``,
+#: ``image-folder`` and ``dicom`` directories.
 _LOADERS: dict[str, _Kind] = {
     "csv": _Kind(_open_csv, frozenset({"read_csv"}), suffix=".csv"),
     "npz": _Kind(_open_npz, frozenset(), suffix=".npz"),
     "medical-folder": _Kind(_open_medical, frozenset(
         {"demographics", "subject_column", "modalities", "read_csv"}), folder=True),
     "image-folder": _Kind(_open_images, frozenset({"mode", "size"}), folder=True),
+    "dicom": _Kind(_open_dicom, frozenset(
+        {"demographics", "subject_column", "modalities", "dicom_modality", "read_csv"}),
+        folder=True),
 }
 
 
@@ -90,8 +104,8 @@ class DatasetRegistry:
     """The node's datasets, kept in its TinyDB database (table ``datasets``).
 
     Each entry has an id, a name, tags, a kind (``csv``, ``npz``, ``medical-folder``,
-    ``image-folder``), the path and loader options (which never leave the node), the node's
-    DataLoadingPlan if any, and the metadata shared with researchers (under harmonised
+    ``image-folder``, ``dicom``), the path and loader options (which never leave the node),
+    the node's DataLoadingPlan if any, and the metadata shared with researchers (under harmonised
     names). A dataset is opened and checked before its entry is written. Tag sets must not
     overlap: a new dataset whose tags are a subset or superset of an existing one's is
     refused, so a researcher's search by a dataset's tags finds exactly that dataset.
@@ -101,7 +115,9 @@ class DatasetRegistry:
     Options by kind: ``csv``: ``read_csv`` (keyword arguments of ``pandas.read_csv``);
     ``medical-folder``: ``demographics`` (CSV path), ``subject_column`` (default
     ``"subject"``), ``modalities`` (local folder names to use; default all), ``read_csv``;
-    ``image-folder``: ``mode`` (Pillow mode, e.g. ``"L"``), ``size`` (``[height, width]``).
+    ``image-folder``: ``mode`` (Pillow mode, e.g. ``"L"``), ``size`` (``[height, width]``);
+    ``dicom``: as ``medical-folder`` (``modalities`` are series descriptions), plus
+    ``dicom_modality`` (DICOM modalities to keep, e.g. ``["MR"]``).
     """
 
     def __init__(self, db: TinyDB, data_dir: Path, *,
@@ -389,8 +405,9 @@ def _clean_options(kind: str, options: Mapping[str, Any] | None) -> dict[str, An
         if not demographics.is_file():
             raise DatasetError(f"No demographics file at {demographics}.")
         options["demographics"] = str(demographics)
-    if "modalities" in options:
-        options["modalities"] = _names(options["modalities"])
+    for key in ("modalities", "dicom_modality"):
+        if key in options:
+            options[key] = _names(options[key])
     return options
 
 
