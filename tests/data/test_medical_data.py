@@ -256,7 +256,7 @@ def test_bad_inputs_are_named_and_nothing_is_registered(tmp_path):
     with pytest.raises(ConfigurationError, match=r"Unknown options \['subjects'\]"):
         node.datasets.add("brain", ["mri"], cohort.root, kind="medical-folder",
                           options={"subjects": "x"})
-    with pytest.raises(ConfigurationError, match="A folder is a image-folder or medical"):
+    with pytest.raises(ConfigurationError, match="A folder is a dicom or image-folder or medical"):
         node.datasets.add("brain", ["mri"], cohort.root)
     assert node.datasets.list() == []
     entry = node.datasets.add("brain", ["mri"], cohort.root, **add, loading_plan=plan)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcore.data._synthetic_common import _site_frame, signal_region
 from fedcore.errors import ConfigurationError
 
 #: Stored integers map to intensities as ``stored * SLOPE + INTERCEPT`` (written per slice).
@@ -52,7 +53,6 @@ def dicom_folder(
 ) -> SyntheticDicomFolder:
     """Write one MR study per patient: ``root/<patient>/<study>/<series>/<image>.dcm``."""
     from fedcore.data.dicom import _pydicom
-    from fedcore.data.synthetic import _site_frame, signal_region
 
     pydicom = _pydicom()
     from pydicom.dataset import FileMetaDataset
