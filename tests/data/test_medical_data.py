@@ -336,7 +336,8 @@ def test_three_differently_named_sites_train_one_plan_unchanged(tmp_path):
         with pytest.raises(ConfigurationError, match="disagree on columns"):
             merge_metadata(local_meta)
         assert fed.nodes[2].datasets.list()[0]["report"] == {
-            "skipped_subjects": {"sub-305": "no T2 volume"}}
+            "skipped_subjects": {"sub-305": "no T2 volume"}, "missing_volumes": {"T2": 1},
+            "missing_values": {}}
 
         exp = Experiment(ScanPlan, tags=["brain-mri"], federation=fed.url, progress=False,
                          model_args=MODEL_ARGS, round_limit=8, test_ratio=0.25,

@@ -52,6 +52,7 @@ class _Index:
     spacings: dict[str, list[tuple[float, ...]]]
     skipped: dict[str, str]  # subject -> why it was skipped
     demographics: pd.DataFrame  # index: kept subjects; columns: harmonised, sorted
+    lacking: dict[str, int]  # harmonised modality -> subjects without a volume of it
 
 
 class MedicalFolderDataset(Dataset):
@@ -119,6 +120,16 @@ class MedicalFolderDataset(Dataset):
             )
         local = self._used_modalities(found)
         names = self.loading_plan.modality_names(local)  # local -> harmonised
+        keep = self.loading_plan.keep_modalities
+        if keep:
+            absent = [m for m in keep if m not in names.values()]
+            if absent:
+                raise DatasetError(
+                    f"The DataLoadingPlan keeps modality {absent[0]!r}, which this dataset "
+                    f"does not have. Its modalities: {sorted(names.values())}. Fix the "
+                    "plan's 'keep_modalities'.")
+            local = [m for m in local if names[m] in keep]
+            names = {m: names[m] for m in local}
         for subject, mods in found.items():
             for mod in local:
                 if len(mods.get(mod, ())) > 1:
@@ -128,6 +139,8 @@ class MedicalFolderDataset(Dataset):
                         "expected one volume per subject and modality. Move the others out."
                     )
 
+        without = {names[m]: sum(1 for mods in found.values() if not mods.get(m))
+                   for m in local}
         kept: list[str] = []
         skipped: dict[str, str] = {}
         for subject, mods in found.items():
@@ -151,7 +164,7 @@ class MedicalFolderDataset(Dataset):
             shapes[mod] = [h[0] for h in headers]
             spacings[mod] = [h[1] for h in headers]
         return _Index(kept, dict(sorted(files.items())), shapes, spacings, skipped,
-                      demographics)
+                      demographics, dict(sorted(without.items())))
 
     def _discover(self) -> dict[str, dict[str, list[str]]]:
         """Subject -> local modality -> its volumes (names relative to the root)."""
@@ -284,6 +297,11 @@ class MedicalFolderDataset(Dataset):
     def skipped(self) -> dict[str, str]:
         """Subjects left out for lacking a modality, with the reason."""
         return dict(self._ix.skipped)
+
+    @property
+    def missing_volumes(self) -> dict[str, int]:
+        """Per modality used, how many subject folders lack a volume of it (0s left out)."""
+        return {m: n for m, n in self._ix.lacking.items() if n}
 
     @property
     def demographics(self) -> pd.DataFrame:

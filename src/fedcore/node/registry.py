@@ -43,9 +43,10 @@ def _open_csv(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) ->
     dataset = TabularDataset(path, read_csv_kwargs=opts.get("read_csv"))
     if not plan:
         return dataset
-    if plan.modalities:
+    if plan.modalities or plan.keep_modalities:
         raise ConfigurationError(
-            "A CSV dataset has no modalities: drop 'modalities' from its DataLoadingPlan."
+            "A CSV dataset has no modalities: drop 'modalities' and 'keep_modalities' from "
+            "its DataLoadingPlan."
         )
     return TabularDataset.from_frame(plan.apply_frame(dataset.frame, source=path.name))
 
@@ -466,7 +467,19 @@ def _plain(value: Any) -> Any:
 
 
 def _report(dataset: Dataset) -> dict[str, Any]:
-    """What the node administrator should know about a registration (never shared)."""
+    """What the node administrator should know about a registration (never shared).
+
+    Subjects skipped and why, volumes missing per modality, and missing values (NaN or
+    empty) per column, for the administrator to fix the export or choose a
+    DataLoadingPlan.
+    """
+    report: dict[str, Any] = {}
+    table = next((t for name in ("frame", "demographics")
+                  if isinstance(t := getattr(dataset, name, None), pd.DataFrame)), None)
     if isinstance(dataset, MedicalFolderDataset):
-        return {"skipped_subjects": dataset.skipped}
-    return {}
+        report["skipped_subjects"] = dataset.skipped
+        report["missing_volumes"] = dataset.missing_volumes
+    if table is not None:
+        report["missing_values"] = {str(c): int(n) for c, n in table.isna().sum().items()
+                                    if n}
+    return report
