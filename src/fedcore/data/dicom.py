@@ -11,7 +11,7 @@ import numpy as np
 
 from fedcore.data._base import without_root
 from fedcore.data.loading_plan import DataLoadingPlan
-from fedcore.data.medical_folder import MedicalFolderDataset, _volume_buffer
+from fedcore.data.medical_folder import MedicalFolderDataset
 from fedcore.errors import ConfigurationError, DatasetError
 
 __all__ = ["DicomDataset"]
@@ -187,6 +187,11 @@ class DicomDataset(MedicalFolderDataset):
             (len(slices), rows, cols),
             tuple(round(v, 6) for v in (spacing, *pixel[:2])))
 
+    @staticmethod
+    def _buffer(lead: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        # Slices are stored row by row: C order makes copying each one a plain memory copy.
+        return np.empty((*lead, *shape), dtype=np.float32)
+
     def _header(self, rel: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
         series = self._series[rel]
         return series.shape, series.spacing
@@ -196,7 +201,7 @@ class DicomDataset(MedicalFolderDataset):
         pydicom = _pydicom()
         series = self._series[rel]
         if out is None:
-            out = _volume_buffer((), series.shape)
+            out = self._buffer((), series.shape)
         elif out.shape != series.shape:
             raise DatasetError(f"The series {rel!r} has shape {list(series.shape)}; a "
                                f"volume of {list(out.shape)} was asked for.")

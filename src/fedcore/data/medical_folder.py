@@ -254,6 +254,11 @@ class MedicalFolderDataset(Dataset):
             ) from exc
         return shape, tuple(round(float(z), 6) for z in zooms)
 
+    @staticmethod
+    def _buffer(lead: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        """An empty float32 array for volumes of ``shape``, laid out as files store them."""
+        return _volume_buffer(lead, shape)
+
     def _read(self, rel: str, out: np.ndarray | None = None) -> np.ndarray:
         """The volume at ``rel`` as float32, read into ``out`` (Fortran-ordered) if given."""
         nib = _nibabel()
@@ -427,7 +432,7 @@ class MedicalFolderDataset(Dataset):
 
     def _stack(self, mods: Sequence[str], indices: np.ndarray) -> np.ndarray:
         shape = self._shape(mods, indices)
-        X = _volume_buffer((len(indices), len(mods)), shape)
+        X = self._buffer((len(indices), len(mods)), shape)
         for row, i in enumerate(indices):
             for col, mod in enumerate(mods):
                 self._read(self._ix.files[mod][int(i)], out=X[row, col])
@@ -491,7 +496,7 @@ class _SubjectItems(Items):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} subjects")
         files = self.dataset._ix.files
-        x = _volume_buffer((len(self.mods),), self.shape)
+        x = self.dataset._buffer((len(self.mods),), self.shape)
         for j, mod in enumerate(self.mods):
             self.dataset._read(files[mod][index], out=x[j])
         y: Any = None
