@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 
 import numpy as np
@@ -215,6 +216,8 @@ def test_three_dicom_sites_train_one_plan_and_never_show_identifying_tags(tmp_pa
     cohorts = _cohorts(tmp_path / "sites")
     planted = [v for c in cohorts.values() for v in c.identifying]
     assert len(planted) > 100 and any("PID" in v for v in planted)
+    raw = next(cohorts["node-01"].root.rglob("*.dcm")).read_bytes().decode("latin-1")
+    assert sum(v in raw for v in cohorts["node-01"].identifying) >= 6  # in every file
     seen: list[str] = []  # everything a researcher (or the node's logs) could read
 
     # Held-out patients from a fresh site, under the federation's names.
@@ -279,8 +282,11 @@ def test_three_dicom_sites_train_one_plan_and_never_show_identifying_tags(tmp_pa
     assert exp.history["status"].eq("ok").all()
     everything = "\n".join(seen)
     assert "sub-301" in everything  # the search looked where things are written
-    leaked = [v for v in planted if v in everything]
+    # Dates are digits: looked for as whole numbers, so that a float's digits cannot match.
+    leaked = [v for v in planted if re.search(
+        rf"(?<!\d){re.escape(v)}(?!\d)" if v.isdigit() else re.escape(v), everything)]
     assert not leaked, leaked[:5]
+    assert any(v.isdigit() for v in planted)  # the dates were planted too
 
     # Chance is 0.5 (balanced diagnoses); the planted signal lifts both well above it.
     score = _accuracy(federated, test_set)
