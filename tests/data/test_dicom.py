@@ -272,6 +272,13 @@ def test_three_dicom_sites_train_one_plan_and_never_show_identifying_tags(tmp_pa
             seen.append(table.to_json())
         error = table.loc[("T1", "node-03"), "note"]
         assert "sub-301/" in error and str(tmp_path) not in error
+        # ... and a round reading it fails on that node alone, saying which file.
+        again = Experiment(DicomPlan, tags=["brain-dicom"], federation=fed.url,
+                           progress=False, round_limit=1, training_args=TRAINING_ARGS)
+        again.run()
+        failed = again.history.set_index("node").loc["node-03"]
+        assert failed["status"] == "failed" and "sub-301/" in failed["error"]
+        seen.append(again.history.to_json())
         for node in fed.nodes:
             seen.append(json.dumps(node.audit_log(), default=str))
             seen.extend(p.read_text(errors="replace") for p in node.home.rglob("*")
