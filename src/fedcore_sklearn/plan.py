@@ -177,7 +177,7 @@ class SklearnTrainingPlan(TrainingPlan):
         return np.asarray(X, dtype=np.float64).reshape(len(X), -1), np.asarray(y)
 
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:  # noqa: D102
-        X, y = self.training_data(dataset)
+        X, y = _samples(*self.training_data(dataset))
         epochs = self.training.epochs
         batch_size = self.training.batch_size or len(X) or 1
         rng = np.random.default_rng(seed)
@@ -234,5 +234,19 @@ class SklearnTrainingPlan(TrainingPlan):
             setattr(self.model, k, (g + (w - g) * factor).astype(w.dtype, copy=False))
 
     def predict(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
-        X, y = self.training_data(dataset)
+        X, y = _samples(*self.training_data(dataset))
         return y, self.model.predict(X)
+
+
+def _samples(X: Any, y: Any) -> tuple[Any, Any]:
+    """``X`` in the float64 scikit-learn's SGD models were primed with.
+
+    An overridden ``training_data`` may hand over float32 arrays (a medical folder's
+    volumes are float32), which sklearn's SGD refuses ("expected SequentialDataset64, got
+    ArrayDataset32"). Sparse matrices and non-numeric features are left as they are.
+    """
+    dtype = getattr(X, "dtype", None)
+    if isinstance(X, np.ndarray) and dtype is not None and dtype.kind in "fiub" \
+            and dtype != np.float64:
+        X = X.astype(np.float64)
+    return X, y

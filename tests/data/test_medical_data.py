@@ -256,7 +256,7 @@ def test_bad_inputs_are_named_and_nothing_is_registered(tmp_path):
     with pytest.raises(ConfigurationError, match=r"Unknown options \['subjects'\]"):
         node.datasets.add("brain", ["mri"], cohort.root, kind="medical-folder",
                           options={"subjects": "x"})
-    with pytest.raises(ConfigurationError, match="A folder is a image-folder or medical"):
+    with pytest.raises(ConfigurationError, match="A folder is a dicom or image-folder or medical"):
         node.datasets.add("brain", ["mri"], cohort.root)
     assert node.datasets.list() == []
     entry = node.datasets.add("brain", ["mri"], cohort.root, **add, loading_plan=plan)
@@ -336,7 +336,8 @@ def test_three_differently_named_sites_train_one_plan_unchanged(tmp_path):
         with pytest.raises(ConfigurationError, match="disagree on columns"):
             merge_metadata(local_meta)
         assert fed.nodes[2].datasets.list()[0]["report"] == {
-            "skipped_subjects": {"sub-305": "no T2 volume"}}
+            "skipped_subjects": {"sub-305": "no T2 volume"}, "missing_volumes": {"T2": 1},
+            "missing_values": {}}
 
         exp = Experiment(ScanPlan, tags=["brain-mri"], federation=fed.url, progress=False,
                          model_args=MODEL_ARGS, round_limit=8, test_ratio=0.25,

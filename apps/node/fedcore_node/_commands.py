@@ -28,7 +28,7 @@ description file (TOML), for `dataset add --file FILE`:
   name = "diabetes-2024"                # shown to researchers (required)
   tags = ["diabetes", "2024"]           # what researchers search by (required)
   path = "exports/diabetes.csv"         # the data file or folder (required)
-  kind = "csv"                          # csv, npz, medical-folder, image-folder
+  kind = "csv"                          # csv, npz, medical-folder, image-folder, dicom
                                         # (optional: from the file suffix)
   description = "Adults seen in 2024"   # optional
 

@@ -62,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--tags",
                      help="comma-separated tags researchers search by, e.g. diabetes,2024")
     add.add_argument("--path", help="the data file or folder")
-    add.add_argument("--kind", help="csv, npz, medical-folder, image-folder (default: from "
-                     "the file suffix)")
+    add.add_argument("--kind", help="csv, npz, medical-folder, image-folder, dicom (default: "
+                     "from the file suffix)")
     add.add_argument("--description", default="")
     add.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                      help="loader option, repeatable (e.g. demographics=FILE, "
@@ -164,6 +164,8 @@ def run(args: argparse.Namespace, out: Any) -> int:
         print(f"Registered {entry['name']!r} as {entry['id']} "
               f"({entry['metadata'].get('n_samples', '?')} samples, tags {entry['tags']})",
               file=out)
+        for line in _report_lines(entry.get("report") or {}):
+            print(line, file=out)
     elif args.action == "list":
         rows = node.datasets.list()
         if args.json:
@@ -207,3 +209,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedcoreError as exc:
         print(f"fedcore-node: error: {redact_url(str(exc))}", file=sys.stderr)
         return 1
+
+
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    """A registration's report for the administrator: what was left out or is missing."""
+    lines = []
+    skipped = report.get("skipped_subjects") or {}
+    if skipped:
+        shown = ", ".join(f"{s} ({why})" for s, why in list(skipped.items())[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        lines.append(f"Skipped {len(skipped)} subject(s): {shown}{more}")
+    for modality, n in (report.get("missing_volumes") or {}).items():
+        lines.append(f"Missing volumes: {modality} in {n} subject folder(s)")
+    missing = report.get("missing_values") or {}
+    if missing:
+        lines.append("Missing values (NaN or empty): " + ", ".join(
+            f"{column} {n}" for column, n in missing.items()))
+    return lines
+

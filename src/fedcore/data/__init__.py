@@ -3,6 +3,7 @@
 from fedcore.data import synthetic
 from fedcore.data._base import Dataset, Items, Subset, merge_metadata
 from fedcore.data.array import ArrayDataset
+from fedcore.data.dicom import DicomDataset
 from fedcore.data.image_folder import ImageFolderDataset
 from fedcore.data.loading_plan import DataLoadingPlan
 from fedcore.data.medical_folder import MedicalFolderDataset
@@ -12,6 +13,7 @@ __all__ = [
     "ArrayDataset",
     "DataLoadingPlan",
     "Dataset",
+    "DicomDataset",
     "ImageFolderDataset",
     "Items",
     "MedicalFolderDataset",

@@ -68,7 +68,8 @@ class ImageFolderDataset(Dataset):
         self.size: tuple[int, int] | None = size
         self.loading_plan = loading_plan or DataLoadingPlan()
         plan = self.loading_plan
-        if plan.modalities or plan.columns or plan.units or set(plan.values) - {TARGET}:
+        if (plan.modalities or plan.keep_modalities or plan.columns or plan.units
+                or set(plan.values) - {TARGET}):
             raise ConfigurationError(
                 "An image folder's DataLoadingPlan may only map class names, as "
                 '{"values": {"target": {"<local class>": "<class>"}}}. '

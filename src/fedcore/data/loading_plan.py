@@ -12,7 +12,7 @@ import pandas as pd
 
 from fedcore.errors import ConfigurationError, DatasetError
 
-_PARTS = ("modalities", "columns", "values", "units")
+_PARTS = ("modalities", "columns", "values", "units", "keep_modalities")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,10 @@ class DataLoadingPlan:
       (missing values stay missing); for an image folder, ``values["target"]`` renames
       classes (local folder name -> harmonised class);
     - ``units``: harmonised column -> ``{"scale": s, "offset": o}``: the harmonised value is
-      ``local * scale + offset`` (months to years: ``{"scale": 1 / 12}``).
+      ``local * scale + offset`` (months to years: ``{"scale": 1 / 12}``);
+    - ``keep_modalities``: the modalities (harmonised names) the dataset offers, the others
+      being dropped (``["T1"]``: a site that also has FLAIR offers T1 only, and keeps the
+      subjects that lack FLAIR). Changing it needs no re-registration.
 
     Columns are renamed first, then values mapped, then units converted; ``values`` and
     ``units`` are keyed by harmonised names. Local values are matched by their text
@@ -42,8 +45,16 @@ class DataLoadingPlan:
     columns: Mapping[str, str] = field(default_factory=dict)
     values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     units: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    keep_modalities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        keep = self.keep_modalities
+        if keep is None:
+            keep = ()
+        if isinstance(keep, str) or not all(isinstance(m, str) and m for m in keep):
+            raise ConfigurationError(
+                f"keep_modalities is a list of modality names. Received: {keep!r}")
+        object.__setattr__(self, "keep_modalities", tuple(dict.fromkeys(keep)))
         object.__setattr__(self, "modalities", _renames("modalities", self.modalities))
         object.__setattr__(self, "columns", _renames("columns", self.columns))
         values: dict[str, dict[str, Any]] = {}
@@ -79,9 +90,13 @@ class DataLoadingPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (what the node's database stores)."""
-        return {"modalities": dict(self.modalities), "columns": dict(self.columns),
-                "values": {c: dict(m) for c, m in self.values.items()},
-                "units": {c: dict(u) for c, u in self.units.items()}}
+        out: dict[str, Any] = {
+            "modalities": dict(self.modalities), "columns": dict(self.columns),
+            "values": {c: dict(m) for c, m in self.values.items()},
+            "units": {c: dict(u) for c, u in self.units.items()}}
+        if self.keep_modalities:  # additive: plans stored before it read the same
+            out["keep_modalities"] = list(self.keep_modalities)
+        return out
 
     @classmethod
     def from_dict(cls, data: DataLoadingPlan | Mapping[str, Any]) -> DataLoadingPlan:
@@ -94,7 +109,8 @@ class DataLoadingPlan:
             raise ConfigurationError(
                 f"Unknown DataLoadingPlan keys {sorted(unknown)}. Expected some of {list(_PARTS)}."
             )
-        return cls(**{k: data.get(k) or {} for k in _PARTS})
+        parts: dict[str, Any] = {k: data.get(k) or {} for k in _PARTS[:-1]}
+        return cls(**parts, keep_modalities=data.get("keep_modalities") or ())
 
     def __bool__(self) -> bool:
         return any(getattr(self, part) for part in _PARTS)

@@ -52,6 +52,7 @@ class _Index:
     spacings: dict[str, list[tuple[float, ...]]]
     skipped: dict[str, str]  # subject -> why it was skipped
     demographics: pd.DataFrame  # index: kept subjects; columns: harmonised, sorted
+    lacking: dict[str, int]  # harmonised modality -> subjects without a volume of it
 
 
 class MedicalFolderDataset(Dataset):
@@ -76,6 +77,10 @@ class MedicalFolderDataset(Dataset):
     Metadata shows subject counts, modalities, shapes, voxel spacings and columns, never
     paths; errors name files relative to the root.
     """
+
+    _KIND = "medical-folder"
+    _WHAT = "medical folder"
+    _LAYOUT = "<subject>/<modality>/<volume>.nii(.gz)"
 
     def __init__(
         self,
@@ -105,24 +110,26 @@ class MedicalFolderDataset(Dataset):
     def _scan(self) -> _Index:
         if not self.root.is_dir():
             raise DatasetError(
-                "The medical folder is unavailable (it was moved or deleted). The node "
+                f"The {self._WHAT} is unavailable (it was moved or deleted). The node "
                 "administrator can re-register it."
             )
-        found: dict[str, dict[str, list[str]]] = {}  # subject -> modality -> volumes
-        for subject_dir in _subdirs(self.root):
-            found[subject_dir.name] = {
-                mod_dir.name: sorted(f"{subject_dir.name}/{mod_dir.name}/{f.name}"
-                                     for f in mod_dir.iterdir()
-                                     if _is_nifti(f.name) and f.is_file())
-                for mod_dir in _subdirs(subject_dir)
-            }
+        found = self._discover()
         if not found:
             raise DatasetError(
-                "The medical folder holds no subject folders: expected "
-                "<subject>/<modality>/<volume>.nii(.gz)."
+                f"The {self._WHAT} holds no subject folders: expected {self._LAYOUT}."
             )
         local = self._used_modalities(found)
         names = self.loading_plan.modality_names(local)  # local -> harmonised
+        keep = self.loading_plan.keep_modalities
+        if keep:
+            absent = [m for m in keep if m not in names.values()]
+            if absent:
+                raise DatasetError(
+                    f"The DataLoadingPlan keeps modality {absent[0]!r}, which this dataset "
+                    f"does not have. Its modalities: {sorted(names.values())}. Fix the "
+                    "plan's 'keep_modalities'.")
+            local = [m for m in local if names[m] in keep]
+            names = {m: names[m] for m in local}
         for subject, mods in found.items():
             for mod in local:
                 if len(mods.get(mod, ())) > 1:
@@ -132,6 +139,8 @@ class MedicalFolderDataset(Dataset):
                         "expected one volume per subject and modality. Move the others out."
                     )
 
+        without = {names[m]: sum(1 for mods in found.values() if not mods.get(m))
+                   for m in local}
         kept: list[str] = []
         skipped: dict[str, str] = {}
         for subject, mods in found.items():
@@ -155,22 +164,33 @@ class MedicalFolderDataset(Dataset):
             shapes[mod] = [h[0] for h in headers]
             spacings[mod] = [h[1] for h in headers]
         return _Index(kept, dict(sorted(files.items())), shapes, spacings, skipped,
-                      demographics)
+                      demographics, dict(sorted(without.items())))
+
+    def _discover(self) -> dict[str, dict[str, list[str]]]:
+        """Subject -> local modality -> its volumes (names relative to the root)."""
+        found: dict[str, dict[str, list[str]]] = {}
+        for subject_dir in _subdirs(self.root):
+            found[subject_dir.name] = {
+                mod_dir.name: sorted(f"{subject_dir.name}/{mod_dir.name}/{f.name}"
+                                     for f in mod_dir.iterdir()
+                                     if _is_nifti(f.name) and f.is_file())
+                for mod_dir in _subdirs(subject_dir)
+            }
+        return found
 
     def _used_modalities(self, found: dict[str, dict[str, list[str]]]) -> list[str]:
         present = sorted({m for mods in found.values() for m in mods})
         if self._local_modalities is None:
             if not present:
                 raise DatasetError(
-                    "The subject folders hold no modality folders: expected "
-                    "<subject>/<modality>/<volume>.nii(.gz)."
+                    f"The subject folders hold no modalities: expected {self._LAYOUT}."
                 )
             return present
         absent = [m for m in self._local_modalities if m not in present]
         if absent:
             raise DatasetError(
-                f"No subject has a modality folder named {absent[0]!r}. Modality folders "
-                f"found: {present}."
+                f"No subject has a modality named {absent[0]!r}. Modalities found: "
+                f"{present}."
             )
         return sorted(set(self._local_modalities))
 
@@ -234,6 +254,11 @@ class MedicalFolderDataset(Dataset):
             ) from exc
         return shape, tuple(round(float(z), 6) for z in zooms)
 
+    @staticmethod
+    def _buffer(lead: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        """An empty float32 array for volumes of ``shape``, laid out as files store them."""
+        return _volume_buffer(lead, shape)
+
     def _read(self, rel: str, out: np.ndarray | None = None) -> np.ndarray:
         """The volume at ``rel`` as float32, read into ``out`` (Fortran-ordered) if given."""
         nib = _nibabel()
@@ -279,6 +304,11 @@ class MedicalFolderDataset(Dataset):
         return dict(self._ix.skipped)
 
     @property
+    def missing_volumes(self) -> dict[str, int]:
+        """Per modality used, how many subject folders lack a volume of it (0s left out)."""
+        return {m: n for m, n in self._ix.lacking.items() if n}
+
+    @property
     def demographics(self) -> pd.DataFrame:
         """One row per kept subject (index ``subject``), harmonised columns, sorted."""
         return self._ix.demographics
@@ -300,7 +330,7 @@ class MedicalFolderDataset(Dataset):
         demo = idx.demographics
         shapes = {m: _summary(s) for m, s in idx.shapes.items()}
         meta: dict[str, Any] = {
-            "kind": "medical-folder",
+            "kind": self._KIND,
             "n_samples": len(idx.subjects),
             "n_skipped": len(idx.skipped),
             "modalities": list(idx.files),
@@ -402,7 +432,7 @@ class MedicalFolderDataset(Dataset):
 
     def _stack(self, mods: Sequence[str], indices: np.ndarray) -> np.ndarray:
         shape = self._shape(mods, indices)
-        X = _volume_buffer((len(indices), len(mods)), shape)
+        X = self._buffer((len(indices), len(mods)), shape)
         for row, i in enumerate(indices):
             for col, mod in enumerate(mods):
                 self._read(self._ix.files[mod][int(i)], out=X[row, col])
@@ -466,7 +496,7 @@ class _SubjectItems(Items):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} subjects")
         files = self.dataset._ix.files
-        x = _volume_buffer((len(self.mods),), self.shape)
+        x = self.dataset._buffer((len(self.mods),), self.shape)
         for j, mod in enumerate(self.mods):
             self.dataset._read(files[mod][index], out=x[j])
         y: Any = None

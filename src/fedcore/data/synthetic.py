@@ -7,7 +7,10 @@ units), so a :class:`~fedcore.data.DataLoadingPlan` has something to harmonise:
 - :func:`medical_folder`: ``subject/modality/volume.nii.gz`` plus a demographics CSV; the
   ``T1`` volumes of subjects with ``diagnosis == 1`` are brighter in a fixed cube;
 - :func:`image_folder`: ``class/image.png``; ``lesion`` images carry a bright square;
-- :func:`site_csv`: a tabular cohort whose ``label`` depends on age and weight.
+- :func:`site_csv`: a tabular cohort whose ``label`` depends on age and weight;
+- :func:`dicom_folder`: ``patient/study/series/image.dcm`` (one MR study per patient, two
+  series, slices stored out of order and rescaled) plus a demographics CSV, with planted
+  identifying tags (names, IDs, dates, institution) that must never reach a researcher.
 
 Site naming takes harmonised names to local ones, the inverse of a DataLoadingPlan:
 ``folders={"T1": "t1_mprage"}``, ``columns={"sex": "gender"}``,
@@ -24,10 +27,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcore.data._synthetic_common import _site_frame, signal_region
+from fedcore.data._synthetic_dicom import SyntheticDicomFolder, dicom_folder
 from fedcore.errors import ConfigurationError
 
-__all__ = ["SyntheticMedicalFolder", "image_folder", "medical_folder", "signal_region",
-           "site_csv"]
+__all__ = ["SyntheticDicomFolder", "SyntheticMedicalFolder", "dicom_folder", "image_folder",
+           "medical_folder", "signal_region", "site_csv"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,6 @@ class SyntheticMedicalFolder:
     def register_options(self) -> dict[str, Any]:
         """The ``options`` a node passes to ``datasets.add(..., kind="medical-folder")``."""
         return {"demographics": str(self.demographics), "subject_column": self.subject_column}
-
-
-def signal_region(shape: Sequence[int]) -> tuple[slice, ...]:
-    """The cube (a quarter of each side, off centre) where the T1 signal is planted."""
-    return tuple(slice(s // 4, s // 4 + max(1, s // 4)) for s in shape)
 
 
 def medical_folder(
@@ -177,15 +177,3 @@ def site_csv(
     path.parent.mkdir(parents=True, exist_ok=True)
     _site_frame(frame, columns, codes, scales).to_csv(path, index=False)
     return path
-
-
-def _site_frame(frame: pd.DataFrame, columns: Mapping[str, str] | None,
-                codes: Mapping[str, Mapping[Any, Any]] | None,
-                scales: Mapping[str, float] | None) -> pd.DataFrame:
-    """``frame`` (harmonised) as a site writes it: its codes, units and column names."""
-    out = frame.copy()
-    for col, table in (codes or {}).items():
-        out[col] = out[col].map(lambda v, t=table: t.get(v, v))
-    for col, factor in (scales or {}).items():
-        out[col] = np.round(out[col] * factor, 3)
-    return out.rename(columns=dict(columns or {}))

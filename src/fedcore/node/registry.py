@@ -19,6 +19,7 @@ from fedcore.data import (
     ArrayDataset,
     DataLoadingPlan,
     Dataset,
+    DicomDataset,
     ImageFolderDataset,
     MedicalFolderDataset,
     TabularDataset,
@@ -42,9 +43,10 @@ def _open_csv(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) ->
     dataset = TabularDataset(path, read_csv_kwargs=opts.get("read_csv"))
     if not plan:
         return dataset
-    if plan.modalities:
+    if plan.modalities or plan.keep_modalities:
         raise ConfigurationError(
-            "A CSV dataset has no modalities: drop 'modalities' from its DataLoadingPlan."
+            "A CSV dataset has no modalities: drop 'modalities' and 'keep_modalities' from "
+            "its DataLoadingPlan."
         )
     return TabularDataset.from_frame(plan.apply_frame(dataset.frame, source=path.name))
 
@@ -68,6 +70,16 @@ def _open_medical(path: Path, opts: dict[str, Any],
     )
 
 
+def _open_dicom(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
+    return DicomDataset(
+        path, demographics=opts.get("demographics"),
+        subject_column=opts.get("subject_column", "subject"),
+        modalities=_names(opts.get("modalities")),
+        dicom_modality=_names(opts.get("dicom_modality")), loading_plan=plan,
+        read_csv_kwargs=opts.get("read_csv"),
+    )
+
+
 def _open_images(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
     size = opts.get("size")
     if isinstance(size, str):
@@ -75,14 +87,17 @@ def _open_images(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None)
     return ImageFolderDataset(path, mode=opts.get("mode"), size=size, loading_plan=plan)
 
 
-#: Dataset kinds a node registers: ``csv`` and ``npz`` files, ``medical-folder`` and
-#: ``image-folder`` directories.
+#: Dataset kinds a node registers: ``csv`` and ``npz`` files, ``medical-folder``,
+#: ``image-folder`` and ``dicom`` directories.
 _LOADERS: dict[str, _Kind] = {
     "csv": _Kind(_open_csv, frozenset({"read_csv"}), suffix=".csv"),
     "npz": _Kind(_open_npz, frozenset(), suffix=".npz"),
     "medical-folder": _Kind(_open_medical, frozenset(
         {"demographics", "subject_column", "modalities", "read_csv"}), folder=True),
     "image-folder": _Kind(_open_images, frozenset({"mode", "size"}), folder=True),
+    "dicom": _Kind(_open_dicom, frozenset(
+        {"demographics", "subject_column", "modalities", "dicom_modality", "read_csv"}),
+        folder=True),
 }
 
 
@@ -90,8 +105,8 @@ class DatasetRegistry:
     """The node's datasets, kept in its TinyDB database (table ``datasets``).
 
     Each entry has an id, a name, tags, a kind (``csv``, ``npz``, ``medical-folder``,
-    ``image-folder``), the path and loader options (which never leave the node), the node's
-    DataLoadingPlan if any, and the metadata shared with researchers (under harmonised
+    ``image-folder``, ``dicom``), the path and loader options (which never leave the node),
+    the node's DataLoadingPlan if any, and the metadata shared with researchers (under harmonised
     names). A dataset is opened and checked before its entry is written. Tag sets must not
     overlap: a new dataset whose tags are a subset or superset of an existing one's is
     refused, so a researcher's search by a dataset's tags finds exactly that dataset.
@@ -101,7 +116,9 @@ class DatasetRegistry:
     Options by kind: ``csv``: ``read_csv`` (keyword arguments of ``pandas.read_csv``);
     ``medical-folder``: ``demographics`` (CSV path), ``subject_column`` (default
     ``"subject"``), ``modalities`` (local folder names to use; default all), ``read_csv``;
-    ``image-folder``: ``mode`` (Pillow mode, e.g. ``"L"``), ``size`` (``[height, width]``).
+    ``image-folder``: ``mode`` (Pillow mode, e.g. ``"L"``), ``size`` (``[height, width]``);
+    ``dicom``: as ``medical-folder`` (``modalities`` are series descriptions), plus
+    ``dicom_modality`` (DICOM modalities to keep, e.g. ``["MR"]``).
     """
 
     def __init__(self, db: TinyDB, data_dir: Path, *,
@@ -389,8 +406,9 @@ def _clean_options(kind: str, options: Mapping[str, Any] | None) -> dict[str, An
         if not demographics.is_file():
             raise DatasetError(f"No demographics file at {demographics}.")
         options["demographics"] = str(demographics)
-    if "modalities" in options:
-        options["modalities"] = _names(options["modalities"])
+    for key in ("modalities", "dicom_modality"):
+        if key in options:
+            options[key] = _names(options[key])
     return options
 
 
@@ -449,7 +467,19 @@ def _plain(value: Any) -> Any:
 
 
 def _report(dataset: Dataset) -> dict[str, Any]:
-    """What the node administrator should know about a registration (never shared)."""
+    """What the node administrator should know about a registration (never shared).
+
+    Subjects skipped and why, volumes missing per modality, and missing values (NaN or
+    empty) per column, for the administrator to fix the export or choose a
+    DataLoadingPlan.
+    """
+    report: dict[str, Any] = {}
+    table = next((t for name in ("frame", "demographics")
+                  if isinstance(t := getattr(dataset, name, None), pd.DataFrame)), None)
     if isinstance(dataset, MedicalFolderDataset):
-        return {"skipped_subjects": dataset.skipped}
-    return {}
+        report["skipped_subjects"] = dataset.skipped
+        report["missing_volumes"] = dataset.missing_volumes
+    if table is not None:
+        report["missing_values"] = {str(c): int(n) for c, n in table.isna().sum().items()
+                                    if n}
+    return report

@@ -10,8 +10,9 @@ the nodes whose policy shares them.
 
 A mean and a variance take two round trips: the first finds the pooled mean, the second asks
 for sums about it (``shift``): the two-pass algorithm numpy uses, spread over nodes, so no
-cancellation whatever the offset of the data. Quantiles are read from a pooled histogram by
-linear interpolation within bins, so they are exact to within a bin's width.
+cancellation whatever the offset of the data. Quantiles are read from a pooled histogram
+(:mod:`fedcore.researcher._quantiles`): exact to within a bin's width, or not given where the
+cells nodes withheld could move them out of their bin.
 
 With ``secagg=`` the replies are summed by a secure aggregation scheme
 (:mod:`fedcore.researcher._secure_statistics`): results hold the pooled row only, and no extremes.
@@ -32,6 +33,7 @@ import pandas as pd
 
 from fedcore import _runtime
 from fedcore.errors import ConfigurationError
+from fedcore.researcher._quantiles import auto_bins, bounds, check_q, quantiles
 from fedcore.researcher._replies import nobody_answered as _nobody_answered
 from fedcore.researcher._replies import outcome as _why
 from fedcore.researcher._secure_statistics import (
@@ -203,15 +205,19 @@ class FederatedStatistics:
         return _runtime.run(self._histogram(variable, bins, range))
 
     def quantiles(self, variable: str, q: float | Sequence[float] = (0.25, 0.5, 0.75), *,
-                  bins: int | Sequence[float] = 100,
+                  bins: int | Sequence[float] | None = None,
                   range: tuple[float, float] | None = None) -> pd.DataFrame:
-        """Quantiles estimated from a histogram by linear interpolation within its bins.
+        """Quantiles read from a histogram: exact to one bin's width, or not given.
 
-        Exact to within one bin's width. One row per node, then pooled; columns ``"25%"``
-        etc. and ``note``. A row where small cells were withheld gets NaN (their values are
-        somewhere unknown, so any estimate could be off by more than a bin; the note says
-        so: ask for fewer bins); a quantile that falls below or above the histogram's range
-        is NaN.
+        One row per node, then pooled; columns ``"25%"`` etc. and ``note``. ``bins`` is a
+        number of equal bins over ``range`` or explicit edges; by default about 20 values
+        per bin at the smallest node (at most 100 bins), so that few cells fall under the
+        nodes' ``min_count``. Without withheld cells a quantile is interpolated within its
+        bin. Where nodes withheld small cells, a quantile is given (its bin's centre) only
+        when no placement of the withheld values could move it out of that bin; otherwise
+        it is NaN and the note says why and the interval it is known to lie in. A quantile
+        outside the histogram's range is NaN too. Never a value biased by what was
+        withheld. See docs/statistics.md.
         """
         return _runtime.run(self._quantiles(variable, q, bins, range))
 
@@ -232,7 +238,7 @@ class FederatedStatistics:
         return await _runtime.run_async(self._histogram(variable, bins, range))
 
     async def aquantiles(self, variable: str, q: float | Sequence[float] = (0.25, 0.5, 0.75),
-                         *, bins: int | Sequence[float] = 100,
+                         *, bins: int | Sequence[float] | None = None,
                          range: tuple[float, float] | None = None
                          ) -> pd.DataFrame:
         """Async twin of :meth:`quantiles`."""
@@ -393,28 +399,37 @@ class FederatedStatistics:
         return Histogram(variable, edges, counts, totals, notes, suppressed)
 
     async def _quantiles(self, variable: str, q: float | Sequence[float],
-                         bins: int | Sequence[float],
+                         bins: int | Sequence[float] | None,
                          range: tuple[float, float] | None) -> pd.DataFrame:
-        qs = _check_q(q)
+        qs = check_q(q)
+        if bins is None:
+            targets = await self._selection.current(self.session)
+            bins = auto_bins([t["metadata"].get("n_samples") or 0 for t in targets.values()])
         hist = await self._histogram(variable, bins, range)
-        rows = []
-        for node in hist.counts.index:
-            counts = hist.counts.loc[node].fillna(0).to_numpy(dtype=np.float64)
-            below, above = hist.totals.loc[node, ["below", "above"]].fillna(0).to_numpy(
-                dtype=np.float64)
-            note = hist.notes[node]
-            hidden = hist.totals.loc[node, "withheld"]
-            if pd.isna(hist.totals.loc[node, "count"]):
-                values = np.full(len(qs), np.nan)
-            elif not pd.isna(hidden) and hidden > 0:  # never quietly biased: not given
-                values = np.full(len(qs), np.nan)
-                note = "; ".join(x for x in (note, (
-                    f"quantiles not given: {hidden} values sit in withheld cells, somewhere "
-                    "unknown; ask for fewer bins")) if x)
-            else:
-                values = _interpolate(hist.edges, counts, below, above, qs)
-            rows.append([*values, note])
         labels = [f"{100 * x:g}%" for x in qs]
+        withheld = dict(zip(hist.suppressed["node"], hist.suppressed["cells"], strict=True))
+        per_node = hist.counts.index[:-1]
+        rows: list[list[Any]] = []
+        pooled_low = pooled_high = np.zeros(len(hist.edges))
+        for node in hist.counts.index:
+            note = hist.notes[node]
+            if pd.isna(hist.totals.loc[node, "count"]):
+                rows.append([*np.full(len(qs), np.nan), note])
+                continue
+            counts = hist.counts.loc[node].fillna(0).to_numpy(dtype=np.float64)
+            total, below, above, hidden = (int(x) for x in hist.totals.loc[
+                node, ["count", "below", "above", "withheld"]].fillna(0))
+            if node != POOLED:
+                low, high = bounds(counts, below, above, hidden, int(withheld.get(node, 0)))
+                pooled_low, pooled_high = pooled_low + low, pooled_high + high
+            elif len(per_node):  # the sums of the nodes' bounds: tighter than the pooled row's
+                low, high = pooled_low, pooled_high
+            else:  # secure aggregation: only the pooled sums are known
+                low, high = bounds(counts, below, above, hidden)
+            values, why = quantiles(hist.edges, counts, below, above, low, high, total, qs)
+            notes = [note, *(f"{label} not given: {reason}"
+                             for label, reason in zip(labels, why, strict=True) if reason)]
+            rows.append([*values, "; ".join(n for n in notes if n)])
         return pd.DataFrame(rows, index=hist.counts.index, columns=[*labels, "note"])
 
     def _order(self, answers: _Answers) -> list[str]:
@@ -548,7 +563,7 @@ def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-# --- argument checks and quantiles ----------------------------------------------------------
+# --- argument checks ------------------------------------------------------------------------
 
 
 def _names(variables: str | Sequence[str]) -> list[str]:
@@ -608,37 +623,4 @@ def _bounds(variables: list[str], bounds: _Bounds) -> dict[str, tuple[float, flo
                                          f"{v}={b!r}")
             b = (lo, hi)
         out[v] = b
-    return out
-
-
-def _check_q(q: float | Sequence[float]) -> list[float]:
-    qs = [q] if isinstance(q, (int, float)) else list(q)
-    try:
-        ok = bool(qs) and all(0.0 <= float(x) <= 1.0 for x in qs)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigurationError(f"q must be quantiles between 0 and 1. Received: q={q!r}")
-    return list(dict.fromkeys(float(x) for x in qs))
-
-
-def _interpolate(edges: np.ndarray, counts: np.ndarray, below: float, above: float,
-                 qs: Sequence[float]) -> np.ndarray:
-    """Quantiles of a histogram, the values spread evenly within each bin (an ogive)."""
-    inside = counts.sum()
-    total = below + inside + above
-    out = np.full(len(qs), np.nan)
-    if not inside:
-        return out
-    cum = below + np.cumsum(counts)
-    for j, q in enumerate(qs):
-        rank = q * total
-        if rank < below or rank > below + inside or (rank == below and below > 0):
-            continue  # outside the histogram's range: unknown
-        if rank == below:  # q = 0: the left edge of the first non-empty bin
-            out[j] = edges[np.flatnonzero(counts)[0]]
-            continue
-        b = int(np.searchsorted(cum, rank, side="left"))
-        before = cum[b] - counts[b]
-        out[j] = edges[b] + (rank - before) / counts[b] * (edges[b + 1] - edges[b])
     return out
