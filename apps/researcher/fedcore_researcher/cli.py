@@ -67,16 +67,24 @@ evaluate_local = true               # evaluate the nodes' updates
 checkpoint_dir = "checkpoints"      # one checkpoint per round (or --checkpoint-dir)
 identity = "~/.fedcore/researcher.key"   # default $FEDCORE_IDENTITY, then this
 enrolled = "~/.fedcore/nodes.toml"       # default $FEDCORE_NODES, then this
+secagg = "masking"                  # secure aggregation: "masking", "joye-libert", or a
+                                    # [secagg] table with name and its parameters
 
 [aggregator]                        # or one line: aggregator = "fedavg" (the default)
 name = "fedprox"                    # a registered aggregator name
 mu = 0.01                           # its constructor arguments
 
-[strategy]                          # which nodes train each round (fedcore.researcher.strategies)
+[strategy]                          # or one line: strategy = "AllNodes" (the default)
 name = "Fraction"                   # "AllNodes" (the default) or "Fraction"
 fraction = 0.5
 seed = 1
 min_nodes = 2                       # the quorum: fewer updates and the round fails
+
+[privacy]                           # differential privacy asked of every node
+mechanism = "update"                # "update" (any backend) or "dp-sgd" (torch, Keras)
+clip = 1.0
+noise_multiplier = 1.1
+delta = 1e-5
 
 [model_args]                        # the plan's model arguments
 target = "label"
