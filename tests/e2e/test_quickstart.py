@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
@@ -21,7 +20,11 @@ pytest.importorskip("sklearn")
 pytest.importorskip("websockets")
 
 from fedcore import Node  # noqa: E402
-from tests._support.deployment import stop_processes, write_csv  # noqa: E402
+from tests._support.deployment import (  # noqa: E402
+    console_scripts,
+    stop_processes,
+    write_csv,
+)
 from tests._support.net import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -56,13 +59,7 @@ def test_the_documented_path_is_three_node_commands_and_one_enroll_per_node():
 @pytest.fixture
 def bin_dir(tmp_path) -> Path:
     """`fedcore` and `fedcore-node` as a user has them, for this Python and source tree."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    for name, module in (("fedcore", "fedcore_researcher"), ("fedcore-node", "fedcore_node")):
-        script = folder / name
-        script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m {module} "$@"\n')
-        script.chmod(0o755)
-    return folder
+    return console_scripts(tmp_path / "bin")
 
 
 def test_from_nothing_to_a_first_round_with_the_documented_commands(tmp_path, bin_dir):
