@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import uuid
-from urllib.parse import parse_qs, unquote, urlsplit
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pandas as pd
 
