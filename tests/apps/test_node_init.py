@@ -114,3 +114,11 @@ def test_path_is_absolute_in_the_registry(tmp_path, capsys, monkeypatch):
     assert _run(capsys, "--home", "h", "init", "--data", "c.csv", "--tags", "t")[0] == 0
     [entry] = Node(tmp_path / "h").datasets.list()
     assert Path(entry["path"]) == (tmp_path / "c.csv").resolve()
+
+
+def test_a_home_given_with_a_tilde_that_no_shell_expanded(tmp_path, capsys, monkeypatch):
+    """systemd and compose pass `--home ~/fedcore-node` as it is: ~ is the user's home."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _run(capsys, "--home", "~/fedcore-node", "init", "--id", "site-t")[0] == 0
+    code, out, _ = _run(capsys, "--home", "~/fedcore-node", "info")
+    assert code == 0 and "site-t" in out and str(tmp_path / "fedcore-node") in out

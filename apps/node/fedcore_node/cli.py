@@ -102,7 +102,7 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _open(home: str, *, create: bool = False) -> Node:
-    path = Path(home)
+    path = Path(home).expanduser()  # also when no shell expanded ~ (systemd, compose)
     if not create and not (path / "config.toml").exists():
         raise FedcoreError(
             f"No node home at {path.resolve()}. Create one with: fedcore-node --home {home} "
