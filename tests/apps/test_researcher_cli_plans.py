@@ -201,3 +201,44 @@ def test_the_complete_example_toml_builds_an_experiment(tmp_path):
     with open_experiment(str(tmp_path / "exp.toml")) as exp:
         assert isinstance(exp.secagg, PairwiseMasking) and exp.privacy["clip"] == 1.0
         assert type(exp.strategy).__name__ == "Fraction" and exp.aggregator.name == "fedprox"
+
+
+@pytest.mark.parametrize("record, message", [
+    ("identity = [", "Cannot read"),
+    ("identity = 5", "run.toml: identity should be a file path. Received: 5. Fix it or pass "
+                     "--identity KEY."),
+    ('enrolled = "/no/such/nodes.toml"', "records the enrolled file /no/such/nodes.toml, "
+                                         "which is gone. Put it back, or pass --enrolled "
+                                         "NODES_TOML."),
+])
+def test_a_broken_run_toml_is_a_usage_error(tmp_path, capsys, record, message):
+    exp_file = _toml(tmp_path, "inproc://unused")
+    with open_experiment(str(exp_file)) as exp:
+        exp.save(tmp_path / "ckpt" / "round_0001.fedcore")
+    (tmp_path / "ckpt" / "run.toml").write_text(record + "\n")
+    assert fedcore("resume", tmp_path / "ckpt")[0] == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.toml", "exp.toml"], "No experiment file at missing.toml."),
+    (["plans.py.txt", "exp.toml"], "Expected an experiment file (.toml, .py) or a checkpoint "
+                                   "(a .fedcore file or its folder). Received: plans.py.txt"),
+])
+def test_diff_of_something_that_is_no_plan_is_a_usage_error(tmp_path, capsys, monkeypatch,
+                                                            args, message):
+    monkeypatch.chdir(tmp_path)
+    _toml(tmp_path, "inproc://unused")
+    assert fedcore("plan", "diff", *args)[0] == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_help_lists_the_plan_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "plan submit exp.toml" in out and "plan status exp.toml --wait 600" in out
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "status", "--help"])
+    out = capsys.readouterr().out
+    assert "--wait SECONDS" in out and "exit codes:" in out

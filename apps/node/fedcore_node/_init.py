@@ -9,6 +9,7 @@ before anything is written: a home that did not exist is removed again when a st
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def init(args: argparse.Namespace, out: Any) -> int:
     if not node.trusted_researchers:
         lines.append("No trusted researcher yet: on a network this node refuses every "
                      "request. Add one with --trust NAME=KEY (here) or `trust add`.")
-    lines += [f"Start it with: fedcore-node --home {args.home} start",
+    lines += [f"Start it with: fedcore-node --home {shlex.quote(args.home)} start",
               f"Node key fingerprint: {node.identity.fingerprint}",
               "The researcher enrolls this node with:",
               f"fedcore enroll {node.node_id} {public_key}"]
