@@ -39,16 +39,23 @@ def _run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel the documented command builds, from a copy of the tracked files."""
-    section = _installing()
-    assert "python -m pip wheel --no-deps . -w dist" in section
+def checkout(tmp_path_factory) -> Path:
+    """A copy of the repository's files, as a fresh checkout has them."""
     source = tmp_path_factory.mktemp("checkout")
     files = _run("git", "ls-files", "-co", "--exclude-standard", cwd=ROOT).stdout.split("\n")
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
+    return source
+
+
+@pytest.fixture(scope="module")
+def wheel(checkout) -> Path:
+    """The wheel the documented command builds, from a copy of the tracked files."""
+    section = _installing()
+    assert "python -m pip wheel --no-deps . -w dist" in section
+    source = checkout
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", ".",
          "-w", "dist", cwd=source)
     [built] = (source / "dist").glob("fedcore-*.whl")
@@ -87,7 +94,11 @@ def test_the_wheel_offers_the_extras_and_the_commands(wheel):
     assert any(n.startswith("fedcore_node/gui/templates/") for n in names)
 
 
-def test_the_wheel_installs_and_its_commands_run(wheel, tmp_path):
+@pytest.mark.parametrize("how", ["wheel", "checkout"])
+def test_an_install_runs_its_commands(how, request, tmp_path):
+    """`pip install ... WHEEL` and `pip install ... .` (in the checkout), as documented."""
+    assert {"wheel": "dist/fedcore-", "checkout": '".[net,sklearn]"'}[how] in _installing()
+    target = request.getfixturevalue(how)
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
@@ -97,7 +108,7 @@ def test_the_wheel_installs_and_its_commands_run(wheel, tmp_path):
                      cwd=tmp_path).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
-         "--no-index", wheel, cwd=tmp_path)
+         "--no-index", "--no-build-isolation", target, cwd=tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = _run(python, "-c", "import fedcore, fedcore_node; print(fedcore.__file__); "
                  "print(fedcore_node.__file__)", cwd=tmp_path, env=env).stdout.split()
