@@ -42,6 +42,7 @@ environment.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedcore.errors import ConfigurationError, TransportError
 from fedcore.transport import REDACTED, Capabilities, Inbox, Role, Transport, redact_url
+from fedcore_transport._tls import tls_problem
 
 __all__ = ["MqttTransport"]
 
@@ -135,8 +137,10 @@ class MqttTransport(Transport):
                              protocol=paho.MQTTv5)
         if username:
             client.username_pw_set(username, password)
-        if tls:
-            client.tls_set_context(ssl or _ssl_context(query))
+        self._tls = (ssl or _ssl_context(query)) if tls else None
+        self._client_cert = bool(query.get("certfile")) if ssl is None else None
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         offline = json.dumps({"fedcore": _PRESENCE_VERSION, "role": role, "identity": identity,
                               "session": self._session, "online": False}).encode()
         client.will_set(self._presence, offline, qos=1, retain=True)
@@ -182,11 +186,23 @@ class MqttTransport(Transport):
             refusal = await asyncio.wait_for(asyncio.shield(self._first),
                                              self._connect_timeout)
         except TimeoutError:
+            problem = None
+            if self._tls is not None:  # paho hides why a TLS handshake failed: ask TLS
+                problem = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(tls_problem, self._host, self._port, self._tls,
+                                            client_cert=self._client_cert))
             if self.role == "node":
-                log.warning("Cannot reach the MQTT broker at %s yet; still trying.",
-                            self._where)
+                if problem:
+                    log.warning("Cannot connect to the MQTT broker at %s: %s. Still trying.",
+                                self._where, problem)
+                else:
+                    log.warning("Cannot reach the MQTT broker at %s yet; still trying.",
+                                self._where)
                 return
             await self._stop_client()
+            if problem:
+                raise TransportError(f"Cannot connect to the MQTT broker at {self._where}: "
+                                     f"{problem}.") from None
             raise TransportError(f"Cannot reach the MQTT broker at {self._where} within "
                                  f"{self._connect_timeout:g} s.") from None
         if refusal is not None:
