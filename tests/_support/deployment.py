@@ -79,3 +79,14 @@ def node_processes(homes: dict[str, Path], url: str) -> Iterator[dict[str, subpr
             assert proc.poll() is None, node_log(homes[node_id])
     finally:
         stop_processes(procs.values())
+
+
+def console_scripts(folder: Path) -> Path:
+    """`fedcore` and `fedcore-node` in ``folder``, as an install makes them, running this
+    Python (and so this source tree, through PYTHONPATH); put ``folder`` first on PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, module in (("fedcore", "fedcore_researcher"), ("fedcore-node", "fedcore_node")):
+        script = folder / name
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        script.chmod(0o755)
+    return folder

@@ -205,6 +205,23 @@ def test_resume_after_a_kill_ends_bit_identical_to_an_uninterrupted_run(federati
     assert doc["metrics"] == _metrics(reference)
 
 
+def test_resume_remembers_the_runs_key_and_enrolled_nodes(federation, full_run, tmp_path):
+    """No --identity, no --enrolled, no $FEDCORE_IDENTITY/$FEDCORE_NODES, another folder:
+    the run's run.toml names the files (paths only), so the nodes still answer."""
+    record = (full_run[1] / "run.toml").read_text()
+    assert f'enrolled = "{federation.folder / "nodes.toml"}"' in record
+    assert f'identity = "{Path(os.environ["FEDCORE_IDENTITY"]).resolve()}"' in record
+    env = {k: v for k, v in os.environ.items() if k not in ("FEDCORE_IDENTITY", "FEDCORE_NODES")}
+    result = subprocess.run(
+        [sys.executable, "-m", "fedcore_researcher", "resume", str(full_run[1]), "--rounds",
+         "1", "--checkpoint-dir", str(tmp_path / "more"), "--json", "--quiet"],
+        cwd=tmp_path, env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True,
+        timeout=120, stdin=subprocess.DEVNULL)
+    doc = json.loads(_ok(result).stdout)
+    assert doc["status"] == "completed" and doc["round"] == ROUNDS + 1
+    assert not (tmp_path / ".fedcore").exists(), "a new default key was made instead"
+
+
 def test_nodes_lists_the_connected_nodes_and_their_datasets(federation):
     result = _ok(fedcore("nodes", "--federation", federation.url, "--tags", TAG, "--json",
                          "--enrolled", "nodes.toml", cwd=federation.folder))

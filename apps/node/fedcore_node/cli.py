@@ -17,7 +17,7 @@ from typing import Any
 from fedcore.errors import FedcoreError
 from fedcore.node import Node
 from fedcore.transport import redact_url
-from fedcore_node import _budget, _daemon, _peers, _trust
+from fedcore_node import _budget, _daemon, _init, _peers, _trust
 from fedcore_node._commands import (
     DESCRIPTION_HELP,
     _admin,
@@ -41,11 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="node home folder (default: $FEDCORE_NODE_HOME or ./fedcore-node)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    init = sub.add_parser("init", help="create the node home (config, database, audit log)")
-    init.add_argument("--name", help="a human-readable name, e.g. the hospital's")
-    init.add_argument("--id", dest="node_id", help="the node id (default: generated)")
-    init.add_argument("--federation", metavar="URL", help="the researcher's URL that "
-                      "`fedcore-node start` connects to, e.g. ws://researcher.org:8765")
+    _init.add_parser(sub)
 
     sub.add_parser("info", help="show the node's id, name and home")
 
@@ -106,7 +102,7 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _open(home: str, *, create: bool = False) -> Node:
-    path = Path(home)
+    path = Path(home).expanduser()  # also when no shell expanded ~ (systemd, compose)
     if not create and not (path / "config.toml").exists():
         raise FedcoreError(
             f"No node home at {path.resolve()}. Create one with: fedcore-node --home {home} "
@@ -135,12 +131,7 @@ def _dataset_args(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace, out: Any) -> int:
     """Carry out one parsed command, writing to ``out``; returns the exit code."""
     if args.command == "init":
-        node = Node(Path(args.home), name=args.name, node_id=args.node_id)
-        if args.federation:
-            node.set_federation(args.federation)
-        print(f"Node {node.node_id} ready in {node.home.resolve()} (training plans need "
-              "approval: see `fedcore-node plan --help`)", file=out)
-        return 0
+        return _init.init(args, out)
     to_check = _dataset_args(args) if getattr(args, "action", "") == "add" and (
         args.command == "dataset") else None
     node = _open(args.home)

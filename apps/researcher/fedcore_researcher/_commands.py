@@ -16,7 +16,7 @@ from fedcore import Experiment, TrainingPlan
 from fedcore.errors import ConfigurationError, DatasetError, FedcoreError, RoundError
 from fedcore.transport import redact_url
 from fedcore.wire import identity as keys
-from fedcore_researcher import _output
+from fedcore_researcher import _output, _run_folder
 from fedcore_researcher._experiment_file import open_experiment
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         if exp.round_limit is None:
             raise ConfigurationError(f"{args.file} sets no number of rounds: add rounds = N "
                                      "(round_limit= in Python) or pass --rounds N.")
+        _run_folder.remember(exp)
         return _drive(exp, args, out)
 
 
@@ -72,9 +73,12 @@ def resume(args: argparse.Namespace, out: Any) -> int:
     """``fedcore resume CHECKPOINT``: load it and run the rounds left."""
     source = Path(args.checkpoint)
     overrides: dict[str, Any] = {"progress": not args.quiet}
+    remembered = _run_folder.recall(source if source.is_dir() else source.parent)
     for key in ("identity", "enrolled"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+        elif key in remembered:
+            overrides[key] = remembered[key]
     exp = load_checkpoint(source, federation=args.federation, **overrides)
     try:
         if args.checkpoint_dir is not None:
@@ -87,6 +91,7 @@ def resume(args: argparse.Namespace, out: Any) -> int:
         elif exp.round_limit is None:
             raise ConfigurationError(f"{source} was written by an experiment without a round "
                                      "limit: pass --rounds N (that many more rounds).")
+        _run_folder.remember(exp)
         return _drive(exp, args, out)
     finally:
         exp.close()

@@ -22,7 +22,9 @@ from typing import Any
 from fedcore import Experiment, TrainingPlan, plugins
 from fedcore.aggregators import Aggregator
 from fedcore.errors import ConfigurationError, FedcoreError
+from fedcore.privacy.spec import PrivacySpec
 from fedcore.researcher import strategies
+from fedcore.secagg import SecureAggregation
 
 MINIMAL_TOML = """\
   plan = "plans.py:Plan"              # a file next to this one, or "package.module:Class"
@@ -50,7 +52,12 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "model_args": (dict, "a table of the plan's model arguments"),
     "training_args": (dict, "a table of training arguments"),
     "aggregator": ((str, dict), 'a name ("fedavg") or a table with name and parameters'),
-    "strategy": (dict, 'a table: name = "AllNodes" or "Fraction", and parameters'),
+    "strategy": ((str, dict), 'a name ("AllNodes", "Fraction") or a table with name and '
+                 'parameters'),
+    "secagg": ((str, dict), 'a scheme name ("masking", "joye-libert") or a table with name '
+               'and parameters'),
+    "privacy": (dict, 'a table: mechanism = "update" or "dp-sgd", clip, noise_multiplier, '
+                'delta'),
 }
 REQUIRED = ("plan", "tags")
 _PATHS = ("checkpoint_dir", "identity", "enrolled")  # relative to the TOML file's folder
@@ -118,11 +125,14 @@ def aggregator_from(value: str | dict[str, Any], where: str) -> Aggregator:
                                  f"{_signature(cls)}.") from exc
 
 
-def strategy_from(table: dict[str, Any], where: str) -> strategies.Strategy:
+def strategy_from(value: str | dict[str, Any], where: str) -> strategies.Strategy:
     """A strategy of :mod:`fedcore.researcher.strategies` from ``{name = "Fraction", ...}``."""
     known = {n: getattr(strategies, n) for n in strategies.__all__ if n != "Strategy"}
-    params = dict(table)
-    name = params.pop("name", None)
+    params = dict(value) if isinstance(value, dict) else {}
+    name = params.pop("name", None) if isinstance(value, dict) else value
+    if name is None:
+        raise ConfigurationError(f'{where}: the [strategy] table needs name = "AllNodes" (or '
+                                 f"another of {', '.join(known)}).")
     if name not in known:
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -133,6 +143,34 @@ def strategy_from(table: dict[str, Any], where: str) -> strategies.Strategy:
     except TypeError as exc:
         raise ConfigurationError(f"{where}: strategy {name} does not take these parameters "
                                  f"({exc}). It takes: {_signature(known[name])}.") from exc
+
+
+def secagg_from(value: str | dict[str, Any], where: str) -> SecureAggregation:
+    """A secure-aggregation scheme from its registry name, or ``{name = ..., param = ...}``."""
+    params = dict(value) if isinstance(value, dict) else {}
+    name = params.pop("name", None) if isinstance(value, dict) else value
+    if not isinstance(name, str):
+        raise ConfigurationError(f'{where}: the [secagg] table needs name = "masking" (or '
+                                 f"another of {', '.join(plugins.available('secagg'))}).")
+    try:
+        cls = plugins.load("secagg", name)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{where}: secagg: {exc}") from exc
+    try:
+        return cls(**params)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, ConfigurationError) as exc:
+        raise ConfigurationError(f"{where}: secagg {name!r} does not take these "
+                                 f"parameters ({exc}). It takes: "
+                                 f"{_signature(cls)}.") from exc
+
+
+def privacy_from(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ``[privacy]`` table, checked as ``Experiment(privacy=...)`` checks it."""
+    try:
+        spec = PrivacySpec.parse(table)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{where}: [privacy]: {exc}") from exc
+    return {} if spec is None else spec.to_dict()
 
 
 def _signature(cls: type) -> str:
@@ -222,12 +260,18 @@ def from_toml(path: Path, *, federation: str | None, rounds: int | None) -> Expe
     where = str(path)
     aggregator = aggregator_from(desc.get("aggregator", "fedavg"), where)
     strategy = strategy_from(desc["strategy"], where) if "strategy" in desc else None
+    secagg = secagg_from(desc["secagg"], where) if "secagg" in desc else None
+    privacy = privacy_from(desc["privacy"], where) if "privacy" in desc else None
     plan = load_plan(desc["plan"], path.resolve().parent, where)
     kwargs = {k: desc[k] for k in _PASSED if k in desc}
-    return Experiment(plan, tags=desc["tags"], federation=federation or desc["federation"],
-                      aggregator=aggregator, strategy=strategy,
-                      round_limit=rounds if rounds is not None else desc.get("rounds"),
-                      checkpoint_dir=desc.get("checkpoint_dir"), **kwargs)
+    try:
+        return Experiment(plan, tags=desc["tags"], federation=federation or desc["federation"],
+                          aggregator=aggregator, strategy=strategy, secagg=secagg,
+                          privacy=privacy,
+                          round_limit=rounds if rounds is not None else desc.get("rounds"),
+                          checkpoint_dir=desc.get("checkpoint_dir"), **kwargs)
+    except ConfigurationError as exc:  # settings that do not go together, e.g. secagg
+        raise ConfigurationError(f"{where}: {exc}") from exc  # with a robust aggregator
 
 
 @contextlib.contextmanager

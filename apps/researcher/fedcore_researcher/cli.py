@@ -19,7 +19,7 @@ from typing import Any
 import fedcore
 from fedcore.errors import ConfigurationError, FedcoreError
 from fedcore.transport import redact_url
-from fedcore_researcher import _commands
+from fedcore_researcher import _commands, _plans
 from fedcore_researcher._commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 
@@ -40,6 +40,8 @@ examples:
   fedcore run exp.toml                         # train; a table of metrics at the end
   fedcore run exp.toml --rounds 10 --checkpoint-dir ckpt --json > result.json
   fedcore resume ckpt                          # continue from the newest checkpoint
+  fedcore plan submit exp.toml                 # send the plan to the nodes for review
+  fedcore plan status exp.toml --wait 600      # until every node approved it
   fedcore history ckpt --csv > history.csv     # one row per node and round
   fedcore nodes --federation ws://0.0.0.0:8765 --tags diabetes
   fedcore identity                             # your public key, for the nodes to trust
@@ -65,16 +67,24 @@ evaluate_local = true               # evaluate the nodes' updates
 checkpoint_dir = "checkpoints"      # one checkpoint per round (or --checkpoint-dir)
 identity = "~/.fedcore/researcher.key"   # default $FEDCORE_IDENTITY, then this
 enrolled = "~/.fedcore/nodes.toml"       # default $FEDCORE_NODES, then this
+secagg = "masking"                  # secure aggregation: "masking", "joye-libert", or a
+                                    # [secagg] table with name and its parameters
 
 [aggregator]                        # or one line: aggregator = "fedavg" (the default)
 name = "fedprox"                    # a registered aggregator name
 mu = 0.01                           # its constructor arguments
 
-[strategy]                          # which nodes train each round (fedcore.researcher.strategies)
+[strategy]                          # or one line: strategy = "AllNodes" (the default)
 name = "Fraction"                   # "AllNodes" (the default) or "Fraction"
 fraction = 0.5
 seed = 1
 min_nodes = 2                       # the quorum: fewer updates and the round fails
+
+[privacy]                           # differential privacy asked of every node
+mechanism = "update"                # "update" (any backend) or "dp-sgd" (torch, Keras)
+clip = 1.0
+noise_multiplier = 1.1
+delta = 1e-5
 
 [model_args]                        # the plan's model arguments
 target = "label"
@@ -104,7 +114,9 @@ examples:
 RESUME_EPILOG = """\
 CHECKPOINT is a file written by a run with a checkpoint folder (or Experiment.save), or the
 folder itself (its newest file). The run goes on up to the experiment's round limit, or
-for N more rounds with --rounds N, writing its checkpoints into the same folder.
+for N more rounds with --rounds N, writing its checkpoints into the same folder. The
+researcher's key file and the enrolled nodes' file are those the run used (recorded, as
+paths, in the folder's run.toml), unless --identity or --enrolled say otherwise.
 
 examples:
   fedcore resume ckpt
@@ -183,7 +195,8 @@ def parser() -> argparse.ArgumentParser:
         prog="fedcore", formatter_class=_RAW, epilog=EPILOG,
         description="Run and inspect federated experiments: train a plan on the nodes of a "
         "federation, resume from checkpoints, list nodes and datasets, read histories; show "
-        "the researcher's key and enroll nodes.")
+        "the researcher's key and enroll nodes; submit a plan for review and follow its "
+        "approval.")
     p.add_argument("--version", action="version", version=f"fedcore {fedcore.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -265,12 +278,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--enrolled", metavar="NODES_TOML",
                    help="the enrolled nodes' keys (default: $FEDCORE_NODES or "
                    "~/.fedcore/nodes.toml)")
+    _plans.add_parser(sub, _RAW, _credentials)
     return p
 
 
 _COMMANDS = {"run": _commands.run, "resume": _commands.resume, "nodes": _commands.nodes,
              "history": _commands.history, "identity": _commands.identity,
-             "enroll": _commands.enroll}
+             "enroll": _commands.enroll, "plan": _plans.run}
 
 
 class _Lowercase(logging.Formatter):

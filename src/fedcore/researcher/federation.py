@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pandas as pd
 
@@ -67,8 +68,10 @@ class Federation:
         self.identity = identity
         self.enrolled = enrolled
         self.connect_timeout = float(connect_timeout)
-        #: The researcher's name on the transport.
-        self.name = name or f"researcher-{uuid.uuid4().hex[:8]}"
+        #: The researcher's name on the transport: ``name``, else the account the URL logs in
+        #: with (``mqtts://researcher@broker/...``: a broker's ACL grants that account the
+        #: researcher's topics), else ``researcher-`` and 8 random hex digits.
+        self.name = name or _account(url) or f"researcher-{uuid.uuid4().hex[:8]}"
         self._client: Client | None = None
         self._listeners: dict[str, ProgressCallback] = {}
 
@@ -290,3 +293,13 @@ class Selection:
         """``{node: dataset name}`` of the last search."""
         return {n: t["name"] for n, t in (self.targets or {}).items()}
 
+
+def _account(url: str) -> str | None:
+    """The user name a URL logs in with (``user@`` or ``?username=``), if any."""
+    parts = urlsplit(url)
+    given = parse_qs(parts.query).get("username")
+    try:
+        user = parts.username
+    except ValueError:
+        user = None
+    return given[0] if given and given[0] else (unquote(user) if user else None)
