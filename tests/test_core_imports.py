@@ -59,4 +59,4 @@ def test_missing_backend_names_the_extra_to_install():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120)
-    assert 'pip install "fedcore[torch]"' in out.stdout, out.stdout + out.stderr
+    assert 'pip install -c constraints.txt ".[torch]"' in out.stdout, out.stdout + out.stderr

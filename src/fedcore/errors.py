@@ -20,6 +20,7 @@ __all__ = [
     "DatasetError",
     "FedcoreError",
     "GovernanceError",
+    "MissingDependencyError",
     "PlanError",
     "ProtocolError",
     "RoundError",
@@ -80,6 +81,12 @@ class MissingDependencyError(ConfigurationError):
     On a node it is the node's installation that lacks it: the round fails with kind
     ``dependency`` and its administrator installs the package (not the researcher's plan).
     """
+
+
+def install_hint(extra: str) -> str:
+    """How to install the fedcore extra ``extra`` (fedcore installs from a checkout or wheel)."""
+    return (f'Install it with: pip install -c constraints.txt ".[{extra}]" in the fedcore '
+            "checkout (docs/deployment.md, Installing)")
 
 
 def lacking(node: str, exc: BaseException) -> str:

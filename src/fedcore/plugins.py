@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from importlib.metadata import entry_points
 from typing import Any
 
-from fedcore.errors import ConfigurationError, MissingDependencyError
+from fedcore.errors import ConfigurationError, MissingDependencyError, install_hint
 
 __all__ = ["available", "load", "register", "registered"]
 
@@ -140,7 +140,7 @@ def load(group: str, name: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         extra = builtin[1] if builtin else None
-        fix = f' Install it with: pip install "fedcore[{extra}]"' if extra else ""
+        fix = f" {install_hint(extra)}." if extra else ""
         raise MissingDependencyError(
             f"The {group[:-1]} {name!r} cannot be imported ({exc}).{fix}"
         ) from exc

@@ -60,8 +60,9 @@ def tf_privacy() -> Any:
         from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
     except ImportError as exc:
         raise MissingDependencyError(
-            f"TF DP-SGD needs tensorflow-privacy and tf-keras ({exc}). Install "
-            '"fedcore[tfdp]" in its own environment and start with TF_USE_LEGACY_KERAS=1.'
+            f"TF DP-SGD needs tensorflow-privacy and tf-keras ({exc}). Install the "
+            '"tfdp" extra in its own environment (pip install -c constraints-tfdp.txt '
+            '".[tfdp]" in the fedcore checkout) and start with TF_USE_LEGACY_KERAS=1.'
         ) from exc
     return dp_optimizer_keras
 

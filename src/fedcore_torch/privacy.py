@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcore.errors import ConfigurationError, MissingDependencyError
+from fedcore.errors import ConfigurationError, MissingDependencyError, install_hint
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalLoop, LocalTraining
 from fedcore.privacy import Accountant, Event, PrivacySpec, dpsgd_schedule
@@ -47,7 +47,7 @@ from fedcore_torch import convert
 
 __all__ = ["DPSGD", "TorchPrivateTraining"]
 
-_INSTALL = 'pip install "fedcore[torch]"'
+_INSTALL = install_hint("torch")
 
 
 def _opacus() -> Any:
@@ -55,7 +55,7 @@ def _opacus() -> Any:
         import opacus
     except ImportError as exc:
         raise MissingDependencyError(
-            f"DP-SGD for torch plans needs Opacus ({exc}). Install it with: {_INSTALL}"
+            f"DP-SGD for torch plans needs Opacus ({exc}). {_INSTALL}."
         ) from exc
     return opacus
 

@@ -345,7 +345,7 @@ def test_an_unknown_role_is_a_usage_error(home, capsys):
 def test_gui_without_the_gui_module_says_what_to_install(home, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "fedcore_node.gui", None)  # as if not installed
     code, _, err = _run(capsys, home, "gui", "--port", "0")
-    assert code == 1 and 'pip install "fedcore[gui]"' in err
+    assert code == 1 and 'pip install -c constraints.txt ".[gui]"' in err
 
 
 @pytest.mark.parametrize("argv", [["plan", "list"], ["policy", "show"], ["audit", "verify"],

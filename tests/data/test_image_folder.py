@@ -101,7 +101,7 @@ def test_missing_pillow_names_the_extra_to_install(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60)
-    assert 'pip install "fedcore[images]"' in out.stdout, out.stderr
+    assert 'pip install -c constraints.txt ".[images]"' in out.stdout, out.stderr
 
 
 torch = pytest.importorskip("torch")

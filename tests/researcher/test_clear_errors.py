@@ -69,5 +69,5 @@ def test_a_node_lacking_the_dp_package_is_told_apart_from_a_plan_error(monkeypat
     assert set(rows["error_kind"]) == {"dependency"}, rows[["node", "error_kind", "error"]]
     error = rows["error"].iloc[0]
     assert "lacks a package this round needs" in error and "its administrator" in error
-    assert 'pip install "fedcore[torch]"' in error
+    assert 'pip install -c constraints.txt ".[torch]"' in error
     assert "dependency" in str(failed.value)

@@ -268,5 +268,5 @@ def test_missing_extras_name_the_pip_install_that_fixes_them(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert 'pip install "fedcore[plot]"' in out.stdout
-    assert 'pip install "fedcore[tensorboard]"' in out.stdout
+    assert 'pip install -c constraints.txt ".[plot]"' in out.stdout
+    assert 'pip install -c constraints.txt ".[tensorboard]"' in out.stdout

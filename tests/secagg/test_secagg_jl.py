@@ -118,7 +118,7 @@ def test_without_gmpy2_python_integers_give_the_same_sum_and_one_log_line():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "python"
     assert out.stderr.count("gmpy2 is not installed") == 1
-    assert 'pip install "fedcore[secagg-fast]"' in out.stderr
+    assert 'pip install -c constraints.txt ".[secagg-fast]"' in out.stderr
 
 
 def test_a_published_modulus_is_used_only_by_nodes_whose_administrator_installed_it():

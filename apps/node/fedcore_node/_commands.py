@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import ConfigurationError, FedcoreError
+from fedcore.errors import ConfigurationError, FedcoreError, install_hint
 from fedcore.governance import SETTINGS, STATUSES
 from fedcore.governance.policies import parse_setting, suspicious_keys
 from fedcore.node import Node
@@ -351,8 +351,8 @@ def _gui(args: argparse.Namespace, node: Node, out: Any) -> int:
         from fedcore_node.gui import serve
     except ImportError as exc:
         raise FedcoreError(
-            f"The node GUI is not available in this installation ({exc}). Install it "
-            'with: pip install "fedcore[gui]"') from exc
+            f"The node GUI is not available in this installation ({exc}). "
+            f"{install_hint('gui')}.") from exc
     print(f"Serving the GUI of node {node.node_id} on http://{args.host}:{args.port} "
           "(Ctrl-C stops it)", file=out, flush=True)
     serve(node, args.host, args.port)

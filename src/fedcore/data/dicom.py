@@ -12,7 +12,7 @@ import numpy as np
 from fedcore.data._base import without_root
 from fedcore.data.loading_plan import DataLoadingPlan
 from fedcore.data.medical_folder import MedicalFolderDataset
-from fedcore.errors import ConfigurationError, DatasetError
+from fedcore.errors import DatasetError, MissingDependencyError, install_hint
 
 __all__ = ["DicomDataset"]
 
@@ -33,8 +33,8 @@ def _pydicom() -> Any:
     try:
         import pydicom
     except ImportError as exc:  # the extra is not installed
-        raise ConfigurationError(
-            'DICOM datasets need pydicom: pip install "fedcore[dicom]"') from exc
+        raise MissingDependencyError(
+            f"DICOM datasets need pydicom. {install_hint('dicom')}.") from exc
     return pydicom
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from fedcore.data._base import Dataset, Items, without_root
 from fedcore.data.loading_plan import DataLoadingPlan, map_values
-from fedcore.errors import ConfigurationError, DatasetError, MissingDependencyError
+from fedcore.errors import ConfigurationError, DatasetError, MissingDependencyError, install_hint
 
 __all__ = ["ImageFolderDataset"]
 
@@ -26,8 +26,8 @@ def _pil() -> Any:
         from PIL import Image
     except ImportError as exc:
         raise MissingDependencyError(
-            'Image folders are read with Pillow, which is not installed: '
-            'pip install "fedcore[images]"'
+            "Image folders are read with Pillow, which is not installed. "
+            f"{install_hint('images')}."
         ) from exc
     return Image
 
@@ -51,7 +51,7 @@ class ImageFolderDataset(Dataset):
     ``metadata()["categories"]["target"]`` lists them. All images must share one size and
     colour mode, unless ``size=(height, width)`` (resize) or ``mode`` (a Pillow mode such
     as ``"L"`` or ``"RGB"``) makes them. The folder is scanned on first use (image headers
-    only); images are read on every request. Needs Pillow (``pip install "fedcore[images]"``).
+    only); images are read on every request. Needs Pillow (the ``images`` extra).
     """
 
     def __init__(self, root: str | Path, *, mode: str | None = None,

@@ -130,7 +130,7 @@ def image_folder(
     """Write ``root/<class>/<n>.<fmt>`` images; ``lesion`` ones carry a bright square.
 
     Images are grey (``mode="L"``) or colour (``"RGB"``) noise around 100; ``folders``
-    names class folders the site's way. Needs Pillow (``pip install "fedcore[images]"``).
+    names class folders the site's way. Needs Pillow (the ``images`` extra).
     """
     from fedcore.data.image_folder import _pil
 

@@ -26,7 +26,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from fedcore.errors import ConfigurationError, MissingDependencyError
+from fedcore.errors import ConfigurationError, MissingDependencyError, install_hint
 
 __all__ = ["DEFAULT_ORDERS", "SAMPLINGS", "Accountant", "Event", "check_delta", "check_sampling",
            "epsilon"]
@@ -39,7 +39,7 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(
 #: How a sub-sampled event draws its sample (see the module docstring).
 SAMPLINGS = ("poisson", "without-replacement")
 
-_INSTALL = 'pip install "fedcore[dp]"'
+_INSTALL = install_hint("dp")
 
 
 class Event(NamedTuple):
@@ -101,7 +101,7 @@ def _dp_accounting() -> Any:
     except ImportError as exc:
         raise MissingDependencyError(
             f"Differential privacy accounting needs the dp-accounting package ({exc}). "
-            f"Install it with: {_INSTALL}") from exc
+            f"{_INSTALL}.") from exc
     return dp_accounting
 
 
@@ -154,8 +154,8 @@ def epsilon(events: Iterable[Event | Sequence[Any]], delta: float,
     """The epsilon of the composition of ``events`` at ``delta`` (0 for no event).
 
     ``math.inf`` when an event has no noise. Uses ``dp_accounting``'s RDP accountant and
-    its conversion to (epsilon, delta); ``ConfigurationError`` names ``pip install
-    "fedcore[dp]"`` when it is missing. ``sampling`` says how events with a sample rate
+    its conversion to (epsilon, delta); ``MissingDependencyError`` names the ``dp``
+    extra to install when it is missing. ``sampling`` says how events with a sample rate
     below 1 draw their sample (:data:`SAMPLINGS`).
     """
     delta = check_delta(delta)

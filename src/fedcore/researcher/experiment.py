@@ -155,7 +155,7 @@ class Experiment(ExperimentSettings):
              path: str | Path | None = None, ax: Axes | None = None) -> Figure:
         """Training curves of ``metric``: one line per node, their weighted mean in bold.
 
-        See :func:`fedcore.researcher.monitoring.plot`; needs ``pip install "fedcore[plot]"``.
+        See :func:`fedcore.researcher.monitoring.plot`; needs the ``plot`` extra.
         """
         return monitoring.plot(self.history, metric, which, path=path, ax=ax)
 

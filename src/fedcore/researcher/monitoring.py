@@ -4,7 +4,7 @@ Everything here reads an experiment's :attr:`~fedcore.Experiment.history` (one r
 node and round). :func:`round_metrics` is what :meth:`Experiment.metrics` returns,
 :func:`plot` draws training curves with matplotlib, and :class:`TensorBoardWriter` appends
 each completed round to TensorBoard event files. matplotlib and tensorboard are optional
-(``pip install "fedcore[plot]"``, ``pip install "fedcore[tensorboard]"``) and imported on
+(the ``plot`` and ``tensorboard`` extras) and imported on
 first use; TensorBoard files are written without TensorFlow.
 """
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from fedcore.errors import ConfigurationError
+from fedcore.errors import ConfigurationError, MissingDependencyError, install_hint
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -114,9 +114,8 @@ def _figure_class() -> type[Figure]:
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ConfigurationError(
-            f'Plotting needs matplotlib ({exc}). Install it with: pip install "fedcore[plot]"'
-        ) from exc
+        raise MissingDependencyError(
+            f"Plotting needs matplotlib ({exc}). {install_hint('plot')}.") from exc
 
     class MonitoringFigure(Figure):
         """A Figure that shows itself in Jupyter as a PNG, without pyplot's inline backend."""
@@ -236,9 +235,9 @@ def _tensorboard() -> tuple[Any, Any, Any, Any]:
         from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError as exc:
-        raise ConfigurationError(
-            f"TensorBoard logging needs the tensorboard package ({exc}). Install it with: "
-            'pip install "fedcore[tensorboard]"') from exc
+        raise MissingDependencyError(
+            f"TensorBoard logging needs the tensorboard package ({exc}). "
+            f"{install_hint('tensorboard')}.") from exc
     return Event, SessionLog, Summary, RecordWriter
 
 

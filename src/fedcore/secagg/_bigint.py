@@ -1,6 +1,6 @@
 """Big-integer arithmetic for Joye-Libert: gmpy2 when installed, Python ints otherwise.
 
-``pip install "fedcore[secagg-fast]"`` installs gmpy2; without it the same code runs on
+``pip install -c constraints.txt ".[secagg-fast]"`` installs gmpy2; without it the same code runs on
 Python's integers (about 8x slower for 4096-bit modular exponentiations), and the first use
 logs one line saying so.
 
@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from fedcore.errors import install_hint
 
 try:
     import gmpy2
@@ -41,7 +43,7 @@ def backend() -> str:
     if gmpy2 is None and not _noted:
         _noted = True
         log.warning("gmpy2 is not installed: Joye-Libert computes with Python integers, about "
-                    "8x slower. Install it with: pip install \"fedcore[secagg-fast]\"")
+                    "8x slower. %s.", install_hint("secagg-fast"))
     return "python" if gmpy2 is None else "gmpy2"
 
 
