@@ -9,53 +9,14 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
 
 from fedcore.errors import ConfigurationError
 from fedcore.plan import PlanBundle
+from tests._support.plan_package import FEATURES, make_package, packaged_plan
 
 pytest.importorskip("sklearn")
-
-FEATURES = """
-import numpy as np
-
-
-def squash(X):
-    return np.tanh(np.asarray(X) * {scale})
-"""
-
-PLAN = """
-from sklearn.linear_model import SGDClassifier
-
-from fedcore_sklearn import SklearnTrainingPlan
-
-from .features import squash
-
-
-class PackagedPlan(SklearnTrainingPlan):
-    estimator = SGDClassifier
-    helper_modules = ({pkg!r},)
-
-    def training_data(self, dataset):
-        X, y = super().training_data(dataset)
-        return squash(X), y
-"""
-
-
-def make_package(root: Path, scale: float = 1.0, listed: bool = True) -> str:
-    """A two-file package (``features.py`` and ``plan.py``) under ``root``; its name."""
-    pkg = f"plan_pkg_{uuid.uuid4().hex[:10]}"
-    (root / pkg).mkdir(parents=True)
-    (root / pkg / "__init__.py").write_text('"""A researcher\'s plan package."""\n')
-    (root / pkg / "features.py").write_text(FEATURES.format(scale=scale))
-    plan = PLAN.format(pkg=pkg)
-    if not listed:
-        plan = plan.replace(f"    helper_modules = ({pkg!r},)\n", "")
-    (root / pkg / "plan.py").write_text(plan)
-    return pkg
-
 
 @pytest.fixture
 def importable(tmp_path):
@@ -69,9 +30,7 @@ def importable(tmp_path):
             del sys.modules[name]
 
 
-def _plan(pkg: str):
-    __import__(f"{pkg}.plan")
-    return sys.modules[f"{pkg}.plan"].PackagedPlan
+_plan = packaged_plan
 
 
 def test_a_package_plan_ships_every_file_under_one_hash(importable):

@@ -1,5 +1,4 @@
-"""A plan's helper modules: which imports are local, their files, and importing them from a
-bundle.
+"""A plan's helper modules: which imports are local, their files, importing them on a node.
 
 A *local* module is one the nodes cannot be expected to have: importable here from a
 source file that no installed distribution provides (a sibling ``helpers.py``, a package in
@@ -142,8 +141,10 @@ def _read(path: Path) -> str:
 
 
 def imported_modules(text: str, package: str = "") -> set[str]:
-    """The absolute names of the modules ``text`` imports (relative ones resolved in
-    ``package``); syntax errors give none (loading the plan reports them)."""
+    """The absolute names of the modules ``text`` imports, relative ones resolved in ``package``.
+
+    A syntax error gives none (loading the plan reports it).
+    """
     try:
         tree = ast.parse(text)
     except SyntaxError:
