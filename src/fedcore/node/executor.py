@@ -10,6 +10,7 @@ from typing import Any
 from fedcore import plugins
 from fedcore.aggregators._local import LocalState, local_algorithm
 from fedcore.data import Dataset
+from fedcore.data.preprocessing import PreprocessedDataset, Preprocessing
 from fedcore.errors import ConfigurationError, GovernanceError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalTraining, TrainingPlan
@@ -53,6 +54,8 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
             f"Aggregator {request.algorithm.get('name')!r} keeps state on the node: pass "
             "run_round a LocalState (the node gives one in its home).")
     personal = LocalParameters(plan_class, state)
+    if request.preprocessing:  # the experiment's fitted transform, before the split
+        dataset = PreprocessedDataset(dataset, Preprocessing.from_wire(request.preprocessing))
     train, test = dataset.split(request.test_ratio, seed=derive_seed(request.seed, node_id))
     plan = warm
     if plan is None:

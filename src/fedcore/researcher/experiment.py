@@ -13,6 +13,7 @@ import pandas as pd
 from fedcore import _runtime, plugins
 from fedcore.aggregators import Aggregator
 from fedcore.data import merge_metadata
+from fedcore.data.preprocessing import Preprocessing
 from fedcore.errors import ConfigurationError, FedcoreError, PlanError
 from fedcore.params import ParameterSet
 from fedcore.plan import PlanBundle, TrainingPlan
@@ -93,6 +94,7 @@ class Experiment(ExperimentSettings):
         tensorboard: str | Path | None = None,
         secagg: str | SecureAggregation | None = None,
         privacy: Mapping[str, Any] | None = None,
+        preprocessing: Preprocessing | None = None,
     ):
         self.plan = plan
         self._selection = Selection(tags, nodes)
@@ -105,6 +107,7 @@ class Experiment(ExperimentSettings):
         self.aggregator = aggregator
         self.secagg = secagg
         self.privacy = privacy
+        self.preprocessing = preprocessing
         self.strategy = strategy
         self.round_limit = round_limit
         self.test_ratio = test_ratio
@@ -288,7 +291,9 @@ class Experiment(ExperimentSettings):
                          training_args=self._training_args, data_info=data_info,
                          test_ratio=self._test_ratio, seed=self.seed,
                          evaluate_global=self.evaluate_global,
-                         evaluate_local=self.evaluate_local, privacy=self._privacy)
+                         evaluate_local=self.evaluate_local, privacy=self._privacy,
+                         preprocessing=({} if self._preprocessing is None
+                                        else self._preprocessing.to_wire()))
             | request)
 
     async def _fine_tune(self, epochs: int = 1) -> pd.DataFrame:
@@ -434,6 +439,8 @@ class Experiment(ExperimentSettings):
             "secagg": None if self._secagg is None else {
                 "name": self._secagg.name, "params": self._secagg.wire_params()},
             "privacy": self._privacy,
+            "preprocessing": (None if self._preprocessing is None
+                              else self._preprocessing.to_wire()),
             "strategy": {"name": type(self._strategy).__name__,
                          "params": self._strategy.get_params()},
             "targets": self._selection.targets, "data_info": self._data_info(),
@@ -475,6 +482,8 @@ class Experiment(ExperimentSettings):
         }
         kwargs["tensorboard"] = s.get("tensorboard")
         kwargs["privacy"] = s.get("privacy") or None
+        if s.get("preprocessing"):
+            kwargs["preprocessing"] = Preprocessing.from_wire(s["preprocessing"])
         if s.get("secagg"):
             kwargs["secagg"] = plugins.load("secagg", s["secagg"]["name"])(
                 **s["secagg"]["params"])

@@ -253,6 +253,9 @@ class TrainRequest(Body):
     #: result on the node, evaluate it on the node's test split, and reply with ``params``
     #: unchanged.
     fine_tune: bool = False
+    #: A fitted transform the node applies to its tabular dataset before splitting,
+    #: training and evaluating (``Preprocessing.to_wire()``: numbers and categories only).
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
 @message("train-reply")
