@@ -6,8 +6,8 @@ vocabulary that maps categories to the same index on every node (a category outs
 or a missing one, becomes ``-1``). ``FederatedStatistics.fit_preprocessing`` fits it
 (pooled means and standard deviations, under secure aggregation too; vocabularies from the
 merged metadata, which lists only categories every node may show). The experiment ships it
-in every training request (``Experiment(preprocessing=...)``), keeps it in its checkpoints, and each node
-applies it to its tabular dataset before splitting, training and evaluating
+in every training request (``Experiment(preprocessing=...)``), keeps it in its checkpoints,
+and each node applies it to its tabular dataset before splitting, training and evaluating
 (:class:`PreprocessedDataset`).
 """
 
