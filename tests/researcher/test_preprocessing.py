@@ -132,3 +132,15 @@ def test_a_node_without_the_column_fails_its_round_with_a_clear_reason():
 def test_a_malformed_transform_is_refused(wire, message):
     with pytest.raises(ConfigurationError, match=message):
         Preprocessing.from_wire(wire)
+
+
+def test_standardisation_fitted_under_secure_aggregation_is_the_pooled_one():
+    frame = _frame()[["f0", "f1", "f2", "label"]]
+    X = frame[["f0", "f1", "f2"]].to_numpy()
+    with simulate.from_dataframe(frame, target="label", n_nodes=3, tags=["bc"]) as fed:
+        with FederatedStatistics(fed.url, tags=["bc"], secagg="masking") as stats:
+            spec = stats.fit_preprocessing(standardize=["f0", "f1", "f2"])
+    for i, column in enumerate(["f0", "f1", "f2"]):
+        m, s = spec.standardize[column]
+        assert abs(m - X[:, i].mean()) <= 1e-9 * max(1.0, abs(X[:, i].mean())), column
+        assert abs(s - X[:, i].std()) <= 1e-9 * max(1.0, X[:, i].std()), column
