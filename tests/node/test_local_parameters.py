@@ -88,10 +88,14 @@ def _state(node, exp, round):
     return LocalState(node.home / "algorithms", exp.id, entry["id"], round)
 
 
-def test_local_parameters_stay_on_each_node_and_come_back_next_round(frames):
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_local_parameters_stay_on_each_node_and_come_back_next_round(frames, isolation):
+    """In the node's thread and in its plan worker process (as deployed nodes run plans)."""
     X, y = _arrays()
     with simulate.from_arrays(X, y, n_nodes=3, tags=["p"], scheme="dirichlet",
                               alpha=0.5) as fed:
+        for node in fed.nodes:
+            node.set_policy(plan_isolation=isolation)
         exp = Experiment(PersonalPlan, tags=["p"], federation=fed.url, training_args=ARGS,
                          progress=False)
         exp.run_once()
@@ -114,6 +118,7 @@ def test_local_parameters_stay_on_each_node_and_come_back_next_round(frames):
                                                                                 after_one)
             assert ParameterSet((n, start[n]) for n in LOCAL).equal(first["params"])
             assert start["body.weight"].tobytes() == after_one["body.weight"].tobytes()
+        assert {n.plan_isolation for n in fed.nodes} == {isolation}
         exp.close()
     heads = [p["head.weight"] for p in kept.values()]
     assert not np.array_equal(heads[0], heads[1])  # each node has its own
