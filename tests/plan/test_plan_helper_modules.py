@@ -109,7 +109,7 @@ def test_an_import_of_a_local_module_not_shipped_is_refused_at_bundling(importab
     with pytest.raises(ConfigurationError) as info:
         PlanBundle.from_class(_plan(pkg))
     message = str(info.value)
-    assert f"imports local modules that the nodes do not have: {pkg!r}" in message
+    assert f"imports local modules that the nodes do not have: {pkg + '.features'!r}" in message
     assert f"helper_modules = ({pkg!r},)" in message
     assert str(importable / pkg) in message
 
@@ -155,3 +155,14 @@ def test_a_bundle_with_a_strange_file_name_is_refused(name):
             "backend": "sklearn"}
     with pytest.raises(ConfigurationError, match="expected file names like 'plan.py'"):
         PlanBundle.from_wire(wire)
+
+
+def test_a_module_inside_a_package_ships_alone_with_its_parents(importable):
+    """``helper_modules = ("pkg.features",)`` ships that file and the __init__ above it."""
+    pkg = make_package(importable)
+    (importable / pkg / "unrelated.py").write_text("BIG = 1\n")
+    plan = _plan(pkg)
+    plan.helper_modules = (f"{pkg}.features",)
+    bundle = PlanBundle.from_class(plan)
+    assert sorted(bundle.files) == sorted(["plan.py", f"{pkg}/__init__.py",
+                                           f"{pkg}/features.py"])

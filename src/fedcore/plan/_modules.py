@@ -69,11 +69,11 @@ def _installed_folders() -> tuple[str, ...]:
                                                       "platstdlib") if k in paths)
 
 
-def _origin(top: str) -> str | None:
-    """The source file or package folder of top-level module ``top`` (``None``: none)."""
-    module = sys.modules.get(top)
+def _origin(name: str) -> str | None:
+    """The source file or package folder of module ``name`` (``None``: none)."""
+    module = sys.modules.get(name)
     try:
-        spec = module.__spec__ if module is not None else importlib.util.find_spec(top)
+        spec = module.__spec__ if module is not None else importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
     if spec is None or spec.origin in (None, "built-in", "frozen"):
@@ -99,7 +99,8 @@ def is_local(module: str) -> bool:
 def module_files(names: Sequence[str]) -> dict[str, str]:
     """The source files of local modules or packages ``names``, keyed by bundle file name.
 
-    A package ships every ``.py`` file under its folder.
+    A package ships every ``.py`` file under its folder; a module inside a package
+    (``"tests._support.plans"``) ships its file and its parents' ``__init__.py``.
     """
     files: dict[str, str] = {}
     for name in names:
@@ -114,20 +115,29 @@ def module_files(names: Sequence[str]) -> dict[str, str]:
                 "not importable from a source file, or it comes from the standard library "
                 "or an installed distribution). List only your own modules; the nodes' "
                 "administrators install the others.")
-        origin = _origin(top)
-        assert origin is not None
+        origin = _origin(name)
+        if origin is None:
+            raise ConfigurationError(f"helper_modules lists {name!r}, which cannot be "
+                                     "imported here.")
+        root = Path(_origin(top) or origin)
+        base = root.parent
+        parts = name.split(".")
+        for i in range(1, len(parts)):  # the parent packages' __init__.py
+            init = base.joinpath(*parts[:i], "__init__.py")
+            if init.is_file():
+                files[init.relative_to(base).as_posix()] = _read(init)
         if os.path.isdir(origin):
-            root = Path(origin)
-            for path in sorted(root.rglob("*.py")):
-                rel = path.relative_to(root.parent).as_posix()
+            for path in sorted(Path(origin).rglob("*.py")):
+                rel = path.relative_to(base).as_posix()
                 if "__pycache__" not in rel:
                     files[rel] = _read(path)
         else:
-            files[f"{top}.py"] = _read(Path(origin))
+            files[Path(origin).relative_to(base).as_posix()] = _read(Path(origin))
     if len(files) > _MAX_FILES or sum(len(t) for t in files.values()) > _MAX_BYTES:
         raise ConfigurationError(
             f"The plan's helper modules hold {len(files)} files: ship at most {_MAX_FILES} "
-            f"files and {_MAX_BYTES // 2**20} MiB of source.")
+            f"files and {_MAX_BYTES // 2**20} MiB of source (name a module inside a large "
+            "package rather than the package).")
     for rel in files:
         check_file_name(rel)
     return files
@@ -164,15 +174,14 @@ def imported_modules(text: str, package: str = "") -> set[str]:
 
 def local_imports(files: Mapping[str, str]) -> dict[str, str]:
     """Local modules the files import that the files do not provide: module -> its file."""
-    shipped = {module_of(name)[0].split(".")[0] for name in files if name != "plan.py"}
+    shipped = {module_of(name)[0] for name in files if name != "plan.py"}
     missing: dict[str, str] = {}
     for name, text in files.items():
         module, is_pkg = module_of(name)
         package = module if is_pkg else module.rpartition(".")[0]
         for imported in imported_modules(text, package if name != "plan.py" else ""):
-            top = imported.split(".")[0]
-            if top not in shipped and is_local(top):
-                missing[top] = _origin(top) or "?"
+            if imported not in shipped and is_local(imported.split(".")[0]):
+                missing[imported] = _origin(imported) or "?"
     return missing
 
 

@@ -121,12 +121,14 @@ class PlanBundle:
         missing = _modules.local_imports(files)
         if missing:
             listed = ", ".join(f"{name!r} ({where})" for name, where in sorted(missing.items()))
-            names = tuple(sorted({*plan_class.helper_modules, *missing}))
+            names = tuple(sorted({*plan_class.helper_modules,
+                                  *(m.split(".")[0] for m in missing)}))
             raise ConfigurationError(
                 f"The plan {plan_class.__name__} imports local modules that the nodes do "
                 f"not have: {listed}. Ship them with the plan: set `helper_modules = "
                 f"{names!r}` on {plan_class.__name__} (every file is then shown to the "
-                "nodes' administrators and covered by the plan's hash).")
+                "nodes' administrators and covered by the plan's hash; name a module "
+                "inside a package, e.g. 'pkg.helpers', to ship only that file).")
         return cls(files=files, entry=plan_class.__name__, backend=plan_class.backend)
 
     @property
