@@ -203,3 +203,16 @@ def test_fine_tuning_after_federation_keeps_the_tuned_model_on_the_node(frames):
         with pytest.raises(ConfigurationError, match="epochs >= 1"):
             exp.fine_tune(epochs=0)
         exp.close()
+
+
+def test_fedprox_works_with_local_parameters_and_scaffold_is_refused_early():
+    X, y = _arrays(90)
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["p"]) as fed:
+        with pytest.raises(ConfigurationError, match="SCAFFOLD's control variates cover"):
+            Experiment(PersonalPlan, tags=["p"], federation=fed.url, training_args=ARGS,
+                       aggregator="scaffold", progress=False)
+        exp = Experiment(PersonalPlan, tags=["p"], federation=fed.url, training_args=ARGS,
+                         aggregator="fedprox", progress=False)
+        assert set(exp.run_once()["status"]) == {"ok"}
+        assert list(exp.parameters) == ["body.weight", "body.bias"]
+        exp.close()
