@@ -166,3 +166,12 @@ def test_a_module_inside_a_package_ships_alone_with_its_parents(importable):
     bundle = PlanBundle.from_class(plan)
     assert sorted(bundle.files) == sorted(["plan.py", f"{pkg}/__init__.py",
                                            f"{pkg}/features.py"])
+
+
+@pytest.mark.parametrize("name", ["json.py", "os/__init__.py", "fedcore/node/node.py",
+                                  "numpy/__init__.py"])
+def test_a_bundle_cannot_replace_an_installed_module(name):
+    wire = {"files": {"plan.py": "x = 1\n", name: "y = 2\n"}, "entry": "P",
+            "backend": "sklearn"}
+    with pytest.raises(ConfigurationError, match="would replace the installed module"):
+        PlanBundle.from_wire(wire)

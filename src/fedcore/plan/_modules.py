@@ -32,8 +32,8 @@ from pathlib import Path
 
 from fedcore.errors import ConfigurationError
 
-__all__ = ["check_file_name", "install", "is_local", "local_imports", "module_files",
-           "module_of"]
+__all__ = ["check_file_name", "check_helper_name", "install", "is_local", "local_imports",
+           "module_files", "module_of"]
 
 _PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MAX_FILES = 256
@@ -48,6 +48,19 @@ def check_file_name(name: str) -> None:
         raise ConfigurationError(
             f"Malformed plan bundle: expected file names like 'plan.py' or "
             f"'package/module.py' (identifiers separated by '/'). Received: {name!r}")
+
+
+def check_helper_name(name: str) -> None:
+    """Refuse a helper file that would shadow the stdlib, fedcore or an installed package.
+
+    The bundle's modules are found before the installed ones.
+    """
+    top = module_of(name)[0].split(".")[0]
+    if (top in sys.stdlib_module_names or top in sys.builtin_module_names
+            or top.startswith("fedcore") or top in _installed_tops()):
+        raise ConfigurationError(
+            f"Malformed plan bundle: its file {name!r} would replace the installed module "
+            f"{top!r}. A plan ships only its own modules; rename it.")
 
 
 def module_of(name: str) -> tuple[str, bool]:

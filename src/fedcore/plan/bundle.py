@@ -96,6 +96,8 @@ class PlanBundle:
             raise ConfigurationError("Malformed plan bundle: expected text files with plan.py.")
         for name in files:
             _modules.check_file_name(name)
+            if name != _PLAN_FILE:
+                _modules.check_helper_name(name)
         bundle = cls(files=dict(files), entry=entry, backend=backend)
         declared = data.get("sha256")
         if declared is not None and declared != bundle.sha256:
