@@ -202,6 +202,8 @@ def test_fine_tuning_after_federation_keeps_the_tuned_model_on_the_node(frames):
             assert kept["params"]["body.weight"].tobytes() not in blob
         with pytest.raises(ConfigurationError, match="epochs >= 1"):
             exp.fine_tune(epochs=0)
+        assert set(exp.run_once()["status"]) == {"ok"}  # federation goes on afterwards
+        assert exp.round == 3
         exp.close()
 
 
