@@ -218,3 +218,25 @@ def test_fedprox_works_with_local_parameters_and_scaffold_is_refused_early():
         assert set(exp.run_once()["status"]) == {"ok"}
         assert list(exp.parameters) == ["body.weight", "body.bias"]
         exp.close()
+
+
+def test_under_update_dp_the_node_keeps_its_local_parameters_unnoised(tmp_path):
+    """The noise covers what leaves; what stays is the model the node trained."""
+    X, y = _arrays(60)
+    data = ArrayDataset(X, y)
+    info = dict(data.metadata())
+    plan = PersonalPlan({}, ARGS, info)
+    plan.build(seed=0)
+    from fedcore.plan.personal import shared
+
+    sent = shared(PersonalPlan, plan.get_parameters()).copy()
+    kept = {}
+    for name, privacy in [("clear", {}), ("dp", {"mechanism": "update", "clip": 1.0,
+                                                 "noise_multiplier": 1.0, "delta": 1e-5})]:
+        request = TrainRequest(plan={}, params=sent, dataset_id="ds", training_args=ARGS,
+                               data_info=info, test_ratio=0.2, privacy=privacy)
+        reply, _ = run_round(PersonalPlan, request, data, "n1", 1, {}, None,
+                             LocalState(tmp_path / name, "exp", "ds", 1))
+        assert list(reply.params) == ["body.weight", "body.bias"]
+        kept[name] = LocalState(tmp_path / name, "exp", "ds", 2).load(STATE)["params"]
+    assert kept["dp"].equal(kept["clear"])

@@ -102,6 +102,9 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     timings["eval_local_s"] = time.perf_counter() - t
 
     spent: dict[str, Any] = {}
+    # What the node keeps of its own is the model it trained, not the noised release.
+    trained = ParameterSet(plan.get_parameters()).copy() \
+        if personal.active and release is not None else None
     if release is not None:  # first: the algorithm's extras derive from what is released
         # DP-SGD: the model the node's wrapper trained, charged at the wrapper's count.
         params, spent = release.apply(plan, start, private)
@@ -115,7 +118,7 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         personal.keep_fine_tuned(params)
         params = request.params
     else:
-        params = personal.keep(params)  # the local parameters stay here, in the node home
+        params = personal.keep(params, trained)  # the local parameters stay here
     if plan.reusable:
         params = params.copy()  # the model lives on: the reply must not alias it
     timings["total_s"] = time.perf_counter() - t0

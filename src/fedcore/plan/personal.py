@@ -23,6 +23,8 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 
@@ -123,14 +125,20 @@ class LocalParameters:
         plan.set_parameters(start)
         return start
 
-    def keep(self, params: ParameterSet) -> ParameterSet:
-        """Save the local parameters of the trained ``params``; return the shared ones."""
+    def keep(self, params: ParameterSet, trained: ParameterSet | None = None
+             ) -> ParameterSet:
+        """Save the local parameters; return the shared ones of ``params``.
+
+        The local values come from ``trained`` when given (the model before a DP release
+        noised it: they never leave, so they need no noise), else from ``params``.
+        """
         if not self.active:
             return params
         assert self.state is not None
         local = set(local_names(params, self.patterns))
+        source = params if trained is None else trained
         self.state.save(STATE, {"params": ParameterSet(
-            (n, a.copy()) for n, a in params.items() if n in local)})
+            (n, np.array(source[n], copy=True)) for n in params if n in local)})
         return ParameterSet((n, a) for n, a in params.items() if n not in local)
 
     def keep_fine_tuned(self, params: ParameterSet) -> None:
