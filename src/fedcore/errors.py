@@ -74,6 +74,21 @@ class ConfigurationError(FedcoreError, ValueError):
     """The arguments or the installation are wrong; the message says how to fix it."""
 
 
+class MissingDependencyError(ConfigurationError):
+    """A package this machine needs is not installed; the message names what installs it.
+
+    On a node it is the node's installation that lacks it: the round fails with kind
+    ``dependency`` and its administrator installs the package (not the researcher's plan).
+    """
+
+
+def lacking(node: str, exc: BaseException) -> str:
+    """What a researcher reads when node ``node`` lacks a package: who installs it."""
+    return (f"Node {node} lacks a package this round needs: {exc} This is the node's "
+            "installation, not the plan: its administrator installs it, then the round can "
+            "run there.")
+
+
 class RoundError(FedcoreError):
     """No node produced a usable update in a round; ``failures`` maps node to its error."""
 

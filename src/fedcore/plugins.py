@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from importlib.metadata import entry_points
 from typing import Any
 
-from fedcore.errors import ConfigurationError
+from fedcore.errors import ConfigurationError, MissingDependencyError
 
 __all__ = ["available", "load", "register", "registered"]
 
@@ -141,7 +141,7 @@ def load(group: str, name: str) -> Any:
     except ImportError as exc:
         extra = builtin[1] if builtin else None
         fix = f' Install it with: pip install "fedcore[{extra}]"' if extra else ""
-        raise ConfigurationError(
+        raise MissingDependencyError(
             f"The {group[:-1]} {name!r} cannot be imported ({exc}).{fix}"
         ) from exc
     obj = getattr(module, attr) if attr else module

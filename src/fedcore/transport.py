@@ -191,6 +191,10 @@ class Transport(abc.ABC):
     #: message, and drops the message when it returns false (the core counted it). Junk on
     #: a broker then costs no hop to the event loop.
     screen: Callable[[str, bytes | bytearray], bool] | None = None
+    #: Installed by the core with ``screen``: a transport calls it on the event loop with the
+    #: number of messages it dropped unread since it last did (the MQTT transport: what was
+    #: on its way when it shut strangers out), so that the core's summaries count them.
+    shed: Callable[[int], None] | None = None
 
     def __init__(self, url: str, *, role: Role, identity: str):
         #: The URL without its credentials, safe to log, audit and show.
@@ -228,6 +232,15 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def peers(self) -> set[str]:
         """The peers currently connected (for a researcher: the nodes)."""
+
+    def verified(self, peer: str) -> None:  # noqa: B027  (optional: most transports need not)
+        """The core verified a message that came from ``peer`` (under a key it trusts).
+
+        Called on the event loop for every verified message, so it must be cheap. A
+        transport whose senders share one stream with strangers (a broker) may use it to
+        keep hearing the senders it verified while strangers flood it (the MQTT transport
+        then listens to those senders alone for a while). The default does nothing.
+        """
 
 
 def open_transport(url: str, *, role: Role, identity: str) -> Transport:

@@ -40,8 +40,11 @@ def _step_sizes(model: Any, t: float, n: int) -> np.ndarray:
 class SklearnTrainingPlan(TrainingPlan):
     """A plan around one scikit-learn estimator with ``partial_fit``.
 
-    Set ``estimator`` to the class (model_args other than ``features``/``target`` become
-    its constructor arguments), or override :meth:`init_model`. Classes and the number of
+    Set ``estimator`` to the class (model_args other than ``features``/``target``/``task``
+    and the names listed in ``plan_args`` become its constructor arguments), or override
+    :meth:`init_model`. A value the plan reads itself (a threshold, a notebook constant passed
+    through model_args) is named in ``plan_args = {"threshold"}``, so the estimator does not
+    receive it. Classes and the number of
     features come from the datasets' metadata, so no boilerplate is needed::
 
         class Plan(SklearnTrainingPlan):
@@ -64,6 +67,7 @@ class SklearnTrainingPlan(TrainingPlan):
     backend = "sklearn"
     supports = frozenset({"proximal"})
     estimator: ClassVar[type[BaseEstimator] | None] = None
+    plan_args: ClassVar[frozenset[str] | set[str]] = frozenset()
     training_defaults = {"batch_size": None}
 
     model: Any = None
@@ -75,13 +79,15 @@ class SklearnTrainingPlan(TrainingPlan):
                 f"{type(self).__name__} needs an estimator: set `estimator = SGDClassifier` "
                 "(or another class with partial_fit), or override init_model()."
             )
-        kwargs = {k: v for k, v in self.model_args.items() if k not in _RESERVED}
+        own = set(_RESERVED) | set(self.plan_args)
+        kwargs = {k: v for k, v in self.model_args.items() if k not in own}
         accepted = inspect.signature(self.estimator).parameters
         unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
             raise ConfigurationError(
                 f"{self.estimator.__name__} does not accept {unknown}. Accepted: "
-                f"{sorted(accepted)}"
+                f"{sorted(accepted)}. If the plan reads {unknown[0]!r} itself, name it in "
+                f"the plan: plan_args = {set(unknown)!r}."
             )
         return self.estimator(**kwargs)
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcore.errors import ConfigurationError
+from fedcore.errors import ConfigurationError, MissingDependencyError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalTraining
 from fedcore.privacy import Accountant, Event, PrivacySpec
@@ -59,7 +59,7 @@ def tf_privacy() -> Any:
     try:
         from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras
     except ImportError as exc:
-        raise ConfigurationError(
+        raise MissingDependencyError(
             f"TF DP-SGD needs tensorflow-privacy and tf-keras ({exc}). Install "
             '"fedcore[tfdp]" in its own environment and start with TF_USE_LEGACY_KERAS=1.'
         ) from exc
@@ -155,11 +155,7 @@ class KerasPrivateTraining(PrivateTraining):
 
     def train(self, plan: Any, dataset: Any, seed: int,
               training: LocalTraining) -> dict[str, Any]:  # noqa: D102 - inherits the doc
-        if (plan.proximal is not None and plan.proximal[0]) or \
-                plan.gradient_correction is not None:
-            raise ConfigurationError(
-                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node. Use FedAvg, "
-                "or update-level DP (privacy={'mechanism': 'update', ...}).")
+        self._refuse_corrections(plan)
         if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
             raise ConfigurationError(
                 "TF DP-SGD runs tensorflow-privacy's Keras 2 optimizers: start the node with "

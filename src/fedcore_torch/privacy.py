@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcore.errors import ConfigurationError
+from fedcore.errors import ConfigurationError, MissingDependencyError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalLoop, LocalTraining
 from fedcore.privacy import Accountant, Event, PrivacySpec, dpsgd_schedule
@@ -54,7 +54,7 @@ def _opacus() -> Any:
     try:
         import opacus
     except ImportError as exc:
-        raise ConfigurationError(
+        raise MissingDependencyError(
             f"DP-SGD for torch plans needs Opacus ({exc}). Install it with: {_INSTALL}"
         ) from exc
     return opacus
@@ -255,12 +255,7 @@ class TorchPrivateTraining(PrivateTraining):
 
     def train(self, plan: Any, dataset: Any, seed: int,
               training: LocalTraining) -> dict[str, Any]:  # noqa: D102 - inherits the doc
-        if (plan.proximal is not None and plan.proximal[0]) or \
-                plan.gradient_correction is not None:
-            raise ConfigurationError(
-                "DP-SGD cannot be combined with FedProx or SCAFFOLD on a node: Opacus "
-                "recomputes the gradients after clipping. Use FedAvg, or update-level DP "
-                "(privacy={'mechanism': 'update', ...}).")
+        self._refuse_corrections(plan, "Opacus recomputes the gradients after clipping")
         device = getattr(plan, "_device", torch.device("cpu"))
         if device.type == "cpu":
             torch.default_generator.manual_seed(seed)

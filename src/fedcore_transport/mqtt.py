@@ -26,8 +26,17 @@ paho reconnects by itself (``retry_max`` caps the backoff); on every connection 
 endpoint subscribes and announces itself again, so a broker restart is survived. Frames in
 flight during the outage may be lost: correlation and timeouts live in the core.
 
+Strangers flooding the inbox: a node's inbox is one subscription per sender name. When more
+than ``strangers_per_s`` messages a second (default 100 on a node, 0 = never on a
+researcher) come from sender names the core never verified, the node subscribes to the
+topics of the senders it verified alone for ``strangers_shut_s`` seconds (default 10), so the
+broker discards the strangers' messages instead of queueing them ahead of its researcher's
+(:mod:`fedcore_transport._door`). Against a stranger who publishes under the researcher's own
+name, only the broker's ACL helps (docs/deployment.md).
+
 URL options: ``username``, ``password_file``, ``cafile``, ``certfile``/``keyfile``
-(``mqtts://``), ``chunk_size``, ``keepalive``, ``retry_max``, ``connect_timeout``.
+(``mqtts://``), ``chunk_size``, ``keepalive``, ``retry_max``, ``connect_timeout``,
+``strangers_per_s``, ``strangers_shut_s``.
 
 Credentials: the user name comes from the URL (``mqtt://site-a@broker/...`` or
 ``?username=``) or ``$FEDCORE_MQTT_USERNAME``; the password, best kept out of the URL, from
@@ -42,11 +51,13 @@ environment.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import socket
 import ssl as ssl_lib
+import time
 import uuid
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -59,13 +70,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedcore.errors import ConfigurationError, TransportError
 from fedcore.transport import REDACTED, Capabilities, Inbox, Role, Transport, redact_url
+from fedcore_transport._door import CLOSED_S, STRANGERS_PER_S, Door
+from fedcore_transport._tls import tls_problem
 
 __all__ = ["MqttTransport"]
 
 log = logging.getLogger("fedcore.transport.mqtt")
 
 _QUERY_KEYS = {"username", "password", "password_file", "cafile", "certfile", "keyfile",
-               "chunk_size", "keepalive", "retry_max", "connect_timeout"}
+               "chunk_size", "keepalive", "retry_max", "connect_timeout", "strangers_per_s",
+               "strangers_shut_s"}
 _PRESENCE_VERSION = 1
 _WINDOW = 64  # messages published and not yet acknowledged by the broker, per endpoint
 _AUTH_FAILURES = {"Bad user name or password", "Not authorized"}
@@ -81,7 +95,8 @@ class MqttTransport(Transport):
     def __init__(self, url: str, *, role: Role, identity: str,
                  ssl: ssl_lib.SSLContext | None = None, chunk_size: int = 1 << 20,
                  keepalive: int = 20, retry_max: float = 3.0, connect_timeout: float = 10.0,
-                 inbox_bytes: int = 8 << 20):
+                 inbox_bytes: int = 8 << 20, strangers_per_s: int | None = None,
+                 strangers_shut_s: float = CLOSED_S):
         super().__init__(url, role=role, identity=identity)
         parts = urlsplit(url)
         try:
@@ -112,6 +127,10 @@ class MqttTransport(Transport):
             keepalive = int(query.get("keepalive", keepalive))
             retry_max = float(query.get("retry_max", retry_max))
             self._connect_timeout = float(query.get("connect_timeout", connect_timeout))
+            if strangers_per_s is None:  # see verified(): only a node shuts strangers out
+                strangers_per_s = STRANGERS_PER_S if role == "node" else 0
+            strangers_per_s = int(query.get("strangers_per_s", strangers_per_s))
+            strangers_shut_s = float(query.get("strangers_shut_s", strangers_shut_s))
         except ValueError as exc:
             raise ConfigurationError(f"Bad number in {redact_url(url)!r}: {exc}") from exc
         if self._chunk < 2048:
@@ -123,7 +142,14 @@ class MqttTransport(Transport):
         self._session = uuid.uuid4().int & 0xFFFFFFFF
         other = "node" if role == "researcher" else "researcher"
         root = f"fedcore/{self.federation}"
-        self._inbox_filter = f"{root}/to/{identity}/from/+"
+        if strangers_per_s < 0 or strangers_shut_s <= 0:
+            raise ConfigurationError(
+                f"Expected strangers_per_s >= 0 (0: never shut strangers out) and "
+                f"strangers_shut_s > 0. Received: {strangers_per_s}, {strangers_shut_s}")
+        self._door = Door(f"{root}/to/{identity}/from/", self._resubscribe,
+                          strangers_per_s=strangers_per_s, closed_s=strangers_shut_s)
+        self._reopen: asyncio.TimerHandle | None = None
+        self._last_shut = -1e9
         self._outbox = f"{root}/to/{{peer}}/from/{identity}"
         self._presence = f"{root}/presence/{role}/{identity}"
         self._peer_presence = f"{root}/presence/{other}/"
@@ -135,8 +161,10 @@ class MqttTransport(Transport):
                              protocol=paho.MQTTv5)
         if username:
             client.username_pw_set(username, password)
-        if tls:
-            client.tls_set_context(ssl or _ssl_context(query))
+        self._tls = (ssl or _ssl_context(query)) if tls else None
+        self._client_cert = bool(query.get("certfile")) if ssl is None else None
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         offline = json.dumps({"fedcore": _PRESENCE_VERSION, "role": role, "identity": identity,
                               "session": self._session, "online": False}).encode()
         client.will_set(self._presence, offline, qos=1, retain=True)
@@ -182,11 +210,23 @@ class MqttTransport(Transport):
             refusal = await asyncio.wait_for(asyncio.shield(self._first),
                                              self._connect_timeout)
         except TimeoutError:
+            problem = None
+            if self._tls is not None:  # paho hides why a TLS handshake failed: ask TLS
+                problem = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(tls_problem, self._host, self._port, self._tls,
+                                            client_cert=self._client_cert))
             if self.role == "node":
-                log.warning("Cannot reach the MQTT broker at %s yet; still trying.",
-                            self._where)
+                if problem:
+                    log.warning("Cannot connect to the MQTT broker at %s: %s. Still trying.",
+                                self._where, problem)
+                else:
+                    log.warning("Cannot reach the MQTT broker at %s yet; still trying.",
+                                self._where)
                 return
             await self._stop_client()
+            if problem:
+                raise TransportError(f"Cannot connect to the MQTT broker at {self._where}: "
+                                     f"{problem}.") from None
             raise TransportError(f"Cannot reach the MQTT broker at {self._where} within "
                                  f"{self._connect_timeout:g} s.") from None
         if refusal is not None:
@@ -222,6 +262,9 @@ class MqttTransport(Transport):
 
     async def close(self) -> None:
         self._closing = True
+        if self._reopen is not None:
+            self._reopen.cancel()
+            self._open_door()
         if self._connected:  # a clean goodbye: clear the retained birth message
             info = self._client.publish(self._presence, b"", qos=1, retain=True)
             try:
@@ -234,6 +277,16 @@ class MqttTransport(Transport):
 
     def peers(self) -> set[str]:
         return set(self._peers)
+
+    def verified(self, peer: str) -> None:
+        """While strangers flood the inbox, the senders verified here are still heard.
+
+        See :mod:`fedcore_transport._door`: beyond ``strangers_per_s`` messages a second
+        from senders never verified (default 100 on a node; 0, never, on a researcher, which
+        hears first from many nodes at once), the endpoint subscribes to its verified
+        senders' topics alone for ``strangers_shut_s`` (10 s), then to everyone again.
+        """
+        self._door.verified(peer)
 
     # --- paho's network thread --------------------------------------------------------------
 
@@ -256,8 +309,8 @@ class MqttTransport(Transport):
         if limit and self._chunk > limit - _PACKET_SLACK:
             log.info("The broker takes packets up to %d bytes: chunks shrink to fit.", limit)
             self._set_chunk(max(1024, limit - _PACKET_SLACK))
-        client.subscribe([(self._inbox_filter, 1), (self._peer_presence + "+", 1),
-                          (self._presence, 1)])
+        client.subscribe([(f, 1) for f in self._door.filters()]
+                         + [(self._peer_presence + "+", 1), (self._presence, 1)])
         client.publish(self._presence, self._birth, qos=1, retain=True)
         self._connected = True
         log.info("Connected to %s as %s %r", self._where, self.role, self.identity)
@@ -301,6 +354,13 @@ class MqttTransport(Transport):
             self._on_presence(topic, message.payload)
             return
         sender = topic.rpartition("/")[2]
+        door = self._door
+        if not door.knows(sender):
+            if door.stranger():
+                self._call(self._door_closed)
+            if door.closed:  # what the broker had queued before it heard the door close
+                door.shut_out += 1  # counted for the core when the door opens
+                return
         screen = self.screen
         if screen is not None and not screen(sender, message.payload):
             return  # junk: dropped (and counted) here, before it costs the loop anything
@@ -343,6 +403,35 @@ class MqttTransport(Transport):
             self._peers[identity] = session
         elif session is None or self._peers.get(identity) in (session, None):
             self._peers.pop(identity, None)  # a stale will of an older session is ignored
+
+    def _resubscribe(self, subscribe: list[str], unsubscribe: list[str]) -> None:
+        """Change the inbox subscriptions (any thread; paho queues the packets in order)."""
+        if subscribe:
+            self._client.subscribe([(f, 1) for f in subscribe])
+        if unsubscribe:
+            self._client.unsubscribe(unsubscribe)
+
+    def _door_closed(self) -> None:
+        door = self._door
+        now = time.monotonic()  # a warning when a flood starts, then one info line per shut
+        fresh, self._last_shut = now - self._last_shut > 3 * door.closed_s, now
+        (log.warning if fresh else log.info)(
+            "More than %d messages a second on %s's inbox at %s come from senders never "
+            "verified: for %g s it hears only the senders it verified (shut #%d; a broker "
+            "ACL keeps strangers off the inbox: docs/deployment.md).", door.strangers_per_s,
+            self.identity, self._where, door.closed_s, door.closures)
+        if self._reopen is not None:
+            self._reopen.cancel()
+        assert self._loop is not None
+        self._reopen = self._loop.call_later(door.closed_s, self._open_door)
+
+    def _open_door(self) -> None:
+        self._reopen = None
+        shut_out = self._door.open()
+        if shut_out and self.shed is not None:
+            self.shed(shut_out)
+        log.info("%s hears every sender on its inbox at %s again (%d messages from strangers "
+                 "were dropped unread while it did not).", self.identity, self._where, shut_out)
 
     def _lost_broker(self) -> None:
         self._peers.clear()  # presence comes back with the retained births on reconnection

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -36,6 +37,7 @@ from websockets.frames import CloseCode
 
 from fedcore.errors import ConfigurationError, TransportError
 from fedcore.transport import Capabilities, Inbox, Role, Transport, redact_url
+from fedcore_transport._tls import tls_problem
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -87,6 +89,7 @@ class WebSocketTransport(Transport):
         self._host, self._port = parts.hostname, port
         self._uri = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
         self._ssl = ssl or (_ssl_context(role, query) if parts.scheme == "wss" else None)
+        self._client_cert = bool(query.get("certfile")) if ssl is None else None
         # max_size is the hello's until the peer said hello; max_queue counts websocket
         # frames (1 MiB fragments) read ahead of the inbox.
         self._options: dict[str, Any] = {
@@ -216,6 +219,7 @@ class WebSocketTransport(Transport):
     async def _dial_forever(self) -> None:
         initial, most = self._retry
         delay = initial
+        told: str | None = None  # the TLS problem last logged as a warning
         while True:
             try:
                 async with connect(self._uri, ssl=self._ssl, proxy=None,
@@ -234,8 +238,18 @@ class WebSocketTransport(Transport):
                 log.info("Lost the researcher at %s (%s); reconnecting in %.1f s", self.url,
                          redact_url(str(exc)), delay)
             except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
-                log.info("Cannot reach the researcher at %s (%s); retrying in %.1f s",
-                         self.url, redact_url(str(exc)) or type(exc).__name__, delay)
+                problem = None
+                if self._ssl is not None:  # "no valid HTTP response" hides a TLS refusal
+                    problem = await asyncio.get_running_loop().run_in_executor(
+                        None, functools.partial(tls_problem, self._host, self._port, self._ssl,
+                                            client_cert=self._client_cert))
+                if problem and problem != told:
+                    log.warning("Cannot connect to the researcher at %s: %s. Retrying.",
+                                self.url, problem)
+                else:
+                    log.info("Cannot reach the researcher at %s (%s); retrying in %.1f s",
+                             self.url, redact_url(str(exc)) or type(exc).__name__, delay)
+                told = problem
             finally:
                 self._ws = None
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))

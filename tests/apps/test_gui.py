@@ -236,18 +236,71 @@ def test_an_admin_edits_datasets_and_policy_through_the_forms(federation, tmp_pa
                timeout=10)
     assert r.status_code == 200 and all(e["name"] != "extra" for e in node.datasets.list())
 
-    r = s.post(gui.url + "/policy", data={"csrf_token": token,
-                                          "policy": "max_epoch = 3\n"}, timeout=10)
-    assert r.status_code == 400 and "Did you mean 'max_epochs'" in html.unescape(r.text)
-    assert node.policy["max_epochs"] is None  # nothing saved
-    r = s.post(gui.url + "/policy", data={"csrf_token": token, "policy":
-                                          "approval_required = true\nmax_epochs = 3\n"},
+    # The policy form: one field per setting, empty fields keep their defaults.
+    r = s.post(gui.url + "/policy", data={"csrf_token": token, "max_epochs": "three"},
                timeout=10)
+    assert r.status_code == 400 and "max_epochs must be a whole number" in html.unescape(
+        r.text)
+    assert node.policy["max_epochs"] is None  # nothing saved
+    r = s.post(gui.url + "/policy", data={"csrf_token": token, "approval_required": "true",
+                                          "max_epochs": "3"}, timeout=10)
     assert r.status_code == 200 and "Policy saved" in r.text
     assert node.policy["max_epochs"] == 3
     (change,) = [e for e in node.audit_log() if e["event"] == "policy-changed"
                  and e.get("by") == ADMIN]
     assert "max_epochs" in change["changes"]
+
+
+def test_an_admin_sets_the_policy_in_a_form_with_errors_at_their_fields(federation, browser):
+    _, node, gui = federation
+    _login(browser, gui, ADMIN, ADMIN_PW)
+    browser.get(gui.url + "/policy")
+    # Every setting has its own field, its meaning and its default; no TOML to write.
+    assert not browser.find_elements(By.ID, "policy")  # the raw TOML text area is gone
+    row = browser.find_element(By.ID, "row-min_count")
+    assert "statistics: the fewest records" in row.text and "5" in row.text
+    field = browser.find_element(By.ID, "field-max_epochs")
+    field.clear()
+    field.send_keys("three")
+    access = browser.find_element(By.ID, "field-dataset_access")
+    access.send_keys("alice diabetes")  # the colon is missing
+    _select(browser, "field-on_excess", "refuse")
+    browser.find_element(By.ID, "save-policy").click()
+    _wait_text(browser, "#error-max_epochs", "must be a whole number")
+    assert "expected 'RESEARCHER: DATASET" in browser.find_element(
+        By.ID, "error-dataset_access").text
+    assert not browser.find_elements(By.ID, "error-on_excess")  # that one was right
+    assert node.policy["max_epochs"] is None and node.policy["on_excess"] == "clamp"
+    # What was typed is kept: correct the two fields and save.
+    assert browser.find_element(By.ID, "field-max_epochs").get_attribute("value") == "three"
+    field = browser.find_element(By.ID, "field-max_epochs")
+    field.clear()
+    field.send_keys("4")
+    access = browser.find_element(By.ID, "field-dataset_access")
+    access.clear()
+    access.send_keys("alice: diabetes, cohort-b\n*: public")
+    browser.find_element(By.ID, "save-policy").click()
+    _wait_text(browser, ".flash", "Policy saved")
+    assert node.policy["max_epochs"] == 4 and node.policy["on_excess"] == "refuse"
+    assert node.policy["dataset_access"] == {"alice": ["diabetes", "cohort-b"],
+                                             "*": ["public"]}
+    # The saved page shows the values as the fields hold them, and emptying a field
+    # restores the default.
+    field = browser.find_element(By.ID, "field-max_epochs")
+    assert field.get_attribute("value") == "4"
+    field.clear()
+    browser.find_element(By.ID, "save-policy").click()
+    _wait_text(browser, ".flash", "Policy saved")
+    assert node.policy["max_epochs"] is None and node.policy["on_excess"] == "refuse"
+    changes = [e["changes"] for e in node.audit_log() if e["event"] == "policy-changed"
+               and e.get("by") == ADMIN]
+    assert changes[-1] == {"max_epochs": [4, None]}
+
+
+def _select(driver, element_id: str, value: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, element_id)).select_by_value(value)
 
 
 def test_a_read_only_user_changes_nothing(federation):

@@ -28,6 +28,8 @@ requests = pytest.importorskip("requests")
 pytest.importorskip("selenium.webdriver")
 
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from fedcore.node import Node  # noqa: E402
 from fedcore_node.gui import create_app  # noqa: E402
@@ -134,7 +136,11 @@ def _browser_login(driver, url: str, user: str, password: str, next_: str | None
     driver.get(target)
     driver.find_element(By.ID, "username").send_keys(user)
     driver.find_element(By.ID, "password").send_keys(password)
-    driver.find_element(By.ID, "login").click()
+    button = driver.find_element(By.ID, "login")
+    button.click()
+    # Wait for the answer page to replace the form: reading the page before that reads
+    # the login page, or an element the navigation detaches under the reader.
+    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(button))
 
 
 def test_40_concurrent_guesses_for_one_user_check_at_most_5_passwords(gui_process, browser):

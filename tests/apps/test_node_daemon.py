@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -49,14 +50,20 @@ def test_start_status_and_a_clean_stop_on_sigterm(tmp_path: Path, capsys):
     assert _cli(capsys, "--home", home, "init", "--id", "site-z", "--federation", url)[0] == 0
     code, out = _cli(capsys, "--home", home, "status")
     assert code == 0 and "not running" in out and url in out
-    proc = subprocess.Popen([sys.executable, "-m", "fedcore_node", "--home", home, "start"],
+    # The daemon serves another URL than the configured one: status shows the one served.
+    served = f"ws://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "fedcore_node", "--home", home, "start",
+                             "--federation", served],
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         _wait_for(lambda: (Path(home) / "node.pid").exists(), 15, "the pid file")
-        _wait_for(lambda: "running (pid" in _cli(capsys, "--home", home, "status")[1], 5,
-                  "status to say running")
+        _wait_for(lambda: served in _cli(capsys, "--home", home, "status")[1], 15,
+                  "status to show the URL served")
         code, out = _cli(capsys, "--home", home, "status")
         assert f"running (pid {proc.pid})" in out and "site-z" in out
+        assert f"federation: {served} (config.toml says {url})" in out
+        assert json.loads(_cli(capsys, "--home", home, "status", "--json")[1])["serving"] == \
+            served
         code, out = _cli(capsys, "--home", home, "start")  # a second one is refused
         assert code == 1 and "already running" in out
         signalled = time.time()
@@ -69,7 +76,9 @@ def test_start_status_and_a_clean_stop_on_sigterm(tmp_path: Path, capsys):
     finally:
         _stop(proc)
     assert not (Path(home) / "node.pid").exists()
-    assert "state:      not running" in _cli(capsys, "--home", home, "status")[1]
+    assert not (Path(home) / "node.serving").exists()
+    out = _cli(capsys, "--home", home, "status")[1]
+    assert "state:      not running" in out and f"federation: {url}\n" in out
     code, out = _cli(capsys, "--home", home, "audit", "verify")
     assert code == 0 and "intact" in out
     assert [e["event"] for e in audit_events(Path(home))][-2:] == ["started", "stopped"]

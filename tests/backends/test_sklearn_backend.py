@@ -87,8 +87,16 @@ def test_plan_errors_are_actionable():
         Nothing({}, {}, ARRAY_INFO).build(seed=0)
     with pytest.raises(ConfigurationError, match=r"does not accept \['colour'\]"):
         SGDPlan({"colour": "red"}, {}, ARRAY_INFO).build(seed=0)
+    with pytest.raises(ConfigurationError, match=r"name it in the plan: plan_args"):
+        SGDPlan({"colour": "red"}, {}, ARRAY_INFO).build(seed=0)
     with pytest.raises(ConfigurationError, match="lists no classes"):
         SGDPlan({}, {}, {"kind": "array", "feature_shape": [4], "categories": {}}).build(0)
+    # A target that is no column of the datasets is named as such, with the columns there are.
+    tabular = {"kind": "tabular", "columns": ["age", "sex", "label"],
+               "categories": {"sex": ["f", "m"], "label": [0, 1]}}
+    with pytest.raises(ConfigurationError,
+                       match=r"no column 'diagnosis' to predict.*\['age', 'sex', 'label'\]"):
+        SGDPlan({"target": "diagnosis"}, {}, tabular).build(seed=0)
 
     from sklearn.svm import SVC
 
@@ -97,3 +105,12 @@ def test_plan_errors_are_actionable():
 
     with pytest.raises(ConfigurationError, match="has no partial_fit"):
         NoPartialFit({}, {}, ARRAY_INFO).build(seed=0)
+
+
+def test_a_key_the_plan_reads_itself_is_named_in_plan_args_and_not_given_to_the_estimator():
+    class Thresholded(SGDPlan):
+        plan_args = {"threshold"}
+
+    plan = Thresholded({"threshold": 0.7, "alpha": 1e-3}, {}, ARRAY_INFO)
+    plan.build(seed=0)
+    assert plan.model.alpha == 1e-3 and plan.model_args["threshold"] == 0.7

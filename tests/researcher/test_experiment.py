@@ -157,8 +157,31 @@ def test_hyperparameters_change_between_rounds(breast_cancer):
             exp.test_ratio = 1.5
         exp.run()
         assert exp.round == 3
-        exp.run()  # already at round_limit: nothing more to do
-        assert exp.round == 3
+
+
+def test_running_past_round_limit_says_so_and_how_to_go_on(breast_cancer, tmp_path, caplog):
+    Xtr, _, ytr, _ = breast_cancer
+    with simulate.from_arrays(Xtr, ytr, n_nodes=2, tags=["breast"]) as fed:
+        exp = _experiment(fed, round_limit=2)
+        exp.run()
+        assert exp.round == 2
+        # An explicit number of rounds with none left is an error, not a silent no-op.
+        with pytest.raises(ConfigurationError, match=r"has run 2 round\(s\).*round_limit = 3"):
+            exp.run(1)
+        with caplog.at_level(logging.WARNING, logger="fedcore.experiment"):
+            exp.run()  # a cell run again: nothing to do, and the log says why
+        assert "Raise the limit" in caplog.text and exp.round == 2
+        exp.save(tmp_path / "done.fedcore")
+        # The same after loading the checkpoint in a new session.
+        loaded = Experiment.load(tmp_path / "done.fedcore", federation=fed.url, progress=False)
+        with pytest.raises(ConfigurationError, match="Raise the limit"):
+            loaded.run(3)
+        # Raising the limit lets it go on; asking for more than is left runs what is left.
+        loaded.round_limit = 3
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fedcore.experiment"):
+            loaded.run(5)
+        assert loaded.round == 3 and "run(5) runs 1 round(s)" in caplog.text
 
 
 class ExplodingPlan(SklearnTrainingPlan):

@@ -149,6 +149,14 @@ def test_dp_sgd_on_a_backend_without_it_fails_clearly():
         _run(Linear, rounds=1, privacy=privacy)
 
 
+@pytest.mark.parametrize("aggregator", ["fedprox", "scaffold"])
+def test_dp_sgd_with_a_gradient_correction_is_refused_by_the_node(aggregator):
+    # FedProx's term and SCAFFOLD's correction would change the clipped, noised gradients.
+    privacy = {"mechanism": "dp-sgd", "clip": 1.0, "noise_multiplier": 1.1}
+    with pytest.raises(RoundError, match="cannot be combined with FedProx or SCAFFOLD"):
+        _run(TinyMLP, rounds=1, privacy=privacy, aggregator=aggregator)
+
+
 def test_a_node_budget_refuses_the_round_that_would_cross_it():
     privacy = {"mechanism": "update", "clip": 1.0, "noise_multiplier": 2.0}
     two, three = (Accountant([(2.0, 1.0, 1)] * r).epsilon(1e-5) for r in (2, 3))

@@ -3,15 +3,15 @@
 A node process serves on the test's own Mosquitto; another process publishes junk on the
 node's inbox (tests/_support/flood.py: random bytes, unsigned frames, frames of an unknown
 key, forged signatures under the trusted key, each under a new sender name) at
-``FLOOD_RATE`` frames a second (10,000 by default) for 10 s, while the trusted researcher
-keeps asking. Every request completes within 2 s, the node's memory grows less than
-50 MiB, and its audit log gains only a few summary records.
+10,000 frames a second offered for 10 s (the flooding process checks it kept that rate),
+while the trusted researcher keeps asking. Every request completes within 2 s, the node's
+memory grows less than 50 MiB, and its audit log gains only a few summary records.
 
-No MQTT endpoint written in Python reads more messages a second than paho-mqtt parses: on
-a loaded machine that is below 10,000. The test first measures it (a bare paho subscriber
-in a process of its own) and floods at the lower of ``FLOOD_RATE`` and half of it, so what
-it shows is that junk costs the node little beyond what the MQTT library spends reading it;
-it prints both rates (``-s``). bench/flood.py measures them without the assertions.
+No MQTT client written in Python reads 10,000 messages a second on the test machine (a bare
+paho-mqtt subscriber reads 2,000 to 9,000 here): what keeps the researcher's requests from
+waiting behind the junk is that the node stops subscribing to strangers' topics while they
+flood it (fedcore_transport._door), so the broker discards the junk instead of queueing it.
+The test prints the figures (``-s``); bench/flood.py measures them over several runs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tests._support.mqtt import Broker, fed, require_mosquitto  # noqa: E402
 
 require_mosquitto()
 
-RATE = float(os.environ.get("FLOOD_RATE", 10_000))
+RATE = 10_000.0
 SECONDS = 10.0
 
 
@@ -61,28 +61,9 @@ def flood(port: int, prefix: str, rate: float, seconds: float) -> subprocess.Pop
             [str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])})
 
 
-def paho_capacity(port: int, federation: str) -> float:
-    """Messages a second a bare paho-mqtt subscriber takes here, flooded at ``RATE``."""
-    root = Path(__file__).parents[2]
-    sink = subprocess.Popen(
-        [sys.executable, "-m", "tests._support.flood", "sink", str(port),
-         f"fedcore/{federation}/to/sink/from/+", "2"], stdout=subprocess.PIPE, text=True,
-        cwd=root, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])})
-    assert sink.stdout is not None
-    assert sink.stdout.readline().strip() == "subscribed"
-    flooder = flood(port, f"fedcore/{federation}/to/sink", RATE, 4.0)
-    result = json.loads(sink.stdout.readline())
-    sink.wait(10)
-    flooder.communicate(timeout=60)
-    return result["received"] / result["seconds"]
-
-
 def test_a_flood_of_junk_frames_neither_delays_the_researcher_nor_grows_the_node(tmp_path):
     broker = Broker(tmp_path, "allow_anonymous true").start()
     federation = fed()
-    capacity = paho_capacity(broker.port, federation)
-    rate = min(RATE, capacity / 2)
     url = f"mqtt://127.0.0.1:{broker.port}/{federation}"
     home = tmp_path / "site"
     node = Node(home, node_id="site")
@@ -104,7 +85,7 @@ def test_a_flood_of_junk_frames_neither_delays_the_researcher_nor_grows_the_node
                 await client.request("site", SearchRequest(tags=["x"]), timeout=30)
             memory["before"] = rss_mib(proc.pid)
             records_before = len(audit_events(home))
-            flooder = flood(broker.port, f"fedcore/{federation}/to/site", rate, SECONDS)
+            flooder = flood(broker.port, f"fedcore/{federation}/to/site", RATE, SECONDS)
             started = time.monotonic()
             while flooder.poll() is None or time.monotonic() - started < SECONDS:
                 body = Ping() if len(latencies) % 2 else SearchRequest(tags=["x"])
@@ -129,14 +110,18 @@ def test_a_flood_of_junk_frames_neither_delays_the_researcher_nor_grows_the_node
     events = audit_events(home)
     summaries = [r for r in events if r["event"] == "frames-dropped"]
     dropped = sum(r["dropped"] for r in summaries)
-    print(f"\npaho-mqtt reads {capacity:,.0f} messages/s here; flooding at {rate:,.0f}/s")
-    print(f"flood: {sent['sent'] / sent['seconds']:,.0f} junk frames/s sent for "
-          f"{sent['seconds']:.1f} s, {dropped:,} dropped by the node in {len(summaries)} "
-          f"summaries; {len(latencies)} requests, slowest {max(latencies):.3f} s; node "
-          f"memory {memory['before']:.0f} -> peak {memory['peak']:.0f} MiB")
+    offered = sent["sent"] / sent["seconds"]
+    print(f"\nflood: {offered:,.0f} junk frames/s offered for {sent['seconds']:.1f} s, "
+          f"{dropped:,} dropped by the node in {len(summaries)} summaries (the broker "
+          f"discarded the rest); {len(latencies)} requests, median "
+          f"{sorted(latencies)[len(latencies) // 2]:.3f} s, slowest {max(latencies):.3f} s; "
+          f"node memory {memory['before']:.0f} -> peak {memory['peak']:.0f} MiB; load "
+          f"average {os.getloadavg()[0]:.1f}")
+    assert sent["sent"] == RATE * SECONDS and offered > 0.9 * RATE, sent  # the flood was real
     assert max(latencies) < 2.0, (latencies, node_log(home))
     assert memory["peak"] - memory["before"] < 50, memory
-    assert dropped == sent["sent"]  # the node took every junk frame, and dropped it
+    assert "hears only the senders it verified" in home.with_suffix(".log").read_text()
+    assert 0 < dropped < sent["sent"]  # what reached the node, it dropped and counted
     assert 1 <= len(summaries) <= 4, [r["seconds"] for r in summaries]
     assert not [r for r in events if r["event"] in ("refused-frame", "internal-error")]
     requests = [r for r in events if r["event"] == "search"]

@@ -97,6 +97,40 @@ def test_a_node_that_does_not_trust_the_researcher_never_connects(certificate):
     asyncio.run(scenario())
 
 
+def test_a_node_without_the_client_certificate_the_researcher_requires_is_told_so(
+        certificate, caplog):
+    import asyncio
+    import logging
+
+    cert, key = certificate
+
+    async def scenario() -> None:
+        port = free_port()
+        # cafile on the researcher's side: client certificates are required.
+        researcher = open_transport(f"wss://127.0.0.1:{port}?certfile={cert}&keyfile={key}"
+                                    f"&cafile={cert}", role="researcher", identity="researcher")
+        node = open_transport(f"wss://127.0.0.1:{port}?cafile={cert}", role="node",
+                              identity="n")  # trusts the researcher, has no certificate
+        await researcher.start()
+        await node.start()
+        try:
+            for _ in range(100):
+                if "requires a client certificate" in caplog.text:
+                    break
+                await asyncio.sleep(0.1)
+            assert researcher.peers() == set()
+        finally:
+            await node.close()
+            await researcher.close()
+
+    with caplog.at_level(logging.INFO, logger="fedcore"):
+        asyncio.run(scenario())
+    told = [r for r in caplog.records if "requires a client certificate" in r.getMessage()]
+    assert told and told[0].levelno == logging.WARNING
+    assert "certfile=PATH&keyfile=PATH" in told[0].getMessage()
+    assert len(told) == 1  # said once, not at every retry
+
+
 @pytest.mark.parametrize("url, message", [
     ("ws://127.0.0.1", "Expected ws://HOST:PORT"),
     ("ws://127.0.0.1:80?colour=red", r"Unknown option\(s\) \['colour'\]"),

@@ -149,6 +149,34 @@ def test_altered_reordered_spliced_or_replayed_chunks_never_make_a_frame(tmp_pat
     assert "{'replayed': 1, 'bad signature': 1}" in caplog.text  # a summary at close
 
 
+def test_a_frame_whose_first_chunk_comes_twice_still_arrives(tmp_path):
+    # A broker may deliver a message twice: a QoS 1 resend after a reconnection, or the
+    # instant an MQTT node switches between its wildcard and exact inbox subscriptions
+    # (fedcore_transport._door). The copy is dropped; the frame it started is not.
+    pair = Pair(tmp_path)
+    frame = np.random.default_rng(1).bytes(3 * PIECE)
+
+    async def scenario() -> list[Delivery]:
+        [chunks] = await pair.capture([frame])
+        node, broker = pair.node(), pair.raw("researcher")
+        await node.start()
+        await broker.start()
+        got: list[Delivery] = []
+        reader = asyncio.create_task(_collect(node, got))
+        try:
+            for message in (chunks[0], chunks[0], chunks[1], chunks[1], chunks[2]):
+                await broker.send("node", message)
+            await wait_until(lambda: any(g.error is None for g in got), "the frame")
+            return got
+        finally:
+            reader.cancel()
+            await broker.close()
+            await node.close()
+
+    got = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert [bytes(g.frame) for g in got if g.error is None] == [frame]
+
+
 def test_oversized_frames_and_too_many_frames_in_flight_are_refused(tmp_path):
     pair = Pair(tmp_path)
     rng = np.random.default_rng(1)

@@ -28,6 +28,7 @@ except ImportError:  # Windows: fall back on whether the recorded pid is alive
     fcntl = None  # type: ignore[assignment]
 
 PID_FILE = "node.pid"
+SERVING_FILE = "node.serving"  # what the running daemon serves (JSON; its URL redacted)
 
 
 def add_parsers(sub: Any) -> None:
@@ -140,6 +141,7 @@ def start(args: argparse.Namespace, node: Node, out: Any) -> int:
     log = logging.getLogger("fedcore.node")
     try:
         node.start(str(url))
+        _write_serving(node.home, str(url))
         log.info("Node %s serving %s (pid %d); SIGTERM or Ctrl-C stops it", node.node_id,
                  redact_url(str(url)), os.getpid())
         while not stop.wait(0.5):
@@ -149,6 +151,8 @@ def start(args: argparse.Namespace, node: Node, out: Any) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        with contextlib.suppress(OSError):
+            (node.home / SERVING_FILE).unlink()
         with contextlib.suppress(OSError):
             (node.home / PID_FILE).unlink()
         lock.close()
@@ -167,6 +171,28 @@ def _shown(url: Any) -> str | None:
     return redact_url(str(url)) if url else None
 
 
+def _write_serving(home: Path, url: str) -> None:
+    """Record the URL this daemon serves (``--federation`` may differ from config.toml)."""
+    import json
+
+    tmp = home / f".{SERVING_FILE}.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "federation": redact_url(url)}))
+    tmp.replace(home / SERVING_FILE)
+
+
+def _serving(home: Path, pid: int | None) -> str | None:
+    """The URL the running daemon ``pid`` serves, as it recorded it; ``None`` if unknown."""
+    import json
+
+    try:
+        record = json.loads((home / SERVING_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("pid") != pid:
+        return None  # left by an earlier daemon
+    return str(record.get("federation") or "") or None
+
+
 def status(args: argparse.Namespace, node: Node, out: Any) -> int:
     """Print whether a node process serves this home, and what it offers."""
     import json
@@ -177,6 +203,7 @@ def status(args: argparse.Namespace, node: Node, out: Any) -> int:
     info = {"running": running, "pid": pid if running else None, "id": node.node_id,
             "name": node.config.get("name", ""), "home": str(node.home.resolve()),
             "federation": _shown(node.config.get("federation")),
+            "serving": _serving(node.home, pid) if running else None,
             "datasets": [{"id": d["id"], "name": d["name"], "tags": d["tags"],
                           "available": d["available"]} for d in datasets],
             "pending_plans": [{"sha256": p["sha256"], "plan": p["entry"],
@@ -193,8 +220,14 @@ def status(args: argparse.Namespace, node: Node, out: Any) -> int:
         state = "not running"
     names = ", ".join(f"{d['name']} [{','.join(d['tags'])}]" for d in datasets) or "none"
     plans = ", ".join(f"{p['entry']} {p['sha256'][:12]}" for p in pending) or "none"
+    configured = info["federation"]
+    if info["serving"]:
+        federation = info["serving"] + ("" if info["serving"] == configured else
+                                        f" (config.toml says {configured or 'none'})")
+    else:
+        federation = configured or "not set (use start --federation URL)"
     print(f"node:       {node.node_id} ({info['name']})\nstate:      {state}\n"
-          f"federation: {info['federation'] or 'not set (use start --federation URL)'}\n"
+          f"federation: {federation}\n"
           f"datasets:   {names}\npending:    {plans}\n"
           f"plans run:  {info['plans_run']}", file=out)
     return 0

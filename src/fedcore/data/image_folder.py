@@ -13,7 +13,7 @@ import pandas as pd
 
 from fedcore.data._base import Dataset, Items, without_root
 from fedcore.data.loading_plan import DataLoadingPlan, map_values
-from fedcore.errors import ConfigurationError, DatasetError
+from fedcore.errors import ConfigurationError, DatasetError, MissingDependencyError
 
 __all__ = ["ImageFolderDataset"]
 
@@ -25,7 +25,7 @@ def _pil() -> Any:
     try:
         from PIL import Image
     except ImportError as exc:
-        raise ConfigurationError(
+        raise MissingDependencyError(
             'Image folders are read with Pillow, which is not installed: '
             'pip install "fedcore[images]"'
         ) from exc

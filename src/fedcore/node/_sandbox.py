@@ -23,7 +23,13 @@ from typing import Any
 
 from fedcore.aggregators._local import LocalState
 from fedcore.data import Dataset
-from fedcore.errors import ConfigurationError, DatasetError, GovernanceError
+from fedcore.errors import (
+    ConfigurationError,
+    DatasetError,
+    GovernanceError,
+    MissingDependencyError,
+    lacking,
+)
 from fedcore.node import _landlock
 from fedcore.node.executor import private_training, run_round
 from fedcore.node.registry import _open_key, open_entry
@@ -99,7 +105,7 @@ class _Runner:
             private_training(plan_class, PrivacySpec.parse(request.privacy))
             dataset = self.open(job["entry"])
         except (ConfigurationError, GovernanceError, DatasetError) as exc:
-            return _refusal(exc)
+            return _refusal(exc, self.node_id)
         key = str(job["warm_key"]) if plan_class.reusable else ""
         warm = self.warm.pop(key, None)
         state = _HeldState(job["state"], env.experiment, str(job["entry"]["id"]), env.round)
@@ -128,14 +134,22 @@ def _progress(send: Callable[[Body], None]) -> Callable[..., None]:
     return report
 
 
-def _refusal(exc: Exception) -> ErrorReply:
+def _refusal(exc: Exception, node: str) -> ErrorReply:
+    if isinstance(exc, MissingDependencyError):
+        return _failure(exc, node)
     kind = ("dataset" if isinstance(exc, DatasetError) else "governance"
             if isinstance(exc, GovernanceError) else "configuration")
     return ErrorReply(kind=kind, message=str(exc), exc_type=type(exc).__name__)
 
 
-def _failure(exc: BaseException) -> ErrorReply:
-    """The round failed in the plan's code (or the node's code around it): kind ``plan``."""
+def _failure(exc: BaseException, node: str = "") -> ErrorReply:
+    """The round failed in the plan's code (or the node's code around it): kind ``plan``.
+
+    A package the node's installation lacks is kind ``dependency``, for its administrator.
+    """
+    if isinstance(exc, MissingDependencyError):
+        return ErrorReply(kind="dependency", message=lacking(node or "this node", exc),
+                          exc_type="MissingDependencyError")
     kind = "dataset" if isinstance(exc, DatasetError) else "plan"
     return ErrorReply(kind=kind, message=str(exc), exc_type=type(exc).__name__,
                       traceback=traceback.format_exc())
@@ -162,7 +176,7 @@ def serve(conn: Connection) -> None:
             assert isinstance(job, Checkpoint)
             reply = runner.round(job.state, request, lambda body: conn.send_bytes(frame(body)))
         except Exception as exc:  # the plan's failure is the round's answer
-            reply = _failure(exc)
+            reply = _failure(exc, str(setup["node_id"]))
         conn.send_bytes(frame(reply))
 
 

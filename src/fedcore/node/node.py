@@ -21,8 +21,10 @@ from fedcore.errors import (
     DatasetError,
     FedcoreError,
     GovernanceError,
+    MissingDependencyError,
     ProtocolError,
     TransportError,
+    lacking,
 )
 from fedcore.governance import (
     Decision,
@@ -760,6 +762,10 @@ class Node:
                 # the node's backend cannot run around this plan is refused.
                 check_training_args(plan_class, request.training_args)
                 private_training(plan_class, PrivacySpec.parse(request.privacy))
+            except MissingDependencyError as exc:
+                self.audit("train-refused", **base, reason=str(exc))
+                return ErrorReply(kind="dependency", message=lacking(self.node_id, exc),
+                                  exc_type="MissingDependencyError")
             except (ConfigurationError, GovernanceError) as exc:
                 self.audit("train-refused", **base, reason=str(exc))
                 kind = next(k for k, cls in _REFUSALS.items() if isinstance(exc, cls))
@@ -785,6 +791,10 @@ class Node:
         except asyncio.CancelledError:  # the node stops: the round is given up, on record
             self.audit("train-abandoned", **base, reason="the node stopped mid-round")
             raise
+        except MissingDependencyError as exc:  # this node's installation lacks a package
+            self.audit("train-failed", **base, error=f"{type(exc).__name__}: {exc}")
+            return ErrorReply(kind="dependency", message=lacking(self.node_id, exc),
+                              exc_type="MissingDependencyError")
         except Exception as exc:  # the researcher's code failed: report it, keep serving
             self.audit("train-failed", **base, error=f"{type(exc).__name__}: {exc}")
             return ErrorReply(kind="plan", message=str(exc), exc_type=type(exc).__name__,

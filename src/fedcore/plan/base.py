@@ -172,6 +172,12 @@ class TrainingPlan(abc.ABC):
         """The target's classes, united over every node's dataset (from ``data_info``)."""
         key = self.model_args.get("target") or "target"
         cats = (self.data_info.get("categories") or {}).get(key)
+        columns = self.data_info.get("columns")
+        if not cats and columns and key not in columns:
+            raise ConfigurationError(
+                f"The datasets have no column {key!r} to predict. Their columns: "
+                f"{list(columns)}. Set model_args['target'] to one of them."
+            )
         if not cats:
             raise ConfigurationError(
                 f"The datasets' metadata lists no classes for target {key!r}: is it a "

@@ -225,7 +225,8 @@ class _Collector:
         raise ConfigurationError(
             f"The plan {self.root.__name__} uses the global {name!r} "
             f"(a {type(obj).__name__}), which cannot be shipped as source. Define it inside "
-            "the plan, pass it through model_args, or import it in a module the nodes have."
+            "the plan, pass it through model_args (a scikit-learn plan names such keys in "
+            "plan_args), or import it in a module the nodes have."
         )
 
 

@@ -26,7 +26,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from fedcore.errors import ConfigurationError
+from fedcore.errors import ConfigurationError, MissingDependencyError
 
 __all__ = ["DEFAULT_ORDERS", "SAMPLINGS", "Accountant", "Event", "check_delta", "check_sampling",
            "epsilon"]
@@ -99,7 +99,7 @@ def _dp_accounting() -> Any:
     try:
         import dp_accounting  # noqa: PLC0415 - optional extra, imported on first use
     except ImportError as exc:
-        raise ConfigurationError(
+        raise MissingDependencyError(
             f"Differential privacy accounting needs the dp-accounting package ({exc}). "
             f"Install it with: {_INSTALL}") from exc
     return dp_accounting

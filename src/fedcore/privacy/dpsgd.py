@@ -78,6 +78,20 @@ class PrivateTraining(abc.ABC):
     def parameters(self, plan: Any) -> ParameterSet:
         """The parameters of the model :meth:`train` trained, read by the backend."""
 
+    @staticmethod
+    def _refuse_corrections(plan: Any, reason: str = "") -> None:
+        """Refuse FedProx's proximal term and SCAFFOLD's correction, which DP-SGD would skip.
+
+        Both change the gradients after the wrapper clipped and noised them (or before a
+        library recomputes them): the round would train something else than it accounts.
+        """
+        if (plan.proximal is not None and plan.proximal[0]) or \
+                plan.gradient_correction is not None:
+            why = f": {reason}" if reason else ""
+            raise ConfigurationError(
+                f"DP-SGD cannot be combined with FedProx or SCAFFOLD on a node{why}. Use "
+                "FedAvg, or update-level DP (privacy={'mechanism': 'update', ...}).")
+
     def _charge(self, sample_rate: float) -> None:
         """Fix the rate the round is charged at (from the node's data size, not the plan's)."""
         self._rate = float(sample_rate)

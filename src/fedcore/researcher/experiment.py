@@ -351,11 +351,20 @@ class Experiment(ExperimentSettings):
                     "Give run() a number of rounds, or set round_limit on the experiment."
                 )
             rounds = max(self._round_limit - self.round, 0)
+            if rounds == 0:
+                log.warning("%s", self._at_limit())
         elif self._round_limit is not None:
-            rounds = min(int(rounds), max(self._round_limit - self.round, 0))
-        from tqdm.auto import tqdm
-
-        with tqdm(total=rounds, desc=self.name, unit="round", disable=not self.progress) as bar:
+            left = max(self._round_limit - self.round, 0)
+            if int(rounds) > 0 and left == 0:
+                raise ConfigurationError(self._at_limit())
+            if int(rounds) > left:
+                log.warning("run(%d) runs %d round(s): round_limit is %d and round %d is done. "
+                            "Raise exp.round_limit to run more.", int(rounds), left,
+                            self._round_limit, self.round)
+            rounds = min(int(rounds), left)
+        bar_class = _progress_bar(self.progress)
+        with bar_class(total=rounds, desc=self.name, unit="round",
+                       disable=not self.progress) as bar:
             self._bar = bar
             try:
                 for _ in range(rounds):
@@ -365,6 +374,11 @@ class Experiment(ExperimentSettings):
             finally:
                 self._bar = None
         return self.history
+
+    def _at_limit(self) -> str:
+        return (f"The experiment has run {self.round} round(s), its round_limit: no round left "
+                f"to run. Raise the limit first (exp.round_limit = {self.round + 1} or more), "
+                "then call run() again.")
 
     # --- plan review ------------------------------------------------------------------------
 
@@ -496,6 +510,25 @@ class Experiment(ExperimentSettings):
         exp._history = list(body.history)
         exp._saved_data_info = s.get("data_info") or {}
         return exp
+
+
+def _progress_bar(progress: bool) -> Any:
+    """The notebook widget of tqdm where one can show, else its console bar; never a warning.
+
+    ``tqdm.auto`` warns on import in a Jupyter kernel without ipywidgets, even when the bar is
+    disabled: a disabled bar and a kernel without widgets both use the console class.
+    """
+    from tqdm.std import tqdm as console
+
+    if not progress:
+        return console
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return console
+    from tqdm.auto import tqdm
+
+    return tqdm
 
 
 def _postfix(rows: pd.DataFrame) -> dict[str, str]:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from fedcore.errors import ConfigurationError, DatasetError
+from fedcore.errors import ConfigurationError, DatasetError, GovernanceError
 from fedcore.wire.messages import SearchReply, SearchRequest
-from fedcore.wire.rpc import Client
+from fedcore.wire.rpc import Client, Reply
 
 log = logging.getLogger("fedcore.search")
 
@@ -55,6 +55,7 @@ async def find_datasets(client: Client, federation: str, tags: Sequence[str],
         )
     found = Found(connected=connected)
     tags_by_node: dict[str, list[str]] = {}
+    refused: dict[str, Reply] = {}
     async for reply in client.scatter(
         {p: SearchRequest(tags=list(tags)) for p in peers}, experiment=experiment,
         timeout=timeout,
@@ -62,6 +63,7 @@ async def find_datasets(client: Client, federation: str, tags: Sequence[str],
         node, body = reply.node, reply.expect(SearchReply)
         if body is None:
             log.warning("Node %s did not answer the search: %s", node, reply.why())
+            refused[node] = reply
             continue
         tags_by_node[node] = body.available_tags
         for ds in body.datasets:
@@ -82,9 +84,15 @@ async def find_datasets(client: Client, federation: str, tags: Sequence[str],
             found.targets[node] = usable[0]
     if not found.targets:
         held = "; ".join(f"{n}: {t}" for n, t in sorted(tags_by_node.items()))
+        why = " ".join(f"Node {n} refused the search: {r.message or r.why()}"
+                       for n, r in sorted(refused.items()))
+        if refused and not tags_by_node and all(r.kind == "governance"
+                                                for r in refused.values()):
+            # Every node refused this researcher: no tag question was even asked.
+            raise GovernanceError(f"No node answered the search. {why}")
         raise DatasetError(
             f"No node has an available dataset tagged {list(tags)}. Tags the nodes have: "
-            f"{held or 'none'}."
+            f"{held or 'none'}." + (f" {why}" if why else "")
         )
     found.targets = dict(sorted(found.targets.items()))
     return found

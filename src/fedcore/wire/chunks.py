@@ -49,7 +49,7 @@ from fedcore.transport import Capabilities, Transport
 from fedcore.wire import codec
 from fedcore.wire.admission import NAMES, Admission
 from fedcore.wire.limits import Bounded
-from fedcore.wire.signing import TRAILER, Guard
+from fedcore.wire.signing import TRAILER, Guard, ReplayedFrame
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -128,6 +128,7 @@ class ChunkedTransport(Transport):
                           else None)
         if self.admission is not None:
             inner.screen = self.admission.screen
+            inner.shed = self._shed
         self._receiving = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -271,6 +272,7 @@ class ChunkedTransport(Transport):
             signed = (await asyncio.to_thread(self.guard.verify, view, claimed)
                       if len(view) > _THREAD_BYTES else self.guard.verify(view, claimed))
             self.admission.vouch(peer, claimed[1])
+            self.inner.verified(peer)
             if header is None or header[1] == 0:  # a new frame
                 self.admission.check_rate(claimed)
         except (ProtocolError, GovernanceError) as exc:
@@ -278,6 +280,14 @@ class ChunkedTransport(Transport):
         if header is None:
             return Delivery(peer, signed.body.toreadonly(), *claimed)
         return await self._chunk(peer, header, signed.body[CHUNK_HEADER:], *claimed)
+
+    def _shed(self, count: int) -> None:
+        """Count ``count`` messages the transport dropped unread."""
+        assert self.admission is not None
+        for _ in range(count):  # a few hundred, once per shut-out
+            self.admission.drops.drop("(strangers)", "shut out", "Dropped unread: strangers "
+                                      "flooded this endpoint, which heard only the senders "
+                                      "it verified.")
 
     def _junk(self, peer: str, head: memoryview, exc: FedcoreError) -> Delivery | None:
         """Count a refused frame; hand it on (to be answered) only while reports are cheap."""
@@ -329,11 +339,14 @@ class ChunkedTransport(Transport):
             if self.admission is not None:
                 self.admission.count(peer, exc)
             return None
-        refused = self._refused.get_or_add(peer, set)
-        if len(refused) > 64:
-            refused.clear()
-        refused.add(frame_id)
-        self._drop(peer, frame_id)
+        # A replayed first message is a copy of one taken (a QoS 1 resend, or overlapping
+        # subscriptions of a broker endpoint): the frame it started goes on.
+        if not isinstance(exc, ReplayedFrame):
+            refused = self._refused.get_or_add(peer, set)
+            if len(refused) > 64:
+                refused.clear()
+            refused.add(frame_id)
+            self._drop(peer, frame_id)
         return self._junk(peer, view[CHUNK_HEADER:CHUNK_HEADER + _HEAD], exc)
 
     async def _chunk(self, peer: str, header: tuple[int, int, int], data: memoryview,

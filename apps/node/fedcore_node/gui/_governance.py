@@ -117,6 +117,16 @@ class Governance:
         """Validate and save an edited policy; ``ConfigurationError`` says what is wrong."""
         return self.node.set_policy_toml(text, by=user)
 
+    def policy_values(self) -> dict[str, Any]:
+        """The policy settings written in ``config.toml`` (a key left out: its default)."""
+        from fedcore.governance import SETTINGS
+
+        return {k: v for k, v in self.node.config.items() if k in SETTINGS}
+
+    def set_policy_values(self, values: dict[str, Any], *, user: str) -> dict[str, Any]:
+        """Save every setting at once (``None``: the default), checked, written, audited."""
+        return self.node.set_policy(by=user, **values)
+
     @staticmethod
     def policy_settings() -> list[Any]:
         """Every policy key, its type, default and meaning (the editor's reference)."""

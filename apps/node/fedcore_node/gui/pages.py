@@ -21,6 +21,7 @@ from werkzeug.wrappers import Response
 from fedcore.errors import DatasetError, FedcoreError
 from fedcore.node import Node
 from fedcore.wire.identity import fingerprint
+from fedcore_node.gui._policy_form import fields, parse_form
 from fedcore_node.gui.auth import admin_required, governance
 
 bp = Blueprint("pages", __name__)
@@ -121,23 +122,28 @@ def dataset_remove(dataset_id: str) -> Response:
 
 @bp.route("/policy")
 def policy() -> str:
-    """The node's policy; admins can edit it."""
+    """The node's policy: a form of every setting for admins, a table for the others."""
     gov = governance()
-    return render_template("policy.html", text=gov.policy_text(),
-                           settings=gov.policy_settings())
+    return render_template("policy.html", fields=fields(gov.policy_values()),
+                           text=gov.policy_text())
 
 
 @bp.route("/policy", methods=["POST"])
 @admin_required
 def policy_save() -> Any:
-    """Save an edited policy (checked before anything is written)."""
-    text = request.form.get("policy", "")
-    try:
-        governance().set_policy_text(text, user=g.login.user)
-    except FedcoreError as exc:
-        flash(f"Not saved: {exc}", "error")
-        return render_template("policy.html", text=text,
-                               settings=governance().policy_settings()), 400
+    """Save the policy form: every field is checked first; a mistake is shown at its field."""
+    gov = governance()
+    typed = {k: str(v) for k, v in request.form.items()}
+    values, errors = parse_form(typed)
+    if not errors:
+        try:
+            gov.set_policy_values(values, user=g.login.user)
+        except FedcoreError as exc:
+            errors = {"": str(exc)}
+    if errors:
+        flash(f"Not saved: {len(errors)} field(s) to correct, marked below.", "error")
+        return render_template("policy.html", fields=fields({}, typed=typed, errors=errors),
+                               text=gov.policy_text(), form_error=errors.get("", "")), 400
     flash("Policy saved.", "info")
     return redirect(url_for("pages.policy"))
 
