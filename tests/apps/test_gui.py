@@ -352,3 +352,27 @@ def test_the_gui_binds_to_loopback_by_default():
     from fedcore_node.gui import serve
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+
+
+def test_the_plan_page_shows_every_file_of_a_package_plan(federation, tmp_path):
+    import sys
+
+    from tests._support.plan_package import make_package, packaged_plan
+
+    fed, _, gui = federation
+    pkg = make_package(tmp_path / "project", scale=0.75)
+    sys.path.insert(0, str(tmp_path / "project"))
+    try:
+        exp = Experiment(packaged_plan(pkg), tags=["breast"], federation=fed.url,
+                         model_args={"loss": "log_loss"}, progress=False)
+        _submit(exp)
+    finally:
+        sys.path.remove(str(tmp_path / "project"))
+    page = _session(gui, READER, READER_PW).get(f"{gui.url}/plans/{exp.plan_hash}",
+                                                timeout=10)
+    text = html.unescape(re.sub(r"<[^>]+>", "", page.text))
+    assert page.status_code == 200
+    for name in (f"{pkg}/__init__.py", f"{pkg}/features.py", f"{pkg}/plan.py", "plan.py"):
+        assert name in text
+    assert "np.tanh(np.asarray(X) * 0.75)" in text
+    exp.close()

@@ -59,6 +59,15 @@ if HAVE["torch"]:
         def training_step(self, data, target):
             return F.cross_entropy(self.model(data), target)
 
+    class TorchBNPlan(TorchPlan):
+        """FedBN: the batch-norm layer (index 1) stays on each node, statistics included."""
+
+        local_parameters = ("1.*",)
+
+        def init_model(self):
+            return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                 nn.Linear(16, 3))
+
     class FailingTorchPlan(TorchPlan):
         def training_step(self, data, target):
             raise RuntimeError(FAILURE)
@@ -90,6 +99,17 @@ if HAVE["tf"]:
                                         tf.keras.layers.Dense(16, activation="relu"),
                                         tf.keras.layers.Dense(3)])
 
+    class KerasBNPlan(KerasTrainingPlan):
+        """FedBN: the batch-norm layer (index 1) stays on each node, statistics included."""
+
+        local_parameters = ("1.*",)
+
+        def init_model(self):
+            return tf.keras.Sequential([tf.keras.Input((8,)),
+                                        tf.keras.layers.Dense(16, activation="relu"),
+                                        tf.keras.layers.BatchNormalization(),
+                                        tf.keras.layers.Dense(3)])
+
     class FailingKerasPlan(KerasPlan):
         def training_step(self, data, target):
             raise RuntimeError(FAILURE)
@@ -119,6 +139,52 @@ if HAVE["jax"]:
 class TestJaxBackend(BackendConformance):
     plan_class = JaxPlan if HAVE["jax"] else None  # type: ignore[assignment]
     failing_plan_class = FailingJaxPlan if HAVE["jax"] else None  # type: ignore[assignment]
+
+
+# --- FedBN: batch-norm statistics stay local -------------------------------------------------
+
+FEDBN = {"torch": ("TorchBNPlan", ["1.weight", "1.bias", "1.running_mean", "1.running_var",
+                                   "1.num_batches_tracked"], "1.running_mean"),
+         "tf": ("KerasBNPlan", ["1.gamma", "1.beta", "1.moving_mean", "1.moving_variance"],
+                "1.moving_mean")}
+
+
+@pytest.mark.parametrize("backend", sorted(FEDBN))
+def test_fedbn_keeps_the_batch_norm_statistics_on_the_node(backend, tmp_path):
+    """JAX plans are pure functions with no batch statistics: FedPer covers them (above)."""
+    if not HAVE[backend]:
+        pytest.skip(f"{backend} is not installed")
+    import numpy as np
+
+    from fedcore.aggregators._local import LocalState
+    from fedcore.data import ArrayDataset
+    from fedcore.node.executor import run_round
+    from fedcore.plan.personal import STATE, shared
+    from fedcore.wire.messages import TrainRequest
+
+    name, local, stats = FEDBN[backend]
+    plan_class = globals()[name]
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    data = ArrayDataset(rng.normal(size=(60, 8)) * 3 + 5 + y[:, None], y)
+    info = dict(data.metadata())
+    plan = plan_class({}, {"epochs": 1, "batch_size": 8, "lr": 0.05}, info)
+    plan.build(seed=0)
+    initial = plan.get_parameters().copy()
+    sent = shared(plan_class, initial)
+    assert [n for n in initial if n not in sent] == local
+    for rnd in (1, 2):
+        request = TrainRequest(plan={}, params=sent, dataset_id="d", data_info=info,
+                               training_args={"epochs": 1, "batch_size": 8, "lr": 0.05},
+                               test_ratio=0.25)
+        reply, _ = run_round(plan_class, request, data, "node", rnd, {}, None,
+                             LocalState(tmp_path, "e", "d", rnd))
+        assert list(reply.params) == list(sent)
+        sent = reply.params
+    kept = LocalState(tmp_path, "e", "d", 3).load(STATE)
+    assert kept is not None and list(kept["params"]) == local
+    # The running statistics moved towards this node's data and stayed here.
+    assert not np.allclose(kept["params"][stats], initial[stats])
 
 
 # --- signature parity ---------------------------------------------------------------------

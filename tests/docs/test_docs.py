@@ -136,3 +136,16 @@ def test_torch_example_learns(tmp_path):
                         timeout=BLOCK_TIMEOUT_S)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert _accuracy("federated", result.stdout) > 0.6, result.stdout
+
+
+def test_personalised_example_beats_fedavg_on_label_skewed_hospitals(tmp_path):
+    """20 hospitals, Dirichlet(0.1): FedPer and fine-tuning beat FedAvg on local test splits."""
+    import json
+
+    result = run_python(ROOT / "examples" / "personalised_digits.py", "--rounds", "5",
+                        cwd=tmp_path, timeout=4 * BLOCK_TIMEOUT_S)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all(0.0 < v <= 1.0 for v in scores.values()), scores
+    assert scores["fedper"] > scores["fedavg"] + 0.1, scores
+    assert scores["fedavg+fine-tune"] > scores["fedavg"] + 0.1, scores

@@ -36,7 +36,13 @@ CHARGED = (1.0, 0.25, 4)  # what the node charges a round: its noise, its rate, 
 # --- the researcher's plans ----------------------------------------------------------------
 
 
-class SkipsDP(TinyMLP):
+class ShippedTinyMLP(TinyMLP):
+    """TinyMLP lives in another local module: the plans below ship it with them."""
+
+    helper_modules = ("tests._support.torch_plans",)
+
+
+class SkipsDP(ShippedTinyMLP):
     """Trains with the plain loop whatever the request asks, and reports nothing spent."""
 
     privacy_events: list = []
@@ -46,7 +52,7 @@ class SkipsDP(TinyMLP):
         return TorchTrainingPlan.fit(self, dataset, seed)
 
 
-class LiesAboutSpending(TinyMLP):
+class LiesAboutSpending(ShippedTinyMLP):
     """A loss with zero gradient (the update is the node's noise alone); fake low spending."""
 
     privacy_events = [(1000.0, 1e-6, 1)]
@@ -56,7 +62,7 @@ class LiesAboutSpending(TinyMLP):
         return (self.model(data) * 0.0).sum()
 
 
-class WritesARecord(TinyMLP):
+class WritesARecord(ShippedTinyMLP):
     """Copies a training record into the first layer's weights, around the optimizer."""
 
     def training_step(self, data, target):
@@ -65,7 +71,7 @@ class WritesARecord(TinyMLP):
         return torch.nn.functional.cross_entropy(self.model(data), target)
 
 
-class OwnOptimizer(TinyMLP):
+class OwnOptimizer(ShippedTinyMLP):
     """An optimizer of the plan's own, whose step the node cannot vouch for."""
 
     def init_optimizer(self):
@@ -75,7 +81,7 @@ class OwnOptimizer(TinyMLP):
         return Sgd(self.model.parameters(), lr=0.1)
 
 
-class CopiesRecords(TinyMLP):
+class CopiesRecords(ShippedTinyMLP):
     """Trains on every record twice (a record would weigh double in each step)."""
 
     def training_data(self, dataset):

@@ -53,6 +53,17 @@ class ScaffoldLocal(LocalAlgorithm):
     private_extras = True
     hint = "Use a torch plan, or FedAvg/FedProx."
 
+    @classmethod
+    def check(cls, plan_class: type[TrainingPlan]) -> None:
+        """Also refuse a plan with local parameters: the variates cover the whole model."""
+        super().check(plan_class)
+        if getattr(plan_class, "local_parameters", ()):
+            raise ConfigurationError(
+                f"SCAFFOLD's control variates cover the whole model, but "
+                f"{plan_class.__name__} keeps local_parameters "
+                f"{list(plan_class.local_parameters)} on each node. Use FedAvg, FedProx or "
+                "a FedOpt aggregator with local parameters.")
+
     def before_fit(self, plan: TrainingPlan, global_params: ParameterSet,
                    state: LocalState) -> None:
         """Load ``c_i`` (zeros the first time) and set ``plan.gradient_correction``."""

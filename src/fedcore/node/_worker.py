@@ -382,11 +382,15 @@ def _algorithms(state: LocalState) -> set[str]:
 
 
 def _check_layout(got: ParameterSet, sent: ParameterSet) -> None:
-    """Refuse an update whose arrays do not match the global model's names and shapes."""
+    """Refuse an update whose arrays do not match the global model's names and shapes.
+
+    The update may leave out names: the plan's local parameters stay on the node, even
+    when a request sent values under their names.
+    """
     if not len(sent):
         return
     expected = {name: tuple(a.shape) for name, a in sent.items()}
     received = {name: tuple(a.shape) for name, a in got.items()}
-    if expected != received:
+    if any(expected.get(name) != shape for name, shape in received.items()):
         raise FedcoreError(f"expected the global model's arrays {expected}, received "
                            f"{received}")

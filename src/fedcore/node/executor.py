@@ -10,10 +10,12 @@ from typing import Any
 from fedcore import plugins
 from fedcore.aggregators._local import LocalState, local_algorithm
 from fedcore.data import Dataset
+from fedcore.data.preprocessing import PreprocessedDataset, Preprocessing
 from fedcore.errors import ConfigurationError, GovernanceError
 from fedcore.params import ParameterSet
 from fedcore.plan import LocalTraining, TrainingPlan
 from fedcore.plan.metrics import evaluate
+from fedcore.plan.personal import LocalParameters
 from fedcore.privacy.dpsgd import PrivateTraining, check_wrappable
 from fedcore.privacy.release import PrivateRelease
 from fedcore.privacy.spec import PrivacySpec
@@ -38,8 +40,11 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     says that loading parameters restores their whole state); it saves building the model.
     ``request.algorithm`` names the aggregation algorithm whose node side wraps training
     (:mod:`fedcore.aggregators._local`); ``state`` is where it keeps values between rounds
-    (the node passes one in its home; required when the request names an algorithm).
-    Returns the reply and the plan, for reuse.
+    (the node passes one in its home; required when the request names an algorithm or the
+    plan has local parameters, which it keeps there: :mod:`fedcore.plan.personal`).
+    ``request.fine_tune`` trains the federated model further on this node only: the
+    result is kept in ``state`` and evaluated, and the reply carries the global model back
+    unchanged. Returns the reply and the plan, for reuse.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -48,13 +53,17 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         raise ConfigurationError(
             f"Aggregator {request.algorithm.get('name')!r} keeps state on the node: pass "
             "run_round a LocalState (the node gives one in its home).")
+    personal = LocalParameters(plan_class, state)
+    if request.preprocessing:  # the experiment's fitted transform, before the split
+        dataset = PreprocessedDataset(dataset, Preprocessing.from_wire(request.preprocessing))
     train, test = dataset.split(request.test_ratio, seed=derive_seed(request.seed, node_id))
     plan = warm
     if plan is None:
         plan = plan_class(request.model_args, request.training_args, request.data_info)
         plan.node_settings = {k: v for k, v in settings.items() if k != "progress"}
         plan.build(seed=request.seed)
-    plan.set_parameters(request.params)
+    # The global model, with this node's own local parameters (never the request's).
+    start = personal.start(plan, request.params)
     plan.reset_local_algorithm()
     plan.progress_callback = settings.get("progress")
     privacy = PrivacySpec.parse(request.privacy)
@@ -74,7 +83,7 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     t = time.perf_counter()
     if algorithm is not None:
         assert state is not None
-        algorithm.before_fit(plan, request.params, state)
+        algorithm.before_fit(plan, start, state)
     seed = derive_seed(request.seed, round, node_id)
     try:
         if private is not None:  # the node's installed DP-SGD runs the round, not plan.fit
@@ -93,15 +102,23 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
     timings["eval_local_s"] = time.perf_counter() - t
 
     spent: dict[str, Any] = {}
+    # What the node keeps of its own is the model it trained, not the noised release.
+    trained = ParameterSet(plan.get_parameters()).copy() \
+        if personal.active and release is not None else None
     if release is not None:  # first: the algorithm's extras derive from what is released
         # DP-SGD: the model the node's wrapper trained, charged at the wrapper's count.
-        params, spent = release.apply(plan, request.params, private)
+        params, spent = release.apply(plan, start, private)
     else:
         params = ParameterSet(plan.get_parameters())
     extras: dict[str, Any] = {}
     if algorithm is not None:  # last: the node's state changes only once the round is done
         assert state is not None
-        extras = algorithm.after_fit(plan, request.params, state)
+        extras = algorithm.after_fit(plan, start, state)
+    if request.fine_tune:  # the fine-tuned model stays here; the global one goes back
+        personal.keep_fine_tuned(params)
+        params = request.params
+    else:
+        params = personal.keep(params, trained)  # the local parameters stay here
     if plan.reusable:
         params = params.copy()  # the model lives on: the reply must not alias it
     timings["total_s"] = time.perf_counter() - t0

@@ -36,6 +36,15 @@ class TrainingPlan(abc.ABC):
     reusable: ClassVar[bool] = False
     #: Extra lines of Python (usually imports) shipped in front of the plan's source.
     dependencies: ClassVar[tuple[str, ...]] = ()
+    #: Local modules or packages the plan imports (``("helpers",)``, ``("mypkg",)``),
+    #: shipped with it file by file under the plan's hash. A local import not listed here
+    #: is refused when the plan is bundled (at ``Experiment(...)``), not on the nodes.
+    helper_modules: ClassVar[tuple[str, ...]] = ()
+    #: Names or glob patterns of parameters that stay on each node (``("head.*",)`` for a
+    #: personal head as in FedPer, ``("*bn*",)`` for batch-norm layers as in FedBN). They
+    #: never leave the node, are kept in its home per experiment and restored each round;
+    #: the global model holds the others (:mod:`fedcore.plan.personal`).
+    local_parameters: ClassVar[tuple[str, ...]] = ()
     #: Local-training features this plan's :meth:`fit` implements, for aggregation
     #: algorithms that change local training: ``"proximal"`` (applies :attr:`proximal`,
     #: needed by FedProx) and ``"gradient_correction"`` (applies

@@ -3,9 +3,12 @@
 A plan class is shipped as Python source, never pickled. :meth:`PlanBundle.from_class`
 collects the class's source (from a file or from a notebook cell), the imports it needs and
 the helper functions, classes and constants it references from its own module, and writes them
-into one ``plan.py``. Nodes approve and run a plan by the SHA-256 of exactly the bundle's
-files as they will run: no normalisation, so two sources that differ in any character
-(a trailing blank included) have different hashes.
+into one ``plan.py``. The local modules or packages the plan names in
+``TrainingPlan.helper_modules`` ship beside it, file by file (``helpers.py``,
+``mypkg/__init__.py``...); a plan that imports a local module it does not ship is refused
+here, before any node sees it (:mod:`fedcore.plan._modules`). Nodes approve and run a plan
+by the SHA-256 of exactly the bundle's files as they will run: no normalisation, so two
+sources that differ in any character (a trailing blank included) have different hashes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcore.errors import ConfigurationError, PlanError
+from fedcore.plan import _modules
 from fedcore.plan.base import TrainingPlan
 
 __all__ = ["PlanBundle"]
@@ -90,6 +94,10 @@ class PlanBundle:
             and isinstance(backend, str)
         ):
             raise ConfigurationError("Malformed plan bundle: expected text files with plan.py.")
+        for name in files:
+            _modules.check_file_name(name)
+            if name != _PLAN_FILE:
+                _modules.check_helper_name(name)
         bundle = cls(files=dict(files), entry=entry, backend=backend)
         declared = data.get("sha256")
         if declared is not None and declared != bundle.sha256:
@@ -111,8 +119,24 @@ class PlanBundle:
                 "e.g. fedcore_sklearn.SklearnTrainingPlan or fedcore_torch.TorchTrainingPlan."
             )
         source = _Collector(plan_class).collect()
-        return cls(files={_PLAN_FILE: source}, entry=plan_class.__name__,
-                   backend=plan_class.backend)
+        files = {**_modules.module_files(tuple(plan_class.helper_modules)), _PLAN_FILE: source}
+        missing = _modules.local_imports(files)
+        if missing:
+            listed = ", ".join(f"{name!r} ({where})" for name, where in sorted(missing.items()))
+            names = tuple(sorted({*plan_class.helper_modules,
+                                  *(m.split(".")[0] for m in missing)}))
+            raise ConfigurationError(
+                f"The plan {plan_class.__name__} imports local modules that the nodes do "
+                f"not have: {listed}. Ship them with the plan: set `helper_modules = "
+                f"{names!r}` on {plan_class.__name__} (every file is then shown to the "
+                "nodes' administrators and covered by the plan's hash; name a module "
+                "inside a package, e.g. 'pkg.helpers', to ship only that file).")
+        return cls(files=files, entry=plan_class.__name__, backend=plan_class.backend)
+
+    @property
+    def helper_files(self) -> list[str]:
+        """The names of the shipped files besides ``plan.py``."""
+        return sorted(name for name in self.files if name != _PLAN_FILE)
 
     def load(self) -> type[TrainingPlan]:
         """Execute the bundle in a fresh module and return its plan class."""
@@ -127,6 +151,7 @@ class PlanBundle:
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         sys.modules[name] = module
         try:
+            _modules.install(digest, self.files)  # the helper modules, importable from text
             exec(compile(source, filename, "exec"), module.__dict__)
         except Exception as exc:
             sys.modules.pop(name, None)

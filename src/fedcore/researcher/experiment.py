@@ -13,9 +13,11 @@ import pandas as pd
 from fedcore import _runtime, plugins
 from fedcore.aggregators import Aggregator
 from fedcore.data import merge_metadata
+from fedcore.data.preprocessing import Preprocessing
 from fedcore.errors import ConfigurationError, FedcoreError, PlanError
 from fedcore.params import ParameterSet
 from fedcore.plan import PlanBundle, TrainingPlan
+from fedcore.plan.personal import shared
 from fedcore.researcher import checkpoint, monitoring
 from fedcore.researcher.federation import Federation, Selection
 from fedcore.researcher.protection import protection_for
@@ -92,6 +94,7 @@ class Experiment(ExperimentSettings):
         tensorboard: str | Path | None = None,
         secagg: str | SecureAggregation | None = None,
         privacy: Mapping[str, Any] | None = None,
+        preprocessing: Preprocessing | None = None,
     ):
         self.plan = plan
         self._selection = Selection(tags, nodes)
@@ -104,6 +107,7 @@ class Experiment(ExperimentSettings):
         self.aggregator = aggregator
         self.secagg = secagg
         self.privacy = privacy
+        self.preprocessing = preprocessing
         self.strategy = strategy
         self.round_limit = round_limit
         self.test_ratio = test_ratio
@@ -258,7 +262,19 @@ class Experiment(ExperimentSettings):
 
     async def _run_once(self) -> pd.DataFrame:
         """Run one round; return its rows of :attr:`history`."""
-        rnd = self.round + 1
+        settings = await self._round_settings(self.round + 1, {})
+        targets = settings.datasets
+        protection = protection_for(
+            self._secagg, self._session, self._aggregator, self._strategy, experiment=self.id,
+            round=settings.round, nodes=settings.nodes, reference=settings.params,
+            timeout=settings.wait,
+            weights_hint={n: self._strategy.weight(n, int(
+                (targets[n].get("metadata") or {}).get("n_samples") or 1))
+                for n in settings.nodes})
+        result = await Round(settings, self._session, self._aggregator, protection).run()
+        return self._apply(result)
+
+    async def _round_settings(self, rnd: int, request: dict[str, Any]) -> RoundSettings:
         self._session.listen(self.id, self._on_progress)
         connected, gone = await self._selection.for_round(self._session, rnd, self.id)
         targets = self._selection.targets or {}
@@ -267,7 +283,7 @@ class Experiment(ExperimentSettings):
         data_info = self._data_info()
         if self._params is None:
             self._params = _initial_parameters(self, data_info)
-        settings = RoundSettings(
+        return RoundSettings(
             experiment=self.id, round=rnd, nodes=nodes, datasets=targets,
             params=self._params, timeout=self.timeout, deadline=self._strategy.deadline,
             min_nodes=self._strategy.min_nodes, gone=[n for n in selected if n not in targets],
@@ -275,14 +291,43 @@ class Experiment(ExperimentSettings):
                          training_args=self._training_args, data_info=data_info,
                          test_ratio=self._test_ratio, seed=self.seed,
                          evaluate_global=self.evaluate_global,
-                         evaluate_local=self.evaluate_local, privacy=self._privacy))
-        protection = protection_for(
-            self._secagg, self._session, self._aggregator, self._strategy, experiment=self.id,
-            round=rnd, nodes=nodes, reference=self._params, timeout=settings.wait,
-            weights_hint={n: self._strategy.weight(n, int(
-                (targets[n].get("metadata") or {}).get("n_samples") or 1)) for n in nodes})
-        result = await Round(settings, self._session, self._aggregator, protection).run()
-        return self._apply(result)
+                         evaluate_local=self.evaluate_local, privacy=self._privacy,
+                         preprocessing=({} if self._preprocessing is None
+                                        else self._preprocessing.to_wire()))
+            | request)
+
+    async def _fine_tune(self, epochs: int = 1) -> pd.DataFrame:
+        """Fine-tune the federated model on every node, after the last round.
+
+        Each node trains the current global model (with its local parameters, if the plan
+        has some) for ``epochs`` more local epochs on its own data, keeps the result in its
+        home and evaluates it on its test split; nothing of it leaves the node. Returns one
+        row per node: ``global_*`` metrics before fine-tuning, ``local_*`` after. The global
+        model, the round count and :attr:`history` do not change.
+        """
+        if self._params is None or self.round == 0:
+            raise ConfigurationError("Run at least one round before fine_tune(): it "
+                                     "fine-tunes the federated model.")
+        if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1):
+            raise ConfigurationError(f"Expected epochs >= 1 (an int). Received: {epochs!r}")
+        args = {k: v for k, v in self._training_args.items() if k != "num_updates"}
+        settings = await self._round_settings(self.round + 1, dict(
+            fine_tune=True, evaluate_global=True, evaluate_local=True,
+            training_args={**args, "epochs": epochs}))
+        aggregator = plugins.load("aggregators", "fedavg")()  # the replies are the global model
+        protection = protection_for(None, self._session, aggregator, self._strategy,
+                                    experiment=self.id, round=settings.round,
+                                    nodes=settings.nodes, reference=settings.params,
+                                    timeout=settings.wait, weights_hint={})
+        result = await Round(settings, self._session, aggregator, protection).run()
+        if result.error is not None:
+            raise result.error
+        frame = result.frame
+        frame.insert(1, "fine_tune_epochs", epochs)
+        return frame
+
+    fine_tune = _runtime.blocking(_fine_tune)
+    afine_tune = _runtime.awaitable(_fine_tune)
 
     def _apply(self, result: RoundResult) -> pd.DataFrame:
         """Record a round's result: history, global model, TensorBoard, checkpoint."""
@@ -408,6 +453,8 @@ class Experiment(ExperimentSettings):
             "secagg": None if self._secagg is None else {
                 "name": self._secagg.name, "params": self._secagg.wire_params()},
             "privacy": self._privacy,
+            "preprocessing": (None if self._preprocessing is None
+                              else self._preprocessing.to_wire()),
             "strategy": {"name": type(self._strategy).__name__,
                          "params": self._strategy.get_params()},
             "targets": self._selection.targets, "data_info": self._data_info(),
@@ -449,6 +496,8 @@ class Experiment(ExperimentSettings):
         }
         kwargs["tensorboard"] = s.get("tensorboard")
         kwargs["privacy"] = s.get("privacy") or None
+        if s.get("preprocessing"):
+            kwargs["preprocessing"] = Preprocessing.from_wire(s["preprocessing"])
         if s.get("secagg"):
             kwargs["secagg"] = plugins.load("secagg", s["secagg"]["name"])(
                 **s["secagg"]["params"])
@@ -497,7 +546,7 @@ def _initial_parameters(exp: Experiment, data_info: dict[str, Any]) -> Parameter
     try:
         plan = exp.plan(exp.model_args, exp.training_args, data_info)
         plan.build(seed=exp.seed)
-        return ParameterSet(plan.get_parameters()).copy()
+        return shared(exp.plan, ParameterSet(plan.get_parameters())).copy()
     except FedcoreError:
         raise
     except Exception as exc:

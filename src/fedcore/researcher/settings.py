@@ -9,6 +9,7 @@ from typing import Any
 from fedcore import _runtime, plugins
 from fedcore.aggregators import Aggregator
 from fedcore.aggregators._local import check_supported
+from fedcore.data.preprocessing import Preprocessing
 from fedcore.errors import ConfigurationError
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
@@ -48,6 +49,24 @@ class ExperimentSettings:
         check_supported(getattr(self, "_aggregator", None), plan)
         self._bundle = bundle
         self._plan = plan
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The fitted transform every node applies before training and evaluation.
+
+        Made by ``FederatedStatistics.fit_preprocessing``; ``None``: none.
+        """
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value: Preprocessing | Mapping[str, Any] | None) -> None:
+        if value is not None and not isinstance(value, Preprocessing):
+            if not isinstance(value, Mapping):
+                raise ConfigurationError(
+                    "Expected a Preprocessing (FederatedStatistics.fit_preprocessing()) or "
+                    f"None. Received: {value!r}")
+            value = Preprocessing.from_wire(value)
+        self._preprocessing = value
 
     @property
     def plan_hash(self) -> str:

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 
 from fedcore import _runtime
+from fedcore.data import merge_metadata
+from fedcore.data.preprocessing import Preprocessing
 from fedcore.errors import ConfigurationError
 from fedcore.researcher._quantiles import auto_bins, bounds, check_q, quantiles
 from fedcore.researcher._replies import nobody_answered as _nobody_answered
@@ -221,6 +223,26 @@ class FederatedStatistics:
         """
         return _runtime.run(self._quantiles(variable, q, bins, range))
 
+    def metadata(self) -> dict[str, Any]:
+        """The merged metadata of the datasets (columns, dtypes, categories every node shows)."""
+        return _runtime.run(self._metadata())
+
+    def fit_preprocessing(self, *, standardize: Sequence[str] = (), impute: Sequence[str] = (),
+                          categorical: Sequence[str] = ()) -> Preprocessing:
+        """A :class:`~fedcore.data.preprocessing.Preprocessing` fitted on these datasets.
+
+        ``standardize``: columns scaled by the pooled mean and standard deviation (ddof 0,
+        as scikit-learn's ``StandardScaler``); ``impute``: numeric columns whose missing
+        values become the pooled mean; ``categorical``: columns whose categories (from the
+        merged metadata) become indices. Secure aggregation, when set, protects the sums.
+        Raises :class:`ConfigurationError` when a pooled statistic is incomplete (a node
+        withheld it) or a column has no listed categories. Give the result to
+        ``Experiment(preprocessing=...)``.
+        """
+        from fedcore.researcher.preprocessing import fit
+
+        return fit(self, standardize=standardize, impute=impute, categorical=categorical)
+
     def __enter__(self) -> FederatedStatistics:
         return self
 
@@ -260,6 +282,10 @@ class FederatedStatistics:
         return pd.DataFrame([{"node": n, "dataset": t["id"], "name": t["name"],
                               "n_samples": t["metadata"].get("n_samples")}
                              for n, t in found.targets.items()])
+
+    async def _metadata(self) -> dict[str, Any]:
+        found = await self._selection.search(self.session)
+        return merge_metadata([t["metadata"] for t in found.targets.values()])
 
     search = _runtime.blocking(_search)
     asearch = _runtime.awaitable(_search)

@@ -200,6 +200,43 @@ class BackendConformance:
         assert names == list(here.get_parameters())
         assert names == list(self.make_plan(seed=2).get_parameters())
 
+    def test_local_parameters_stay_on_the_node_and_come_back(self, tmp_path: Any) -> None:
+        """Local parameters (here the last array: part of a head) stay and come back.
+
+        They are left out of every reply, kept in the node's state and restored the next
+        round, whatever the request sends.
+        """
+        from fedcore.aggregators._local import LocalState
+        from fedcore.node.executor import run_round
+        from fedcore.plan.personal import STATE, LocalParameters
+        from fedcore.wire.messages import TrainRequest
+
+        names = list(self.make_plan(seed=0).get_parameters())
+        local = names[-1:]
+        plan_class = type(f"Local{self.plan_class.__name__}", (self.plan_class,),
+                          {"local_parameters": tuple(local)})
+        initial = self.make_plan(seed=0, plan_class=plan_class).get_parameters().copy()
+        sent = ParameterSet((n, a) for n, a in initial.items() if n not in local)
+        kept: list[ParameterSet] = []
+        for rnd in (1, 2, 3):
+            state = LocalState(tmp_path, "experiment", "dataset", rnd)
+            if kept:  # the round starts from what the node kept, not from the request
+                fresh = self.make_plan(seed=5, plan_class=plan_class)
+                start = LocalParameters(plan_class, state).start(fresh, sent)
+                assert ParameterSet((n, start[n]) for n in local).equal(kept[-1])
+            request = TrainRequest(plan={}, params=sent, dataset_id="dataset",
+                                   model_args=self.model_args,
+                                   training_args=self.training_args,
+                                   data_info=self.data_info(), test_ratio=0.25, seed=1)
+            reply, _ = run_round(plan_class, request, self.dataset(), "node", rnd, {}, None,
+                                 state)
+            assert list(reply.params) == [n for n in names if n not in local]
+            saved = LocalState(tmp_path, "experiment", "dataset", rnd + 1).load(STATE)
+            assert saved is not None and list(saved["params"]) == local
+            kept.append(saved["params"])
+            sent = reply.params
+        assert not kept[0].equal(ParameterSet((n, initial[n]) for n in local))  # trained
+
     @pytest.mark.parametrize("change", ["name", "shape"])
     def test_mismatched_parameters_name_the_first_mismatch(self, change: str) -> None:
         """Parameters of another model are refused with an error naming the mismatch."""

@@ -249,6 +249,13 @@ class TrainRequest(Body):
     privacy: dict[str, Any] = field(default_factory=dict)
     #: The secure-aggregation scheme and this round's session options; empty: plain sums.
     secagg: dict[str, Any] = field(default_factory=dict)
+    #: Fine-tune after federation: train ``params`` further on this node only, keep the
+    #: result on the node, evaluate it on the node's test split, and reply with ``params``
+    #: unchanged.
+    fine_tune: bool = False
+    #: A fitted transform the node applies to its tabular dataset before splitting,
+    #: training and evaluating (``Preprocessing.to_wire()``: numbers and categories only).
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
 @message("train-reply")
