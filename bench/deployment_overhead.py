@@ -41,8 +41,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path

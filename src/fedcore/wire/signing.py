@@ -16,14 +16,14 @@ are hashed once, part by part, never copied. BLAKE3 hashes twice as fast as SHA-
 the CPU's SHA extensions) on these machines, and every byte on the wire is hashed by its
 sender and by its receiver, so the digest was the transport's largest cost. A trailer
 starting ``b"FCS1"`` (earlier releases) is verified over ``SHA-256(message)``: the magic is
-signed, so a digest cannot be swapped for the other. The counter is ``max(previous + 1, time_ns())``, so it grows
-across a sender's restarts. A receiver refuses a message whose time is more than
-:data:`WINDOW_S` away from its own clock, and one whose counter it already accepted: it keeps
-the counters of the last :data:`REORDER_S` seconds per key (messages of concurrent sends may
-arrive slightly out of counter order) and refuses anything older. With a ``replay_file``
-(a node's home, next to a researcher's key), the highest counter accepted per key is appended
-there as each message is accepted (one ``write``, no ``fsync``) and read back on start, so a
-message captured before a restart cannot be replayed after it.
+signed, so a digest cannot be swapped for the other. The counter is ``max(previous + 1,
+time_ns())``, so it grows across a sender's restarts. A receiver refuses a message whose
+time is more than :data:`WINDOW_S` away from its own clock, and one whose counter it already
+accepted: it keeps the counters of the last :data:`REORDER_S` seconds per key (messages of
+concurrent sends may arrive slightly out of counter order) and refuses anything older. With
+a ``replay_file`` (a node's home, next to a researcher's key), the highest counter accepted
+per key is appended there as each message is accepted (one ``write``, no ``fsync``) and read
+back on start, so a message captured before a restart cannot be replayed after it.
 """
 
 from __future__ import annotations
