@@ -19,7 +19,11 @@ installed) it runs ``--rounds`` rounds after ``--warmup`` warm-up rounds and pri
   nodes);
 - CPU per round: of the node processes together, and of this process (the researcher). On a
   machine with fewer cores than node processes, a round cannot be shorter than their sum
-  divided by the cores, and each node's ``train_s`` includes its wait for a core.
+  divided by the cores, and each node's ``train_s`` includes its wait for a core;
+- connecting: the time from the node process having imported what it needs (the node CLI and
+  the transport's module; the launcher notes the clock there) to the researcher seeing the
+  node connected, the median and the slowest of the nodes, against the target (<= 1 s); and
+  "connect", from starting the processes to every node connected (mostly their imports).
 
 Run: ``python bench/deployment_overhead.py`` (``--nodes``, ``--rounds``, ``--transports``;
 ``--profile N`` prints the N costliest functions, by cProfile over the measured rounds, of the
@@ -37,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +54,7 @@ from sklearn.linear_model import SGDClassifier
 from fedcore_sklearn import SklearnTrainingPlan
 
 TARGET_OVERHEAD_S = 0.020
+TARGET_CONNECT_S = 1.0  # from a node's imports done to the researcher seeing it connected
 FEDBIOMED_2_NODES_S = 0.040
 ROWS = 20
 
@@ -97,14 +103,26 @@ def _setup_homes(root: Path, n: int) -> tuple[dict[str, Path], dict[str, str]]:
     return homes, enrolled
 
 
+# A node process that notes the clock once it imported what it needs, then runs the CLI.
+_LAUNCH = """import sys, time
+import fedcore_node.cli
+import fedcore_transport.{module}
+with open(sys.argv[1], "w") as f:
+    f.write(repr(time.time()))
+sys.exit(fedcore_node.cli.main(sys.argv[2:]))
+"""
+
+
 def _start_nodes(homes: dict[str, Path], url: str, profile_out: Path | None = None
                  ) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = []
+    module = "mqtt" if url.startswith("mqtt") else "websocket"
     for i, home in enumerate(homes.values()):
         # With profile_out, the first node runs under this script's profiling wrapper.
         launcher = ([__file__, "--profiled-node", str(profile_out), "--"]
-                    if profile_out is not None and i == 0 else ["-m", "fedcore_node"])
+                    if profile_out is not None and i == 0 else
+                    ["-c", _LAUNCH.format(module=module), str(home.with_suffix(".imported"))])
         with open(home.with_suffix(".log"), "ab") as out:
             procs.append(subprocess.Popen(
                 [sys.executable, *launcher, "--home", str(home), "start",
@@ -161,20 +179,35 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: int,
             warmup: int, profile: int = 0) -> dict[str, float]:
-    from fedcore import Experiment, _runtime
+    from fedcore import Experiment, Federation, _runtime
 
     node_profile = next(iter(homes.values())).with_suffix(".prof") if profile else None
+    for home in homes.values():
+        home.with_suffix(".imported").unlink(missing_ok=True)
+    fed = Federation(url, enrolled=enrolled, connect_timeout=60)
+    # The researcher listens before the nodes start, as a deployment's does (connect()
+    # would wait for a first node: start it in the background, wait until it listens).
+    _runtime.submit(fed.aconnect())
+    while not fed.connected:
+        time.sleep(0.002)
+    seen: dict[str, float] = {}
+    watching = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(fed, seen, len(homes), watching))
+    t = time.perf_counter()
     procs = _start_nodes(homes, url, node_profile)
+    watcher.start()
     try:
-        exp = Experiment(TinySGD, tags=["bench"], federation=url, nodes=list(homes),
+        exp = Experiment(TinySGD, tags=["bench"], federation=fed, nodes=list(homes),
                          model_args={"target": "label"}, seed=0, progress=False,
                          training_args={"epochs": 1, "batch_size": 16}, test_ratio=0.0,
-                         evaluate_global=False, evaluate_local=False, connect_timeout=60,
-                         enrolled=enrolled)
+                         evaluate_global=False, evaluate_local=False, enrolled=enrolled)
         try:
-            t = time.perf_counter()
             exp.search()
             connect = time.perf_counter() - t
+            watching.set()
+            watcher.join()
+            after_import = [seen[n] - float(h.with_suffix(".imported").read_text())
+                            for n, h in homes.items() if h.with_suffix(".imported").exists()]
             walls = []
             profiler = cProfile.Profile()
             for i in range(warmup + rounds):
@@ -198,6 +231,7 @@ def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: 
             history = exp.history
         finally:
             exp.close()
+            fed.close()
         for proc in procs:
             assert proc.poll() is None, "a node process died"
     finally:
@@ -208,12 +242,25 @@ def measure(url: str, homes: dict[str, Path], enrolled: dict[str, str], rounds: 
                                             trip_s=("round_trip_s", "max"))
     wall = np.array(walls[warmup:])
     return {"connect": connect, "round": float(np.median(wall)),
+            "after_import": float(np.median(after_import)) if after_import else float("nan"),
+            "after_import_max": max(after_import, default=float("nan")),
             "total": float(per_round["total_s"].median()),
             "train": float(per_round["train_s"].median()),
             "trip": float(per_round["trip_s"].median()),
             "node_cpu": node_cpu, "own_cpu": own_cpu,
             "overhead": float(np.median(wall - per_round["total_s"].to_numpy())),
             "p90": float(np.percentile(wall - per_round["total_s"].to_numpy(), 90))}
+
+
+def _watch(fed: object, seen: dict[str, float], wanted: int, done: threading.Event
+           ) -> None:
+    """Note the wall clock at which each node is first seen connected."""
+    while len(seen) < wanted and not done.is_set():
+        for node in fed.peers():  # type: ignore[attr-defined]
+            seen.setdefault(node, time.time())
+        time.sleep(0.002)
+    for node in fed.peers():  # type: ignore[attr-defined]
+        seen.setdefault(node, time.time())
 
 
 def _cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
@@ -294,18 +341,23 @@ def main() -> int:
     print(f"{args.nodes} fedcore-node processes, SGDClassifier on {ROWS} rows each, "
           f"median of {args.rounds} steady rounds (after {args.warmup} warm-up rounds)")
     print(f"{'':6} {'connect':>9} {'round':>9} {'node total_s':>13} {'train_s':>9} "
-          f"{'overhead':>9} {'p90':>9} {'CPU: nodes':>11} {'researcher':>10}")
-    ok = True
+          f"{'overhead':>9} {'p90':>9} {'CPU: nodes':>11} {'researcher':>10} "
+          f"{'connected after import: median':>31} {'slowest':>8}")
+    ok = connected = True
     for name, r in results.items():
         print(f"{name:6} {r['connect'] * 1e3:7.0f}ms {r['round'] * 1e3:7.1f}ms "
               f"{r['total'] * 1e3:11.1f}ms {r['train'] * 1e3:7.1f}ms "
               f"{r['overhead'] * 1e3:7.1f}ms {r['p90'] * 1e3:7.1f}ms "
-              f"{r['node_cpu'] * 1e3:9.1f}ms {r['own_cpu'] * 1e3:8.1f}ms")
+              f"{r['node_cpu'] * 1e3:9.1f}ms {r['own_cpu'] * 1e3:8.1f}ms "
+              f"{r['after_import'] * 1e3:29.0f}ms {r['after_import_max'] * 1e3:6.0f}ms")
         ok &= r["overhead"] <= TARGET_OVERHEAD_S
+        connected &= r["after_import_max"] <= TARGET_CONNECT_S
     print(f"target: overhead <= {TARGET_OVERHEAD_S * 1e3:.0f} ms per round at 10 nodes "
           f"(Fed-BioMed: ~{FEDBIOMED_2_NODES_S * 1e3:.0f} ms per round at 2 nodes): "
           f"{'met' if ok else 'NOT met'}")
-    del ok  # a benchmark reports its figures; it does not fail on them
+    print(f"target: every node connected <= {TARGET_CONNECT_S:.0f} s after its imports: "
+          f"{'met' if connected else 'NOT met'}")
+    del ok, connected  # a benchmark reports its figures; it does not fail on them
     return 0
 
 

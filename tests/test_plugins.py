@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from fedcore import plugins
@@ -35,3 +37,22 @@ def test_registered_object_wins():
         assert "mine" in plugins.available("aggregators")
     finally:
         plugins._registered["aggregators"].pop("mine")
+
+
+def test_an_installed_plugin_adds_names_but_cannot_take_a_builtin_one_over(tmp_path, monkeypatch):
+    """A distribution's entry points add transports; fedcore's own names stay fedcore's."""
+    (tmp_path / "other_transport.py").write_text("class Other:\n    pass\n")
+    info = tmp_path / "other_transport-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: other-transport\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[fedcore.transports]\nws = other_transport:Other\nother = other_transport:Other\n")
+    # Last on the path, so that its entry points are read after fedcore's own.
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    monkeypatch.setattr(plugins, "_SCANNED", {})
+    monkeypatch.setattr(plugins, "_cache", {})
+    from fedcore_transport.websocket import WebSocketTransport
+
+    assert plugins.load("transports", "ws") is WebSocketTransport
+    assert plugins.load("transports", "other").__name__ == "Other"
+    assert "other" in plugins.available("transports")

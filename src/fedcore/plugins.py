@@ -3,8 +3,9 @@
 Plug-ins are found through the entry-point groups ``fedcore.backends``,
 ``fedcore.transports``, ``fedcore.aggregators`` and ``fedcore.secagg``, resolved lazily on
 first use and never scanned at import time. The built-in table below keeps fedcore working
-from a source checkout that was not pip-installed, and tells the user which extra to install
-when an import fails.
+from a source checkout that was not pip-installed, tells the user which extra to install
+when an import fails, and resolves fedcore's own names without a scan of the installed
+distributions (a package cannot take a built-in name over: it registers a name of its own).
 """
 
 from __future__ import annotations
@@ -124,10 +125,10 @@ def load(group: str, name: str) -> Any:
         return _cache[key]
     if name in _registered[group]:
         return _registered[group][name]
-    target = _entry_points(group).get(name)
+    # A built-in name resolves from the table, without scanning the installed distributions
+    # (~0.1 s, paid before a node can connect); the scan is for the other names.
     builtin = _BUILTIN[group].get(name)
-    if target is None and builtin is not None:
-        target = builtin[0]
+    target = builtin[0] if builtin is not None else _entry_points(group).get(name)
     if target is None:
         known = available(group)
         close = difflib.get_close_matches(name, known, n=1)

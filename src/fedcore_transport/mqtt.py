@@ -57,6 +57,7 @@ import logging
 import os
 import socket
 import ssl as ssl_lib
+import threading
 import time
 import uuid
 from typing import Any
@@ -184,7 +185,12 @@ class MqttTransport(Transport):
         self._peers: dict[str, int] = {}  # identity -> session (loop thread only)
         self._connected = False
         self._first: asyncio.Future[str | None] | None = None  # None: connected; str: refusal
+        # Messages published and not yet acknowledged: paho's thread counts the PUBACKs down
+        # under the lock, and wakes the loop only when a sender waits for room (not once per
+        # message, which cost a hand-over to the loop for each 1 MiB chunk).
         self._unacked = 0
+        self._ack_lock = threading.Lock()
+        self._ack_waiting = False
         self._acked = asyncio.Event()
         self._closing = False
 
@@ -244,16 +250,15 @@ class MqttTransport(Transport):
         if peer not in self._peers:
             raise TransportError(f"No peer {peer!r} is connected to {self._where}. "
                                  f"Connected: {sorted(self._peers)}")
-        while self._unacked >= _WINDOW:  # backpressure: the broker acknowledges messages
-            self._acked.clear()
+        while not self._take_room():  # backpressure: the broker acknowledges messages
             await self._acked.wait()
         if not self._connected:
+            self._one_acked()
             raise TransportError(f"Lost the MQTT broker at {self._where} while sending to "
                                  f"{peer!r}.")
-        self._unacked += 1
         info = self._client.publish(self._outbox.format(peer=peer), frame, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            self._unacked -= 1
+            self._one_acked()
             raise TransportError(f"Cannot publish to {self._where}: "
                                  f"{paho.error_string(info.rc)}")
 
@@ -344,7 +349,7 @@ class MqttTransport(Transport):
     def _on_publish(self, client: paho.Client, _userdata: Any, _mid: int,
                     _reason: ReasonCode, _properties: Properties | None) -> None:
         _quickack(client)
-        self._call(self._one_acked)
+        self._one_acked()
 
     def _on_message(self, client: paho.Client, _userdata: Any,
                     message: paho.MQTTMessage) -> None:
@@ -435,12 +440,27 @@ class MqttTransport(Transport):
 
     def _lost_broker(self) -> None:
         self._peers.clear()  # presence comes back with the retained births on reconnection
-        self._unacked = 0  # paho resends what was not acknowledged; stop waiting for it
+        with self._ack_lock:  # paho resends what was not acknowledged; stop waiting for it
+            self._unacked, self._ack_waiting = 0, False
         self._acked.set()
 
+    def _take_room(self) -> bool:
+        """On the loop: count one more message in flight, or arm the wake-up and say no."""
+        with self._ack_lock:
+            if self._unacked < _WINDOW:
+                self._unacked += 1
+                return True
+            self._ack_waiting = True
+            self._acked.clear()
+            return False
+
     def _one_acked(self) -> None:
-        self._unacked = max(0, self._unacked - 1)
-        self._acked.set()
+        """From any thread: one message acknowledged; wake a waiting sender."""
+        with self._ack_lock:
+            self._unacked = max(0, self._unacked - 1)
+            wake, self._ack_waiting = self._ack_waiting, False
+        if wake:
+            self._call(self._acked.set)
 
     async def _stop_client(self) -> None:
         self._client.disconnect()

@@ -61,7 +61,10 @@ log = logging.getLogger("fedcore.chunks")
 _HEADER = struct.Struct("<4sIQQQ")
 _MAGIC = b"FCC1"
 CHUNK_HEADER = _HEADER.size  #: bytes of a chunk's header
-_THREAD_BYTES = 256 << 10  # hash and copy larger messages on a worker thread
+# Hash and copy larger messages on a worker thread, so that the event loop keeps moving
+# bytes meanwhile. Measured against 2 MiB (1 MiB MQTT messages hashed on the loop): less CPU
+# per hand-over saved, but 40% less throughput, as the loop stalled while it hashed.
+_THREAD_BYTES = 256 << 10
 _HEAD = 64 << 10  # bytes of a refused frame kept, to read its header for an error reply
 
 
