@@ -144,3 +144,110 @@ def test_standardisation_fitted_under_secure_aggregation_is_the_pooled_one():
         m, s = spec.standardize[column]
         assert abs(m - X[:, i].mean()) <= 1e-9 * max(1.0, abs(X[:, i].mean())), column
         assert abs(s - X[:, i].std()) <= 1e-9 * max(1.0, X[:, i].std()), column
+
+
+# --- most-frequent imputation, attacks, plan workers ------------------------------------------
+
+
+def _cohorts() -> list[pd.DataFrame]:
+    """Three hospitals with different sex ratios, a stage column with a level rare everywhere
+    (3 per hospital, under min_count 5) and gaps in both."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for i, n in enumerate((180, 250, 320)):
+        frame = pd.DataFrame({
+            "sex": rng.choice([1, 2], n, p=[0.7 - 0.2 * i, 0.3 + 0.2 * i]).astype(float),
+            "stage": np.r_[rng.choice([1, 2], n - 3, p=[0.2, 0.8]), [3, 3, 3]].astype(float),
+            "site": f"h{i}",
+            "label": np.arange(n) % 2})
+        frame.loc[rng.choice(n, 10, replace=False), "sex"] = np.nan
+        frame.loc[rng.choice(n - 3, 10, replace=False), "stage"] = np.nan
+        frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("secagg", [None, "masking"])
+def test_most_frequent_imputation_is_the_pooled_mode(tmp_path, secagg):
+    from tests._support.statistics import federation
+
+    frames = _cohorts()
+    pooled = pd.concat(frames, ignore_index=True)
+    with federation(tmp_path, frames) as fed, FederatedStatistics(
+            fed.url, tags=["cohort"], secagg=secagg) as stats:
+        # With gaps the columns are floats, which the metadata lists no levels for.
+        spec = stats.fit_preprocessing(impute={"sex": "most_frequent",
+                                               "stage": "most_frequent"},
+                                       levels={"sex": [1, 2], "stage": [1, 2, 3]})
+    # Hospital 1's majority (sex 1) is not the pooled one: the pooled counts decide.
+    assert frames[0]["sex"].mode()[0] == 1.0
+    assert spec.impute == {"sex": pooled["sex"].mode()[0], "stage": 2}
+    assert spec.impute["sex"] == 2
+    out = spec.apply(pooled)
+    assert not out[["sex", "stage"]].isna().any().any()
+
+
+def test_most_frequent_imputation_refuses_what_it_cannot_count(tmp_path):
+    from tests._support.statistics import federation
+
+    frames = [f.assign(bmi=np.linspace(18, 35, len(f))) for f in _cohorts()]
+    with federation(tmp_path, frames) as fed, FederatedStatistics(
+            fed.url, tags=["cohort"]) as stats:
+        with pytest.raises(ConfigurationError, match="impute maps columns to one of"):
+            stats.fit_preprocessing(impute={"sex": "median"})
+        with pytest.raises(ConfigurationError, match=r"'sex'.*lists no levels.*levels="):
+            stats.fit_preprocessing(impute={"sex": "most_frequent"})
+        with pytest.raises(ConfigurationError, match="'site'.*levels are text"):
+            stats.fit_preprocessing(impute={"site": "most_frequent"})
+
+
+class _Crafted:
+    """What a crafted, correctly signed request could carry in place of a fitted transform."""
+
+    def to_wire(self):
+        return {"standardize": {"f0": "__import__('os').system('touch /tmp/x')"}}
+
+
+def test_a_crafted_transform_fails_the_round_on_the_node_and_it_serves_on():
+    frame = _frame()[["f0", "f1", "label"]]
+    with simulate.from_dataframe(frame, target="label", n_nodes=2, tags=["bc"]) as fed:
+        exp = _experiment(fed)
+        with pytest.raises(ConfigurationError, match="Expected a Preprocessing"):
+            exp.preprocessing = _Crafted()  # the researcher's side checks it...
+        exp._preprocessing = _Crafted()  # ...which an attacker skips: the nodes check it
+        with pytest.raises(Exception, match=r"standardize\['f0'\]"):
+            exp.run_once()
+        assert len(exp.history) == 2 and set(exp.history["status"]) != {"ok"}
+        exp._preprocessing = None
+        assert set(exp.run_once()["status"]) == {"ok"}  # the nodes kept serving
+        exp.close()
+
+
+class _AssertStandardizedPlan(SklearnTrainingPlan):
+    """Fails the round unless the node handed it standardised columns."""
+
+    estimator = SGDClassifier
+
+    def training_data(self, dataset):
+        X, y = super().training_data(dataset)
+        if np.abs(X.mean(axis=0)).max() > 0.5 or np.abs(X).max() > 50:
+            raise AssertionError("raw columns reached the plan")
+        return X, y
+
+
+def test_a_node_running_plans_in_a_worker_process_applies_it_too():
+    frame = _frame()[["f0", "f1", "f2", "label"]]
+    with simulate.from_dataframe(frame, target="label", n_nodes=2, tags=["bc"]) as fed:
+        fed.nodes[1].set_policy(plan_isolation="process")  # as deployed nodes run plans
+        assert fed.nodes[1].plan_isolation == "process"
+        with FederatedStatistics(fed.url, tags=["bc"]) as stats:
+            spec = stats.fit_preprocessing(standardize=["f0", "f1", "f2"])
+        exp = Experiment(_AssertStandardizedPlan, tags=["bc"], federation=fed.url,
+                         model_args={"target": "label", "loss": "log_loss"},
+                         progress=False)
+        with pytest.raises(Exception, match="raw columns reached the plan"):
+            exp.run_once()
+        assert set(exp.history["node"]) == {"node-01", "node-02"}
+        assert set(exp.history["status"]) != {"ok"}
+        exp.preprocessing = spec
+        assert set(exp.run_once()["status"]) == {"ok"}
+        exp.close()

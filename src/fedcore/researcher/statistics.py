@@ -227,13 +227,20 @@ class FederatedStatistics:
         """The merged metadata of the datasets (columns, dtypes, categories every node shows)."""
         return _runtime.run(self._metadata())
 
-    def fit_preprocessing(self, *, standardize: Sequence[str] = (), impute: Sequence[str] = (),
-                          categorical: Sequence[str] = ()) -> Preprocessing:
+    def fit_preprocessing(self, *, standardize: Sequence[str] = (),
+                          impute: Sequence[str] | Mapping[str, str] = (),
+                          categorical: Sequence[str] = (),
+                          levels: Mapping[str, Sequence[float]] | None = None
+                          ) -> Preprocessing:
         """A :class:`~fedcore.data.preprocessing.Preprocessing` fitted on these datasets.
 
         ``standardize``: columns scaled by the pooled mean and standard deviation (ddof 0,
         as scikit-learn's ``StandardScaler``); ``impute``: numeric columns whose missing
-        values become the pooled mean; ``categorical``: columns whose categories (from the
+        values become the pooled mean, or ``{column: "mean" | "most_frequent"}`` (the
+        most frequent: the level of a discrete, numerically coded column with the largest
+        pooled count, from a histogram the nodes answer under their small-cell rules; the
+        candidate levels are those the metadata lists, or ``levels={column: [...]}``);
+        ``categorical``: columns whose categories (from the
         merged metadata) become indices. Secure aggregation, when set, protects the sums.
         Raises :class:`ConfigurationError` when a pooled statistic is incomplete (a node
         withheld it) or a column has no listed categories. Give the result to
@@ -241,7 +248,8 @@ class FederatedStatistics:
         """
         from fedcore.researcher.preprocessing import fit
 
-        return fit(self, standardize=standardize, impute=impute, categorical=categorical)
+        return fit(self, standardize=standardize, impute=impute, categorical=categorical,
+                   levels=levels)
 
     def __enter__(self) -> FederatedStatistics:
         return self
