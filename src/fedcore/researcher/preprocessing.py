@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 
 from fedcore.data.preprocessing import Preprocessing, plain
 from fedcore.errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from fedcore.researcher.statistics import FederatedStatistics
+
+class _Statistics(Protocol):
+    """What fitting uses of a FederatedStatistics (not imported: it imports this module)."""
+
+    def describe(self, variables: Sequence[str], *, ddof: int = 1) -> pd.DataFrame:
+        """Pooled and per-node moments."""
+
+    def metadata(self) -> dict[str, Any]:
+        """The merged metadata of the datasets."""
+
+    def histogram(self, variable: str, bins: Any = 10) -> Any:
+        """A federated histogram."""
 
 __all__ = ["fit"]
 
@@ -20,7 +31,7 @@ __all__ = ["fit"]
 _IMPUTE = ("mean", "most_frequent")
 
 
-def fit(stats: FederatedStatistics, *, standardize: Sequence[str] = (),
+def fit(stats: _Statistics, *, standardize: Sequence[str] = (),
         impute: Sequence[str] | Mapping[str, str] = (),
         categorical: Sequence[str] = (),
         levels: Mapping[str, Sequence[float]] | None = None) -> Preprocessing:
@@ -80,7 +91,7 @@ def _strategies(impute: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     return given
 
 
-def _most_frequent(stats: FederatedStatistics, column: str, levels: Any) -> float:
+def _most_frequent(stats: _Statistics, column: str, levels: Any) -> float:
     """The level of ``column`` with the largest pooled count the nodes reveal.
 
     Candidates are the levels the merged metadata lists (each node lists only levels it
