@@ -147,7 +147,7 @@ def run_fedcore(X: np.ndarray, y: np.ndarray, n_nodes: int, workers: int | None 
         )
         exp.search()
         setup = time.perf_counter() - t0
-        rounds = []
+        rounds, cpu = [], time.process_time()
         for _ in range(ROUNDS):
             t = time.perf_counter()
             if profile is not None:
@@ -156,9 +156,10 @@ def run_fedcore(X: np.ndarray, y: np.ndarray, n_nodes: int, workers: int | None 
             if profile is not None:
                 profile.disable(fed)
             rounds.append(time.perf_counter() - t)
+        cpu = time.process_time() - cpu
         params = exp.parameters
         exp.close()
-    return {"setup": setup, "rounds": rounds, "params": params}
+    return {"setup": setup, "rounds": rounds, "cpu": cpu, "params": params}
 
 
 # --- the same training without fedcore -------------------------------------------------------
@@ -181,7 +182,7 @@ def run_serial(X: np.ndarray, y: np.ndarray, n_nodes: int) -> dict[str, Any]:
     model = DigitsLinear({}, {}, {}).init_model()
     global_state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     setup = time.perf_counter() - t0
-    rounds = []
+    rounds, cpu = [], time.process_time()
     for rnd in range(1, ROUNDS + 1):
         t = time.perf_counter()
         sums: dict[str, np.ndarray] = {}
@@ -208,7 +209,8 @@ def run_serial(X: np.ndarray, y: np.ndarray, n_nodes: int) -> dict[str, Any]:
             total += weight
         global_state = {k: (s / total).astype(global_state[k].dtype) for k, s in sums.items()}
         rounds.append(time.perf_counter() - t)
-    return {"setup": setup, "rounds": rounds, "params": global_state}
+    return {"setup": setup, "rounds": rounds, "cpu": time.process_time() - cpu,
+            "params": global_state}
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -266,16 +268,21 @@ def measure(X: np.ndarray, y: np.ndarray, n_nodes: int, repeats: int,
     print(line("steady round (rounds 3+)", f_steady, s_steady, p_steady))
     print(line(f"{ROUNDS} rounds", f_rounds, s_rounds, p_rounds))
     print(line("setup (federation + search)", f_setup, None, p_setup))
+    f_cpu = med(r["cpu"] for r in fed_runs)
+    s_cpu = med(r["cpu"] for r in ser_runs)
+    print(line(f"CPU time of the {ROUNDS} rounds", f_cpu, s_cpu,
+               med(r["cpu"] for r in par_runs) if par_runs else None))
     print(f"  per node and round beyond training: "
           f"{(f_steady - s_steady) / n_nodes * 1e6:.0f} us")
     verdict = "" if target is None else (
         f" (target <= {target}x: {'met' if ratio <= target else 'NOT met'})")
     print(f"  {ROUNDS} rounds, fedcore / serial: {ratio:.2f}x{verdict}; steady round "
-          f"{f_steady / s_steady:.2f}x")
+          f"{f_steady / s_steady:.2f}x; CPU time {f_cpu / s_cpu:.2f}x")
     if p_rounds is not None:
+        same = all(same_weights(p["params"], f["params"])
+                   for p, f in zip(par_runs, fed_runs, strict=True))
         print(f"  workers={workers}: {f_rounds / p_rounds:.2f}x faster than in-process "
-              f"(10 rounds); weights identical to in-process: "
-              f"{all(same_weights(p['params'], f['params']) for p, f in zip(par_runs, fed_runs, strict=True))}")
+              f"({ROUNDS} rounds); weights identical to in-process: {same}")
     print(f"  final weights bit-identical to the serial loop: {identical}")
 
 

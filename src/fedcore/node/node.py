@@ -84,6 +84,8 @@ _caller: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar
 #: Where the request being handled came from, for messages sent before its reply (progress).
 _origin: contextvars.ContextVar[tuple[ChunkedTransport, str] | None] = contextvars.ContextVar(
     "origin", default=None)
+#: Set while a request is handled: its audit records are written together before its reply.
+_deferring: contextvars.ContextVar[bool] = contextvars.ContextVar("deferring", default=False)
 _PROGRESS_S = 1.0  # at most one training-progress report a second per round
 
 _VERSION = "0.1.0"
@@ -208,11 +210,16 @@ class Node:
         While a request from a network is handled, the record also names the key that
         signed it (``researcher_key``: the full SHA-256 fingerprint of that key).
         Inside ``node.db.transaction()`` the record is written with the change, or not at all.
+        While a request is handled, its records are written together (one write) before its
+        reply leaves.
         """
         caller = _caller.get()
         extra = {"researcher_key": caller[1]} if caller else {}
-        self.db.storage.record({"time": time.time(), "node": self.node_id, "event": event,
-                                **fields, **extra})
+        record = {"time": time.time(), "node": self.node_id, "event": event, **fields, **extra}
+        if _deferring.get() and not self.db.storage.in_transaction():
+            self._audit.defer(record)
+        else:
+            self.db.storage.record(record)
 
     def _close_audit(self) -> None:
         self._audit.close()
@@ -495,11 +502,14 @@ class Node:
             return 1.0  # a broken policy fails closed (governance refuses anyway)
 
     async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
+        _deferring.set(True)  # this task's records: written before its reply is sent
         try:
             await self._answer(link, got)
         except Exception as exc:  # a node bug must neither stop the node nor go unrecorded
             log.exception("Internal error answering a frame from %s", got.peer)
             self.audit("internal-error", peer=got.peer, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._audit.flush()
 
     async def _answer(self, link: ChunkedTransport, got: Delivery) -> None:
         peer, frame = got.peer, got.frame
@@ -532,6 +542,7 @@ class Node:
                        else "ok")
             log.info("%s %s: %s (%.2f s)", self.researcher(env), env.tag, outcome[:200],
                      time.perf_counter() - started)
+        self._audit.flush()  # the records the reply depends on are in the log before it leaves
         try:
             await link.send_parts(peer, codec.encode_parts(reply, max_size=self.max_frame_size))
         except (TransportError, ProtocolError) as exc:
@@ -772,7 +783,7 @@ class Node:
                 self.node_id, env.round,
                 {"allow_gpu": self._allow_gpu(), "progress": self._progress(env)}, warm,
                 LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
-                           env.round),
+                           env.round) if request.algorithm else None,
             )
             if key:
                 self._warm[key] = plan

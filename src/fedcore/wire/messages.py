@@ -141,8 +141,10 @@ _CHECKERS: dict[Any, Callable[[Any], bool]] = {}
 
 
 def _checker(expected: Any) -> Callable[[Any], bool]:
-    """A function telling whether a decoded value is of the type ``expected`` (built once
-    per type: every frame's fields are checked with it)."""
+    """A function telling whether a decoded value is of the type ``expected``.
+
+    Built once per type: every frame's fields are checked with it.
+    """
     try:
         return _CHECKERS[expected]
     except KeyError:
