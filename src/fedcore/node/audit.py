@@ -46,13 +46,18 @@ def _sha(line: bytes) -> str:
 
 def _scrubbed(value: Any) -> Any:
     """``value`` with the credentials of URLs in its strings (and keys) redacted."""
+    kind = type(value)
+    if kind is str:  # most values: only text that may hold a URL is parsed
+        return redact_url(value) if "://" in value or "=" in value else value
+    if value is None or kind is bool or kind is int or kind is float:
+        return value
     if isinstance(value, str):
         return redact_url(value)
     if isinstance(value, dict):
         return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_scrubbed(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float)):
+    if isinstance(value, (bool, int, float)):
         return value
     return redact_url(str(value))  # what json.dumps(default=str) would write
 
