@@ -141,3 +141,27 @@ class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
         for job in jobs:
             job.future.cancel()
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+class FlushFirst(concurrent.futures.Executor):
+    """``inner``, calling ``flush`` before each job is handed to it.
+
+    The node defers a request's audit records and writes them together; what goes to the
+    training thread may take long or take the process down, so the records made so far
+    are written first (an administrator sees the request while it runs, and a crash
+    leaves it on record).
+    """
+
+    def __init__(self, inner: concurrent.futures.Executor, flush: Callable[[], None]):
+        self.inner = inner
+        self._flush = flush
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+               ) -> concurrent.futures.Future[Any]:
+        """Flush, then hand ``fn(*args, **kwargs)`` to the inner executor."""
+        self._flush()
+        return self.inner.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shut the inner executor down."""
+        self.inner.shutdown(wait=wait, cancel_futures=cancel_futures)

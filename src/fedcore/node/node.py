@@ -40,6 +40,7 @@ from fedcore.node._config import NodeConfig
 from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase
+from fedcore.node._turns import FlushFirst
 from fedcore.node._worker import PlanWorkers
 from fedcore.node._worker import describe as describe_isolation
 from fedcore.node.audit import AuditLog, AuditReport
@@ -167,9 +168,10 @@ class Node:
         self.statistics_log = QueryLog(self.db)
         self._secagg = SecaggSessions(self.node_id, self._secagg_context)
         self.max_frame_size = max_frame_size
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"fedcore-node-{self.node_id}"
-        )
+        # What the node records while it handles a request is written before the request's
+        # work goes to this thread (and the rest before the reply leaves).
+        self._executor = FlushFirst(executor or concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"fedcore-node-{self.node_id}"), self._audit.flush)
         self._plans: dict[str, type[TrainingPlan]] = {}
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
@@ -210,8 +212,9 @@ class Node:
         While a request from a network is handled, the record also names the key that
         signed it (``researcher_key``: the full SHA-256 fingerprint of that key).
         Inside ``node.db.transaction()`` the record is written with the change, or not at all.
-        While a request is handled, its records are written together (one write) before its
-        reply leaves.
+        While a request is handled, its records are written in groups (one write each): those
+        made so far before its work goes to the training thread (or to a framework import),
+        the rest before its reply leaves.
         """
         caller = _caller.get()
         extra = {"researcher_key": caller[1]} if caller else {}
@@ -662,6 +665,7 @@ class Node:
                 # Importing a framework takes seconds: off the loop, which keeps serving.
                 # Once imported, later rounds skip the thread hop (it costs milliseconds
                 # when the machine is busy).
+                self._audit.flush()
                 await asyncio.get_running_loop().run_in_executor(
                     None, plugins.load, "backends", bundle.backend)
                 self._backends.add(bundle.backend)
@@ -764,6 +768,7 @@ class Node:
         try:
             plan_class = self._plans.get(sha)
             if plan_class is None:
+                self._audit.flush()
                 plan_class = await loop.run_in_executor(None, admitted.bundle.load)
             self._plans[sha] = plan_class
             try:
