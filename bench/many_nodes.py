@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         print("fedcore.simulate.from_arrays has no workers= yet: the workers column is left "
               "out.")
         workers = None
-    run_serial(Xtr, ytr, min(args.nodes))  # warm-up: imports, allocator, first-call costs
-    run_fedcore(Xtr, ytr, min(args.nodes))
+    warm = min([*args.nodes, 100])  # warm-up: imports, allocator, first-call costs
+    run_serial(Xtr, ytr, warm)
+    run_fedcore(Xtr, ytr, warm)
     for n_nodes in args.nodes:
         measure(Xtr, ytr, n_nodes, args.repeats, workers)
     return 0
