@@ -10,10 +10,8 @@ TinyDB registry and data file; only the transport is in-process. Example::
 
 from __future__ import annotations
 
-import concurrent.futures
 import shutil
 import tempfile
-import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ import pandas as pd
 
 from fedcore.errors import ConfigurationError
 from fedcore.node import Node
+from fedcore.node._turns import TurnTakingExecutor
 
 __all__ = ["SimulatedFederation", "from_arrays", "from_dataframe", "partition"]
 
@@ -65,45 +64,6 @@ def partition(y: Any, n_nodes: int, *, scheme: str = "iid", alpha: float = 0.5,
     )
 
 
-class _TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
-    """One worker thread that fedcore's event loop does not compete with while it trains.
-
-    Simulated nodes share fedcore's event loop. Left to run beside a training thread, that
-    loop (encoding, decoding and folding the other nodes' messages) takes the GIL whenever a
-    framework call releases it, and the trainer then waits to get it back, call after call:
-    with a small torch model a third of each round went there. So when the worker is idle,
-    :meth:`submit` waits for the job, up to ``hold`` seconds, before returning: the loop
-    pauses while a node trains, and its own work runs between jobs instead. A job that
-    outlasts ``hold`` (a long training, a stuck plan) goes on while the loop serves timeouts
-    and other traffic as before. The plan still runs on a worker thread, as on a deployed
-    node (so it may, for instance, run its own asyncio loop).
-    """
-
-    def __init__(self, hold: float = 1.0):
-        super().__init__(1, thread_name_prefix="fedcore-sim")
-        self._hold = hold
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        with self._pending_lock:
-            idle = self._pending == 0
-            self._pending += 1
-        try:
-            future = super().submit(fn, *args, **kwargs)
-        except Exception:  # shut down
-            self._finished(None)
-            raise
-        future.add_done_callback(self._finished)
-        if idle:
-            concurrent.futures.wait([future], timeout=self._hold)
-        return future
-
-    def _finished(self, _: concurrent.futures.Future[Any] | None) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-
-
 class SimulatedFederation:
     """Nodes serving ``inproc://<name>`` in the background; close it to stop them."""
 
@@ -113,7 +73,7 @@ class SimulatedFederation:
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="fedcore-"))
         # One worker for every node: simulated rounds run one node at a time, which is
         # deterministic and avoids oversubscribing the cores with framework threads.
-        self._executor = _TurnTakingExecutor()
+        self._executor = TurnTakingExecutor()
         self.nodes: list[Node] = []
 
     @property

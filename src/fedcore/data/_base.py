@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,26 @@ class Dataset(abc.ABC):
         if not 0.0 <= test_ratio < 1.0:
             raise ConfigurationError(f"test_ratio must be in [0, 1). Received: {test_ratio}")
         n = len(self)
+        # The same split is asked for every round: kept (a few per dataset) rather than drawn
+        # again (seeding a generator costs more than a small node's training step).
+        splits: dict[tuple[float, int, int], tuple[Subset, Subset]] | None = getattr(
+            self, "_splits", None)
+        if splits is None:
+            splits = {}
+            with contextlib.suppress(AttributeError):  # a dataset with __slots__
+                self._splits = splits
+        found = splits.get((test_ratio, seed, n))
+        if found is not None:
+            return found
         order = np.random.default_rng(seed).permutation(n)
         n_test = int(round(n * test_ratio))
         if test_ratio > 0 and n > 1:
             n_test = min(max(n_test, 1), n - 1)
-        return self.subset(np.sort(order[n_test:])), self.subset(np.sort(order[:n_test]))
+        found = self.subset(np.sort(order[n_test:])), self.subset(np.sort(order[:n_test]))
+        if len(splits) >= 8:
+            splits.pop(next(iter(splits)))
+        splits[(test_ratio, seed, n)] = found
+        return found
 
 
 class Subset(Dataset):

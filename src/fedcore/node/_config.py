@@ -76,6 +76,7 @@ class NodeConfig:
         self._error = ""
         #: Goes up by one each time the configuration is reread or written.
         self.version = 0
+        self._policy: tuple[int, dict[str, Any]] | None = None  # (version, policy)
         if "node_id" not in self._data:
             raise ConfigurationError(f"{path} has no node_id. Add node_id = \"...\" to it.")
 
@@ -126,10 +127,15 @@ class NodeConfig:
         self.refresh()
         if self._error:
             raise ConfigurationError(self._error)
+        cached = self._policy
+        if cached is not None and cached[0] == self.version:  # checked once per version
+            return dict(cached[1])
         try:
-            return effective_policy(self._data)
+            policy = effective_policy(self._data)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{self.path}: {exc}") from None
+        self._policy = (self.version, policy)
+        return dict(policy)
 
     def set_policy(self, changes: Mapping[str, Any], *, replace: bool = False
                    ) -> dict[str, Any]:

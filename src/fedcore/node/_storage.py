@@ -25,7 +25,8 @@ change and write it at the same time lose one of the changes. Here:
   ``audit verify`` can compare the file with the last hash the log recorded.
 
 Reads outside a transaction take no lock: the file is replaced atomically, so a reader sees
-one whole version, the latest committed one (nothing is cached between reads).
+one whole version, the latest committed one (a parsed copy is kept per version of the file,
+known by its inode, size and modification time: every commit replaces the file).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class NodeStorage(Storage):
         self.journal = journal
         self._local = threading.local()
         self._known: deque[str] = deque(maxlen=64)  # transactions known to be in the log
+        self._parsed: tuple[tuple[int, int, int] | None, dict[str, Any]] | None = None
 
     # --- transactions -----------------------------------------------------------------------
 
@@ -197,14 +199,14 @@ class NodeStorage(Storage):
         elif self.journal is not None:
             self.journal.append(record)
 
+    def in_transaction(self) -> bool:
+        """Whether this thread has a transaction open (its records go with its change)."""
+        return self._current() is not None
+
     def recover(self) -> None:
         """Append to the audit log the records of a change a crash left unaudited."""
         with self.transaction():
             pass
-
-    def in_transaction(self) -> bool:
-        """Whether this thread has a transaction open."""
-        return self._current() is not None
 
     def _current(self) -> _Transaction | None:
         return getattr(self._local, "txn", None)
@@ -227,6 +229,7 @@ class NodeStorage(Storage):
                             record[CONFIG_HASH] = change["new"]
                 data[PENDING] = {"1": {"txn": tid, "offset": self.journal.size(),
                                        "records": records, "files": files}}
+            self._parsed = None  # this process's copy is stale once it commits
             write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True, default=str))
             for path, staged in txn.files.items():
                 write_atomic(path, staged.text)
@@ -257,9 +260,15 @@ class NodeStorage(Storage):
         txn = self._current()
         if txn is not None:
             return _copy(txn.data)
-        data = self._load()
-        data.pop(PENDING, None)
-        return data or None
+        # Parsed once per version of the file: every commit, in any process, replaces it
+        # (a new inode), so its stamp tells a version from the next without reading it.
+        now = _stamp(self.path)
+        cached = self._parsed
+        if cached is None or cached[0] != now or now is None:
+            data = self._load()
+            data.pop(PENDING, None)
+            cached = self._parsed = (now, data)
+        return _copy(cached[1]) or None
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
         """Replace the database (inside a transaction: written when it commits)."""
@@ -295,6 +304,15 @@ def _finish_files(files: Any) -> None:
         now = file_sha256(path)
         if now == change.get("old") and now != change.get("new"):
             write_atomic(path, change["text"])
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced (inode, size, mtime); ``None``: no file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _copy(data: dict[str, Any]) -> dict[str, Any]:

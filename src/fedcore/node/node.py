@@ -42,6 +42,7 @@ from fedcore.node._config import NodeConfig
 from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase, file_sha256
+from fedcore.node._turns import FlushFirst
 from fedcore.node._worker import PlanWorkers
 from fedcore.node._worker import describe as describe_isolation
 from fedcore.node.audit import AuditLog, AuditReport
@@ -86,6 +87,8 @@ _caller: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar
 #: Where the request being handled came from, for messages sent before its reply (progress).
 _origin: contextvars.ContextVar[tuple[ChunkedTransport, str] | None] = contextvars.ContextVar(
     "origin", default=None)
+#: Set while a request is handled: its audit records are written together before its reply.
+_deferring: contextvars.ContextVar[bool] = contextvars.ContextVar("deferring", default=False)
 _PROGRESS_S = 1.0  # at most one training-progress report a second per round
 
 _VERSION = "0.1.0"
@@ -171,9 +174,10 @@ class Node:
         self.statistics_log = QueryLog(self.db)
         self._secagg = SecaggSessions(self.node_id, self._secagg_context)
         self.max_frame_size = max_frame_size
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"fedcore-node-{self.node_id}"
-        )
+        # What the node records while it handles a request is written before the request's
+        # work goes to this thread (and the rest before the reply leaves).
+        self._executor = FlushFirst(executor or concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"fedcore-node-{self.node_id}"), self._audit.flush)
         self._plans: dict[str, type[TrainingPlan]] = {}
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
@@ -214,11 +218,17 @@ class Node:
         While a request from a network is handled, the record also names the key that
         signed it (``researcher_key``: the full SHA-256 fingerprint of that key).
         Inside ``node.db.transaction()`` the record is written with the change, or not at all.
+        While a request is handled, its records are written in groups (one write each): those
+        made so far before its work goes to the training thread (or to a framework import),
+        the rest before its reply leaves.
         """
         caller = _caller.get()
         extra = {"researcher_key": caller[1]} if caller else {}
-        self.db.storage.record({"time": time.time(), "node": self.node_id, "event": event,
-                                **fields, **extra})
+        record = {"time": time.time(), "node": self.node_id, "event": event, **fields, **extra}
+        if _deferring.get() and not self.db.storage.in_transaction():
+            self._audit.defer(record)
+        else:
+            self.db.storage.record(record)
 
     def _close_audit(self) -> None:
         self._audit.close()
@@ -519,11 +529,14 @@ class Node:
             return 1.0  # a broken policy fails closed (governance refuses anyway)
 
     async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
+        _deferring.set(True)  # this task's records: written before its reply is sent
         try:
             await self._answer(link, got)
         except Exception as exc:  # a node bug must neither stop the node nor go unrecorded
             log.exception("Internal error answering a frame from %s", got.peer)
             self.audit("internal-error", peer=got.peer, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._audit.flush()
 
     async def _answer(self, link: ChunkedTransport, got: Delivery) -> None:
         peer, frame = got.peer, got.frame
@@ -556,6 +569,7 @@ class Node:
                        else "ok")
             log.info("%s %s: %s (%.2f s)", self.researcher(env), env.tag, outcome[:200],
                      time.perf_counter() - started)
+        self._audit.flush()  # the records the reply depends on are in the log before it leaves
         try:
             await link.send_parts(peer, codec.encode_parts(reply, max_size=self.max_frame_size))
         except (TransportError, ProtocolError) as exc:
@@ -682,6 +696,7 @@ class Node:
                 # Importing a framework takes seconds: off the loop, which keeps serving.
                 # Once imported, later rounds skip the thread hop (it costs milliseconds
                 # when the machine is busy).
+                self._audit.flush()
                 await asyncio.get_running_loop().run_in_executor(
                     None, plugins.load, "backends", bundle.backend)
                 self._backends.add(bundle.backend)
@@ -803,6 +818,7 @@ class Node:
         try:
             plan_class = self._plans.get(sha)
             if plan_class is None:
+                self._audit.flush()
                 plan_class = await loop.run_in_executor(None, admitted.bundle.load)
             self._plans[sha] = plan_class
             try:
@@ -826,7 +842,9 @@ class Node:
                 self.node_id, env.round,
                 {"allow_gpu": self._allow_gpu(), "progress": self._progress(env)}, warm,
                 LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
-                           env.round),
+                           env.round)
+                if request.algorithm or request.fine_tune or plan_class.local_parameters
+                else None,  # only what keeps values between rounds needs one
             )
             if key:
                 self._warm[key] = plan

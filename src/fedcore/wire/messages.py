@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -92,22 +93,35 @@ class Body:
         """Build the body from decoded fields, checking the types of known fields."""
         if not isinstance(data, dict):
             raise ProtocolError(f"{cls.TAG} body must be a map. Received: {type(data).__name__}")
-        hints = _hints(cls)
         kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise ProtocolError(f"{cls.TAG} body lacks the required field {f.name!r}.")
+        for name, required, expected, check in _fields(cls):
+            if name not in data:
+                if required:
+                    raise ProtocolError(f"{cls.TAG} body lacks the required field {name!r}.")
                 continue
-            value = data[f.name]
-            expected = hints[f.name]
-            if not _matches(value, expected):
+            value = data[name]
+            if not check(value):
                 raise ProtocolError(
-                    f"{cls.TAG}.{f.name} must be {_type_name(expected)}. "
+                    f"{cls.TAG}.{name} must be {_type_name(expected)}. "
                     f"Received: {type(value).__name__}"
                 )
-            kwargs[f.name] = value
+            kwargs[name] = value
         return cls(**kwargs)
+
+
+_FIELDS: dict[type, list[tuple[str, bool, Any, Callable[[Any], bool]]]] = {}
+
+
+def _fields(cls: type) -> list[tuple[str, bool, Any, Callable[[Any], bool]]]:
+    """Each field of a body class: name, whether required, its type and its checker."""
+    spec = _FIELDS.get(cls)
+    if spec is None:
+        hints = _hints(cls)
+        spec = _FIELDS[cls] = [
+            (f.name, f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING, hints[f.name],
+             _checker(hints[f.name])) for f in dataclasses.fields(cls)]
+    return spec
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -120,33 +134,66 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _matches(value: Any, expected: Any) -> bool:
+    return _checker(expected)(value)
+
+
+_CHECKERS: dict[Any, Callable[[Any], bool]] = {}
+
+
+def _checker(expected: Any) -> Callable[[Any], bool]:
+    """A function telling whether a decoded value is of the type ``expected``.
+
+    Built once per type: every frame's fields are checked with it.
+    """
+    try:
+        return _CHECKERS[expected]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable annotation: built each time
+        return _build_checker(expected)
+    check = _CHECKERS[expected] = _build_checker(expected)
+    return check
+
+
+def _build_checker(expected: Any) -> Callable[[Any], bool]:
     origin = typing.get_origin(expected)
     if origin is typing.Union or origin is types.UnionType:
-        return any(_matches(value, arg) for arg in typing.get_args(expected))
+        options = [_checker(arg) for arg in typing.get_args(expected)]
+        return lambda value: any(check(value) for check in options)
     if expected is Any:
-        return True
+        return lambda value: True
     if expected is type(None):
-        return value is None
+        return lambda value: value is None
     base = origin or expected
     if base is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
     if base is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return lambda value: isinstance(value, int) and not isinstance(value, bool)
     args = typing.get_args(expected)
     if base is list:  # the elements too: a handler may hash or sort them
-        return isinstance(value, (list, tuple)) and (
-            not args or all(_item(v, args[0]) for v in value))
+        if not args:
+            return lambda value: isinstance(value, (list, tuple))
+        item = _item_checker(args[0])
+        return lambda value: isinstance(value, (list, tuple)) and all(map(item, value))
     if base is dict:
-        return isinstance(value, dict) and (not args or all(
-            _item(k, args[0]) and _item(v, args[1]) for k, v in value.items()))
-    return isinstance(value, base)
+        if not args:
+            return lambda value: isinstance(value, dict)
+        key, val = _item_checker(args[0]), _item_checker(args[1])
+        if args[1] is Any:  # the values need no check: the keys only
+            return lambda value: isinstance(value, dict) and all(map(key, value))
+        return lambda value: isinstance(value, dict) and all(
+            key(k) and val(v) for k, v in value.items())
+    return lambda value: isinstance(value, base)
 
 
-def _item(value: Any, expected: Any) -> bool:
-    """:func:`_matches` for an element of a container (a missing number may be None)."""
-    if expected is float and value is None:
-        return True
-    return expected is Any or _matches(value, expected)
+def _item_checker(expected: Any) -> Callable[[Any], bool]:
+    """:func:`_checker` for an element of a container (a missing number may be None)."""
+    if expected is Any:
+        return lambda value: True
+    check = _checker(expected)
+    if expected is float:
+        return lambda value: value is None or check(value)
+    return check
 
 
 def _type_name(expected: Any) -> str:

@@ -1,0 +1,167 @@
+"""The training thread that simulated nodes share: jobs handed over in batches, in turns.
+
+Simulated nodes share fedcore's event loop and one worker thread. Handing each node's job
+to the worker and its result back costs two thread switches per node and round; on a busy
+machine each switch waits for the scheduler (milliseconds), which made that hand-off the
+largest cost of a simulated node. So jobs submitted from the loop are not handed over one
+by one: they are queued until the loop has nothing else ready to run (every node that had
+a request has reached its training), then handed to the worker together, in the order they
+were submitted. Each node still trains on the worker thread with its own request, seeds and
+dataset, so the results are those of one-by-one hand-offs, and the replies still travel as
+frames.
+
+While the worker runs a batch, the loop waits instead of competing for the GIL: left to run
+beside a training thread, the loop (encoding, decoding and folding the other nodes'
+messages) takes the GIL whenever a framework call releases it, and the trainer then waits
+to get it back, call after call (with a small torch model a third of each round went
+there). The loop waits as long as the jobs keep finishing, each within ``hold`` seconds; a
+job that outlasts ``hold`` (a long training, a stuck plan) goes on while the loop serves
+timeouts, progress messages and other traffic as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["TurnTakingExecutor"]
+
+_MAX_DEFERRALS = 64  # loop iterations a batch waits for the loop to run out of work
+
+
+class _Job:
+    __slots__ = ("args", "fn", "future", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:  # handed to the waiting coroutine, as an executor does
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """One worker thread, fed in batches by the event loop, which waits while it works.
+
+    ``submit`` from a coroutine on a running loop queues the job; ``submit`` from any other
+    thread hands it over at once. See the module's docstring.
+    """
+
+    def __init__(self, hold: float = 1.0):
+        super().__init__(1, thread_name_prefix="fedcore-sim")
+        self._hold = hold
+        self._queued: list[_Job] = []
+        self._armed: asyncio.AbstractEventLoop | None = None
+        self._busy = 0  # batches handed over and not finished
+        self._done = threading.Condition()
+        self._finished = 0  # jobs finished, ever (the loop waits while it grows)
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+               ) -> concurrent.futures.Future[Any]:
+        """Queue ``fn(*args, **kwargs)`` for the next batch (see the class docstring)."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        job = _Job(fn, args, kwargs)
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if loop is None or (self._armed is not None and self._armed is not loop):
+            self._hand_over([job], wait=False)
+            return job.future
+        self._queued.append(job)
+        if self._armed is None:
+            self._armed = loop
+            loop.call_soon(self._settle, loop, 0)
+        return job.future
+
+    def _settle(self, loop: asyncio.AbstractEventLoop, deferrals: int) -> None:
+        """Hand the queue over once the loop has nothing else ready (or waited long enough)."""
+        ready = getattr(loop, "_ready", None)  # asyncio's own loops: the callbacks to run
+        if ready and deferrals < _MAX_DEFERRALS:
+            loop.call_soon(self._settle, loop, deferrals + 1)  # after what is ready now
+            return
+        if ready is None and deferrals < 3:  # another loop: a few turns of it
+            loop.call_soon(self._settle, loop, deferrals + 1)
+            return
+        jobs, self._queued, self._armed = self._queued, [], None
+        if jobs:
+            self._hand_over(jobs, wait=True)
+
+    def _hand_over(self, jobs: list[_Job], *, wait: bool) -> None:
+        with self._done:
+            idle = self._busy == 0
+            self._busy += 1
+            finished = self._finished
+        try:
+            super().submit(self._run, jobs)
+        except RuntimeError:  # shut down meanwhile
+            with self._done:
+                self._busy -= 1
+            for job in jobs:
+                job.future.cancel()
+            raise
+        if not (wait and idle):
+            return
+        # The loop pauses while the jobs keep finishing, each within `hold` seconds. It is
+        # woken when the batch ends, or every `hold` seconds to see whether a job finished
+        # meanwhile (woken at every job, it would take the GIL from the trainer each time).
+        with self._done:
+            while self._busy:
+                self._done.wait(self._hold)
+                if self._finished == finished:
+                    return  # one job has run for `hold` seconds: serve the loop meanwhile
+                finished = self._finished
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            for job in jobs:
+                job.run()
+                self._finished += 1  # read under the condition by the waiting loop
+        finally:
+            with self._done:
+                self._busy -= 1
+                self._done.notify_all()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking jobs; queued jobs that were never handed over are cancelled."""
+        self._closed = True
+        jobs, self._queued = self._queued, []
+        for job in jobs:
+            job.future.cancel()
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+class FlushFirst(concurrent.futures.Executor):
+    """``inner``, calling ``flush`` before each job is handed to it.
+
+    The node defers a request's audit records and writes them together; what goes to the
+    training thread may take long or take the process down, so the records made so far
+    are written first (an administrator sees the request while it runs, and a crash
+    leaves it on record).
+    """
+
+    def __init__(self, inner: concurrent.futures.Executor, flush: Callable[[], None]):
+        self.inner = inner
+        self._flush = flush
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+               ) -> concurrent.futures.Future[Any]:
+        """Flush, then hand ``fn(*args, **kwargs)`` to the inner executor."""
+        self._flush()
+        return self.inner.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shut the inner executor down."""
+        self.inner.shutdown(wait=wait, cancel_futures=cancel_futures)

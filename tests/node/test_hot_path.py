@@ -1,0 +1,161 @@
+"""The simulation hot path keeps its promises: records before replies, other writers seen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from fedcore import Experiment, simulate
+from fedcore.errors import DatasetError
+from fedcore.node import Node
+from fedcore.node._turns import TurnTakingExecutor
+from fedcore.node.audit import verify
+from fedcore.wire import codec
+from fedcore.wire.messages import TrainReply
+
+pytest.importorskip("sklearn")
+
+from sklearn.linear_model import SGDClassifier  # noqa: E402
+
+from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
+
+
+class Logistic(SklearnTrainingPlan):
+    estimator = SGDClassifier
+
+
+def _data(n=120):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, 4))
+    return X, (X[:, 0] > 0).astype(np.int64)
+
+
+class SpiedNode(Node):
+    """A node whose transport notes what its audit log holds when each reply leaves."""
+
+    async def serve(self, transport):
+        self.at_reply: list[list[tuple[str, int | None]]] = []
+        send = transport.send
+
+        async def spied(peer: str, frame: bytes) -> None:
+            if isinstance(codec.decode(frame).body, TrainReply):
+                lines = (self.home / "audit.jsonl").read_bytes().splitlines()
+                self.at_reply.append([(r["event"], r.get("round"))
+                                      for r in map(json.loads, lines)])
+            await send(peer, frame)
+
+        transport.send = spied
+        await super().serve(transport)
+
+
+def test_every_record_of_a_round_is_on_file_before_its_reply_leaves(tmp_path):
+    """Records are written in groups, but never after the reply that depends on them."""
+    X, y = _data()
+    with simulate.SimulatedFederation(root=tmp_path) as fed:
+        for i, part in enumerate(np.array_split(np.arange(len(y)), 3)):
+            node = fed.add_node(f"site-{i}", node_class=SpiedNode)
+            node.datasets.add_arrays(f"part{i}", ["t"], X[part], y[part])
+        exp = Experiment(Logistic, tags=["t"], federation=fed.url, progress=False,
+                         test_ratio=0.0, model_args={"loss": "log_loss"},
+                         training_args={"epochs": 1, "batch_size": 16})
+        exp.run_once()
+        exp.run_once()
+        exp.close()
+        nodes = list(fed.nodes)
+        for node in nodes:
+            assert len(node.at_reply) == 2
+            for rnd, events in enumerate(node.at_reply, start=1):
+                # Read from the file as the reply left: asked, decided, trained, in order.
+                mine = [e for e, r in events if r == rnd]
+                assert mine == ["train-request", "decision", "trained"], events
+            assert verify(node.home / "audit.jsonl").ok
+
+
+def test_a_dataset_removed_by_another_process_is_refused_at_once(tmp_path):
+    """The node's parsed copy of db.json follows the file, whoever writes it."""
+    X, y = _data()
+    serving = Node(tmp_path / "home", node_id="site")
+    entry = serving.datasets.add_arrays("d", ["t"], X, y)
+    assert serving.datasets.get(entry["id"])["name"] == "d"
+    other = Node(tmp_path / "home")  # the CLI or the GUI: another handle on the same home
+    other.datasets.remove(entry["id"])
+    with pytest.raises(DatasetError):
+        serving.datasets.get(entry["id"])
+    again = other.datasets.add_arrays("e", ["u"], X, y)
+    assert serving.datasets.get(again["id"])["name"] == "e"
+
+
+def test_a_policy_changed_by_another_process_applies_to_the_next_request(tmp_path):
+    serving = Node(tmp_path / "home", node_id="site")
+    assert serving.policy["max_epochs"] is None
+    Node(tmp_path / "home").set_policy(max_epochs=2)
+    assert serving.policy["max_epochs"] == 2
+    changed = serving.policy
+    changed["max_epochs"] = 99  # a caller's copy: the node's own view does not change
+    assert serving.policy["max_epochs"] == 2
+
+
+def test_jobs_queued_on_a_loop_run_together_in_order_on_one_worker_thread():
+    executor = TurnTakingExecutor(hold=5.0)
+    ran: list[tuple[int, str]] = []
+
+    def job(i: int) -> int:
+        ran.append((i, threading.current_thread().name))
+        return i * i
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(loop.run_in_executor(executor, job, i)
+                                      for i in range(20)))
+
+    try:
+        assert asyncio.run(main()) == [i * i for i in range(20)]
+    finally:
+        executor.shutdown()
+    assert [i for i, _ in ran] == list(range(20))
+    assert len({name for _, name in ran}) == 1 and ran[0][1] != threading.main_thread().name
+
+
+def test_a_job_that_outlasts_hold_leaves_the_loop_serving():
+    executor = TurnTakingExecutor(hold=0.05)
+    release = threading.Event()
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        stuck = loop.run_in_executor(executor, release.wait, 30)
+        ticks = 0
+        while ticks < 5:  # the loop runs while the job is stuck
+            await asyncio.sleep(0.01)
+            ticks += 1
+        release.set()
+        assert await stuck is True
+        return "served"
+
+    try:
+        assert asyncio.run(main()) == "served"
+    finally:
+        executor.shutdown()
+
+
+def test_a_failing_job_fails_its_own_future_only():
+    executor = TurnTakingExecutor()
+
+    def job(i: int) -> int:
+        if i == 1:
+            raise ValueError("plan failed")
+        return i
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(loop.run_in_executor(executor, job, i)
+                                      for i in range(3)), return_exceptions=True)
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        executor.shutdown()
+    assert out[0] == 0 and out[2] == 2 and isinstance(out[1], ValueError)
