@@ -352,11 +352,15 @@ class ProcessShard:
                  *, threads: int | None = None):
         self.index = index
         self.label = f"worker process {index + 1}"
-        self._spec, self._X, self._y = spec, X, y
+        # Encoded now: data a worker cannot receive is refused before any process starts.
+        self._setup: list[tuple[str, bytes]] | None = [
+            ("spec", msgpack.packb(spec)), ("X", array_bytes(X)),
+            ("y", b"" if y is None else array_bytes(y))]
         self._threads = threads
         self._proc: subprocess.Popen[bytes] | None = None
         self._out: queue.SimpleQueue[tuple[str, Sequence[Any], bytes] | None] = \
             queue.SimpleQueue()
+        self._serving = False
         self._closing = False
 
     def start(self, on_frame: Callable[[str, str, bytes], None],
@@ -365,21 +369,21 @@ class ProcessShard:
         # The worker imports this very fedcore (a checkout on PYTHONPATH included).
         here = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
-        if self._threads is not None:  # frameworks' thread pools share the cores
+        if self._threads is not None:  # the frameworks' thread pools
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-                env.setdefault(var, str(self._threads))
+                env[var] = str(self._threads)
         self._proc = subprocess.Popen([sys.executable, "-m", "fedcore._shard_worker"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.label = f"worker process {self.index + 1} (pid {self._proc.pid})"
         assert self._proc.stdin is not None and self._proc.stdout is not None
         stdin, stdout = self._proc.stdin, self._proc.stdout
+        assert self._setup is not None
         try:
-            write_record(stdin, "spec", [], msgpack.packb(self._spec))
-            write_record(stdin, "X", [], array_bytes(self._X))
-            write_record(stdin, "y", [], b"" if self._y is None else array_bytes(self._y))
+            for kind, payload in self._setup:
+                write_record(stdin, kind, [], payload)
         except OSError:
             pass  # it died at once: read_record says how
-        self._X = self._y = None  # type: ignore[assignment]
+        self._setup = None
         try:
             kind, fields, _ = read_record(stdout)
         except EOFError:
@@ -391,6 +395,7 @@ class ProcessShard:
             raise ConfigurationError(f"Simulation {self.label} could not start its nodes: "
                                      f"{fields[0]}")
         node_ids = [str(n) for n in fields]
+        self._serving = True
         threading.Thread(target=self._write, args=(stdin,), daemon=True,
                          name=f"fedcore-shard-{self.index}-out").start()
         threading.Thread(target=self._read, args=(stdout, on_frame, on_lost), daemon=True,
@@ -430,6 +435,8 @@ class ProcessShard:
         self._out.put(None)
         if self._proc is None:
             return
+        if not self._serving:  # it failed to start, or is still starting: no writer
+            self._proc.kill()
         try:
             self._proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

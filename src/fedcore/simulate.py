@@ -16,7 +16,6 @@ gives the same model, bit for bit.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import shutil
 import tempfile
 import threading
@@ -201,20 +200,23 @@ class SimulatedFederation:
 def from_arrays(X: Any, y: Any, *, n_nodes: int, tags: Sequence[str], scheme: str = "iid",
                 alpha: float = 0.5, seed: int = 0, min_samples: int = 1,
                 name: str | None = None, root: str | Path | None = None, workers: int = 1,
-                engine: str = "process", ray_address: str | None = None
-                ) -> SimulatedFederation:
+                engine: str = "process", ray_address: str | None = None,
+                threads: int | None = None) -> SimulatedFederation:
     """A federation of ``n_nodes`` hospitals sharing ``(X, y)`` by :func:`partition`.
 
     ``workers=N`` (N > 1) runs the nodes in N shards, each a worker process of this
     machine (``engine="process"``) or a Ray actor (``engine="ray"``: the ``ray`` extra;
     ``ray_address`` is the cluster to join, as for ``ray.init``, or ``None`` to start or
     join one as ``ray.init()`` does). The experiment stays in this process and gets the
-    same model, bit for bit, as with ``workers=1``.
+    same model, bit for bit, as with ``workers=1`` as long as the frameworks use as many
+    threads in the workers as here (float sums depend on it): ``threads`` sets
+    ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` in worker processes (``None``: they inherit
+    this process's environment); a plan may also fix its own (``torch.set_num_threads``).
     """
     X, y = np.asarray(X), np.asarray(y)
     parts = partition(y, n_nodes, scheme=scheme, alpha=alpha, seed=seed,
                       min_samples=min_samples)
-    links = _links(workers, engine, ray_address, n_nodes)
+    links = _links(workers, engine, ray_address, n_nodes, threads)
     fed = SimulatedFederation(name, root)
     try:
         if not links:
@@ -236,8 +238,8 @@ def from_arrays(X: Any, y: Any, *, n_nodes: int, tags: Sequence[str], scheme: st
     return fed
 
 
-def _links(workers: int, engine: str, ray_address: str | None, n_nodes: int
-           ) -> list[Any]:
+def _links(workers: int, engine: str, ray_address: str | None, n_nodes: int,
+           threads: int | None) -> list[Any]:
     """One factory ``(spec, X, y) -> ShardLink`` per shard; none for ``workers=1``."""
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ConfigurationError(f"workers must be an integer >= 1. Received: {workers!r}")
@@ -246,6 +248,9 @@ def _links(workers: int, engine: str, ray_address: str | None, n_nodes: int
     if ray_address is not None and engine != "ray":
         raise ConfigurationError("ray_address is for engine='ray'. Received engine="
                                  f"{engine!r}: add engine='ray', or drop ray_address.")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigurationError(f"threads must be an integer >= 1 or None. Received: "
+                                 f"{threads!r}")
     workers = min(workers, n_nodes)
     if workers == 1 and engine == "process":
         return []
@@ -253,7 +258,6 @@ def _links(workers: int, engine: str, ray_address: str | None, n_nodes: int
         from fedcore import _ray_shards  # imports ray (the `ray` extra) only now
 
         return _ray_shards.link_factories(workers, ray_address, build_shard)
-    threads = max(1, (os.cpu_count() or 1) // workers)
     return [lambda spec, X, y, i=i: ProcessShard(i, spec, X, y, threads=threads)
             for i in range(workers)]
 
