@@ -48,8 +48,10 @@ class _ShardActor:
         self.host = ShardHost(build(spec, X, y), lambda s, r, f: self._out.put((s, r, f)))
 
     def ready(self) -> tuple[list[str], str]:
-        """The shard's node ids, and where it runs (host and pid)."""
-        return self.host.node_ids, f"{socket.gethostname()}, pid {os.getpid()}"
+        """The shard's node ids, and where it runs (host, Ray node and pid)."""
+        node = _ray().get_runtime_context().get_node_id()
+        return self.host.node_ids, f"{socket.gethostname()}, Ray node {node[:12]}, " \
+            f"pid {os.getpid()}"
 
     def push(self, records: list[tuple[str, str, bytes]]) -> None:
         for sender, receiver, frame in records:

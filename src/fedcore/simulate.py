@@ -147,6 +147,12 @@ class SimulatedFederation:
         return [n.node_id for n in self.nodes] + (self._relay.node_ids if self._relay else [])
 
     @property
+    def shards(self) -> list[str]:
+        """Where each shard of nodes runs ("worker process 1 (pid 123)", a Ray actor's host
+        and Ray node); empty when every node is in this process."""
+        return [link.label for link in self._relay.links] if self._relay else []
+
+    @property
     def lost(self) -> dict[str, str]:
         """Shards that stopped unasked (a worker process that died): label -> reason."""
         return dict(self._relay.lost) if self._relay else {}
