@@ -1,8 +1,8 @@
-"""A simulation worker process: ``python -m fedcore._shard_worker``.
+"""A simulation worker process: ``python -m fedcore.simulate._worker``.
 
-Started by :class:`fedcore._shards.ProcessShard`. It reads the shard's description and data
+Started by :class:`fedcore.simulate._shards.ProcessShard`. It reads the shard's description and data
 from stdin, starts the shard's nodes, answers ``ready`` with their ids, then relays frames
-(records of :mod:`fedcore._shards`) between stdin/stdout and its nodes until ``stop`` or
+(records of :mod:`fedcore.simulate._shards`) between stdin/stdout and its nodes until ``stop`` or
 the end of stdin. Anything the nodes or plans print goes to stderr: stdout carries records
 only.
 """
@@ -18,7 +18,7 @@ from typing import IO, Any
 import msgpack
 
 from fedcore import simulate
-from fedcore._shards import ShardHost, bytes_array, read_record, write_record
+from fedcore.simulate._shards import ShardHost, bytes_array, read_record, write_record
 
 
 def _writer(out: IO[bytes], items: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:

@@ -9,13 +9,14 @@ TinyDB registry and data file; only the transport is in-process. Example::
 
 With ``workers=N`` the nodes are dealt to N shards, each in a worker process (or, with
 ``engine="ray"``, a Ray actor) of its own, and the researcher stays in this process: frames
-cross between them unchanged (:mod:`fedcore._shards`), so the run is the same protocol and
+cross between them unchanged (:mod:`fedcore.simulate._shards`), so the run is the same protocol and
 gives the same model, bit for bit.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import shutil
 import tempfile
 import threading
@@ -27,9 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedcore._shards import ProcessShard, ShardLink, ShardRelay, ShardSpec, shard_specs
 from fedcore.errors import ConfigurationError
 from fedcore.node import Node
+from fedcore.simulate._shards import ProcessShard, ShardLink, ShardRelay, ShardSpec, shard_specs
 
 __all__ = ["ENGINES", "SimulatedFederation", "from_arrays", "from_dataframe", "partition"]
 
@@ -148,8 +149,10 @@ class SimulatedFederation:
 
     @property
     def shards(self) -> list[str]:
-        """Where each shard of nodes runs ("worker process 1 (pid 123)", a Ray actor's host
-        and Ray node); empty when every node is in this process."""
+        """Where each shard of nodes runs; empty when every node is in this process.
+
+        E.g. ``"worker process 1 (pid 123)"``, or a Ray actor's host, Ray node and pid.
+        """
         return [link.label for link in self._relay.links] if self._relay else []
 
     @property
@@ -261,11 +264,10 @@ def _links(workers: int, engine: str, ray_address: str | None, n_nodes: int,
     if workers == 1 and engine == "process":
         return []
     if engine == "ray":
-        from fedcore import _ray_shards  # imports ray (the `ray` extra) only now
+        from fedcore.simulate import _ray  # imports ray (the `ray` extra) only now
 
-        return _ray_shards.link_factories(workers, ray_address, build_shard)
-    return [lambda spec, X, y, i=i: ProcessShard(i, spec, X, y, threads=threads)
-            for i in range(workers)]
+        return _ray.link_factories(workers, ray_address, build_shard)
+    return [functools.partial(ProcessShard, i, threads=threads) for i in range(workers)]
 
 
 def build_shard(spec: ShardSpec, X: np.ndarray, y: np.ndarray | None) -> SimulatedFederation:

@@ -18,7 +18,7 @@ When a shard goes away (its process died), the relay closes its endpoints: the n
 the researcher's peer set, and requests waiting for them fail at once with "disconnected".
 
 Process workers speak over their stdin/stdout pipes (:func:`write_record`,
-:func:`read_record`), started as ``python -m fedcore._shard_worker``: a fresh interpreter
+:func:`read_record`), started as ``python -m fedcore.simulate._worker``: a fresh interpreter
 (spawned, never forked from a process that holds threads), which imports neither the
 caller's ``__main__`` nor anything pickled.
 """
@@ -26,6 +26,7 @@ caller's ``__main__`` nor anything pickled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import os
@@ -213,7 +214,7 @@ class ShardRelay:
 
         def start_one(i: int) -> None:
             try:
-                ids[i] = self.links[i].start(self._incoming, lambda why, i=i: self._lost(i, why))
+                ids[i] = self.links[i].start(self._incoming, functools.partial(self._lost, i))
             except BaseException as exc:  # reported below, after every shard is up or not
                 errors[i] = exc
 
@@ -346,7 +347,7 @@ def read_record(stream: IO[bytes]) -> tuple[str, list[Any], bytes]:
 
 
 class ProcessShard:
-    """A shard in a worker process of this machine (``python -m fedcore._shard_worker``)."""
+    """A shard in a worker process of this machine (``python -m fedcore.simulate._worker``)."""
 
     def __init__(self, index: int, spec: ShardSpec, X: np.ndarray, y: np.ndarray | None,
                  *, threads: int | None = None):
@@ -367,12 +368,12 @@ class ProcessShard:
               on_lost: Callable[[str], None]) -> list[str]:
         env = dict(os.environ)
         # The worker imports this very fedcore (a checkout on PYTHONPATH included).
-        here = str(Path(__file__).resolve().parents[1])
+        here = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
         if self._threads is not None:  # the frameworks' thread pools
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[var] = str(self._threads)
-        self._proc = subprocess.Popen([sys.executable, "-m", "fedcore._shard_worker"],
+        self._proc = subprocess.Popen([sys.executable, "-m", "fedcore.simulate._worker"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.label = f"worker process {self.index + 1} (pid {self._proc.pid})"
         assert self._proc.stdin is not None and self._proc.stdout is not None

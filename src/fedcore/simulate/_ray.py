@@ -1,7 +1,7 @@
 """Simulation shards as Ray actors: ``from_arrays(..., workers=N, engine="ray")``.
 
 Imported only when that engine is asked for; it is the one module that imports ``ray``
-(the ``ray`` extra). Each actor holds a shard's nodes (:class:`fedcore._shards.ShardHost`)
+(the ``ray`` extra). Each actor holds a shard's nodes (:class:`fedcore.simulate._shards.ShardHost`)
 on whichever machine of the cluster Ray places it; the researcher stays in the driver.
 Frames stay fedcore's codec frames: the driver pushes batches of them to an actor and
 long-polls it for the frames its nodes send, so every actor call carries many frames.
@@ -9,6 +9,7 @@ long-polls it for the frames its nodes send, so every actor call carries many fr
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import socket
@@ -18,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from fedcore._shards import ShardHost, ShardSpec
 from fedcore.errors import ConfigurationError, FedcoreError
+from fedcore.simulate._shards import ShardHost, ShardSpec
 
 _PULL_WAIT_S = 0.5  # how long one poll waits for frames before it returns empty
 _BATCH_BYTES = 64 << 20  # frames pushed in one actor call, at most (one frame always goes)
@@ -82,20 +83,20 @@ def _actor() -> Any:
 
 
 def link_factories(workers: int, address: str | None, build: Callable[..., Any]
-                   ) -> list[Callable[[ShardSpec, np.ndarray, np.ndarray | None], RayShard]]:
+                   ) -> list[Callable[..., RayShard]]:
     """Join (or start) the Ray cluster; one factory per shard."""
     ray = _ray()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
-    return [lambda spec, X, y, i=i: RayShard(i, spec, X, y, build) for i in range(workers)]
+    return [functools.partial(RayShard, i, build=build) for i in range(workers)]
 
 
 class RayShard:
-    """A shard in a Ray actor (a :class:`fedcore._shards.ShardLink`)."""
+    """A shard in a Ray actor (a :class:`fedcore.simulate._shards.ShardLink`)."""
 
     def __init__(self, index: int, spec: ShardSpec, X: np.ndarray, y: np.ndarray | None,
-                 build: Callable[..., Any]):
+                 *, build: Callable[..., Any]):
         self.index = index
         self.label = f"Ray actor {index + 1}"
         self._args: tuple[Any, ...] | None = (spec, X, y, build)
