@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcore import plugins
 from fedcore.errors import ConfigurationError
 from fedcore.node import Node
 from fedcore.simulate._shards import ProcessShard, ShardLink, ShardRelay, ShardSpec, shard_specs
@@ -239,6 +240,8 @@ def from_arrays(X: Any, y: Any, *, n_nodes: int, tags: Sequence[str], scheme: st
         # unless the caller named a folder (then the same path on every machine).
         shard_root = str(fed.root) if engine == "process" or root is not None else None
         specs = shard_specs(fed.name, shard_root, tags, ids, datasets, parts, len(links))
+        for spec, _ in specs:  # the backends imported here, to import before round 1
+            spec["warm"] = plugins.imported("backends")
         fed.add_shards([make(spec, X[index], y[index])
                         for make, (spec, index) in zip(links, specs, strict=True)])
     except BaseException:
@@ -272,6 +275,11 @@ def _links(workers: int, engine: str, ray_address: str | None, n_nodes: int,
 
 def build_shard(spec: ShardSpec, X: np.ndarray, y: np.ndarray | None) -> SimulatedFederation:
     """In a worker: the shard's nodes, started on a federation of its own (same name)."""
+    for backend in spec.get("warm", []):  # the frameworks the parent uses: imported now,
+        try:                              # while the parent sets up, not in round 1
+            plugins.load("backends", backend)
+        except ConfigurationError:  # not installed here: the round that needs it says so
+            pass
     fed = SimulatedFederation(spec["name"], spec["root"])
     try:
         for node_id, dataset, lo, hi in spec["nodes"]:
