@@ -323,13 +323,33 @@ def _span(nodes: Sequence[str]) -> str:
 
 def write_record(out: IO[bytes], kind: str, fields: Sequence[Any] = (),
                  payload: bytes | memoryview = b"") -> None:
-    """One record on a pipe: its kind and fields (msgpack), then a payload of bytes."""
+    """One record on a pipe: its kind and fields (msgpack), then a payload of bytes.
+
+    It is buffered: :func:`write_records` (or ``out.flush()``) sends it.
+    """
     head = msgpack.packb([kind, *fields])
     out.write(_HEAD.pack(len(head), len(payload)))
     out.write(head)
     if len(payload):
         out.write(payload)
+
+
+def write_records(out: IO[bytes], items: queue.SimpleQueue[Any], first: Any) -> bool:
+    """Write ``first`` and every record waiting in ``items``, then flush.
+
+    One system call for a burst of small frames. Returns ``False`` when it took the
+    ``None`` that ends the stream (the records before it are flushed first).
+    """
+    item = first
+    while item is not None:
+        write_record(out, *item)
+        try:
+            item = items.get_nowait()
+        except queue.Empty:
+            out.flush()
+            return True
     out.flush()
+    return False
 
 
 def _read_exactly(stream: IO[bytes], n: int) -> bytes:
@@ -382,6 +402,7 @@ class ProcessShard:
         try:
             for kind, payload in self._setup:
                 write_record(stdin, kind, [], payload)
+            stdin.flush()
         except OSError:
             pass  # it died at once: read_record says how
         self._setup = None
@@ -407,15 +428,12 @@ class ProcessShard:
         self._out.put(("frame", (sender, receiver), frame))
 
     def _write(self, stdin: IO[bytes]) -> None:
-        while (item := self._out.get()) is not None:
-            try:
-                write_record(stdin, *item)
-            except (OSError, ValueError):  # the worker is gone: the reader reports it
-                return
         try:
+            while write_records(stdin, self._out, self._out.get()):
+                pass
             write_record(stdin, "stop")
             stdin.close()
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # the worker is gone: the reader reports it
             pass
 
     def _read(self, stdout: IO[bytes], on_frame: Callable[[str, str, bytes], None],

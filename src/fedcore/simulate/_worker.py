@@ -18,15 +18,21 @@ from typing import IO, Any
 import msgpack
 
 from fedcore import simulate
-from fedcore.simulate._shards import ShardHost, bytes_array, read_record, write_record
+from fedcore.simulate._shards import (
+    ShardHost,
+    bytes_array,
+    read_record,
+    write_record,
+    write_records,
+)
 
 
 def _writer(out: IO[bytes], items: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
-    while (item := items.get()) is not None:
-        try:
-            write_record(out, *item)
-        except (OSError, ValueError):  # the parent is gone
-            os._exit(1)
+    try:
+        while write_records(out, items, items.get()):
+            pass
+    except (OSError, ValueError):  # the parent is gone
+        os._exit(1)
 
 
 def main() -> int:
@@ -49,6 +55,7 @@ def main() -> int:
         fed = simulate.build_shard(spec, X, y)
     except Exception as exc:  # said to the parent, which raises it
         write_record(out, "error", [f"{type(exc).__name__}: {exc}"])
+        out.flush()
         return 1
     items: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
     writer = threading.Thread(target=_writer, args=(out, items), daemon=True)
