@@ -35,3 +35,12 @@ def test_registered_object_wins():
         assert "mine" in plugins.available("aggregators")
     finally:
         plugins._registered["aggregators"].pop("mine")
+
+
+def test_imported_names_the_plugins_whose_module_this_process_loaded():
+    pytest.importorskip("sklearn")
+    import fedcore_sklearn  # noqa: F401
+
+    assert "sklearn" in plugins.imported("backends")
+    with pytest.raises(ConfigurationError):
+        plugins.imported("engines")
