@@ -55,7 +55,6 @@ ShardSpec = dict[str, Any]
 Record = tuple[str, str, bytes]  # (sender, receiver, frame)
 
 _HEAD = struct.Struct("<IQ")  # header length, payload length
-_READY_TIMEOUT_S = 600.0  # building a shard's nodes (homes, keys, data files)
 
 
 def shard_specs(name: str, root: str | None, tags: Sequence[str], node_ids: Sequence[str],
