@@ -15,7 +15,7 @@ test:
 	bash scripts/test.sh $(ARGS)
 
 setup:
-	bash scripts/setup-env.sh .venv dev,sklearn,torch,tf,jax
+	bash scripts/setup-env.sh .venv dev,sklearn,torch,tf,jax,ray
 
 clean:
 	rm -rf .venv .venv-demo

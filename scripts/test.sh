@@ -3,7 +3,7 @@
 #
 #   ./scripts/test.sh [PYTEST ARGS...]      (or: make test ARGS="-k docs -x")
 #
-# Sets up .venv (or $FEDCORE_DEV_VENV) with fedcore[dev,sklearn,torch,tf,jax], and .venv-tfdp
+# Sets up .venv (or $FEDCORE_DEV_VENV) with fedcore[dev,sklearn,torch,tf,jax,ray], and .venv-tfdp
 # (or $FEDCORE_TFDP_VENV) with fedcore[dev,sklearn,tfdp] (tensorflow-privacy holds numpy at
 # 1.26, so TF DP-SGD has its own environment, pinned by constraints-tfdp.txt), re-using them
 # when up to date; starts the services the tests need; runs `ruff check .`, `mypy`, `pytest`
@@ -17,7 +17,7 @@ VENV="${FEDCORE_DEV_VENV:-.venv}"
 PY="$VENV/bin/python"
 TFDP_VENV="${FEDCORE_TFDP_VENV:-.venv-tfdp}"
 
-bash scripts/setup-env.sh "$VENV" dev,sklearn,torch,tf,jax
+bash scripts/setup-env.sh "$VENV" dev,sklearn,torch,tf,jax,ray
 FEDCORE_CONSTRAINTS=constraints-tfdp.txt bash scripts/setup-env.sh "$TFDP_VENV" dev,sklearn,tfdp
 
 # --- services the tests need ---------------------------------------------------------------

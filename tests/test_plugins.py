@@ -56,3 +56,12 @@ def test_an_installed_plugin_adds_names_but_cannot_take_a_builtin_one_over(tmp_p
     assert plugins.load("transports", "ws") is WebSocketTransport
     assert plugins.load("transports", "other").__name__ == "Other"
     assert "other" in plugins.available("transports")
+
+
+def test_imported_names_the_plugins_whose_module_this_process_loaded():
+    pytest.importorskip("sklearn")
+    import fedcore_sklearn  # noqa: F401
+
+    assert "sklearn" in plugins.imported("backends")
+    with pytest.raises(ConfigurationError):
+        plugins.imported("engines")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import Any
 
 from fedcore.errors import ConfigurationError, MissingDependencyError, install_hint
 
-__all__ = ["available", "load", "register", "registered"]
+__all__ = ["available", "imported", "load", "register", "registered"]
 
 GROUPS = ("backends", "transports", "aggregators", "secagg")
 
@@ -111,6 +112,15 @@ def available(group: str) -> list[str]:
     _check_group(group)
     names = set(_registered[group]) | set(_BUILTIN[group]) | set(_entry_points(group))
     return sorted(names)
+
+
+def imported(group: str) -> list[str]:
+    """Names in ``group`` whose module this process has imported already (none imported)."""
+    _check_group(group)
+    targets = {name: target for name, (target, _) in _BUILTIN[group].items()}
+    targets.update(_entry_points(group))
+    return sorted(name for name, target in targets.items()
+                  if target.partition(":")[0] in sys.modules)
 
 
 def load(group: str, name: str) -> Any:

@@ -1,0 +1,82 @@
+"""A simulation worker process: ``python -m fedcore.simulate._worker``.
+
+Started by :class:`fedcore.simulate._shards.ProcessShard`. It reads the shard's description and data
+from stdin, starts the shard's nodes, answers ``ready`` with their ids, then relays frames
+(records of :mod:`fedcore.simulate._shards`) between stdin/stdout and its nodes until ``stop`` or
+the end of stdin. Anything the nodes or plans print goes to stderr: stdout carries records
+only.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from typing import IO, Any
+
+import msgpack
+
+from fedcore import simulate
+from fedcore.simulate._shards import (
+    ShardHost,
+    bytes_array,
+    read_record,
+    write_record,
+    write_records,
+)
+
+
+def _writer(out: IO[bytes], items: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
+    try:
+        while write_records(out, items, items.get()):
+            pass
+    except (OSError, ValueError):  # the parent is gone
+        os._exit(1)
+
+
+def main() -> int:
+    """Serve one shard; the exit code is 0 after a ``stop``."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # prints, from Python or C, go to stderr; records keep the pipe
+    sys.stdout = sys.stderr
+    stdin = sys.stdin.buffer
+    records: dict[str, bytes] = {}
+    spec: dict[str, Any] = {}
+    while len(records) < 2:
+        kind, _, payload = read_record(stdin)
+        if kind == "spec":
+            spec = msgpack.unpackb(payload)
+        else:
+            records[kind] = payload
+    X = bytes_array(records["X"])
+    y = bytes_array(records["y"]) if records["y"] else None
+    try:
+        fed = simulate.build_shard(spec, X, y)
+    except Exception as exc:  # said to the parent, which raises it
+        write_record(out, "error", [f"{type(exc).__name__}: {exc}"])
+        out.flush()
+        return 1
+    items: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+    writer = threading.Thread(target=_writer, args=(out, items), daemon=True)
+    writer.start()
+    host = ShardHost(fed, lambda s, r, frame: items.put(("frame", (s, r), frame)))
+    items.put(("ready", host.node_ids))
+    try:
+        while True:
+            try:
+                kind, fields, payload = read_record(stdin)
+            except EOFError:
+                break
+            if kind == "stop":
+                break
+            host.push(fields[0], fields[1], payload)
+    finally:
+        host.close()
+        items.put(None)
+        writer.join(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

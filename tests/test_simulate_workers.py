@@ -1,0 +1,133 @@
+"""Simulations past one core: nodes in worker processes, the researcher in this one."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from fedcore import Experiment, simulate
+from fedcore.errors import ConfigurationError, RoundError
+
+torch = pytest.importorskip("torch")
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+from sklearn.linear_model import SGDClassifier  # noqa: E402
+
+from fedcore_sklearn import SklearnTrainingPlan  # noqa: E402
+from fedcore_torch import TorchTrainingPlan  # noqa: E402
+
+
+class Linear(TorchTrainingPlan):
+    def init_model(self):
+        torch.set_num_threads(1)  # the same float sums in every process that trains it
+        return torch.nn.Linear(64, 10)
+
+    def training_step(self, data, target):
+        return torch.nn.functional.cross_entropy(self.model(data), target)
+
+
+class Sgd(SklearnTrainingPlan):
+    estimator = SGDClassifier
+
+
+class DiesOnce(SklearnTrainingPlan):
+    """Kills its own process the first time a node trains where DIE_FLAG names a file."""
+
+    estimator = SGDClassifier
+
+    def fit(self, dataset, seed):
+        import os
+        import signal
+
+        flag = os.environ.get("DIE_FLAG")
+        if flag:
+            try:
+                os.rename(flag, flag + ".taken")  # only one node, in one worker, takes it
+            except OSError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().fit(dataset, seed)
+
+
+def _digits(n=None):
+    X, y = sklearn_datasets.load_digits(return_X_y=True)
+    return (X / 16.0)[:n], y[:n]
+
+
+def _final(plan, fed, rounds=3, **kwargs):
+    exp = Experiment(plan, tags=["digits"], federation=fed.url, round_limit=rounds,
+                     progress=False, seed=1, **kwargs)
+    exp.run()
+    return exp
+
+
+def test_a_node_may_hold_one_sample_and_trains_on_it():
+    X, y = _digits(40)
+    with simulate.from_arrays(X, y, n_nodes=40, tags=["digits"]) as fed:
+        sizes = [n.datasets.list()[0]["metadata"]["n_samples"] for n in fed.nodes]
+        assert sizes == [1] * 40
+        exp = _final(Linear, fed, rounds=1, training_args={"batch_size": 4, "lr": 0.1})
+    rows = exp.history
+    assert len(rows) == 40 and (rows["n_samples"] == 1).all()
+    assert "local_accuracy" not in rows or rows["local_accuracy"].isna().all()  # no test split
+    with pytest.raises(ConfigurationError, match="lower n_nodes or min_samples"):
+        simulate.from_arrays(X, y, n_nodes=40, tags=["digits"], min_samples=2)
+
+
+@pytest.mark.parametrize("plan, args", [
+    (Linear, {"training_args": {"batch_size": 8, "lr": 0.3}}),
+    (Sgd, {"model_args": {"loss": "log_loss"}}),
+], ids=["torch", "sklearn"])
+def test_worker_processes_give_the_same_model_bit_for_bit(plan, args):
+    X, y = _digits(600)
+    with simulate.from_arrays(X, y, n_nodes=12, tags=["digits"], name="one") as fed:
+        alone = _final(plan, fed, **args)
+    with simulate.from_arrays(X, y, n_nodes=12, tags=["digits"], name="two",
+                              workers=2) as fed:
+        assert fed.nodes == [] and len(fed.node_ids) == 12
+        sharded = _final(plan, fed, **args)
+        trained = set(sharded.history["node"])
+        assert trained == set(fed.node_ids)  # every node trained, in the workers
+    assert sharded.parameters.equal(alone.parameters)
+    cols = ["round", "node", "n_samples", "local_accuracy"]
+    assert sharded.history[cols].equals(alone.history[cols])
+
+
+def test_a_worker_that_dies_fails_its_nodes_at_once_and_says_why(tmp_path, monkeypatch):
+    flag = tmp_path / "die"
+    flag.write_text("")
+    monkeypatch.setenv("DIE_FLAG", str(flag))  # the workers inherit it
+    X, y = _digits(400)
+    with simulate.from_arrays(X, y, n_nodes=8, tags=["digits"], workers=2) as fed:
+        exp = Experiment(DiesOnce, tags=["digits"], federation=fed.url, progress=False,
+                         model_args={"loss": "log_loss"}, timeout=3600.0)
+        try:
+            exp.run_once()  # would wait out the hour if the dead nodes were not noticed
+        except RoundError as exc:  # every node of the round failed: fine too
+            failures = str(exc)
+        else:
+            failed = exp.history[exp.history["error"].notna()] \
+                if "error" in exp.history else exp.history.iloc[0:0]
+            failures = " ".join(map(str, failed.get("error", [])))
+        (label, why), = fed.lost.items()
+        assert label.startswith("worker process") and "exited with code -9" in why
+        assert "disconnected" in failures
+        assert (tmp_path / "die.taken").exists()
+        # the other worker's nodes keep serving
+        exp.run_once()
+    assert os.environ["DIE_FLAG"] == str(flag)
+
+
+def test_workers_are_checked():
+    X, y = _digits(20)
+    with pytest.raises(ConfigurationError, match="workers must be an integer >= 1"):
+        simulate.from_arrays(X, y, n_nodes=2, tags=["t"], workers=0)
+    with pytest.raises(ConfigurationError, match="engine must be one of"):
+        simulate.from_arrays(X, y, n_nodes=2, tags=["t"], workers=2, engine="dask")
+    with pytest.raises(ConfigurationError, match="ray_address is for engine='ray'"):
+        simulate.from_arrays(X, y, n_nodes=2, tags=["t"], workers=2, ray_address="auto")
+    with pytest.raises(ConfigurationError, match="plain arrays"):
+        simulate.from_arrays(X, np.array([{"a": 1}] * 20), n_nodes=2, tags=["t"], workers=2)
