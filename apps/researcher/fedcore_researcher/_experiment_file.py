@@ -108,21 +108,8 @@ def resolve(base: Path, value: str) -> Path:
 
 def aggregator_from(value: str | dict[str, Any], where: str) -> Aggregator:
     """An aggregator from its registry name, or a table ``{name = ..., param = ...}``."""
-    params = dict(value) if isinstance(value, dict) else {}
-    name = params.pop("name", None) if isinstance(value, dict) else value
-    if not isinstance(name, str):
-        raise ConfigurationError(f'{where}: the [aggregator] table needs name = "fedavg" (or '
-                                 f"another of {', '.join(plugins.available('aggregators'))}).")
-    try:
-        cls = plugins.load("aggregators", name)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{where}: {exc}") from exc
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ConfigurationError(f"{where}: aggregator {name!r} does not take these "
-                                 f"parameters ({exc}). It takes: "
-                                 f"{_signature(cls)}.") from exc
+    return _plugin_from("aggregators", "aggregator", "fedavg", value, where,
+                        errors=(TypeError,))  # type: ignore[no-any-return]
 
 
 def strategy_from(value: str | dict[str, Any], where: str) -> strategies.Strategy:
@@ -147,19 +134,26 @@ def strategy_from(value: str | dict[str, Any], where: str) -> strategies.Strateg
 
 def secagg_from(value: str | dict[str, Any], where: str) -> SecureAggregation:
     """A secure-aggregation scheme from its registry name, or ``{name = ..., param = ...}``."""
+    return _plugin_from("secagg", "secagg", "masking", value, where,
+                        errors=(TypeError, ValueError, ConfigurationError))  # type: ignore[no-any-return]
+
+
+def _plugin_from(group: str, table: str, example: str, value: str | dict[str, Any],
+                 where: str, *, errors: tuple[type[Exception], ...]) -> Any:
+    """A plug-in of ``group`` built from its name, or from a ``[table]`` of name and params."""
     params = dict(value) if isinstance(value, dict) else {}
     name = params.pop("name", None) if isinstance(value, dict) else value
     if not isinstance(name, str):
-        raise ConfigurationError(f'{where}: the [secagg] table needs name = "masking" (or '
-                                 f"another of {', '.join(plugins.available('secagg'))}).")
+        raise ConfigurationError(f'{where}: the [{table}] table needs name = "{example}" (or '
+                                 f"another of {', '.join(plugins.available(group))}).")
     try:
-        cls = plugins.load("secagg", name)
+        cls = plugins.load(group, name)
     except ConfigurationError as exc:
-        raise ConfigurationError(f"{where}: secagg: {exc}") from exc
+        raise ConfigurationError(f"{where}: {table}: {exc}") from exc
     try:
-        return cls(**params)  # type: ignore[no-any-return]
-    except (TypeError, ValueError, ConfigurationError) as exc:
-        raise ConfigurationError(f"{where}: secagg {name!r} does not take these "
+        return cls(**params)
+    except errors as exc:
+        raise ConfigurationError(f"{where}: {table} {name!r} does not take these "
                                  f"parameters ({exc}). It takes: "
                                  f"{_signature(cls)}.") from exc
 
