@@ -88,8 +88,9 @@ def federation(X: np.ndarray, y: np.ndarray, n_nodes: int, workers: int | None
     the hand-made federation deals the same IID shards to the same node names.)
     """
     kwargs: dict[str, Any] = {"n_nodes": n_nodes, "tags": ["digits"], "seed": SEED}
-    if workers is not None:
+    if workers is not None:  # the workers' torch pools as the parent's: same sums
         kwargs["workers"] = workers
+        kwargs["threads"] = torch.get_num_threads()
     try:
         return fedcore.simulate.from_arrays(X, y, **kwargs)
     except ConfigurationError:
