@@ -27,6 +27,7 @@ pytest.importorskip("flask")
 requests = pytest.importorskip("requests")
 pytest.importorskip("selenium.webdriver")
 
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -140,7 +141,10 @@ def _browser_login(driver, url: str, user: str, password: str, next_: str | None
     button.click()
     # Wait for the answer page to replace the form: reading the page before that reads
     # the login page, or an element the navigation detaches under the reader.
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(button))
+    # While Chromium tears the old document down, asking about the button can also fail
+    # with a transient inspector error: ask again until the button is gone.
+    WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(
+        expected_conditions.staleness_of(button))
 
 
 def test_40_concurrent_guesses_for_one_user_check_at_most_5_passwords(gui_process, browser):
