@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import hashlib
 import inspect
 import io
 import os
@@ -42,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from workload_b import serial_fedavg_round  # the plain loop both benches compare with
 
 import fedcore
 import fedcore.simulate
@@ -166,12 +166,6 @@ def run_fedcore(X: np.ndarray, y: np.ndarray, n_nodes: int, workers: int | None 
 # --- the same training without fedcore -------------------------------------------------------
 
 
-def _seed(*parts: Any) -> int:
-    # The per-node, per-round seed a fedcore node derives (sha256 of the parts).
-    digest = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
 def run_serial(X: np.ndarray, y: np.ndarray, n_nodes: int) -> dict[str, Any]:
     """The plain loop: one model, the same shards, weighted averaging in float64."""
     t0 = time.perf_counter()
@@ -186,29 +180,7 @@ def run_serial(X: np.ndarray, y: np.ndarray, n_nodes: int) -> dict[str, Any]:
     rounds, cpu = [], time.process_time()
     for rnd in range(1, ROUNDS + 1):
         t = time.perf_counter()
-        sums: dict[str, np.ndarray] = {}
-        total = 0.0
-        for node, Xs, ys in shards:
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
-            generator = torch.Generator().manual_seed(_seed(SEED, rnd, node))
-            optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-            model.train()
-            for _ in range(EPOCHS):
-                perm = torch.randperm(len(Xs), generator=generator)
-                for start in range(0, len(Xs), BATCH):
-                    idx = perm[start:start + BATCH]
-                    optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(Xs[idx]), ys[idx]).backward()
-                    optimizer.step()
-            weight = float(len(Xs))
-            for k, v in model.state_dict().items():
-                contrib = np.multiply(v.numpy(), weight, dtype=np.float64)
-                if k in sums:
-                    sums[k] += contrib
-                else:
-                    sums[k] = contrib
-            total += weight
-        global_state = {k: (s / total).astype(global_state[k].dtype) for k, s in sums.items()}
+        global_state = serial_fedavg_round(model, shards, global_state, rnd, lr=LR, seed=SEED)
         rounds.append(time.perf_counter() - t)
     return {"setup": setup, "rounds": rounds, "cpu": time.process_time() - cpu,
             "params": global_state}

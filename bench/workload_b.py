@@ -113,6 +113,37 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def serial_fedavg_round(model: Any, shards: list[tuple[str, Any, Any]],
+                        global_state: dict[str, np.ndarray], rnd: int, *, lr: float, seed: int,
+                        epochs: int = EPOCHS, batch: int = BATCH) -> dict[str, np.ndarray]:
+    """One FedAvg round without fedcore: each shard trains from ``global_state`` in turn
+    (seeded as a fedcore node seeds itself), then the states are averaged by sample count
+    in float64. Shared by the benches that compare fedcore with a plain loop."""
+    sums: dict[str, np.ndarray] = {}
+    total = 0.0
+    for node, X, y in shards:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
+        generator = torch.Generator().manual_seed(_seed(seed, rnd, node))
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(X), generator=generator)
+            for start in range(0, len(X), batch):
+                idx = perm[start:start + batch]
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(X[idx]), y[idx]).backward()
+                optimizer.step()
+        weight = float(len(X))
+        for k, v in model.state_dict().items():
+            contrib = np.multiply(v.numpy(), weight, dtype=np.float64)
+            if k in sums:
+                sums[k] += contrib
+            else:
+                sums[k] = contrib
+        total += weight
+    return {k: (s / total).astype(global_state[k].dtype) for k, s in sums.items()}
+
+
 def run_serial(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray
                ) -> dict[str, Any]:
     """The plain loop: one model, ten shards, weighted state-dict averaging."""
@@ -131,30 +162,7 @@ def run_serial(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarra
     rounds = []
     for rnd in range(1, ROUNDS + 1):
         t = time.perf_counter()
-        sums: dict[str, np.ndarray] = {}
-        total = 0.0
-        for node, X, y in shards:
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
-            seed = _seed(SEED, rnd, node)
-            generator = torch.Generator().manual_seed(seed)
-            optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-            model.train()
-            for _ in range(EPOCHS):
-                perm = torch.randperm(len(X), generator=generator)
-                for start in range(0, len(X), BATCH):
-                    idx = perm[start:start + BATCH]
-                    optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(X[idx]), y[idx]).backward()
-                    optimizer.step()
-            weight = float(len(X))
-            for k, v in model.state_dict().items():
-                contrib = np.multiply(v.numpy(), weight, dtype=np.float64)
-                if k in sums:
-                    sums[k] += contrib
-                else:
-                    sums[k] = contrib
-            total += weight
-        global_state = {k: (s / total).astype(global_state[k].dtype) for k, s in sums.items()}
+        global_state = serial_fedavg_round(model, shards, global_state, rnd, lr=LR, seed=SEED)
         rounds.append(time.perf_counter() - t)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
     return {"setup": setup, "rounds": rounds, "total": setup + sum(rounds),
