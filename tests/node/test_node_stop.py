@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 from fedcore import Node
+from tests._support.net import free_port
 
 
 def test_a_node_stopped_right_after_start_stops_at_once_and_says_so(tmp_path):
     pytest.importorskip("websockets")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"ws://127.0.0.1:{s.getsockname()[1]}"  # nobody listens: the node keeps dialling
+    url = f"ws://127.0.0.1:{free_port()}"  # nobody listens: the node keeps dialling
     node = Node(tmp_path / "home", node_id="site")
     for _ in range(5):  # a SIGTERM can come before the transport is up, or after
         started = time.monotonic()
