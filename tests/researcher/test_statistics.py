@@ -413,6 +413,19 @@ def test_a_histogram_too_fine_for_a_node_is_refused_there_only(tmp_path, sites):
     assert hist.totals.loc[POOLED, "count"] == SIZES[0]
 
 
+def test_a_one_bin_histogram_counts_every_value_in_range(tmp_path, sites):
+    """One bin is a count in a range (it used to fail while framing the rows)."""
+    whole = pd.concat(sites[:2], ignore_index=True)["age"]
+    with _federation(tmp_path, sites[:2]) as fed, \
+            FederatedStatistics(fed.url, "cohort") as stats:
+        hist = stats.histogram("age", bins=1, range=(0, 60))
+    assert hist.counts.shape == (3, 1)
+    # as in numpy, the last bin (here the only one) includes its right edge
+    assert hist.pooled.tolist() == [int((whole <= 60).sum())]
+    assert hist.totals.loc[POOLED, "above"] == int((whole > 60).sum())
+    assert hist.counts.loc["node-01"].tolist() == [int((sites[0]["age"] <= 60).sum())]
+
+
 def test_differentially_private_statistics_are_noised_and_charged(tmp_path, sites):
     configs = {f"node-0{i}": "dp_max_epsilon = 8.0" for i in (1, 2)}
     whole = pd.concat(sites[:2])["age"]

@@ -406,9 +406,10 @@ class FederatedStatistics:
         answers = await self._ask([_query(variable, edges=edges)])
         index = pd.Index([*self._order(answers), POOLED], name="node")
         intervals = pd.IntervalIndex.from_breaks(edges, closed="left", name="bin")
-        counts = pd.DataFrame(pd.NA, index=index, columns=intervals, dtype="Int64")
-        totals = pd.DataFrame(pd.NA, index=index, dtype="Int64",
-                              columns=["count", "below", "above", "withheld"])
+        # Rows are gathered first and framed once: a row assigned into a one-bin frame
+        # is taken for one cell holding a sequence.
+        hist: dict[str, list[Any]] = {n: [pd.NA] * (edges.size - 1) for n in index}
+        tot: dict[str, list[Any]] = {n: [pd.NA] * 4 for n in index}
         notes = pd.Series({n: _node_status(answers, n, 0)["note"] for n in index[:-1]},
                           dtype=object)
         notes[POOLED] = _pooled_note(answers, 0)
@@ -418,17 +419,19 @@ class FederatedStatistics:
             if _suppressed(r):
                 continue
             add = r["additive"]
-            counts.loc[node] = pd.array(add["hist"], dtype="Int64")
-            totals.loc[node] = pd.array([add["count"], add["below"], add["above"],
-                                         _hidden(add)], dtype="Int64")
+            hist[node] = list(add["hist"])
+            tot[node] = [add["count"], add["below"], add["above"], _hidden(add)]
             for w in r["withheld"]:
                 if w["cell"] == "cells":
                     withheld.append({"node": node, "cells": int(w["cells"]),
                                      "values": _hidden(add), "reason": w["reason"]})
         pooled = _pool(answers, 0)
-        counts.loc[POOLED] = pd.array(pooled["hist"], dtype="Int64")
-        totals.loc[POOLED] = pd.array([pooled["count"], pooled["below"], pooled["above"],
-                                       _hidden(pooled)], dtype="Int64")
+        hist[POOLED] = list(pooled["hist"])
+        tot[POOLED] = [pooled["count"], pooled["below"], pooled["above"], _hidden(pooled)]
+        counts = pd.DataFrame([hist[n] for n in index], index=index, columns=intervals,
+                              dtype="Int64")
+        totals = pd.DataFrame([tot[n] for n in index], index=index, dtype="Int64",
+                              columns=["count", "below", "above", "withheld"])
         suppressed = pd.DataFrame(withheld, columns=["node", "cells", "values", "reason"])
         return Histogram(variable, edges, counts, totals, notes, suppressed)
 
