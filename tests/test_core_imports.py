@@ -92,3 +92,22 @@ def test_a_node_reaches_its_connection_without_the_researcher_side_or_pandas(tmp
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_plan_worker_starts_without_the_node_loop_or_pandas():
+    # A plan worker's start is part of the first round after a node starts: it imports the
+    # round's executor and the dataset registry, not the node's message loop, the researcher
+    # side or pandas (a CSV dataset's worker imports pandas when it opens the file).
+    script = textwrap.dedent(
+        """
+        import sys
+        import fedcore.node._sandbox
+        unused = ("pandas", "fedcore.node.node", "fedcore.researcher", "fedcore.simulate",
+                  "asyncio")
+        print(sorted(n for n in unused if n in sys.modules))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
