@@ -23,11 +23,17 @@ installed) it runs ``--rounds`` rounds after ``--warmup`` warm-up rounds and pri
 - connecting: the time from the node process having imported what it needs (the node CLI and
   the transport's module; the launcher notes the clock there) to the researcher seeing the
   node connected, the median and the slowest of the nodes, against the target (<= 1 s); and
-  "connect", from starting the processes to every node connected (mostly their imports).
+  "connect", from starting the processes to every node connected (mostly their imports);
+- the first round (with torch installed): a 4-8-2 torch MLP sent as soon as every node is
+  connected, on nodes whose datasets never ran torch, then on the same nodes restarted (each
+  node's plan worker imports at start what its dataset's earlier rounds imported), against
+  the target: no slower than that import plus two steady rounds. The import is timed in
+  fresh interpreters, as many at once as there are nodes (they share this machine's cores).
 
 Run: ``python bench/deployment_overhead.py`` (``--nodes``, ``--rounds``, ``--transports``;
-``--profile N`` prints the N costliest functions, by cProfile over the measured rounds, of the
-researcher's event-loop thread and of the first node's event-loop and training threads).
+``--first-round 0`` skips the first round; ``--profile N`` prints the N costliest functions,
+by cProfile over the measured rounds, of the researcher's event-loop thread and of the first
+node's event-loop and training threads).
 """
 
 from __future__ import annotations
