@@ -470,7 +470,8 @@ def main() -> int:
             first = first_round(homes, enrolled, args.first_round)
             home = next(iter(homes.values()))
             first["import"] = float(np.median([_import_time(home, 1) for _ in range(3)]))
-            first["import_all"] = _import_time(home, args.nodes)
+            first["import_all"] = (first["import"] if args.nodes == 1 else
+                                   _import_time(home, args.nodes))
 
     print(f"{args.nodes} fedcore-node processes, SGDClassifier on {ROWS} rows each, "
           f"median of {args.rounds} steady rounds (after {args.warmup} warm-up rounds)")
