@@ -4,25 +4,46 @@ The core imports no ML framework; backends (``fedcore_sklearn``, ``fedcore_torch
 transports are plug-ins found through entry points.
 """
 
-from fedcore import simulate
-from fedcore.aggregators import Aggregator, FedAvg
-from fedcore.data import ArrayDataset, Dataset, TabularDataset
-from fedcore.errors import (
-    ConfigurationError,
-    DatasetError,
-    FedcoreError,
-    GovernanceError,
-    PlanError,
-    ProtocolError,
-    RoundError,
-    TransportError,
-)
-from fedcore.node import Node
-from fedcore.params import ParameterSet
-from fedcore.plan import PlanBundle, TrainingPlan
-from fedcore.researcher import Experiment, FederatedStatistics, Federation, Histogram
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedcore import simulate
+    from fedcore.aggregators import Aggregator, FedAvg
+    from fedcore.data import ArrayDataset, Dataset, TabularDataset
+    from fedcore.errors import (
+        ConfigurationError,
+        DatasetError,
+        FedcoreError,
+        GovernanceError,
+        PlanError,
+        ProtocolError,
+        RoundError,
+        TransportError,
+    )
+    from fedcore.node import Node
+    from fedcore.params import ParameterSet
+    from fedcore.plan import PlanBundle, TrainingPlan
+    from fedcore.researcher import Experiment, FederatedStatistics, Federation, Histogram
 
 __version__ = "0.1.0"
+
+# Each public name is imported on first use (PEP 562): a node daemon imports
+# ``fedcore.errors`` and the node runtime, not the researcher side, pandas or the simulator
+# (~1.5 s of imports it would never use before connecting).
+_HOMES = {
+    "Aggregator": "fedcore.aggregators", "FedAvg": "fedcore.aggregators",
+    "ArrayDataset": "fedcore.data", "Dataset": "fedcore.data", "TabularDataset": "fedcore.data",
+    **dict.fromkeys(("ConfigurationError", "DatasetError", "FedcoreError", "GovernanceError",
+                     "PlanError", "ProtocolError", "RoundError", "TransportError"),
+                    "fedcore.errors"),
+    "Node": "fedcore.node", "ParameterSet": "fedcore.params",
+    "PlanBundle": "fedcore.plan", "TrainingPlan": "fedcore.plan",
+    **dict.fromkeys(("Experiment", "FederatedStatistics", "Federation", "Histogram"),
+                    "fedcore.researcher"),
+}
 
 __all__ = [
     "Aggregator",
@@ -49,3 +70,18 @@ __all__ = [
     "simulate",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "simulate":
+        return importlib.import_module("fedcore.simulate")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'fedcore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from fedcore.node import Node
-from fedcore_node.cli import main
+from fedcore_node.cli import _GROUPS, _parser, main
 
 
 def _csv(path: Path) -> Path:
@@ -89,3 +90,31 @@ def test_the_installed_command_runs(tmp_path):
     assert out.returncode == 0 and "Node n1 ready" in out.stdout
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert "dataset" in out.stdout and "init" in out.stdout
+
+
+def _helps(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, str]:
+    """Every (sub-)command's help text under ``parser``, by its command line."""
+    out = {prefix: parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                out.update(_helps(child, f"{prefix} {name}".strip()))
+    return out
+
+
+def test_a_command_line_gets_the_same_parser_as_with_every_command_built():
+    # `fedcore-node start ...` builds only its command's parser (a node's start-up time):
+    # each command and sub-command must accept and document exactly what the whole parser
+    # does, and every command must be built by the table that picks its group.
+    everything = _helps(_parser())
+    commands = {line.split()[0] for line in everything if line}
+    assert commands == set(_GROUPS)
+    for command in commands:
+        for argv in ([command], ["--home", "h", command], ["--home=h", command, "--x"]):
+            alone = _helps(_parser(argv))
+            assert alone[""].splitlines()[0] == everything[""].splitlines()[0]  # usage
+            ours = {k: v for k, v in alone.items() if k.split(" ")[0] == command}
+            assert ours == {k: v for k, v in everything.items()
+                            if k.split(" ")[0] == command}, argv
+    for argv in ([], ["--help"], ["--home"], ["nonsense"], ["--hom", "x", "start"]):
+        assert _helps(_parser(argv)) == everything

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,15 @@ from fedcore_node._commands import (
 DEFAULT_HOME = "fedcore-node"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of ``fedcore-node``; for a command line naming a command, of that command.
+
+    Building every command's arguments cost as much CPU as the rest of ``fedcore-node
+    start`` up to its connection (argparse looks up translations and makes a formatter for
+    each argument), so the parser of ``fedcore-node start ...`` holds ``start`` and
+    ``status`` only. Top-level help and a command line naming no known command get the
+    whole parser.
+    """
     p = argparse.ArgumentParser(
         prog="fedcore-node",
         description="Administer a fedcore node: its home folder and the datasets it offers "
@@ -40,9 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default=os.environ.get("FEDCORE_NODE_HOME", DEFAULT_HOME),
                    help="node home folder (default: $FEDCORE_NODE_HOME or ./fedcore-node)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = _command(argv)
+    for add in [_GROUPS[command]] if command in _GROUPS else dict.fromkeys(_GROUPS.values()):
+        add(sub)
+    return p
 
-    _init.add_parser(sub)
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names after ``--home``, if any (argparse decides the rest)."""
+    i = 0
+    while i < len(argv) and (argv[i] == "--home" or argv[i].startswith("--home=")):
+        i += 1 if "=" in argv[i] else 2
+    return argv[i] if i < len(argv) else None
+
+
+def _add_dataset_parsers(sub: Any) -> None:
+    """Add ``info`` and ``dataset`` to ``fedcore-node``'s parser."""
     sub.add_parser("info", help="show the node's id, name and home")
 
     ds = sub.add_parser("dataset", help="register, list, map and remove datasets")
@@ -80,12 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("dataset_id")
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
-    add_parsers(sub)
-    _daemon.add_parsers(sub)
-    _trust.add_parsers(sub)
-    _peers.add_parsers(sub)
-    _budget.add_parsers(sub)
-    return p
+
+#: The function adding each command's parser (with the others of its group), in the order
+#: of ``fedcore-node --help``.
+_GROUPS: dict[str, Callable[[Any], None]] = {
+    "init": _init.add_parser, "info": _add_dataset_parsers, "dataset": _add_dataset_parsers,
+    **dict.fromkeys(("plan", "policy", "audit", "user", "gui"), add_parsers),
+    **dict.fromkeys(("start", "status"), _daemon.add_parsers),
+    **dict.fromkeys(("identity", "trust"), _trust.add_parsers),
+    **dict.fromkeys(("peer", "secagg"), _peers.add_parsers),
+    "budget": _budget.add_parsers,
+}
 
 
 def _parse_options(items: Sequence[str]) -> dict[str, Any]:
@@ -194,7 +220,8 @@ def run(args: argparse.Namespace, out: Any) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedcore-node``; returns the exit code."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv).parse_args(argv)
     try:
         return run(args, sys.stdout)
     except FedcoreError as exc:

@@ -1,13 +1,31 @@
 """Datasets a node exposes to plans: metadata and arrays, never the file path."""
 
-from fedcore.data import synthetic
-from fedcore.data._base import Dataset, Items, Subset, merge_metadata
-from fedcore.data.array import ArrayDataset
-from fedcore.data.dicom import DicomDataset
-from fedcore.data.image_folder import ImageFolderDataset
-from fedcore.data.loading_plan import DataLoadingPlan
-from fedcore.data.medical_folder import MedicalFolderDataset
-from fedcore.data.tabular import TabularDataset
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedcore.data import synthetic
+    from fedcore.data._base import Dataset, Items, Subset, merge_metadata
+    from fedcore.data.array import ArrayDataset
+    from fedcore.data.dicom import DicomDataset
+    from fedcore.data.image_folder import ImageFolderDataset
+    from fedcore.data.loading_plan import DataLoadingPlan
+    from fedcore.data.medical_folder import MedicalFolderDataset
+    from fedcore.data.tabular import TabularDataset
+
+# Each name is imported on first use (PEP 562): a node that only lists its datasets does not
+# import pandas, which the tabular, folder and loading-plan modules need.
+_HOMES = {
+    "Dataset": "fedcore.data._base", "Items": "fedcore.data._base",
+    "Subset": "fedcore.data._base", "merge_metadata": "fedcore.data._base",
+    "ArrayDataset": "fedcore.data.array", "DicomDataset": "fedcore.data.dicom",
+    "ImageFolderDataset": "fedcore.data.image_folder",
+    "DataLoadingPlan": "fedcore.data.loading_plan",
+    "MedicalFolderDataset": "fedcore.data.medical_folder",
+    "TabularDataset": "fedcore.data.tabular",
+}
 
 __all__ = [
     "ArrayDataset",
@@ -22,3 +40,18 @@ __all__ = [
     "merge_metadata",
     "synthetic",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "synthetic":
+        return importlib.import_module("fedcore.data.synthetic")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'fedcore.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

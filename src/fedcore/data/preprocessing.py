@@ -16,13 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from fedcore.data._base import Dataset
 from fedcore.errors import ConfigurationError, DatasetError
+
+if TYPE_CHECKING:  # imported where a frame is transformed: the node imports this module early
+    import pandas as pd
 
 __all__ = ["PreprocessedDataset", "Preprocessing"]
 
@@ -94,6 +96,8 @@ class Preprocessing:
 
     def apply(self, frame: pd.DataFrame) -> pd.DataFrame:
         """``frame`` transformed (a copy); a column it needs that is absent is an error."""
+        import pandas as pd
+
         missing = [c for c in self.columns if c not in frame.columns]
         if missing:
             raise DatasetError(
@@ -116,6 +120,8 @@ class PreprocessedDataset(Dataset):
     """A tabular dataset seen through a :class:`Preprocessing` (same samples, same order)."""
 
     def __init__(self, parent: Dataset, transform: Preprocessing):
+        import pandas as pd
+
         frame = getattr(parent, "frame", None)
         if not isinstance(frame, pd.DataFrame):
             raise ConfigurationError(

@@ -14,14 +14,16 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from fedcore.errors import ConfigurationError, DatasetError
 from fedcore.governance.statistics import Measure, Partition, StatisticsPolicy, check_bins
 from fedcore.wire.statistics import IMAGE_VARIABLE, MAX_QUERIES, Query, check_query
+
+if TYPE_CHECKING:  # pandas is imported by the query that reads a table, not by the node
+    import pandas as pd
 
 __all__ = ["Noise", "Track", "compute_statistics"]
 
@@ -159,6 +161,8 @@ def _source(dataset: Any, variable: str) -> tuple[Iterable[Any], str]:
 
 def _table(dataset: Any) -> pd.DataFrame | None:
     """A table's rows (``frame``), or a medical folder's ``demographics``; None otherwise."""
+    import pandas as pd
+
     for name in ("frame", "demographics"):
         table = getattr(dataset, name, None)
         if isinstance(table, pd.DataFrame):
@@ -177,6 +181,8 @@ class _Lazy:
 
 
 def _numeric(dtype: Any) -> bool:
+    import pandas as pd
+
     return bool(pd.api.types.is_numeric_dtype(dtype)) and not pd.api.types.is_complex_dtype(
         dtype)
 

@@ -9,24 +9,21 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from tinydb import Query, TinyDB
 
-from fedcore.data import (
-    ArrayDataset,
-    DataLoadingPlan,
-    Dataset,
-    DicomDataset,
-    ImageFolderDataset,
-    MedicalFolderDataset,
-    TabularDataset,
-)
+from fedcore.data._base import Dataset
 from fedcore.errors import ConfigurationError, DatasetError
 
-Opener = Callable[[Path, dict[str, Any], DataLoadingPlan | None], Dataset]
+if TYPE_CHECKING:
+    from fedcore.data.loading_plan import DataLoadingPlan
+
+# The dataset kinds' modules (pandas, nibabel, pydicom, Pillow) are imported when a dataset
+# of that kind is opened: a node daemon connects without them.
+
+Opener = Callable[[Path, dict[str, Any], "DataLoadingPlan | None"], Dataset]
 
 
 @dataclass(frozen=True)
@@ -40,6 +37,8 @@ class _Kind:
 
 
 def _open_csv(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
+    from fedcore.data.tabular import TabularDataset
+
     dataset = TabularDataset(path, read_csv_kwargs=opts.get("read_csv"))
     if not plan:
         return dataset
@@ -57,11 +56,15 @@ def _open_npz(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) ->
             "An array (.npz) dataset has no named modalities, columns or values for a "
             "DataLoadingPlan to map."
         )
+    from fedcore.data.array import ArrayDataset
+
     return ArrayDataset.load(path)
 
 
 def _open_medical(path: Path, opts: dict[str, Any],
                   plan: DataLoadingPlan | None) -> Dataset:
+    from fedcore.data.medical_folder import MedicalFolderDataset
+
     return MedicalFolderDataset(
         path, demographics=opts.get("demographics"),
         subject_column=opts.get("subject_column", "subject"),
@@ -71,6 +74,8 @@ def _open_medical(path: Path, opts: dict[str, Any],
 
 
 def _open_dicom(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
+    from fedcore.data.dicom import DicomDataset
+
     return DicomDataset(
         path, demographics=opts.get("demographics"),
         subject_column=opts.get("subject_column", "subject"),
@@ -81,6 +86,8 @@ def _open_dicom(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) 
 
 
 def _open_images(path: Path, opts: dict[str, Any], plan: DataLoadingPlan | None) -> Dataset:
+    from fedcore.data.image_folder import ImageFolderDataset
+
     size = opts.get("size")
     if isinstance(size, str):
         size = [int(s) for s in size.lower().replace("x", ",").split(",") if s.strip()]
@@ -197,6 +204,8 @@ class DatasetRegistry:
     def add_arrays(self, name: str, tags: Iterable[str], X: Any, y: Any = None,
                    **kwargs: Any) -> dict[str, Any]:
         """Save arrays as an ``.npz`` file in the node home and register it."""
+        from fedcore.data.array import ArrayDataset
+
         self._data_dir.mkdir(parents=True, exist_ok=True)
         path = self._data_dir / f"{uuid.uuid4().hex[:12]}.npz"
         ArrayDataset(X, y).save(path)
@@ -241,6 +250,8 @@ class DatasetRegistry:
 
     def get_loading_plan(self, dataset_id: str) -> DataLoadingPlan | None:
         """The DataLoadingPlan attached to a dataset, or ``None``."""
+        from fedcore.data.loading_plan import DataLoadingPlan
+
         stored = self.get(dataset_id).get("loading_plan")
         return DataLoadingPlan.from_dict(stored) if stored else None
 
@@ -424,6 +435,8 @@ def _names(value: Any) -> builtins.list[str] | None:
 def _plan(plan: DataLoadingPlan | Mapping[str, Any] | None) -> DataLoadingPlan | None:
     if plan is None:
         return None
+    from fedcore.data.loading_plan import DataLoadingPlan
+
     plan = DataLoadingPlan.from_dict(plan)
     return plan if plan else None
 
@@ -443,6 +456,8 @@ def _category_counts(dataset: Dataset, metadata: Mapping[str, Any]) -> dict[str,
     Never shared: it decides which values may be listed. A column it cannot count gets no
     counts, and then none of its values is listed.
     """
+    import pandas as pd
+
     out: dict[str, list[int]] = {}
     classes = metadata.get("class_counts") or {}
     table = next((t for name in ("frame", "demographics")
@@ -473,6 +488,10 @@ def _report(dataset: Dataset) -> dict[str, Any]:
     empty) per column, for the administrator to fix the export or choose a
     DataLoadingPlan.
     """
+    import pandas as pd
+
+    from fedcore.data.medical_folder import MedicalFolderDataset
+
     report: dict[str, Any] = {}
     table = next((t for name in ("frame", "demographics")
                   if isinstance(t := getattr(dataset, name, None), pd.DataFrame)), None)
