@@ -354,7 +354,8 @@ class MqttTransport(Transport):
 
     def _on_readable(self) -> None:
         client = self._client
-        client.loop_read()
+        client.loop_read()  # every packet waiting, up to the messages in flight
+        _quickack(client)  # once per read, not per packet
         sock: Any = client.socket()
         # TLS: records already decrypted wait in the TLS object, not in the socket.
         if self._reading and sock is not None and getattr(sock, "pending", None) \
@@ -467,17 +468,15 @@ class MqttTransport(Transport):
         except (AttributeError, OSError):  # not a TCP socket
             pass
 
-    def _on_publish(self, client: paho.Client, _userdata: Any, mid: int,
+    def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int,
                     _reason: ReasonCode, _properties: Properties | None) -> None:
-        _quickack(client)
         self._unacked = max(0, self._unacked - 1)
         self._acked.set()
         if self._goodbye is not None and self._goodbye[0] == mid:
             self._goodbye[1].set()
 
-    def _on_message(self, client: paho.Client, _userdata: Any,
+    def _on_message(self, _client: paho.Client, _userdata: Any,
                     message: paho.MQTTMessage) -> None:
-        _quickack(client)
         topic = message.topic
         if topic.startswith(self._peer_presence) or topic == self._presence:
             self._on_presence(topic, message.payload)
@@ -504,13 +503,19 @@ class MqttTransport(Transport):
         self._inbox.put_nowait(sender, payload)
 
     async def _drain(self) -> None:
-        """Queue the messages held while the inbox was full, then read the socket again."""
+        """Queue the messages held while the inbox was full, then read the socket again.
+
+        Reading stops for half the keepalive at most (the broker's PINGRESP must be read in
+        time): what finds no room by then is dropped.
+        """
         wait = self._keepalive / 2
+        deadline = time.monotonic() + wait
         try:
             while self._held:
                 sender, payload = self._held[0]
                 try:
-                    await asyncio.wait_for(self._inbox.put(sender, payload), wait)
+                    await asyncio.wait_for(self._inbox.put(sender, payload),
+                                           max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     log.warning("Dropped a message of %d bytes from %r: the inbox stayed full "
                                 "for %g s (the consumer is too slow).", len(payload), sender,
@@ -605,7 +610,7 @@ class MqttTransport(Transport):
 
 
 def _quickack(client: paho.Client) -> None:
-    """Acknowledge at once, on Linux, the TCP segment that brought a PUBACK or a message.
+    """Acknowledge at once, on Linux, the TCP segments just read (PUBACKs, messages).
 
     Nothing of ours follows a PUBACK to carry the TCP ACK, so the kernel delays it (~40 ms);
     meanwhile a broker without ``set_tcp_nodelay`` (Mosquitto's default) holds back, by
