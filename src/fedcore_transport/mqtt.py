@@ -353,6 +353,8 @@ class MqttTransport(Transport):
         self._loop.call_soon(self._flush)
 
     def _on_readable(self) -> None:
+        if not self._reading:  # paused (or closed) since this call was scheduled
+            return
         client = self._client
         client.loop_read()  # every packet waiting, up to the messages in flight
         _quickack(client)  # once per read, not per packet
