@@ -185,7 +185,6 @@ class MqttTransport(Transport):
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
         self._client = client
         self._keepalive = keepalive
         self._retry_max = retry_max
@@ -323,10 +322,10 @@ class MqttTransport(Transport):
             except OSError:
                 self._on_connect_fail(self._client, None)
             else:
+                self._watch()
                 if self._closing:  # close() came while dialing: hang up at once
                     self._client.disconnect()
                     self._flush()
-                self._watch()
                 while self._sock is not None and not self._closing:
                     with contextlib.suppress(TimeoutError):  # keepalive pings, every second
                         await asyncio.wait_for(self._gone.wait(), 1.0)
@@ -378,9 +377,9 @@ class MqttTransport(Transport):
     def _flush(self) -> None:
         """Write what paho queued (once per loop pass, for every publish made meanwhile)."""
         self._writing = False
-        client = self._client
-        if client.socket() is None:
+        if self._sock is None:  # not watched (closed, or still dialing on the worker thread)
             return
+        client = self._client
         client.loop_write()
         sock = client.socket()
         if sock is not None and client.want_write():  # the socket is full: wait for room
@@ -402,14 +401,11 @@ class MqttTransport(Transport):
         self._writing = True
         self._loop.call_soon(self._flush)
 
-    def _on_unregister_write(self, _client: paho.Client, _userdata: Any, _sock: Any) -> None:
-        pass  # _flush and _drained follow what is left to write
-
     def _on_socket_close(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
         if sock is not self._sock or self._loop is None:
             return
         loop = self._loop
-        if threading.get_ident() != self._loop_thread:  # pragma: no cover - paho dialing
+        if threading.get_ident() != self._loop_thread:  # paho dialing on the worker thread
             loop.call_soon_threadsafe(self._unwatch, sock)
         else:
             self._unwatch(sock)
@@ -597,7 +593,7 @@ class MqttTransport(Transport):
         """Hang up (DISCONNECT, so no last will) and stop redialing."""
         self._closing = True
         self._stop.set()
-        if self._client.socket() is not None:
+        if self._sock is not None:
             self._client.disconnect()
             self._flush()  # paho closes the socket once DISCONNECT is written
             with contextlib.suppress(TimeoutError):
@@ -605,6 +601,10 @@ class MqttTransport(Transport):
         if self._keeper is not None:
             await self._keeper  # at most one dial in progress (paho's connect timeout)
             self._keeper = None
+        if self._sock is not None:  # DISCONNECT still unwritten after a second: drop it
+            sock = self._sock
+            self._unwatch(sock)
+            sock.close()
         if self._draining is not None:
             self._draining.cancel()
         self._held.clear()
