@@ -227,6 +227,36 @@ def test_frames_flow_again_after_a_broker_restart(tmp_path):
         broker.stop()
 
 
+def test_a_node_started_before_its_broker_joins_once_it_is_up_and_closes_while_waiting(
+        tmp_path):
+    """A node whose broker is not up yet returns from start() and keeps dialing; it joins
+    once the broker starts. A node that never reached its broker closes at once."""
+    broker = Broker(tmp_path, "allow_anonymous true")  # its port, not started yet
+    url = f"mqtt://127.0.0.1:{broker.port}/{fed()}?retry_max=0.5&connect_timeout=0.5"
+
+    async def scenario() -> None:
+        early = MqttTransport(url, role="node", identity="early")
+        never = MqttTransport(url, role="node", identity="never")
+        await early.start()  # a node waits for its broker, as for its researcher
+        await never.start()
+        await never.close()
+        broker.start()
+        researcher = open_transport(url, role="researcher", identity="researcher")
+        await researcher.start()
+        try:
+            await wait_until(lambda: researcher.peers() == {"early"}, "the node to join", 15)
+            await researcher.send("early", b"hello")
+            assert await asyncio.wait_for(early.receive(), 10) == ("researcher", b"hello")
+        finally:
+            await early.close()
+            await researcher.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 40))
+    finally:
+        broker.stop()
+
+
 def test_a_node_that_dies_leaves_peers(broker, tmp_path):
     """A node process killed without a goodbye disappears (its last will)."""
     url = f"mqtt://127.0.0.1:{broker.port}/{fed()}"
