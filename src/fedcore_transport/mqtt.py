@@ -556,7 +556,7 @@ class MqttTransport(Transport):
             self._peers.pop(identity, None)  # a stale will of an older session is ignored
 
     def _resubscribe(self, subscribe: list[str], unsubscribe: list[str]) -> None:
-        """Change the inbox subscriptions (any thread; paho queues the packets in order)."""
+        """Change the inbox subscriptions (paho queues the packets in order)."""
         if subscribe:
             self._client.subscribe([(f, 1) for f in subscribe])
         if unsubscribe:
