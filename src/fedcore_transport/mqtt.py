@@ -16,15 +16,18 @@ largest packet it accepts, so nobody can push a larger message to it. Messages a
 end to end by the core (:mod:`fedcore.wire.signing`), so bytes injected or altered by anyone
 allowed to publish on the broker are refused, and QoS 1 duplicates are dropped there.
 
-Received messages wait in a bounded inbox (``inbox_bytes``, 8 MiB by default). paho reads on
-its own thread: when the inbox is full, that thread waits (up to half the keepalive) before
-acknowledging the message, so the broker stops sending and queues for this endpoint (up to
-its ``max_queued_messages``); a message still refused after that wait is dropped with a log
-line (its frame is then incomplete, and dropped by the core).
+paho runs on the endpoint's event loop (its external-loop API: the loop watches the socket
+and calls paho to read, write and keep the connection alive), so a message reaches the core
+and a publish reaches the socket without a hand-over between threads; only the blocking
+connection (TCP, TLS handshake) runs on a worker thread. Received messages wait in a bounded
+inbox (``inbox_bytes``, 8 MiB by default). When it is full, the endpoint stops reading its
+socket (up to half the keepalive), so the broker stops sending and queues for this endpoint
+(up to its ``max_queued_messages``); a message that still finds no room after that wait is
+dropped with a log line (its frame is then incomplete, and dropped by the core).
 
-paho reconnects by itself (``retry_max`` caps the backoff); on every connection the
-endpoint subscribes and announces itself again, so a broker restart is survived. Frames in
-flight during the outage may be lost: correlation and timeouts live in the core.
+The endpoint reconnects by itself (``retry_max`` caps the backoff); on every connection it
+subscribes and announces itself again, so a broker restart is survived. Frames in flight
+during the outage may be lost: correlation and timeouts live in the core.
 
 Strangers flooding the inbox: a node's inbox is one subscription per sender name. When more
 than ``strangers_per_s`` messages a second (default 100 on a node, 0 = never on a
@@ -51,6 +54,7 @@ environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -60,6 +64,7 @@ import ssl as ssl_lib
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -178,20 +183,29 @@ class MqttTransport(Transport):
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
         self._client = client
         self._keepalive = keepalive
+        self._retry_max = retry_max
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0  # the loop's thread: paho calls back from a worker while dialing
+        self._keeper: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()  # close(): the keeper stops dialing
+        self._gone = asyncio.Event()  # the socket closed
+        self._sock: Any = None  # the socket the loop watches
+        self._writing = False  # a flush is scheduled or the loop waits for the socket to drain
+        self._reading = False
+        self._held: deque[tuple[str, bytes]] = deque()  # received while the inbox was full
+        self._draining: asyncio.Task[None] | None = None
         self._inbox = Inbox(self.identity, self._inbox_bytes)
-        self._peers: dict[str, int] = {}  # identity -> session (loop thread only)
+        self._peers: dict[str, int] = {}  # identity -> session
         self._connected = False
+        self._accepted = False  # the broker accepted the connection being kept
         self._first: asyncio.Future[str | None] | None = None  # None: connected; str: refusal
-        # Messages published and not yet acknowledged: paho's thread counts the PUBACKs down
-        # under the lock, and wakes the loop only when a sender waits for room (not once per
-        # message, which cost a hand-over to the loop for each 1 MiB chunk).
-        self._unacked = 0
-        self._ack_lock = threading.Lock()
-        self._ack_waiting = False
+        self._unacked = 0  # messages published and not yet acknowledged by the broker
         self._acked = asyncio.Event()
+        self._goodbye: tuple[int, asyncio.Event] | None = None  # mid of the presence cleared
         self._closing = False
 
     # --- the interface ----------------------------------------------------------------------
@@ -204,14 +218,17 @@ class MqttTransport(Transport):
         background instead, as a websocket node waits for its researcher.
         """
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._inbox, self._acked = Inbox(self.identity, self._inbox_bytes), asyncio.Event()
+        self._stop, self._gone = asyncio.Event(), asyncio.Event()
+        self._held.clear()
         self._first = self._loop.create_future()
         self._closing = False
         limits = Properties(PacketTypes.CONNECT)  # nobody may push a larger packet to us
         limits.MaximumPacketSize = self._chunk + _PACKET_SLACK
         self._client.connect_async(self._host, self._port, keepalive=self._keepalive,
                                    properties=limits)
-        self._client.loop_start()
+        self._keeper = asyncio.create_task(self._keep_connected())
         try:
             refusal = await asyncio.wait_for(asyncio.shield(self._first),
                                              self._connect_timeout)
@@ -250,17 +267,17 @@ class MqttTransport(Transport):
         if peer not in self._peers:
             raise TransportError(f"No peer {peer!r} is connected to {self._where}. "
                                  f"Connected: {sorted(self._peers)}")
-        while not self._take_room():  # backpressure: the broker acknowledges messages
+        while self._unacked >= _WINDOW:  # backpressure: the broker acknowledges messages
+            self._acked.clear()
             await self._acked.wait()
         if not self._connected:
-            self._one_acked()
             raise TransportError(f"Lost the MQTT broker at {self._where} while sending to "
                                  f"{peer!r}.")
         info = self._client.publish(self._outbox.format(peer=peer), frame, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            self._one_acked()
             raise TransportError(f"Cannot publish to {self._where}: "
                                  f"{paho.error_string(info.rc)}")
+        self._unacked += 1
 
     async def receive(self) -> tuple[str, bytes]:
         return await self._inbox.get()
@@ -272,10 +289,10 @@ class MqttTransport(Transport):
             self._open_door()
         if self._connected:  # a clean goodbye: clear the retained birth message
             info = self._client.publish(self._presence, b"", qos=1, retain=True)
-            try:
-                await asyncio.to_thread(info.wait_for_publish, 2.0)
-            except (RuntimeError, ValueError):  # the broker went away meanwhile
-                pass
+            self._goodbye = (info.mid, asyncio.Event())
+            with contextlib.suppress(TimeoutError):  # the broker went away meanwhile
+                await asyncio.wait_for(self._goodbye[1].wait(), 2.0)
+            self._goodbye = None
         await self._stop_client()
         self._peers.clear()
         self._inbox.close()
@@ -293,13 +310,116 @@ class MqttTransport(Transport):
         """
         self._door.verified(peer)
 
-    # --- paho's network thread --------------------------------------------------------------
+    # --- the connection, kept on the event loop ---------------------------------------------
 
-    def _call(self, fn: Any, *args: Any) -> None:
-        """Run ``fn(*args)`` on the endpoint's event loop (from paho's thread)."""
+    async def _keep_connected(self) -> None:
+        """Dial the broker, serve the connection, redial after a backoff, until closed."""
+        delay = 0.1
+        while not self._closing:
+            self._accepted = False
+            try:  # TCP connect and TLS handshake block: a worker thread waits for them
+                await asyncio.to_thread(self._client.reconnect)
+            except OSError:
+                self._on_connect_fail(self._client, None)
+            else:
+                self._watch()
+                if self._closing:  # close() came while dialing: hang up at once
+                    self._client.disconnect()
+                    self._flush()
+                while self._sock is not None and not self._closing:
+                    with contextlib.suppress(TimeoutError):  # keepalive pings, every second
+                        await asyncio.wait_for(self._gone.wait(), 1.0)
+                    if not self._gone.is_set():
+                        self._client.loop_misc()
+                if self._accepted:
+                    delay = 0.1
+            if self._closing:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = min(delay * 2, self._retry_max)
+
+    def _watch(self) -> None:
+        """Watch the socket paho just opened: read it, and write what paho queued meanwhile."""
+        assert self._loop is not None
+        sock = self._client.socket()
+        if sock is None:
+            return
+        self._sock = sock
+        self._gone.clear()
+        self._resume_reading()
+        self._writing = True
+        self._loop.call_soon(self._flush)
+
+    def _on_readable(self) -> None:
+        if not self._reading:  # paused (or closed) since this call was scheduled
+            return
+        client = self._client
+        client.loop_read()  # every packet waiting, up to the messages in flight
+        _quickack(client)  # once per read, not per packet
+        sock: Any = client.socket()
+        # TLS: records already decrypted wait in the TLS object, not in the socket.
+        if self._reading and sock is not None and getattr(sock, "pending", None) \
+                and sock.pending():
+            assert self._loop is not None
+            self._loop.call_soon(self._on_readable)
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock)
+        self._reading = False
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock, self._on_readable)
+            self._reading = True
+
+    def _flush(self) -> None:
+        """Write what paho queued (once per loop pass, for every publish made meanwhile)."""
+        self._writing = False
+        if self._sock is None:  # not watched (closed, or still dialing on the worker thread)
+            return
+        client = self._client
+        client.loop_write()
+        sock = client.socket()
+        if sock is not None and client.want_write():  # the socket is full: wait for room
+            assert self._loop is not None
+            self._writing = True
+            self._loop.add_writer(sock, self._drained)
+
+    def _drained(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_writer(self._sock)
+        self._flush()
+
+    def _on_register_write(self, _client: paho.Client, _userdata: Any, _sock: Any) -> None:
+        # paho queued a packet: write it on the next pass of the loop (while dialing, paho
+        # queues CONNECT on the worker thread; _watch writes it).
+        if self._writing or threading.get_ident() != self._loop_thread or self._sock is None:
+            return
+        assert self._loop is not None
+        self._writing = True
+        self._loop.call_soon(self._flush)
+
+    def _on_socket_close(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        if sock is not self._sock or self._loop is None:
+            return
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(fn, *args)
+        if threading.get_ident() != self._loop_thread:  # paho dialing on the worker thread
+            loop.call_soon_threadsafe(self._unwatch, sock)
+        else:
+            self._unwatch(sock)
+
+    def _unwatch(self, sock: Any) -> None:
+        if sock is not self._sock or self._loop is None:
+            return
+        if self._reading:
+            self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        self._sock, self._reading, self._writing = None, False, False
+        self._gone.set()
+
+    # --- paho's callbacks (on the event loop, inside loop_read and loop_write) ----------------
 
     def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any,
                     reason: ReasonCode, properties: Properties | None) -> None:
@@ -307,7 +427,7 @@ class MqttTransport(Transport):
             text = str(reason)
             log.error("The MQTT broker at %s refused %r: %s", self._where, self.identity, text)
             if text in _AUTH_FAILURES and not self._connected_once():
-                self._call(self._settle_first, text)
+                self._settle_first(text)
                 client.disconnect()
             return
         limit = getattr(properties, "MaximumPacketSize", None)
@@ -317,9 +437,9 @@ class MqttTransport(Transport):
         client.subscribe([(f, 1) for f in self._door.filters()]
                          + [(self._peer_presence + "+", 1), (self._presence, 1)])
         client.publish(self._presence, self._birth, qos=1, retain=True)
-        self._connected = True
+        self._connected = self._accepted = True
         log.info("Connected to %s as %s %r", self._where, self.role, self.identity)
-        self._call(self._settle_first, None)
+        self._settle_first(None)
 
     def _connected_once(self) -> bool:
         return self._first is not None and self._first.done()
@@ -334,7 +454,7 @@ class MqttTransport(Transport):
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any,
                        reason: ReasonCode, _properties: Properties | None) -> None:
         was, self._connected = self._connected, False
-        self._call(self._lost_broker)
+        self._lost_broker()
         if was and not self._closing:
             log.warning("Lost the MQTT broker at %s (%s); reconnecting.", self._where, reason)
 
@@ -346,14 +466,15 @@ class MqttTransport(Transport):
         except (AttributeError, OSError):  # not a TCP socket
             pass
 
-    def _on_publish(self, client: paho.Client, _userdata: Any, _mid: int,
+    def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int,
                     _reason: ReasonCode, _properties: Properties | None) -> None:
-        _quickack(client)
-        self._one_acked()
+        self._unacked = max(0, self._unacked - 1)
+        self._acked.set()
+        if self._goodbye is not None and self._goodbye[0] == mid:
+            self._goodbye[1].set()
 
-    def _on_message(self, client: paho.Client, _userdata: Any,
+    def _on_message(self, _client: paho.Client, _userdata: Any,
                     message: paho.MQTTMessage) -> None:
-        _quickack(client)
         topic = message.topic
         if topic.startswith(self._peer_presence) or topic == self._presence:
             self._on_presence(topic, message.payload)
@@ -362,20 +483,45 @@ class MqttTransport(Transport):
         door = self._door
         if not door.knows(sender):
             if door.stranger():
-                self._call(self._door_closed)
+                self._door_closed()
             if door.closed:  # what the broker had queued before it heard the door close
                 door.shut_out += 1  # counted for the core when the door opens
                 return
         screen = self.screen
         if screen is not None and not screen(sender, message.payload):
-            return  # junk: dropped (and counted) here, before it costs the loop anything
-        loop = self._loop
-        # Waits while the inbox is full: the PUBACK, sent when this returns, waits too.
-        if loop is not None and not self._inbox.put_threadsafe(
-                loop, sender, message.payload, self._keepalive / 2):
-            log.warning("Dropped a message of %d bytes from %r: the inbox stayed full for "
-                        "%g s (the consumer is too slow).", len(message.payload), sender,
-                        self._keepalive / 2)
+            return  # junk: dropped (and counted) here, before it costs the core anything
+        payload: bytes = message.payload  # type: ignore[assignment]  # paho gives bytes
+        if self._held or self._inbox.full():
+            # Stop reading: the broker holds what follows until the consumer catches up.
+            self._held.append((sender, payload))
+            self._pause_reading()
+            if self._draining is None:
+                self._draining = asyncio.ensure_future(self._drain())
+            return
+        self._inbox.put_nowait(sender, payload)
+
+    async def _drain(self) -> None:
+        """Queue the messages held while the inbox was full, then read the socket again.
+
+        Reading stops for half the keepalive at most (the broker's PINGRESP must be read in
+        time): what finds no room by then is dropped.
+        """
+        wait = self._keepalive / 2
+        deadline = time.monotonic() + wait
+        try:
+            while self._held:
+                sender, payload = self._held[0]
+                try:
+                    await asyncio.wait_for(self._inbox.put(sender, payload),
+                                           max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    log.warning("Dropped a message of %d bytes from %r: the inbox stayed full "
+                                "for %g s (the consumer is too slow).", len(payload), sender,
+                                wait)
+                self._held.popleft()
+        finally:
+            self._draining = None
+            self._resume_reading()
 
     def _on_presence(self, topic: str, payload: bytes | bytearray) -> None:
         try:
@@ -392,7 +538,7 @@ class MqttTransport(Transport):
             return
         identity = topic[len(self._peer_presence):]
         session = birth.get("session") if isinstance(birth, dict) else None
-        self._call(self._presence_changed, identity, bool(online), session)
+        self._presence_changed(identity, bool(online), session)
 
     # --- on the event loop ------------------------------------------------------------------
 
@@ -410,7 +556,7 @@ class MqttTransport(Transport):
             self._peers.pop(identity, None)  # a stale will of an older session is ignored
 
     def _resubscribe(self, subscribe: list[str], unsubscribe: list[str]) -> None:
-        """Change the inbox subscriptions (any thread; paho queues the packets in order)."""
+        """Change the inbox subscriptions (paho queues the packets in order)."""
         if subscribe:
             self._client.subscribe([(f, 1) for f in subscribe])
         if unsubscribe:
@@ -440,36 +586,33 @@ class MqttTransport(Transport):
 
     def _lost_broker(self) -> None:
         self._peers.clear()  # presence comes back with the retained births on reconnection
-        with self._ack_lock:  # paho resends what was not acknowledged; stop waiting for it
-            self._unacked, self._ack_waiting = 0, False
+        self._unacked = 0  # paho resends what was not acknowledged; stop waiting for it
         self._acked.set()
 
-    def _take_room(self) -> bool:
-        """On the loop: count one more message in flight, or arm the wake-up and say no."""
-        with self._ack_lock:
-            if self._unacked < _WINDOW:
-                self._unacked += 1
-                return True
-            self._ack_waiting = True
-            self._acked.clear()
-            return False
-
-    def _one_acked(self) -> None:
-        """From any thread: one message acknowledged; wake a waiting sender."""
-        with self._ack_lock:
-            self._unacked = max(0, self._unacked - 1)
-            wake, self._ack_waiting = self._ack_waiting, False
-        if wake:
-            self._call(self._acked.set)
-
     async def _stop_client(self) -> None:
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        """Hang up (DISCONNECT, so no last will) and stop redialing."""
+        self._closing = True
+        self._stop.set()
+        if self._sock is not None:
+            self._client.disconnect()
+            self._flush()  # paho closes the socket once DISCONNECT is written
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gone.wait(), 1.0)
+        if self._keeper is not None:
+            await self._keeper  # at most one dial in progress (paho's connect timeout)
+            self._keeper = None
+        if self._sock is not None:  # DISCONNECT still unwritten after a second: drop it
+            sock = self._sock
+            self._unwatch(sock)
+            sock.close()
+        if self._draining is not None:
+            self._draining.cancel()
+        self._held.clear()
         self._connected = False
 
 
 def _quickack(client: paho.Client) -> None:
-    """Acknowledge at once, on Linux, the TCP segment that brought a PUBACK or a message.
+    """Acknowledge at once, on Linux, the TCP segments just read (PUBACKs, messages).
 
     Nothing of ours follows a PUBACK to carry the TCP ACK, so the kernel delays it (~40 ms);
     meanwhile a broker without ``set_tcp_nodelay`` (Mosquitto's default) holds back, by

@@ -227,6 +227,36 @@ def test_frames_flow_again_after_a_broker_restart(tmp_path):
         broker.stop()
 
 
+def test_a_node_started_before_its_broker_joins_once_it_is_up_and_closes_while_waiting(
+        tmp_path):
+    """A node whose broker is not up yet returns from start() and keeps dialing; it joins
+    once the broker starts. A node that never reached its broker closes at once."""
+    broker = Broker(tmp_path, "allow_anonymous true")  # its port, not started yet
+    url = f"mqtt://127.0.0.1:{broker.port}/{fed()}?retry_max=0.5&connect_timeout=0.5"
+
+    async def scenario() -> None:
+        early = MqttTransport(url, role="node", identity="early")
+        never = MqttTransport(url, role="node", identity="never")
+        await early.start()  # a node waits for its broker, as for its researcher
+        await never.start()
+        await never.close()
+        broker.start()
+        researcher = open_transport(url, role="researcher", identity="researcher")
+        await researcher.start()
+        try:
+            await wait_until(lambda: researcher.peers() == {"early"}, "the node to join", 15)
+            await researcher.send("early", b"hello")
+            assert await asyncio.wait_for(early.receive(), 10) == ("researcher", b"hello")
+        finally:
+            await early.close()
+            await researcher.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 40))
+    finally:
+        broker.stop()
+
+
 def test_a_node_that_dies_leaves_peers(broker, tmp_path):
     """A node process killed without a goodbye disappears (its last will)."""
     url = f"mqtt://127.0.0.1:{broker.port}/{fed()}"
@@ -333,3 +363,36 @@ def test_a_message_larger_than_an_endpoint_accepts_never_reaches_it(broker):
             await researcher.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_node_that_stops_reading_holds_the_broker_back_and_loses_nothing(broker):
+    """A consumer that lags: the node's inbox fills (64 KiB), it stops reading its socket,
+    the broker holds the rest; once the consumer reads again every message arrives, in
+    order, and the endpoint never held more than a few of them."""
+    import tracemalloc
+
+    url = f"mqtt://127.0.0.1:{broker.port}/{fed()}"
+    count, size = 400, 16 << 10  # 6.4 MB: a hundred inboxes' worth
+
+    async def scenario() -> None:
+        researcher = open_transport(url, role="researcher", identity="researcher")
+        node = MqttTransport(url, role="node", identity="n", inbox_bytes=64 << 10)
+        await researcher.start()
+        await node.start()
+        try:
+            await wait_until(lambda: researcher.peers() == {"n"}, "the node to appear")
+            tracemalloc.start()
+            for i in range(count):
+                await researcher.send("n", i.to_bytes(4, "big") + bytes(size - 4))
+            await asyncio.sleep(1.0)  # nobody reads: the node stops reading too
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < 3 << 20, f"{peak / 2**20:.1f} MiB held while nobody read"
+            for i in range(count):
+                peer, message = await asyncio.wait_for(node.receive(), 10)
+                assert peer == "researcher" and int.from_bytes(message[:4], "big") == i
+        finally:
+            await node.close()
+            await researcher.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
