@@ -166,23 +166,24 @@ class TorchTrainingPlan(TrainingPlan):
         return loop.stats(loop.mean_loss)
 
     def _round_optimizer(self) -> torch.optim.Optimizer:
-        """This round's optimizer: :meth:`init_optimizer`'s, or the default one kept.
+        """Return this round's optimizer: :meth:`init_optimizer`'s, or the default one kept.
 
         A node keeps a built plan for the rounds of its experiment (:attr:`reusable`).
         The default optimizer is plain SGD, which keeps no state between steps: the one
         built in an earlier round, its state cleared and its learning rate set again, is
-        what a new one would be, and building it costs as much as a small node's training
-        step. A plan's own :meth:`init_optimizer` is called every round.
+        what a new one would be, without building it again for every node and round. A
+        plan's own :meth:`init_optimizer` is called every round.
         """
         if type(self).init_optimizer is not TorchTrainingPlan.init_optimizer:
             return self.init_optimizer()
         params = list(self.model.parameters())
         kept: torch.optim.Optimizer | None = getattr(self, "_default_optimizer", None)
-        if (kept is not None and len(kept.param_groups) == 1
-                and len(kept.param_groups[0]["params"]) == len(params)
-                and all(a is b for a, b in zip(kept.param_groups[0]["params"], params))):
+        group = kept.param_groups[0] if kept is not None and len(kept.param_groups) == 1 \
+            else None
+        if (kept is not None and group is not None and len(group["params"]) == len(params)
+                and all(a is b for a, b in zip(group["params"], params, strict=True))):
             kept.state.clear()
-            kept.param_groups[0]["lr"] = self.training.lr
+            group["lr"] = self.training.lr
             return kept
         self._default_optimizer = self.init_optimizer()
         return self._default_optimizer
