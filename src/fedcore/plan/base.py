@@ -108,7 +108,7 @@ class TrainingPlan(abc.ABC):
         if key is not None:
             parsed = _PARSED.setdefault(cls, {})
             if len(parsed) >= _PARSED_PER_CLASS:
-                parsed.pop(next(iter(parsed)))
+                parsed.pop(next(iter(parsed)), None)  # another thread may have taken it
             parsed[key] = training
         return training
 
