@@ -6,6 +6,7 @@ Shipping a plan as source is :mod:`fedcore.plan.bundle`'s work.
 from __future__ import annotations
 
 import abc
+import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,6 +25,7 @@ __all__ = ["TrainingPlan", "batch_indices", "check_training_args", "collect_pred
 _PARSED: weakref.WeakKeyDictionary[type, dict[Hashable, LocalTraining]] = \
     weakref.WeakKeyDictionary()
 _PARSED_PER_CLASS = 16
+_PARSED_LOCK = threading.Lock()
 
 
 class TrainingPlan(abc.ABC):
@@ -96,8 +98,9 @@ class TrainingPlan(abc.ABC):
         # plain values (a frozen LocalTraining) is kept per class.
         key = LocalTraining.cache_key(training_args)
         parsed = _PARSED.get(cls)
-        if key is not None and parsed is not None and key in parsed:
-            return parsed[key]
+        kept = parsed.get(key) if key is not None and parsed is not None else None
+        if kept is not None:
+            return kept
         keys: dict[str, Any] = {}
         defaults: dict[str, Any] = {}
         for klass in reversed(cls.__mro__):
@@ -106,10 +109,11 @@ class TrainingPlan(abc.ABC):
         training = LocalTraining.parse(training_args, keys=keys, defaults=defaults,
                                        owner=cls.__name__)
         if key is not None:
-            parsed = _PARSED.setdefault(cls, {})
-            if len(parsed) >= _PARSED_PER_CLASS:
-                parsed.pop(next(iter(parsed)), None)  # another thread may have taken it
-            parsed[key] = training
+            with _PARSED_LOCK:  # nodes check on their loop and build plans on workers
+                parsed = _PARSED.setdefault(cls, {})
+                if len(parsed) >= _PARSED_PER_CLASS:
+                    parsed.pop(next(iter(parsed)))
+                parsed[key] = training
         return training
 
     def local_loop(self, batches_per_epoch: int | None = None) -> LocalLoop:
