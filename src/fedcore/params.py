@@ -21,8 +21,11 @@ class ParameterSet(Mapping[str, np.ndarray]):
     __slots__ = ("_arrays",)
 
     def __init__(self, arrays: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()):
+        if type(arrays) is ParameterSet:  # checked when it was made
+            self._arrays: dict[str, np.ndarray] = dict(arrays._arrays)
+            return
         items = arrays.items() if isinstance(arrays, Mapping) else arrays
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays = {}
         for name, value in items:
             if not isinstance(name, str):
                 raise TypeError(f"Parameter names must be str. Received: {name!r}")
@@ -57,7 +60,9 @@ class ParameterSet(Mapping[str, np.ndarray]):
 
     def copy(self) -> ParameterSet:
         """A deep copy whose arrays are writable and own their memory."""
-        return ParameterSet((k, np.array(v, copy=True)) for k, v in self._arrays.items())
+        out = ParameterSet()
+        out._arrays = {k: np.array(v, copy=True) for k, v in self._arrays.items()}
+        return out
 
     def same_layout(self, other: Mapping[str, np.ndarray]) -> bool:
         """True when ``other`` has the same names, in order, with the same shapes and dtypes."""

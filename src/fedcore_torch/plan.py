@@ -145,7 +145,7 @@ class TorchTrainingPlan(TrainingPlan):
         batch_size = self._batch_size()
         generator = torch.Generator().manual_seed(seed)
         self._manual_seed(seed)
-        optimizer = self.init_optimizer()
+        optimizer = self._round_optimizer()
         self.model.train()
         adjust = self._gradient_terms()
         lr_sums = [0.0] * len(optimizer.param_groups)
@@ -164,6 +164,29 @@ class TorchTrainingPlan(TrainingPlan):
                 loop.step(len(y), loss=float(loss.detach()))
         self.local_steps = loop.local_steps(self._mean_lr(optimizer, loop.steps, lr_sums))
         return loop.stats(loop.mean_loss)
+
+    def _round_optimizer(self) -> torch.optim.Optimizer:
+        """Return this round's optimizer: :meth:`init_optimizer`'s, or the default one kept.
+
+        A node keeps a built plan for the rounds of its experiment (:attr:`reusable`).
+        The default optimizer is plain SGD, which keeps no state between steps: the one
+        built in an earlier round, its state cleared and its learning rate set again, is
+        what a new one would be, without building it again for every node and round. A
+        plan's own :meth:`init_optimizer` is called every round.
+        """
+        if type(self).init_optimizer is not TorchTrainingPlan.init_optimizer:
+            return self.init_optimizer()
+        params = list(self.model.parameters())
+        kept: torch.optim.Optimizer | None = getattr(self, "_default_optimizer", None)
+        group = kept.param_groups[0] if kept is not None and len(kept.param_groups) == 1 \
+            else None
+        if (kept is not None and group is not None and len(group["params"]) == len(params)
+                and all(a is b for a, b in zip(group["params"], params, strict=True))):
+            kept.state.clear()
+            group["lr"] = self.training.lr
+            return kept
+        self._default_optimizer = self.init_optimizer()
+        return self._default_optimizer
 
     def _batch_size(self) -> int:
         return self.training.batch_size or 32

@@ -272,6 +272,49 @@ def test_a_reused_model_trains_exactly_like_a_rebuilt_one(tmp_path, digits):
     assert finals[0].equal(finals[1])
 
 
+class MomentumDigitsPlan(DigitsPlan):
+    """Its own optimizer, with state between steps (a momentum buffer)."""
+
+    def init_optimizer(self):
+        return torch.optim.SGD(self.model.parameters(), lr=self.training.lr, momentum=0.9)
+
+
+class RebuiltMomentumDigitsPlan(MomentumDigitsPlan):
+    reusable = False
+
+
+@pytest.mark.parametrize("plans", [(DigitsPlan, RebuiltDigitsPlan),
+                                   (MomentumDigitsPlan, RebuiltMomentumDigitsPlan)],
+                         ids=["default-optimizer", "own-optimizer"])
+def test_a_reused_plan_starts_each_round_with_a_fresh_optimizer(digits, plans):
+    # The reused plan keeps its default optimizer between rounds; a plan's own optimizer is
+    # built every round. Either way no momentum or step state leaks into the next round.
+    from fedcore.node.executor import run_round
+    from fedcore.plan import PlanBundle
+    from fedcore.wire.messages import TrainRequest
+
+    Xtr, _, ytr, _ = digits
+    ds = ArrayDataset(Xtr[:100], ytr[:100])
+    info = {**ds.metadata(), "categories": {"target": list(range(10))}}
+    finals = []
+    for plan_class in plans:
+        warm = None
+        params = None
+        for rnd in (1, 2, 3):
+            if params is None:
+                first = plan_class({}, {"epochs": 1, "lr": 0.1}, info)
+                first.build(seed=0)
+                params = first.get_parameters().copy()
+            request = TrainRequest(plan=PlanBundle.from_class(plan_class).to_wire(),
+                                   params=params, dataset_id="d", data_info=info,
+                                   training_args={"epochs": 1, "lr": 0.1})
+            reply, plan = run_round(plan_class, request, ds, "n", rnd, {},
+                                    warm=warm if plan_class.reusable else None)
+            warm, params = plan, reply.params
+        finals.append(params)
+    assert finals[0].equal(finals[1])
+
+
 def test_a_reply_from_a_reused_model_does_not_alias_it(digits):
     from fedcore.node.executor import run_round
     from fedcore.plan import PlanBundle

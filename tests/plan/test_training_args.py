@@ -118,6 +118,26 @@ def test_values_are_type_checked_with_what_was_expected_and_received():
     assert check_training_args(SGDPlan, {}).batch_size is None  # sklearn: the whole dataset
 
 
+class ListPlan(SklearnTrainingPlan):
+    training_keys = {"layers": object}
+
+
+def test_checking_the_same_arguments_again_gives_the_same_answer():
+    # A node checks the same arguments every round (the answer is kept): values that
+    # compare equal but differ in type still parse apart, and an error is raised every time.
+    assert check_training_args(SGDPlan, {"epochs": 1}).epochs == 1
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match="'epochs'] must be a whole number"):
+            check_training_args(SGDPlan, {"epochs": True})
+    assert check_training_args(TunedPlan, {"eta0": 1}).extra["eta0"] == 1.0
+    assert check_training_args(TunedPlan, {"eta0": 1.0}) == \
+        check_training_args(TunedPlan, {"eta0": 1})
+    # A value that may change (a list) is never kept: each check reads the one it is given.
+    for _ in range(2):
+        layers = [8, 4]
+        assert check_training_args(ListPlan, {"layers": layers}).extra["layers"] is layers
+
+
 def test_the_wire_carries_the_plain_mapping_the_researcher_gave():
     given = {"epochs": 3, "batch_size": 16, "eta0": 0.5}
     training = check_training_args(TunedPlan, given)

@@ -6,7 +6,9 @@ Shipping a plan as source is :mod:`fedcore.plan.bundle`'s work.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import threading
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedcore.errors import ConfigurationError
@@ -18,6 +20,12 @@ if TYPE_CHECKING:
     from fedcore.params import ParameterSet
 
 __all__ = ["TrainingPlan", "batch_indices", "check_training_args", "collect_predictions"]
+
+#: Parsed ``training_args`` per plan class (weakly: a node loads and drops plan classes).
+_PARSED: weakref.WeakKeyDictionary[type, dict[Hashable, LocalTraining]] = \
+    weakref.WeakKeyDictionary()
+_PARSED_PER_CLASS = 16
+_PARSED_LOCK = threading.Lock()
 
 
 class TrainingPlan(abc.ABC):
@@ -86,13 +94,27 @@ class TrainingPlan(abc.ABC):
     @classmethod
     def parse_training(cls, training_args: Mapping[str, Any] | None) -> LocalTraining:
         """``training_args`` as this plan class reads them (see :attr:`training_keys`)."""
+        # A node checks the same arguments every round, for every request: the result of
+        # plain values (a frozen LocalTraining) is kept per class.
+        key = LocalTraining.cache_key(training_args)
+        parsed = _PARSED.get(cls)
+        kept = parsed.get(key) if key is not None and parsed is not None else None
+        if kept is not None:
+            return kept
         keys: dict[str, Any] = {}
         defaults: dict[str, Any] = {}
         for klass in reversed(cls.__mro__):
             keys.update(vars(klass).get("training_keys", {}))
             defaults.update(vars(klass).get("training_defaults", {}))
-        return LocalTraining.parse(training_args, keys=keys, defaults=defaults,
-                                   owner=cls.__name__)
+        training = LocalTraining.parse(training_args, keys=keys, defaults=defaults,
+                                       owner=cls.__name__)
+        if key is not None:
+            with _PARSED_LOCK:  # nodes check on their loop and build plans on workers
+                parsed = _PARSED.setdefault(cls, {})
+                if len(parsed) >= _PARSED_PER_CLASS:
+                    parsed.pop(next(iter(parsed)))
+                parsed[key] = training
+        return training
 
     def local_loop(self, batches_per_epoch: int | None = None) -> LocalLoop:
         """The counting of this round's local training, reporting progress to the node.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -35,6 +35,7 @@ COMMON_KEYS: Mapping[str, Any] = MappingProxyType({
     "batch_size": int, "epochs": int, "lr": float, "num_updates": int, "use_gpu": bool})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+_PLAIN = frozenset({bool, int, float, str, type(None)})
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,26 @@ class LocalTraining:
                                      f"Received: {use_gpu!r} (of type {type(use_gpu).__name__})")
         values["use_gpu"] = use_gpu
         return cls(**values, extra=MappingProxyType(extra), explicit=frozenset(given))
+
+    @staticmethod
+    def cache_key(mapping: Mapping[str, Any] | None) -> Hashable | None:
+        """A key under which :meth:`parse` of ``mapping`` may be kept, or ``None``.
+
+        Only a dict of plain values (``bool``, ``int``, ``float``, ``str``, ``None``) has
+        one: a parsed value may then be shared, and nothing the caller changes later can
+        change it. Types and ``repr`` are part of the key, since ``1``, ``1.0`` and ``True``
+        compare equal but do not parse alike.
+        """
+        if mapping is None:
+            return ()
+        if type(mapping) is not dict:
+            return None
+        key = []
+        for name, value in mapping.items():
+            if type(name) is not str or type(value) not in _PLAIN:
+                return None
+            key.append((name, type(value), repr(value)))
+        return tuple(key)
 
     def to_dict(self) -> dict[str, Any]:
         """The keys the researcher gave, as plain data (what ``TrainRequest`` carries)."""
