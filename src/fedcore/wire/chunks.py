@@ -9,8 +9,9 @@ travels as chunks, each one message::
     b"FCC1" | u32 reserved | frame id u64 | offset u64 | total length u64 | data [| trailer]
 
 The sender slices the codec's buffers with memoryviews and never joins the frame; on a
-networked transport it signs each chunk (:mod:`fedcore.wire.signing`), hashing the next chunk on
-a worker thread while the current one is written. The receiver verifies every chunk before
+networked transport it signs each chunk (:mod:`fedcore.wire.signing`), hashing the next chunk
+while the current one is written (on a worker thread, or on the event loop for a transport
+that asks for it: ``Transport.hash_on_loop``). The receiver verifies every chunk before
 it touches it: the trailer's key must be trusted (checked before any hashing), the signature
 covers the chunk's header, so its frame, position and the frame's length cannot be changed,
 spliced from another frame or reordered, and its counter is checked against replays. Only
