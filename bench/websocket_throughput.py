@@ -14,9 +14,10 @@ Two paths move the same bytes over loopback, on one event loop in one process:
   encoding, no reassembly.
 
 Effective MB/s counts every byte of parameters moved: 2 directions x nodes x size / seconds.
-The paths alternate (``--pairs`` runs of ``--repeats`` rounds each), so that the machine's
-load weighs on both alike; the process CPU seconds per round are printed too, a figure the
-load moves less than wall time.
+The paths alternate (``--pairs`` runs of ``--repeats`` rounds each, in turn raw first and
+fedcore first), so that the machine's load and each run's aftermath weigh on both alike;
+the process CPU seconds per round are printed too, a figure the load moves less than wall
+time.
 Run: ``python bench/websocket_throughput.py`` (``--mb``, ``--nodes``, ``--repeats``,
 ``--pairs``, ``--one-frame``).
 """
@@ -116,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     cpu: dict[str, list[float]] = {name: [] for name in paths}
     load_before = os.getloadavg()[0]
+    order = list(paths.items())
     for _ in range(args.pairs):  # alternate, so that the machine's load hits both alike
-        for name, run in paths.items():
+        # ... in both orders (raw, fedcore, fedcore, raw, ...): a run right after the other
+        # path paid up to 0.5 s more system time per round (see bench/README.md)
+        for name, run in order:
             before = _cpu()
             times = asyncio.run(run())
             seconds[name] += times
             cpu[name].append((_cpu() - before) / len(times))
+        order.reverse()
     results = {}
     for name in paths:
         median = statistics.median(seconds[name])

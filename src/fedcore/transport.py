@@ -195,11 +195,6 @@ class Transport(abc.ABC):
     #: number of messages it dropped unread since it last did (the MQTT transport: what was
     #: on its way when it shut strangers out), so that the core's summaries count them.
     shed: Callable[[int], None] | None = None
-    #: Whether the core signs, verifies and copies this transport's messages on the event
-    #: loop (true) or hands those above 256 KiB to a worker thread (false). A transport
-    #: whose event loop moves every byte itself (websockets) loses more to the hand-overs
-    #: than it gains from hashing beside the loop when the machine is busy.
-    hash_on_loop: bool = False
 
     def __init__(self, url: str, *, role: Role, identity: str):
         #: The URL without its credentials, safe to log, audit and show.

@@ -62,10 +62,6 @@ class WebSocketTransport(Transport):
 
     capabilities = Capabilities(max_frame_size=_MAX_FRAME, ordered=True, broadcast=False,
                                 networked=True)
-    # This loop parses, unmasks and joins every fragment in Python anyway; hashing a 16 MiB
-    # chunk here (BLAKE3, ~2 ms) costs less than handing it to a worker thread and back on a
-    # busy machine (see bench/README.md, websocket_throughput.py).
-    hash_on_loop = True
 
     def __init__(self, url: str, *, role: Role, identity: str,
                  ssl: ssl_lib.SSLContext | None = None, ping_interval: float | None = 20.0,

@@ -9,9 +9,8 @@ travels as chunks, each one message::
     b"FCC1" | u32 reserved | frame id u64 | offset u64 | total length u64 | data [| trailer]
 
 The sender slices the codec's buffers with memoryviews and never joins the frame; on a
-networked transport it signs each chunk (:mod:`fedcore.wire.signing`), hashing the next chunk
-while the current one is written (on a worker thread, or on the event loop for a transport
-that asks for it: ``Transport.hash_on_loop``). The receiver verifies every chunk before
+networked transport it signs each chunk (:mod:`fedcore.wire.signing`), hashing the next chunk on
+a worker thread while the current one is written. The receiver verifies every chunk before
 it touches it: the trailer's key must be trusted (checked before any hashing), the signature
 covers the chunk's header, so its frame, position and the frame's length cannot be changed,
 spliced from another frame or reordered, and its counter is checked against replays. Only
@@ -63,9 +62,8 @@ _HEADER = struct.Struct("<4sIQQQ")
 _MAGIC = b"FCC1"
 CHUNK_HEADER = _HEADER.size  #: bytes of a chunk's header
 # Hash and copy larger messages on a worker thread, so that the event loop keeps moving
-# bytes meanwhile (unless the transport asks for its loop: ``Transport.hash_on_loop``).
-# Measured against 2 MiB (1 MiB MQTT messages hashed on the loop): less CPU per hand-over
-# saved, but 40% less throughput, as the loop stalled while it hashed.
+# bytes meanwhile. Measured against 2 MiB (1 MiB MQTT messages hashed on the loop): less CPU
+# per hand-over saved, but 40% less throughput, as the loop stalled while it hashed.
 _THREAD_BYTES = 256 << 10
 _HEAD = 64 << 10  # bytes of a refused frame kept, to read its header for an error reply
 
@@ -122,8 +120,6 @@ class ChunkedTransport(Transport):
         self.max_frame_size = max_frame_size
         self.in_flight = in_flight
         self.timeout = timeout
-        # messages above this many bytes are hashed and copied on a worker thread
-        self._thread_bytes = float("inf") if inner.hash_on_loop else _THREAD_BYTES
         self._ids = itertools.count(random.getrandbits(62))
         self._partials: dict[str, dict[int, _Partial]] = {}
         self._flight: Counter[bytes | str] = Counter()  # partial frames per key (or peer)
@@ -228,7 +224,7 @@ class ChunkedTransport(Transport):
 
     async def _sign(self, message: list[Buffer], size: int) -> bytes:
         assert self.guard is not None
-        if size > self._thread_bytes:  # hashing releases the GIL: the loop keeps moving bytes
+        if size > _THREAD_BYTES:  # hashlib releases the GIL: the loop keeps moving bytes
             return await asyncio.to_thread(self.guard.trailer, message)
         return self.guard.trailer(message)
 
@@ -268,7 +264,7 @@ class ChunkedTransport(Transport):
             claimed = self.guard.signer(view)  # cheap: before any hashing
             self.admission.check_claim(peer, claimed)
             partial = self._continued(peer, header, len(view) - CHUNK_HEADER - TRAILER)
-            if partial is not None and len(view) > self._thread_bytes \
+            if partial is not None and len(view) > _THREAD_BYTES \
                     and claimed == (partial.signer, partial.key):
                 # The next chunk of a frame: verify it and copy it into place on one
                 # worker thread (hashlib and numpy release the GIL).
@@ -277,7 +273,7 @@ class ChunkedTransport(Transport):
                                               header[1])
                 return self._advance(peer, header[0], partial, end)
             signed = (await asyncio.to_thread(self.guard.verify, view, claimed)
-                      if len(view) > self._thread_bytes else self.guard.verify(view, claimed))
+                      if len(view) > _THREAD_BYTES else self.guard.verify(view, claimed))
             self.admission.vouch(peer, claimed[1])
             self.inner.verified(peer)
             if header is None or header[1] == 0:  # a new frame
@@ -397,7 +393,7 @@ class ChunkedTransport(Transport):
             return None
         end = offset + len(data)
         target = partial.buffer[offset:end]
-        if len(data) > self._thread_bytes:  # numpy copies without the GIL
+        if len(data) > _THREAD_BYTES:  # numpy copies without the GIL
             await asyncio.to_thread(np.copyto, target, np.frombuffer(data, np.uint8))
         else:
             target[:] = np.frombuffer(data, np.uint8)

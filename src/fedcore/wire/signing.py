@@ -200,7 +200,7 @@ class Guard:
         ``signer`` is what :meth:`signer` returned for it, when the caller checked already.
         The cheap checks (size, key, time, counter) come before the hashing and the
         signature check, so a stale or replayed message costs no cryptography. The replay
-        state is updated only when every check passed (thread-safe: large messages may be
+        state is updated only when every check passed (thread-safe: large messages are
         verified on worker threads).
         """
         view = memoryview(message).cast("B")
