@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mb", type=int, default=100, help="size of the parameters (MB)")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per run")
-    parser.add_argument("--pairs", type=int, default=3,
-                        help="alternating runs of each path")
+    parser.add_argument("--pairs", type=int, default=4,
+                        help="alternating runs of each path (raw first, then fedcore first, ...)")
     parser.add_argument("--one-frame", action="store_true",
                         help="also time raw websockets sending one huge websocket frame")
     args = parser.parse_args(argv)
