@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mb", type=int, default=100, help="size of the parameters (MB)")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per pass and path")
-    parser.add_argument("--passes", type=int, default=2,
+    parser.add_argument("--passes", type=int, default=4,
                         help="passes, each running both paths in turn")
     parser.add_argument("--chunk", type=int, action="append",
                         help="chunk size in bytes (repeatable; default 1 MiB)")
@@ -170,11 +170,16 @@ def main(argv: list[str] | None = None) -> int:
             for chunk in chunks:
                 runs: dict[str, tuple[list[float], list[float]]] = {"raw": ([], []),
                                                                     "fed": ([], [])}
+                order = list(runs.items())
                 for _ in range(args.passes):
-                    for path, times in runs.items():
+                    # both orders in turn (raw, fedcore, fedcore, raw, ...): a run right after
+                    # the other path pays for the pages that path left to fault in again
+                    # (see websocket_throughput.py), so neither path always goes second
+                    for path, times in order:
                         cpu = time.process_time()
                         times[0].extend(one_path(path, port, frame, params, args, chunk))
                         times[1].append((time.process_time() - cpu) / args.repeats)
+                    order.reverse()
                 (raw, raw_cpu), (fed, fed_cpu) = (
                     (statistics.median(t), statistics.median(c)) for t, c in runs.values())
                 raw_mbs, fed_mbs = moved_mb / raw, moved_mb / fed
