@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from fedcore import Experiment, simulate
 from fedcore.errors import DatasetError
 from fedcore.node import Node
-from fedcore.node._turns import TurnTakingExecutor
+from fedcore.node._turns import FlushIfLong, TurnTakingExecutor
 from fedcore.node.audit import verify
 from fedcore.wire import codec
 from fedcore.wire.messages import TrainReply
@@ -159,3 +161,32 @@ def test_a_failing_job_fails_its_own_future_only():
     finally:
         executor.shutdown()
     assert out[0] == 0 and out[2] == 2 and isinstance(out[1], ValueError)
+
+
+
+def _writes(job_s: float) -> tuple[int, int]:
+    """Audit writes FlushIfLong (0.2 s) asked for while a job of ``job_s`` ran, and after it."""
+    writes: list[str] = []
+    executor = FlushIfLong(concurrent.futures.ThreadPoolExecutor(1),
+                           lambda: writes.append("flush"), after=0.2)
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, time.sleep, job_s)
+        during = len(writes)
+        executor.settle()  # the node's request is answered: nothing left to write early
+        await asyncio.sleep(0.3)
+        return during, len(writes)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        executor.shutdown()
+
+
+def test_a_short_job_leaves_its_records_to_the_replys_single_write():
+    assert _writes(0.0) == (0, 0)
+
+
+def test_a_long_job_has_its_records_written_while_it_runs():
+    assert _writes(0.5) == (1, 1)

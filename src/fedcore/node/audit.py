@@ -107,10 +107,10 @@ class AuditLog:
         """Keep ``record`` to be written by the next :meth:`flush` (or append), in order.
 
         A group commit: the node defers the records of a request while it handles it and
-        flushes them, in one write, before the request's work goes to another thread and
-        before its reply leaves, so every record a reply depends on is in the log before the
-        reply (as with :meth:`append`), at one lock, write and head update per group instead
-        of one per record.
+        flushes them, in one write, before the request's reply leaves (and while its work
+        runs, if that takes long), so every record a reply depends on is in the log before
+        the reply (as with :meth:`append`), at one lock, write and head update per request
+        instead of one per record.
         """
         with self._lock:
             self._deferred.append(record)

@@ -42,7 +42,7 @@ from fedcore.node._config import NodeConfig
 from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase, file_sha256
-from fedcore.node._turns import FlushFirst
+from fedcore.node._turns import FlushIfLong
 from fedcore.node._worker import PlanWorkers
 from fedcore.node._worker import describe as describe_isolation
 from fedcore.node.audit import AuditLog, AuditReport
@@ -174,10 +174,11 @@ class Node:
         self.statistics_log = QueryLog(self.db)
         self._secagg = SecaggSessions(self.node_id, self._secagg_context)
         self.max_frame_size = max_frame_size
-        # What the node records while it handles a request is written before the request's
-        # work goes to this thread (and the rest before the reply leaves).
-        self._executor = FlushFirst(executor or concurrent.futures.ThreadPoolExecutor(
+        # What the node records while it handles a request is written before the reply
+        # leaves, and while its work runs on this thread if that takes over a second.
+        self._executor = FlushIfLong(executor or concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"fedcore-node-{self.node_id}"), self._audit.flush)
+        self._in_flight = 0  # requests being handled
         self._plans: dict[str, type[TrainingPlan]] = {}
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
@@ -218,9 +219,10 @@ class Node:
         While a request from a network is handled, the record also names the key that
         signed it (``researcher_key``: the full SHA-256 fingerprint of that key).
         Inside ``node.db.transaction()`` the record is written with the change, or not at all.
-        While a request is handled, its records are written in groups (one write each): those
-        made so far before its work goes to the training thread (or to a framework import),
-        the rest before its reply leaves.
+        While a request is handled, its records are written together, in one write before
+        its reply leaves; those made so far are written earlier when its work has run on the
+        training thread for a second (a long round shows in the log while it runs) and
+        before a framework is imported.
         """
         caller = _caller.get()
         extra = {"researcher_key": caller[1]} if caller else {}
@@ -530,6 +532,7 @@ class Node:
 
     async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
         _deferring.set(True)  # this task's records: written before its reply is sent
+        self._in_flight += 1
         try:
             await self._answer(link, got)
         except Exception as exc:  # a node bug must neither stop the node nor go unrecorded
@@ -537,6 +540,9 @@ class Node:
             self.audit("internal-error", peer=got.peer, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._audit.flush()
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._executor.settle()
 
     async def _answer(self, link: ChunkedTransport, got: Delivery) -> None:
         peer, frame = got.peer, got.frame
