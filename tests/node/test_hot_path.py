@@ -91,6 +91,21 @@ def test_a_dataset_removed_by_another_process_is_refused_at_once(tmp_path):
     assert serving.datasets.get(again["id"])["name"] == "e"
 
 
+def test_an_entry_changed_by_another_process_is_read_again(tmp_path):
+    """The serving node keeps a dataset's entry only while db.json is the version it read."""
+    X, y = _data()
+    serving = Node(tmp_path / "home", node_id="site")
+    entry = serving.datasets.add_arrays("d", ["t"], X, y)
+    assert serving.datasets.get(entry["id"])["description"] == ""
+    other = Node(tmp_path / "home")
+    with other.db.transaction():
+        other.db.table("datasets").update({"description": "renamed"})
+    assert serving.datasets.get(entry["id"])["description"] == "renamed"
+    mine = serving.datasets.get(entry["id"])
+    mine["description"] = "a caller's copy"  # changes nothing the node reads next
+    assert serving.datasets.get(entry["id"])["description"] == "renamed"
+
+
 def test_a_policy_changed_by_another_process_applies_to_the_next_request(tmp_path):
     serving = Node(tmp_path / "home", node_id="site")
     assert serving.policy["max_epochs"] is None
