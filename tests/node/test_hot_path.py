@@ -179,10 +179,11 @@ def test_a_failing_job_fails_its_own_future_only():
 
 
 
-def _writes(job_s: float) -> tuple[int, int]:
+def _writes(job_s: float, inner: concurrent.futures.Executor | None = None
+            ) -> tuple[int, int]:
     """Audit writes FlushIfLong (0.2 s) asked for while a job of ``job_s`` ran, and after it."""
     writes: list[str] = []
-    executor = FlushIfLong(concurrent.futures.ThreadPoolExecutor(1),
+    executor = FlushIfLong(inner or concurrent.futures.ThreadPoolExecutor(1),
                            lambda: writes.append("flush"), after=0.2)
 
     async def main() -> tuple[int, int]:
@@ -205,3 +206,8 @@ def test_a_short_job_leaves_its_records_to_the_replys_single_write():
 
 def test_a_long_job_has_its_records_written_while_it_runs():
     assert _writes(0.5) == (1, 1)
+
+
+def test_a_job_done_while_the_loop_waited_for_its_batch_needs_no_early_write():
+    """The simulation's loop waits for the training thread; the timer falls due meanwhile."""
+    assert _writes(0.5, TurnTakingExecutor(hold=5.0)) == (0, 0)

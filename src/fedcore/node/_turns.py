@@ -161,6 +161,7 @@ class FlushIfLong(concurrent.futures.Executor):
         self._flush = flush
         self._after = after
         self._timer: asyncio.TimerHandle | None = None
+        self._jobs: list[concurrent.futures.Future[Any]] = []  # handed over from the loop
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
                ) -> concurrent.futures.Future[Any]:
@@ -171,19 +172,25 @@ class FlushIfLong(concurrent.futures.Executor):
             self._flush()
             return self.inner.submit(fn, *args, **kwargs)
         future = self.inner.submit(fn, *args, **kwargs)
+        self._jobs.append(future)
         if self._timer is None:
             self._timer = loop.call_later(self._after, self._fire)
         return future
 
     def settle(self) -> None:
         """No job of the node runs any more: the pending write is not needed (on the loop)."""
+        self._jobs.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _fire(self) -> None:
+        # A loop that waited for a batch of jobs runs the timers that fell due meanwhile
+        # before the coroutines the jobs' results wake: finished jobs need no early write.
         self._timer = None
-        self._flush()
+        self._jobs = [job for job in self._jobs if not job.done()]
+        if self._jobs:
+            self._flush()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut the inner executor down."""
