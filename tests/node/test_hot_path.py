@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedcore import Experiment, simulate
-from fedcore.errors import DatasetError
+from fedcore.errors import ConfigurationError, DatasetError
 from fedcore.node import Node
 from fedcore.node._turns import FlushIfLong, TurnTakingExecutor
 from fedcore.node.audit import verify
@@ -211,3 +211,13 @@ def test_a_long_job_has_its_records_written_while_it_runs():
 def test_a_job_done_while_the_loop_waited_for_its_batch_needs_no_early_write():
     """The simulation's loop waits for the training thread; the timer falls due meanwhile."""
     assert _writes(0.5, TurnTakingExecutor(hold=5.0)) == (0, 0)
+
+
+def test_training_arguments_found_valid_once_are_still_checked_when_they_change(tmp_path):
+    """Only the exact arguments (types included) a plan accepted are not parsed again."""
+    node = Node(tmp_path / "home", node_id="site")
+    node._check_training_args("sha", Logistic, {"epochs": 1})
+    node._check_training_args("sha", Logistic, {"epochs": 1})  # remembered
+    for wrong in ({"epochs": True}, {"epochs": True}, {"epoch": 1}, {"epochs": [1]}):
+        with pytest.raises(ConfigurationError):  # True == 1, but a bool is refused
+            node._check_training_args("sha", Logistic, wrong)
