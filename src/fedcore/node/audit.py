@@ -229,9 +229,9 @@ class AuditLog:
 
     def _tail(self, f: IO[bytes], size: int) -> tuple[int, str, bool]:
         """``(seq, sha256)`` of the last record, and whether the file lacks a final newline."""
-        last = self._last
-        if last is not None and last[0] == size:
-            return last[1], last[2], False
+        mine = self._last
+        if mine is not None and mine[0] == size:
+            return mine[1], mine[2], False
         head = read_head(self.head_path, self._head_fd)
         if head is not None and head["size"] == size:
             return head["seq"], head["sha256"], False
