@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from fedcore import Experiment, simulate
-from fedcore.errors import DatasetError
+from fedcore.errors import ConfigurationError, DatasetError
 from fedcore.node import Node
-from fedcore.node._turns import TurnTakingExecutor
+from fedcore.node._turns import FlushIfLong, TurnTakingExecutor
 from fedcore.node.audit import verify
 from fedcore.wire import codec
 from fedcore.wire.messages import TrainReply
@@ -89,6 +91,21 @@ def test_a_dataset_removed_by_another_process_is_refused_at_once(tmp_path):
     assert serving.datasets.get(again["id"])["name"] == "e"
 
 
+def test_an_entry_changed_by_another_process_is_read_again(tmp_path):
+    """The serving node keeps a dataset's entry only while db.json is the version it read."""
+    X, y = _data()
+    serving = Node(tmp_path / "home", node_id="site")
+    entry = serving.datasets.add_arrays("d", ["t"], X, y)
+    assert serving.datasets.get(entry["id"])["description"] == ""
+    other = Node(tmp_path / "home")
+    with other.db.transaction():
+        other.db.table("datasets").update({"description": "renamed"})
+    assert serving.datasets.get(entry["id"])["description"] == "renamed"
+    mine = serving.datasets.get(entry["id"])
+    mine["description"] = "a caller's copy"  # changes nothing the node reads next
+    assert serving.datasets.get(entry["id"])["description"] == "renamed"
+
+
 def test_a_policy_changed_by_another_process_applies_to_the_next_request(tmp_path):
     serving = Node(tmp_path / "home", node_id="site")
     assert serving.policy["max_epochs"] is None
@@ -159,3 +176,48 @@ def test_a_failing_job_fails_its_own_future_only():
     finally:
         executor.shutdown()
     assert out[0] == 0 and out[2] == 2 and isinstance(out[1], ValueError)
+
+
+
+def _writes(job_s: float, inner: concurrent.futures.Executor | None = None
+            ) -> tuple[int, int]:
+    """Audit writes FlushIfLong (0.2 s) asked for while a job of ``job_s`` ran, and after it."""
+    writes: list[str] = []
+    executor = FlushIfLong(inner or concurrent.futures.ThreadPoolExecutor(1),
+                           lambda: writes.append("flush"), after=0.2)
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, time.sleep, job_s)
+        during = len(writes)
+        executor.settle()  # the node's request is answered: nothing left to write early
+        await asyncio.sleep(0.3)
+        return during, len(writes)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        executor.shutdown()
+
+
+def test_a_short_job_leaves_its_records_to_the_replys_single_write():
+    assert _writes(0.0) == (0, 0)
+
+
+def test_a_long_job_has_its_records_written_while_it_runs():
+    assert _writes(0.5) == (1, 1)
+
+
+def test_a_job_done_while_the_loop_waited_for_its_batch_needs_no_early_write():
+    """The simulation's loop waits for the training thread; the timer falls due meanwhile."""
+    assert _writes(0.5, TurnTakingExecutor(hold=5.0)) == (0, 0)
+
+
+def test_training_arguments_found_valid_once_are_still_checked_when_they_change(tmp_path):
+    """Only the exact arguments (types included) a plan accepted are not parsed again."""
+    node = Node(tmp_path / "home", node_id="site")
+    node._check_training_args("sha", Logistic, {"epochs": 1})
+    node._check_training_args("sha", Logistic, {"epochs": 1})  # remembered
+    for wrong in ({"epochs": True}, {"epochs": True}, {"epoch": 1}, {"epochs": [1]}):
+        with pytest.raises(ConfigurationError):  # True == 1, but a bool is refused
+            node._check_training_args("sha", Logistic, wrong)

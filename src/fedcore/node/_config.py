@@ -137,6 +137,16 @@ class NodeConfig:
         self._policy = (self.version, policy)
         return dict(policy)
 
+    def setting(self, key: str) -> Any:
+        """One policy setting: :meth:`policy` without copying them all (read per request)."""
+        self.refresh()
+        cached = self._policy
+        if self._error or cached is None or cached[0] != self.version:
+            self.policy()  # raises while the file is bad; checks a new version once
+            cached = self._policy
+            assert cached is not None
+        return cached[1][key]
+
     def set_policy(self, changes: Mapping[str, Any], *, replace: bool = False
                    ) -> dict[str, Any]:
         """Change policy keys (a value of ``None`` removes the key: back to the default).

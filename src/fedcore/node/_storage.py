@@ -270,6 +270,14 @@ class NodeStorage(Storage):
             cached = self._parsed = (now, data)
         return _copy(cached[1]) or None
 
+    def version(self) -> tuple[int, int, int] | None:
+        """What tells the committed file's versions apart (see :meth:`read`).
+
+        ``None`` inside a transaction (its copy changes without a commit) and when there is
+        no file: nothing read then may be kept.
+        """
+        return None if self._current() is not None else _stamp(self.path)
+
     def write(self, data: dict[str, dict[str, Any]]) -> None:
         """Replace the database (inside a transaction: written when it commits)."""
         txn = self._current()

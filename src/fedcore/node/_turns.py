@@ -143,24 +143,54 @@ class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
-class FlushFirst(concurrent.futures.Executor):
-    """``inner``, calling ``flush`` before each job is handed to it.
+class FlushIfLong(concurrent.futures.Executor):
+    """``inner``, writing the node's deferred audit records if a job it took runs long.
 
-    The node defers a request's audit records and writes them together; what goes to the
-    training thread may take long or take the process down, so the records made so far
-    are written first (an administrator sees the request while it runs, and a crash
-    leaves it on record).
+    The node defers a request's audit records and writes them in one group before the
+    request's reply leaves. Most work handed to the training thread ends within a
+    fraction of a second, and its records then go to the file with the reply's. Work that
+    is still running ``after`` seconds later (a long training, a stuck plan) has its
+    records written then, so an administrator sees the request while it runs and a crash
+    leaves it on record. Jobs submitted from outside an event loop are preceded by a
+    write at once.
     """
 
-    def __init__(self, inner: concurrent.futures.Executor, flush: Callable[[], None]):
+    def __init__(self, inner: concurrent.futures.Executor, flush: Callable[[], None],
+                 after: float = 1.0):
         self.inner = inner
         self._flush = flush
+        self._after = after
+        self._timer: asyncio.TimerHandle | None = None
+        self._jobs: list[concurrent.futures.Future[Any]] = []  # handed over from the loop
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
                ) -> concurrent.futures.Future[Any]:
-        """Flush, then hand ``fn(*args, **kwargs)`` to the inner executor."""
-        self._flush()
-        return self.inner.submit(fn, *args, **kwargs)
+        """Hand ``fn(*args, **kwargs)`` to the inner executor; flush if it outlasts ``after``."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush()
+            return self.inner.submit(fn, *args, **kwargs)
+        future = self.inner.submit(fn, *args, **kwargs)
+        self._jobs.append(future)
+        if self._timer is None:
+            self._timer = loop.call_later(self._after, self._fire)
+        return future
+
+    def settle(self) -> None:
+        """No job of the node runs any more: the pending write is not needed (on the loop)."""
+        self._jobs.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        # A loop that waited for a batch of jobs runs the timers that fell due meanwhile
+        # before the coroutines the jobs' results wake: finished jobs need no early write.
+        self._timer = None
+        self._jobs = [job for job in self._jobs if not job.done()]
+        if self._jobs:
+            self._flush()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut the inner executor down."""

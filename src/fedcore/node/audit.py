@@ -44,6 +44,9 @@ def _sha(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
+_PLAIN = frozenset({int, float, bool, type(None)})  # values that hold no text
+
+
 def _scrubbed(value: Any) -> Any:
     """``value`` with the credentials of URLs in its strings (and keys) redacted."""
     kind = type(value)
@@ -53,8 +56,9 @@ def _scrubbed(value: Any) -> Any:
         return value
     if isinstance(value, str):
         return redact_url(value)
-    if isinstance(value, dict):
-        return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, dict):  # a record: plain keys and numbers are kept without a call
+        return {k if type(k) is str and "://" not in k and "=" not in k else _scrubbed(k):
+                v if type(v) in _PLAIN else _scrubbed(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_scrubbed(v) for v in value]
     if isinstance(value, (bool, int, float)):
@@ -77,6 +81,9 @@ class AuditLog:
         self._file: IO[bytes] | None = None
         self._head_fd: int | None = None
         self._deferred: list[dict[str, Any]] = []
+        # (size, seq, sha256) after this handle's last write: while the file still has that
+        # size, nobody appended since (appends only grow it) and the head need not be read.
+        self._last: tuple[int, int, str] | None = None
 
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write one record (``seq`` and ``prev`` added); returns it as written.
@@ -107,10 +114,10 @@ class AuditLog:
         """Keep ``record`` to be written by the next :meth:`flush` (or append), in order.
 
         A group commit: the node defers the records of a request while it handles it and
-        flushes them, in one write, before the request's work goes to another thread and
-        before its reply leaves, so every record a reply depends on is in the log before the
-        reply (as with :meth:`append`), at one lock, write and head update per group instead
-        of one per record.
+        flushes them, in one write, before the request's reply leaves (and while its work
+        runs, if that takes long), so every record a reply depends on is in the log before
+        the reply (as with :meth:`append`), at one lock, write and head update per request
+        instead of one per record.
         """
         with self._lock:
             self._deferred.append(record)
@@ -167,9 +174,11 @@ class AuditLog:
         data = b"".join(chunks)
         # One write of every line, then the head: a process killed between the two leaves
         # the head one step behind, which verify() reports and the next append repairs.
+        self._last = None  # until the head says what is written
         f.write(data)
         f.flush()
         self._write_head(seq, prev, size + len(data))
+        self._last = (size + len(data), seq, prev)
         return written
 
     def close(self) -> None:
@@ -212,6 +221,7 @@ class AuditLog:
             f.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = f = open(self.path, "ab")  # noqa: SIM115 - kept open between records
+        self._last = None  # another file (rotated): its head is read
         if self._head_fd is not None:
             os.close(self._head_fd)
         self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -219,6 +229,9 @@ class AuditLog:
 
     def _tail(self, f: IO[bytes], size: int) -> tuple[int, str, bool]:
         """``(seq, sha256)`` of the last record, and whether the file lacks a final newline."""
+        mine = self._last
+        if mine is not None and mine[0] == size:
+            return mine[1], mine[2], False
         head = read_head(self.head_path, self._head_fd)
         if head is not None and head["size"] == size:
             return head["seq"], head["sha256"], False
@@ -237,7 +250,7 @@ class AuditLog:
         return seq, _sha(last), not data.endswith(b"\n")
 
     def _write_head(self, seq: int, sha: str, size: int) -> None:
-        text = json.dumps({"seq": seq, "sha256": sha, "size": size}).encode()
+        text = f'{{"seq": {seq}, "sha256": "{sha}", "size": {size}}}'.encode()  # as json.dumps
         assert self._head_fd is not None
         os.pwrite(self._head_fd, text.ljust(_HEAD_SIZE - 1) + b"\n", 0)
 

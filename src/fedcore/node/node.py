@@ -42,7 +42,7 @@ from fedcore.node._config import NodeConfig
 from fedcore.node._reconcile import verify_home
 from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase, file_sha256
-from fedcore.node._turns import FlushFirst
+from fedcore.node._turns import FlushIfLong
 from fedcore.node._worker import PlanWorkers
 from fedcore.node._worker import describe as describe_isolation
 from fedcore.node.audit import AuditLog, AuditReport
@@ -93,6 +93,7 @@ _PROGRESS_S = 1.0  # at most one training-progress report a second per round
 
 _VERSION = "0.1.0"
 _WARM_PLANS = 8
+_CHECKED_ARGS = 256  # (plan, training arguments) pairs remembered as valid
 _TRUST_HINT = ("This node answers only the researchers its administrator trusts: on the node, "
                "run `fedcore-node trust add NAME KEY` with the researcher's public key "
                "(printed by `fedcore identity`).")
@@ -107,7 +108,7 @@ _REFUSALS: dict[str, type[FedcoreError]] = {
 class _Admitted:
     """A training request the node accepted: the verified plan, the decision, the data.
 
-    ``dataset`` is ``None`` under process isolation: the plan's worker opens it.
+    ``dataset`` is ``None`` under process isolation (``apart``): the plan's worker opens it.
     """
 
     bundle: PlanBundle
@@ -115,6 +116,7 @@ class _Admitted:
     entry: dict[str, Any]
     decision: Decision
     dataset: Any
+    apart: bool = False
 
 
 class Node:
@@ -174,13 +176,15 @@ class Node:
         self.statistics_log = QueryLog(self.db)
         self._secagg = SecaggSessions(self.node_id, self._secagg_context)
         self.max_frame_size = max_frame_size
-        # What the node records while it handles a request is written before the request's
-        # work goes to this thread (and the rest before the reply leaves).
-        self._executor = FlushFirst(executor or concurrent.futures.ThreadPoolExecutor(
+        # What the node records while it handles a request is written before the reply
+        # leaves, and while its work runs on this thread if that takes over a second.
+        self._executor = FlushIfLong(executor or concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"fedcore-node-{self.node_id}"), self._audit.flush)
+        self._in_flight = 0  # requests being handled
         self._plans: dict[str, type[TrainingPlan]] = {}
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
+        self._args_checked: dict[tuple[str, Any], None] = {}  # (plan, arguments) found valid
         self._backends: set[str] = set()  # backends whose framework is imported
         self._workers = PlanWorkers(self.home, self.node_id)  # researcher code runs there
         self._networked = False  # whether serve()'s transport is a network (not in-process)
@@ -218,9 +222,10 @@ class Node:
         While a request from a network is handled, the record also names the key that
         signed it (``researcher_key``: the full SHA-256 fingerprint of that key).
         Inside ``node.db.transaction()`` the record is written with the change, or not at all.
-        While a request is handled, its records are written in groups (one write each): those
-        made so far before its work goes to the training thread (or to a framework import),
-        the rest before its reply leaves.
+        While a request is handled, its records are written together, in one write before
+        its reply leaves; those made so far are written earlier when its work has run on the
+        training thread for a second (a long round shows in the log while it runs) and
+        before a framework is imported.
         """
         caller = _caller.get()
         extra = {"researcher_key": caller[1]} if caller else {}
@@ -524,12 +529,13 @@ class Node:
 
     def _request_rate(self) -> float | None:
         try:
-            return float(self.policy["max_requests_per_s"])
+            return float(self._config.setting("max_requests_per_s"))
         except (ConfigurationError, KeyError, TypeError):
             return 1.0  # a broken policy fails closed (governance refuses anyway)
 
     async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
         _deferring.set(True)  # this task's records: written before its reply is sent
+        self._in_flight += 1
         try:
             await self._answer(link, got)
         except Exception as exc:  # a node bug must neither stop the node nor go unrecorded
@@ -537,6 +543,9 @@ class Node:
             self.audit("internal-error", peer=got.peer, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._audit.flush()
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._executor.settle()
 
     async def _answer(self, link: ChunkedTransport, got: Delivery) -> None:
         peer, frame = got.peer, got.frame
@@ -691,7 +700,7 @@ class Node:
                 # only checks that the backend is one it knows, without importing it.
                 if bundle.backend not in plugins.available("backends"):
                     plugins.load("backends", bundle.backend)  # the error names close ones
-                return _Admitted(bundle, sha, entry, decision, None)
+                return _Admitted(bundle, sha, entry, decision, None, apart=True)
             if bundle.backend not in self._backends:
                 # Importing a framework takes seconds: off the loop, which keeps serving.
                 # Once imported, later rounds skip the thread hop (it costs milliseconds
@@ -717,7 +726,7 @@ class Node:
         networked transport and the training thread in-process (simulation).
         """
         try:
-            mode = str(self.policy["plan_isolation"])
+            mode = str(self._config.setting("plan_isolation"))
         except ConfigurationError:
             mode = "auto"
         if mode == "auto":
@@ -727,7 +736,7 @@ class Node:
     def plan_isolation_summary(self) -> str:
         """Where researchers' code runs on this node, in words (``fedcore-node status``)."""
         try:
-            mode = str(self.policy["plan_isolation"])
+            mode = str(self._config.setting("plan_isolation"))
         except ConfigurationError:
             mode = "auto"
         return describe_isolation(mode)
@@ -735,7 +744,7 @@ class Node:
     async def _train(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
                      base: dict[str, Any]) -> TrainReply | ErrorReply:
         """Run the plan, in a worker process or on the training thread (plan_isolation)."""
-        if self.plan_isolation == "process":
+        if admitted.apart:  # where the policy said when the request was admitted
             return await self._train_apart(env, request, admitted, base)
         return await self._train_here(env, request, admitted, base)
 
@@ -824,7 +833,7 @@ class Node:
             try:
                 # A misspelt or mistyped training argument is the researcher's to fix; DP-SGD
                 # the node's backend cannot run around this plan is refused.
-                check_training_args(plan_class, request.training_args)
+                self._check_training_args(sha, plan_class, request.training_args)
                 private_training(plan_class, PrivacySpec.parse(request.privacy))
             except MissingDependencyError as exc:
                 self.audit("train-refused", **base, reason=str(exc))
@@ -865,6 +874,26 @@ class Node:
             self.audit("train-failed", **base, error=f"{type(exc).__name__}: {exc}")
             return ErrorReply(kind="plan", message=str(exc), exc_type=type(exc).__name__,
                               traceback=traceback.format_exc())
+
+    def _check_training_args(self, sha: str, plan_class: type[TrainingPlan],
+                             args: Mapping[str, Any]) -> None:
+        """``check_training_args``, once per plan and exact arguments (types included).
+
+        A round repeats the last round's arguments: those already found valid for this
+        plan are not parsed again. Arguments that cannot be keyed are checked every time.
+        """
+        try:
+            key: tuple[str, Any] | None = (sha, _frozen(args))
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None and key in self._args_checked:
+            return
+        check_training_args(plan_class, args)
+        if key is not None:
+            if len(self._args_checked) >= _CHECKED_ARGS:
+                self._args_checked.pop(next(iter(self._args_checked)))
+            self._args_checked[key] = None
 
     def _charge_privacy(self, request: TrainRequest, entry: dict[str, Any], reply: TrainReply,
                         base: dict[str, Any]) -> TrainReply | ErrorReply:
@@ -945,13 +974,13 @@ class Node:
         The policy's ``min_count``; its default (5) while the policy cannot be read.
         """
         try:
-            return int(self.policy["min_count"])
+            return int(self._config.setting("min_count"))
         except ConfigurationError:
             return 5
 
     def _allow_gpu(self) -> bool:
         try:
-            return bool(self.policy["allow_gpu"])
+            return bool(self._config.setting("allow_gpu"))
         except ConfigurationError:
             return False
 
@@ -973,7 +1002,7 @@ class Node:
     def _plan_status(self, env: Envelope, sha: str) -> PlanStatus:
         entry = self.plans.find(sha) or {}
         try:
-            required = bool(self.policy["approval_required"])
+            required = bool(self._config.setting("approval_required"))
         except ConfigurationError:
             required = True
         status = str(entry.get("status", "unknown"))
@@ -986,3 +1015,16 @@ class Node:
     async def _on_stats(self, env: Envelope) -> Body:
         # Policy check, audit and computation (on the executor) live in node/statistics.py.
         return await answer_statistics(self, env, self._executor)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable form of decoded wire values that tells types apart (1, 1.0 and True).
+
+    ``TypeError`` (from ``hash``) for what has none, such as an array.
+    """
+    kind = type(value)
+    if kind is dict:
+        return kind, tuple((k, _frozen(v)) for k, v in value.items())
+    if kind is list or kind is tuple:
+        return kind, tuple(_frozen(v) for v in value)
+    return kind, value

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import json
+import os
 import threading
 import time
 import uuid
@@ -136,7 +136,12 @@ class DatasetRegistry:
         self._data_dir = data_dir
         self._audit = audit or (lambda event, **fields: None)
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[str, Dataset]] = {}  # id -> (_open_key, dataset)
+        self._cache: dict[str, tuple[tuple[Any, ...], Dataset]] = {}  # id -> (_open_key, dataset)
+        # Entries read, by id, with the version of db.json they were read from.
+        self._entries: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        storage = getattr(db, "storage", None)
+        self._version: Callable[[], tuple[int, int, int] | None] = getattr(
+            storage, "version", lambda: None)
 
     # --- administration --------------------------------------------------------------------
 
@@ -266,10 +271,21 @@ class DatasetRegistry:
         return [{**e, "available": _available(e)} for e in self._table.all()]
 
     def get(self, dataset_id: str) -> dict[str, Any]:
-        """The entry of ``dataset_id``; ``DatasetError`` when there is none."""
+        """The entry of ``dataset_id``; ``DatasetError`` when there is none.
+
+        Read once per version of ``db.json`` (a request reads its dataset's entry; another
+        process's change replaces the file, and the next read finds it).
+        """
+        version = self._version()
+        known = self._entries.get(dataset_id)
+        if known is not None and version is not None and known[0] == version:
+            return dict(known[1])
         found = self._table.search(Query().id == dataset_id)
         if not found:
+            self._entries.pop(dataset_id, None)
             raise DatasetError(f"No dataset with id {dataset_id!r} on this node.")
+        if version is not None:  # read no earlier than `version`: a later one is not kept
+            self._entries[dataset_id] = (version, dict(found[0]))
         return dict(found[0])
 
     def search(self, tags: Sequence[str]) -> builtins.list[dict[str, Any]]:
@@ -372,10 +388,9 @@ def entry_paths(entry: Mapping[str, Any]) -> builtins.list[str]:
     return paths
 
 
-def _open_key(entry: Mapping[str, Any]) -> str:
-    """What an opened dataset depends on: reopen it when any of this changes."""
-    return json.dumps([entry["kind"], entry["path"], entry["options"],
-                       entry.get("loading_plan")], sort_keys=True, default=str)
+def _open_key(entry: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What an opened dataset depends on: reopen it when any of this changes (``!=``)."""
+    return (entry["kind"], entry["path"], entry["options"], entry.get("loading_plan"))
 
 
 def _clean_tags(tags: Iterable[str]) -> builtins.list[str]:
@@ -442,12 +457,12 @@ def _plan(plan: DataLoadingPlan | Mapping[str, Any] | None) -> DataLoadingPlan |
 
 
 def _available(entry: Mapping[str, Any]) -> bool:
-    path = Path(entry["path"])
+    path = str(entry["path"])  # checked for every request: os.path rather than a Path
     spec = _LOADERS.get(entry["kind"])
-    if spec is None or not (path.is_dir() if spec.folder else path.is_file()):
+    if spec is None or not (os.path.isdir(path) if spec.folder else os.path.isfile(path)):
         return False
     demographics = (entry.get("options") or {}).get("demographics")
-    return demographics is None or Path(demographics).is_file()
+    return demographics is None or os.path.isfile(demographics)
 
 
 def _category_counts(dataset: Dataset, metadata: Mapping[str, Any]) -> dict[str, list[int]]:
