@@ -175,7 +175,8 @@ def test_a_node_process_killed_mid_round_is_named_and_rejoins_after_a_restart(tm
         started = time.perf_counter()
         rows = exp.run_once()
         killer.join()
-        assert time.perf_counter() - started < 10  # noticed the drop, not the 30 s sleep
+        # noticed the drop, not the 30 s sleep (the margin is for a loaded machine)
+        assert time.perf_counter() - started < 25
         assert rows["status"].tolist() == ["ok", "missing", "ok"]
         assert "'site-b' disconnected" in rows.iloc[1]["error"]
         assert procs["site-b"].wait(timeout=5) == -signal.SIGKILL
