@@ -33,13 +33,14 @@ class InProcessTransport(Transport):
     """An endpoint on the in-process hub named by the URL's host (``inproc://demo``)."""
 
     capabilities = Capabilities(max_frame_size=1 << 31, ordered=True, broadcast=False,
-                                networked=False)
+                                networked=False, send_waits=False)
 
     def __init__(self, url: str, *, role: Role, identity: str, max_frame_size: int = 1 << 31):
         super().__init__(url, role=role, identity=identity)
         if max_frame_size != self.capabilities.max_frame_size:
             self.capabilities = Capabilities(max_frame_size=max_frame_size, ordered=True,
-                                              broadcast=False, networked=False)
+                                              broadcast=False, networked=False,
+                                              send_waits=False)
         name = urlsplit(url).netloc or urlsplit(url).path.strip("/")
         if not name:
             raise ConfigurationError(f"Expected inproc://NAME. Received: {url!r}")

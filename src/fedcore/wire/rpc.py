@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,9 +247,9 @@ class Client:
                 seen, quiet_since = self.peers(), time.monotonic()
         return self.peers()
 
-    async def request(self, peer: str, body: Body, *, experiment: str = "", round: int = 0,
-                      timeout: float = 60.0) -> Envelope:
-        """Send ``body`` to ``peer`` and wait for its reply."""
+    def _register(self, peer: str, body: Body, experiment: str, round: int
+                  ) -> tuple[Envelope, asyncio.Future[Envelope]]:
+        """The envelope of a request to ``peer`` and the future its reply will fill."""
         env = Envelope(body=body, sender=self.identity, recipient=peer,
                        experiment=experiment, round=round)
         if self._guard.networked and peer not in self.enrolled:
@@ -256,6 +258,16 @@ class Client:
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._pending[env.id] = fut
         self._awaiting[env.id] = peer  # only this peer's answer is taken
+        return env, fut
+
+    def _forget(self, req_id: str) -> None:
+        self._pending.pop(req_id, None)
+        self._awaiting.pop(req_id, None)
+
+    async def request(self, peer: str, body: Body, *, experiment: str = "", round: int = 0,
+                      timeout: float = 60.0) -> Envelope:
+        """Send ``body`` to ``peer`` and wait for its reply."""
+        env, fut = self._register(peer, body, experiment, round)
         try:
             await self._link.send_parts(peer, codec.encode_parts(
                 env, max_size=self.max_frame_size))
@@ -265,28 +277,93 @@ class Client:
                 f"Node {peer!r} did not answer {body.TAG} within {timeout:g} s."
             ) from None
         finally:
-            self._pending.pop(env.id, None)
-            self._awaiting.pop(env.id, None)
+            self._forget(env.id)
 
     async def scatter(
         self, bodies: Mapping[str, Body], *, experiment: str = "", round: int = 0,
         timeout: float = 60.0,
     ) -> AsyncIterator[Reply]:
-        """Send one body per peer; yield each peer's :class:`Reply` as it ends."""
+        """Send one body per peer; yield each peer's :class:`Reply` as it ends.
+
+        Each peer has ``timeout`` seconds to answer once its request is sent. The bodies
+        are encoded together: what they share (a broadcast's model, plan and arguments) is
+        packed once. Replies are taken by callbacks on their futures, with one timer per
+        request, instead of a task per peer; where a send may wait on its peer
+        (``capabilities.send_waits``), the sends run side by side, so that a slow peer
+        does not hold up the others.
+        """
         start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        done: deque[tuple[str, Envelope | BaseException]] = deque()
+        wake: list[asyncio.Future[None] | None] = [None]
+        timers: dict[str, asyncio.TimerHandle] = {}
+        sending: list[asyncio.Task[None]] = []
+        futures: dict[str, asyncio.Future[Envelope]] = {}
 
-        async def one(peer: str, body: Body) -> Reply:
+        def finished(peer: str, req_id: str, fut: asyncio.Future[Envelope]) -> None:
+            self._forget(req_id)
+            timer = timers.pop(req_id, None)
+            if timer is not None:
+                timer.cancel()
+            if not fut.cancelled():
+                done.append((peer, fut.exception() or fut.result()))
+                if wake[0] is not None and not wake[0].done():
+                    wake[0].set_result(None)
+
+        def expire(peer: str, tag: str, fut: asyncio.Future[Envelope]) -> None:
+            if not fut.done():
+                fut.set_exception(TransportError(
+                    f"Node {peer!r} did not answer {tag} within {timeout:g} s."))
+
+        async def send(peer: str, env: Envelope, parts: list[Buffer],
+                       fut: asyncio.Future[Envelope]) -> None:
             try:
-                result: Envelope | Exception = await self.request(
-                    peer, body, experiment=experiment, round=round, timeout=timeout)
-            except (TransportError, ProtocolError, GovernanceError) as exc:
-                result = exc
-            return Reply.of(peer, result, time.perf_counter() - start)
+                await self._link.send_parts(peer, parts)
+            except Exception as exc:  # the request fails, the scatter goes on
+                if not fut.done():
+                    fut.set_exception(exc)
+                return
+            if not fut.done():
+                timers[env.id] = loop.call_later(timeout, expire, peer, env.tag, fut)
 
-        tasks = [asyncio.create_task(one(p, b)) for p, b in bodies.items()]
+        shared: codec.Shared = {}  # lives for this broadcast's encoding only
+        requests: list[tuple[str, Envelope, list[Buffer], asyncio.Future[Envelope]]] = []
+        for peer, body in bodies.items():
+            try:
+                env, fut = self._register(peer, body, experiment, round)
+            except GovernanceError as exc:
+                done.append((peer, exc))
+                continue
+            futures[env.id] = fut
+            fut.add_done_callback(functools.partial(finished, peer, env.id))
+            try:
+                parts = codec.encode_parts(env, max_size=self.max_frame_size, shared=shared)
+            except ProtocolError as exc:
+                fut.set_exception(exc)
+                continue
+            requests.append((peer, env, parts, fut))
+        waits = self.transport.capabilities.send_waits
         try:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
+            for peer, env, parts, fut in requests:
+                if waits:
+                    sending.append(asyncio.create_task(send(peer, env, parts, fut)))
+                else:
+                    await send(peer, env, parts, fut)
+            for _ in range(len(bodies)):
+                while not done:
+                    wake[0] = loop.create_future()
+                    await wake[0]
+                peer, result = done.popleft()
+                if not isinstance(result, (Envelope, TransportError, ProtocolError,
+                                           GovernanceError)):
+                    raise result  # not a failure of the request: a bug, said as it is
+                yield Reply.of(peer, result, time.perf_counter() - start)
         finally:
-            for t in tasks:
-                t.cancel()
+            for task in sending:
+                task.cancel()
+            for timer in timers.values():
+                timer.cancel()
+            for req_id, fut in futures.items():
+                if not fut.done():
+                    fut.cancel()
+                self._forget(req_id)
