@@ -263,24 +263,3 @@ def test_100000_mutated_frames_raise_only_protocol_errors():
         except ProtocolError:
             pass
     assert 1_000 < decoded < 90_000  # the mutations reach far, and most are refused
-
-
-def test_a_broadcast_encoded_with_shared_fields_gives_the_same_frames():
-    params = _params()
-    plan = {"source": "x" * 300, "files": ["a.py"]}
-    args = {"epochs": 2, "lr": 0.5}
-    envs = [Envelope(TrainRequest(plan=plan, params=params, dataset_id=f"d{i}",
-                                  training_args=args), sender="r", recipient=f"n{i}")
-            for i in range(3)]
-    # An earlier field with an array of its own moves the shared model's array references.
-    envs.append(Envelope(TrainRequest(plan={**plan, "w": np.ones(3)}, params=params,
-                                      dataset_id="d3", training_args=args), recipient="n3"))
-    envs.append(envs[0])
-    shared: codec.Shared = {}
-    for env in envs:
-        frame = b"".join(codec.encode_parts(env, shared=shared))
-        assert frame == codec.encode(env)
-        back = codec.decode(frame).body
-        assert back.dataset_id == env.body.dataset_id
-        for name, value in params.items():
-            np.testing.assert_array_equal(back.params[name], value)

@@ -31,8 +31,8 @@ from fedcore.wire.messages import PROTOCOL_VERSION, Envelope, body_type
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DEFAULT_MAX_FRAME", "DTYPES", "MAGIC", "MAX_RANK", "Shared", "decode", "encode",
-           "encode_parts", "peek_header", "reply_id"]
+__all__ = ["DEFAULT_MAX_FRAME", "DTYPES", "MAGIC", "MAX_RANK", "decode", "encode", "encode_parts",
+           "peek_header", "reply_id"]
 
 MAGIC = b"FCF1"
 DEFAULT_MAX_FRAME = 1 << 31  # 2 GiB: a 1 GiB model and its header fit with room to spare
@@ -56,21 +56,10 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-#: What :func:`encode_parts` keeps of the body fields it packed, for the next frames of a
-#: broadcast: ``(id(value), first array index) -> (value, packed bytes, its arrays)``.
-Shared = dict[tuple[int, int], tuple[Any, bytes, list[np.ndarray]]]
-
-
-def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME,
-                 shared: Shared | None = None) -> list[Buffer]:
+def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> list[Buffer]:
     """Encode ``env`` into a list of buffers whose concatenation is the frame.
 
-    Transports that can write vectored I/O send the parts without joining them. Frames of
-    one broadcast (every node gets the same model, plan and arguments; the envelope and a
-    few fields differ) pass the same ``shared`` dict, which lives only as long as the
-    broadcast: a body field that is the very object already packed for an earlier frame
-    is not packed again, and its arrays are referenced, not copied. The frames are the
-    same bytes either way.
+    Transports that can write vectored I/O send the parts without joining them.
     """
     arrays: list[np.ndarray] = []
 
@@ -90,9 +79,7 @@ def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME,
         )
 
     try:
-        fields = env.body.to_wire()
-        body = (msgpack.packb(fields, default=default) if shared is None
-                else _pack_shared(fields, default, arrays, shared))
+        body = msgpack.packb(env.body.to_wire(), default=default)
         header = msgpack.packb(
             {
                 "v": env.version,
@@ -123,32 +110,6 @@ def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME,
             "model, or raise max_frame_size on both ends."
         )
     return parts
-
-
-def _pack_shared(fields: dict[str, Any], default: Any, arrays: list[np.ndarray],
-                 shared: Shared) -> bytes:
-    """``msgpack.packb(fields)``, reusing what ``shared`` holds of the containers in it."""
-    n = len(fields)
-    out = [bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big") if n < 1 << 16
-           else b"\xdf" + n.to_bytes(4, "big")]
-    for name, value in fields.items():
-        out.append(msgpack.packb(name))
-        if not isinstance(value, (dict, list, ParameterSet, np.ndarray)):
-            out.append(msgpack.packb(value, default=default))
-            continue
-        # The index of the first array is part of the key: references count from the frame's
-        # first array, so a packed value fits only where its arrays land at the same place.
-        key = (id(value), len(arrays))
-        hit = shared.get(key)
-        if hit is not None and hit[0] is value:
-            arrays.extend(hit[2])
-            out.append(hit[1])
-            continue
-        first = len(arrays)
-        packed = msgpack.packb(value, default=default)
-        shared[key] = (value, packed, arrays[first:])
-        out.append(packed)
-    return b"".join(out)
 
 
 def encode(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> bytes:

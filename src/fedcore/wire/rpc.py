@@ -285,12 +285,10 @@ class Client:
     ) -> AsyncIterator[Reply]:
         """Send one body per peer; yield each peer's :class:`Reply` as it ends.
 
-        Each peer has ``timeout`` seconds to answer once its request is sent. The bodies
-        are encoded together: what they share (a broadcast's model, plan and arguments) is
-        packed once. Replies are taken by callbacks on their futures, with one timer per
-        request, instead of a task per peer; where a send may wait on its peer
-        (``capabilities.send_waits``), the sends run side by side, so that a slow peer
-        does not hold up the others.
+        Each peer has ``timeout`` seconds to answer once its request is sent. Replies are
+        taken by callbacks on their futures, with one timer per request, not by a task per
+        peer. Where a send may wait on its peer (``capabilities.send_waits``), the sends
+        run side by side, so that a slow peer holds up no other; in process, one by one.
         """
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -315,10 +313,10 @@ class Client:
                 fut.set_exception(TransportError(
                     f"Node {peer!r} did not answer {tag} within {timeout:g} s."))
 
-        async def send(peer: str, env: Envelope, parts: list[Buffer],
-                       fut: asyncio.Future[Envelope]) -> None:
+        async def send(peer: str, env: Envelope, fut: asyncio.Future[Envelope]) -> None:
             try:
-                await self._link.send_parts(peer, parts)
+                await self._link.send_parts(peer, codec.encode_parts(
+                    env, max_size=self.max_frame_size))
             except Exception as exc:  # the request fails, the scatter goes on
                 if not fut.done():
                     fut.set_exception(exc)
@@ -326,29 +324,20 @@ class Client:
             if not fut.done():
                 timers[env.id] = loop.call_later(timeout, expire, peer, env.tag, fut)
 
-        shared: codec.Shared = {}  # lives for this broadcast's encoding only
-        requests: list[tuple[str, Envelope, list[Buffer], asyncio.Future[Envelope]]] = []
-        for peer, body in bodies.items():
-            try:
-                env, fut = self._register(peer, body, experiment, round)
-            except GovernanceError as exc:
-                done.append((peer, exc))
-                continue
-            futures[env.id] = fut
-            fut.add_done_callback(functools.partial(finished, peer, env.id))
-            try:
-                parts = codec.encode_parts(env, max_size=self.max_frame_size, shared=shared)
-            except ProtocolError as exc:
-                fut.set_exception(exc)
-                continue
-            requests.append((peer, env, parts, fut))
         waits = self.transport.capabilities.send_waits
         try:
-            for peer, env, parts, fut in requests:
+            for peer, body in bodies.items():
+                try:
+                    env, fut = self._register(peer, body, experiment, round)
+                except GovernanceError as exc:
+                    done.append((peer, exc))
+                    continue
+                futures[env.id] = fut
+                fut.add_done_callback(functools.partial(finished, peer, env.id))
                 if waits:
-                    sending.append(asyncio.create_task(send(peer, env, parts, fut)))
+                    sending.append(asyncio.create_task(send(peer, env, fut)))
                 else:
-                    await send(peer, env, parts, fut)
+                    await send(peer, env, fut)
             for _ in range(len(bodies)):
                 while not done:
                     wake[0] = loop.create_future()
