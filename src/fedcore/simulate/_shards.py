@@ -55,6 +55,9 @@ ShardSpec = dict[str, Any]
 Record = tuple[str, str, bytes]  # (sender, receiver, frame)
 
 _HEAD = struct.Struct("<IQ")  # header length, payload length
+#: Buffer of each pipe's file object: a round's burst of small frames moves in a few system
+#: calls (the default 8 KiB flushed every two requests of a small model).
+PIPE_BUFFER = 1 << 20
 
 
 def shard_specs(name: str, root: str | None, tags: Sequence[str], node_ids: Sequence[str],
@@ -431,7 +434,8 @@ class ProcessShard:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[var] = str(self._threads)
         self._proc = subprocess.Popen([sys.executable, "-m", "fedcore.simulate._worker"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                      bufsize=PIPE_BUFFER)
         self.label = f"worker process {self.index + 1} (pid {self._proc.pid})"
         assert self._proc.stdin is not None and self._proc.stdout is not None
         stdin, stdout = self._proc.stdin, self._proc.stdout

@@ -291,68 +291,91 @@ class Client:
         run side by side, so that a slow peer holds up no other; in process, one by one.
         """
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        done: deque[tuple[str, Envelope | BaseException]] = deque()
-        wake: list[asyncio.Future[None] | None] = [None]
-        timers: dict[str, asyncio.TimerHandle] = {}
-        sending: list[asyncio.Task[None]] = []
-        futures: dict[str, asyncio.Future[Envelope]] = {}
-
-        def finished(peer: str, req_id: str, fut: asyncio.Future[Envelope]) -> None:
-            self._forget(req_id)
-            timer = timers.pop(req_id, None)
-            if timer is not None:
-                timer.cancel()
-            if not fut.cancelled():
-                done.append((peer, fut.exception() or fut.result()))
-                if wake[0] is not None and not wake[0].done():
-                    wake[0].set_result(None)
-
-        def expire(peer: str, tag: str, fut: asyncio.Future[Envelope]) -> None:
-            if not fut.done():
-                fut.set_exception(TransportError(
-                    f"Node {peer!r} did not answer {tag} within {timeout:g} s."))
-
-        async def send(peer: str, env: Envelope, fut: asyncio.Future[Envelope]) -> None:
-            try:
-                await self._link.send_parts(peer, codec.encode_parts(
-                    env, max_size=self.max_frame_size))
-            except Exception as exc:  # the request fails, the scatter goes on
-                if not fut.done():
-                    fut.set_exception(exc)
-                return
-            if not fut.done():
-                timers[env.id] = loop.call_later(timeout, expire, peer, env.tag, fut)
-
+        gather = _Gather(self, timeout)
         waits = self.transport.capabilities.send_waits
         try:
             for peer, body in bodies.items():
                 try:
                     env, fut = self._register(peer, body, experiment, round)
                 except GovernanceError as exc:
-                    done.append((peer, exc))
+                    gather.done.append((peer, exc))
                     continue
-                futures[env.id] = fut
-                fut.add_done_callback(functools.partial(finished, peer, env.id))
+                gather.watch(peer, env.id, fut)
                 if waits:
-                    sending.append(asyncio.create_task(send(peer, env, fut)))
+                    gather.sending.append(asyncio.create_task(gather.send(peer, env, fut)))
                 else:
-                    await send(peer, env, fut)
+                    await gather.send(peer, env, fut)
             for _ in range(len(bodies)):
-                while not done:
-                    wake[0] = loop.create_future()
-                    await wake[0]
-                peer, result = done.popleft()
+                peer, result = await gather.next()
                 if not isinstance(result, (Envelope, TransportError, ProtocolError,
                                            GovernanceError)):
                     raise result  # not a failure of the request: a bug, said as it is
                 yield Reply.of(peer, result, time.perf_counter() - start)
         finally:
-            for task in sending:
-                task.cancel()
-            for timer in timers.values():
-                timer.cancel()
-            for req_id, fut in futures.items():
-                if not fut.done():
-                    fut.cancel()
-                self._forget(req_id)
+            gather.close()
+
+
+class _Gather:
+    """The requests of one :meth:`Client.scatter`: their futures, timers and outcomes."""
+
+    def __init__(self, client: Client, timeout: float):
+        self.client = client
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        #: ``(peer, reply or exception)`` of the requests that ended, not yet taken.
+        self.done: deque[tuple[str, Envelope | BaseException]] = deque()
+        self.sending: list[asyncio.Task[None]] = []
+        self._wake: asyncio.Future[None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._futures: dict[str, asyncio.Future[Envelope]] = {}
+
+    def watch(self, peer: str, req_id: str, fut: asyncio.Future[Envelope]) -> None:
+        """Take the outcome of the request ``req_id`` to ``peer`` once ``fut`` is done."""
+        self._futures[req_id] = fut
+        fut.add_done_callback(functools.partial(self._finished, peer, req_id))
+
+    async def send(self, peer: str, env: Envelope, fut: asyncio.Future[Envelope]) -> None:
+        """Send the request; its timeout starts once it is sent."""
+        try:
+            await self.client._link.send_parts(peer, codec.encode_parts(
+                env, max_size=self.client.max_frame_size))
+        except Exception as exc:  # the request fails, the scatter goes on
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            self._timers[env.id] = self.loop.call_later(self.timeout, self._expire, peer,
+                                                        env.tag, fut)
+
+    async def next(self) -> tuple[str, Envelope | BaseException]:
+        """The next request's outcome, once there is one."""
+        while not self.done:
+            self._wake = self.loop.create_future()
+            await self._wake
+        return self.done.popleft()
+
+    def close(self) -> None:
+        """Stop what is still running; forget every request."""
+        for task in self.sending:
+            task.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        for req_id, fut in self._futures.items():
+            if not fut.done():
+                fut.cancel()
+            self.client._forget(req_id)
+
+    def _finished(self, peer: str, req_id: str, fut: asyncio.Future[Envelope]) -> None:
+        self.client._forget(req_id)
+        timer = self._timers.pop(req_id, None)
+        if timer is not None:
+            timer.cancel()
+        if not fut.cancelled():
+            self.done.append((peer, fut.exception() or fut.result()))
+            if self._wake is not None and not self._wake.done():
+                self._wake.set_result(None)
+
+    def _expire(self, peer: str, tag: str, fut: asyncio.Future[Envelope]) -> None:
+        if not fut.done():
+            fut.set_exception(TransportError(
+                f"Node {peer!r} did not answer {tag} within {self.timeout:g} s."))
