@@ -41,7 +41,7 @@ def main() -> int:
     out = os.fdopen(os.dup(1), "wb", buffering=PIPE_BUFFER)
     os.dup2(2, 1)  # prints, from Python or C, go to stderr; records keep the pipe
     sys.stdout = sys.stderr
-    stdin = open(sys.stdin.fileno(), "rb", buffering=PIPE_BUFFER, closefd=False)  # noqa: SIM115
+    stdin = open(sys.stdin.fileno(), "rb", buffering=PIPE_BUFFER, closefd=False)
     records: dict[str, bytes] = {}
     spec: dict[str, Any] = {}
     while len(records) < 2:
