@@ -131,3 +131,29 @@ def test_workers_are_checked():
         simulate.from_arrays(X, y, n_nodes=2, tags=["t"], workers=2, ray_address="auto")
     with pytest.raises(ConfigurationError, match="plain arrays"):
         simulate.from_arrays(X, np.array([{"a": 1}] * 20), n_nodes=2, tags=["t"], workers=2)
+
+
+def test_frames_from_a_pipe_reach_the_event_loop_in_order_one_wake_up_per_burst():
+    import asyncio
+    import threading
+
+    from fedcore.simulate._shards import Handoff
+
+    loop = asyncio.new_event_loop()
+    taken: list[list[tuple[str, str, bytes]]] = []
+    handoff = Handoff(loop, taken.append)
+
+    def burst(first: int) -> None:  # a reader thread, while the loop is busy elsewhere
+        for i in range(first, first + 500):
+            handoff.put(("node-01", "researcher", str(i).encode()))
+
+    try:
+        for first in (0, 500):
+            reader = threading.Thread(target=burst, args=(first,))
+            reader.start()
+            reader.join()
+            loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    assert [len(batch) for batch in taken] == [500, 500]
+    assert [int(frame) for batch in taken for _, _, frame in batch] == list(range(1000))

@@ -43,6 +43,10 @@ class Capabilities:
     ordered: bool = True
     broadcast: bool = False
     networked: bool = True
+    #: Whether a send may wait for the peer to take the message (a socket's flow control):
+    #: the core then sends to several peers side by side, so a slow one holds up no other.
+    #: ``False`` when a send only queues the message (in process).
+    send_waits: bool = True
 
 
 class Inbox:

@@ -2,7 +2,9 @@
 
 Frames are bytes, encoded and decoded by the same core path as on a network; only the
 delivery is a queue. Endpoints may live on different event loops (threads): delivery uses
-``call_soon_threadsafe`` onto the receiver's loop. A message is handed over by reference,
+``call_soon_threadsafe`` onto the receiver's loop. Between endpoints of one loop (a
+simulation) the message goes straight into the receiver's queue: no callback and no wake-up
+of the loop's self-pipe per frame. A message is handed over by reference,
 never copied, so the receiver's queue is not bounded: it holds no memory of its own.
 ``max_frame_size`` (2 GiB by default) is the largest message; give a small one to exercise
 the core's chunking in simulation.
@@ -31,13 +33,14 @@ class InProcessTransport(Transport):
     """An endpoint on the in-process hub named by the URL's host (``inproc://demo``)."""
 
     capabilities = Capabilities(max_frame_size=1 << 31, ordered=True, broadcast=False,
-                                networked=False)
+                                networked=False, send_waits=False)
 
     def __init__(self, url: str, *, role: Role, identity: str, max_frame_size: int = 1 << 31):
         super().__init__(url, role=role, identity=identity)
         if max_frame_size != self.capabilities.max_frame_size:
             self.capabilities = Capabilities(max_frame_size=max_frame_size, ordered=True,
-                                              broadcast=False, networked=False)
+                                              broadcast=False, networked=False,
+                                              send_waits=False)
         name = urlsplit(url).netloc or urlsplit(url).path.strip("/")
         if not name:
             raise ConfigurationError(f"Expected inproc://NAME. Received: {url!r}")
@@ -58,10 +61,15 @@ class InProcessTransport(Transport):
                 )
             self._hub.endpoints[self.identity] = self
 
-    def _deliver(self, sender: str, frame: bytes) -> None:
+    def _deliver(self, sender: str, frame: bytes, loop: asyncio.AbstractEventLoop | None
+                 ) -> None:
+        """Queue ``frame``; ``loop`` is the sender's (running) loop."""
         if self._loop is None or self._inbox is None or self._loop.is_closed():
             raise TransportError(f"{self.identity!r} is not connected to {self.url}.")
-        self._loop.call_soon_threadsafe(self._inbox.put_nowait, sender, frame)
+        if loop is self._loop:  # same thread: the queue is ours to touch now
+            self._inbox.put_nowait(sender, frame)
+        else:
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, sender, frame)
 
     async def send(self, peer: str, frame: bytes) -> None:
         if len(frame) > self.capabilities.max_frame_size:
@@ -71,7 +79,7 @@ class InProcessTransport(Transport):
             target = self._hub.endpoints.get(peer)
         if target is None:
             raise TransportError(f"No peer {peer!r} on {self.url}.")
-        target._deliver(self.identity, bytes(frame))
+        target._deliver(self.identity, bytes(frame), asyncio.get_running_loop())
 
     async def receive(self) -> tuple[str, bytes]:
         if self._inbox is None:

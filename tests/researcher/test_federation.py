@@ -149,3 +149,33 @@ def test_a_federation_needs_a_url():
         Federation("")
     with pytest.raises(ConfigurationError, match="Expected a federation URL"):
         FederatedStatistics(None, tags=["t"])  # type: ignore[arg-type]
+
+
+def test_scatter_gives_every_peer_one_reply_whatever_became_of_its_request():
+    from fedcore import _runtime
+    from fedcore_transport.inprocess import InProcessTransport
+
+    X, y = _data()
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], seed=0) as sim:
+        fed = Federation(sim.url)
+        silent = InProcessTransport(sim.url, role="node", identity="silent")
+
+        async def ask():
+            await silent.start()  # connected, never answers
+            client = await fed.client(["node-01", "node-02"])
+            bodies = dict.fromkeys(["node-01", "ghost", "silent", "node-02"], Ping())
+            replies = [r async for r in client.scatter(bodies, timeout=2.0)]
+            await silent.close()
+            return replies, dict(client._pending), dict(client._awaiting)
+
+        replies, pending, awaiting = _runtime.run(ask())
+        fed.close()
+    by_node = {r.node: r for r in replies}
+    assert len(replies) == 4 and set(by_node) == {"node-01", "node-02", "ghost", "silent"}
+    assert [r.node for r in replies][-1] == "silent"  # the one that timed out comes last
+    assert isinstance(by_node["node-01"].expect(Pong), Pong)
+    assert isinstance(by_node["node-02"].expect(Pong), Pong)
+    assert by_node["ghost"].missing and "No peer 'ghost'" in by_node["ghost"].why()
+    assert by_node["silent"].missing and "did not answer ping within 2 s" in \
+        by_node["silent"].why()
+    assert pending == {} and awaiting == {}  # nothing of the scatter is left behind

@@ -55,6 +55,9 @@ ShardSpec = dict[str, Any]
 Record = tuple[str, str, bytes]  # (sender, receiver, frame)
 
 _HEAD = struct.Struct("<IQ")  # header length, payload length
+#: Buffer of each pipe's file object: a round's burst of small frames moves in a few system
+#: calls (the default 8 KiB flushed every two requests of a small model).
+PIPE_BUFFER = 1 << 20
 
 
 def shard_specs(name: str, root: str | None, tags: Sequence[str], node_ids: Sequence[str],
@@ -93,6 +96,34 @@ def bytes_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+class Handoff:
+    """Records put from other threads, taken on ``loop`` in batches.
+
+    ``take(records)`` runs on the loop with every record put since it last ran: a burst of
+    frames from a pipe costs one wake-up of the loop, not one per frame (the wake-up, a
+    write to the loop's self-pipe and a callback, cost more than relaying a small frame).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[[list[Record]], None]):
+        self._loop = loop
+        self._take = take
+        self._records: list[Record] = []
+        self._lock = threading.Lock()
+
+    def put(self, record: Record) -> None:
+        """From any thread: queue ``record``; wake the loop only if nothing was waiting."""
+        with self._lock:
+            self._records.append(record)
+            if len(self._records) > 1:  # a batch is already on its way to the loop
+                return
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            records, self._records = self._records, []
+        self._take(records)
+
+
 # --------------------------------------------------------------------------- the shard side
 
 
@@ -111,11 +142,17 @@ class ShardHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = _runtime.loop()
         self._inbox: asyncio.Queue[Record] | None = None
+        self._handoff = Handoff(self._loop, self._queue)
         _runtime.run(self._start())
 
     async def _start(self) -> None:
         self._inbox = asyncio.Queue()
         self._spawn(self._deliver())
+
+    def _queue(self, records: list[Record]) -> None:
+        assert self._inbox is not None
+        for record in records:
+            self._inbox.put_nowait(record)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -124,8 +161,7 @@ class ShardHost:
 
     def push(self, sender: str, receiver: str, frame: bytes) -> None:
         """From any thread: a researcher's frame for one of this shard's nodes."""
-        assert self._inbox is not None
-        self._loop.call_soon_threadsafe(self._inbox.put_nowait, (sender, receiver, frame))
+        self._handoff.put((sender, receiver, frame))
 
     async def _deliver(self) -> None:
         # One consumer keeps the parent's order of frames (a chunked message stays whole).
@@ -203,6 +239,7 @@ class ShardRelay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._outbox: asyncio.Queue[Record] | None = None
         self._loop = _runtime.loop()
+        self._handoff = Handoff(self._loop, self._queue)
         self._closing = False
 
     def start(self) -> None:
@@ -259,8 +296,12 @@ class ShardRelay:
             link.send(sender, endpoint.identity, frame)
 
     def _incoming(self, sender: str, receiver: str, frame: bytes) -> None:
+        self._handoff.put((sender, receiver, frame))
+
+    def _queue(self, records: list[Record]) -> None:
         assert self._outbox is not None
-        self._loop.call_soon_threadsafe(self._outbox.put_nowait, (sender, receiver, frame))
+        for record in records:
+            self._outbox.put_nowait(record)
 
     async def _deliver(self) -> None:
         # One consumer keeps each shard's order of frames.
@@ -393,7 +434,8 @@ class ProcessShard:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 env[var] = str(self._threads)
         self._proc = subprocess.Popen([sys.executable, "-m", "fedcore.simulate._worker"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                      bufsize=PIPE_BUFFER)
         self.label = f"worker process {self.index + 1} (pid {self._proc.pid})"
         assert self._proc.stdin is not None and self._proc.stdout is not None
         stdin, stdout = self._proc.stdin, self._proc.stdout

@@ -19,6 +19,7 @@ import msgpack
 
 from fedcore import simulate
 from fedcore.simulate._shards import (
+    PIPE_BUFFER,
     ShardHost,
     bytes_array,
     read_record,
@@ -37,10 +38,10 @@ def _writer(out: IO[bytes], items: queue.SimpleQueue[tuple[Any, ...] | None]) ->
 
 def main() -> int:
     """Serve one shard; the exit code is 0 after a ``stop``."""
-    out = os.fdopen(os.dup(1), "wb")
+    out = os.fdopen(os.dup(1), "wb", buffering=PIPE_BUFFER)
     os.dup2(2, 1)  # prints, from Python or C, go to stderr; records keep the pipe
     sys.stdout = sys.stderr
-    stdin = sys.stdin.buffer
+    stdin = open(sys.stdin.fileno(), "rb", buffering=PIPE_BUFFER, closefd=False)
     records: dict[str, bytes] = {}
     spec: dict[str, Any] = {}
     while len(records) < 2:

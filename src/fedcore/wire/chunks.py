@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -139,8 +140,7 @@ class ChunkedTransport(Transport):
     def capabilities(self) -> Capabilities:  # type: ignore[override]
         """The inner transport's, with this layer's ``max_frame_size``."""
         inner = self.inner.capabilities
-        return Capabilities(max_frame_size=self.max_frame_size, ordered=inner.ordered,
-                            broadcast=inner.broadcast, networked=inner.networked)
+        return dataclasses.replace(inner, max_frame_size=self.max_frame_size)
 
     async def start(self) -> None:
         """Start the inner transport and the sweeper of stale partial frames."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,9 +247,9 @@ class Client:
                 seen, quiet_since = self.peers(), time.monotonic()
         return self.peers()
 
-    async def request(self, peer: str, body: Body, *, experiment: str = "", round: int = 0,
-                      timeout: float = 60.0) -> Envelope:
-        """Send ``body`` to ``peer`` and wait for its reply."""
+    def _register(self, peer: str, body: Body, experiment: str, round: int
+                  ) -> tuple[Envelope, asyncio.Future[Envelope]]:
+        """The envelope of a request to ``peer`` and the future its reply will fill."""
         env = Envelope(body=body, sender=self.identity, recipient=peer,
                        experiment=experiment, round=round)
         if self._guard.networked and peer not in self.enrolled:
@@ -256,6 +258,16 @@ class Client:
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._pending[env.id] = fut
         self._awaiting[env.id] = peer  # only this peer's answer is taken
+        return env, fut
+
+    def _forget(self, req_id: str) -> None:
+        self._pending.pop(req_id, None)
+        self._awaiting.pop(req_id, None)
+
+    async def request(self, peer: str, body: Body, *, experiment: str = "", round: int = 0,
+                      timeout: float = 60.0) -> Envelope:
+        """Send ``body`` to ``peer`` and wait for its reply."""
+        env, fut = self._register(peer, body, experiment, round)
         try:
             await self._link.send_parts(peer, codec.encode_parts(
                 env, max_size=self.max_frame_size))
@@ -265,28 +277,105 @@ class Client:
                 f"Node {peer!r} did not answer {body.TAG} within {timeout:g} s."
             ) from None
         finally:
-            self._pending.pop(env.id, None)
-            self._awaiting.pop(env.id, None)
+            self._forget(env.id)
 
     async def scatter(
         self, bodies: Mapping[str, Body], *, experiment: str = "", round: int = 0,
         timeout: float = 60.0,
     ) -> AsyncIterator[Reply]:
-        """Send one body per peer; yield each peer's :class:`Reply` as it ends."""
+        """Send one body per peer; yield each peer's :class:`Reply` as it ends.
+
+        Each peer has ``timeout`` seconds to answer once its request is sent. Replies are
+        taken by callbacks on their futures, with one timer per request, not by a task per
+        peer. Where a send may wait on its peer (``capabilities.send_waits``), the sends
+        run side by side, so that a slow peer holds up no other; in process, one by one.
+        """
         start = time.perf_counter()
-
-        async def one(peer: str, body: Body) -> Reply:
-            try:
-                result: Envelope | Exception = await self.request(
-                    peer, body, experiment=experiment, round=round, timeout=timeout)
-            except (TransportError, ProtocolError, GovernanceError) as exc:
-                result = exc
-            return Reply.of(peer, result, time.perf_counter() - start)
-
-        tasks = [asyncio.create_task(one(p, b)) for p, b in bodies.items()]
+        gather = _Gather(self, timeout)
+        waits = self.transport.capabilities.send_waits
         try:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
+            for peer, body in bodies.items():
+                try:
+                    env, fut = self._register(peer, body, experiment, round)
+                except GovernanceError as exc:
+                    gather.done.append((peer, exc))
+                    continue
+                gather.watch(peer, env.id, fut)
+                if waits:
+                    gather.sending.append(asyncio.create_task(gather.send(peer, env, fut)))
+                else:
+                    await gather.send(peer, env, fut)
+            for _ in range(len(bodies)):
+                peer, result = await gather.next()
+                if not isinstance(result, (Envelope, TransportError, ProtocolError,
+                                           GovernanceError)):
+                    raise result  # not a failure of the request: a bug, said as it is
+                yield Reply.of(peer, result, time.perf_counter() - start)
         finally:
-            for t in tasks:
-                t.cancel()
+            gather.close()
+
+
+class _Gather:
+    """The requests of one :meth:`Client.scatter`: their futures, timers and outcomes."""
+
+    def __init__(self, client: Client, timeout: float):
+        self.client = client
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        #: ``(peer, reply or exception)`` of the requests that ended, not yet taken.
+        self.done: deque[tuple[str, Envelope | BaseException]] = deque()
+        self.sending: list[asyncio.Task[None]] = []
+        self._wake: asyncio.Future[None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._futures: dict[str, asyncio.Future[Envelope]] = {}
+
+    def watch(self, peer: str, req_id: str, fut: asyncio.Future[Envelope]) -> None:
+        """Take the outcome of the request ``req_id`` to ``peer`` once ``fut`` is done."""
+        self._futures[req_id] = fut
+        fut.add_done_callback(functools.partial(self._finished, peer, req_id))
+
+    async def send(self, peer: str, env: Envelope, fut: asyncio.Future[Envelope]) -> None:
+        """Send the request; its timeout starts once it is sent."""
+        try:
+            await self.client._link.send_parts(peer, codec.encode_parts(
+                env, max_size=self.client.max_frame_size))
+        except Exception as exc:  # the request fails, the scatter goes on
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            self._timers[env.id] = self.loop.call_later(self.timeout, self._expire, peer,
+                                                        env.tag, fut)
+
+    async def next(self) -> tuple[str, Envelope | BaseException]:
+        """The next request's outcome, once there is one."""
+        while not self.done:
+            self._wake = self.loop.create_future()
+            await self._wake
+        return self.done.popleft()
+
+    def close(self) -> None:
+        """Stop what is still running; forget every request."""
+        for task in self.sending:
+            task.cancel()
+        for timer in self._timers.values():
+            timer.cancel()
+        for req_id, fut in self._futures.items():
+            if not fut.done():
+                fut.cancel()
+            self.client._forget(req_id)
+
+    def _finished(self, peer: str, req_id: str, fut: asyncio.Future[Envelope]) -> None:
+        self.client._forget(req_id)
+        timer = self._timers.pop(req_id, None)
+        if timer is not None:
+            timer.cancel()
+        if not fut.cancelled():
+            self.done.append((peer, fut.exception() or fut.result()))
+            if self._wake is not None and not self._wake.done():
+                self._wake.set_result(None)
+
+    def _expire(self, peer: str, tag: str, fut: asyncio.Future[Envelope]) -> None:
+        if not fut.done():
+            fut.set_exception(TransportError(
+                f"Node {peer!r} did not answer {tag} within {self.timeout:g} s."))
