@@ -88,7 +88,7 @@ class _Runner:
         self.node_id = node_id
         self.plans: dict[str, type[TrainingPlan]] = {}
         self.warm: dict[str, TrainingPlan] = {}
-        self.dataset: tuple[str, Dataset] | None = None
+        self.dataset: tuple[Any, Dataset] | None = None
 
     def open(self, entry: Mapping[str, Any]) -> Dataset:
         key = _open_key(entry)
