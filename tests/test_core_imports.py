@@ -111,3 +111,26 @@ def test_a_plan_worker_starts_without_the_node_loop_or_pandas():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_fedcores_submodules_are_attributes_after_import_fedcore():
+    # Names load on first use, and so do submodules: `import fedcore` then
+    # `fedcore.plugins.register(...)` (docs/plugins.md) works as it did with eager imports.
+    script = textwrap.dedent(
+        """
+        import sys
+        import fedcore
+        assert "fedcore.plugins" not in sys.modules and "pandas" not in sys.modules
+        print(fedcore.plugins.register.__module__, fedcore.secagg.PairwiseMasking.__name__)
+        try:
+            fedcore.no_such_module
+        except AttributeError as exc:
+            print(exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "fedcore.plugins PairwiseMasking",
+        "module 'fedcore' has no attribute 'no_such_module'"]

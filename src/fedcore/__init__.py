@@ -76,6 +76,14 @@ def __getattr__(name: str) -> Any:
     if name == "simulate":
         return importlib.import_module("fedcore.simulate")
     home = _HOMES.get(name)
+    if home is None and not name.startswith("__"):
+        # A submodule (``fedcore.plugins``, ``fedcore.secagg``...): reachable as an
+        # attribute after ``import fedcore``, as when this package imported them eagerly.
+        try:
+            return importlib.import_module(f"fedcore.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"fedcore.{name}":
+                raise
     if home is None:
         raise AttributeError(f"module 'fedcore' has no attribute {name!r}")
     value = getattr(importlib.import_module(home), name)

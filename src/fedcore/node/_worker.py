@@ -179,6 +179,8 @@ class _Worker:
         self.network = str(hello.state.get("network", "open"))
         #: Whether it imported, ahead of time, what earlier rounds on its dataset imported.
         self.warm = False
+        #: Whether a round runs in it now (a stopping node ends it at once, not after 2 s).
+        self.busy = False
 
     def preload(self, backends: list[str], modules: list[str]) -> None:
         """Have the worker import these backends and installed modules; wait until it did."""
@@ -195,7 +197,9 @@ class _Worker:
         return codec.decode(self.conn.recv_bytes(_MAX_REPLY), max_size=_MAX_REPLY).body
 
     def close(self) -> None:
-        self.conn.close()  # the worker reads the end of the socket and exits
+        if self.busy:  # the round is abandoned: the plan would not read the socket's end
+            self.process.kill()
+        self.conn.close()  # an idle worker reads the end of the socket and exits
         try:
             self.process.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -313,6 +317,7 @@ class PlanWorkers:
                     "administrator finds why in the node's log."))
             values = {name: value for name in _algorithms(state)
                       if (value := state.load(name)) is not None}
+            worker.busy = True
             try:
                 worker.conn.send_bytes(codec.encode(Envelope(
                     Checkpoint(state={**job, "entry": dict(entry), "state": values}),
@@ -330,6 +335,8 @@ class PlanWorkers:
                     f"The plan's worker process {what}. The node keeps serving and starts a "
                     "new worker for the next round; fix the plan (it may have exited, "
                     "crashed, or run out of memory)."))
+            finally:
+                worker.busy = False
             if isinstance(reply, TrainReply) or reply.kind == "plan":
                 self.remember(str(entry["id"]), str(job.get("backend", "")), modules)
             return reply
