@@ -92,19 +92,27 @@ class FixedPoint:
         buf = np.empty(min(_CHUNK, flat.size), dtype=np.float64)
         for start in range(0, flat.size, _CHUNK):
             stop = min(start + _CHUNK, flat.size)
-            x = buf[:stop - start]
-            np.copyto(x, flat[start:stop], casting="unsafe")
-            if not math.isfinite(float(np.add.reduce(x))) and not np.isfinite(x).all():
+            raw, x = flat[start:stop], buf[:stop - start]
+            # The extremes say whether anything is non-finite (NaN and infinities reach
+            # them) or out of range (the conversion to float64 keeps the order, so they
+            # are those of the float64 values): the passes that find which run only then.
+            lo, hi = float(np.min(raw)), float(np.max(raw))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                np.copyto(x, raw, casting="unsafe")
                 bad = int(x.size - np.count_nonzero(np.isfinite(x)))
                 raise ConfigurationError(
                     f"Expected finite values to encode. Received {bad} NaN or infinite "
                     "value(s): the training produced them; fix the plan (learning rate, "
                     "data) and retry."
                 )
-            clipped += int(np.count_nonzero(x > self.clip)) + int(
-                np.count_nonzero(x < -self.clip))
-            np.clip(x, -self.clip, self.clip, out=x)
-            np.multiply(x, factor, out=x)
+            if hi > self.clip or lo < -self.clip:
+                np.copyto(x, raw, casting="unsafe")
+                clipped += int(np.count_nonzero(x > self.clip)) + int(
+                    np.count_nonzero(x < -self.clip))
+                np.clip(x, -self.clip, self.clip, out=x)
+                np.multiply(x, factor, out=x)
+            else:  # read and scaled in one pass (the float64 conversion is exact)
+                np.multiply(raw, factor, out=x, dtype=np.float64, casting="unsafe")
             np.rint(x, out=x)
             np.copyto(ints[start:stop], x, casting="unsafe")
         return clipped
