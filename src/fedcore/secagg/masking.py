@@ -362,6 +362,9 @@ class _MaskingNode(NodeSession):
         self._keys: dict[str, tuple[bytes, bytes]] | None = None
         self._b = b""
         self._own_share = b""
+        #: The AES-GCM key agreed with each peer in the share phase: it seals this node's
+        #: shares for the peer and opens the peer's for this node (the pair's key, either way).
+        self._share_keys: dict[str, bytes] = {}
         self._share_reply: dict[str, Any] | None = None
         self._peers: list[str] | None = None
         self._answered: tuple[list[str], list[str]] | None = None
@@ -420,6 +423,7 @@ class _MaskingNode(NodeSession):
                 continue
             key = C.agree(self._c_sk, keys[node][0],
                           _pair_info(self.session_id, self.round, self.node_id, node, "share"))
+            self._share_keys[node] = key
             sealed[node] = C.seal(key, share, self._ad(self.node_id, node))
         self._share_reply = self._reply(
             shares=sealed, commitment=_commitment(self._b, self.session_id, self.node_id))
@@ -535,11 +539,7 @@ class _MaskingNode(NodeSession):
             else:
                 if not isinstance(sealed.get(sender), bytes):
                     raise ProtocolError(f"The unmask message lacks the share from {sender!r}.")
-                assert self._keys is not None
-                key = C.agree(self._c_sk, self._keys[sender][0],
-                              _pair_info(self.session_id, self.round, sender, self.node_id,
-                                         "share"))
-                share = C.open_sealed(key, sealed[sender], self._ad(sender, self.node_id),
+                share = C.open_sealed(self._share_keys[sender], sealed[sender], self._ad(sender, self.node_id),
                                       f"share from node {sender!r} to node {self.node_id!r}")
             if len(share) != 2 * SHARE_BYTES:
                 raise ProtocolError(f"Malformed share from {sender!r}.")
