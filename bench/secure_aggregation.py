@@ -13,11 +13,11 @@ times the computation only (no transport, no codec):
 ``plain`` is the identity scheme (the researcher's float64 weighted sum, as FedAvg does).
 Masking is also timed with 2 of the 10 nodes lost during training, so the researcher must
 rebuild their mask keys and remove 2 x 8 pairwise masks (drop-out recovery), and in the
-32-bit ring (``ring_bits=32``: half the keystream, additions and payload, a coarser step). Joye-Libert
-costs one 4096-bit modular exponentiation per ciphertext (28 values) on each node and on the
-researcher: it is measured at ``--jl-values`` values and extrapolated linearly per
-ciphertext to the large sizes (a 1M-value round would take hours here); the output
-says so. Its exponentiations run on every core (gmpy2 releases the GIL): the script prints
+32-bit ring (``ring_bits=32``: half the keystream, additions and payload, a coarser step).
+Joye-Libert costs one 4096-bit modular exponentiation per ciphertext (28 values) on each
+node and on the researcher: it is measured at ``--jl-values`` values and extrapolated
+linearly per ciphertext to the large sizes (a 1M-value round would take hours here); the
+output says so. Its exponentiations run on every core (gmpy2 releases the GIL): the script prints
 the per-exponentiation time on one thread and on the pool, and a node's protect after
 masks precomputed during training (``prepare``): what is left once training ends.
 Figures are medians of ``--repeats`` rounds in this process.

@@ -29,7 +29,8 @@ KEY_BYTES = 32
 _NONCE = 12
 _CHUNK_BYTES = 1 << 20  # 1 MiB of keystream at a time: stays in cache, one allocation
 #: The rings a mask works in, by vector dtype, and the keystream words read for each.
-_RINGS = {np.dtype(np.uint64): np.dtype("<u8"), np.dtype(np.uint32): np.dtype("<u4")}
+_RINGS: dict[np.dtype[Any], np.dtype[Any]] = {np.dtype(np.uint64): np.dtype("<u8"),
+                                               np.dtype(np.uint32): np.dtype("<u4")}
 
 
 def keypair() -> tuple[X25519PrivateKey, bytes]:

@@ -118,8 +118,7 @@ class FixedPoint:
         return clipped
 
     def decode(self, sums: np.ndarray) -> np.ndarray:
-        """The float64 values whose encodings add up to ``sums`` (two's complement, uint64 or
-        uint32: modulo 2^64 or 2^32)."""
+        """The float64 values whose encodings add up to ``sums`` (modulo 2^64; uint32: 2^32)."""
         ints = (sums.view(np.int32) if sums.dtype == np.uint32
                 else np.asarray(sums, dtype=np.uint64).view(np.int64))
         return np.multiply(ints, self.step, dtype=np.float64)  # one pass, one array

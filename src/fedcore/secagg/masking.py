@@ -539,7 +539,8 @@ class _MaskingNode(NodeSession):
             else:
                 if not isinstance(sealed.get(sender), bytes):
                     raise ProtocolError(f"The unmask message lacks the share from {sender!r}.")
-                share = C.open_sealed(self._share_keys[sender], sealed[sender], self._ad(sender, self.node_id),
+                share = C.open_sealed(self._share_keys[sender], sealed[sender],
+                                      self._ad(sender, self.node_id),
                                       f"share from node {sender!r} to node {self.node_id!r}")
             if len(share) != 2 * SHARE_BYTES:
                 raise ProtocolError(f"Malformed share from {sender!r}.")
