@@ -13,14 +13,15 @@ workloads, chosen before measuring:
 - **no training**: one SGD step (``num_updates=1``), evaluation off: the worst case, where
   the round is almost only transfer and aggregation, so secure aggregation weighs most.
 
-For each, four experiments on the same federation take turns, round after round (the first
+For each, six experiments on the same federation take turns, round after round (the first
 round of each is a warm-up, left out): ``secagg=None`` (plain), ``secagg=PairwiseMasking()``
 (the default scheme, masks precomputed while training), the same with the precomputation
 switched off (``masking, direct``: the masks made in ``protect``, after training, as before
-it existed), and masking with the last 2 nodes dropping out after the setup and share
+it existed), masking with the last 2 nodes dropping out after the setup and share
 exchanges: they train, then fail instead of protecting their update (their reply is an
 error), so the researcher must rebuild their mask keys from the others' shares and remove
-their pairwise masks (drop-out recovery).
+their pairwise masks (drop-out recovery), and ``PairwiseMasking(ring_bits=32)`` with and
+without the precomputation (``masking, 32-bit``: half the keystream, additions and upload).
 
 Under simulation the nodes share one worker thread (see ``fedcore.simulate``): their
 training and ``protect`` run one after another, so a round holds every node's work. On a
@@ -71,6 +72,9 @@ FEATURES = 512
 CLASSES = 10
 HIDDEN = {1_000_000: 772, 10_000_000: 2911}  # h**2 + 524 h + 10 parameters with 512 features
 DIRECT = "masking, direct"  # no precomputation: the masks made after training, in protect
+RING32 = "masking, 32-bit"  # PairwiseMasking(ring_bits=32): half the keystream and upload
+#: The direct twin of each precomputing mode: its rest stands for a federation's (see report)
+TWIN = {"masking": DIRECT, "masking, 2 dropped": DIRECT, RING32: f"{RING32} direct"}
 WORKLOADS = {
     "train": ({"epochs": 1, "batch_size": 32, "lr": 0.01}, True),
     "no training": ({"epochs": 1, "batch_size": 32, "lr": 0.01, "num_updates": 1}, False),
@@ -231,7 +235,9 @@ def compare(n_nodes: int, samples: int, features: int, hidden: int, workload: st
                 ("plain", None, [], False),
                 ("masking", TimedMasking(), [], False),
                 (DIRECT, TimedMasking(), [], True),
-                ("masking, 2 dropped", TimedMasking(), nodes[-2:], False)):
+                ("masking, 2 dropped", TimedMasking(), nodes[-2:], False),
+                (RING32, TimedMasking(ring_bits=32), [], False),
+                (TWIN[RING32], TimedMasking(ring_bits=32), [], True)):
             exp = Experiment(MLP, tags=["bench"], federation=fed.url, seed=0,
                              model_args={"inputs": features, "hidden": hidden},
                              training_args=training_args, evaluate_global=evaluate,
@@ -259,7 +265,7 @@ def report(size: int, workload: str, res: dict[str, dict[str, float]], n_nodes: 
           f"nodes' other work {fmt(plain['node'] - plain['train'])} (model loading, "
           f"evaluation), the rest {fmt(plain['rest'])} (messages, codec, aggregation); "
           f"{n_nodes} nodes one after another")
-    print(f"  {'mode':<20} {'round':>9} {'vs plain':>9} {'training':>9} {'precompute':>11} "
+    print(f"  {'mode':<22} {'round':>9} {'vs plain':>9} {'training':>9} {'precompute':>11} "
           f"{'protect/node':>13} {'(after)':>8} {'researcher':>10} {'rest':>9} "
           f"{'fed. est.: spare core':>22} {'no spare':>9}")
     node_plain = plain["node"] / n_nodes
@@ -274,8 +280,9 @@ def report(size: int, workload: str, res: dict[str, dict[str, float]], n_nodes: 
         if m["precompute_node"]:
             # Simulated, the other nodes' mask threads share the cores with the researcher
             # and inflate the rest; on a federation they run on the nodes' own machines:
-            # take the direct mode's rest, plus this mode's extra researcher work.
-            rest = res[DIRECT]["rest"] + m["researcher"] - res[DIRECT]["researcher"]
+            # take the direct twin's rest (same ring), plus this mode's extra researcher work.
+            twin = res[TWIN[mode]]
+            rest = twin["rest"] + m["researcher"] - twin["researcher"]
         tail = m["after_node"] + rest
         spare = (max(node_plain, m["precompute_node"]) + tail) / base
         busy = (node_plain + m["precompute_node"] + tail) / base
@@ -283,7 +290,7 @@ def report(size: int, workload: str, res: dict[str, dict[str, float]], n_nodes: 
             f"  (target {TARGET_RATIO}x: {'met' if ratio <= TARGET_RATIO else 'missed'} here, "
             f"{'met' if spare <= TARGET_RATIO else 'missed'} / "
             f"{'met' if busy <= TARGET_RATIO else 'missed'} on a federation)")
-        print(f"  {mode:<20} {fmt(m['round']):>9} {ratio:>8.2f}x {fmt(m['train']):>9} "
+        print(f"  {mode:<22} {fmt(m['round']):>9} {ratio:>8.2f}x {fmt(m['train']):>9} "
               f"{fmt(m['precompute_node']):>11} {fmt(m['protect_node']):>13} "
               f"{fmt(m['after_node']):>8} {fmt(m['researcher']):>10} {fmt(m['rest']):>9} "
               f"{spare:>21.2f}x {busy:>8.2f}x{verdict}")

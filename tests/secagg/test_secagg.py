@@ -104,8 +104,9 @@ def test_a_corrupted_share_is_caught_when_more_than_t_shares_are_given():
 
 
 @pytest.mark.parametrize("n_nodes,size", [(2, 1), (3, 1000), (10, 100_000), (50, 1000)])
-@pytest.mark.parametrize("scheme", [PlainAggregation(), PairwiseMasking()],
-                         ids=["plain", "masking"])
+@pytest.mark.parametrize("scheme", [PlainAggregation(), PairwiseMasking(),
+                                    PairwiseMasking(ring_bits=32)],
+                         ids=["plain", "masking", "masking-32"])
 def test_secure_sum_equals_the_plain_weighted_sum(scheme, n_nodes, size):
     nodes, updates, weights, extras = make_round(n_nodes, size, seed=n_nodes, with_extras=True)
     # the global model sets the clipping range: 4 x its largest value, 8 (no clipping here)
@@ -133,10 +134,12 @@ def test_masking_sums_ten_million_values(n_nodes):
 # --- drop-outs ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("ring_bits", [64, 32])
 @pytest.mark.parametrize("lost", [["node-01"], ["node-01", "node-03"]])
-def test_nodes_lost_after_sending_their_masked_update_are_recovered(lost):
+def test_nodes_lost_after_sending_their_masked_update_are_recovered(lost, ring_bits):
     nodes, updates, weights, _ = make_round(5, 1000, seed=5)
-    result = run_round(PairwiseMasking(threshold=3, clip=8.0), updates, weights,
+    result = run_round(PairwiseMasking(threshold=3, clip=8.0, ring_bits=ring_bits), updates,
+                       weights,
                        lost_before_unmask=lost).result
     check_sum(result, updates, weights, nodes)  # their updates arrived: all five count
     assert result.report["unmask_replies"] == 5 - len(lost)
@@ -152,9 +155,11 @@ def test_a_third_loss_below_the_threshold_is_a_clear_error_never_a_wrong_sum():
     assert isinstance(info.value, RoundError)
 
 
-def test_nodes_lost_during_training_have_their_pairwise_masks_removed():
+@pytest.mark.parametrize("ring_bits", [64, 32])
+def test_nodes_lost_during_training_have_their_pairwise_masks_removed(ring_bits):
     nodes, updates, weights, _ = make_round(5, 1000, seed=6)
-    result = run_round(PairwiseMasking(threshold=3, clip=8.0), updates, weights,
+    result = run_round(PairwiseMasking(threshold=3, clip=8.0, ring_bits=ring_bits), updates,
+                       weights,
                        lost_before_protect=["node-02"], lost_before_unmask=["node-04"]).result
     survivors = [n for n in nodes if n != "node-02"]
     check_sum(result, updates, weights, survivors)
@@ -197,8 +202,9 @@ def reveals(received: np.ndarray, secret: np.ndarray, as_fixed_point: FixedPoint
     """
     from scipy import stats  # lazily: only this test needs it
 
-    if received.dtype == np.uint64:
-        words, decoded = received, as_fixed_point.decode(received)
+    if received.dtype in (np.uint64, np.uint32):
+        decoded = as_fixed_point.decode(received)
+        words = received.astype(np.uint64) << np.uint64(64 - 8 * received.itemsize)
     else:  # floats in clear (the plain scheme): look at their bits and values alike
         decoded = received.astype(np.float64)
         words = decoded.view(np.uint64)
@@ -210,20 +216,23 @@ def reveals(received: np.ndarray, secret: np.ndarray, as_fixed_point: FixedPoint
     return bool(correlated or chi2 or ks)
 
 
-def test_one_nodes_masked_payload_is_indistinguishable_from_uniform_noise():
+@pytest.mark.parametrize("ring_bits", [64, 32])
+def test_one_nodes_masked_payload_is_indistinguishable_from_uniform_noise(ring_bits):
     nodes, updates, weights, _ = make_round(4, 200_000, seed=9)
     seen = {}
 
     def keep(node, payload):
         seen[node] = payload
 
-    run_round(PairwiseMasking(clip=8.0), updates, weights, on_payload=keep)
-    enc = Encoding(4, max(weights.values()), 8.0, 8.0)  # the round's encoding
+    run_round(PairwiseMasking(clip=8.0, ring_bits=ring_bits), updates, weights,
+              on_payload=keep)
+    enc = Encoding(4, max(weights.values()), 8.0, 8.0, ring_bits=ring_bits)  # the round's
     secret = weights["node-00"] * updates["node-00"]["w"].astype(np.float64)
     view = seen["node-00"]["values"][:secret.size]
+    assert view.dtype == (np.uint32 if ring_bits == 32 else np.uint64)
     assert not reveals(view, secret, enc.values)
     # the same check catches the update when masking is off: the bare fixed-point encoding ...
-    bare, _ = enc.encode(updates["node-00"], weights["node-00"])
+    bare, _ = enc.encode(updates["node-00"], weights["node-00"], dtype=view.dtype.type)
     assert reveals(bare[:secret.size], secret, enc.values)
     # ... and the plain scheme's payload
     run_round(PlainAggregation(), updates, weights, on_payload=keep)
@@ -307,3 +316,59 @@ def test_schemes_are_registered_and_configured_by_their_constructor():
         PairwiseMasking(threshold=2).researcher_session(1, ["a", "b", "c", "d"])
     with pytest.raises(ConfigurationError, match="positive"):
         PairwiseMasking(clip=-1.0)
+    with pytest.raises(ConfigurationError, match="ring_bits"):
+        PairwiseMasking(ring_bits=40)
+
+
+# --- the 32-bit ring ------------------------------------------------------------------------
+
+
+def test_a_32_bit_ring_halves_the_upload_and_sums_within_its_coarser_bound():
+    nodes, updates, weights, _ = make_round(10, 1000, seed=3)
+    seen = {}
+    results = {}
+    for bits in (64, 32):
+        results[bits] = run_round(
+            PairwiseMasking(clip=8.0, ring_bits=bits), updates, weights,
+            on_payload=lambda node, payload, bits=bits: seen.setdefault(bits, payload)).result
+        check_sum(results[bits], updates, weights, nodes)
+    assert seen[32]["values"].nbytes * 2 == seen[64]["values"].nbytes
+    step = {bits: results[bits].report["step"]["params"] for bits in (64, 32)}
+    assert step[32] == step[64] * 2.0**32  # the same budget, 32 bits fewer
+    assert results[32].total_weight == results[64].total_weight  # integer weights: exact
+
+
+def test_at_the_clipping_limit_the_32_bit_ring_does_not_wrap():
+    nodes = [f"n{i}" for i in range(10)]
+    for sign in (1.0, -1.0):
+        updates = {n: ParameterSet({"w": np.full(4, sign * 9.0)}) for n in nodes}
+        weights = {n: 100.0 for n in nodes}
+        result = run_round(PairwiseMasking(clip=8.0, max_weight=100.0, ring_bits=32), updates,
+                           weights).result
+        assert np.all(np.abs(result.sums["w"] - sign * 10 * 100 * 8.0)
+                      <= result.report["error_bound"]["params"])
+        assert result.report["clipped"]["params"] == 40
+
+
+def test_a_node_masks_only_in_the_ring_of_its_scheme():
+    nodes = ["a", "b", "c"]
+    researcher, sessions = open_round(PairwiseMasking(clip=1.0, ring_bits=32), nodes)
+    options = researcher.train_options("a")
+    # a researcher swapping the encoding's ring for another one is refused, not followed
+    sent = Encoding.from_wire(options["encoding"])
+    for bits in (64, 16):
+        other = Encoding(3, sent.max_weight, 1.0, 1.0, sent.params_layout, ring_bits=bits)
+        wide = {**options, "encoding": other.to_wire()}
+        with pytest.raises(ProtocolError, match="ring"):
+            sessions["a"].protect(ParameterSet({"w": np.ones(2)}), 1.0, wide)
+    payload = sessions["a"].protect(ParameterSet({"w": np.ones(2)}), 1.0, options)
+    assert payload["values"].dtype == np.uint32
+    with pytest.raises(ProtocolError, match="uint32 values"):
+        researcher.add_protected("b", {**payload, "values": payload["values"].astype(np.uint64)})
+
+
+def test_a_32_bit_ring_refuses_a_model_whose_clip_counts_could_wrap():
+    enc = Encoding(2, 1.0, 1.0, 1.0, ring_bits=32)
+    huge = ParameterSet({"w": np.zeros(2**31, dtype=np.uint8)})
+    with pytest.raises(ConfigurationError, match="64-bit ring"):
+        enc.encode(huge, 1.0, dtype=np.uint32)

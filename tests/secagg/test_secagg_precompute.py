@@ -47,14 +47,17 @@ def both_paths(session, options, upd, extras=None, reference=None):
     return direct, prepared, dict(session.timings)
 
 
-# 300,001 + 6 values span three keystream chunks; sizes of both parities put the extension
-# of a longer vector at an odd and at an even word of the streams.
-@pytest.mark.parametrize("size", [300_001, 300_002, 5])
+# 300,001 + 6 values span three keystream chunks; the sizes put the extension of a longer
+# vector (at word size + 9) at every word of an AES block: 2 of them in the 64-bit ring, 4
+# in the 32-bit one.
+@pytest.mark.parametrize("size", [300_000, 300_001, 300_002, 300_003, 5])
 @pytest.mark.parametrize("with_extras", [False, True])
-def test_a_prepared_mask_gives_the_payload_of_direct_masking(size, with_extras):
+@pytest.mark.parametrize("ring_bits", [64, 32])
+def test_a_prepared_mask_gives_the_payload_of_direct_masking(size, with_extras, ring_bits):
     nodes = ["a", "b", "c", "d"]
     reference = update(size, seed=9)
-    _, sessions, options = open_round(PairwiseMasking(clip=4.0), nodes, reference)
+    _, sessions, options = open_round(PairwiseMasking(clip=4.0, ring_bits=ring_bits), nodes,
+                                      reference)
     extras = {"control": ParameterSet({"c": np.linspace(-1, 1, 11)})} if with_extras else None
     for node in ("a", "c"):  # the lowest node adds every pairwise stream, "c" mixes signs
         direct, prepared, timings = both_paths(sessions[node], options[node], update(size),
@@ -98,7 +101,7 @@ def test_a_failed_precomputation_falls_back_to_direct_masking(monkeypatch, caplo
     _, sessions, options = open_round(PairwiseMasking(clip=4.0), nodes, update(100))
     direct = sessions["a"].protect(update(100), 7.0, options["a"])
 
-    def fails(seeds, size):
+    def fails(seeds, size, dtype):
         raise MemoryError("no room for the mask")
 
     monkeypatch.setattr(C, "combined_mask", fails)
@@ -198,9 +201,9 @@ def test_nodes_prepare_their_masks_while_training_and_the_model_is_the_plain_one
     calls = []
     real = C.combined_mask
 
-    def counted(seeds, size):
+    def counted(seeds, size, dtype):
         calls.append(size)
-        return real(seeds, size)
+        return real(seeds, size, dtype)
 
     monkeypatch.setattr(C, "combined_mask", counted)
     plain = _run(aggregator=aggregator)
@@ -211,7 +214,7 @@ def test_nodes_prepare_their_masks_while_training_and_the_model_is_the_plain_one
 
 def test_nodes_whose_precomputation_fails_still_send_a_correct_masked_update(
         monkeypatch, caplog, every_node_precomputes):
-    def fails(seeds, size):
+    def fails(seeds, size, dtype):
         raise RuntimeError("precomputation broken")
 
     plain = _run()

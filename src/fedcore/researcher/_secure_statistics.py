@@ -92,6 +92,8 @@ def configured(scheme: SecureAggregation, n_nodes: int, split: float) -> SecureA
         return scheme
     if "value_bits" in scheme.get_params():  # Joye-Libert's packing: sums need 64-bit slots
         scheme.value_bits = 64  # type: ignore[attr-defined]
+    if "ring_bits" in scheme.get_params():  # masking: the same, in a 64-bit ring
+        scheme.ring_bits = 64  # type: ignore[attr-defined]
     n2 = 1 << max(n_nodes - 1, 0).bit_length()
     # FixedPoint.for_sum's step is 2^(ceil(log2(n * max_weight * clip)) - 62): this clip
     # makes the update's step exactly ``split`` (so ``hi`` sums exactly), and the extras'

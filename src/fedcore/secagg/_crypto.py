@@ -5,13 +5,15 @@
 - AES-256-GCM sealing of relayed shares, the session, round, sender and recipient bound as
   associated data, so the researcher who relays them can neither read nor redirect them;
 - a PRG: AES-128-CTR keystream (counter from zero; every key is fresh and used once), read as
-  little-endian uint64 words and added to or subtracted from a vector in cache-sized chunks.
+  little-endian words of the ring (uint64, or uint32 for a 32-bit ring) and added to or
+  subtracted from a vector in cache-sized chunks.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -25,7 +27,10 @@ from fedcore.errors import ProtocolError
 
 KEY_BYTES = 32
 _NONCE = 12
-_CHUNK_WORDS = 1 << 17  # 1 MiB of keystream at a time: stays in cache, one allocation
+_CHUNK_BYTES = 1 << 20  # 1 MiB of keystream at a time: stays in cache, one allocation
+#: The rings a mask works in, by vector dtype, and the keystream words read for each.
+_RINGS: dict[np.dtype[Any], np.dtype[Any]] = {np.dtype(np.uint64): np.dtype("<u8"),
+                                               np.dtype(np.uint32): np.dtype("<u4")}
 
 
 def keypair() -> tuple[X25519PrivateKey, bytes]:
@@ -89,47 +94,53 @@ def open_sealed(key: bytes, blob: bytes, ad: bytes, what: str) -> bytes:
 
 
 def apply_masks(vector: np.ndarray, seeds: Sequence[tuple[bytes, int]], offset: int = 0) -> None:
-    """Add (+1) or subtract (-1) the PRG stream of each 16-byte seed to ``vector`` (uint64).
+    """Add (+1) or subtract (-1) the PRG stream of each 16-byte seed to ``vector``.
 
+    ``vector`` is uint64 or uint32 (the ring, 2^64 or 2^32): the stream is read as
+    little-endian words of that size, so a 32-bit ring needs half the keystream.
     ``vector[0]`` meets word ``offset`` of every stream: a mask is position by position, so
     words ``offset..offset+len`` of the streams can be applied without the ones before (the
-    CTR counter starts at block ``offset // 2``; an odd offset drops the first half block).
-    Works in place, chunk by chunk: each chunk of keystream is produced into one reused
-    buffer, so memory stays O(1) beyond the vector whatever the number of seeds. Both
+    CTR counter starts at the block holding that word; the words before it in the block are
+    dropped). Works in place, chunk by chunk: each chunk of keystream is produced into one
+    reused buffer, so memory stays O(1) beyond the vector whatever the number of seeds. Both
     ``update_into`` and numpy's additions release the GIL, so this runs beside training.
     """
-    if vector.dtype != np.uint64 or not vector.flags.c_contiguous:
-        raise TypeError("apply_masks expects a contiguous uint64 vector.")
+    if vector.dtype not in _RINGS or not vector.flags.c_contiguous:
+        raise TypeError("apply_masks expects a contiguous uint64 or uint32 vector.")
     if offset < 0:
         raise ValueError(f"Expected a word offset >= 0. Received {offset}.")
-    counter = (offset // 2).to_bytes(16, "big")
+    width = vector.dtype.itemsize
+    block, skip = divmod(offset * width, 16)
+    counter = block.to_bytes(16, "big")
     encryptors = []
     for seed, sign in seeds:
         enc = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
-        if offset % 2:
-            enc.update(bytes(8))  # the first half of the block holds word offset - 1
+        if skip:
+            enc.update(bytes(skip))  # the words before ``offset`` in its block
         encryptors.append((enc, sign))
     n = vector.size
-    zeros = memoryview(bytes(8 * min(_CHUNK_WORDS, max(n, 1))))
+    chunk = _CHUNK_BYTES // width
+    zeros = memoryview(bytes(width * min(chunk, max(n, 1))))
     buf = bytearray(len(zeros) + 15)  # update_into needs room for one block more
-    words = np.frombuffer(buf, dtype="<u8", count=len(zeros) // 8)
-    for start in range(0, n, _CHUNK_WORDS):
-        stop = min(start + _CHUNK_WORDS, n)
+    words = np.frombuffer(buf, dtype=_RINGS[vector.dtype], count=len(zeros) // width)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
         size = stop - start
         part = vector[start:stop]
         for enc, sign in encryptors:
-            enc.update_into(zeros[:8 * size], buf)
+            enc.update_into(zeros[:width * size], buf)
             if sign > 0:
                 np.add(part, words[:size], out=part)
             else:
                 np.subtract(part, words[:size], out=part)
 
 
-def combined_mask(seeds: Sequence[tuple[bytes, int]], size: int) -> np.ndarray:
-    """The sum (modulo 2^64) of the signed PRG streams of ``seeds``: ``size`` uint64 words.
+def combined_mask(seeds: Sequence[tuple[bytes, int]], size: int,
+                  dtype: type[np.unsignedinteger[Any]] = np.uint64) -> np.ndarray:
+    """The sum (modulo the ring) of the signed PRG streams of ``seeds``: ``size`` words.
 
     Adding it to a vector gives what :func:`apply_masks` gives, in one pass over the vector.
     """
-    mask = np.zeros(size, dtype=np.uint64)
+    mask = np.zeros(size, dtype=dtype)
     apply_masks(mask, seeds)
     return mask

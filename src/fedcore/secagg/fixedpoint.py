@@ -77,7 +77,7 @@ class FixedPoint:
         return math.ldexp(1.0, self.exponent)
 
     def encode_into(self, values: np.ndarray, weight: float, out: np.ndarray) -> int:
-        """Write the encoding of ``weight * clip(values)`` into ``out`` (uint64).
+        """Write the encoding of ``weight * clip(values)`` into ``out`` (uint64 or uint32).
 
         Returns how many values were clipped. Non-finite values raise ``ConfigurationError``.
         Works in cache-sized chunks through one float64 buffer.
@@ -86,32 +86,41 @@ class FixedPoint:
         if flat.dtype.kind == "c":
             raise ConfigurationError("Expected real values to encode. Received complex ones: "
                                      "send their real and imaginary parts as two arrays.")
-        ints = out.view(np.int64)
+        ints = out.view(f"i{out.dtype.itemsize}")
         factor = weight / self.step  # weight / 2**e is exact; one rounding in the product
         clipped = 0
         buf = np.empty(min(_CHUNK, flat.size), dtype=np.float64)
         for start in range(0, flat.size, _CHUNK):
             stop = min(start + _CHUNK, flat.size)
-            x = buf[:stop - start]
-            np.copyto(x, flat[start:stop], casting="unsafe")
-            if not math.isfinite(float(np.add.reduce(x))) and not np.isfinite(x).all():
+            raw, x = flat[start:stop], buf[:stop - start]
+            # The extremes say whether anything is non-finite (NaN and infinities reach
+            # them) or out of range (the conversion to float64 keeps the order, so they
+            # are those of the float64 values): the passes that find which run only then.
+            lo, hi = float(np.min(raw)), float(np.max(raw))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                np.copyto(x, raw, casting="unsafe")
                 bad = int(x.size - np.count_nonzero(np.isfinite(x)))
                 raise ConfigurationError(
                     f"Expected finite values to encode. Received {bad} NaN or infinite "
                     "value(s): the training produced them; fix the plan (learning rate, "
                     "data) and retry."
                 )
-            clipped += int(np.count_nonzero(x > self.clip)) + int(
-                np.count_nonzero(x < -self.clip))
-            np.clip(x, -self.clip, self.clip, out=x)
-            np.multiply(x, factor, out=x)
+            if hi > self.clip or lo < -self.clip:
+                np.copyto(x, raw, casting="unsafe")
+                clipped += int(np.count_nonzero(x > self.clip)) + int(
+                    np.count_nonzero(x < -self.clip))
+                np.clip(x, -self.clip, self.clip, out=x)
+                np.multiply(x, factor, out=x)
+            else:  # read and scaled in one pass (the float64 conversion is exact)
+                np.multiply(raw, factor, out=x, dtype=np.float64, casting="unsafe")
             np.rint(x, out=x)
             np.copyto(ints[start:stop], x, casting="unsafe")
         return clipped
 
     def decode(self, sums: np.ndarray) -> np.ndarray:
-        """The float64 values whose encodings add up to ``sums`` (modulo 2^64)."""
-        ints = np.asarray(sums, dtype=np.uint64).view(np.int64)
+        """The float64 values whose encodings add up to ``sums`` (modulo 2^64; uint32: 2^32)."""
+        ints = (sums.view(np.int32) if sums.dtype == np.uint32
+                else np.asarray(sums, dtype=np.uint64).view(np.int64))
         return np.multiply(ints, self.step, dtype=np.float64)  # one pass, one array
 
     def error_bound(self, n_nodes: int) -> float:
@@ -303,8 +312,15 @@ class Encoding:
                                 f"{first.describe_difference(layout)}.")
 
     def encode(self, update: ParameterSet, weight: float,
-               extras: Mapping[str, ParameterSet] | None = None) -> tuple[np.ndarray, Layout]:
-        """The uint64 vector of ``weight * update`` (and extras, weight, clip counts)."""
+               extras: Mapping[str, ParameterSet] | None = None,
+               dtype: type[np.unsignedinteger[Any]] = np.uint64) -> tuple[np.ndarray, Layout]:
+        """The vector of ``weight * update`` (and extras, weight, clip counts).
+
+        Of uint64, or of ``dtype`` uint32 for a 32-bit ring (half the memory and the work).
+        """
+        if np.dtype(dtype).itemsize * 8 < self.ring_bits:
+            raise ConfigurationError(f"Expected a dtype of at least {self.ring_bits} bits for "
+                                     f"this ring. Received {np.dtype(dtype).name}.")
         if not (isinstance(weight, (int, float, np.number)) and math.isfinite(weight)
                 and 0 < weight <= self.max_weight):
             raise ConfigurationError(
@@ -318,7 +334,11 @@ class Encoding:
                 "The update does not have the global model's layout: "
                 + expected.describe_difference(Layout(layout.params, [])) + "."
             )
-        out = np.empty(layout.size, dtype=np.uint64)
+        if layout.n_values * self.n_nodes >= 1 << (8 * np.dtype(dtype).itemsize):
+            raise ConfigurationError(
+                f"The clip counts of {self.n_nodes} nodes' {layout.n_values} values could wrap "
+                f"a {np.dtype(dtype).name} ring: use the 64-bit ring for a model this large.")
+        out = np.empty(layout.size, dtype=dtype)
         pos = 0
         clipped = [0, 0]
         sets = [(0, self.values, update)] + [(1, self.extras, ps) for ps in (extras or {}).values()]
@@ -337,7 +357,8 @@ class Encoding:
         """Sums (float64), total weight, extras' sums and what the decoding reports."""
         if sums.shape != (layout.size,):
             raise ProtocolError(f"Expected {layout.size} summed values. Received {sums.shape}.")
-        sums = _sign_extend(sums, self.ring_bits)
+        if sums.dtype.itemsize * 8 != self.ring_bits:  # a ring narrower than its words
+            sums = _sign_extend(sums, self.ring_bits)
         pos = 0
 
         def take(entries: list[tuple[str, tuple[int, ...]]], fp: FixedPoint) -> ParameterSet:

@@ -11,7 +11,8 @@ key or a share in clear):
    sender and recipient bound as associated data). It also commits to ``b_i`` (SHA-256).
 3. **protect** (with training): the fixed-point vector of ``w_i * update_i`` plus
    ``PRG(b_i)``, plus ``PRG(s_ij)`` for every other node ``j`` when ``i < j`` and minus it when
-   ``i > j`` (``s_ij = HKDF(X25519(s_i, s_j))``; the PRG is AES-128-CTR read as uint64).
+   ``i > j`` (``s_ij = HKDF(X25519(s_i, s_j))``; the PRG is AES-128-CTR read as words of
+   the ring: uint64, or uint32 with ``ring_bits=32``).
    Pairwise masks cancel in the sum; the self-mask protects an update that arrives late.
 4. **unmask**: each node whose payload arrived (survivors ``U``) is told ``U`` and the
    drop-outs ``D`` and returns its shares of ``b_i`` for ``i`` in ``U`` and of ``s_j`` for
@@ -55,7 +56,10 @@ from fedcore.secagg.shamir import SHARE_BYTES, ShareError, combine_bytes, split_
 __all__ = ["PairwiseMasking"]
 
 _SEED = 16  # bytes of b_i and of each PRG key
-#: Masks precomputed and not yet used, per process: one uint64 vector each. A deployed node
+#: The rings a round may sum in: bits -> the vector's dtype (numpy's unsigned arithmetic
+#: wraps modulo 2^bits for free).
+_RINGS: dict[int, type[np.unsignedinteger[Any]]] = {64: np.uint64, 32: np.uint32}
+#: Masks precomputed and not yet used, per process: one vector of the ring each. A deployed node
 #: has one round in flight; a simulation runs many nodes in one process, where the nodes past
 #: this many mask after training instead (their cores are shared anyway).
 MAX_PRECOMPUTED = 2
@@ -76,6 +80,12 @@ class PairwiseMasking(SecureAggregation):
         clip_margin: the factor of the automatic range.
         max_weight: the largest weight a node may send; ``None``: the largest of the
             researcher's weight hints, else ``2**20``.
+        ring_bits: 64 (default) or 32: the sums are exact modulo ``2**ring_bits``. A 32-bit
+            ring halves the masks' keystream, the additions and the upload (4 bytes per value
+            instead of 8), at a fixed-point step ``2**32`` times coarser: the average's
+            resolution is then about ``clip * 2**-29`` (``step`` and ``error_bound`` in the
+            round's report), so it suits an explicit, tight ``clip``. See
+            docs/secure-aggregation.md.
     """
 
     name = "masking"
@@ -83,7 +93,7 @@ class PairwiseMasking(SecureAggregation):
 
     def __init__(self, threshold: int | None = None, clip: float | None = None,
                  extras_clip: float | None = None, clip_margin: float = 1024.0,
-                 max_weight: float | None = None):
+                 max_weight: float | None = None, ring_bits: int = 64):
         if threshold is not None and (not isinstance(threshold, int) or threshold < 1):
             raise ConfigurationError(f"Expected threshold to be a positive int or None. "
                                      f"Received {threshold!r}.")
@@ -94,11 +104,15 @@ class PairwiseMasking(SecureAggregation):
                                          f"Received {value!r}.")
         if not (isinstance(clip_margin, (int, float)) and clip_margin > 0):
             raise ConfigurationError(f"Expected a positive clip_margin. Received {clip_margin!r}.")
+        if ring_bits not in _RINGS or isinstance(ring_bits, bool):
+            raise ConfigurationError(f"Expected ring_bits to be one of {sorted(_RINGS)}. "
+                                     f"Received {ring_bits!r}.")
         self.threshold = threshold
         self.clip = clip
         self.extras_clip = extras_clip
         self.clip_margin = clip_margin
         self.max_weight = max_weight
+        self.ring_bits = ring_bits
 
     def threshold_for(self, n_nodes: int) -> int:
         """The t used for a round of ``n_nodes`` nodes."""
@@ -146,7 +160,8 @@ class _MaskingResearcher(ResearcherSession):
         self.encoding = Encoding.choose(
             len(self.nodes), clip=scheme.clip, extras_clip=scheme.extras_clip,
             clip_margin=scheme.clip_margin, max_weight=scheme.max_weight,
-            weights_hint=weights_hint, reference=reference)
+            weights_hint=weights_hint, reference=reference, ring_bits=scheme.ring_bits)
+        self._dtype = np.dtype(_RINGS[scheme.ring_bits])
         self._keys: dict[str, tuple[bytes, bytes]] = {}  # U1: node -> (c_pk, s_pk)
         self._vouch: dict[str, dict[str, bytes]] = {}  # U1: node -> identity key, signature
         self._u1: list[str] | None = None
@@ -232,15 +247,15 @@ class _MaskingResearcher(ResearcherSession):
                                 "began; it is left out of the sum.")
         values = _field(payload, "values", np.ndarray, "protected update")
         layout = Layout.from_wire(_field(payload, "layout", dict, "protected update"))
-        if values.dtype != np.uint64 or values.shape != (layout.size,):
-            raise ProtocolError(f"Expected {layout.size} uint64 values from {node!r}. "
+        if values.dtype != self._dtype or values.shape != (layout.size,):
+            raise ProtocolError(f"Expected {layout.size} {self._dtype} values from {node!r}. "
                                 f"Received {values.dtype} {values.shape}.")
         self.encoding.check_received(layout, node, self._layout)
         with self._timed("add_protected_s"):
             if self._sum is None:
-                self._layout, self._sum = layout, np.array(values, dtype=np.uint64, copy=True)
+                self._layout, self._sum = layout, np.array(values, dtype=self._dtype, copy=True)
             else:
-                np.add(self._sum, values, out=self._sum)  # wraps modulo 2^64
+                np.add(self._sum, values, out=self._sum)  # wraps modulo the ring
         self._u3.append(node)
 
     # --- phase 4 ------------------------------------------------------------------------
@@ -347,6 +362,9 @@ class _MaskingNode(NodeSession):
         self._keys: dict[str, tuple[bytes, bytes]] | None = None
         self._b = b""
         self._own_share = b""
+        #: The AES-GCM key agreed with each peer in the share phase: it seals this node's
+        #: shares for the peer and opens the peer's for this node (the pair's key, either way).
+        self._share_keys: dict[str, bytes] = {}
         self._share_reply: dict[str, Any] | None = None
         self._peers: list[str] | None = None
         self._answered: tuple[list[str], list[str]] | None = None
@@ -405,6 +423,7 @@ class _MaskingNode(NodeSession):
                 continue
             key = C.agree(self._c_sk, keys[node][0],
                           _pair_info(self.session_id, self.round, self.node_id, node, "share"))
+            self._share_keys[node] = key
             sealed[node] = C.seal(key, share, self._ad(self.node_id, node))
         self._share_reply = self._reply(
             shares=sealed, commitment=_commitment(self._b, self.session_id, self.node_id))
@@ -429,6 +448,10 @@ class _MaskingNode(NodeSession):
         if encoding.n_nodes != len(self.nodes):
             raise ProtocolError(f"The fixed-point encoding is sized for {encoding.n_nodes} "
                                 f"nodes; the round has {len(self.nodes)}.")
+        if encoding.ring_bits != self.scheme.ring_bits:
+            raise ProtocolError(f"The fixed-point encoding uses a {encoding.ring_bits}-bit "
+                                f"ring; this round's scheme masks in {self.scheme.ring_bits} "
+                                "bits.")
         return sorted(peers), encoding
 
     def _seeds(self, peers: Sequence[str]) -> list[tuple[bytes, int]]:
@@ -457,7 +480,7 @@ class _MaskingNode(NodeSession):
         if size is None or self._pre.tag == (peers, size):
             return
         self._pre.discard()
-        self._pre.install(_precompute(peers, size, self._seeds))
+        self._pre.install(_precompute(peers, size, self._seeds, _RINGS[self.scheme.ring_bits]))
 
     def discard(self) -> None:
         """Drop a precomputed mask that :meth:`protect` has not used."""
@@ -472,7 +495,8 @@ class _MaskingNode(NodeSession):
             if not isinstance(update, ParameterSet):
                 raise ConfigurationError(f"Expected the update as a ParameterSet. "
                                          f"Received {type(update).__name__}.")
-            vector, layout = encoding.encode(update, weight, extras)
+            vector, layout = encoding.encode(update, weight, extras,
+                                             _RINGS[self.scheme.ring_bits])
             mask = None
             if pre is not None and pre.tag[0] == peers:
                 waited = time.perf_counter()
@@ -487,7 +511,7 @@ class _MaskingNode(NodeSession):
             C.apply_masks(vector, self._seeds(peers))
         else:
             n = min(vector.size, mask.size)
-            np.add(vector[:n], mask[:n], out=vector[:n])  # wraps modulo 2^64
+            np.add(vector[:n], mask[:n], out=vector[:n])  # wraps modulo the ring
             if vector.size > n:  # extras beyond the expected length: the streams' next words
                 C.apply_masks(vector[n:], self._seeds(peers), offset=n)
         self._peers = peers
@@ -515,11 +539,8 @@ class _MaskingNode(NodeSession):
             else:
                 if not isinstance(sealed.get(sender), bytes):
                     raise ProtocolError(f"The unmask message lacks the share from {sender!r}.")
-                assert self._keys is not None
-                key = C.agree(self._c_sk, self._keys[sender][0],
-                              _pair_info(self.session_id, self.round, sender, self.node_id,
-                                         "share"))
-                share = C.open_sealed(key, sealed[sender], self._ad(sender, self.node_id),
+                share = C.open_sealed(self._share_keys[sender], sealed[sender],
+                                      self._ad(sender, self.node_id),
                                       f"share from node {sender!r} to node {self.node_id!r}")
             if len(share) != 2 * SHARE_BYTES:
                 raise ProtocolError(f"Malformed share from {sender!r}.")
@@ -532,14 +553,14 @@ class _MaskingNode(NodeSession):
 
 
 def _precompute(peers: list[str], size: int,
-                seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]]
-                ) -> Background[np.ndarray] | None:
-    """A node's combined mask for ``peers``, ``size`` words, computed in a daemon thread.
+                seeds: Callable[[Sequence[str]], list[tuple[bytes, int]]],
+                dtype: type[np.unsignedinteger[Any]]) -> Background[np.ndarray] | None:
+    """A node's combined mask for ``peers``, ``size`` words of ``dtype``, in a daemon thread.
 
     AES-CTR's ``update_into`` and numpy's additions release the GIL, so it runs beside the
     training. The key material stays in the session: the thread gets its ``seeds`` method.
     ``None`` when :data:`MAX_PRECOMPUTED` masks are held.
     """
-    return Background.start(lambda: C.combined_mask(seeds(peers), size), _precomputed,
+    return Background.start(lambda: C.combined_mask(seeds(peers), size, dtype), _precomputed,
                             "the secure-aggregation masks", name="fedcore-secagg-mask",
                             tag=(peers, size))
