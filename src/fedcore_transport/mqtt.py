@@ -357,6 +357,10 @@ class MqttTransport(Transport):
         client = self._client
         client.loop_read()  # every packet waiting, up to the messages in flight
         _quickack(client)  # once per read, not per packet
+        if self._sock is not None and client.want_write():
+            # The acknowledgements of what was just read leave now, before the consumers
+            # that read woke up run (a broker lost in between would send it all again).
+            self._flush()
         sock: Any = client.socket()
         # TLS: records already decrypted wait in the TLS object, not in the socket.
         if self._reading and sock is not None and getattr(sock, "pending", None) \
