@@ -62,6 +62,14 @@ def test_missing_backend_names_the_extra_to_install():
     assert 'pip install -c constraints.txt ".[torch]"' in out.stdout, out.stdout + out.stderr
 
 
+def _python(script: str) -> list[str]:
+    """The lines a fresh interpreter prints running ``script`` (dedented); it must succeed."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()
+
+
 def test_a_node_reaches_its_connection_without_the_researcher_side_or_pandas(tmp_path):
     # What `fedcore-node start` does before it dials: the CLI, the home, its datasets, the
     # transport. Importing the simulator, the researcher side or pandas there cost every node
@@ -74,7 +82,7 @@ def test_a_node_reaches_its_connection_without_the_researcher_side_or_pandas(tmp
     for argv in (["init", "--id", "site-a"],
                  ["dataset", "add", "--name", "c", "--tags", "t", "--path", str(csv)]):
         assert main(["--home", home, *argv]) == 0
-    script = textwrap.dedent(
+    lines = _python(
         f"""
         import sys
         from fedcore_node.cli import _open, main
@@ -88,17 +96,14 @@ def test_a_node_reaches_its_connection_without_the_researcher_side_or_pandas(tmp
         print(sorted(n for n in unused if n in sys.modules))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert lines[-1] == "[]"
 
 
 def test_a_plan_worker_starts_without_the_node_loop_or_pandas():
     # A plan worker's start is part of the first round after a node starts: it imports the
     # round's executor and the dataset registry, not the node's message loop, the researcher
     # side or pandas (a CSV dataset's worker imports pandas when it opens the file).
-    script = textwrap.dedent(
+    lines = _python(
         """
         import sys
         import fedcore.node._sandbox
@@ -107,16 +112,13 @@ def test_a_plan_worker_starts_without_the_node_loop_or_pandas():
         print(sorted(n for n in unused if n in sys.modules))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert lines[-1] == "[]"
 
 
 def test_fedcores_submodules_are_attributes_after_import_fedcore():
     # Names load on first use, and so do submodules: `import fedcore` then
     # `fedcore.plugins.register(...)` (docs/plugins.md) works as it did with eager imports.
-    script = textwrap.dedent(
+    lines = _python(
         """
         import sys
         import fedcore
@@ -128,9 +130,6 @@ def test_fedcores_submodules_are_attributes_after_import_fedcore():
             print(exc)
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [
+    assert lines == [
         "fedcore.plugins PairwiseMasking",
         "module 'fedcore' has no attribute 'no_such_module'"]

@@ -6,8 +6,9 @@ transports are plug-ins found through entry points.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedcore import _lazy
 
 if TYPE_CHECKING:
     from fedcore import simulate
@@ -72,24 +73,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "simulate":
-        return importlib.import_module("fedcore.simulate")
-    home = _HOMES.get(name)
-    if home is None and not name.startswith("__"):
-        # A submodule (``fedcore.plugins``, ``fedcore.secagg``...): reachable as an
-        # attribute after ``import fedcore``, as when this package imported them eagerly.
-        try:
-            return importlib.import_module(f"fedcore.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"fedcore.{name}":
-                raise
-    if home is None:
-        raise AttributeError(f"module 'fedcore' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy.exports(__name__, _HOMES, globals(), __all__)

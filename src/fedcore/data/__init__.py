@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedcore import _lazy
 
 if TYPE_CHECKING:
     from fedcore.data import synthetic
@@ -42,16 +43,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "synthetic":
-        return importlib.import_module("fedcore.data.synthetic")
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'fedcore.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy.exports(__name__, _HOMES, globals(), __all__)
