@@ -16,6 +16,7 @@ from fedcore.errors import ConfigurationError, DatasetError
 from fedcore.node import Node
 from fedcore.node._turns import FlushIfLong, TurnTakingExecutor
 from fedcore.node.audit import verify
+from fedcore.plan.base import check_training_args
 from fedcore.wire import codec
 from fedcore.wire.messages import TrainReply
 
@@ -213,11 +214,12 @@ def test_a_job_done_while_the_loop_waited_for_its_batch_needs_no_early_write():
     assert _writes(0.5, TurnTakingExecutor(hold=5.0)) == (0, 0)
 
 
-def test_training_arguments_found_valid_once_are_still_checked_when_they_change(tmp_path):
-    """Only the exact arguments (types included) a plan accepted are not parsed again."""
-    node = Node(tmp_path / "home", node_id="site")
-    node._check_training_args("sha", Logistic, {"epochs": 1})
-    node._check_training_args("sha", Logistic, {"epochs": 1})  # remembered
+def test_training_arguments_found_valid_once_are_still_checked_when_they_change():
+    """Only the exact arguments (types included) a plan accepted are not parsed again
+    (the node checks a request's arguments with ``check_training_args``, which keeps what
+    the plan class parsed)."""
+    check_training_args(Logistic, {"epochs": 1})
+    check_training_args(Logistic, {"epochs": 1})  # remembered
     for wrong in ({"epochs": True}, {"epochs": True}, {"epoch": 1}, {"epochs": [1]}):
         with pytest.raises(ConfigurationError):  # True == 1, but a bool is refused
-            node._check_training_args("sha", Logistic, wrong)
+            check_training_args(Logistic, wrong)

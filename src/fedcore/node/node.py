@@ -93,7 +93,6 @@ _PROGRESS_S = 1.0  # at most one training-progress report a second per round
 
 _VERSION = "0.1.0"
 _WARM_PLANS = 8
-_CHECKED_ARGS = 256  # (plan, training arguments) pairs remembered as valid
 _TRUST_HINT = ("This node answers only the researchers its administrator trusts: on the node, "
                "run `fedcore-node trust add NAME KEY` with the researcher's public key "
                "(printed by `fedcore identity`).")
@@ -184,7 +183,6 @@ class Node:
         self._plans: dict[str, type[TrainingPlan]] = {}
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
-        self._args_checked: dict[tuple[str, Any], None] = {}  # (plan, arguments) found valid
         self._backends: set[str] = set()  # backends whose framework is imported
         self._workers = PlanWorkers(self.home, self.node_id)  # researcher code runs there
         self._networked = False  # whether serve()'s transport is a network (not in-process)
@@ -833,7 +831,7 @@ class Node:
             try:
                 # A misspelt or mistyped training argument is the researcher's to fix; DP-SGD
                 # the node's backend cannot run around this plan is refused.
-                self._check_training_args(sha, plan_class, request.training_args)
+                check_training_args(plan_class, request.training_args)
                 private_training(plan_class, PrivacySpec.parse(request.privacy))
             except MissingDependencyError as exc:
                 self.audit("train-refused", **base, reason=str(exc))
@@ -874,26 +872,6 @@ class Node:
             self.audit("train-failed", **base, error=f"{type(exc).__name__}: {exc}")
             return ErrorReply(kind="plan", message=str(exc), exc_type=type(exc).__name__,
                               traceback=traceback.format_exc())
-
-    def _check_training_args(self, sha: str, plan_class: type[TrainingPlan],
-                             args: Mapping[str, Any]) -> None:
-        """``check_training_args``, once per plan and exact arguments (types included).
-
-        A round repeats the last round's arguments: those already found valid for this
-        plan are not parsed again. Arguments that cannot be keyed are checked every time.
-        """
-        try:
-            key: tuple[str, Any] | None = (sha, _frozen(args))
-            hash(key)
-        except TypeError:
-            key = None
-        if key is not None and key in self._args_checked:
-            return
-        check_training_args(plan_class, args)
-        if key is not None:
-            if len(self._args_checked) >= _CHECKED_ARGS:
-                self._args_checked.pop(next(iter(self._args_checked)))
-            self._args_checked[key] = None
 
     def _charge_privacy(self, request: TrainRequest, entry: dict[str, Any], reply: TrainReply,
                         base: dict[str, Any]) -> TrainReply | ErrorReply:
@@ -1015,16 +993,3 @@ class Node:
     async def _on_stats(self, env: Envelope) -> Body:
         # Policy check, audit and computation (on the executor) live in node/statistics.py.
         return await answer_statistics(self, env, self._executor)
-
-
-def _frozen(value: Any) -> Any:
-    """A hashable form of decoded wire values that tells types apart (1, 1.0 and True).
-
-    ``TypeError`` (from ``hash``) for what has none, such as an array.
-    """
-    kind = type(value)
-    if kind is dict:
-        return kind, tuple((k, _frozen(v)) for k, v in value.items())
-    if kind is list or kind is tuple:
-        return kind, tuple(_frozen(v) for v in value)
-    return kind, value
