@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -92,16 +93,37 @@ def run_fedcore(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarr
         )
         exp.search()
         setup = time.perf_counter() - t0
-        rounds = []
+        rounds, cpu = [], []
         for _ in range(ROUNDS):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _thread_cpu()
             exp.run_once()
             rounds.append(time.perf_counter() - t)
+            cpu.append({k: v - c.get(k, 0.0) for k, v in _thread_cpu().items()})
         params = exp.parameters
         acc = accuracy(exp.trained_plan().model, Xte, yte)
         exp.close()
     return {"setup": setup, "rounds": rounds, "total": setup + sum(rounds), "params": params,
-            "accuracy": acc}
+            "accuracy": acc, "cpu": cpu}
+
+
+# The threads a simulated round runs on: this one (waiting in run_once), fedcore's event loop
+# (messages, node admission, audit, folding) and the nodes' training thread.
+_THREADS = {"MainThread": "main", "fedcore-runtime": "loop", "fedcore-sim": "training"}
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds used so far by each of the round's threads, and by the process."""
+    out = {"process": time.process_time()}
+    for thread in threading.enumerate():
+        role = next((r for prefix, r in _THREADS.items() if thread.name.startswith(prefix)),
+                    None)
+        if role is not None and thread.ident is not None and thread.is_alive():
+            try:
+                clock = time.pthread_getcpuclockid(thread.ident)
+                out[role] = out.get(role, 0.0) + time.clock_gettime(clock)
+            except (AttributeError, OSError):  # not on this platform, or the thread ended
+                pass
+    return out
 
 
 # --- the same training without fedcore -------------------------------------------------------
@@ -159,14 +181,15 @@ def run_serial(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarra
     model = DigitsMLP({}, {}, {}).init_model()
     global_state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     setup = time.perf_counter() - t0
-    rounds = []
+    rounds, cpu = [], []
     for rnd in range(1, ROUNDS + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         global_state = serial_fedavg_round(model, shards, global_state, rnd, lr=LR, seed=SEED)
         rounds.append(time.perf_counter() - t)
+        cpu.append({"process": time.process_time() - c})
     model.load_state_dict({k: torch.from_numpy(v) for k, v in global_state.items()})
     return {"setup": setup, "rounds": rounds, "total": setup + sum(rounds),
-            "params": global_state, "accuracy": accuracy(model, Xte, yte)}
+            "params": global_state, "accuracy": accuracy(model, Xte, yte), "cpu": cpu}
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -174,6 +197,11 @@ def run_serial(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarra
 
 def steady(rounds: list[float]) -> float:
     return statistics.median(rounds[WARMUP_ROUNDS:])
+
+
+def steady_cpu(run: dict[str, Any], key: str) -> float:
+    """Median CPU seconds of ``key`` (a thread's role, or the process) per steady round."""
+    return statistics.median(c.get(key, 0.0) for c in run["cpu"][WARMUP_ROUNDS:])
 
 
 def same_weights(a: Any, b: dict[str, np.ndarray]) -> bool:
@@ -240,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
           f"(target <= {TARGET_RATIO}x: {verdict(ratio <= TARGET_RATIO)}); "
           f"rounds only: {f_rounds / s_rounds:.2f}x")
     print(f"  final weights bit-identical to the serial loop: {identical}")
+    f_cpu = med(steady_cpu(r, "process") for r in fed_runs)
+    s_cpu = med(steady_cpu(r, "process") for r in ser_runs)
+    threads = ", ".join(f"{role} {med(steady_cpu(r, role) for r in fed_runs) * 1e3:.1f}"
+                        for role in ("loop", "training", "main"))
+    print(f"  CPU per steady round: fedcore {f_cpu * 1e3:.1f} ms ({threads}), serial "
+          f"{s_cpu * 1e3:.1f} ms: overhead {(f_cpu - s_cpu) * 1e3:.1f} ms of CPU (moves less "
+          "with the load than the wall-clock figures)")
     print(f"  test accuracy: fedcore {med(r['accuracy'] for r in fed_runs):.4f}, "
           f"serial {med(r['accuracy'] for r in ser_runs):.4f}")
     if eval_runs:
