@@ -71,7 +71,7 @@ def test_a_prepared_mask_gives_the_payload_of_direct_masking(size, with_extras, 
 @pytest.mark.parametrize("offset", [0, 7])
 def test_masks_spread_over_the_cores_are_those_of_one_thread(monkeypatch, dtype, offset):
     # Parts of 3,335 words: every part starts inside an AES block, in both rings.
-    monkeypatch.setattr(C, "cores", lambda: 3)
+    monkeypatch.setattr(C, "parallelism", lambda: 3)
     monkeypatch.setattr(C, "MIN_SPREAD_WORDS", 1000)
     seeds = [(bytes([k]) * 16, 1 if k % 2 else -1) for k in range(5)]
     start = np.arange(10_003, dtype=dtype)
@@ -82,12 +82,19 @@ def test_masks_spread_over_the_cores_are_those_of_one_thread(monkeypatch, dtype,
     assert not np.array_equal(spread, start)
 
 
+def test_masks_are_spread_over_the_idle_cores_only(monkeypatch):
+    monkeypatch.setattr(C, "cores", lambda: 4)
+    for load, parts in ((0.1, 4), (2.0, 3), (3.4, 2), (9.0, 1)):
+        monkeypatch.setattr(C.os, "getloadavg", lambda load=load: (load, load, load))
+        assert C.parallelism() == parts
+
+
 @pytest.mark.parametrize("ring_bits", [64, 32])
 def test_direct_masking_on_every_core_gives_the_payload_and_sum_of_one_thread(monkeypatch,
                                                                            ring_bits):
     # The node's direct masks and the researcher's unmasking spread over 3 "cores"; the
     # precomputed mask (one thread) must give the same payload, and the sum the plain one.
-    monkeypatch.setattr(C, "cores", lambda: 3)
+    monkeypatch.setattr(C, "parallelism", lambda: 3)
     monkeypatch.setattr(C, "MIN_SPREAD_WORDS", 1000)
     nodes = ["a", "b", "c", "d"]
     reference = update(30_001, seed=9)
