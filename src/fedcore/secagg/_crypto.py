@@ -36,7 +36,7 @@ _CHUNK_BYTES = 1 << 20  # 1 MiB of keystream at a time: stays in cache, one allo
 _RINGS: dict[np.dtype[Any], np.dtype[Any]] = {np.dtype(np.uint64): np.dtype("<u8"),
                                                np.dtype(np.uint32): np.dtype("<u4")}
 #: :func:`apply_masks_spread` gives a core a part only when it holds at least this many words
-#: (a part of 2^18 words takes ~0.5 ms per stream; handing it to a thread, ~0.05 ms).
+#: (a part of 2^18 words takes 0.1-0.3 ms per stream; handing it to a thread, ~0.05 ms).
 MIN_SPREAD_WORDS = 1 << 18
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()

@@ -318,7 +318,7 @@ class _MaskingResearcher(ResearcherSession):
                     seeds.append((key, -1 if i < j else 1))  # undo what i applied
             # In place: every check above passed, and the unmasked sum is kept below, so
             # the masks are never removed twice (a copy would cost a pass over the model).
-            # On every core: the researcher waits for nothing else.
+            # On the idle cores: the researcher waits for nothing else.
             total, self._sum = self._sum, None
             C.apply_masks_spread(total, seeds)
         with self._timed("decode_s"):
@@ -508,8 +508,8 @@ class _MaskingNode(NodeSession):
         finally:
             if pre is not None:
                 pre.release()
-        # After training nothing else runs on the node: what is left of the masks uses
-        # every core (the precomputation, beside the training, keeps to one thread).
+        # After training the node waits for this: what is left of the masks uses the idle
+        # cores (the precomputation, beside the training, keeps to one thread).
         if mask is None:
             C.apply_masks_spread(vector, self._seeds(peers))
         else:
