@@ -24,8 +24,11 @@ their pairwise masks (drop-out recovery), and ``PairwiseMasking(ring_bits=32)`` 
 without the precomputation (``masking, 32-bit``: half the keystream, additions and upload).
 
 Under simulation the nodes share one worker thread (see ``fedcore.simulate``): their
-training and ``protect`` run one after another, so a round holds every node's work. On a
-federation they work in parallel. Each masking node computes its combined mask in a thread
+training and ``protect`` run one after another, so a round holds every node's work, and their
+answers to the setup, share and unmask exchanges run one after another on one event loop.
+On a federation they work in parallel: the estimates count one node's work, and each
+exchange as long as its slowest node's answer (timed on every node; their CPU time per node
+is printed too). Each masking node computes its combined mask in a thread
 of its own while it trains (``NodeSession.prepare``); the output gives that precomputation's
 CPU time per node apart from what ``protect`` still does after training (encode, one
 addition, and any wait for the precomputation), and estimates a federation both ways: with
@@ -94,8 +97,8 @@ class MLP(TorchTrainingPlan):
 
 
 class BenchSessions(SecaggSessions):
-    """A node's sessions that time ``protect``, skip the precomputation while ``direct`` is
-    set, and drop out instead of protecting while ``drop`` is set."""
+    """A node's sessions that time ``protect`` and the exchanges, skip the precomputation
+    while ``direct`` is set, and drop out instead of protecting while ``drop`` is set."""
 
     direct = False
     drop = False
@@ -106,6 +109,20 @@ class BenchSessions(SecaggSessions):
         self.precompute_s: list[float] = []  # CPU time of the mask's thread
         self.wait_s: list[float] = []  # protect waiting for that thread
         self.dropped = 0  # rounds it dropped out of (its failed row has no timings)
+        #: This round's setup, share and unmask exchanges: phase -> seconds (wall, CPU)
+        self.exchange_s: dict[str, float] = {}
+        self.exchange_cpu_s: dict[str, float] = {}
+
+    def answer(self, request: Any, binding: Any) -> Any:
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return super().answer(request, binding)
+        finally:
+            phase = request.phase
+            self.exchange_s[phase] = (self.exchange_s.get(phase, 0.0)
+                                      + time.perf_counter() - start)
+            self.exchange_cpu_s[phase] = (self.exchange_cpu_s.get(phase, 0.0)
+                                          + time.thread_time() - cpu)
 
     def prepare(self, session: Any, options: Any, reference: Any) -> None:
         if not self.direct:
@@ -183,6 +200,8 @@ def one_round(exp: Experiment, nodes: Sequence[BenchNode], dropping: Sequence[Be
         b.protect_s.clear()
         b.precompute_s.clear()
         b.wait_s.clear()
+        b.exchange_s.clear()
+        b.exchange_cpu_s.clear()
         b.dropped = 0
     for node in dropping:
         node.bench.drop = True
@@ -205,11 +224,20 @@ def one_round(exp: Experiment, nodes: Sequence[BenchNode], dropping: Sequence[Be
     node_s = float(ok["total_s"].sum()) * (1 + lost / len(ok))
     train_s = float(ok["train_s"].sum()) * (1 + lost / len(ok))
     session = getattr(exp.secagg, "session", None)
+    # The nodes answer the setup, share and unmask exchanges one after another here (one
+    # event loop), in parallel on a federation: each exchange then lasts as long as its
+    # slowest node's answer.
+    phases = {p for b in benches for p in b.exchange_s}
+    exchanges = sum(s for b in benches for s in b.exchange_s.values())
+    exchanges_fed = sum(max(b.exchange_s.get(p, 0.0) for b in benches) for p in phases)
+    exchange_cpu = [sum(b.exchange_cpu_s.values()) for b in benches if b.exchange_cpu_s]
     return {"round": round_s, "train": train_s, "node": node_s, "protect": sum(protect),
             "researcher": sum(session.timings.values()) if session is not None else 0.0,
             "protect_node": statistics.median(protect) if protect else 0.0,
             "after_node": statistics.median(after) if after else 0.0,
             "precompute_node": statistics.median(precompute) if precompute else 0.0,
+            "exchanges": exchanges, "exchanges_fed": exchanges_fed,
+            "exchange_cpu_node": statistics.median(exchange_cpu) if exchange_cpu else 0.0,
             "rest": round_s - node_s - sum(protect)}
 
 
@@ -266,37 +294,46 @@ def report(size: int, workload: str, res: dict[str, dict[str, float]], n_nodes: 
           f"evaluation), the rest {fmt(plain['rest'])} (messages, codec, aggregation); "
           f"{n_nodes} nodes one after another")
     print(f"  {'mode':<22} {'round':>9} {'vs plain':>9} {'training':>9} {'precompute':>11} "
-          f"{'protect/node':>13} {'(after)':>8} {'researcher':>10} {'rest':>9} "
-          f"{'fed. est.: spare core':>22} {'no spare':>9}")
+          f"{'protect/node':>13} {'(after)':>8} {'exch./node':>11} {'researcher':>10} "
+          f"{'rest':>9} {'fed. est.: spare core':>22} {'no spare':>9} {'(serial exch.)':>15}")
     node_plain = plain["node"] / n_nodes
+    base = node_plain + plain["rest"]
     for mode, m in res.items():
         ratio = m["round"] / plain["round"]
         # Nodes in parallel: one node's work (this machine's mean), its precomputation
         # (hidden up to that work when a core is spare, added to it when none is), its
-        # protect after training, then the researcher's side (the rest); the upload's
+        # protect after training, its answers to the exchanges (each exchange as long as its
+        # slowest node's answer), then the researcher's side (the rest); the upload's
         # doubling is in the rest only.
-        base = node_plain + plain["rest"]
-        rest = m["rest"]
+        rest, serial = fed_rest(m), m["rest"]
         if m["precompute_node"]:
             # Simulated, the other nodes' mask threads share the cores with the researcher
             # and inflate the rest; on a federation they run on the nodes' own machines:
             # take the direct twin's rest (same ring), plus this mode's extra researcher work.
             twin = res[TWIN[mode]]
-            rest = twin["rest"] + m["researcher"] - twin["researcher"]
-        tail = m["after_node"] + rest
-        spare = (max(node_plain, m["precompute_node"]) + tail) / base
-        busy = (node_plain + m["precompute_node"] + tail) / base
+            rest = fed_rest(twin) + m["researcher"] - twin["researcher"]
+            serial = twin["rest"] + m["researcher"] - twin["researcher"]
+        spare = (max(node_plain, m["precompute_node"]) + m["after_node"] + rest) / base
+        busy = (node_plain + m["precompute_node"] + m["after_node"] + rest) / base
+        # the estimate before the exchanges were counted in parallel (as in older tables)
+        spare_serial = (max(node_plain, m["precompute_node"]) + m["after_node"] + serial) / base
         verdict = "" if mode == "plain" else (
             f"  (target {TARGET_RATIO}x: {'met' if ratio <= TARGET_RATIO else 'missed'} here, "
             f"{'met' if spare <= TARGET_RATIO else 'missed'} / "
             f"{'met' if busy <= TARGET_RATIO else 'missed'} on a federation)")
         print(f"  {mode:<22} {fmt(m['round']):>9} {ratio:>8.2f}x {fmt(m['train']):>9} "
               f"{fmt(m['precompute_node']):>11} {fmt(m['protect_node']):>13} "
-              f"{fmt(m['after_node']):>8} {fmt(m['researcher']):>10} {fmt(m['rest']):>9} "
-              f"{spare:>21.2f}x {busy:>8.2f}x{verdict}")
+              f"{fmt(m['after_node']):>8} {m['exchange_cpu_node'] * 1e3:>8.2f} ms "
+              f"{fmt(m['researcher']):>10} {fmt(m['rest']):>9} "
+              f"{spare:>21.2f}x {busy:>8.2f}x {spare_serial:>14.2f}x{verdict}")
     recovery = res["masking, 2 dropped"]["researcher"] - res["masking"]["researcher"]
     print(f"  drop-out recovery: the researcher's secure-aggregation work grows by "
           f"{fmt(recovery)} when 2 of {n_nodes} nodes drop out")
+
+
+def fed_rest(m: dict[str, float]) -> float:
+    """The rest as on a federation: the nodes' answers to each exchange in parallel."""
+    return m["rest"] - m["exchanges"] + m["exchanges_fed"]
 
 
 def joye_libert(n_nodes: int, samples: int, hidden: int, key_size: int) -> None:
@@ -394,11 +431,16 @@ def main(argv: list[str] | None = None) -> int:
           "  precompute: CPU time of a node's mask thread, run while it trains\n"
           "  protect/node: protect after training (wall, any wait for the thread included);"
           " (after): without that wait\n"
+          "  exch./node: CPU time of one node's answers to the setup, share and unmask "
+          "exchanges, median\n"
           "  fed. est.: (one node's work, its precompute overlapped when a core is spare or "
           "added when none is, + (after) + the rest) / plain's, as if the nodes worked in "
-          "parallel (network transfer not included); with a precomputation the rest is the "
-          "direct mode's (+ the extra researcher work): simulated, the rest also holds the "
-          "other nodes' mask threads")
+          "parallel (network transfer not included): in the rest, each exchange counts its "
+          "slowest node's answer, not all ten one after another; with a precomputation the "
+          "rest is the direct mode's (+ the extra researcher work): simulated, the rest also "
+          "holds the other nodes' mask threads\n"
+          "  (serial exch.): the spare-core estimate with the nodes' answers one after "
+          "another, as this script computed it before")
     cpu, wall = round_key_signatures(args.nodes)
     print(f"\nSigned round keys: {cpu * 1e3:.2f} ms of CPU per node per round ({wall * 1e3:.2f}"
           f" ms wall on this machine now; {args.nodes} nodes: 1 Ed25519 signature + "

@@ -67,6 +67,54 @@ def test_a_prepared_mask_gives_the_payload_of_direct_masking(size, with_extras, 
         np.testing.assert_array_equal(prepared["values"], direct["values"])
 
 
+@pytest.mark.parametrize("dtype", [np.uint64, np.uint32])
+@pytest.mark.parametrize("offset", [0, 7])
+def test_masks_spread_over_the_cores_are_those_of_one_thread(monkeypatch, dtype, offset):
+    # Parts of 3,335 words: every part starts inside an AES block, in both rings.
+    monkeypatch.setattr(C, "parallelism", lambda: 3)
+    monkeypatch.setattr(C, "MIN_SPREAD_WORDS", 1000)
+    seeds = [(bytes([k]) * 16, 1 if k % 2 else -1) for k in range(5)]
+    start = np.arange(10_003, dtype=dtype)
+    one, spread = start.copy(), start.copy()
+    C.apply_masks(one, seeds, offset)
+    C.apply_masks_spread(spread, seeds, offset)
+    np.testing.assert_array_equal(spread, one)
+    assert not np.array_equal(spread, start)
+
+
+def test_masks_are_spread_over_the_idle_cores_only(monkeypatch):
+    monkeypatch.setattr(C, "cores", lambda: 4)
+    for load, parts in ((0.1, 4), (2.0, 3), (3.4, 2), (9.0, 1)):
+        monkeypatch.setattr(C.os, "getloadavg", lambda load=load: (load, load, load))
+        assert C.parallelism() == parts
+
+
+@pytest.mark.parametrize("ring_bits", [64, 32])
+def test_direct_masking_on_every_core_gives_the_payload_and_sum_of_one_thread(monkeypatch,
+                                                                           ring_bits):
+    # The node's direct masks and the researcher's unmasking spread over 3 "cores"; the
+    # precomputed mask (one thread) must give the same payload, and the sum the plain one.
+    monkeypatch.setattr(C, "parallelism", lambda: 3)
+    monkeypatch.setattr(C, "MIN_SPREAD_WORDS", 1000)
+    nodes = ["a", "b", "c", "d"]
+    reference = update(30_001, seed=9)
+    researcher, sessions, options = open_round(PairwiseMasking(clip=8.0, ring_bits=ring_bits),
+                                               nodes, reference)
+    extras = {"control": ParameterSet({"c": np.linspace(-1, 1, 4001)})}
+    for i, node in enumerate(nodes):
+        direct, prepared, timings = both_paths(sessions[node], options[node],
+                                               update(30_001, seed=i), extras)
+        assert "precompute_s" in timings
+        np.testing.assert_array_equal(prepared["values"], direct["values"])
+        researcher.add_protected(node, through_the_wire(direct))
+    for node, msg in researcher.unmask_requests().items():
+        researcher.add_unmask(node, sessions[node].answer("unmask", through_the_wire(msg)))
+    sums, total, _, report = researcher.unprotect_sum()
+    want = sum(7.0 * update(30_001, seed=i)["w"].astype(np.float64) for i in range(4))
+    assert total == 28.0
+    assert np.max(np.abs(sums["w"] - want)) <= report["error_bound"]["params"] + 1e-9
+
+
 def test_an_update_shorter_than_the_prepared_mask_uses_its_prefix():
     nodes = ["a", "b", "c"]
     # Without the global model the encoding has no layout: the reference given to prepare

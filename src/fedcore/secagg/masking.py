@@ -318,8 +318,9 @@ class _MaskingResearcher(ResearcherSession):
                     seeds.append((key, -1 if i < j else 1))  # undo what i applied
             # In place: every check above passed, and the unmasked sum is kept below, so
             # the masks are never removed twice (a copy would cost a pass over the model).
+            # On the idle cores: the researcher waits for nothing else.
             total, self._sum = self._sum, None
-            C.apply_masks(total, seeds)
+            C.apply_masks_spread(total, seeds)
         with self._timed("decode_s"):
             sums, weight, extras, report = self.encoding.decode(total, self._layout,
                                                                 len(survivors))
@@ -507,13 +508,15 @@ class _MaskingNode(NodeSession):
         finally:
             if pre is not None:
                 pre.release()
+        # After training the node waits for this: what is left of the masks uses the idle
+        # cores (the precomputation, beside the training, keeps to one thread).
         if mask is None:
-            C.apply_masks(vector, self._seeds(peers))
+            C.apply_masks_spread(vector, self._seeds(peers))
         else:
             n = min(vector.size, mask.size)
             np.add(vector[:n], mask[:n], out=vector[:n])  # wraps modulo the ring
             if vector.size > n:  # extras beyond the expected length: the streams' next words
-                C.apply_masks(vector[n:], self._seeds(peers), offset=n)
+                C.apply_masks_spread(vector[n:], self._seeds(peers), offset=n)
         self._peers = peers
         self.timings["protect_s"] = time.perf_counter() - start
         return self._reply(values=vector, layout=layout.to_wire())
@@ -558,8 +561,9 @@ def _precompute(peers: list[str], size: int,
     """A node's combined mask for ``peers``, ``size`` words of ``dtype``, in a daemon thread.
 
     AES-CTR's ``update_into`` and numpy's additions release the GIL, so it runs beside the
-    training. The key material stays in the session: the thread gets its ``seeds`` method.
-    ``None`` when :data:`MAX_PRECOMPUTED` masks are held.
+    training, on one thread (the training has the other cores). The key material stays in
+    the session: the thread gets its ``seeds`` method. ``None`` when :data:`MAX_PRECOMPUTED`
+    masks are held.
     """
     return Background.start(lambda: C.combined_mask(seeds(peers), size, dtype), _precomputed,
                             "the secure-aggregation masks", name="fedcore-secagg-mask",

@@ -2,18 +2,18 @@
 
 The prime is above 2^256, so a secret of up to 32 bytes (a key, a seed) is one field element
 and each share is one element (33 bytes). Splitting evaluates one random polynomial of degree
-``t - 1`` per secret at every recipient's x (Horner's rule on numpy object arrays: all
-secrets and all recipients at once); combining interpolates at 0 from ``t`` shares and checks
-that every further share lies on the same polynomial, so a corrupted share is caught instead
-of yielding a wrong secret.
+``t - 1`` per secret at every recipient's x (Horner's rule on Python integers: a round's
+few secrets and recipients make a few hundred products, where numpy object arrays cost
+more than the arithmetic); combining interpolates at 0 from ``t`` shares and checks that
+every further share lies on the same polynomial, so a corrupted share is caught instead of
+yielding a wrong secret.
 """
 
 from __future__ import annotations
 
+import operator
 import secrets as _secrets
 from collections.abc import Mapping, Sequence
-
-import numpy as np
 
 __all__ = ["PRIME", "SHARE_BYTES", "ShareError", "combine", "combine_bytes", "split",
            "split_bytes"]
@@ -44,17 +44,19 @@ def split(values: Sequence[int], t: int, xs: Sequence[int]) -> list[list[int]]:
         raise ShareError(f"Expected distinct, non-zero x coordinates. Received {list(xs)}.")
     if not all(0 <= v < PRIME for v in values):
         raise ShareError("Secrets must be field elements (0 <= value < PRIME).")
-    k = len(values)
-    coeffs = np.empty((k, t), dtype=object)
-    coeffs[:, 0] = list(values)
-    for i in range(k):
-        for j in range(1, t):
-            coeffs[i, j] = _secrets.randbelow(PRIME)
-    x = np.array(list(xs), dtype=object)[None, :]  # (1, m)
-    acc = np.zeros((k, len(xs)), dtype=object)
-    for j in range(t - 1, -1, -1):  # Horner, vectorised over secrets x recipients
-        acc = (acc * x + coeffs[:, j:j + 1]) % PRIME
-    return [[int(v) for v in acc[:, r]] for r in range(len(xs))]
+    # highest degree first, for Horner's rule; the secret is the constant term
+    polys = [[_secrets.randbelow(PRIME) for _ in range(t - 1)][::-1] + [int(v)]
+             for v in values]
+    out = []
+    for x in xs:
+        row = []
+        for poly in polys:
+            acc = 0
+            for c in poly:
+                acc = (acc * x + c) % PRIME
+            row.append(acc)
+        out.append(row)
+    return out
 
 
 def _lagrange_at(z: int, xs: Sequence[int]) -> list[int]:
@@ -93,16 +95,17 @@ def combine(points: Mapping[int, Sequence[int]], t: int) -> list[int]:
     if len(lengths) != 1:
         raise ShareError(f"Shares hold different numbers of secrets: {sorted(lengths)}.")
     base = xs[:t]
-    ys = np.array([list(points[x]) for x in base], dtype=object)  # (t, k)
+    # per secret, its t shares
+    columns = list(zip(*([int(v) for v in points[x]] for x in base), strict=True))
 
-    def at(z: int) -> np.ndarray:
-        lam = np.array(_lagrange_at(z, base), dtype=object)[:, None]
-        return np.asarray((lam * ys).sum(axis=0) % PRIME)
+    def at(z: int) -> list[int]:
+        lam = _lagrange_at(z, base)
+        return [sum(map(operator.mul, lam, ys)) % PRIME for ys in columns]
 
     for x in xs[t:]:
-        if [int(v) for v in at(x)] != [int(v) % PRIME for v in points[x]]:
+        if at(x) != [int(v) % PRIME for v in points[x]]:
             raise ShareError(f"The share at x={x} is inconsistent with the others.", x)
-    return [int(v) for v in at(0)]
+    return at(0)
 
 
 def split_bytes(secrets: Sequence[bytes], t: int, xs: Sequence[int]) -> list[bytes]:
