@@ -35,6 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -59,6 +60,8 @@ _HEAD = struct.Struct("<IQ")  # header length, payload length
 #: Buffer of each pipe's file object: a round's burst of small frames moves in a few system
 #: calls (the default 8 KiB flushed every two requests of a small model).
 PIPE_BUFFER = 1 << 20
+#: How long a pipe's writer lets a burst of frames gather before it writes them.
+LINGER = 0.001
 #: Frames a shard hands its nodes before it lets them work through them (see ShardHost).
 CHUNK = 32
 #: How often a shard checks whether its nodes are through a chunk, and for how long at most.
@@ -401,6 +404,19 @@ def write_record(out: IO[bytes], kind: str, fields: Sequence[Any] = (),
         out.write(payload)
 
 
+def next_burst(items: queue.SimpleQueue[Any]) -> Any:
+    """The next record of ``items`` once there is one, after :data:`LINGER` seconds.
+
+    Meanwhile the rest of a burst joins it: one write and one wake-up of the reader for
+    many frames, and the thread that queues them is not interrupted for each one (a
+    writer woken per frame takes the GIL at every system call the queuing thread makes).
+    """
+    first = items.get()
+    if first is not None:
+        time.sleep(LINGER)
+    return first
+
+
 def write_records(out: IO[bytes], items: queue.SimpleQueue[Any], first: Any) -> bool:
     """Write ``first`` and every record waiting in ``items``, then flush.
 
@@ -497,7 +513,7 @@ class ProcessShard:
 
     def _write(self, stdin: IO[bytes]) -> None:
         try:
-            while write_records(stdin, self._out, self._out.get()):
+            while write_records(stdin, self._out, next_burst(self._out)):
                 pass
             write_record(stdin, "stop")
             stdin.close()
