@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import numpy as np
@@ -157,3 +158,55 @@ def test_frames_from_a_pipe_reach_the_event_loop_in_order_one_wake_up_per_burst(
         loop.close()
     assert [len(batch) for batch in taken] == [500, 500]
     assert [int(frame) for batch in taken for _, _, frame in batch] == list(range(1000))
+
+
+def test_nodes_are_dealt_to_shards_in_turn_in_the_order_a_round_sends():
+    from fedcore.simulate._shards import shard_specs
+
+    ids = [f"node-{i + 1:02d}" for i in range(12)]  # sorted: node-01 ... node-09, node-10 ...
+    parts = [np.array([2 * i, 2 * i + 1]) for i in range(12)]
+    specs = shard_specs("fed", None, ["t"], ids, [f"d{i}" for i in range(12)], parts, 2)
+    dealt = [[n[0] for n in spec["nodes"]] for spec, _ in specs]
+    assert dealt == [sorted(ids)[0::2], sorted(ids)[1::2]]
+    for spec, index in specs:  # each node's rows are its own part of the data
+        for node_id, _, lo, hi in spec["nodes"]:
+            assert list(index[lo:hi]) == list(parts[ids.index(node_id)])
+
+
+def test_a_shard_hands_its_nodes_a_chunk_at_a_time_and_answers_as_it_goes(monkeypatch):
+    from fedcore import _runtime
+    from fedcore.simulate import _shards
+    from fedcore.wire import codec
+    from fedcore.wire.messages import Envelope, Ping, Pong
+
+    monkeypatch.setattr(_shards, "CHUNK", 2)
+    fed = simulate.SimulatedFederation()
+    for i in range(6):
+        fed.add_node(f"node-{i + 1:02d}")
+    answered: list[tuple[str, int]] = []  # (node, frames not yet handed to a node)
+    host = None
+
+    def emit(node: str, researcher: str, frame: bytes) -> None:
+        assert researcher == "alice" and isinstance(codec.decode(frame).body, Pong)
+        assert host is not None and host._inbox is not None
+        answered.append((node, host._inbox.qsize()))
+
+    host = _shards.ShardHost(fed, emit)
+    try:
+        frames = [codec.encode(Envelope(body=Ping(), sender="alice", recipient=node))
+                  for node in host.node_ids]
+
+        async def burst() -> None:  # on the loop, so that the six arrive as one burst
+            for node, frame in zip(host.node_ids, frames, strict=True):
+                host.push("alice", node, frame)
+
+        _runtime.run(burst())
+        for _ in range(200):
+            if len(answered) == 6:
+                break
+            _runtime.run(asyncio.sleep(0.01))
+    finally:
+        host.close()
+    assert sorted(n for n, _ in answered) == host.node_ids  # every node answered once
+    # the first chunk's answers left while the last frames still waited in the shard
+    assert answered[0][1] >= 2

@@ -7,13 +7,15 @@ simulation) the message goes straight into the receiver's queue: no callback and
 of the loop's self-pipe per frame. A message is handed over by reference,
 never copied, so the receiver's queue is not bounded: it holds no memory of its own.
 ``max_frame_size`` (2 GiB by default) is the largest message; give a small one to exercise
-the core's chunking in simulation.
+the core's chunking in simulation. :class:`InProcessRelay` is an endpoint for relays: what it
+is sent goes on at once to a callback instead of into its queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from fedcore.errors import ConfigurationError, TransportError
@@ -99,3 +101,29 @@ class InProcessTransport(Transport):
                 identity for identity, ep in self._hub.endpoints.items()
                 if identity != self.identity and ep.role != self.role
             }
+
+
+class InProcessRelay(InProcessTransport):
+    """An endpoint that hands each frame it is sent to ``forward(sender, frame)`` at once.
+
+    For relays that carry frames on to somewhere else (a simulation's nodes in other
+    processes): the frame goes on within the sender's own ``send``, on the sender's thread,
+    with no queue, task or wake-up of a loop per frame. ``forward`` must not block; it may
+    raise :class:`~fedcore.errors.TransportError` to fail the send. Its :meth:`receive`
+    raises: nothing waits in it.
+    """
+
+    def __init__(self, url: str, *, role: Role, identity: str,
+                 forward: Callable[[str, bytes], None], max_frame_size: int = 1 << 31):
+        super().__init__(url, role=role, identity=identity, max_frame_size=max_frame_size)
+        self._forward = forward
+
+    def _deliver(self, sender: str, frame: bytes, loop: asyncio.AbstractEventLoop | None
+                 ) -> None:
+        if self._loop is None or self._loop.is_closed():
+            raise TransportError(f"{self.identity!r} is not connected to {self.url}.")
+        self._forward(sender, frame)
+
+    async def receive(self) -> tuple[str, bytes]:
+        raise TransportError(f"{self.identity!r} on {self.url} forwards what it is sent; "
+                             "nothing is received from it.")

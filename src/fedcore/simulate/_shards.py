@@ -35,6 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -44,7 +45,8 @@ import numpy as np
 
 from fedcore import _runtime
 from fedcore.errors import ConfigurationError, FedcoreError, TransportError
-from fedcore.transport import Transport, open_transport
+from fedcore.transport import Transport
+from fedcore_transport.inprocess import InProcessRelay
 
 log = logging.getLogger("fedcore.simulate")
 
@@ -58,18 +60,28 @@ _HEAD = struct.Struct("<IQ")  # header length, payload length
 #: Buffer of each pipe's file object: a round's burst of small frames moves in a few system
 #: calls (the default 8 KiB flushed every two requests of a small model).
 PIPE_BUFFER = 1 << 20
+#: How long a pipe's writer lets a burst of frames gather before it writes them.
+LINGER = 0.001
+#: Frames a shard hands its nodes before it lets them work through them (see ShardHost).
+CHUNK = 32
+#: How often a shard checks whether its nodes are through a chunk, and for how long at most.
+POLL, MAX_HOLD = 0.0005, 0.2
 
 
 def shard_specs(name: str, root: str | None, tags: Sequence[str], node_ids: Sequence[str],
                 datasets: Sequence[str], parts: Sequence[np.ndarray], workers: int
                 ) -> list[tuple[ShardSpec, np.ndarray]]:
-    """Deal nodes to ``workers`` shards in contiguous blocks: (spec, row indices) per shard."""
-    n = len(node_ids)
+    """Deal nodes to ``workers`` shards: (spec, row indices) per shard.
+
+    Nodes are dealt in turn in the order of their ids, the order in which a round sends
+    its requests and folds the replies: every shard gets its first request at once, and
+    the shards' replies come back in step with the fold.
+    """
+    order = sorted(range(len(node_ids)), key=lambda i: node_ids[i])
     out = []
     for w in range(workers):
-        lo, hi = w * n // workers, (w + 1) * n // workers
         rows, nodes, start = [], [], 0
-        for i in range(lo, hi):
+        for i in order[w::workers]:
             rows.append(parts[i])
             nodes.append([node_ids[i], datasets[i], start, start + len(parts[i])])
             start += len(parts[i])
@@ -132,6 +144,12 @@ class ShardHost:
 
     ``emit(sender, receiver, frame)`` is called (from fedcore's event loop) for every frame
     a node sends; :meth:`push` hands over every frame the parent's researchers sent.
+
+    The frames are handed to the nodes a chunk at a time (:data:`CHUNK`): the next chunk
+    once the nodes have run out of work on the last one. A round's requests arrive in a
+    burst; handed over all at once, every node would decode and admit its request before
+    the first one trains, and every reply would leave together at the end, while the
+    parent waits for them. In chunks, the replies stream back while the rest train.
     """
 
     def __init__(self, fed: Any, emit: Callable[[str, str, bytes], None]):
@@ -167,25 +185,24 @@ class ShardHost:
         # One consumer keeps the parent's order of frames (a chunked message stays whole).
         assert self._inbox is not None
         while True:
-            sender, receiver, frame = await self._inbox.get()
-            endpoint = self._researchers.get(sender)
-            if endpoint is None:
-                endpoint = open_transport(self.fed.url, role="researcher", identity=sender)
-                await endpoint.start()
-                self._researchers[sender] = endpoint
-                self._spawn(self._forward(endpoint))
-            try:
-                await endpoint.send(receiver, frame)
-            except TransportError as exc:  # a node of this shard stopped
-                log.warning("Simulation shard dropped a frame for %s: %s", receiver, exc)
+            for _ in range(CHUNK):
+                sender, receiver, frame = await self._inbox.get()
+                endpoint = self._researchers.get(sender)
+                if endpoint is None:
+                    endpoint = InProcessRelay(self.fed.url, role="researcher", identity=sender,
+                                              forward=functools.partial(self._answer, sender))
+                    await endpoint.start()
+                    self._researchers[sender] = endpoint
+                try:
+                    await endpoint.send(receiver, frame)
+                except TransportError as exc:  # a node of this shard stopped
+                    log.warning("Simulation shard dropped a frame for %s: %s", receiver, exc)
+                if self._inbox.empty():
+                    break
+            await _worked_off(self._loop)
 
-    async def _forward(self, endpoint: Transport) -> None:
-        while True:
-            try:
-                node, frame = await endpoint.receive()
-            except TransportError:  # closed
-                return
-            self._emit(node, endpoint.identity, frame)
+    def _answer(self, researcher: str, node: str, frame: bytes) -> None:
+        self._emit(node, researcher, frame)
 
     def close(self) -> None:
         """Stop the nodes and the researcher endpoints."""
@@ -267,7 +284,7 @@ class ShardRelay:
         for i, shard_ids in enumerate(ids):
             for node_id in shard_ids:
                 self._shard_of[node_id] = i
-            self.node_ids.extend(shard_ids)
+        self.node_ids = sorted(self._shard_of)
         _runtime.run(self._connect(self.node_ids))
 
     async def _open(self) -> None:
@@ -281,19 +298,13 @@ class ShardRelay:
 
     async def _connect(self, node_ids: list[str]) -> None:
         for node_id in node_ids:
-            endpoint = open_transport(self.url, role="node", identity=node_id)
+            # What the researcher sends a node goes on to its shard within the send: the
+            # shard gets a round's first requests while the researcher encodes the rest.
+            link = self.links[self._shard_of[node_id]]
+            endpoint = InProcessRelay(self.url, role="node", identity=node_id,
+                                      forward=functools.partial(_to_shard, link, node_id))
             await endpoint.start()
             self._endpoints[node_id] = endpoint
-            self._spawn(self._forward(endpoint))
-
-    async def _forward(self, endpoint: Transport) -> None:
-        link = self.links[self._shard_of[endpoint.identity]]
-        while True:
-            try:
-                sender, frame = await endpoint.receive()
-            except TransportError:  # closed
-                return
-            link.send(sender, endpoint.identity, frame)
 
     def _incoming(self, sender: str, receiver: str, frame: bytes) -> None:
         self._handoff.put((sender, receiver, frame))
@@ -354,6 +365,25 @@ class ShardRelay:
                 link.close()
 
 
+async def _worked_off(loop: asyncio.AbstractEventLoop) -> None:
+    """Return once ``loop`` has nothing ready to run but this (or after :data:`MAX_HOLD`).
+
+    It checks every :data:`POLL` seconds on a timer, never from the loop's ready queue:
+    the training thread's batches start when that queue runs dry (``node/_turns.py``).
+    """
+    ready = getattr(loop, "_ready", None)  # asyncio's own loops: the callbacks to run
+    if ready is None:  # another loop: let the nodes start on the chunk, no more
+        await asyncio.sleep(0)
+        return
+    give_up = loop.time() + MAX_HOLD
+    while ready and loop.time() < give_up:
+        await asyncio.sleep(POLL)
+
+
+def _to_shard(link: ShardLink, node: str, researcher: str, frame: bytes) -> None:
+    link.send(researcher, node, frame)
+
+
 def _span(nodes: Sequence[str]) -> str:
     return "none" if not nodes else nodes[0] if len(nodes) == 1 else f"{nodes[0]}..{nodes[-1]}"
 
@@ -372,6 +402,19 @@ def write_record(out: IO[bytes], kind: str, fields: Sequence[Any] = (),
     out.write(head)
     if len(payload):
         out.write(payload)
+
+
+def next_burst(items: queue.SimpleQueue[Any]) -> Any:
+    """The next record of ``items`` once there is one, after :data:`LINGER` seconds.
+
+    Meanwhile the rest of a burst joins it: one write and one wake-up of the reader for
+    many frames, and the thread that queues them is not interrupted for each one (a
+    writer woken per frame takes the GIL at every system call the queuing thread makes).
+    """
+    first = items.get()
+    if first is not None:
+        time.sleep(LINGER)
+    return first
 
 
 def write_records(out: IO[bytes], items: queue.SimpleQueue[Any], first: Any) -> bool:
@@ -470,7 +513,7 @@ class ProcessShard:
 
     def _write(self, stdin: IO[bytes]) -> None:
         try:
-            while write_records(stdin, self._out, self._out.get()):
+            while write_records(stdin, self._out, next_burst(self._out)):
                 pass
             write_record(stdin, "stop")
             stdin.close()

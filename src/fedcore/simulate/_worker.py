@@ -22,6 +22,7 @@ from fedcore.simulate._shards import (
     PIPE_BUFFER,
     ShardHost,
     bytes_array,
+    next_burst,
     read_record,
     write_record,
     write_records,
@@ -30,7 +31,7 @@ from fedcore.simulate._shards import (
 
 def _writer(out: IO[bytes], items: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
     try:
-        while write_records(out, items, items.get()):
+        while write_records(out, items, next_burst(items)):
             pass
     except (OSError, ValueError):  # the parent is gone
         os._exit(1)
