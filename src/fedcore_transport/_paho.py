@@ -1,4 +1,4 @@
-"""paho-mqtt's client, reading the payload of a QoS 1 PUBLISH without copying it.
+"""paho-mqtt's client, without the copies of every payload it makes on the way.
 
 paho (2.x) decodes a PUBLISH by ``struct.unpack`` of the whole packet three times and a
 slice for its properties: four copies of every payload, on the thread that reads the socket
@@ -11,6 +11,11 @@ acknowledges the message after the callback, as paho does.
 
 Only what fedcore uses takes this path: MQTT 5, QoS 1, automatic acknowledgement. Anything
 else (and a paho whose internals differ from what this reads) goes through paho's own code.
+
+Sending, paho writes a packet as ``packet[pos:]`` at every write: a slice of the bytearray
+it built, so a copy of the whole packet even when the socket takes it in one write. A large
+packet is queued as a memoryview of that bytearray instead, whose slices copy nothing (paho
+never changes a packet once queued).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = ["Client"]
 _MALFORMED: type[Exception] | None = getattr(paho, "MalformedPacket", None)
 _CLOCK = getattr(paho, "time_func", None)
 _QOS1 = 1
+_VIEW_FROM = 1 << 14  # bytes of a packet from which it is written from a view
 
 
 class Client(paho.Client):
@@ -59,6 +65,12 @@ class Client(paho.Client):
         message.timestamp = _CLOCK()
         self._handle_on_message(message)
         return self._send_puback(mid)  # type: ignore[no-any-return]
+
+    def _packet_queue(self, command: int, packet: Any, mid: int, qos: int,
+                      info: paho.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        if isinstance(packet, bytearray) and len(packet) >= _VIEW_FROM:
+            packet = memoryview(packet)  # written as packet[pos:]: a view's slices copy nothing
+        return super()._packet_queue(command, packet, mid, qos, info)  # type: ignore[no-any-return, misc]
 
 
 def _decode(packet: bytearray) -> tuple[bytes, int, Properties, Any]:
