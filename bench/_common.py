@@ -56,6 +56,7 @@ async def echo_node(link: ChunkedTransport) -> None:
         reply = env.reply(TrainReply(params=env.body.params, n_samples=1),  # type: ignore[attr-defined]
                           sender=link.identity)
         await link.send_parts(got.peer, codec.encode_parts(reply))
+        del got, env, reply  # answered: a node keeps nothing of a request it answered
 
 
 async def round_trips(make: Callable[..., Transport], url: str, params: ParameterSet,
@@ -88,6 +89,7 @@ async def round_trips(make: Callable[..., Transport], url: str, params: Paramete
                                timeout=timeout) for n in nodes))
             times.append(time.perf_counter() - start)
             assert all(r.body.params.equal(params) for r in replies)  # type: ignore[attr-defined]
+            del replies  # checked: nothing of this round is kept while the next one runs
         return times
     finally:
         for task in echoes:

@@ -19,7 +19,9 @@ allowed to publish on the broker are refused, and QoS 1 duplicates are dropped t
 paho runs on the endpoint's event loop (its external-loop API: the loop watches the socket
 and calls paho to read, write and keep the connection alive), so a message reaches the core
 and a publish reaches the socket without a hand-over between threads; only the blocking
-connection (TCP, TLS handshake) runs on a worker thread. Received messages wait in a bounded
+connection (TCP, TLS handshake) runs on a worker thread. A received message is a read-only
+view of the packet paho read, not a copy (:mod:`fedcore_transport._paho`: paho's own
+decoding copies each payload four times). Received messages wait in a bounded
 inbox (``inbox_bytes``, 8 MiB by default). When it is full, the endpoint stops reading its
 socket (up to half the keepalive), so the broker stops sending and queues for this endpoint
 (up to its ``max_queued_messages``); a message that still finds no room after that wait is
@@ -77,6 +79,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fedcore.errors import ConfigurationError, TransportError
 from fedcore.transport import REDACTED, Capabilities, Inbox, Role, Transport, redact_url
 from fedcore_transport._door import CLOSED_S, STRANGERS_PER_S, Door
+from fedcore_transport._paho import Client
 from fedcore_transport._tls import tls_problem
 
 __all__ = ["MqttTransport"]
@@ -162,9 +165,9 @@ class MqttTransport(Transport):
         self._birth = json.dumps({"fedcore": _PRESENCE_VERSION, "role": role,
                                   "identity": identity, "session": self._session}).encode()
 
-        client = paho.Client(CallbackAPIVersion.VERSION2,
-                             client_id=f"fedcore-{role}-{identity}-{self._session:08x}"[:64],
-                             protocol=paho.MQTTv5)
+        client = Client(CallbackAPIVersion.VERSION2,
+                        client_id=f"fedcore-{role}-{identity}-{self._session:08x}"[:64],
+                        protocol=paho.MQTTv5)
         if username:
             client.username_pw_set(username, password)
         self._tls = (ssl or _ssl_context(query)) if tls else None
@@ -494,7 +497,8 @@ class MqttTransport(Transport):
         screen = self.screen
         if screen is not None and not screen(sender, message.payload):
             return  # junk: dropped (and counted) here, before it costs the core anything
-        payload: bytes = message.payload  # type: ignore[assignment]  # paho gives bytes
+        # A read-only view of the packet paho read (fedcore_transport._paho): not copied.
+        payload: bytes = message.payload  # type: ignore[assignment]
         if self._held or self._inbox.full():
             # Stop reading: the broker holds what follows until the consumer catches up.
             self._held.append((sender, payload))
@@ -527,9 +531,9 @@ class MqttTransport(Transport):
             self._draining = None
             self._resume_reading()
 
-    def _on_presence(self, topic: str, payload: bytes | bytearray) -> None:
+    def _on_presence(self, topic: str, payload: Any) -> None:
         try:
-            birth = json.loads(payload) if payload else {}
+            birth = json.loads(bytes(payload)) if payload else {}
         except ValueError:
             birth = {}
         online = isinstance(birth, dict) and birth.get("online", True) and "session" in birth

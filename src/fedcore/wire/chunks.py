@@ -14,9 +14,10 @@ a worker thread while the current one is written. The receiver verifies every ch
 it touches it: the trailer's key must be trusted (checked before any hashing), the signature
 covers the chunk's header, so its frame, position and the frame's length cannot be changed,
 spliced from another frame or reordered, and its counter is checked against replays. Only
-then does the first chunk of a frame allocate one buffer of the announced length (at most
-``max_frame_size``); every chunk is copied into place, and the frame is handed on, whole, as
-a read-only view of that buffer (decoded without a copy). At most ``in_flight`` frames per
+then does the first chunk of a frame take one buffer of the announced length (at most
+``max_frame_size``; an earlier frame's once nothing views that frame any more, see
+:mod:`fedcore.wire.buffers`); every chunk is copied into place, and the frame is handed on,
+whole, as a read-only view of that buffer (decoded without a copy). At most ``in_flight`` frames per
 signing key are reassembled at a time, whatever sender names it claims; one that receives
 no chunk for ``timeout`` seconds is dropped with a log line. Anything malformed is refused;
 the endpoint keeps serving.
@@ -49,6 +50,7 @@ from fedcore.errors import FedcoreError, GovernanceError, ProtocolError, Transpo
 from fedcore.transport import Capabilities, Transport
 from fedcore.wire import codec
 from fedcore.wire.admission import NAMES, Admission
+from fedcore.wire.buffers import FrameBuffers
 from fedcore.wire.limits import Bounded
 from fedcore.wire.signing import TRAILER, Guard, ReplayedFrame
 
@@ -90,7 +92,7 @@ class Delivery:
 
 @dataclass
 class _Partial:
-    buffer: np.ndarray  # uint8; its pages are touched as chunks are copied in, not before
+    buffer: np.ndarray  # uint8, from FrameBuffers: every byte is written before delivery
     total: int
     signer: str
     key: bytes
@@ -133,6 +135,8 @@ class ChunkedTransport(Transport):
         if self.admission is not None:
             inner.screen = self.admission.screen
             inner.shed = self._shed
+        #: Frame buffers, reused once nothing views the frame they held.
+        self.buffers = FrameBuffers()
         self._receiving = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -158,6 +162,7 @@ class ChunkedTransport(Transport):
         await self.inner.close()
         self._partials.clear()
         self._flight.clear()
+        self.buffers.clear()
         if self.admission is not None:
             self.admission.drops.flush()
 
@@ -380,7 +385,7 @@ class ChunkedTransport(Transport):
             log.warning("Refused a chunk from %s: %s", peer, problem)
             return None
         if partial is None:
-            partial = _Partial(np.empty(total, np.uint8), total, signer, key)
+            partial = _Partial(self.buffers.take(total), total, signer, key)
             self._partials.setdefault(peer, {})[frame_id] = partial
             self._flight[owner] += 1
         elif offset < partial.filled:
@@ -426,7 +431,9 @@ class ChunkedTransport(Transport):
             await asyncio.sleep(max(0.05, min(self.timeout / 4, 5.0)))
             if self.admission is not None:
                 self.admission.drops.tick()
-            stale = time.monotonic() - self.timeout
+            now = time.monotonic()
+            self.buffers.sweep(now)
+            stale = now - self.timeout
             for peer, partials in list(self._partials.items()):
                 for frame_id, partial in list(partials.items()):
                     if partial.touched < stale:
