@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,32 @@ def test_each_virtual_hospital_is_a_real_node_with_its_own_files(tmp_path):
         ds = fed.nodes[0].datasets.load(fed.nodes[0].datasets.list()[0]["id"])
         assert isinstance(ds, ArrayDataset) and len(ds) == 10
     assert tmp_path.exists()  # a root the caller gave is kept
+
+
+def test_a_simulation_freezes_its_setup_for_the_collector_until_it_closes(tmp_path):
+    X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
+    assert gc.get_freeze_count() == 0
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "a") as fed:
+        assert gc.get_freeze_count() > 0  # full collections in rounds skip the setup
+        # A second federation open meanwhile leaves the first one's freeze alone.
+        with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "b"):
+            pass
+        assert gc.get_freeze_count() > 0
+        fed.freeze_setup()  # again: no effect
+    assert gc.get_freeze_count() == 0  # close gives the objects back to the collector
+
+
+def test_a_simulation_leaves_the_process_own_freeze_alone(tmp_path):
+    X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
+    mine: list[object] = []
+    mine.append(mine)
+    gc.freeze()  # e.g. a server that freezes its heap before forking workers
+    try:
+        with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path):
+            pass
+        assert not any(obj is mine for obj in gc.get_objects())  # still frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_dataset_split_is_reproducible_and_disjoint():
