@@ -102,3 +102,23 @@ def test_tabular_dataset_selects_columns_and_explains_mistakes(tmp_path):
     with pytest.raises(ConfigurationError, match=r"Columns \['c'\] are not in the dataset"):
         ds.arrays(features=["c"])
     assert ds.metadata()["categories"]["label"] == ["x", "y"]
+
+
+def test_a_simulation_warms_its_backends_before_the_first_round(tmp_path):
+    """torch imports torch._dynamo with a process's first optimizer (~1 s): a simulation of a
+    process that imported the torch backend does it while it sets up, not in round 1."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, fedcore_torch\n"
+        "from fedcore import simulate\n"
+        "X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        f"with simulate.from_arrays(X, y, n_nodes=2, tags=['t'], root={str(tmp_path)!r}):\n"
+        "    print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert out.stdout.strip() == "True"

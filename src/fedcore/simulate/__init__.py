@@ -167,6 +167,11 @@ class SimulatedFederation:
         still freed as soon as nothing refers to it; only reference cycles among them that
         become garbage wait for ``close`` to be freed.
 
+        Before freezing, the backends this process has imported warm up
+        (:meth:`TrainingPlan.warm_up <fedcore.plan.TrainingPlan.warm_up>`: torch imports
+        ``torch._dynamo`` with its first optimizer, ~1 s), so that round 1 neither pays
+        for it nor leaves those objects to be scanned.
+
         :func:`from_arrays` and :func:`from_dataframe` call it once their nodes are built;
         call it yourself after adding nodes with :meth:`add_node`. It does nothing when the
         collector is disabled, or when objects are frozen already (by your own
@@ -175,6 +180,8 @@ class SimulatedFederation:
         """
         if self._froze or not gc.isenabled() or gc.get_freeze_count():
             return
+        for backend in plugins.imported("backends"):  # what round 1 would import: now
+            plugins.load("backends", backend).warm_up()
         gc.freeze()
         self._froze = True
 
