@@ -101,6 +101,8 @@ def federation(X: np.ndarray, y: np.ndarray, n_nodes: int, workers: int | None
     for i, idx in enumerate(parts):
         fed.add_node(_node_id(i)).datasets.add_arrays(f"{fed.name}-part{i + 1}", ["digits"],
                                                      X[idx], y[idx])
+    if hasattr(fed, "freeze_setup"):  # as from_arrays does (once it existed)
+        fed.freeze_setup()
     return fed
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,32 @@ def test_each_virtual_hospital_is_a_real_node_with_its_own_files(tmp_path):
     assert tmp_path.exists()  # a root the caller gave is kept
 
 
+def test_a_simulation_freezes_its_setup_for_the_collector_until_it_closes(tmp_path):
+    X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
+    assert gc.get_freeze_count() == 0
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "a") as fed:
+        assert gc.get_freeze_count() > 0  # full collections in rounds skip the setup
+        # A second federation open meanwhile leaves the first one's freeze alone.
+        with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "b"):
+            pass
+        assert gc.get_freeze_count() > 0
+        fed.freeze_setup()  # again: no effect
+    assert gc.get_freeze_count() == 0  # close gives the objects back to the collector
+
+
+def test_a_simulation_leaves_the_process_own_freeze_alone(tmp_path):
+    X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
+    mine: list[object] = []
+    mine.append(mine)
+    gc.freeze()  # e.g. a server that freezes its heap before forking workers
+    try:
+        with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path):
+            pass
+        assert not any(obj is mine for obj in gc.get_objects())  # still frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_dataset_split_is_reproducible_and_disjoint():
     ds = ArrayDataset(np.arange(100).reshape(50, 2), np.arange(50))
     train, test = ds.split(0.2, seed=1)
@@ -74,3 +102,23 @@ def test_tabular_dataset_selects_columns_and_explains_mistakes(tmp_path):
     with pytest.raises(ConfigurationError, match=r"Columns \['c'\] are not in the dataset"):
         ds.arrays(features=["c"])
     assert ds.metadata()["categories"]["label"] == ["x", "y"]
+
+
+def test_a_simulation_warms_its_backends_before_the_first_round(tmp_path):
+    """torch imports torch._dynamo with a process's first optimizer (~1 s): a simulation of a
+    process that imported the torch backend does it while it sets up, not in round 1."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, fedcore_torch\n"
+        "from fedcore import simulate\n"
+        "X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        f"with simulate.from_arrays(X, y, n_nodes=2, tags=['t'], root={str(tmp_path)!r}):\n"
+        "    print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert out.stdout.strip() == "True"

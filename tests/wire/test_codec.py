@@ -239,6 +239,26 @@ def test_array_shapes_are_bounded_in_rank_and_size(shape):
         codec.decode(frame)
 
 
+def test_a_layout_seen_in_good_frames_does_not_let_bad_ones_through():
+    """The decoder keeps the checked array layout of the frames it decodes: a frame that
+    names nearly the same arrays (a bool or float for an int, another limit) or lacks the
+    bytes they need is still refused."""
+    good = codec.encode(Envelope(TrainReply(params=ParameterSet({"w": np.ones(3)}),
+                                            n_samples=1)))
+    for _ in range(2):
+        assert codec.decode(good).body.params["w"].tolist() == [1.0, 1.0, 1.0]
+    for shape in ([True], [3.0], [3, True]):
+        with pytest.raises(ProtocolError, match="shape"):
+            codec.decode(_frame({"a": [["<f8", shape]], "b": msgpack.packb({})}))
+    with pytest.raises(ProtocolError, match="Truncated frame"):
+        codec.decode(good[:-8])
+    big = _frame({"a": [["<f8", [100]]], "b": msgpack.packb({})})
+    with pytest.raises(ProtocolError, match="Truncated frame"):
+        codec.decode(big)
+    with pytest.raises(ProtocolError, match="exceeds the frame size limit"):
+        codec.decode(big, max_size=400)
+
+
 def test_every_allowed_dtype_round_trips_in_both_byte_orders():
     arrays = {name: np.arange(3).astype(name) for name in sorted(codec.DTYPES)}
     back = codec.decode(codec.encode(Envelope(TrainReply(

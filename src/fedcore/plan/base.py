@@ -92,6 +92,17 @@ class TrainingPlan(abc.ABC):
         self.reset_local_algorithm()
 
     @classmethod
+    def warm_up(cls) -> None:
+        """Import what the backend's framework loads only on first use, once per process.
+
+        A simulation calls it for the backends in use once its nodes are built, before it
+        freezes its setup (:meth:`fedcore.simulate.SimulatedFederation.freeze_setup`), so
+        that the first round does not import them. It must not touch random state or any
+        model. The default does nothing; a backend overrides it.
+        """
+        return
+
+    @classmethod
     def parse_training(cls, training_args: Mapping[str, Any] | None) -> LocalTraining:
         """``training_args`` as this plan class reads them (see :attr:`training_keys`)."""
         # A node checks the same arguments every round, for every request: the result of

@@ -243,22 +243,48 @@ def _decode(frame: Buffer, max_size: int) -> Envelope:
 
 
 def _arrays(view: memoryview, descriptors: Any, pos: int, max_size: int) -> list[np.ndarray]:
-    if not isinstance(descriptors, list):
-        raise ProtocolError("Malformed frame header: array descriptors missing.")
     arrays: list[np.ndarray] = []
-    for desc in descriptors:
-        dtype, shape = _descriptor(desc, max_size)
-        count = math.prod(shape)
+    size = len(view)
+    for dtype, shape, nbytes in _layout(descriptors, max_size):
         pos = _aligned(pos)
-        end = pos + count * dtype.itemsize
-        if end > len(view):
+        end = pos + nbytes
+        if end > size:
             raise ProtocolError(
                 f"Truncated frame: array {len(arrays)} needs bytes up to {end}, "
-                f"frame has {len(view)}."
+                f"frame has {size}."
             )
-        arrays.append(np.frombuffer(view, dtype=dtype, count=count, offset=pos).reshape(shape))
+        arrays.append(np.ndarray(shape, dtype=dtype, buffer=view, offset=pos))
         pos = end
     return arrays
+
+
+_Layout = list[tuple[np.dtype[Any], tuple[int, ...], int]]
+_LAYOUTS: dict[tuple[str, int], _Layout] = {}
+_MAX_LAYOUTS = 256  # distinct models in flight; past it the table starts again
+_MAX_LAYOUT_KEY = 4096
+
+
+def _layout(descriptors: Any, max_size: int) -> _Layout:
+    """Dtype, shape and byte size of each array the descriptors name, checked.
+
+    Every frame of a round names the same arrays, so the checked layout is kept, keyed by
+    the descriptors' ``repr`` (exact for what msgpack decodes: ``1``, ``1.0`` and ``True``
+    print apart), and a frame whose descriptors differ in any way is checked in full.
+    """
+    if not isinstance(descriptors, list):
+        raise ProtocolError("Malformed frame header: array descriptors missing.")
+    key = (repr(descriptors), max_size)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = []
+        for desc in descriptors:
+            dtype, shape = _descriptor(desc, max_size)
+            layout.append((dtype, tuple(shape), math.prod(shape) * dtype.itemsize))
+        if len(key[0]) <= _MAX_LAYOUT_KEY:
+            if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
+    return layout
 
 
 def _descriptor(desc: Any, max_size: int) -> tuple[np.dtype[Any], list[int]]:

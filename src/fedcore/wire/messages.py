@@ -86,7 +86,7 @@ class Body:
 
     def to_wire(self) -> dict[str, Any]:
         """The body's fields as a dict (arrays and ParameterSets stay as they are)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _names(type(self))}
 
     @classmethod
     def from_wire(cls, data: Any) -> Body:
@@ -110,6 +110,15 @@ class Body:
 
 
 _FIELDS: dict[type, list[tuple[str, bool, Any, Callable[[Any], bool]]]] = {}
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    """The field names of a body class, in order (read once per class)."""
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def _fields(cls: type) -> list[tuple[str, bool, Any, Callable[[Any], bool]]]:
