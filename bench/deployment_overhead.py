@@ -133,8 +133,11 @@ def _setup_homes(root: Path, n: int) -> tuple[dict[str, Path], dict[str, str]]:
     return homes, enrolled
 
 
-# A node process that notes the clock once it imported what it needs, then runs the CLI.
+# A node process as `fedcore-node` runs (fedcore_node._launch.main: `start` starts the plan
+# workers it will want first), noting the clock once it imported what it needs.
 _LAUNCH = """import sys, time
+from fedcore_node._launch import start_workers
+start_workers(sys.argv[2:])
 import fedcore_node.cli
 import fedcore_transport.{module}
 with open(sys.argv[1], "w") as f:
