@@ -47,8 +47,8 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--home", default=os.environ.get("FEDCORE_NODE_HOME", DEFAULT_HOME),
                    help="node home folder (default: $FEDCORE_NODE_HOME or ./fedcore-node)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    command_ = command(argv)
-    for add in [_GROUPS[command_]] if command_ in _GROUPS else dict.fromkeys(_GROUPS.values()):
+    named = command(argv)
+    for add in [_GROUPS[named]] if named in _GROUPS else dict.fromkeys(_GROUPS.values()):
         add(sub)
     return p
 
