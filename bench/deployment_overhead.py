@@ -133,8 +133,11 @@ def _setup_homes(root: Path, n: int) -> tuple[dict[str, Path], dict[str, str]]:
     return homes, enrolled
 
 
-# A node process that notes the clock once it imported what it needs, then runs the CLI.
+# A node process as `fedcore-node` runs (fedcore_node._launch.main: `start` starts the plan
+# workers it will want first), noting the clock once it imported what it needs.
 _LAUNCH = """import sys, time
+from fedcore_node._launch import start_workers
+start_workers(sys.argv[2:])
 import fedcore_node.cli
 import fedcore_transport.{module}
 with open(sys.argv[1], "w") as f:
@@ -312,12 +315,15 @@ def first_round(homes: dict[str, Path], enrolled: dict[str, str], steady: int
                              training_args={"epochs": 1, "batch_size": 16}, test_ratio=0.0,
                              evaluate_global=False, evaluate_local=False, enrolled=enrolled)
             walls = []
+            cpu = _tree_cpu(procs)
             try:
-                for _ in range(1 + steady):
+                for i in range(1 + steady):
                     t = time.perf_counter()
                     rows = exp.run_once()  # the first one also searches
                     walls.append(time.perf_counter() - t)
                     assert (rows["status"] == "ok").all(), rows
+                    if i == 0:
+                        out[f"{session}_cpu"] = _tree_cpu(procs) - cpu
             finally:
                 exp.close()
                 fed.close()
@@ -328,13 +334,14 @@ def first_round(homes: dict[str, Path], enrolled: dict[str, str], steady: int
     return out
 
 
-def _import_time(home: Path, processes: int) -> float:
+def _import_time(home: Path, processes: int) -> tuple[float, float]:
     """Seconds to import what ``home``'s plan worker imports as the node starts.
 
     The backends and installed modules the node remembers for its datasets (the plan
     worker's preload: the framework and what its first rounds imported), imported in
     ``processes`` fresh interpreters at once (as many as node processes share this
-    machine) after numpy and fedcore's plan API, as in a worker; the slowest one's import.
+    machine) after numpy and fedcore's plan API, as in a worker: the slowest one's import,
+    and the CPU seconds of all of them together.
     """
     code = textwrap.dedent("""\
         import importlib, json, sys, time
@@ -342,6 +349,7 @@ def _import_time(home: Path, processes: int) -> float:
         from fedcore import plugins
         used = json.load(open(sys.argv[1])).values()
         t = time.perf_counter()
+        cpu = time.process_time()
         for name in sorted({b for u in used for b in u["backends"]}):
             plugins.load("backends", name)
         for name in (m for u in used for m in u["modules"]):
@@ -349,12 +357,13 @@ def _import_time(home: Path, processes: int) -> float:
                 importlib.import_module(name)
             except Exception:
                 pass
-        print(time.perf_counter() - t)
+        print(time.perf_counter() - t, time.process_time() - cpu)
         """)
     memory = home / "plan-workers.json"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(memory)],
                               stdout=subprocess.PIPE) for _ in range(processes)]
-    return max(float(p.communicate()[0]) for p in procs)
+    times = [[float(x) for x in p.communicate()[0].split()] for p in procs]
+    return max(wall for wall, _ in times), sum(cpu for _, cpu in times)
 
 
 def _watch(fed: object, seen: dict[str, float], wanted: int, done: threading.Event
@@ -370,15 +379,34 @@ def _watch(fed: object, seen: dict[str, float], wanted: int, done: threading.Eve
 
 def _cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
     """User + system CPU seconds the node processes used so far (Linux; 0 elsewhere)."""
+    return sum(_pid_cpu(proc.pid) for proc in procs)
+
+
+def _pid_cpu(pid: int) -> float:
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
+def _tree_cpu(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU seconds of the node processes and of their children (the plan workers), so far."""
+    total = 0.0
     for proc in procs:
+        total += _pid_cpu(proc.pid)
         try:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = os.listdir(f"/proc/{proc.pid}/task")
         except OSError:
-            return 0.0
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{proc.pid}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            total += sum(_pid_cpu(int(child)) for child in children)
+    return total
 
 
 def _print_node_profile(path: Path | None, rounds: int, top: int) -> None:
@@ -404,7 +432,13 @@ def _print_first_round(r: dict[str, float], nodes: int, steady: int) -> None:
     for session, what in (("cold", "nodes that never ran torch"),
                           ("remembered", "the same nodes restarted (torch imported at start)")):
         print(f"  {what + ':':52} first round {r[session] * 1e3:6.0f} ms, steady "
-              f"{r[session + '_steady'] * 1e3:5.1f} ms")
+              f"{r[session + '_steady'] * 1e3:5.1f} ms; CPU of the nodes and their workers "
+              f"during the first round {r[session + '_cpu']:.2f} s")
+    # On a loaded machine the CPU seconds move less than wall times: the nodes' and workers'
+    # CPU from all connected to the first round's end, against that of the N imports.
+    print(f"  CPU: first round of the restarted nodes {r['remembered_cpu']:.2f} s, the import "
+          f"in {nodes} processes {r['import_cpu']:.2f} s "
+          f"({r['remembered_cpu'] / r['import_cpu']:.2f}x)")
     # Where nodes outnumber cores they import at once, as on this machine: the import time
     # they all need is the concurrent one (each node of a deployment imports on its own).
     budget = r["import_all"] + FIRST_ROUND_STEADY * r["remembered_steady"]
@@ -469,9 +503,11 @@ def main() -> int:
         if args.first_round and TorchTrainingPlan is not None:
             first = first_round(homes, enrolled, args.first_round)
             home = next(iter(homes.values()))
-            first["import"] = float(np.median([_import_time(home, 1) for _ in range(3)]))
-            first["import_all"] = (first["import"] if args.nodes == 1 else
-                                   _import_time(home, args.nodes))
+            alone = [_import_time(home, 1) for _ in range(3)]
+            first["import"] = float(np.median([wall for wall, _ in alone]))
+            first["import_all"], first["import_cpu"] = (
+                (first["import"], float(np.median([cpu for _, cpu in alone])))
+                if args.nodes == 1 else _import_time(home, args.nodes))
 
     print(f"{args.nodes} fedcore-node processes, SGDClassifier on {ROWS} rows each, "
           f"median of {args.rounds} steady rounds (after {args.warmup} warm-up rounds)")

@@ -84,7 +84,7 @@ def test_the_wheel_offers_the_extras_and_the_commands(wheel):
     assert EXTRAS <= extras, EXTRAS - extras
     assert re.search(r"^Requires-Dist: websockets.*extra == \"net\"", meta, re.M)
     assert "fedcore = fedcore_researcher.cli:main" in entry_points
-    assert "fedcore-node = fedcore_node.cli:main" in entry_points
+    assert "fedcore-node = fedcore_node._launch:main" in entry_points
     for group in ("fedcore.backends", "fedcore.transports", "fedcore.aggregators",
                   "fedcore.secagg"):
         assert f"[{group}]" in entry_points

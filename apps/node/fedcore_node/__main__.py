@@ -1,3 +1,3 @@
-from fedcore_node.cli import main
+from fedcore_node._launch import main
 
 raise SystemExit(main())

@@ -21,13 +21,13 @@ from typing import IO, Any
 from fedcore.errors import ConfigurationError
 from fedcore.node import Node
 from fedcore.transport import redact_url
+from fedcore_node._launch import PID_FILE, running_pid
 
 try:
     import fcntl
 except ImportError:  # Windows: fall back on whether the recorded pid is alive
     fcntl = None  # type: ignore[assignment]
 
-PID_FILE = "node.pid"
 SERVING_FILE = "node.serving"  # what the running daemon serves (JSON; its URL redacted)
 
 
@@ -48,31 +48,6 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("status", help="is the node running? id, federation, datasets, "
                        "pending plans")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def running_pid(home: Path) -> tuple[int | None, bool]:
-    """``(pid, running)`` from the home's pid file; ``(None, False)`` without one."""
-    path = home / PID_FILE
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None, False
-    pid = int(text) if text.isdigit() else None
-    if fcntl is not None:
-        with open(path, "rb") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return pid, True  # someone holds the lock: the node runs
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return pid, False
-    if pid is None:
-        return None, False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return pid, False
-    return pid, True
 
 
 def _lock(home: Path) -> IO[str]:

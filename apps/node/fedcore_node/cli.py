@@ -26,8 +26,7 @@ from fedcore_node._commands import (
     load_description,
     table,
 )
-
-DEFAULT_HOME = "fedcore-node"
+from fedcore_node._launch import DEFAULT_HOME, command, end_workers, start_workers
 
 
 def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -48,18 +47,10 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--home", default=os.environ.get("FEDCORE_NODE_HOME", DEFAULT_HOME),
                    help="node home folder (default: $FEDCORE_NODE_HOME or ./fedcore-node)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    command = _command(argv)
-    for add in [_GROUPS[command]] if command in _GROUPS else dict.fromkeys(_GROUPS.values()):
+    named = command(argv)
+    for add in [_GROUPS[named]] if named in _GROUPS else dict.fromkeys(_GROUPS.values()):
         add(sub)
     return p
-
-
-def _command(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` names after ``--home``, if any (argparse decides the rest)."""
-    i = 0
-    while i < len(argv) and (argv[i] == "--home" or argv[i].startswith("--home=")):
-        i += 1 if "=" in argv[i] else 2
-    return argv[i] if i < len(argv) else None
 
 
 def _add_dataset_parsers(sub: Any) -> None:
@@ -221,12 +212,15 @@ def run(args: argparse.Namespace, out: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedcore-node``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser(argv).parse_args(argv)
+    start_workers(argv)  # started already when the command came through _launch.main
     try:
+        args = _parser(argv).parse_args(argv)
         return run(args, sys.stdout)
     except FedcoreError as exc:
         print(f"fedcore-node: error: {redact_url(str(exc))}", file=sys.stderr)
         return 1
+    finally:
+        end_workers(argv)
 
 
 def _report_lines(report: dict[str, Any]) -> list[str]:

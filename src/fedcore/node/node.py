@@ -797,6 +797,8 @@ class Node:
                                            used)
         except Exception:  # noqa: BLE001 - never fatal: the first round starts a worker
             log.exception("Could not start plan workers ahead of time")
+        finally:  # those `fedcore-node start` started that read other files than computed
+            self._workers.drop_unused()
 
     def _privacy_events(self, spec: PrivacySpec, request: TrainRequest,
                         entry: dict[str, Any], reply: TrainReply) -> list[Event]:

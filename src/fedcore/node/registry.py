@@ -16,6 +16,7 @@ from tinydb import Query, TinyDB
 
 from fedcore.data._base import Dataset
 from fedcore.errors import ConfigurationError, DatasetError
+from fedcore.node._spawn import entry_paths as entry_paths  # the node reads it from here
 
 if TYPE_CHECKING:
     from fedcore.data.loading_plan import DataLoadingPlan
@@ -377,15 +378,6 @@ def open_entry(entry: Mapping[str, Any]) -> Dataset:
     """
     plan = _plan(entry.get("loading_plan"))
     return _LOADERS[entry["kind"]].open(Path(entry["path"]), dict(entry["options"]), plan)
-
-
-def entry_paths(entry: Mapping[str, Any]) -> builtins.list[str]:
-    """The files and folders a dataset entry reads (its path, a medical folder's demographics)."""
-    paths = [str(entry["path"])]
-    demographics = (entry.get("options") or {}).get("demographics")
-    if demographics:
-        paths.append(str(demographics))
-    return paths
 
 
 def _open_key(entry: Mapping[str, Any]) -> tuple[Any, ...]:
