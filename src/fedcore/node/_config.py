@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import tomllib
 import uuid
@@ -15,7 +14,13 @@ import tomli_w
 from fedcore._files import write_atomic
 from fedcore.errors import ConfigurationError
 from fedcore.governance.policies import SETTINGS, effective_policy, validate_policy
-from fedcore.node._storage import LOCK_FILE, HomeLock, NodeStorage, remove_stale_temporaries
+from fedcore.node._storage import (
+    LOCK_FILE,
+    HomeLock,
+    NodeStorage,
+    file_stamp,
+    remove_stale_temporaries,
+)
 
 _HEADER = ("# fedcore node configuration: identity and policy.\n"
            "# Policy keys are explained by `fedcore-node policy show` and in "
@@ -43,12 +48,8 @@ def write_config(path: Path, config: Mapping[str, Any]) -> None:
 
 
 def stamp(path: Path) -> tuple[int, int, int]:
-    """What changes when the file is replaced or edited (inode, size, mtime)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    """What changes when the file is replaced or edited (inode, size, mtime); zeros: no file."""
+    return file_stamp(path) or (0, 0, 0)
 
 
 class NodeConfig:

@@ -262,7 +262,7 @@ class NodeStorage(Storage):
             return _copy(txn.data)
         # Parsed once per version of the file: every commit, in any process, replaces it
         # (a new inode), so its stamp tells a version from the next without reading it.
-        now = _stamp(self.path)
+        now = file_stamp(self.path)
         cached = self._parsed
         if cached is None or cached[0] != now or now is None:
             data = self._load()
@@ -276,7 +276,7 @@ class NodeStorage(Storage):
         ``None`` inside a transaction (its copy changes without a commit) and when there is
         no file: nothing read then may be kept.
         """
-        return None if self._current() is not None else _stamp(self.path)
+        return None if self._current() is not None else file_stamp(self.path)
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
         """Replace the database (inside a transaction: written when it commits)."""
@@ -314,7 +314,7 @@ def _finish_files(files: Any) -> None:
             write_atomic(path, change["text"])
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
     """What changes when the file is replaced (inode, size, mtime); ``None``: no file."""
     try:
         st = os.stat(path)
