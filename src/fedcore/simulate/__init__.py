@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import gc
 import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,6 @@ from fedcore import plugins
 from fedcore.errors import ConfigurationError
 from fedcore.node import Node
 from fedcore.node._turns import TurnTakingExecutor
-from fedcore.simulate._scratch import scratch_root
 from fedcore.simulate._shards import ProcessShard, ShardLink, ShardRelay, ShardSpec, shard_specs
 
 __all__ = ["ENGINES", "SimulatedFederation", "from_arrays", "from_dataframe", "partition"]
@@ -91,20 +91,12 @@ class SimulatedFederation:
     ``nodes`` are the nodes of this process. Nodes in worker processes or Ray actors
     (``from_arrays(..., workers=N)``) are listed in :attr:`node_ids` only; :attr:`lost`
     says which of their shards stopped unasked, and why.
-
-    The nodes' home folders go under ``root``; without one, under a temporary folder deleted
-    on :meth:`close`, kept in memory (``/dev/shm``) where the system has one with room for
-    about ``size_hint`` bytes of data and ``TMPDIR`` is not set
-    (:mod:`fedcore.simulate._scratch`).
     """
 
-    def __init__(self, name: str | None = None, root: str | Path | None = None, *,
-                 size_hint: int = 0):
+    def __init__(self, name: str | None = None, root: str | Path | None = None):
         self.name = name or f"sim-{uuid.uuid4().hex[:8]}"
         self._own_root = root is None
-        # Without a root: a temporary one, in memory where there is room for about
-        # `size_hint` bytes of data (fedcore.simulate._scratch says why and when).
-        self.root = Path(root) if root is not None else scratch_root(size_hint)
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="fedcore-"))
         # One worker for every node: simulated rounds run one node at a time, which is
         # deterministic and avoids oversubscribing the cores with framework threads.
         self._executor = TurnTakingExecutor()
@@ -235,7 +227,7 @@ def from_arrays(X: Any, y: Any, *, n_nodes: int, tags: Sequence[str], scheme: st
     parts = partition(y, n_nodes, scheme=scheme, alpha=alpha, seed=seed,
                       min_samples=min_samples)
     links = _links(workers, engine, ray_address, n_nodes, threads)
-    fed = SimulatedFederation(name, root, size_hint=X.nbytes + y.nbytes)
+    fed = SimulatedFederation(name, root)
     try:
         if not links:
             for i, idx in enumerate(parts):
@@ -310,8 +302,7 @@ def from_dataframe(frame: pd.DataFrame, *, target: str, n_nodes: int, tags: Sequ
     """A federation whose hospitals each hold a CSV file of rows of ``frame``."""
     if target not in frame.columns:
         raise ConfigurationError(f"No column {target!r}. Columns: {list(frame.columns)}")
-    text = int(frame.memory_usage(deep=True).sum()) * 3  # CSV text: up to ~3x the values
-    fed = SimulatedFederation(name, root, size_hint=text)
+    fed = SimulatedFederation(name, root)
     parts = partition(frame[target].to_numpy(), n_nodes, scheme=scheme, alpha=alpha, seed=seed)
     for i, idx in enumerate(parts):
         node = fed.add_node()
