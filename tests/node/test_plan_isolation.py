@@ -335,3 +335,18 @@ def test_admitting_an_isolated_plan_imports_no_framework_in_the_node(tmp_path):
             assert any("sklearn" in _frameworks(pid) for pid in workers)  # its worker did
     finally:
         stop_processes([proc])
+
+
+def test_a_home_under_a_system_folder_takes_that_folder_from_the_worker_rules(tmp_path):
+    # A node home in /dev/shm (memory) must not be writable through the worker's write rule
+    # on /dev/shm, nor readable through its read rule on /dev: both are left out (the plan
+    # then runs without /dev, and says so by failing, rather than near the node's files).
+    from fedcore.node._spawn import readable, writable
+
+    home = "/dev/shm/fedcore-node-home-under-test"
+    dataset = {"id": "d", "path": str(tmp_path / "data.csv")}
+    assert "/dev/shm" in writable([str(tmp_path / "home")])
+    assert "/dev/shm" not in writable([home])
+    assert "/dev/null" in writable([home])
+    assert "/dev" not in readable(dataset, [home])
+    assert not any(p == "/dev" or p.startswith("/dev/shm") for p in readable(dataset, [home]))

@@ -124,6 +124,18 @@ def readable(dataset: Mapping[str, Any], forbidden: Iterable[str]) -> list[str]:
                           for q in {os.path.abspath(p), os.path.realpath(p)}]
 
 
+def writable(forbidden: Iterable[str]) -> list[str]:
+    """The system files the worker may write (``/dev/null``, ``/dev/shm``, GPU devices).
+
+    One that holds a ``forbidden`` path is left out: a node home under ``/dev/shm`` must not
+    become writable to the plans of its worker. The worker's own scratch folder comes on top.
+    """
+    banned = [os.path.realpath(p) for p in forbidden]
+    return [w for w in _SYSTEM_WRITE
+            if not any(_within(b, q) for b in banned
+                       for q in {os.path.abspath(w), os.path.realpath(w)})]
+
+
 def worker_key(dataset: str, read: list[str]) -> str:
     """The name of a worker (and of its scratch folder): its dataset and its read rules."""
     return hashlib.sha256(json.dumps([dataset, read]).encode()).hexdigest()[:24]
@@ -160,7 +172,7 @@ class Launched:
     modules; the worker then says ``preloaded``).
     """
 
-    def __init__(self, scratch: Path, node_id: str, read: list[str],
+    def __init__(self, scratch: Path, node_id: str, read: list[str], write: list[str],
                  preload: Mapping[str, list[str]] | None = None):
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True, mode=0o700)
@@ -180,7 +192,7 @@ class Launched:
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
-        write = [str(scratch), *_SYSTEM_WRITE]
+        write = [str(scratch), *write]
         self.conn.send_bytes(json.dumps({"read": read, "write": write, "node_id": node_id,
                                          "preload": self.preload}).encode())
 
@@ -224,9 +236,9 @@ def start_ahead(home: Path) -> int:
                 continue
             forbidden = [str(home), *(p for e in entries.values() if str(e["id"]) != dataset
                                       for p in entry_paths(e))]
-            read = readable(entry, forbidden)
-            key = worker_key(dataset, read)
-            started[key] = Launched(home / "scratch" / key, node_id, read, preload)
+            read, write = readable(entry, forbidden), writable(forbidden)
+            key = worker_key(dataset, read + write)
+            started[key] = Launched(home / "scratch" / key, node_id, read, write, preload)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.debug("Plan workers not started ahead (%r): the node starts them.", exc)
     return len(started)

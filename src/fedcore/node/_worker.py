@@ -47,6 +47,7 @@ from fedcore.node._spawn import (
     readable,
     worker_environment,
     worker_key,
+    writable,
 )
 from fedcore.params import ParameterSet
 from fedcore.wire import codec
@@ -147,13 +148,13 @@ class PlanWorkers:
 
     def _worker(self, entry: Mapping[str, Any], forbidden: list[str],
                 preload: Mapping[str, list[str]] | None = None) -> _Worker:
-        read = readable(entry, forbidden)
-        key = worker_key(str(entry["id"]), read)
+        read, write = readable(entry, forbidden), writable(forbidden)
+        key = worker_key(str(entry["id"]), read + write)
         worker = self._workers.pop(key, None)
         if worker is None or worker.process.poll() is not None:
             # One this process started before the node existed, if it reads the same files.
             launched = _spawn.take(self.home, key) or _spawn.Launched(
-                self.home / "scratch" / key, self.node_id, read, preload)
+                self.home / "scratch" / key, self.node_id, read, write, preload)
             worker = _Worker(launched)
             if worker.landlock == 0 and self.landlock != 0:
                 log.warning("This kernel has no Landlock: plans run in a worker process "
