@@ -27,13 +27,13 @@ from fedcore.errors import (
     lacking,
 )
 from fedcore.governance import Decision, PrivacyBudget, Request
+from fedcore.node import _spawn
 from fedcore.node._home import NodeHome, _caller
 from fedcore.node._secagg import Binding, SecaggSessions
 from fedcore.node._turns import FlushIfLong
 from fedcore.node._worker import PlanWorkers
 from fedcore.node.executor import plan_key, private_training, run_round
 from fedcore.node.protection import update_protection
-from fedcore.node.registry import entry_paths
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.accountant import Event, epsilon
 from fedcore.privacy.mechanisms import UpdateDP
@@ -259,8 +259,7 @@ class _Rounds(NodeHome):
 
     def _forbidden(self, entry: Mapping[str, Any]) -> list[str]:
         """What the worker of ``entry`` may not read: the home and the other datasets."""
-        return [str(self.home), *(p for e in self.datasets.list() if e["id"] != entry["id"]
-                                  for p in entry_paths(e))]
+        return _spawn.forbidden(self.home, self.datasets.list(), str(entry["id"]))
 
     def _prestart_workers(self) -> None:
         """Start the workers of the datasets that ran plans before, importing their backends.

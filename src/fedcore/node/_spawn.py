@@ -104,6 +104,16 @@ def entry_paths(entry: Mapping[str, Any]) -> list[str]:
     return paths
 
 
+def forbidden(home: Path, entries: Iterable[Mapping[str, Any]], dataset: str) -> list[str]:
+    """What the worker of ``dataset`` may not touch: the node home and the other datasets.
+
+    The node and :func:`start_ahead` both compute a worker's rules from this, so that a
+    worker started ahead has the rules the node would give it.
+    """
+    return [str(home), *(p for e in entries if str(e["id"]) != str(dataset)
+                         for p in entry_paths(e))]
+
+
 def readable(dataset: Mapping[str, Any], forbidden: Iterable[str]) -> list[str]:
     """What the worker for ``dataset`` may read: Python, the system, that dataset's files.
 
@@ -234,9 +244,8 @@ def start_ahead(home: Path) -> int:
             entry = entries.get(dataset)
             if entry is None:
                 continue
-            forbidden = [str(home), *(p for e in entries.values() if str(e["id"]) != dataset
-                                      for p in entry_paths(e))]
-            read, write = readable(entry, forbidden), writable(forbidden)
+            banned = forbidden(home, entries.values(), dataset)
+            read, write = readable(entry, banned), writable(banned)
             key = worker_key(dataset, read + write)
             started[key] = Launched(home / "scratch" / key, node_id, read, write, preload)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
