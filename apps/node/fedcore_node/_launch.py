@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedcore-node``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     start_workers(argv)
-    from fedcore_node.cli import main as cli_main
+    try:
+        from fedcore_node.cli import main as cli_main
 
-    return cli_main(argv)
+        return cli_main(argv)
+    finally:
+        end_workers(argv)

@@ -26,7 +26,7 @@ from fedcore_node._commands import (
     load_description,
     table,
 )
-from fedcore_node._launch import DEFAULT_HOME, command, end_workers, start_workers
+from fedcore_node._launch import DEFAULT_HOME, command
 
 
 def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -212,15 +212,12 @@ def run(args: argparse.Namespace, out: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedcore-node``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    start_workers(argv)  # started already when the command came through _launch.main
     try:
         args = _parser(argv).parse_args(argv)
         return run(args, sys.stdout)
     except FedcoreError as exc:
         print(f"fedcore-node: error: {redact_url(str(exc))}", file=sys.stderr)
         return 1
-    finally:
-        end_workers(argv)
 
 
 def _report_lines(report: dict[str, Any]) -> list[str]:
