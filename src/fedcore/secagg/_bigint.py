@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fedcore.errors import install_hint
+from fedcore.secagg._background import pool
 
 try:
     import gmpy2
@@ -33,8 +32,6 @@ _noted = False
 #: A list is split across the pool only when every worker gets at least this many bases
 #: (one 4096-bit exponentiation takes ~16 ms; handing a chunk to a thread, ~0.1 ms).
 MIN_CHUNK = 4
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
 def backend() -> str:
@@ -57,14 +54,6 @@ def workers() -> int:
     return 1 if gmpy2 is None else max(1, os.cpu_count() or 1)
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:  # daemon-like: the pool's idle threads never block the exit
-            _pool = ThreadPoolExecutor(workers(), thread_name_prefix="fedcore-powmod")
-        return _pool
-
-
 def powmod_many(bases: Sequence[Any], exponent: int, modulus: Any) -> list[Any]:
     """``[b ** exponent % modulus for b in bases]`` (a negative exponent inverts), in order.
 
@@ -79,7 +68,7 @@ def powmod_many(bases: Sequence[Any], exponent: int, modulus: Any) -> list[Any]:
         return list(gmpy2.powmod_base_list(items, e, modulus))
     step = -(-len(items) // parts)
     chunks = [items[i:i + step] for i in range(0, len(items), step)]
-    futures = [_executor().submit(gmpy2.powmod_base_list, c, e, modulus) for c in chunks[1:]]
+    futures = [pool().submit(gmpy2.powmod_base_list, c, e, modulus) for c in chunks[1:]]
     out = list(gmpy2.powmod_base_list(chunks[0], e, modulus))  # the caller works too
     for future in futures:
         out.extend(future.result())

@@ -14,9 +14,8 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedcore.errors import ProtocolError
+from fedcore.secagg._background import cores, pool
 
 KEY_BYTES = 32
 _NONCE = 12
@@ -38,8 +38,6 @@ _RINGS: dict[np.dtype[Any], np.dtype[Any]] = {np.dtype(np.uint64): np.dtype("<u8
 #: :func:`apply_masks_spread` gives a core a part only when it holds at least this many words
 #: (a part of 2^18 words takes 0.1-0.3 ms per stream; handing it to a thread, ~0.05 ms).
 MIN_SPREAD_WORDS = 1 << 18
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
 def keypair() -> tuple[X25519PrivateKey, bytes]:
@@ -144,14 +142,6 @@ def apply_masks(vector: np.ndarray, seeds: Sequence[tuple[bytes, int]], offset: 
                 np.subtract(part, words[:size], out=part)
 
 
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS says, else the count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS and Windows have no affinity call
-        return os.cpu_count() or 1
-
-
 def parallelism() -> int:
     """How many parts :func:`apply_masks_spread` cuts a vector into: the cores that are idle.
 
@@ -169,20 +159,6 @@ def parallelism() -> int:
     return max(1, min(n, round(n - load) + 1))
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:  # the caller works too: one worker fewer than the cores
-            _pool = ThreadPoolExecutor(max(1, cores() - 1), thread_name_prefix="fedcore-masks")
-        return _pool
-
-
-def _forget_pool() -> None:  # a forked child has none of its parent's threads
-    global _pool
-    _pool = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
 
 
 def apply_masks_spread(vector: np.ndarray, seeds: Sequence[tuple[bytes, int]],
@@ -203,7 +179,7 @@ def apply_masks_spread(vector: np.ndarray, seeds: Sequence[tuple[bytes, int]],
         return
     step = -(-vector.size // parts)
     futures: list[Future[None]] = [
-        _executor().submit(apply_masks, vector[start:start + step], seeds, offset + start)
+        pool().submit(apply_masks, vector[start:start + step], seeds, offset + start)
         for start in range(step, vector.size, step)]
     try:
         apply_masks(vector[:step], seeds, offset)
