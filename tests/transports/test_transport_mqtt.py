@@ -214,7 +214,15 @@ def test_frames_flow_again_after_a_broker_restart(tmp_path):
                 "researcher"}, "both to reconnect and announce themselves again", 15)
             big = np.random.default_rng(1).bytes(5 << 20)
             await researcher.send("n", big)
-            assert await node.receive() == ("researcher", big)
+            peer, frame = await node.receive()
+            while bytes(frame) == b"before":
+                # At least once: paho sends again a QoS 1 message that the killed broker
+                # took but never acknowledged (the signing layer drops such a resend on an
+                # endpoint with a guard: tests/wire/test_chunks.py::
+                # test_a_frame_whose_first_chunk_comes_twice_still_arrives).
+                print("a resend of 'before'")
+                peer, frame = await node.receive()
+            assert (peer, bytes(frame)) == ("researcher", big)
             await node.send("researcher", b"after")
             assert await researcher.receive() == ("n", b"after")
         finally:
