@@ -324,8 +324,8 @@ class _Rounds(NodeHome):
                                   exc_type=_REFUSALS[kind].__name__)
             key = plan_key(env.experiment, sha, request) if plan_class.reusable else ""
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
-            reply, plan = await loop.run_in_executor(
-                self._executor, run_round, plan_class, request, admitted.dataset,
+            reply, plan = await self._executor.run(
+                run_round, plan_class, request, admitted.dataset,
                 self.node_id, env.round,
                 {"allow_gpu": self._allow_gpu(), "progress": self._progress(env)}, warm,
                 LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
