@@ -19,6 +19,7 @@ from fedcore.errors import (
 )
 from fedcore.governance import Policy, Request
 from fedcore.governance.policies import DatasetAccess
+from fedcore.node._config import request_scope
 from fedcore.node._home import _caller, _deferring
 from fedcore.node._rounds import _origin, _Rounds
 from fedcore.node._secagg import SecaggSessions
@@ -193,6 +194,7 @@ class Node(_Rounds):
 
     async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
         _deferring.set(True)  # this task's records: written before its reply is sent
+        request_scope.set(object())  # config.toml: checked once while the request runs
         self._in_flight += 1
         try:
             await self._answer(link, got)
@@ -232,10 +234,11 @@ class Node(_Rounds):
             _origin.set((link, peer))
             body = await self._dispatch(env)
             reply = env.reply(body, sender=self.node_id)
-            outcome = (f"{body.kind} error: {body.message}" if isinstance(body, ErrorReply)
-                       else "ok")
-            log.info("%s %s: %s (%.2f s)", self.researcher(env), env.tag, outcome[:200],
-                     time.perf_counter() - started)
+            if log.isEnabledFor(logging.INFO):  # one line per request: built when shown
+                outcome = (f"{body.kind} error: {body.message}"
+                           if isinstance(body, ErrorReply) else "ok")
+                log.info("%s %s: %s (%.2f s)", self.researcher(env), env.tag, outcome[:200],
+                         time.perf_counter() - started)
         self._audit.flush()  # the records the reply depends on are in the log before it leaves
         try:
             await link.send_parts(peer, codec.encode_parts(reply, max_size=self.max_frame_size))
