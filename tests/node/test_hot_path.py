@@ -242,3 +242,25 @@ def test_a_request_reads_one_version_of_the_policy_and_the_next_request_the_new_
     assert contextvars.copy_context().run(request, 2) == (None, None)
     assert contextvars.copy_context().run(request, None) == (2, 2)
     assert serving.policy["max_epochs"] == 2  # outside a request: read as it is
+
+
+def test_of_several_nodes_on_one_loop_only_the_one_whose_job_runs_long_writes_early():
+    """The nodes of a simulation share one loop (and one timer for these writes)."""
+    writes: list[str] = []
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    quick = FlushIfLong(pool, lambda: writes.append("quick"), after=0.2)
+    slow = FlushIfLong(pool, lambda: writes.append("slow"), after=0.2)
+
+    async def request(executor: FlushIfLong, seconds: float) -> None:
+        await executor.run(time.sleep, seconds)
+        executor.settle()  # its reply is sent: nothing left to write early
+
+    async def main() -> None:
+        await asyncio.gather(request(quick, 0.0), request(slow, 0.5))
+        await asyncio.sleep(0.3)
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert writes == ["slow"]

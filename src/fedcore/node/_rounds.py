@@ -62,6 +62,37 @@ _REFUSALS: dict[str, type[FedcoreError]] = {
     "governance": GovernanceError, "dataset": DatasetError, "configuration": ConfigurationError}
 
 
+class _Progress:
+    """The progress callback of one training request (see :meth:`_Rounds._progress`).
+
+    One object per request rather than closures: a simulated round keeps one per node alive
+    until its training is done.
+    """
+
+    __slots__ = ("env", "last", "link", "loop", "node_id", "peer", "started")
+
+    def __init__(self, env: Envelope, node_id: str, link: ChunkedTransport, peer: str):
+        self.env, self.node_id, self.link, self.peer = env, node_id, link, peer
+        self.loop = asyncio.get_running_loop()
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, **fields: Any) -> None:
+        """Report progress (on the training thread): at most one message a second."""
+        now = time.monotonic()
+        if now - self.last < _PROGRESS_S:
+            return
+        self.last = now
+        message = self.env.reply(TrainProgress(elapsed_s=now - self.started, **fields),
+                                 sender=self.node_id)
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._send(message)))
+
+    async def _send(self, message: Envelope) -> None:
+        try:
+            await self.link.send_parts(self.peer, codec.encode_parts(message))
+        except (TransportError, ProtocolError) as exc:
+            log.debug("Could not send training progress to %s: %s", self.peer, exc)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Admitted:
     """A training request the node accepted: the verified plan, the decision, the data.
@@ -379,27 +410,7 @@ class _Rounds(NodeHome):
         origin = _origin.get()
         if origin is None:
             return None
-        link, peer = origin
-        loop = asyncio.get_running_loop()
-        started = last = time.monotonic()
-
-        async def send(message: Envelope) -> None:
-            try:
-                await link.send_parts(peer, codec.encode_parts(message))
-            except (TransportError, ProtocolError) as exc:
-                log.debug("Could not send training progress to %s: %s", peer, exc)
-
-        def report(**fields: Any) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last < _PROGRESS_S:
-                return
-            last = now
-            message = env.reply(TrainProgress(elapsed_s=now - started, **fields),
-                                sender=self.node_id)
-            loop.call_soon_threadsafe(lambda: loop.create_task(send(message)))
-
-        return report
+        return _Progress(env, self.node_id, *origin)
 
     def _n_samples(self, entry: dict[str, Any]) -> int:
         """The dataset's size: from its registered metadata, else by opening it."""

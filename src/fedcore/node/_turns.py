@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -241,7 +242,7 @@ class FlushIfLong(concurrent.futures.Executor):
         self.inner = inner
         self._flush = flush
         self._after = after
-        self._timer: asyncio.TimerHandle | None = None
+        self._watch: _Watch | None = None  # the loop's watch, once a job was handed over
         # Handed over from the loop (by submit or run).
         self._jobs: list[concurrent.futures.Future[Any] | asyncio.Future[Any]] = []
 
@@ -255,8 +256,7 @@ class FlushIfLong(concurrent.futures.Executor):
             return self.inner.submit(fn, *args, **kwargs)
         future = self.inner.submit(fn, *args, **kwargs)
         self._jobs.append(future)
-        if self._timer is None:
-            self._timer = loop.call_later(self._after, self._fire)
+        self._arm(loop)
         return future
 
     def run(self, fn: Callable[..., Any], /, *args: Any) -> Awaitable[Any]:
@@ -270,21 +270,25 @@ class FlushIfLong(concurrent.futures.Executor):
         future = (inner.run(fn, *args) if isinstance(inner, TurnTakingExecutor)
                   else asyncio.wrap_future(inner.submit(fn, *args), loop=loop))
         self._jobs.append(future)
-        if self._timer is None:
-            self._timer = loop.call_later(self._after, self._fire)
+        self._arm(loop)
         return future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have :meth:`_fire` called ``after`` seconds from now, unless it is due already."""
+        watch = self._watch
+        if watch is None or watch.loop is not loop:
+            watch = self._watch = _Watch.of(loop, self._after)
+        watch.add(self)
 
     def settle(self) -> None:
         """No job of the node runs any more: the pending write is not needed (on the loop)."""
         self._jobs.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._watch is not None:
+            self._watch.discard(self)
 
     def _fire(self) -> None:
         # A loop that waited for a batch of jobs runs the timers that fell due meanwhile
         # before the coroutines the jobs' results wake: finished jobs need no early write.
-        self._timer = None
         self._jobs = [job for job in self._jobs if not job.done()]
         if self._jobs:
             self._flush()
@@ -292,3 +296,58 @@ class FlushIfLong(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut the inner executor down."""
         self.inner.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+class _Watch:
+    """When each :class:`FlushIfLong` of a loop (with one ``after``) is due: one timer for all.
+
+    A simulation's nodes share a loop; a timer of its own for each node's request (set,
+    then cancelled as the request ends) was a timer-heap entry per node and round. Here
+    the executors with jobs running wait in a dict in the order they fall due (the same
+    delay after each was armed), and one timer is set for the first of them.
+    """
+
+    _all: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Watch]] = \
+        weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, after: float):
+        self.loop, self.after = loop, after
+        self.due: dict[FlushIfLong, float] = {}  # in the order they fall due
+        self.timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, after: float) -> _Watch:
+        """The watch of ``loop`` for ``after`` seconds."""
+        watches = cls._all.setdefault(loop, {})
+        watch = watches.get(after)
+        if watch is None:
+            watch = watches[after] = cls(loop, after)
+        return watch
+
+    def add(self, owner: FlushIfLong) -> None:
+        """Call ``owner._fire()`` ``after`` seconds from now (unless it is waiting already)."""
+        if owner in self.due:
+            return
+        self.due[owner] = when = self.loop.time() + self.after
+        if self.timer is None:
+            self.timer = self.loop.call_at(when, self._fire)
+
+    def discard(self, owner: FlushIfLong) -> None:
+        """``owner`` no longer needs calling."""
+        if self.due.pop(owner, None) is not None and not self.due and self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _fire(self) -> None:
+        self.timer = None
+        due, now = self.due, self.loop.time()
+        try:
+            while due:
+                owner, when = next(iter(due.items()))
+                if when > now:
+                    break
+                del due[owner]
+                owner._fire()  # a failing write leaves the others' watch set (finally)
+        finally:
+            if due and self.timer is None:
+                self.timer = self.loop.call_at(next(iter(due.values())), self._fire)

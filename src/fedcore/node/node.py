@@ -138,9 +138,8 @@ class Node(_Rounds):
                     got = await link.deliver()
                 except TransportError:
                     break
-                task = asyncio.create_task(self._process(link, got))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                # The task leaves the set itself as it ends (no done-callback per frame).
+                tasks.add(asyncio.create_task(self._process(link, got, tasks)))
         finally:
             for task in tasks:
                 task.cancel()
@@ -192,7 +191,8 @@ class Node(_Rounds):
         except (ConfigurationError, KeyError, TypeError):
             return 1.0  # a broken policy fails closed (governance refuses anyway)
 
-    async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
+    async def _process(self, link: ChunkedTransport, got: Delivery,
+                       tasks: set[asyncio.Task[None]] | None = None) -> None:
         _deferring.set(True)  # this task's records: written before its reply is sent
         request_scope.set(object())  # config.toml: checked once while the request runs
         self._in_flight += 1
@@ -206,6 +206,8 @@ class Node(_Rounds):
             self._in_flight -= 1
             if not self._in_flight:
                 self._executor.settle()
+            if tasks is not None:
+                tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def _answer(self, link: ChunkedTransport, got: Delivery) -> None:
         peer, frame = got.peer, got.frame
