@@ -51,7 +51,7 @@ def write_config(path: Path, config: Mapping[str, Any]) -> None:
 #: The request a node is answering (a new object for each, set by the node). The file is
 #: checked for a change at the request's first read of the configuration, not at every read
 #: while the request runs: a request sees one version of the policy, and the next request
-#: sees a change.
+#: sees a change. The node also defers the request's audit records while it is set.
 request_scope: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "config_request_scope", default=None)
 

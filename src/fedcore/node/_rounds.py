@@ -179,7 +179,9 @@ class _Rounds(NodeHome):
                 **request.training_args, **admitted.decision.overrides},
                 privacy=admitted.decision.privacy or request.privacy)
         protection.prepare(request.params)
-        reply = await self._train(env, request, admitted, base)
+        # Where the policy said when the request was admitted: a worker process, or here.
+        reply = await (self._train_apart(env, request, admitted, base) if admitted.apart
+                       else self._train_here(env, request, admitted, base))
         if isinstance(reply, ErrorReply):
             return reply
         if request.privacy:  # spent: on record before the update leaves the node
@@ -248,13 +250,6 @@ class _Rounds(NodeHome):
         if mode == "auto":
             return "process" if self._networked else "none"
         return mode
-
-    async def _train(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
-                     base: dict[str, Any]) -> TrainReply | ErrorReply:
-        """Run the plan, in a worker process or on the training thread (plan_isolation)."""
-        if admitted.apart:  # where the policy said when the request was admitted
-            return await self._train_apart(env, request, admitted, base)
-        return await self._train_here(env, request, admitted, base)
 
     async def _train_apart(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
                            base: dict[str, Any]) -> TrainReply | ErrorReply:

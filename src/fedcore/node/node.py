@@ -20,7 +20,7 @@ from fedcore.errors import (
 from fedcore.governance import Policy, Request
 from fedcore.governance.policies import DatasetAccess
 from fedcore.node._config import request_scope
-from fedcore.node._home import _caller, _deferring
+from fedcore.node._home import _caller
 from fedcore.node._rounds import _origin, _Rounds
 from fedcore.node._secagg import SecaggSessions
 from fedcore.node._turns import FlushIfLong
@@ -193,8 +193,9 @@ class Node(_Rounds):
 
     async def _process(self, link: ChunkedTransport, got: Delivery,
                        tasks: set[asyncio.Task[None]] | None = None) -> None:
-        _deferring.set(True)  # this task's records: written before its reply is sent
-        request_scope.set(object())  # config.toml: checked once while the request runs
+        # This task's audit records are written before its reply is sent, and config.toml
+        # is checked once while it runs.
+        request_scope.set(object())
         self._in_flight += 1
         try:
             await self._answer(link, got)
