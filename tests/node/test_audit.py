@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from fedcore.node import Node
-from fedcore.node.audit import GENESIS
+from fedcore.node.audit import GENESIS, AuditLog, verify
 from fedcore_node.cli import main
 
 
@@ -128,3 +128,24 @@ def test_audit_show_is_a_table_and_json_lines(tmp_path, capsys):
                  "--json"]) == 0
     shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["found"] for r in shown] == [0, 1, 2]
+
+
+def test_a_credential_anywhere_in_a_record_is_redacted_in_the_log(tmp_path):
+    """In a value, a nested list or dict, a key, or what an object prints as; a record
+    without one is written as given."""
+
+    class Printed:
+        def __str__(self) -> str:
+            return "mqtt://site:hunter2@broker"
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.defer({"event": "plain", "count": 3, "tags": ("a", "b"), "ratio": 0.5})
+    log.defer({"event": "secret", "url": "mqtts://site:hunter2@broker:8883/x?token=abc",
+               "nested": [{"https://u:hunter2@h/": ["ws://a:hunter2@b"]}], "obj": Printed()})
+    log.flush()
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert "hunter2" not in text and "abc" not in text and text.count("***") == 5
+    plain, secret = (json.loads(line) for line in text.splitlines())
+    assert plain["tags"] == ["a", "b"] and plain["count"] == 3 and plain["ratio"] == 0.5
+    assert secret["url"] == "mqtts://site:***@broker:8883/x?token=***"
+    assert verify(tmp_path / "audit.jsonl").ok

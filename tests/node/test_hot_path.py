@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 from fedcore import Experiment, simulate
 from fedcore.errors import ConfigurationError, DatasetError
 from fedcore.node import Node
+from fedcore.node._config import request_scope
 from fedcore.node._turns import FlushIfLong, TurnTakingExecutor
 from fedcore.node.audit import verify
 from fedcore.plan.base import check_training_args
@@ -223,3 +225,42 @@ def test_training_arguments_found_valid_once_are_still_checked_when_they_change(
     for wrong in ({"epochs": True}, {"epochs": True}, {"epoch": 1}, {"epochs": [1]}):
         with pytest.raises(ConfigurationError):  # True == 1, but a bool is refused
             check_training_args(Logistic, wrong)
+
+
+def test_a_request_reads_one_version_of_the_policy_and_the_next_request_the_new_one(tmp_path):
+    """config.toml is looked at once per request (``request_scope``, set by the node for
+    each request it answers): a change made meanwhile applies from the next request."""
+    serving = Node(tmp_path / "home", node_id="site")
+
+    def request(change: int | None) -> tuple[object, object]:
+        request_scope.set(object())
+        first = serving.policy["max_epochs"]
+        if change is not None:  # an administrator, in another process, while it runs
+            Node(tmp_path / "home").set_policy(max_epochs=change)
+        return first, serving.policy["max_epochs"]
+
+    assert contextvars.copy_context().run(request, 2) == (None, None)
+    assert contextvars.copy_context().run(request, None) == (2, 2)
+    assert serving.policy["max_epochs"] == 2  # outside a request: read as it is
+
+
+def test_of_several_nodes_on_one_loop_only_the_one_whose_job_runs_long_writes_early():
+    """The nodes of a simulation share one loop (and one timer for these writes)."""
+    writes: list[str] = []
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    quick = FlushIfLong(pool, lambda: writes.append("quick"), after=0.2)
+    slow = FlushIfLong(pool, lambda: writes.append("slow"), after=0.2)
+
+    async def request(executor: FlushIfLong, seconds: float) -> None:
+        await executor.run(time.sleep, seconds)
+        executor.settle()  # its reply is sent: nothing left to write early
+
+    async def main() -> None:
+        await asyncio.gather(request(quick, 0.0), request(slow, 0.5))
+        await asyncio.sleep(0.3)
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert writes == ["slow"]

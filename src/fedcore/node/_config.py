@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import time
 import tomllib
 import uuid
@@ -47,6 +48,14 @@ def write_config(path: Path, config: Mapping[str, Any]) -> None:
     write_atomic(path, config_text(config))
 
 
+#: The request a node is answering (a new object for each, set by the node). The file is
+#: checked for a change at the request's first read of the configuration, not at every read
+#: while the request runs: a request sees one version of the policy, and the next request
+#: sees a change. The node also defers the request's audit records while it is set.
+request_scope: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "config_request_scope", default=None)
+
+
 def stamp(path: Path) -> tuple[int, int, int]:
     """What changes when the file is replaced or edited (inode, size, mtime); zeros: no file."""
     return file_stamp(path) or (0, 0, 0)
@@ -75,6 +84,7 @@ class NodeConfig:
             self._open(name, node_id, approval_required)
             self._stamp = stamp(path)
         self._error = ""
+        self._checked: object | None = None  # the request scope whose first read checked
         #: Goes up by one each time the configuration is reread or written.
         self.version = 0
         self._policy: tuple[int, dict[str, Any]] | None = None  # (version, policy)
@@ -105,8 +115,15 @@ class NodeConfig:
         return self._data
 
     def refresh(self) -> bool:
-        """Reread the file if it changed since it was read; returns whether it did."""
+        """Reread the file if it changed since it was read; returns whether it did.
+
+        Within a request (:data:`request_scope`), only its first call looks at the file.
+        """
+        scope = request_scope.get()
+        if scope is not None and scope is self._checked:
+            return False
         now = stamp(self.path)
+        self._checked = scope
         if now == self._stamp:
             return False
         self._stamp = now
@@ -193,6 +210,7 @@ class NodeConfig:
         txn = self.storage is not None and self.storage.in_transaction()
         self._data = data
         self.version += 1
+        self._checked = None
         if not txn:
             write_config(self.path, data)
             self._stamp = stamp(self.path)
@@ -203,6 +221,7 @@ class NodeConfig:
         def done(committed: bool) -> None:
             # Committed: the file is what this object holds. Not: reread it when next asked.
             self._stamp = stamp(self.path) if committed else (0, 0, 0)
+            self._checked = None
 
         self.storage.stage(self.path, config_text(data), done)
 

@@ -23,7 +23,7 @@ from fedcore.governance import Decision, Governance, PlanStore, Policy, Request,
 from fedcore.governance.ledger import PrivacyLedger
 from fedcore.governance.policies import Refuse
 from fedcore.governance.statistics_log import QueryLog
-from fedcore.node._config import NodeConfig
+from fedcore.node._config import NodeConfig, request_scope
 from fedcore.node._reconcile import verify_home
 from fedcore.node._storage import LOCK_FILE, HomeLock, NodeDatabase, file_sha256
 from fedcore.node._worker import describe as describe_isolation
@@ -39,8 +39,6 @@ log = logging.getLogger("fedcore.node")
 # name under which the node trusts the key that signed it, and that key's full fingerprint.
 _caller: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "caller", default=None)
-#: Set while a request is handled: its audit records are written together before its reply.
-_deferring: contextvars.ContextVar[bool] = contextvars.ContextVar("deferring", default=False)
 
 
 class NodeHome:
@@ -109,7 +107,9 @@ class NodeHome:
         caller = _caller.get()
         extra = {"researcher_key": caller[1]} if caller else {}
         record = {"time": time.time(), "node": self.node_id, "event": event, **fields, **extra}
-        if _deferring.get() and not self.db.storage.in_transaction():
+        # While a request is handled (request_scope: set by the node for each), its records
+        # are written together before its reply leaves.
+        if request_scope.get() is not None and not self.db.storage.in_transaction():
             self._audit.defer(record)
         else:
             self.db.storage.record(record)

@@ -62,6 +62,37 @@ _REFUSALS: dict[str, type[FedcoreError]] = {
     "governance": GovernanceError, "dataset": DatasetError, "configuration": ConfigurationError}
 
 
+class _Progress:
+    """The progress callback of one training request (see :meth:`_Rounds._progress`).
+
+    One object per request rather than closures: a simulated round keeps one per node alive
+    until its training is done.
+    """
+
+    __slots__ = ("env", "last", "link", "loop", "node_id", "peer", "started")
+
+    def __init__(self, env: Envelope, node_id: str, link: ChunkedTransport, peer: str):
+        self.env, self.node_id, self.link, self.peer = env, node_id, link, peer
+        self.loop = asyncio.get_running_loop()
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, **fields: Any) -> None:
+        """Report progress (on the training thread): at most one message a second."""
+        now = time.monotonic()
+        if now - self.last < _PROGRESS_S:
+            return
+        self.last = now
+        message = self.env.reply(TrainProgress(elapsed_s=now - self.started, **fields),
+                                 sender=self.node_id)
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._send(message)))
+
+    async def _send(self, message: Envelope) -> None:
+        try:
+            await self.link.send_parts(self.peer, codec.encode_parts(message))
+        except (TransportError, ProtocolError) as exc:
+            log.debug("Could not send training progress to %s: %s", self.peer, exc)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Admitted:
     """A training request the node accepted: the verified plan, the decision, the data.
@@ -148,7 +179,9 @@ class _Rounds(NodeHome):
                 **request.training_args, **admitted.decision.overrides},
                 privacy=admitted.decision.privacy or request.privacy)
         protection.prepare(request.params)
-        reply = await self._train(env, request, admitted, base)
+        # Where the policy said when the request was admitted: a worker process, or here.
+        reply = await (self._train_apart(env, request, admitted, base) if admitted.apart
+                       else self._train_here(env, request, admitted, base))
         if isinstance(reply, ErrorReply):
             return reply
         if request.privacy:  # spent: on record before the update leaves the node
@@ -217,13 +250,6 @@ class _Rounds(NodeHome):
         if mode == "auto":
             return "process" if self._networked else "none"
         return mode
-
-    async def _train(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
-                     base: dict[str, Any]) -> TrainReply | ErrorReply:
-        """Run the plan, in a worker process or on the training thread (plan_isolation)."""
-        if admitted.apart:  # where the policy said when the request was admitted
-            return await self._train_apart(env, request, admitted, base)
-        return await self._train_here(env, request, admitted, base)
 
     async def _train_apart(self, env: Envelope, request: TrainRequest, admitted: _Admitted,
                            base: dict[str, Any]) -> TrainReply | ErrorReply:
@@ -324,8 +350,8 @@ class _Rounds(NodeHome):
                                   exc_type=_REFUSALS[kind].__name__)
             key = plan_key(env.experiment, sha, request) if plan_class.reusable else ""
             warm = self._warm.pop(key, None)  # taken out: one round uses it at a time
-            reply, plan = await loop.run_in_executor(
-                self._executor, run_round, plan_class, request, admitted.dataset,
+            reply, plan = await self._executor.run(
+                run_round, plan_class, request, admitted.dataset,
                 self.node_id, env.round,
                 {"allow_gpu": self._allow_gpu(), "progress": self._progress(env)}, warm,
                 LocalState(self.home / "algorithms", env.experiment, request.dataset_id,
@@ -379,27 +405,7 @@ class _Rounds(NodeHome):
         origin = _origin.get()
         if origin is None:
             return None
-        link, peer = origin
-        loop = asyncio.get_running_loop()
-        started = last = time.monotonic()
-
-        async def send(message: Envelope) -> None:
-            try:
-                await link.send_parts(peer, codec.encode_parts(message))
-            except (TransportError, ProtocolError) as exc:
-                log.debug("Could not send training progress to %s: %s", peer, exc)
-
-        def report(**fields: Any) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last < _PROGRESS_S:
-                return
-            last = now
-            message = env.reply(TrainProgress(elapsed_s=now - started, **fields),
-                                sender=self.node_id)
-            loop.call_soon_threadsafe(lambda: loop.create_task(send(message)))
-
-        return report
+        return _Progress(env, self.node_id, *origin)
 
     def _n_samples(self, entry: dict[str, Any]) -> int:
         """The dataset's size: from its registered metadata, else by opening it."""

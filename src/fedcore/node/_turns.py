@@ -17,6 +17,14 @@ to get it back, call after call (with a small torch model a third of each round 
 there). The loop waits as long as the jobs keep finishing, each within ``hold`` seconds; a
 job that outlasts ``hold`` (a long training, a stuck plan) goes on while the loop serves
 timeouts, progress messages and other traffic as before.
+
+A coroutine awaits its job through :meth:`FlushIfLong.run` (or
+:meth:`TurnTakingExecutor.run`): the job's result goes straight into a future of the loop,
+set by the loop itself once it stops waiting for the batch, instead of a
+``concurrent.futures.Future`` wrapped in one and resolved from the worker thread through
+the loop's self-pipe (a lock, a condition, three callbacks and a system call per job).
+A job that ends while the loop is not waiting for it (it outlasted ``hold``) is handed
+back with ``call_soon_threadsafe``, as ``run_in_executor`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 __all__ = ["TurnTakingExecutor"]
@@ -50,6 +59,44 @@ class _Job:
             self.future.set_result(result)
 
 
+class _LoopJob:
+    """A job whose outcome goes to a future of the loop that queued it (see the module)."""
+
+    __slots__ = ("args", "error", "fn", "future", "loop", "result")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any],
+                 args: tuple[Any, ...]):
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> bool:
+        """Run the job (on the worker); whether it ran (its awaiting coroutine may be gone)."""
+        if self.future.cancelled():  # read across threads: a cancelled future stays so
+            return False
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:  # handed to the waiting coroutine, as an executor does
+            self.error = exc
+        return True
+
+    def settle(self) -> None:
+        """Give the outcome to the future (on the loop)."""
+        if self.future.done():  # cancelled meanwhile
+            return
+        if self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.result)
+
+    def cancel(self) -> None:
+        """Cancel the future, from any thread."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.future.cancel)
+
+
 class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
     """One worker thread, fed in batches by the event loop, which waits while it works.
 
@@ -60,12 +107,25 @@ class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
     def __init__(self, hold: float = 1.0):
         super().__init__(1, thread_name_prefix="fedcore-sim")
         self._hold = hold
-        self._queued: list[_Job] = []
+        self._queued: list[_Job | _LoopJob] = []
         self._armed: asyncio.AbstractEventLoop | None = None
         self._busy = 0  # batches handed over and not finished
         self._done = threading.Condition()
         self._finished = 0  # jobs finished, ever (the loop waits while it grows)
         self._closed = False
+        self._waiting = False  # the loop waits for the batch running now (under _done)
+        self._landed: list[_LoopJob] = []  # its jobs that ended meanwhile, not yet settled
+
+    def run(self, fn: Callable[..., Any], /, *args: Any) -> asyncio.Future[Any]:
+        """``fn(*args)`` in the next batch, as a future of the running loop (on the loop)."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._armed is not None and self._armed is not loop:  # another loop's batch
+            return asyncio.wrap_future(self.submit(fn, *args), loop=loop)
+        job = _LoopJob(loop, fn, args)
+        self._queue(loop, job)
+        return job.future
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
                ) -> concurrent.futures.Future[Any]:
@@ -80,11 +140,14 @@ class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
         if loop is None or (self._armed is not None and self._armed is not loop):
             self._hand_over([job], wait=False)
             return job.future
+        self._queue(loop, job)
+        return job.future
+
+    def _queue(self, loop: asyncio.AbstractEventLoop, job: _Job | _LoopJob) -> None:
         self._queued.append(job)
         if self._armed is None:
             self._armed = loop
             loop.call_soon(self._settle, loop, 0)
-        return job.future
 
     def _settle(self, loop: asyncio.AbstractEventLoop, deferrals: int) -> None:
         """Hand the queue over once the loop has nothing else ready (or waited long enough)."""
@@ -99,35 +162,51 @@ class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
         if jobs:
             self._hand_over(jobs, wait=True)
 
-    def _hand_over(self, jobs: list[_Job], *, wait: bool) -> None:
+    def _hand_over(self, jobs: list[_Job | _LoopJob], *, wait: bool) -> None:
         with self._done:
             idle = self._busy == 0
             self._busy += 1
             finished = self._finished
+            self._waiting = wait and idle
         try:
             super().submit(self._run, jobs)
         except RuntimeError:  # shut down meanwhile
             with self._done:
                 self._busy -= 1
+                self._waiting = False
             for job in jobs:
-                job.future.cancel()
+                job.future.cancel()  # on the loop (wait) or a job of no loop
             raise
         if not (wait and idle):
             return
         # The loop pauses while the jobs keep finishing, each within `hold` seconds. It is
         # woken when the batch ends, or every `hold` seconds to see whether a job finished
         # meanwhile (woken at every job, it would take the GIL from the trainer each time).
-        with self._done:
-            while self._busy:
-                self._done.wait(self._hold)
-                if self._finished == finished:
-                    return  # one job has run for `hold` seconds: serve the loop meanwhile
-                finished = self._finished
+        try:
+            with self._done:
+                while self._busy:
+                    self._done.wait(self._hold)
+                    if self._finished == finished:
+                        break  # one job ran for `hold` seconds: serve the loop meanwhile
+                    finished = self._finished
+        finally:
+            with self._done:  # later jobs of the batch are handed back thread-safely
+                self._waiting = False
+                landed, self._landed = self._landed, []
+            for job in landed:
+                job.settle()
 
-    def _run(self, jobs: list[_Job]) -> None:
+    def _run(self, jobs: list[_Job | _LoopJob]) -> None:
         try:
             for job in jobs:
-                job.run()
+                if isinstance(job, _Job):
+                    job.run()
+                elif job.run():
+                    with self._done:
+                        if self._waiting:  # the loop settles it when it stops waiting
+                            self._landed.append(job)
+                        else:
+                            job.loop.call_soon_threadsafe(job.settle)
                 self._finished += 1  # read under the condition by the waiting loop
         finally:
             with self._done:
@@ -139,7 +218,10 @@ class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
         self._closed = True
         jobs, self._queued = self._queued, []
         for job in jobs:
-            job.future.cancel()
+            if isinstance(job, _LoopJob):
+                job.cancel()
+            else:
+                job.future.cancel()
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
@@ -160,8 +242,9 @@ class FlushIfLong(concurrent.futures.Executor):
         self.inner = inner
         self._flush = flush
         self._after = after
-        self._timer: asyncio.TimerHandle | None = None
-        self._jobs: list[concurrent.futures.Future[Any]] = []  # handed over from the loop
+        self._watch: _Watch | None = None  # the loop's watch, once a job was handed over
+        # Handed over from the loop (by submit or run).
+        self._jobs: list[concurrent.futures.Future[Any] | asyncio.Future[Any]] = []
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
                ) -> concurrent.futures.Future[Any]:
@@ -173,21 +256,39 @@ class FlushIfLong(concurrent.futures.Executor):
             return self.inner.submit(fn, *args, **kwargs)
         future = self.inner.submit(fn, *args, **kwargs)
         self._jobs.append(future)
-        if self._timer is None:
-            self._timer = loop.call_later(self._after, self._fire)
+        self._arm(loop)
         return future
+
+    def run(self, fn: Callable[..., Any], /, *args: Any) -> Awaitable[Any]:
+        """``fn(*args)`` on the inner executor, awaited on the running loop.
+
+        What ``loop.run_in_executor(self, fn, *args)`` does, without the thread-safe
+        hand-back of each result when the inner executor takes turns with the loop.
+        """
+        loop = asyncio.get_running_loop()
+        inner = self.inner
+        future = (inner.run(fn, *args) if isinstance(inner, TurnTakingExecutor)
+                  else asyncio.wrap_future(inner.submit(fn, *args), loop=loop))
+        self._jobs.append(future)
+        self._arm(loop)
+        return future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have :meth:`_fire` called ``after`` seconds from now, unless it is due already."""
+        watch = self._watch
+        if watch is None or watch.loop is not loop:
+            watch = self._watch = _Watch.of(loop, self._after)
+        watch.add(self)
 
     def settle(self) -> None:
         """No job of the node runs any more: the pending write is not needed (on the loop)."""
         self._jobs.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._watch is not None:
+            self._watch.discard(self)
 
     def _fire(self) -> None:
         # A loop that waited for a batch of jobs runs the timers that fell due meanwhile
         # before the coroutines the jobs' results wake: finished jobs need no early write.
-        self._timer = None
         self._jobs = [job for job in self._jobs if not job.done()]
         if self._jobs:
             self._flush()
@@ -195,3 +296,58 @@ class FlushIfLong(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Shut the inner executor down."""
         self.inner.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+class _Watch:
+    """When each :class:`FlushIfLong` of a loop (with one ``after``) is due: one timer for all.
+
+    A simulation's nodes share a loop; a timer of its own for each node's request (set,
+    then cancelled as the request ends) was a timer-heap entry per node and round. Here
+    the executors with jobs running wait in a dict in the order they fall due (the same
+    delay after each was armed), and one timer is set for the first of them.
+    """
+
+    _all: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Watch]] = \
+        weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, after: float):
+        self.loop, self.after = loop, after
+        self.due: dict[FlushIfLong, float] = {}  # in the order they fall due
+        self.timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, after: float) -> _Watch:
+        """The watch of ``loop`` for ``after`` seconds."""
+        watches = cls._all.setdefault(loop, {})
+        watch = watches.get(after)
+        if watch is None:
+            watch = watches[after] = cls(loop, after)
+        return watch
+
+    def add(self, owner: FlushIfLong) -> None:
+        """Call ``owner._fire()`` ``after`` seconds from now (unless it is waiting already)."""
+        if owner in self.due:
+            return
+        self.due[owner] = when = self.loop.time() + self.after
+        if self.timer is None:
+            self.timer = self.loop.call_at(when, self._fire)
+
+    def discard(self, owner: FlushIfLong) -> None:
+        """``owner`` no longer needs calling."""
+        if self.due.pop(owner, None) is not None and not self.due and self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _fire(self) -> None:
+        self.timer = None
+        due, now = self.due, self.loop.time()
+        try:
+            while due:
+                owner, when = next(iter(due.items()))
+                if when > now:
+                    break
+                del due[owner]
+                owner._fire()  # a failing write leaves the others' watch set (finally)
+        finally:
+            if due and self.timer is None:
+                self.timer = self.loop.call_at(next(iter(due.values())), self._fire)

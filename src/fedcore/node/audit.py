@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -43,6 +42,12 @@ _HEAD_SIZE = 200
 def _sha(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
+
+#: What ``json.dumps(record, default=str)`` writes, without building an encoder per record.
+_encode = json.JSONEncoder(default=str).encode
+# Every string a record holds (keys, values, what ``default=str`` makes of other objects) is
+# written as it is into the line, so a line with neither "://" nor "=" holds no text that
+# redact_url would change: the record is scrubbed (a copy, recursively) only otherwise.
 
 _PLAIN = frozenset({int, float, bool, type(None)})  # values that hold no text
 
@@ -79,6 +84,7 @@ class AuditLog:
         self.head_path = self.path.with_suffix(".head")
         self._lock = threading.Lock()
         self._file: IO[bytes] | None = None
+        self._ino = 0  # the inode of _file
         self._head_fd: int | None = None
         self._deferred: list[dict[str, Any]] = []
         # (size, seq, sha256) after this handle's last write: while the file still has that
@@ -166,8 +172,12 @@ class AuditLog:
         written, chunks = [], [b"\n"] if torn else []
         for record in records:
             seq += 1
-            full = {"seq": seq, **_scrubbed(record), "prev": prev}
-            line = json.dumps(full, default=str).encode()
+            full = {"seq": seq, **record, "prev": prev}
+            text = _encode(full)
+            if "://" in text or "=" in text:  # the text may hold a credential: scrubbed
+                full = {"seq": seq, **_scrubbed(record), "prev": prev}
+                text = _encode(full)
+            line = text.encode()
             prev = _sha(line)
             written.append(full)
             chunks += [line, b"\n"]
@@ -214,13 +224,14 @@ class AuditLog:
         f = self._file
         if f is not None:
             try:
-                if os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino:
+                if os.stat(self.path).st_ino == self._ino:  # not moved away (rotated)
                     return f
             except OSError:
                 pass
             f.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = f = open(self.path, "ab")  # noqa: SIM115 - kept open between records
+        self._ino = os.fstat(f.fileno()).st_ino  # an open file keeps its inode
         self._last = None  # another file (rotated): its head is read
         if self._head_fd is not None:
             os.close(self._head_fd)
@@ -255,16 +266,21 @@ class AuditLog:
         os.pwrite(self._head_fd, text.ljust(_HEAD_SIZE - 1) + b"\n", 0)
 
 
-@contextlib.contextmanager
-def _locked(f: IO[bytes]) -> Iterator[None]:
-    if fcntl is None:
-        yield
-        return
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+class _locked:  # noqa: N801 - used as a function: `with _locked(f):`
+    """An exclusive ``flock`` of ``f`` for the block (none where there is no ``fcntl``)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, f: IO[bytes]):
+        self.fd = f.fileno()
+
+    def __enter__(self) -> None:
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def read_head(path: Path, fd: int | None = None) -> dict[str, Any] | None:

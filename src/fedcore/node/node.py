@@ -19,7 +19,8 @@ from fedcore.errors import (
 )
 from fedcore.governance import Policy, Request
 from fedcore.governance.policies import DatasetAccess
-from fedcore.node._home import _caller, _deferring
+from fedcore.node._config import request_scope
+from fedcore.node._home import _caller
 from fedcore.node._rounds import _origin, _Rounds
 from fedcore.node._secagg import SecaggSessions
 from fedcore.node._turns import FlushIfLong
@@ -137,9 +138,8 @@ class Node(_Rounds):
                     got = await link.deliver()
                 except TransportError:
                     break
-                task = asyncio.create_task(self._process(link, got))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                # The task leaves the set itself as it ends (no done-callback per frame).
+                tasks.add(asyncio.create_task(self._process(link, got, tasks)))
         finally:
             for task in tasks:
                 task.cancel()
@@ -191,8 +191,11 @@ class Node(_Rounds):
         except (ConfigurationError, KeyError, TypeError):
             return 1.0  # a broken policy fails closed (governance refuses anyway)
 
-    async def _process(self, link: ChunkedTransport, got: Delivery) -> None:
-        _deferring.set(True)  # this task's records: written before its reply is sent
+    async def _process(self, link: ChunkedTransport, got: Delivery,
+                       tasks: set[asyncio.Task[None]] | None = None) -> None:
+        # This task's audit records are written before its reply is sent, and config.toml
+        # is checked once while it runs.
+        request_scope.set(object())
         self._in_flight += 1
         try:
             await self._answer(link, got)
@@ -204,6 +207,8 @@ class Node(_Rounds):
             self._in_flight -= 1
             if not self._in_flight:
                 self._executor.settle()
+            if tasks is not None:
+                tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def _answer(self, link: ChunkedTransport, got: Delivery) -> None:
         peer, frame = got.peer, got.frame
@@ -232,10 +237,11 @@ class Node(_Rounds):
             _origin.set((link, peer))
             body = await self._dispatch(env)
             reply = env.reply(body, sender=self.node_id)
-            outcome = (f"{body.kind} error: {body.message}" if isinstance(body, ErrorReply)
-                       else "ok")
-            log.info("%s %s: %s (%.2f s)", self.researcher(env), env.tag, outcome[:200],
-                     time.perf_counter() - started)
+            if log.isEnabledFor(logging.INFO):  # one line per request: built when shown
+                outcome = (f"{body.kind} error: {body.message}"
+                           if isinstance(body, ErrorReply) else "ok")
+                log.info("%s %s: %s (%.2f s)", self.researcher(env), env.tag, outcome[:200],
+                         time.perf_counter() - started)
         self._audit.flush()  # the records the reply depends on are in the log before it leaves
         try:
             await link.send_parts(peer, codec.encode_parts(reply, max_size=self.max_frame_size))
