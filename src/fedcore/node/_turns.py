@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -206,7 +207,8 @@ class TurnTakingExecutor(concurrent.futures.ThreadPoolExecutor):
                         if self._waiting:  # the loop settles it when it stops waiting
                             self._landed.append(job)
                         else:
-                            job.loop.call_soon_threadsafe(job.settle)
+                            with contextlib.suppress(RuntimeError):  # its loop closed: no
+                                job.loop.call_soon_threadsafe(job.settle)  # one waits
                 self._finished += 1  # read under the condition by the waiting loop
         finally:
             with self._done:
