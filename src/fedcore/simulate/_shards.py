@@ -243,9 +243,9 @@ class WhenIdle:
         self._pump = pump
         self._timer: asyncio.TimerHandle | None = None
         selector = getattr(loop, "_selector", None)
-        if isinstance(selector, selectors.BaseSelector) and hasattr(loop, "_ready"):
+        if isinstance(selector, selectors.BaseSelector):
             self._selector: _IdleSelector | None = _IdleSelector(selector, pump)
-            loop._selector = self._selector  # type: ignore[attr-defined]
+            setattr(loop, "_selector", self._selector)  # noqa: B010 (asyncio's private)
         else:
             self._selector = None
             self._timer = loop.call_later(POLL, self._poll)
@@ -256,8 +256,12 @@ class WhenIdle:
 
     def close(self) -> None:
         """Stop calling ``pump`` (on the loop)."""
-        if self._selector is not None:
-            self._selector.pump = None
+        selector = self._selector
+        if selector is not None:
+            selector.pump = None
+            inner = selector.inner
+            if getattr(self._loop, "_selector", None) is selector:  # not wrapped since
+                setattr(self._loop, "_selector", inner)  # noqa: B010 (private)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
