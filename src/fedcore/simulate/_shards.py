@@ -276,8 +276,12 @@ class _IdleSelector(selectors.BaseSelector):
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         # The loop asks to wait (timeout None or > 0) only when nothing is ready to run.
-        if (timeout is None or timeout > 0) and self.pump is not None and self.pump():
-            timeout = 0
+        if (timeout is None or timeout > 0) and self.pump is not None:
+            try:
+                if self.pump():
+                    timeout = 0
+            except Exception:  # a bug: said, and the loop (every node of the shard) goes on
+                log.exception("Simulation shard failed to hand frames to its nodes")
         return self.inner.select(timeout)
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
