@@ -127,3 +127,17 @@ class InProcessRelay(InProcessTransport):
     async def receive(self) -> tuple[str, bytes]:
         raise TransportError(f"{self.identity!r} on {self.url} forwards what it is sent; "
                              "nothing is received from it.")
+
+    def relay(self, peer: str, frame: bytes) -> None:
+        """:meth:`send` as a plain call, on this endpoint's own loop (no coroutine per frame).
+
+        For a relay that hands on a burst of frames from one callback of its loop.
+        """
+        if len(frame) > self.capabilities.max_frame_size:
+            raise TransportError(f"Frame of {len(frame)} bytes is too large for {self.url} "
+                                 f"(at most {self.capabilities.max_frame_size}).")
+        with self._hub.lock:
+            target = self._hub.endpoints.get(peer)
+        if target is None:
+            raise TransportError(f"No peer {peer!r} on {self.url}.")
+        target._deliver(self.identity, frame, self._loop)

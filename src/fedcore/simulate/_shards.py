@@ -31,12 +31,14 @@ import io
 import logging
 import os
 import queue
+import selectors
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -45,7 +47,6 @@ import numpy as np
 
 from fedcore import _runtime
 from fedcore.errors import ConfigurationError, FedcoreError, TransportError
-from fedcore.transport import Transport
 from fedcore_transport.inprocess import InProcessRelay
 
 log = logging.getLogger("fedcore.simulate")
@@ -64,8 +65,8 @@ PIPE_BUFFER = 1 << 20
 LINGER = 0.001
 #: Frames a shard hands its nodes before it lets them work through them (see ShardHost).
 CHUNK = 32
-#: How often a shard checks whether its nodes are through a chunk, and for how long at most.
-POLL, MAX_HOLD = 0.0005, 0.2
+#: How often a shard on a loop other than asyncio's own checks for the next chunk.
+POLL = 0.0005
 
 
 def shard_specs(name: str, root: str | None, tags: Sequence[str], node_ids: Sequence[str],
@@ -146,60 +147,68 @@ class ShardHost:
     a node sends; :meth:`push` hands over every frame the parent's researchers sent.
 
     The frames are handed to the nodes a chunk at a time (:data:`CHUNK`): the next chunk
-    once the nodes have run out of work on the last one. A round's requests arrive in a
-    burst; handed over all at once, every node would decode and admit its request before
-    the first one trains, and every reply would leave together at the end, while the
-    parent waits for them. In chunks, the replies stream back while the rest train.
+    as soon as the event loop has nothing else to run (:class:`WhenIdle`: the nodes are
+    through the last one). A round's requests arrive in a burst; handed over all at once,
+    every node would decode and admit its request before the first one trains, and every
+    reply would leave together at the end, while the parent waits for them. In chunks,
+    the replies stream back while the rest train.
     """
 
     def __init__(self, fed: Any, emit: Callable[[str, str, bytes], None]):
         self._emit = emit
         self.fed = fed  # the shard's own SimulatedFederation, its nodes started
         self.node_ids = [n.node_id for n in self.fed.nodes]
-        self._researchers: dict[str, Transport] = {}
+        self._researchers: dict[str, InProcessRelay] = {}
+        self._opening: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Frames from the parent not yet handed to a node, in the parent's order.
+        self._pending: deque[Record] = deque()
         self._loop = _runtime.loop()
-        self._inbox: asyncio.Queue[Record] | None = None
-        self._handoff = Handoff(self._loop, self._queue)
-        _runtime.run(self._start())
+        self._handoff = Handoff(self._loop, self._pending.extend)
+        self._idle = _runtime.run(self._start())
 
-    async def _start(self) -> None:
-        self._inbox = asyncio.Queue()
-        self._spawn(self._deliver())
-
-    def _queue(self, records: list[Record]) -> None:
-        assert self._inbox is not None
-        for record in records:
-            self._inbox.put_nowait(record)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _start(self) -> WhenIdle:
+        return WhenIdle(asyncio.get_running_loop(), self._pump)
 
     def push(self, sender: str, receiver: str, frame: bytes) -> None:
         """From any thread: a researcher's frame for one of this shard's nodes."""
         self._handoff.put((sender, receiver, frame))
 
-    async def _deliver(self) -> None:
-        # One consumer keeps the parent's order of frames (a chunked message stays whole).
-        assert self._inbox is not None
-        while True:
-            for _ in range(CHUNK):
-                sender, receiver, frame = await self._inbox.get()
-                endpoint = self._researchers.get(sender)
-                if endpoint is None:
-                    endpoint = InProcessRelay(self.fed.url, role="researcher", identity=sender,
-                                              forward=functools.partial(self._answer, sender))
-                    await endpoint.start()
-                    self._researchers[sender] = endpoint
-                try:
-                    await endpoint.send(receiver, frame)
-                except TransportError as exc:  # a node of this shard stopped
-                    log.warning("Simulation shard dropped a frame for %s: %s", receiver, exc)
-                if self._inbox.empty():
-                    break
-            await _worked_off(self._loop)
+    def _pump(self) -> bool:
+        """On the loop, once it has nothing else to run: hand the nodes the next chunk.
+
+        One pump keeps the parent's order of frames (a chunked message stays whole).
+        Returns whether it gave the loop something to run.
+        """
+        handed = 0
+        while self._pending and handed < CHUNK:
+            sender, receiver, frame = self._pending[0]
+            endpoint = self._researchers.get(sender)
+            if endpoint is None:  # the first frame of this researcher: its endpoint first
+                if sender not in self._opening:
+                    self._opening.add(sender)
+                    self._spawn(self._open(sender))
+                    return True
+                return False
+            self._pending.popleft()
+            handed += 1
+            try:
+                endpoint.relay(receiver, frame)
+            except TransportError as exc:  # a node of this shard stopped
+                log.warning("Simulation shard dropped a frame for %s: %s", receiver, exc)
+        return handed > 0
+
+    async def _open(self, researcher: str) -> None:
+        endpoint = InProcessRelay(self.fed.url, role="researcher", identity=researcher,
+                                  forward=functools.partial(self._answer, researcher))
+        await endpoint.start()
+        self._researchers[researcher] = endpoint
+        self._opening.discard(researcher)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _answer(self, researcher: str, node: str, frame: bytes) -> None:
         self._emit(node, researcher, frame)
@@ -207,6 +216,7 @@ class ShardHost:
     def close(self) -> None:
         """Stop the nodes and the researcher endpoints."""
         async def stop() -> None:
+            self._idle.close()
             for task in list(self._tasks):
                 task.cancel()
             for endpoint in self._researchers.values():
@@ -216,6 +226,81 @@ class ShardHost:
             _runtime.run(stop())
         finally:
             self.fed.close()
+
+
+class WhenIdle:
+    """Call ``pump()`` on ``loop`` whenever the loop has nothing ready to run.
+
+    ``pump`` returns whether it gave the loop work. On asyncio's own loops it is called
+    just before the loop would wait for I/O or a timer (in its selector's ``select``): no
+    timer, no polling, no delay. On another loop it is called every :data:`POLL` seconds
+    instead. Never from the loop's ready queue: the training thread's batches start when
+    that queue runs dry (``node/_turns.py``).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pump: Callable[[], bool]):
+        self._loop = loop
+        self._pump = pump
+        self._timer: asyncio.TimerHandle | None = None
+        selector = getattr(loop, "_selector", None)
+        if isinstance(selector, selectors.BaseSelector):
+            self._selector: _IdleSelector | None = _IdleSelector(selector, pump)
+            setattr(loop, "_selector", self._selector)  # noqa: B010 (asyncio's private)
+        else:
+            self._selector = None
+            self._timer = loop.call_later(POLL, self._poll)
+
+    def _poll(self) -> None:
+        self._pump()
+        self._timer = self._loop.call_later(POLL, self._poll)
+
+    def close(self) -> None:
+        """Stop calling ``pump`` (on the loop)."""
+        selector = self._selector
+        if selector is not None:
+            selector.pump = None
+            inner = selector.inner
+            if getattr(self._loop, "_selector", None) is selector:  # not wrapped since
+                setattr(self._loop, "_selector", inner)  # noqa: B010 (private)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _IdleSelector(selectors.BaseSelector):
+    """A loop's selector that calls ``pump`` before it would wait (see :class:`WhenIdle`)."""
+
+    def __init__(self, inner: selectors.BaseSelector, pump: Callable[[], bool]):
+        self.inner = inner
+        self.pump: Callable[[], bool] | None = pump
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        # The loop asks to wait (timeout None or > 0) only when nothing is ready to run.
+        if (timeout is None or timeout > 0) and self.pump is not None:
+            try:
+                if self.pump():
+                    timeout = 0
+            except Exception:  # a bug: said, and the loop (every node of the shard) goes on
+                log.exception("Simulation shard failed to hand frames to its nodes")
+        return self.inner.select(timeout)
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self.inner.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self.inner.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self.inner.modify(fileobj, events, data)
+
+    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
+        return self.inner.get_key(fileobj)
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self.inner.get_map()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 # --------------------------------------------------------------------------- the parent side
@@ -251,17 +336,14 @@ class ShardRelay:
         self.node_ids: list[str] = []
         #: Why each shard that went away unasked did (its label -> the reason).
         self.lost: dict[str, str] = {}
-        self._endpoints: dict[str, Transport] = {}
+        self._endpoints: dict[str, InProcessRelay] = {}
         self._shard_of: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._outbox: asyncio.Queue[Record] | None = None
         self._loop = _runtime.loop()
-        self._handoff = Handoff(self._loop, self._queue)
+        self._handoff = Handoff(self._loop, self._deliver)
         self._closing = False
 
     def start(self) -> None:
         """Start every shard (in parallel: each builds its nodes), then their endpoints."""
-        _runtime.run(self._open())
         errors: list[BaseException | None] = [None] * len(self.links)
         ids: list[list[str]] = [[] for _ in self.links]
 
@@ -287,15 +369,6 @@ class ShardRelay:
         self.node_ids = sorted(self._shard_of)
         _runtime.run(self._connect(self.node_ids))
 
-    async def _open(self) -> None:
-        self._outbox = asyncio.Queue()
-        self._spawn(self._deliver())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _connect(self, node_ids: list[str]) -> None:
         for node_id in node_ids:
             # What the researcher sends a node goes on to its shard within the send: the
@@ -309,21 +382,14 @@ class ShardRelay:
     def _incoming(self, sender: str, receiver: str, frame: bytes) -> None:
         self._handoff.put((sender, receiver, frame))
 
-    def _queue(self, records: list[Record]) -> None:
-        assert self._outbox is not None
-        for record in records:
-            self._outbox.put_nowait(record)
-
-    async def _deliver(self) -> None:
-        # One consumer keeps each shard's order of frames.
-        assert self._outbox is not None
-        while True:
-            node, researcher, frame = await self._outbox.get()
+    def _deliver(self, records: list[Record]) -> None:
+        # On the loop, a burst at a time, in each shard's order of frames.
+        for node, researcher, frame in records:
             endpoint = self._endpoints.get(node)
             if endpoint is None:
                 continue
             try:
-                await endpoint.send(researcher, frame)
+                endpoint.relay(researcher, frame)
             except TransportError as exc:  # the researcher left
                 log.debug("Dropped a frame of %s: %s", node, exc)
 
@@ -352,8 +418,6 @@ class ShardRelay:
         self._closing = True
 
         async def stop() -> None:
-            for task in list(self._tasks):
-                task.cancel()
             for endpoint in self._endpoints.values():
                 await endpoint.close()
             self._endpoints.clear()
@@ -363,21 +427,6 @@ class ShardRelay:
         finally:
             for link in self.links:
                 link.close()
-
-
-async def _worked_off(loop: asyncio.AbstractEventLoop) -> None:
-    """Return once ``loop`` has nothing ready to run but this (or after :data:`MAX_HOLD`).
-
-    It checks every :data:`POLL` seconds on a timer, never from the loop's ready queue:
-    the training thread's batches start when that queue runs dry (``node/_turns.py``).
-    """
-    ready = getattr(loop, "_ready", None)  # asyncio's own loops: the callbacks to run
-    if ready is None:  # another loop: let the nodes start on the chunk, no more
-        await asyncio.sleep(0)
-        return
-    give_up = loop.time() + MAX_HOLD
-    while ready and loop.time() < give_up:
-        await asyncio.sleep(POLL)
 
 
 def _to_shard(link: ShardLink, node: str, researcher: str, frame: bytes) -> None:
