@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from fedcore import plugins
 from fedcore.errors import ConfigurationError, TransportError
-from fedcore.params import immutable
+from fedcore.wire.parts import Parts
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -48,48 +48,6 @@ class Capabilities:
     #: the core then sends to several peers side by side, so a slow one holds up no other.
     #: ``False`` when a send only queues the message (in process).
     send_waits: bool = True
-
-
-class Parts:
-    """One message handed over in pieces, by reference: a frame that no one joined.
-
-    Every piece is immutable (``bytes``, or a view of ``bytes``: an array decoded from a
-    frame, or a :meth:`~fedcore.params.ParameterSet.snapshot`); a piece that is not is
-    copied into ``bytes`` when the message is made, so a message never changes after it was
-    sent, as if its bytes had been joined. ``len()`` is its size in bytes. A receiver that
-    needs one buffer calls :meth:`join`; :func:`fedcore.wire.codec.decode` reads the pieces
-    as they are (arrays that each lie in one piece are views of it, without a copy). Only
-    in-process transports make them: nothing leaves the process.
-    """
-
-    __slots__ = ("nbytes", "pieces")
-
-    def __init__(self, pieces: Sequence[Buffer]):
-        views = []
-        for piece in pieces:
-            view = memoryview(piece).cast("B")
-            if len(view):
-                views.append(view.toreadonly() if immutable(view) else
-                             memoryview(view.tobytes()))
-        #: The pieces, read-only views of immutable memory, none empty.
-        self.pieces: tuple[memoryview, ...] = tuple(views)
-        self.nbytes = sum(len(v) for v in views)
-
-    def __len__(self) -> int:
-        return self.nbytes
-
-    def join(self) -> bytes:
-        """The message as one ``bytes`` object (a copy)."""
-        return b"".join(self.pieces)
-
-    def head(self, n: int) -> bytes:
-        """The first ``n`` bytes (or fewer, for a shorter message)."""
-        out = b""
-        for piece in self.pieces:
-            if len(out) >= n:
-                break
-            out += bytes(piece[:n - len(out)])
-        return out
 
 
 M = TypeVar("M", bytes, bytes | Parts)  # what an inbox holds: in process, Parts too

@@ -26,8 +26,8 @@ import numpy as np
 
 from fedcore.errors import ProtocolError
 from fedcore.params import ParameterSet
-from fedcore.transport import Parts
 from fedcore.wire.messages import PROTOCOL_VERSION, Envelope, body_type
+from fedcore.wire.parts import Parts
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
