@@ -116,7 +116,6 @@ class ParameterSet(Mapping[str, np.ndarray]):
         )
 
 
-
 def immutable(obj: Any) -> bool:
     """Whether no one can change the memory of ``obj`` any more: ``bytes``, or a view of it.
 
