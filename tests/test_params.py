@@ -33,3 +33,18 @@ def test_names_must_be_strings_and_values_numeric():
         ParameterSet({1: np.zeros(1)})
     with pytest.raises(TypeError, match="numeric"):
         ParameterSet({"s": np.array(["a"])})
+
+
+def test_snapshot_is_an_equal_copy_that_can_never_be_written():
+    live = np.arange(6, dtype=np.float32).reshape(2, 3)
+    p = ParameterSet({"w": live, "b": np.zeros(0), "step": np.int64(3)})
+    snap = p.snapshot()
+    assert snap.equal(p) and [a.shape for a in snap.values()] == [(2, 3), (0,), ()]
+    live[0, 0] = 99  # the model goes on training: the snapshot does not move
+    assert snap["w"][0, 0] == 0
+    with pytest.raises(ValueError):
+        snap["w"].flags.writeable = True
+    with pytest.raises(ValueError):
+        snap["w"][0, 0] = 1
+    assert snap.snapshot() is snap  # nothing left to copy
+    assert snap.copy()["w"].flags.writeable

@@ -64,6 +64,21 @@ class ParameterSet(Mapping[str, np.ndarray]):
         out._arrays = {k: np.array(v, copy=True) for k, v in self._arrays.items()}
         return out
 
+    def snapshot(self) -> ParameterSet:
+        """A copy whose arrays are read-only for good: views of ``bytes``, never written.
+
+        What may be shared without copying it again: the requests of a round carry one
+        snapshot of the global model, which the in-process transport hands to every node
+        (:class:`~fedcore.transport.Parts`). A set that is a snapshot already is returned
+        as it is.
+        """
+        if all(immutable(a) for a in self._arrays.values()):
+            return self
+        out = ParameterSet()
+        out._arrays = {k: np.frombuffer(v.tobytes(), v.dtype).reshape(v.shape)
+                       for k, v in self._arrays.items()}
+        return out
+
     def same_layout(self, other: Mapping[str, np.ndarray]) -> bool:
         """True when ``other`` has the same names, in order, with the same shapes and dtypes."""
         if list(self) != list(other):
@@ -99,3 +114,21 @@ class ParameterSet(Mapping[str, np.ndarray]):
         return self.same_layout(other) and all(
             np.array_equal(a, other[k]) for k, a in self.items()
         )
+
+
+def immutable(obj: Any) -> bool:
+    """Whether no one can change the memory of ``obj`` any more: ``bytes``, or a view of it.
+
+    Follows the chain of exporters (memoryview -> numpy array -> its base...) down to the
+    object that owns the memory; only a ``bytes`` object there cannot be written.
+    """
+    for _ in range(64):
+        if isinstance(obj, bytes):
+            return True
+        if isinstance(obj, np.ndarray):
+            obj = obj.base
+        elif isinstance(obj, memoryview):
+            obj = obj.obj
+        else:
+            return False
+    return False

@@ -15,16 +15,17 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from fedcore import plugins
 from fedcore.errors import ConfigurationError, TransportError
+from fedcore.wire.parts import Parts
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["REDACTED", "Capabilities", "Inbox", "Role", "Transport", "open_transport",
+__all__ = ["REDACTED", "Capabilities", "Inbox", "Parts", "Role", "Transport", "open_transport",
            "redact_url"]
 
 Role = Literal["researcher", "node"]
@@ -49,7 +50,10 @@ class Capabilities:
     send_waits: bool = True
 
 
-class Inbox:
+M = TypeVar("M", bytes, bytes | Parts)  # what an inbox holds: in process, Parts too
+
+
+class Inbox(Generic[M]):
     """Messages received and not yet taken by :meth:`Transport.receive`.
 
     Every transport needs the same behaviour: messages wait in arrival order, and closing
@@ -67,7 +71,7 @@ class Inbox:
         self.max_bytes = max_bytes
         #: Bytes queued now.
         self.queued_bytes = 0
-        self._items: deque[tuple[str, bytes]] = deque()
+        self._items: deque[tuple[str, M]] = deque()
         self._closed = False
         self._handed = 0  # bytes handed over by another thread, not yet queued
         self._lock = threading.Lock()
@@ -80,7 +84,7 @@ class Inbox:
         return self.max_bytes is not None and self.queued_bytes >= self.max_bytes \
             and bool(self._items)
 
-    def put_nowait(self, peer: str, frame: bytes) -> None:
+    def put_nowait(self, peer: str, frame: M) -> None:
         """Queue one message from ``peer``, whatever the bound (the caller waited already)."""
         if self._closed:
             return
@@ -90,7 +94,7 @@ class Inbox:
         if self.full():
             self._room.clear()
 
-    async def put(self, peer: str, frame: bytes) -> None:
+    async def put(self, peer: str, frame: M) -> None:
         """Queue one message, first waiting while the inbox is full."""
         while self.full() and not self._closed:
             self._room.clear()
@@ -125,7 +129,7 @@ class Inbox:
             return False
         return True
 
-    def _take_handed(self, peer: str, frame: bytes) -> None:
+    def _take_handed(self, peer: str, frame: M) -> None:
         with self._lock:
             self._handed -= len(frame)
         self.put_nowait(peer, frame)
@@ -136,7 +140,7 @@ class Inbox:
         self._readable.set()
         self._room.set()
 
-    async def get(self) -> tuple[str, bytes]:
+    async def get(self) -> tuple[str, M]:
         """The next ``(peer, frame)``; ``TransportError`` once closed."""
         while not self._items:
             if self._closed:
@@ -228,6 +232,15 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def receive(self) -> tuple[str, bytes]:
         """Wait for the next frame; return ``(peer, frame)``."""
+
+    async def receive_parts(self) -> tuple[str, bytes | Parts]:
+        """:meth:`receive`, or the message as :class:`Parts` when it came unjoined.
+
+        The core receives this way. The default is :meth:`receive`; a transport that hands
+        messages over by reference (in process) returns them as they were sent, where
+        :meth:`receive` joins them.
+        """
+        return await self.receive()
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -5,7 +5,12 @@ delivery is a queue. Endpoints may live on different event loops (threads): deli
 ``call_soon_threadsafe`` onto the receiver's loop. Between endpoints of one loop (a
 simulation) the message goes straight into the receiver's queue: no callback and no wake-up
 of the loop's self-pipe per frame. A message is handed over by reference,
-never copied, so the receiver's queue is not bounded: it holds no memory of its own.
+never copied, so the receiver's queue is not bounded: it holds no memory of its own. A
+message sent in parts (:meth:`send_parts`, as the core sends every frame) is not joined
+either: :meth:`receive_parts` (the core's way) gives it as :class:`~fedcore.transport.Parts`,
+whose pieces that were immutable already (a model snapshot shared by the requests of a
+round) are the sender's own memory, the others copies made as it was sent; :meth:`receive`
+joins them.
 ``max_frame_size`` (2 GiB by default) is the largest message; give a small one to exercise
 the core's chunking in simulation. :class:`InProcessRelay` is an endpoint for relays: what it
 is sent goes on at once to a callback instead of into its queue.
@@ -15,11 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from fedcore.errors import ConfigurationError, TransportError
-from fedcore.transport import Capabilities, Inbox, Role, Transport
+from fedcore.transport import Capabilities, Inbox, Parts, Role, Transport
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 _hubs: dict[str, _Hub] = {}
 _hubs_lock = threading.Lock()
@@ -48,12 +57,12 @@ class InProcessTransport(Transport):
             raise ConfigurationError(f"Expected inproc://NAME. Received: {url!r}")
         with _hubs_lock:
             self._hub = _hubs.setdefault(name, _Hub())
-        self._inbox: Inbox | None = None
+        self._inbox: Inbox[bytes | Parts] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._inbox = Inbox(self.identity)
+        self._inbox = Inbox[bytes | Parts](self.identity)
         with self._hub.lock:
             other = self._hub.endpoints.get(self.identity)
             if other is not None and other is not self:
@@ -63,8 +72,8 @@ class InProcessTransport(Transport):
                 )
             self._hub.endpoints[self.identity] = self
 
-    def _deliver(self, sender: str, frame: bytes, loop: asyncio.AbstractEventLoop | None
-                 ) -> None:
+    def _deliver(self, sender: str, frame: bytes | Parts,
+                 loop: asyncio.AbstractEventLoop | None) -> None:
         """Queue ``frame``; ``loop`` is the sender's (running) loop."""
         if self._loop is None or self._inbox is None or self._loop.is_closed():
             raise TransportError(f"{self.identity!r} is not connected to {self.url}.")
@@ -74,6 +83,13 @@ class InProcessTransport(Transport):
             self._loop.call_soon_threadsafe(self._inbox.put_nowait, sender, frame)
 
     async def send(self, peer: str, frame: bytes) -> None:
+        await self._send(peer, bytes(frame))
+
+    async def send_parts(self, peer: str, parts: Sequence[Buffer]) -> None:
+        """Send ``parts`` as one message, unjoined (see :class:`~fedcore.transport.Parts`)."""
+        await self._send(peer, Parts(parts))
+
+    async def _send(self, peer: str, frame: bytes | Parts) -> None:
         if len(frame) > self.capabilities.max_frame_size:
             raise TransportError(f"Frame of {len(frame)} bytes is too large for {self.url} "
                                  f"(at most {self.capabilities.max_frame_size}).")
@@ -81,9 +97,13 @@ class InProcessTransport(Transport):
             target = self._hub.endpoints.get(peer)
         if target is None:
             raise TransportError(f"No peer {peer!r} on {self.url}.")
-        target._deliver(self.identity, bytes(frame), asyncio.get_running_loop())
+        target._deliver(self.identity, frame, asyncio.get_running_loop())
 
     async def receive(self) -> tuple[str, bytes]:
+        peer, frame = await self.receive_parts()
+        return peer, frame.join() if isinstance(frame, Parts) else frame
+
+    async def receive_parts(self) -> tuple[str, bytes | Parts]:
         if self._inbox is None:
             raise TransportError(f"{self.identity!r} is not started on {self.url}.")
         return await self._inbox.get()
@@ -118,13 +138,14 @@ class InProcessRelay(InProcessTransport):
         super().__init__(url, role=role, identity=identity, max_frame_size=max_frame_size)
         self._forward = forward
 
-    def _deliver(self, sender: str, frame: bytes, loop: asyncio.AbstractEventLoop | None
-                 ) -> None:
+    def _deliver(self, sender: str, frame: bytes | Parts,
+                 loop: asyncio.AbstractEventLoop | None) -> None:
         if self._loop is None or self._loop.is_closed():
             raise TransportError(f"{self.identity!r} is not connected to {self.url}.")
-        self._forward(sender, frame)
+        # What is forwarded leaves for another process: one buffer.
+        self._forward(sender, frame.join() if isinstance(frame, Parts) else frame)
 
-    async def receive(self) -> tuple[str, bytes]:
+    async def receive_parts(self) -> tuple[str, bytes | Parts]:
         raise TransportError(f"{self.identity!r} on {self.url} forwards what it is sent; "
                              "nothing is received from it.")
 

@@ -44,16 +44,16 @@ class SpiedNode(Node):
 
     async def serve(self, transport):
         self.at_reply: list[list[tuple[str, int | None]]] = []
-        send = transport.send
+        send_parts = transport.send_parts  # how the node sends every frame
 
-        async def spied(peer: str, frame: bytes) -> None:
-            if isinstance(codec.decode(frame).body, TrainReply):
+        async def spied(peer: str, parts) -> None:
+            if isinstance(codec.decode(b"".join(parts)).body, TrainReply):
                 lines = (self.home / "audit.jsonl").read_bytes().splitlines()
                 self.at_reply.append([(r["event"], r.get("round"))
                                       for r in map(json.loads, lines)])
-            await send(peer, frame)
+            await send_parts(peer, parts)
 
-        transport.send = spied
+        transport.send_parts = spied
         await super().serve(transport)
 
 

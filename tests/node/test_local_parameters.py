@@ -73,13 +73,18 @@ def _arrays(n: int = 180):
 def frames(monkeypatch):
     """Every frame the in-process transport carries, in either direction."""
     seen: list[bytes] = []
-    send = InProcessTransport.send
+    send, send_parts = InProcessTransport.send, InProcessTransport.send_parts
 
     async def recording(self, peer, frame):
         seen.append(bytes(frame))
         await send(self, peer, frame)
 
+    async def recording_parts(self, peer, parts):  # how the core sends every frame
+        seen.append(b"".join(parts))
+        await send_parts(self, peer, parts)
+
     monkeypatch.setattr(InProcessTransport, "send", recording)
+    monkeypatch.setattr(InProcessTransport, "send_parts", recording_parts)
     return seen
 
 

@@ -60,3 +60,56 @@ def test_a_relay_endpoint_hands_on_each_frame_within_the_send():
 
     asyncio.run(main())
     assert got == [("alice", b"frame 0"), ("alice", b"frame 1"), ("alice", b"frame 2")]
+
+
+def _link(url: str, role: Role, identity: str):
+    from fedcore.wire.chunks import ChunkedTransport
+
+    return ChunkedTransport(InProcessTransport(url, role=role, identity=identity))
+
+
+def test_a_broadcast_model_is_read_where_it_is_and_a_live_one_as_it_was_sent():
+    """The round's snapshot reaches every node without a copy; anything else is copied."""
+    import asyncio
+
+    import numpy as np
+
+    from fedcore.params import ParameterSet
+    from fedcore.wire import codec
+    from fedcore.wire.messages import Envelope, TrainReply
+
+    url = f"inproc://broadcast-{uuid.uuid4().hex[:8]}"
+    live = ParameterSet({"w": np.arange(40_000, dtype=np.float32), "b": np.ones(3)})
+    snapshot = live.snapshot()
+
+    async def main() -> list[ParameterSet]:
+        researcher = _link(url, "researcher", "alice")
+        nodes = [_link(url, "node", f"node-{i}") for i in range(2)]
+        for endpoint in (researcher, *nodes):
+            await endpoint.start()
+        received = []
+        for params in (snapshot, live):
+            for node in nodes:
+                env = Envelope(TrainReply(params=params, n_samples=1), sender="alice",
+                               recipient=node.identity)
+                await researcher.send_parts(node.identity, codec.encode_parts(env))
+                got = await node.deliver()
+                env = codec.decode(got.frame)
+                assert env.recipient == node.identity  # each its own message
+                received.append(env.body.params)  # type: ignore[attr-defined]
+        live["w"][0] = -1.0  # changed after it was sent: the nodes got it as it was
+        # A program that reads the raw transport still gets one buffer (bytes).
+        await researcher.send_parts("node-0", [b"ab", memoryview(b"cd")])
+        assert await nodes[0].receive() == ("alice", b"abcd")
+        for endpoint in (researcher, *nodes):
+            await endpoint.close()
+        return received
+
+    shared_a, shared_b, copied_a, copied_b = asyncio.run(main())
+    for got in (shared_a, shared_b):
+        assert got.equal(snapshot) and not got["w"].flags.writeable
+        assert np.shares_memory(got["w"], snapshot["w"])  # one model, read by every node
+    for got in (copied_a, copied_b):
+        assert got["w"][0] == 0.0 and not got["w"].flags.writeable
+        assert not np.shares_memory(got["w"], live["w"])
+    assert not np.shares_memory(copied_a["w"], copied_b["w"])

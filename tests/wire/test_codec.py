@@ -9,6 +9,7 @@ import pytest
 
 from fedcore.errors import ProtocolError
 from fedcore.params import ParameterSet
+from fedcore.transport import Parts
 from fedcore.wire import codec
 from fedcore.wire.messages import (
     Checkpoint,
@@ -170,6 +171,25 @@ def _frame(header_overrides=None, raw_header=None):
 def test_bad_frames_are_refused_with_a_protocol_error(frame, message):
     with pytest.raises(ProtocolError, match=message):
         codec.decode(frame)
+    with pytest.raises(ProtocolError, match=message):  # the same, handed over in parts
+        codec.decode(Parts([frame[:5], frame[5:9], frame[9:]]))
+
+
+def test_a_frame_in_parts_decodes_as_the_joined_frame_wherever_it_is_cut():
+    params = ParameterSet({"w": np.arange(1000, dtype=np.float32), "e": np.zeros((0, 2)),
+                           "b": np.ones(3)})
+    env = Envelope(TrainReply(params=params, n_samples=7), sender="node-1")
+    parts = codec.encode_parts(env)
+    frame = b"".join(parts)
+    as_encoded = Parts(parts)  # each array a piece: decoded where it is
+    back = codec.decode(as_encoded).body.params
+    piece = next(p for p in as_encoded.pieces if len(p) == params["w"].nbytes)
+    assert back.equal(params) and np.shares_memory(back["w"], piece)
+    for cut in (1, 7, 100, len(frame) // 2, len(frame) - 1):  # arrays across pieces
+        got = codec.decode(Parts([frame[:cut], frame[cut:]]))
+        assert got.body.params.equal(params) and got.body.n_samples == 7
+        assert not got.body.params["w"].flags.writeable
+    assert codec.reply_id(as_encoded) == (env.id, "")
 
 
 def test_body_fields_are_type_checked():

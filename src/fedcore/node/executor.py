@@ -119,8 +119,8 @@ def run_round(plan_class: type[TrainingPlan], request: TrainRequest, dataset: Da
         params = request.params
     else:
         params = personal.keep(params, trained)  # the local parameters stay here
-    if plan.reusable:
-        params = params.copy()  # the model lives on: the reply must not alias it
+    if plan.reusable:  # the model lives on: the reply must not alias it
+        params = params.snapshot()  # a copy no one writes: sent without another
     timings["total_s"] = time.perf_counter() - t0
     reply = TrainReply(
         params=params,

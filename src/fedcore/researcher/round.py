@@ -124,7 +124,10 @@ class Round:
     def _requests(self, nodes: list[str]) -> dict[str, TrainRequest]:
         s = self.settings
         algorithm = self.aggregator.round_options()
-        return {node: TrainRequest(params=s.params, dataset_id=s.datasets[node]["id"],
+        # One copy of the global model for every request, which no one writes any more:
+        # in process, the nodes read it where it is (no frame of its own for each).
+        params = s.params.snapshot()
+        return {node: TrainRequest(params=params, dataset_id=s.datasets[node]["id"],
                                    algorithm=algorithm, secagg=self.protection.options(node),
                                    **s.request)
                 for node in nodes}

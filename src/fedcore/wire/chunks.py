@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcore.errors import FedcoreError, GovernanceError, ProtocolError, TransportError
-from fedcore.transport import Capabilities, Transport
+from fedcore.transport import Capabilities, Parts, Transport
 from fedcore.wire import codec
 from fedcore.wire.admission import NAMES, Admission
 from fedcore.wire.buffers import FrameBuffers
@@ -75,7 +75,8 @@ _HEAD = 64 << 10  # bytes of a refused frame kept, to read its header for an err
 class Delivery:
     """One frame received whole, or one refusal.
 
-    ``frame`` is the frame (for a refusal: its first bytes when known, else empty),
+    ``frame`` is the frame (for a refusal: its first bytes when known, else empty; in
+    process, :class:`~fedcore.transport.Parts` that :func:`~fedcore.wire.codec.decode` reads),
     ``signer`` the trusted name and ``key`` the raw public key that signed it (empty on an
     unsigned transport), ``error`` why it was refused (``None`` when it was not).
     ``summarized`` is true for a refusal already counted in the dropped-frame summaries
@@ -83,7 +84,7 @@ class Delivery:
     """
 
     peer: str
-    frame: Buffer
+    frame: Buffer | Parts
     signer: str = ""
     key: bytes = b""
     error: FedcoreError | None = None
@@ -240,19 +241,25 @@ class ChunkedTransport(Transport):
         while True:
             got = await self.deliver()
             if got.error is None:
-                return got.peer, got.frame
+                frame = got.frame
+                return got.peer, frame.join() if isinstance(frame, Parts) else frame
             log.warning("Refused a frame from %s: %s", got.peer, got.error)
 
     async def deliver(self) -> Delivery:
         """The next whole frame, or the next refusal of a frame's first message."""
         async with self._receiving:
             while True:
-                peer, message = await self.inner.receive()
+                peer, message = await self.inner.receive_parts()
                 got = await self._accept(peer, message)
                 if got is not None:
                     return got
 
-    async def _accept(self, peer: str, message: bytes) -> Delivery | None:
+    async def _accept(self, peer: str, message: bytes | Parts) -> Delivery | None:
+        if isinstance(message, Parts):  # in process: a frame handed over unjoined
+            if self.guard is None and message.head(4) != _MAGIC \
+                    and len(message) <= self.max_frame_size:
+                return Delivery(peer, message)  # decoded as it is (codec.decode)
+            message = message.join()
         view = memoryview(message).cast("B")
         header = self._chunk_header(view)
         if header is None and len(view) > self.max_frame_size + TRAILER * bool(self.guard):

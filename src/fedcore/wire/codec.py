@@ -27,6 +27,7 @@ import numpy as np
 from fedcore.errors import ProtocolError
 from fedcore.params import ParameterSet
 from fedcore.wire.messages import PROTOCOL_VERSION, Envelope, body_type
+from fedcore.wire.parts import Parts
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -129,11 +130,19 @@ def _ref(arr: np.ndarray, arrays: list[np.ndarray]) -> bytes:
     return struct.pack("<I", len(arrays) - 1)
 
 
-def _split(frame: Buffer, max_size: int) -> tuple[memoryview, dict[str, Any], int]:
-    view = memoryview(frame).cast("B")
-    if len(view) > max_size:
+def _split(frame: Buffer | Parts, max_size: int
+           ) -> tuple[memoryview | Parts, dict[str, Any], int]:
+    """The frame (one view, or its parts), its header and where the header ends."""
+    if isinstance(frame, Parts):
+        parts: Parts | None = frame
+        view = memoryview(frame.head(_PREFIX.size))
+        size = len(frame)
+    else:
+        parts, view = None, memoryview(frame).cast("B")
+        size = len(view)
+    if size > max_size:
         raise ProtocolError(
-            f"Frame of {len(view)} bytes exceeds the limit of {max_size} bytes."
+            f"Frame of {size} bytes exceeds the limit of {max_size} bytes."
         )
     if len(view) < _PREFIX.size:
         raise ProtocolError(f"Truncated frame: {len(view)} bytes, shorter than its prefix.")
@@ -144,24 +153,26 @@ def _split(frame: Buffer, max_size: int) -> tuple[memoryview, dict[str, Any], in
             "(fedcore never accepts pickle or other encodings.)"
         )
     end = _PREFIX.size + hlen
-    if hlen > _MAX_HEADER or end > len(view):
-        raise ProtocolError(f"Truncated frame: header of {hlen} bytes, frame of {len(view)}.")
+    if hlen > _MAX_HEADER or end > size:
+        raise ProtocolError(f"Truncated frame: header of {hlen} bytes, frame of {size}.")
+    if parts is not None:  # the header's bytes, joined (the arrays stay where they are)
+        view = memoryview(parts.head(end))
     try:
         header = msgpack.unpackb(view[_PREFIX.size : end])
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"Malformed frame header: {exc}") from exc
     if not isinstance(header, dict):
         raise ProtocolError("Malformed frame header: expected a map.")
-    return view, header, end
+    return parts if parts is not None else view, header, end
 
 
-def peek_header(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
+def peek_header(frame: Buffer | Parts, *, max_size: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
     """The routing fields of a frame (id, sender, type...) without decoding its body."""
     _, header, _ = _split(frame, max_size)
     return {k: v for k, v in header.items() if k not in ("a", "b")}
 
 
-def reply_id(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> tuple[str, str]:
+def reply_id(frame: Buffer | Parts, *, max_size: int = DEFAULT_MAX_FRAME) -> tuple[str, str]:
     """``(id, reply-to)`` of a frame that may be malformed; ``""`` for what cannot be read."""
     try:
         header = peek_header(frame, max_size=max_size)
@@ -173,8 +184,11 @@ def reply_id(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> tuple[str, 
     return text(header.get("id")), text(header.get("re"))
 
 
-def decode(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
+def decode(frame: Buffer | Parts, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
     """Decode a frame into an :class:`Envelope`; arrays are zero-copy, read-only views.
+
+    ``frame`` may be :class:`~fedcore.transport.Parts` (in process, a frame not joined):
+    each array is then a view of the part that holds it.
 
     Raises :class:`ProtocolError` for anything that is not a well-formed frame of this
     protocol version, and never any other exception, whatever the bytes.
@@ -187,7 +201,7 @@ def decode(frame: Buffer, *, max_size: int = DEFAULT_MAX_FRAME) -> Envelope:
         raise ProtocolError(f"Malformed frame ({type(exc).__name__}: {exc}).") from exc
 
 
-def _decode(frame: Buffer, max_size: int) -> Envelope:
+def _decode(frame: Buffer | Parts, max_size: int) -> Envelope:
     view, header, pos = _split(frame, max_size)
     version = header.get("v")
     if version != PROTOCOL_VERSION:
@@ -242,9 +256,11 @@ def _decode(frame: Buffer, max_size: int) -> Envelope:
     )
 
 
-def _arrays(view: memoryview, descriptors: Any, pos: int, max_size: int) -> list[np.ndarray]:
+def _arrays(frame: memoryview | Parts, descriptors: Any, pos: int, max_size: int
+            ) -> list[np.ndarray]:
     arrays: list[np.ndarray] = []
-    size = len(view)
+    size = len(frame)
+    pieces = _Pieces(frame) if isinstance(frame, Parts) else None
     for dtype, shape, nbytes in _layout(descriptors, max_size):
         pos = _aligned(pos)
         end = pos + nbytes
@@ -253,9 +269,41 @@ def _arrays(view: memoryview, descriptors: Any, pos: int, max_size: int) -> list
                 f"Truncated frame: array {len(arrays)} needs bytes up to {end}, "
                 f"frame has {size}."
             )
-        arrays.append(np.ndarray(shape, dtype=dtype, buffer=view, offset=pos))
+        if not isinstance(frame, Parts):
+            arrays.append(np.ndarray(shape, dtype=dtype, buffer=frame, offset=pos))
+        else:
+            assert pieces is not None
+            piece, offset = pieces.find(pos, end)
+            arrays.append(np.ndarray(shape, dtype=dtype, buffer=piece, offset=offset))
         pos = end
     return arrays
+
+
+class _Pieces:
+    """Where the bytes of a frame in parts lie: the piece and offset of a range."""
+
+    def __init__(self, parts: Parts):
+        self.parts = parts
+        self.index = 0  # arrays come in order: the search goes on from the last piece
+        self.start = 0  # where piece ``index`` starts in the frame
+        self.joined: memoryview | None = None
+
+    def find(self, pos: int, end: int) -> tuple[memoryview, int]:
+        """A piece that holds bytes ``pos`` to ``end`` whole, and where they start in it."""
+        if pos == end:
+            return memoryview(b""), 0
+        pieces = self.parts.pieces
+        while self.joined is None and self.index < len(pieces):
+            piece = pieces[self.index]
+            if pos < self.start:
+                break
+            if end <= self.start + len(piece):
+                return piece, pos - self.start
+            self.start += len(piece)
+            self.index += 1
+        if self.joined is None:  # an array across pieces (not as encode_parts cuts them)
+            self.joined = memoryview(self.parts.join())
+        return self.joined, pos
 
 
 _Layout = list[tuple[np.dtype[Any], tuple[int, ...], int]]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedcore.errors import ConfigurationError, GovernanceError, ProtocolError, TransportError
-from fedcore.transport import Transport
+from fedcore.transport import Parts, Transport
 from fedcore.wire import codec
 from fedcore.wire.chunks import ChunkedTransport, Delivery
 from fedcore.wire.identity import Identity, enrolled_nodes, researcher_identity
@@ -194,7 +194,7 @@ class Client:
         if fut is not None and not fut.done():
             fut.set_result(env)
 
-    def _bad_reply(self, peer: str, frame: Buffer, exc: ProtocolError) -> None:
+    def _bad_reply(self, peer: str, frame: Buffer | Parts, exc: ProtocolError) -> None:
         """A malformed frame from ``peer``: the request it answers fails, no other."""
         _, reply_to = codec.reply_id(frame, max_size=self.max_frame_size)
         fut = self._pending.get(reply_to) if self._awaiting.get(reply_to) == peer else None

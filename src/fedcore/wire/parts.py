@@ -1,0 +1,59 @@
+"""A message handed over in pieces, by reference: what in-process transports deliver.
+
+Here rather than in :mod:`fedcore.transport` so that decoding a frame
+(:mod:`fedcore.wire.codec`) imports no event loop; :mod:`fedcore.transport` re-exports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from fedcore.params import immutable
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["Parts"]
+
+
+class Parts:
+    """One message handed over in pieces, by reference: a frame that no one joined.
+
+    Every piece is immutable (``bytes``, or a view of ``bytes``: an array decoded from a
+    frame, or a :meth:`~fedcore.params.ParameterSet.snapshot`); a piece that is not is
+    copied into ``bytes`` when the message is made, so a message never changes after it was
+    sent, as if its bytes had been joined. ``len()`` is its size in bytes. A receiver that
+    needs one buffer calls :meth:`join`; :func:`fedcore.wire.codec.decode` reads the pieces
+    as they are (arrays that each lie in one piece are views of it, without a copy). Only
+    in-process transports make them: nothing leaves the process.
+    """
+
+    __slots__ = ("nbytes", "pieces")
+
+    def __init__(self, pieces: Sequence[Buffer]):
+        views = []
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            if len(view):
+                views.append(view.toreadonly() if immutable(view) else
+                             memoryview(view.tobytes()))
+        #: The pieces, read-only views of immutable memory, none empty.
+        self.pieces: tuple[memoryview, ...] = tuple(views)
+        self.nbytes = sum(len(v) for v in views)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def join(self) -> bytes:
+        """The message as one ``bytes`` object (a copy)."""
+        return b"".join(self.pieces)
+
+    def head(self, n: int) -> bytes:
+        """The first ``n`` bytes (or fewer, for a shorter message)."""
+        out = b""
+        for piece in self.pieces:
+            if len(out) >= n:
+                break
+            out += bytes(piece[:n - len(out)])
+        return out
