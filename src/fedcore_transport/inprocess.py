@@ -90,6 +90,10 @@ class InProcessTransport(Transport):
         await self._send(peer, Parts(parts))
 
     async def _send(self, peer: str, frame: bytes | Parts) -> None:
+        self._target(peer, frame)._deliver(self.identity, frame, asyncio.get_running_loop())
+
+    def _target(self, peer: str, frame: bytes | Parts) -> InProcessTransport:
+        """The endpoint of ``peer``, once ``frame`` is checked against the size limit."""
         if len(frame) > self.capabilities.max_frame_size:
             raise TransportError(f"Frame of {len(frame)} bytes is too large for {self.url} "
                                  f"(at most {self.capabilities.max_frame_size}).")
@@ -97,7 +101,7 @@ class InProcessTransport(Transport):
             target = self._hub.endpoints.get(peer)
         if target is None:
             raise TransportError(f"No peer {peer!r} on {self.url}.")
-        target._deliver(self.identity, frame, asyncio.get_running_loop())
+        return target
 
     async def receive(self) -> tuple[str, bytes]:
         peer, frame = await self.receive_parts()
@@ -154,11 +158,4 @@ class InProcessRelay(InProcessTransport):
 
         For a relay that hands on a burst of frames from one callback of its loop.
         """
-        if len(frame) > self.capabilities.max_frame_size:
-            raise TransportError(f"Frame of {len(frame)} bytes is too large for {self.url} "
-                                 f"(at most {self.capabilities.max_frame_size}).")
-        with self._hub.lock:
-            target = self._hub.endpoints.get(peer)
-        if target is None:
-            raise TransportError(f"No peer {peer!r} on {self.url}.")
-        target._deliver(self.identity, frame, self._loop)
+        self._target(peer, frame)._deliver(self.identity, frame, self._loop)
