@@ -9,12 +9,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcore.data import Dataset
+from fedcore.data import Dataset, Subset
+from fedcore.data.array import ArrayDataset
 from fedcore.errors import ConfigurationError
 from fedcore.params import ParameterSet
 from fedcore.plan import TrainingPlan
 from fedcore_torch import convert
 from fedcore_torch.privacy import TorchPrivateTraining
+
+#: Training arrays up to this size are kept with a reused plan between rounds.
+_KEEP_BYTES = 1 << 20
 
 
 class TorchTrainingPlan(TrainingPlan):
@@ -149,7 +153,7 @@ class TorchTrainingPlan(TrainingPlan):
                 yield X[idx], y[idx]
 
     def fit(self, dataset: Dataset, seed: int) -> dict[str, Any]:  # noqa: D102
-        data = self.training_data(dataset)
+        data = self._round_data(dataset)
         batch_size = self._batch_size()
         generator = torch.Generator().manual_seed(seed)
         self._manual_seed(seed)
@@ -172,6 +176,31 @@ class TorchTrainingPlan(TrainingPlan):
                 loop.step(len(y), loss=float(loss.detach()))
         self.local_steps = loop.local_steps(self._mean_lr(optimizer, loop.steps, lr_sums))
         return loop.stats(loop.mean_loss)
+
+    def _round_data(self, dataset: Dataset) -> Any:
+        """:meth:`training_data` of ``dataset``, as tensors kept from the round before.
+
+        A node keeps a built plan and its opened dataset (and the split of it) between
+        rounds, so a small node would convert the same samples again every round. The
+        default :meth:`training_data` of the same in-memory dataset object (an
+        :class:`~fedcore.data.ArrayDataset` or a subset of one) gives the same arrays:
+        up to ``_KEEP_BYTES`` they are kept, on the plan's device, for the next round.
+        """
+        kept: tuple[Dataset, Any] | None = getattr(self, "_kept_data", None)
+        if kept is not None and kept[0] is dataset:
+            return kept[1]
+        data = self.training_data(dataset)
+        base = dataset.parent if isinstance(dataset, Subset) else dataset
+        if (type(self).training_data is TorchTrainingPlan.training_data
+                and isinstance(base, ArrayDataset) and isinstance(data, tuple)
+                and data[0].nbytes + data[1].nbytes <= _KEEP_BYTES):
+            data = (convert.to_tensor(data[0]).to(self._device),
+                    convert.to_tensor(data[1]).to(self._device))
+            kept = (dataset, data)
+        else:
+            kept = None
+        self._kept_data = kept
+        return data
 
     def _round_optimizer(self) -> torch.optim.Optimizer:
         """Return this round's optimizer: :meth:`init_optimizer`'s, or the default one kept.

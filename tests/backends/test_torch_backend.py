@@ -315,6 +315,30 @@ def test_a_reused_plan_starts_each_round_with_a_fresh_optimizer(digits, plans):
     assert finals[0].equal(finals[1])
 
 
+def test_a_reused_plan_trains_on_the_dataset_of_each_round(digits):
+    # The reused plan keeps its converted samples for the next round of the same dataset;
+    # given another dataset (or other samples) it trains on those, like a fresh plan.
+    from fedcore.node.executor import run_round
+    from fedcore.plan import PlanBundle
+    from fedcore.wire.messages import TrainRequest
+
+    Xtr, _, ytr, _ = digits
+    first, second = ArrayDataset(Xtr[:40], ytr[:40]), ArrayDataset(Xtr[40:80], ytr[40:80])
+    info = {**first.metadata(), "categories": {"target": list(range(10))}}
+    built = DigitsPlan({}, {"epochs": 1, "lr": 0.1}, info)
+    built.build(seed=0)
+    request = TrainRequest(plan=PlanBundle.from_class(DigitsPlan).to_wire(),
+                           params=built.get_parameters().copy(), dataset_id="d",
+                           data_info=info, training_args={"epochs": 1, "lr": 0.1})
+    _, warm = run_round(DigitsPlan, request, first, "n", 1, {})
+    for ds in (first, second, first.subset(range(20))):
+        reused, warm = run_round(DigitsPlan, request, ds, "n", 2, {}, warm=warm)
+        fresh, _ = run_round(DigitsPlan, request, ds, "n", 2, {})
+        assert reused.n_samples == fresh.n_samples
+        assert reused.params.equal(fresh.params)
+        assert reused.train_stats == fresh.train_stats
+
+
 def test_a_reply_from_a_reused_model_does_not_alias_it(digits):
     from fedcore.node.executor import run_round
     from fedcore.plan import PlanBundle
