@@ -303,3 +303,18 @@ def test_100000_mutated_frames_raise_only_protocol_errors():
         except ProtocolError:
             pass
     assert 1_000 < decoded < 90_000  # the mutations reach far, and most are refused
+
+
+@pytest.mark.parametrize(("metrics", "ok"), [
+    ({"loss": 0.5, "steps": 3, "accuracy": None}, True), ({}, True),
+    ({"loss": "0.5"}, False), ({"loss": True}, False), ({"loss": [0.5]}, False),
+    ({1: 0.5}, False), ({"loss": 0.5, "accuracy": "high"}, False)])
+def test_a_replys_metrics_are_checked_name_and_value(metrics, ok):
+    frame = codec.encode(Envelope(TrainReply(params=ParameterSet(), n_samples=1,
+                                             metrics_global=metrics, timings=metrics)))
+    if ok:
+        body = codec.decode(frame).body
+        assert body.metrics_global == metrics and body.timings == metrics
+    else:
+        with pytest.raises(ProtocolError, match="train-reply"):
+            codec.decode(frame)

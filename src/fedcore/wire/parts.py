@@ -34,13 +34,17 @@ class Parts:
     def __init__(self, pieces: Sequence[Buffer]):
         views = []
         for piece in pieces:
+            if type(piece) is bytes:  # a frame's prefix, header and padding: read-only bytes
+                if piece:
+                    views.append(memoryview(piece))
+                continue
             view = memoryview(piece).cast("B")
             if len(view):
                 views.append(view.toreadonly() if immutable(view) else
                              memoryview(view.tobytes()))
         #: The pieces, read-only views of immutable memory, none empty.
         self.pieces: tuple[memoryview, ...] = tuple(views)
-        self.nbytes = sum(len(v) for v in views)
+        self.nbytes = sum(map(len, views))
 
     def __len__(self) -> int:
         return self.nbytes
