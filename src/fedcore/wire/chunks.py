@@ -52,6 +52,7 @@ from fedcore.wire import codec
 from fedcore.wire.admission import NAMES, Admission
 from fedcore.wire.buffers import FrameBuffers
 from fedcore.wire.limits import Bounded
+from fedcore.wire.parts import head
 from fedcore.wire.signing import TRAILER, Guard, ReplayedFrame
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ class ChunkedTransport(Transport):
         limit = self.inner.capabilities.max_frame_size
         signature = TRAILER if self.guard is not None else 0
         # A frame that fits goes whole, unless it starts like a chunk (raw bytes could).
-        if total + signature <= limit and _head(views) != _MAGIC:
+        if total + signature <= limit and head(views, 4) != _MAGIC:
             message: list[Buffer] = list(views)
             if self.guard is not None:
                 message.append(await self._sign(message, total))
@@ -469,13 +470,3 @@ def _pieces(views: list[memoryview], piece: int) -> list[tuple[int, list[memoryv
     if current or not out:
         out.append((offset, current))
     return out
-
-
-def _head(views: list[memoryview]) -> bytes:
-    """The first 4 bytes of the frame made of ``views``."""
-    head = b""
-    for view in views:
-        head += bytes(view[:4 - len(head)])
-        if len(head) == 4:
-            break
-    return head

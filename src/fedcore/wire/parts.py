@@ -6,7 +6,7 @@ Here rather than in :mod:`fedcore.transport` so that decoding a frame
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from fedcore.params import immutable
@@ -14,7 +14,7 @@ from fedcore.params import immutable
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["Parts"]
+__all__ = ["Parts", "head"]
 
 
 class Parts:
@@ -55,9 +55,14 @@ class Parts:
 
     def head(self, n: int) -> bytes:
         """The first ``n`` bytes (or fewer, for a shorter message)."""
-        out = b""
-        for piece in self.pieces:
-            if len(out) >= n:
-                break
-            out += bytes(piece[:n - len(out)])
-        return out
+        return head(self.pieces, n)
+
+
+def head(pieces: Iterable[memoryview], n: int) -> bytes:
+    """The first ``n`` bytes of the message made of ``pieces`` (fewer, if it is shorter)."""
+    out = b""
+    for piece in pieces:
+        if len(out) >= n:
+            break
+        out += bytes(piece[:n - len(out)])
+    return out
