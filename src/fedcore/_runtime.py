@@ -127,3 +127,52 @@ def awaitable(method: Callable[Concatenate[S, P], Coroutine[Any, Any, T]]
     call.__name__ = call.__qualname__ = "a" + name
     call.__doc__ = f"Async twin of :meth:`{name}`."
     return call
+
+
+class Deadlines:
+    """Callbacks each due ``delay`` seconds after it was added, on ``loop``: one timer for all.
+
+    Every entry waits the same delay, so they fall due in the order they were added: they
+    wait in a dict in that order, and one timer is set for the first. Many requests in
+    flight at once (a simulation's nodes, a scatter to a thousand of them) then cost no
+    timer-heap entry each, set and cancelled. Used on the loop's thread only.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float):
+        self.loop, self.delay = loop, delay
+        self._due: dict[Any, tuple[float, Callable[[], None]]] = {}  # in the order added
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, key: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` ``delay`` seconds from now, unless ``key`` is waiting already."""
+        if key in self._due:
+            return
+        self._due[key] = (when := self.loop.time() + self.delay, callback)
+        if self._timer is None:
+            self._timer = self.loop.call_at(when, self._fire)
+
+    def discard(self, key: Any) -> None:
+        """``key``'s callback is no longer needed."""
+        if self._due.pop(key, None) is not None and not self._due:
+            self.clear()
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._due.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        due, now = self._due, self.loop.time()
+        try:
+            while due:
+                key, (when, callback) = next(iter(due.items()))
+                if when > now:
+                    break
+                del due[key]
+                callback()  # one that raises leaves the others' timer set (finally)
+        finally:
+            if due and self._timer is None:
+                self._timer = self.loop.call_at(next(iter(due.values()))[0], self._fire)

@@ -37,6 +37,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fedcore._runtime import Deadlines
+
 __all__ = ["TurnTakingExecutor"]
 
 _MAX_DEFERRALS = 64  # loop iterations a batch waits for the loop to run out of work
@@ -244,7 +246,7 @@ class FlushIfLong(concurrent.futures.Executor):
         self.inner = inner
         self._flush = flush
         self._after = after
-        self._watch: _Watch | None = None  # the loop's watch, once a job was handed over
+        self._watch: Deadlines | None = None  # the loop's watch, once a job was handed over
         # Handed over from the loop (by submit or run).
         self._jobs: list[concurrent.futures.Future[Any] | asyncio.Future[Any]] = []
 
@@ -279,8 +281,8 @@ class FlushIfLong(concurrent.futures.Executor):
         """Have :meth:`_fire` called ``after`` seconds from now, unless it is due already."""
         watch = self._watch
         if watch is None or watch.loop is not loop:
-            watch = self._watch = _Watch.of(loop, self._after)
-        watch.add(self)
+            watch = self._watch = _watch(loop, self._after)
+        watch.add(self, self._fire)
 
     def settle(self) -> None:
         """No job of the node runs any more: the pending write is not needed (on the loop)."""
@@ -300,56 +302,18 @@ class FlushIfLong(concurrent.futures.Executor):
         self.inner.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
-class _Watch:
-    """When each :class:`FlushIfLong` of a loop (with one ``after``) is due: one timer for all.
+_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, Deadlines]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _watch(loop: asyncio.AbstractEventLoop, after: float) -> Deadlines:
+    """When each :class:`FlushIfLong` of ``loop`` (with one ``after``) is due: one timer.
 
     A simulation's nodes share a loop; a timer of its own for each node's request (set,
-    then cancelled as the request ends) was a timer-heap entry per node and round. Here
-    the executors with jobs running wait in a dict in the order they fall due (the same
-    delay after each was armed), and one timer is set for the first of them.
+    then cancelled as the request ends) was a timer-heap entry per node and round.
     """
-
-    _all: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Watch]] = \
-        weakref.WeakKeyDictionary()
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, after: float):
-        self.loop, self.after = loop, after
-        self.due: dict[FlushIfLong, float] = {}  # in the order they fall due
-        self.timer: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop, after: float) -> _Watch:
-        """The watch of ``loop`` for ``after`` seconds."""
-        watches = cls._all.setdefault(loop, {})
-        watch = watches.get(after)
-        if watch is None:
-            watch = watches[after] = cls(loop, after)
-        return watch
-
-    def add(self, owner: FlushIfLong) -> None:
-        """Call ``owner._fire()`` ``after`` seconds from now (unless it is waiting already)."""
-        if owner in self.due:
-            return
-        self.due[owner] = when = self.loop.time() + self.after
-        if self.timer is None:
-            self.timer = self.loop.call_at(when, self._fire)
-
-    def discard(self, owner: FlushIfLong) -> None:
-        """``owner`` no longer needs calling."""
-        if self.due.pop(owner, None) is not None and not self.due and self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _fire(self) -> None:
-        self.timer = None
-        due, now = self.due, self.loop.time()
-        try:
-            while due:
-                owner, when = next(iter(due.items()))
-                if when > now:
-                    break
-                del due[owner]
-                owner._fire()  # a failing write leaves the others' watch set (finally)
-        finally:
-            if due and self.timer is None:
-                self.timer = self.loop.call_at(next(iter(due.values())), self._fire)
+    watches = _watches.setdefault(loop, {})
+    watch = watches.get(after)
+    if watch is None:
+        watch = watches[after] = Deadlines(loop, after)
+    return watch

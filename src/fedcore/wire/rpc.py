@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fedcore._runtime import Deadlines
 from fedcore.errors import ConfigurationError, GovernanceError, ProtocolError, TransportError
 from fedcore.transport import Parts, Transport
 from fedcore.wire import codec
@@ -326,11 +327,7 @@ class _Gather:
         self.done: deque[tuple[str, Envelope | BaseException]] = deque()
         self.sending: list[asyncio.Task[None]] = []
         self._wake: asyncio.Future[None] | None = None
-        # One timer for every request, not one each: the requests' deadlines, in the order
-        # they were sent (all have the same timeout, so the earliest comes first), and a
-        # timer set for the first of them whose request is still waiting.
-        self._deadlines: deque[tuple[float, str, str, asyncio.Future[Envelope]]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines = Deadlines(self.loop, timeout)  # one timer for every request
         self._futures: dict[str, asyncio.Future[Envelope]] = {}
 
     def watch(self, peer: str, req_id: str, fut: asyncio.Future[Envelope]) -> None:
@@ -348,9 +345,7 @@ class _Gather:
                 fut.set_exception(exc)
             return
         if not fut.done():
-            self._deadlines.append((self.loop.time() + self.timeout, peer, env.tag, fut))
-            if self._timer is None:
-                self._timer = self.loop.call_at(self._deadlines[0][0], self._expire)
+            self._deadlines.add(fut, functools.partial(self._expire, peer, env.tag, fut))
 
     async def next(self) -> tuple[str, Envelope | BaseException]:
         """The next request's outcome, once there is one."""
@@ -363,9 +358,6 @@ class _Gather:
         """Stop what is still running; forget every request."""
         for task in self.sending:
             task.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._deadlines.clear()
         for req_id, fut in self._futures.items():
             if not fut.done():
@@ -374,19 +366,13 @@ class _Gather:
 
     def _finished(self, peer: str, req_id: str, fut: asyncio.Future[Envelope]) -> None:
         self.client._forget(req_id)
+        self._deadlines.discard(fut)
         if not fut.cancelled():
             self.done.append((peer, fut.exception() or fut.result()))
             if self._wake is not None and not self._wake.done():
                 self._wake.set_result(None)
 
-    def _expire(self) -> None:
-        """Fail the requests whose time is up; set the timer for the next still waiting."""
-        self._timer = None
-        deadlines, now = self._deadlines, self.loop.time()
-        while deadlines and (deadlines[0][0] <= now or deadlines[0][3].done()):
-            _, peer, tag, fut = deadlines.popleft()
-            if not fut.done():
-                fut.set_exception(TransportError(
-                    f"Node {peer!r} did not answer {tag} within {self.timeout:g} s."))
-        if deadlines:
-            self._timer = self.loop.call_at(deadlines[0][0], self._expire)
+    def _expire(self, peer: str, tag: str, fut: asyncio.Future[Envelope]) -> None:
+        if not fut.done():
+            fut.set_exception(TransportError(
+                f"Node {peer!r} did not answer {tag} within {self.timeout:g} s."))
