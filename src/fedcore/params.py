@@ -36,6 +36,17 @@ class ParameterSet(Mapping[str, np.ndarray]):
                 )
             self._arrays[name] = arr
 
+    @classmethod
+    def _checked(cls, arrays: dict[str, np.ndarray]) -> ParameterSet:
+        """A set of ``arrays`` as they are, without a check or a copy.
+
+        For the decoder, which checked the names (``str``) and that each is a
+        ``numpy.ndarray`` of a numeric dtype: what the constructor checks.
+        """
+        out = cls.__new__(cls)
+        out._arrays = arrays
+        return out
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
 

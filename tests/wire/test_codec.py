@@ -318,3 +318,44 @@ def test_a_replys_metrics_are_checked_name_and_value(metrics, ok):
     else:
         with pytest.raises(ProtocolError, match="train-reply"):
             codec.decode(frame)
+
+
+def test_a_snapshots_arrays_are_sent_as_their_bytes_and_other_views_as_they_are():
+    """encode_parts hands a snapshot's array over as the bytes it views (no one can change
+    them); an array that views only part of some bytes, or out of order, is sent as itself."""
+    snapshot = ParameterSet({"w": np.arange(12, dtype=np.float32).reshape(3, 4)}).snapshot()
+    owner = snapshot["w"].base.base
+    assert type(owner) is bytes
+    parts = codec.encode_parts(Envelope(TrainReply(params=snapshot, n_samples=1)))
+    assert any(p is owner for p in parts)
+    raw = np.arange(16, dtype=np.float32).tobytes()
+    for arr in (np.frombuffer(raw, np.float32)[2:], np.frombuffer(raw, np.float32, 8, 16),
+                np.frombuffer(raw, np.float32).reshape(4, 4).T,
+                np.frombuffer(raw, np.float32).reshape(4, 4)[:, 1:]):
+        params = ParameterSet({"w": arr})
+        env = Envelope(TrainReply(params=params, n_samples=1))
+        for frame in (codec.encode(env), Parts(codec.encode_parts(env))):
+            assert np.array_equal(codec.decode(frame).body.params["w"], arr)
+
+
+def test_parameter_set_references_seen_before_are_still_checked_against_the_frame():
+    """The decoder keeps the checked name/reference list of a parameter set by its exact
+    bytes: the same list in a frame that lacks the arrays it names is still refused, and a
+    reference that is not an index never decodes."""
+    params = ParameterSet({"w": np.zeros(2), "b": np.ones(1)})
+    frame = codec.encode(Envelope(TrainReply(params=params, n_samples=1)))
+    assert codec.decode(frame).body.params.equal(params)
+    (hlen,) = struct.unpack_from("<I", frame, 4)
+    header = msgpack.unpackb(frame[8 : 8 + hlen])
+    for arrays in ([], header["a"][:1]):
+        raw = msgpack.packb({**header, "a": arrays})
+        with pytest.raises(ProtocolError, match="out of range"):
+            codec.decode(codec.MAGIC + struct.pack("<I", len(raw)) + raw + bytes(256))
+    for ref, message in ((-1, "out of range"), (5, "out of range"), (1.0, "Malformed"),
+                         ([0], "Malformed"), (b"\x00\x00", "Malformed")):
+        refs = msgpack.ExtType(2, msgpack.packb([["w", ref]]))
+        body = msgpack.packb({"params": refs, "n_samples": 1})
+        raw = msgpack.packb({**header, "b": body})
+        for _ in range(2):  # the second time, from what the first one left
+            with pytest.raises(ProtocolError, match=message):
+                codec.decode(codec.MAGIC + struct.pack("<I", len(raw)) + raw + bytes(256))

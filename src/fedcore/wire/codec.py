@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import numpy as np
@@ -68,8 +68,7 @@ def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> list[Bu
         if isinstance(obj, np.ndarray):
             return msgpack.ExtType(_EXT_ARRAY, _ref(obj, arrays))
         if isinstance(obj, ParameterSet):
-            refs = [[name, _ref(arr, arrays)] for name, arr in obj.items()]
-            return msgpack.ExtType(_EXT_PARAMS, msgpack.packb(refs))
+            return msgpack.ExtType(_EXT_PARAMS, _param_refs(obj, arrays))
         if isinstance(obj, np.generic):
             return obj.item()
         if isinstance(obj, (set, frozenset)):
@@ -103,7 +102,7 @@ def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> list[Bu
         pad = _aligned(size) - size
         if pad:
             parts.append(_PAD[:pad])
-        parts.append(arr.reshape(-1).view(np.uint8).data if arr.size else b"")
+        parts.append(_piece(arr))
         size += pad + arr.nbytes
     if size > max_size:
         raise ProtocolError(
@@ -118,6 +117,50 @@ def encode(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
     return b"".join(encode_parts(env, max_size=max_size))
 
 
+def _piece(arr: np.ndarray) -> Buffer:
+    """The bytes of a C-ordered array, as a part of a frame.
+
+    An array that is the whole of a ``bytes`` object (a
+    :meth:`~fedcore.params.ParameterSet.snapshot`'s) is sent as that object, so that
+    :class:`~fedcore.wire.parts.Parts` knows at once that no one can change it.
+    """
+    if not arr.size:
+        return b""
+    owner = arr.base
+    if type(owner) is np.ndarray:  # a snapshot's array: a reshaped view of its bytes
+        owner = owner.base
+    # Contiguous, as long as its owner, inside it: exactly its bytes, from the first.
+    if type(owner) is bytes and len(owner) == arr.nbytes and arr.flags.c_contiguous:
+        return owner
+    return arr.reshape(-1).view(np.uint8).data
+
+
+def _param_refs(params: ParameterSet, arrays: list[np.ndarray]) -> bytes:
+    """The ext data of a parameter set (``[[name, ref], ...]``): its arrays join ``arrays``."""
+    start = len(arrays)
+    for arr in params.values():
+        _ref(arr, arrays)
+    key = (tuple(params), start)
+    packed = _PARAM_REFS.get(key)
+    if packed is None:
+        packed = msgpack.packb([[name, _reference(start + i)] for i, name in enumerate(key[0])])
+        if len(_PARAM_REFS) >= _MAX_LAYOUTS:
+            _PARAM_REFS.clear()
+        _PARAM_REFS[key] = packed
+    return packed
+
+
+#: Packed parameter-set references, by names and first array index (the same every round).
+_PARAM_REFS: dict[tuple[tuple[str, ...], int], bytes] = {}
+#: An array reference on the wire is its index as a little-endian u32; the first ones ready.
+_REFS = tuple(struct.pack("<I", i) for i in range(1024))
+_INDEX = {ref: i for i, ref in enumerate(_REFS)}
+
+
+def _reference(index: int) -> bytes:
+    return _REFS[index] if index < len(_REFS) else struct.pack("<I", index)
+
+
 def _ref(arr: np.ndarray, arrays: list[np.ndarray]) -> bytes:
     if arr.dtype.str not in DTYPES:
         raise TypeError(f"Only numeric arrays of the dtypes {sorted(DTYPES)} can be sent. "
@@ -127,18 +170,20 @@ def _ref(arr: np.ndarray, arrays: list[np.ndarray]) -> bytes:
         raise TypeError(f"Arrays of at most {MAX_RANK} dimensions can be sent. Received "
                         f"shape={arr.shape}.")
     arrays.append(np.asarray(arr, order="C"))  # keeps 0-d arrays 0-d
-    return struct.pack("<I", len(arrays) - 1)
+    return _reference(len(arrays) - 1)
 
 
 def _split(frame: Buffer | Parts, max_size: int
-           ) -> tuple[memoryview | Parts, dict[str, Any], int]:
-    """The frame (one view, or its parts), its header and where the header ends."""
+           ) -> tuple[memoryview | _Pieces, dict[str, Any], int]:
+    """The frame (one view, or its pieces), its header and where the header ends."""
     if isinstance(frame, Parts):
-        parts: Parts | None = frame
-        view = memoryview(frame.head(_PREFIX.size))
+        pieces: _Pieces | None = _Pieces(frame)
+        assert pieces is not None
+        found = pieces.locate(0, _PREFIX.size)
+        view = found[0] if found is not None else memoryview(frame.head(_PREFIX.size))
         size = len(frame)
     else:
-        parts, view = None, memoryview(frame).cast("B")
+        pieces, view = None, memoryview(frame).cast("B")
         size = len(view)
     if size > max_size:
         raise ProtocolError(
@@ -155,15 +200,19 @@ def _split(frame: Buffer | Parts, max_size: int
     end = _PREFIX.size + hlen
     if hlen > _MAX_HEADER or end > size:
         raise ProtocolError(f"Truncated frame: header of {hlen} bytes, frame of {size}.")
-    if parts is not None:  # the header's bytes, joined (the arrays stay where they are)
-        view = memoryview(parts.head(end))
+    if pieces is None:
+        raw = view[_PREFIX.size : end]
+    else:  # the piece that holds the header, else its bytes joined (not the arrays')
+        found = pieces.locate(_PREFIX.size, end)
+        raw = (found[0][found[1] : found[1] + hlen] if found is not None
+               else memoryview(frame.head(end))[_PREFIX.size:])  # type: ignore[union-attr]
     try:
-        header = msgpack.unpackb(view[_PREFIX.size : end])
+        header = msgpack.unpackb(raw)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"Malformed frame header: {exc}") from exc
     if not isinstance(header, dict):
         raise ProtocolError("Malformed frame header: expected a map.")
-    return parts if parts is not None else view, header, end
+    return pieces if pieces is not None else view, header, end
 
 
 def peek_header(frame: Buffer | Parts, *, max_size: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
@@ -216,12 +265,7 @@ def _decode(frame: Buffer | Parts, max_size: int) -> Envelope:
         if code == _EXT_ARRAY:
             return _lookup(arrays, data)
         if code == _EXT_PARAMS:
-            refs = msgpack.unpackb(data)
-            if not isinstance(refs, list) or not all(
-                isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) for r in refs
-            ):
-                raise ProtocolError("Malformed parameter set in frame.")
-            return ParameterSet((name, _lookup(arrays, ref)) for name, ref in refs)
+            return _parameter_set(arrays, data)
         raise ProtocolError(f"Unknown extension type {code} in frame.")
 
     raw_body = header.get("b")
@@ -233,10 +277,9 @@ def _decode(frame: Buffer | Parts, max_size: int) -> Envelope:
         raise
     except Exception as exc:
         raise ProtocolError(f"Malformed {cls.TAG} body: {exc}") from exc
-    routing: dict[str, Any] = {k: header.get(k) for k in ("id", "re", "from", "to", "exp")}
-    if not all(isinstance(v, str) for v in routing.values()) or not isinstance(
-        header.get("rnd"), int
-    ):
+    get = header.get
+    routing: tuple[Any, ...] = (get("id"), get("re"), get("from"), get("to"), get("exp"))
+    if not all(map(isinstance, routing, _STRS)) or not isinstance(get("rnd"), int):
         raise ProtocolError("Malformed frame header: routing fields have the wrong types.")
     try:
         body = cls.from_wire(body_data)
@@ -246,35 +289,38 @@ def _decode(frame: Buffer | Parts, max_size: int) -> Envelope:
         raise ProtocolError(f"Malformed {cls.TAG} body: {exc}") from exc
     return Envelope(
         body=body,
-        sender=routing["from"],
-        recipient=routing["to"],
-        experiment=routing["exp"],
+        sender=routing[2],
+        recipient=routing[3],
+        experiment=routing[4],
         round=header["rnd"],
-        id=routing["id"],
-        reply_to=routing["re"],
+        id=routing[0],
+        reply_to=routing[1],
         version=version,
     )
 
 
-def _arrays(frame: memoryview | Parts, descriptors: Any, pos: int, max_size: int
+_STRS = (str,) * 5
+
+
+def _arrays(frame: memoryview | _Pieces, descriptors: Any, pos: int, max_size: int
             ) -> list[np.ndarray]:
     arrays: list[np.ndarray] = []
     size = len(frame)
-    pieces = _Pieces(frame) if isinstance(frame, Parts) else None
+    find = frame.find if isinstance(frame, _Pieces) else None
+    whole = cast(memoryview, frame)  # when there is no find
     for dtype, shape, nbytes in _layout(descriptors, max_size):
-        pos = _aligned(pos)
+        pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
         end = pos + nbytes
         if end > size:
             raise ProtocolError(
                 f"Truncated frame: array {len(arrays)} needs bytes up to {end}, "
                 f"frame has {size}."
             )
-        if not isinstance(frame, Parts):
-            arrays.append(np.ndarray(shape, dtype=dtype, buffer=frame, offset=pos))
+        if find is not None:
+            piece, offset = find(pos, end)
+            arrays.append(np.ndarray(shape, dtype, piece, offset))  # positional: faster
         else:
-            assert pieces is not None
-            piece, offset = pieces.find(pos, end)
-            arrays.append(np.ndarray(shape, dtype=dtype, buffer=piece, offset=offset))
+            arrays.append(np.ndarray(shape, dtype, whole, pos))
         pos = end
     return arrays
 
@@ -282,28 +328,53 @@ def _arrays(frame: memoryview | Parts, descriptors: Any, pos: int, max_size: int
 class _Pieces:
     """Where the bytes of a frame in parts lie: the piece and offset of a range."""
 
+    __slots__ = ("index", "joined", "parts", "pieces", "start")
+
     def __init__(self, parts: Parts):
         self.parts = parts
-        self.index = 0  # arrays come in order: the search goes on from the last piece
+        self.pieces = parts.pieces
+        self.index = 0  # ranges come in order: the search goes on from the last piece
         self.start = 0  # where piece ``index`` starts in the frame
         self.joined: memoryview | None = None
 
-    def find(self, pos: int, end: int) -> tuple[memoryview, int]:
-        """A piece that holds bytes ``pos`` to ``end`` whole, and where they start in it."""
-        if pos == end:
-            return memoryview(b""), 0
-        pieces = self.parts.pieces
-        while self.joined is None and self.index < len(pieces):
-            piece = pieces[self.index]
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def locate(self, pos: int, end: int) -> tuple[memoryview, int] | None:
+        """The piece that holds bytes ``pos`` to ``end`` whole and where they start in it.
+
+        ``None`` when they lie across pieces, or before the last range located.
+        """
+        pieces = self.pieces
+        while self.index < len(pieces):
             if pos < self.start:
-                break
-            if end <= self.start + len(piece):
+                return None
+            piece = pieces[self.index]
+            stop = self.start + len(piece)
+            if end <= stop:
                 return piece, pos - self.start
-            self.start += len(piece)
+            self.start = stop
             self.index += 1
-        if self.joined is None:  # an array across pieces (not as encode_parts cuts them)
+        return None
+
+    def find(self, pos: int, end: int) -> tuple[memoryview, int]:
+        """A buffer that holds bytes ``pos`` to ``end`` whole, and where they start in it."""
+        if pos == end:
+            return _EMPTY, 0
+        if self.joined is None:
+            if self.index < len(self.pieces) and self.start <= pos:  # the next piece?
+                piece = self.pieces[self.index]
+                if end <= self.start + len(piece):
+                    return piece, pos - self.start
+            found = self.locate(pos, end)
+            if found is not None:
+                return found
+            # An array across pieces (not as encode_parts cuts them): the frame, joined.
             self.joined = memoryview(self.parts.join())
         return self.joined, pos
+
+
+_EMPTY = memoryview(b"")
 
 
 _Layout = list[tuple[np.dtype[Any], tuple[int, ...], int]]
@@ -355,13 +426,52 @@ def _descriptor(desc: Any, max_size: int) -> tuple[np.dtype[Any], list[int]]:
     return dtype, shape
 
 
-def _lookup(arrays: list[np.ndarray], data: Any) -> np.ndarray:
+def _index(data: Any) -> int:
+    """The array index a reference names (a little-endian u32, or a plain integer)."""
+    if type(data) is bytes:
+        index = _INDEX.get(data)
+        if index is not None:
+            return index
     if isinstance(data, int):
-        index = data
-    elif isinstance(data, bytes) and len(data) == 4:
-        index = struct.unpack("<I", data)[0]
-    else:
-        raise ProtocolError("Malformed array reference in frame.")
+        return data
+    if isinstance(data, bytes) and len(data) == 4:
+        return int(struct.unpack("<I", data)[0])
+    raise ProtocolError("Malformed array reference in frame.")
+
+
+def _lookup(arrays: list[np.ndarray], data: Any) -> np.ndarray:
+    index = _index(data)
     if not 0 <= index < len(arrays):
         raise ProtocolError(f"Array reference {index} out of range ({len(arrays)} arrays).")
     return arrays[index]
+
+
+#: Checked parameter-set references (names and array indices, and the largest index), by
+#: their exact bytes: every frame of a model carries the same ones.
+_PARAM_SETS: dict[bytes, tuple[tuple[tuple[str, int], ...], int]] = {}
+
+
+def _parameter_set(arrays: list[np.ndarray], data: bytes) -> ParameterSet:
+    known = _PARAM_SETS.get(data)
+    if known is None:
+        refs = msgpack.unpackb(data)
+        if not isinstance(refs, list) or not all(
+            isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) for r in refs
+        ):
+            raise ProtocolError("Malformed parameter set in frame.")
+        pairs = tuple((name, _index(ref)) for name, ref in refs)
+        for _, index in pairs:
+            if index < 0:
+                raise ProtocolError(f"Array reference {index} out of range "
+                                    f"({len(arrays)} arrays).")
+        known = (pairs, max((i for _, i in pairs), default=-1))
+        if len(data) <= _MAX_LAYOUT_KEY:
+            if len(_PARAM_SETS) >= _MAX_LAYOUTS:
+                _PARAM_SETS.clear()
+            _PARAM_SETS[data] = known
+    pairs, top = known
+    if top >= len(arrays):
+        index = next(i for _, i in pairs if i >= len(arrays))
+        raise ProtocolError(f"Array reference {index} out of range ({len(arrays)} arrays).")
+    # Names are str and the arrays of checked numeric dtypes: what ParameterSet checks.
+    return ParameterSet._checked({name: arrays[index] for name, index in pairs})

@@ -9,6 +9,7 @@ the tag is looked up in this module's own registry.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import typing
 import uuid
@@ -188,6 +189,9 @@ def _build_checker(expected: Any) -> Callable[[Any], bool]:
         if not args:
             return lambda value: isinstance(value, dict)
         key, val = _item_checker(args[0]), _item_checker(args[1])
+        if args[0] is str and args[1] is Any:  # str keys only: isinstance in C, no frame
+            return lambda value: isinstance(value, dict) and all(
+                map(isinstance, value, _REPEAT_STR))
         if args[1] is Any:  # the values need no check: the keys only
             return lambda value: isinstance(value, dict) and all(map(key, value))
         # Keys, then values, each in one C-level pass (the checks have no side effects):
@@ -195,6 +199,9 @@ def _build_checker(expected: Any) -> Callable[[Any], bool]:
         return lambda value: isinstance(value, dict) and all(map(key, value)) and all(
             map(val, value.values()))
     return lambda value: isinstance(value, base)
+
+
+_REPEAT_STR = itertools.repeat(str)  # endless: map() stops with the checked container
 
 
 def _item_checker(expected: Any) -> Callable[[Any], bool]:

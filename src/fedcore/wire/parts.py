@@ -39,7 +39,11 @@ class Parts:
                     views.append(memoryview(piece))
                 continue
             view = memoryview(piece).cast("B")
-            if len(view):
+            if not len(view):
+                continue
+            if type(view.obj) is bytes:  # a view of bytes (encode_parts' usual pieces)
+                views.append(view)  # read-only: bytes export no writable buffer
+            else:
                 views.append(view.toreadonly() if immutable(view) else
                              memoryview(view.tobytes()))
         #: The pieces, read-only views of immutable memory, none empty.
