@@ -359,3 +359,12 @@ def test_parameter_set_references_seen_before_are_still_checked_against_the_fram
         for _ in range(2):  # the second time, from what the first one left
             with pytest.raises(ProtocolError, match=message):
                 codec.decode(codec.MAGIC + struct.pack("<I", len(raw)) + raw + bytes(256))
+
+
+def test_message_ids_are_128_random_bits_in_hex():
+    from fedcore.wire.messages import new_id
+
+    ids = {new_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    assert len({Envelope(Ping()).id for _ in range(10)}) == 10
