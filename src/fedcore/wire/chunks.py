@@ -181,7 +181,7 @@ class ChunkedTransport(Transport):
     async def send_parts(self, peer: str, parts: Sequence[Buffer]) -> None:
         """Send the frame made of ``parts`` (as :func:`fedcore.wire.codec.encode_parts` gives)."""
         views = [memoryview(p).cast("B") for p in parts]
-        total = sum(len(v) for v in views)
+        total = sum(map(len, views))
         if total > self.max_frame_size:
             raise TransportError(f"Frame of {total} bytes exceeds the limit of "
                                  f"{self.max_frame_size} bytes (max_frame_size) for "

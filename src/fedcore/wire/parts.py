@@ -66,7 +66,7 @@ def head(pieces: Iterable[memoryview], n: int) -> bytes:
     """The first ``n`` bytes of the message made of ``pieces`` (fewer, if it is shorter)."""
     out = b""
     for piece in pieces:
+        out += bytes(piece[:n - len(out)])
         if len(out) >= n:
             break
-        out += bytes(piece[:n - len(out)])
     return out
