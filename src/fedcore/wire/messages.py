@@ -185,19 +185,27 @@ def _build_checker(expected: Any) -> Callable[[Any], bool]:
     if base is list:  # the elements too: a handler may hash or sort them
         if not args:
             return lambda value: isinstance(value, (list, tuple))
+        if args[0] is str:  # isinstance per element in C, no frame
+            return lambda value: isinstance(value, (list, tuple)) and all(
+                map(isinstance, value, _REPEAT_STR))
         item = _item_checker(args[0])
         return lambda value: isinstance(value, (list, tuple)) and all(map(item, value))
     if base is dict:
         if not args:
             return lambda value: isinstance(value, dict)
-        key, val = _item_checker(args[0]), _item_checker(args[1])
-        if args[0] is str and args[1] is Any:  # str keys only: isinstance in C, no frame
+        # Keys, then values, each in one C-level pass (the checks have no side effects):
+        # no generator frame per item on every frame of every node; str keys by
+        # isinstance itself (no frame per key either).
+        key = _item_checker(args[0]) if args[0] is not str else None
+        val = _item_checker(args[1])
+        if key is None and args[1] is Any:
             return lambda value: isinstance(value, dict) and all(
                 map(isinstance, value, _REPEAT_STR))
+        if key is None:
+            return lambda value: isinstance(value, dict) and all(
+                map(isinstance, value, _REPEAT_STR)) and all(map(val, value.values()))
         if args[1] is Any:  # the values need no check: the keys only
             return lambda value: isinstance(value, dict) and all(map(key, value))
-        # Keys, then values, each in one C-level pass (the checks have no side effects):
-        # no generator frame per item on every frame of every node.
         return lambda value: isinstance(value, dict) and all(map(key, value)) and all(
             map(val, value.values()))
     return lambda value: isinstance(value, base)
