@@ -48,3 +48,14 @@ def test_snapshot_is_an_equal_copy_that_can_never_be_written():
         snap["w"][0, 0] = 1
     assert snap.snapshot() is snap  # nothing left to copy
     assert snap.copy()["w"].flags.writeable
+
+
+def test_views_follow_the_order_and_cannot_change_the_set():
+    params = ParameterSet({"w": np.zeros(2), "b": np.ones(1)})
+    assert list(params.keys()) == list(params) == ["w", "b"]
+    assert [id(a) for a in params.values()] == [id(params["w"]), id(params["b"])]
+    assert [(k, id(a)) for k, a in params.items()] == [(k, id(params[k])) for k in params]
+    assert "w" in params and "x" not in params and 1 not in params
+    for view in (params.keys(), params.values(), params.items()):
+        assert not hasattr(view, "__setitem__") and not hasattr(view, "pop")
+    assert dict(params.items()).keys() == {"w", "b"} and len(params.items()) == 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,23 @@ class ParameterSet(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._arrays)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._arrays
+
+    # The dict's own read-only views: iterated in C, without a __getitem__ call per array
+    # (the Mapping mixins'), by the codec, the aggregators and the plans on every update.
+    def keys(self) -> KeysView[str]:
+        """The parameter names, in order (a read-only view)."""
+        return self._arrays.keys()
+
+    def values(self) -> ValuesView[np.ndarray]:
+        """The arrays, in order (a read-only view)."""
+        return self._arrays.values()
+
+    def items(self) -> ItemsView[str, np.ndarray]:
+        """``(name, array)`` pairs, in order (a read-only view)."""
+        return self._arrays.items()
 
     def __repr__(self) -> str:
         return f"ParameterSet({len(self)} arrays, {self.nbytes} bytes)"
