@@ -176,14 +176,14 @@ def _ref(arr: np.ndarray, arrays: list[np.ndarray]) -> bytes:
 def _split(frame: Buffer | Parts, max_size: int
            ) -> tuple[memoryview | _Pieces, dict[str, Any], int]:
     """The frame (one view, or its pieces), its header and where the header ends."""
+    pieces: _Pieces | None = None
     if isinstance(frame, Parts):
-        pieces: _Pieces | None = _Pieces(frame)
-        assert pieces is not None
-        found = pieces.locate(0, _PREFIX.size)
+        pieces = _Pieces(frame)
+        found = pieces.locate(0, _PREFIX.size)  # the piece that holds the prefix, if one does
         view = found[0] if found is not None else memoryview(frame.head(_PREFIX.size))
         size = len(frame)
     else:
-        pieces, view = None, memoryview(frame).cast("B")
+        view = memoryview(frame).cast("B")
         size = len(view)
     if size > max_size:
         raise ProtocolError(
@@ -205,7 +205,7 @@ def _split(frame: Buffer | Parts, max_size: int
     else:  # the piece that holds the header, else its bytes joined (not the arrays')
         found = pieces.locate(_PREFIX.size, end)
         raw = (found[0][found[1] : found[1] + hlen] if found is not None
-               else memoryview(frame.head(end))[_PREFIX.size:])  # type: ignore[union-attr]
+               else memoryview(pieces.parts.head(end))[_PREFIX.size:])
     try:
         header = msgpack.unpackb(raw)
     except Exception as exc:  # msgpack raises several unrelated types
