@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fedcore.aggregators import Aggregator
@@ -80,7 +81,7 @@ class RoundResult:
     @property
     def frame(self) -> pd.DataFrame:
         """The rows as a DataFrame (as :attr:`Experiment.history` shows them)."""
-        return pd.DataFrame(self.rows)
+        return rows_frame(self.rows)
 
 
 class Round:
@@ -221,6 +222,65 @@ class Round:
         """The row of a node that did not answer (gone, too late, disconnected)."""
         self._failures[node] = error
         self._row(node, "missing").update(n_samples=0, n_test=0, error=error)
+
+
+#: The dtype pandas infers for a column whose values are all of one of these exact types
+#: (``str``: the dtype it infers for text, ``str`` or ``object`` with the pandas version).
+_SCALARS: dict[type, np.dtype | None] = {int: np.dtype(np.int64), float: np.dtype(np.float64),
+                                         bool: np.dtype(np.bool_), str: None}
+
+try:  # pandas >= 3: a frame from its blocks, without inferring anything
+    from pandas.api.internals import create_dataframe_from_blocks
+except ImportError:  # pragma: no cover - older pandas infers, as it always did
+    create_dataframe_from_blocks = None
+
+
+def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """``pd.DataFrame(rows)``, the same frame, built from typed columns where that is safe.
+
+    Where every row has the same keys and each column holds values of one exact type
+    (``int`` within int64, ``float``, ``bool``, ``str``), pandas is handed one block per
+    dtype, the dtype it would have inferred, instead of inferring each column from a table
+    of objects (a round's rows, 10 rows of 17 columns, took ~0.6 ms of the event loop that
+    way). Any other rows (missing keys, ``None``, mixed types) go to ``pd.DataFrame``.
+    """
+    columns = _typed_columns(rows)
+    if columns is None or create_dataframe_from_blocks is None:
+        return pd.DataFrame(rows)
+    names = pd.Index(list(columns))  # text infers as the columns' own text does
+    blocks: dict[Any, tuple[list[int], list[list[Any]]]] = {}
+    for i, (dtype, values) in enumerate(columns.values()):
+        place, data = blocks.setdefault(names.dtype if dtype is None else dtype, ([], []))
+        place.append(i)
+        data.append(values)
+    arrays: list[tuple[Any, np.ndarray]] = []
+    for dtype, (place, data) in blocks.items():
+        if isinstance(dtype, np.dtype):
+            arrays.append((np.array(data, dtype), np.array(place)))
+        else:  # an extension dtype (pandas' str) is one block per column
+            arrays.extend((pd.array(v, dtype=dtype), np.array([i]))
+                          for i, v in zip(place, data, strict=True))
+    return create_dataframe_from_blocks(arrays, index=pd.RangeIndex(len(rows)), columns=names)
+
+
+def _typed_columns(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, list[Any]]] | None:
+    """Each column's dtype and values, or ``None`` where pandas must infer them."""
+    if not rows:
+        return None
+    keys = rows[0].keys()
+    # The same keys, set-wise (pandas orders the columns by the first row); text names only.
+    if any(type(k) is not str for k in keys) or any(r.keys() != keys for r in rows):
+        return None
+    columns: dict[str, tuple[Any, list[Any]]] = {}
+    for key in keys:
+        values = [r[key] for r in rows]
+        kind = type(values[0])
+        if kind not in _SCALARS or any(type(v) is not kind for v in values):
+            return None
+        if kind is int and not all(-2**63 <= v < 2**63 for v in values):
+            return None  # beyond int64: pandas' inference decides
+        columns[key] = (_SCALARS[kind], values)
+    return columns
 
 
 def _reply_columns(body: TrainReply) -> dict[str, Any]:
