@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,3 +57,24 @@ def test_round_result_frame_keeps_its_rows_apart():
     frame.loc[0, "n_samples"] = -1
     assert rows[0]["n_samples"] == 140
     assert RoundResult(3, rows, {}).frame["n_samples"].tolist() == [140, 141, 142]
+
+
+def test_rows_frame_follows_pandas_text_settings_between_rounds():
+    """The column names are reused from round to round, never across pandas' settings."""
+    rows = [_ok_row(i) for i in range(3)]
+    rows_frame(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the option is deprecated in pandas 3
+        try:
+            context = pd.option_context("future.infer_string", False)
+        except (KeyError, pd.errors.OptionError):
+            pytest.skip("this pandas always infers its str dtype")
+        with context:
+            expected, got = pd.DataFrame(rows), rows_frame(rows)
+    pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    assert got.columns.dtype == expected.columns.dtype
+    assert list(got.dtypes) == list(expected.dtypes)
+    again = rows_frame(rows)
+    assert again.columns.dtype == pd.DataFrame(rows).columns.dtype
+    again.columns.name = "mine"
+    assert rows_frame(rows).columns.name is None
