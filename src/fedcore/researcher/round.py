@@ -11,6 +11,7 @@ aggregator, in clear or through secure aggregation, is the ``protection`` layer
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -295,17 +296,20 @@ def _typed_columns(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, list[Any]
         return None
     keys = rows[0].keys()
     # The same keys, set-wise (pandas orders the columns by the first row); text names only.
-    if any(type(k) is not str for k in keys) or any(r.keys() != keys for r in rows):
+    if any(type(k) is not str for k in keys) or not all(map(keys.__eq__, map(dict.keys, rows))):
         return None
+    names = list(keys)
+    table = map(operator.itemgetter(*names), rows) if len(names) > 1 else (
+        (r[names[0]],) for r in rows)
     columns: dict[str, tuple[Any, list[Any]]] = {}
-    for key in keys:
-        values = [r[key] for r in rows]
-        kind = type(values[0])
-        if kind not in _SCALARS or any(type(v) is not kind for v in values):
+    for key, column in zip(names, zip(*table, strict=True), strict=True):
+        kinds = set(map(type, column))
+        kind = kinds.pop()
+        if kinds or kind not in _SCALARS:
             return None
-        if kind is int and not all(-2**63 <= v < 2**63 for v in values):
+        if kind is int and not (-2**63 <= min(column) and max(column) < 2**63):
             return None  # beyond int64: pandas' inference decides
-        columns[key] = (_SCALARS[kind], values)
+        columns[key] = (_SCALARS[kind], list(column))
     return columns
 
 
