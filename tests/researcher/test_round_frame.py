@@ -38,6 +38,8 @@ ROWS = {
     "text that looks like dates": [{"when": "2026-12-07"}, {"when": "2026-12-08"}],
     "one row": [_ok_row(4)],
     "no rows": [],
+    "rows without columns": [{}, {}],
+    "one column": [{"a": "x"}, {"a": "y"}],
 }
 
 

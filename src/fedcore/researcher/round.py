@@ -299,6 +299,8 @@ def _typed_columns(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, list[Any]
     if any(type(k) is not str for k in keys) or not all(map(keys.__eq__, map(dict.keys, rows))):
         return None
     names = list(keys)
+    if not names:
+        return None
     table = map(operator.itemgetter(*names), rows) if len(names) > 1 else (
         (r[names[0]],) for r in rows)
     columns: dict[str, tuple[Any, list[Any]]] = {}
