@@ -124,11 +124,12 @@ class ParameterSet(Mapping[str, np.ndarray]):
                 f"The {what} does not have the global model's parameter names. "
                 f"Missing: {missing}; unexpected: {extra}."
             )
-        for k, a in self.items():
-            b = np.asarray(other[k])
-            if a.shape != b.shape:
+        for k, a in self._arrays.items():  # once per update a round folds: kept lean
+            b = other[k]
+            shape = b.shape if isinstance(b, np.ndarray) else np.shape(b)
+            if a.shape != shape:
                 raise ValueError(
-                    f"The {what}'s parameter {k!r} has shape {b.shape}; expected {a.shape}."
+                    f"The {what}'s parameter {k!r} has shape {shape}; expected {a.shape}."
                 )
 
     def allclose(self, other: Mapping[str, np.ndarray], **kwargs: Any) -> bool:

@@ -62,3 +62,36 @@ def test_streaming_fedavg_memory_does_not_grow_with_nodes():
     few, many = _peak_bytes(3, size), _peak_bytes(40, size)
     assert many < few * 1.1, (few, many)
     assert many < 8 * size * 4  # a handful of model copies, not 40
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32, np.int64,
+                                   np.bool_])
+def test_fedavg_is_the_float64_fold_cast_back_bit_for_bit(dtype):
+    """Each update widened to float64, times its weight, summed in order, divided, cast back."""
+    rng = np.random.default_rng(3)
+    shapes = {"w": (300, 70), "b": (70,), "scalar": (), "big": (1 << 18) + 5, "empty": (0, 3)}
+
+    span = {np.float16: 3, np.float32: 30}.get(dtype, 150)  # finite in the dtype
+
+    def array(shape):
+        x = rng.standard_normal(shape) * 10.0 ** rng.integers(-span, span, shape)
+        return (x > 0) if dtype is np.bool_ else x.astype(dtype)
+
+    reference = ParameterSet({k: array(s) for k, s in shapes.items()})
+    updates = [ParameterSet({k: array(s) for k, s in shapes.items()}) for _ in range(5)]
+    weights = [143.0, 1.0, 0.3, 1e-3, 77.7]
+    agg = FedAvg()
+    agg.start(reference, 1)
+    for u, w in zip(updates, weights, strict=True):
+        agg.add(u, w)
+    result = agg.result()
+    for k in shapes:
+        sums = np.zeros(np.shape(reference[k]), np.float64)
+        for u, w in zip(updates, weights, strict=True):
+            sums = sums + np.multiply(u[k], w, dtype=np.float64)
+        mean = sums / sum(weights)
+        if np.dtype(dtype).kind in "iub":
+            mean = np.rint(mean)
+        expected = mean.astype(dtype)
+        assert result[k].dtype == expected.dtype and result[k].shape == expected.shape
+        assert expected.tobytes() == result[k].tobytes(), k

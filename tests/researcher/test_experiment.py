@@ -275,3 +275,33 @@ def test_no_node_at_the_url_is_explained():
                    connect_timeout=0.1, progress=False).search()
     with pytest.raises(ConfigurationError, match="Expected a federation URL"):
         Experiment(BreastPlan, tags=["x"], federation="nowhere", progress=False).search()
+
+
+class TaggedPlan(SklearnTrainingPlan):
+    """A plan whose training says which plan ran."""
+
+    estimator = SGDClassifier
+
+    def fit(self, dataset, seed):
+        return {**super().fit(dataset, seed), "which": 2,
+                "data_samples": self.data_info["n_samples"]}
+
+
+def test_a_plan_or_search_changed_between_rounds_is_what_the_next_round_sends(breast_cancer):
+    Xtr, _, ytr, _ = breast_cancer
+    with simulate.from_arrays(Xtr, ytr, n_nodes=2, tags=["breast"]) as fed:
+        exp = _experiment(fed, round_limit=4)
+        first = exp.run_once()
+        assert "train_which" not in first
+        exp.plan = TaggedPlan
+        rows = exp.run_once()
+        assert set(rows["train_which"]) == {2}
+        assert set(rows["train_data_samples"]) == {len(Xtr)}  # both nodes' samples
+        exp.plan = BreastPlan
+        assert "train_which" not in exp.run_once()
+        exp.plan = TaggedPlan
+        exp.nodes = ["node-01"]  # a new search: the data_info sent counts its samples only
+        rows = exp.run_once()
+        assert rows["node"].tolist() == ["node-01"]
+        assert rows["train_data_samples"].tolist() == [first["n_samples"].iloc[0]
+                                                       + first["n_test"].iloc[0]]

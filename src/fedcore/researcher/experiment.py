@@ -126,6 +126,11 @@ class Experiment(ExperimentSettings):
         self._live: dict[str, dict[str, Any]] = {}  # node -> its latest training progress
         self._bar: Any = None  # run()'s progress bar, while it runs
         self._saved_data_info: dict[str, Any] = {}
+        # What every round's request repeats, kept while its source is the same object: the
+        # plan's wire form (a new plan is a new bundle) and the data_info merged from the
+        # search's targets (a new search makes new targets).
+        self._plan_wire: tuple[PlanBundle, dict[str, Any]] | None = None
+        self._merged_info: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -280,14 +285,18 @@ class Experiment(ExperimentSettings):
         targets = self._selection.targets or {}
         selected = self._strategy.select(sorted({*connected, *gone}), rnd)
         nodes = [n for n in selected if n in targets]
-        data_info = self._data_info()
         if self._params is None:
-            self._params = _initial_parameters(self, data_info)
+            self._params = _initial_parameters(self, self._data_info())
+        if self._plan_wire is None or self._plan_wire[0] is not self._bundle:
+            self._plan_wire = (self._bundle, self._bundle.to_wire())
+        if self._merged_info is None or self._merged_info[0] is not targets:
+            self._merged_info = (targets, self._data_info())
+        plan, data_info = self._plan_wire[1], self._merged_info[1]
         return RoundSettings(
             experiment=self.id, round=rnd, nodes=nodes, datasets=targets,
             params=self._params, timeout=self.timeout, deadline=self._strategy.deadline,
             min_nodes=self._strategy.min_nodes, gone=[n for n in selected if n not in targets],
-            request=dict(plan=self._bundle.to_wire(), model_args=self._model_args,
+            request=dict(plan=plan, model_args=self._model_args,
                          training_args=self._training_args, data_info=data_info,
                          test_ratio=self._test_ratio, seed=self.seed,
                          evaluate_global=self.evaluate_global,
