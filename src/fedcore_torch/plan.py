@@ -173,7 +173,7 @@ class TorchTrainingPlan(TrainingPlan):
                 for i, group in enumerate(optimizer.param_groups):
                     lr_sums[i] += float(group.get("lr", 0.0))
                 optimizer.step()
-                loop.step(len(y), loss=float(loss.detach()))
+                loop.step(len(y), loss=loss.detach())  # read when needed, not every step
         self.local_steps = loop.local_steps(self._mean_lr(optimizer, loop.steps, lr_sums))
         return loop.stats(loop.mean_loss)
 
