@@ -408,3 +408,12 @@ def test_a_plan_that_overrides_report_hears_every_step(digits):
     run_round(StepLoggingPlan, request, ds, "n", 1, {})
     assert StepLoggingPlan.heard == list(range(1, 21))
 
+
+def test_a_kept_model_holds_no_gradients_between_rounds(digits):
+    # A node keeps its built model between rounds; its gradients would be a second copy of
+    # the model per node, and the next round's first step drops them anyway.
+    from fedcore.node.executor import run_round
+
+    request, ds = _round_of(DigitsPlan, digits, {"epochs": 1})
+    _, kept = run_round(DigitsPlan, request, ds, "n", 1, {})
+    assert all(p.grad is None for p in kept.model.parameters())
