@@ -11,9 +11,13 @@ from fedcore.params import ParameterSet
 
 
 def get_parameters(module: torch.nn.Module) -> ParameterSet:
-    """The module's state (parameters and buffers) as numpy arrays sharing its memory."""
+    """The module's state (parameters and buffers) as numpy arrays sharing its memory.
+
+    Off the CPU (or for a tensor with its conjugate or negative bit set) they are copies.
+    """
+    # keep_vars: the tensors themselves, which numpy(force=True) detaches in one call.
     return ParameterSet(
-        (name, t.detach().cpu().numpy()) for name, t in module.state_dict().items()
+        (name, t.numpy(force=True)) for name, t in module.state_dict(keep_vars=True).items()
     )
 
 

@@ -160,7 +160,9 @@ class TorchTrainingPlan(TrainingPlan):
         optimizer = self._round_optimizer()
         self.model.train()
         adjust = self._gradient_terms()
-        lr_sums = [0.0] * len(optimizer.param_groups)
+        # The learning rates of the steps matter to SCAFFOLD's correction only.
+        lr_sums = ([0.0] * len(optimizer.param_groups)
+                   if self.gradient_correction is not None else None)
         loop = self.local_loop(math.ceil(len(data[1]) / batch_size)
                                if isinstance(data, tuple) else None)
         for _ in loop.epochs():
@@ -170,11 +172,19 @@ class TorchTrainingPlan(TrainingPlan):
                 loss.backward()
                 if adjust:
                     _adjust_gradients(adjust)
-                for i, group in enumerate(optimizer.param_groups):
-                    lr_sums[i] += float(group.get("lr", 0.0))
+                if lr_sums is not None:
+                    for i, group in enumerate(optimizer.param_groups):
+                        lr_sums[i] += float(group.get("lr", 0.0))
                 optimizer.step()
-                loop.step(len(y), loss=float(loss.detach()))
-        self.local_steps = loop.local_steps(self._mean_lr(optimizer, loop.steps, lr_sums))
+                loop.step(len(y), loss=loss.detach())  # read when needed, not every step
+        # A kept model holds no gradient between rounds: the next round's first step
+        # would drop it, and meanwhile it is a model's worth of memory per node (what
+        # zero_grad(set_to_none=True) does, without its profiling hooks).
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        if lr_sums is not None:
+            self.local_steps = loop.local_steps(self._mean_lr(optimizer, loop.steps, lr_sums))
         return loop.stats(loop.mean_loss)
 
     def _round_data(self, dataset: Dataset) -> Any:

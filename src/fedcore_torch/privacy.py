@@ -313,7 +313,7 @@ class TorchPrivateTraining(PrivateTraining):
                 state.check()
                 optimizer.step()
                 state.snapshot()
-                loop.step(len(y), loss=None if loss is None else float(loss.detach()))
+                loop.step(len(y), loss=None if loss is None else loss.detach())
         state.check()
         return loop.stats(loop.mean_loss)
 

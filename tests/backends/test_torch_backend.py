@@ -356,3 +356,64 @@ def test_a_reply_from_a_reused_model_does_not_alias_it(digits):
     assert kept is plan
     for name, tensor in plan.model.state_dict().items():
         assert not np.shares_memory(reply.params[name], tensor.numpy())
+
+
+def _round_of(plan_class, digits, training_args):
+    from fedcore.plan import PlanBundle
+    from fedcore.wire.messages import TrainRequest
+
+    Xtr, _, ytr, _ = digits
+    ds = ArrayDataset(Xtr[:100], ytr[:100])
+    info = {**ds.metadata(), "categories": {"target": list(range(10))}}
+    built = plan_class({}, training_args, info)
+    built.build(seed=0)
+    request = TrainRequest(plan=PlanBundle.from_class(plan_class).to_wire(),
+                           params=built.get_parameters().copy(), dataset_id="d",
+                           data_info=info, training_args=training_args)
+    return request, ds
+
+
+@pytest.mark.parametrize("every_s", [0.0, 3600.0])
+def test_progress_reaches_the_node_with_the_last_step_and_the_rounds_loss(
+        digits, monkeypatch, every_s):
+    # The default report only forwards to the node, which sends one message a second: the
+    # loop calls it at most every REPORT_EVERY_S, and always for the round's last step.
+    from fedcore.node.executor import run_round
+
+    monkeypatch.setattr("fedcore.plan.base.REPORT_EVERY_S", every_s)
+    request, ds = _round_of(DigitsPlan, digits, {"epochs": 2, "batch_size": 10})
+    reports: list[dict] = []
+    reply, _ = run_round(DigitsPlan, request, ds, "n", 1,
+                         {"progress": lambda **fields: reports.append(fields)})
+    steps = [r["step"] for r in reports]
+    assert steps == (list(range(1, 21)) if every_s == 0 else [20])
+    assert reports[-1]["samples"] == 200 and reports[-1]["fraction"] == 1.0
+    assert reports[-1]["loss"] == reply.train_stats["loss"] > 0
+
+
+class StepLoggingPlan(DigitsPlan):
+    """Its own report: it hears every step, as before the loop's interval."""
+
+    heard: list[int] = []
+
+    def report(self, *, step, loss=None, epoch=0, samples=0, fraction=None):
+        StepLoggingPlan.heard.append(step)
+
+
+def test_a_plan_that_overrides_report_hears_every_step(digits):
+    from fedcore.node.executor import run_round
+
+    request, ds = _round_of(StepLoggingPlan, digits, {"epochs": 2, "batch_size": 10})
+    StepLoggingPlan.heard = []
+    run_round(StepLoggingPlan, request, ds, "n", 1, {})
+    assert StepLoggingPlan.heard == list(range(1, 21))
+
+
+def test_a_kept_model_holds_no_gradients_between_rounds(digits):
+    # A node keeps its built model between rounds; its gradients would be a second copy of
+    # the model per node, and the next round's first step drops them anyway.
+    from fedcore.node.executor import run_round
+
+    request, ds = _round_of(DigitsPlan, digits, {"epochs": 1})
+    _, kept = run_round(DigitsPlan, request, ds, "n", 1, {})
+    assert all(p.grad is None for p in kept.model.parameters())

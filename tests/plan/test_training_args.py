@@ -179,3 +179,32 @@ def test_the_shared_loop_stops_at_num_updates_without_drawing_another_batch():
     assert reports[-1] == {"step": 6, "epoch": 2, "samples": 60, "loss": 1.0,
                            "fraction": 1.0}
     assert loop.stats(loop.mean_loss) == {"loss": 1.0, "steps": 6, "epochs": 3}
+
+
+class _DeviceLoss:
+    """A loss that stays on a device: reading it (``float``) waits for the device."""
+
+    reads = 0
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def __float__(self) -> float:
+        _DeviceLoss.reads += 1
+        return self.value
+
+
+def test_the_shared_loop_reads_the_loss_only_for_a_report_due_and_the_round_mean():
+    reports: list[dict] = []
+    _DeviceLoss.reads = 0
+    loop = LocalLoop(LocalTraining.parse({"epochs": 1}), report=lambda **r: reports.append(r),
+                     batches_per_epoch=4, report_every_s=3600.0)
+    for _ in loop.epochs():
+        for i in loop.batches(range(4)):
+            loop.step(10, loss=_DeviceLoss(0.1 * (i + 1)))
+    assert reports == [] and _DeviceLoss.reads == 0  # no report due yet: nothing read
+    stats = loop.stats(loop.mean_loss)
+    mean = sum(0.1 * (i + 1) * 10 for i in range(4)) / 40  # summed in step order
+    assert _DeviceLoss.reads == 4 and stats["loss"] == mean
+    # The interval held every report back: the last step is reported at the end.
+    assert reports == [{"step": 4, "epoch": 1, "samples": 40, "loss": mean, "fraction": 1.0}]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedcore.errors import ConfigurationError
-from fedcore.plan.loop import LocalLoop, LocalSteps
+from fedcore.plan.loop import REPORT_EVERY_S, LocalLoop, LocalSteps
 from fedcore.plan.training import LocalTraining
 
 if TYPE_CHECKING:
@@ -130,17 +130,27 @@ class TrainingPlan(abc.ABC):
     def local_loop(self, batches_per_epoch: int | None = None) -> LocalLoop:
         """The counting of this round's local training, reporting progress to the node.
 
-        ``batches_per_epoch`` (when known) makes progress carry the fraction done.
+        ``batches_per_epoch`` (when known) makes progress carry the fraction done. The
+        default :meth:`report` only forwards to the node, which sends at most one message
+        a second: the loop calls it at most every :data:`~fedcore.plan.loop.REPORT_EVERY_S`
+        seconds and after the last step, and not at all outside a node. A plan that
+        overrides :meth:`report` gets a call after every step.
         """
-        return LocalLoop(self.training, report=self.report,
-                         batches_per_epoch=batches_per_epoch)
+        if type(self).report is not TrainingPlan.report:
+            return LocalLoop(self.training, report=self.report,
+                             batches_per_epoch=batches_per_epoch)
+        return LocalLoop(self.training,
+                         report=self.report if self.progress_callback is not None else None,
+                         batches_per_epoch=batches_per_epoch, report_every_s=REPORT_EVERY_S)
 
     def report(self, *, step: int, loss: float | None = None, epoch: int = 0,
                samples: int = 0, fraction: float | None = None) -> None:
         """Tell the researcher how local training goes (call it freely: it is throttled).
 
-        Backends call it every optimizer step; a custom ``fit`` may too. ``loss`` is the
-        mean training loss since the previous call that carried one, ``fraction`` the share
+        Backends call it through :meth:`local_loop` (this default at most every
+        :data:`~fedcore.plan.loop.REPORT_EVERY_S` seconds and after the last step; an
+        override after every step); a custom ``fit`` may call it freely too. ``loss`` is the
+        round's mean training loss so far, ``fraction`` the share
         of the round's local work done. The node forwards at most about one report a second
         to the researcher (``Experiment.live``); outside a node it does nothing.
         """
@@ -163,8 +173,9 @@ class TrainingPlan(abc.ABC):
           ``"gradient_correction"`` adds ``gradient_correction[name]`` to the gradient of
           each trained parameter at every optimizer step (SCAFFOLD's ``c - c_i``), and after
           training sets ``local_steps``.
-        - ``local_steps``: set by :meth:`fit` (plans that declare ``"gradient_correction"``):
-          how many optimizer steps it took and at which learning rates.
+        - ``local_steps``: set by :meth:`fit` when ``gradient_correction`` is set (plans
+          that declare ``"gradient_correction"``): how many optimizer steps it took and at
+          which learning rates.
         """
         self.proximal: tuple[float, ParameterSet] | None = None
         self.gradient_correction: ParameterSet | None = None
