@@ -302,7 +302,12 @@ class DatasetRegistry:
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """Every entry, each with ``available`` telling whether its files are still there."""
-        return [{**e, "available": _available(e)} for e in self._table.all()]
+        version = self._version()
+        entries = self._table.all()
+        if version is not None:  # what get() keeps: a search is followed by its requests
+            for e in entries:
+                self._entries[e["id"]] = (version, dict(e))
+        return [{**e, "available": _available(e)} for e in entries]
 
     def get(self, dataset_id: str) -> dict[str, Any]:
         """The entry of ``dataset_id``; ``DatasetError`` when there is none.
