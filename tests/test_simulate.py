@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fedcore import simulate
@@ -122,3 +124,43 @@ def test_a_simulation_warms_its_backends_before_the_first_round(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, check=True)
     assert out.stdout.strip() == "True"
+
+
+def _count_fsync(monkeypatch):
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+def test_a_temporary_simulation_does_not_fsync_and_a_root_of_yours_does(tmp_path, monkeypatch):
+    X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
+    fsyncs = _count_fsync(monkeypatch)
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"]) as fed:
+        assert fed.durable is False and not any(n.durable for n in fed.nodes)
+        fed.nodes[0].set_policy(max_epochs=3)  # a change after the setup, too
+        assert fed.nodes[0].verify_audit()  # every file written whole, records in place
+    assert fsyncs == []
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "kept") as fed:
+        assert fed.durable is True
+        fed.nodes[0].set_policy(max_epochs=3)
+    # Per node: config.toml, db.json and the audit log of its dataset; then the policy.
+    assert len(fsyncs) >= 2 * 3 + 3
+    fsyncs.clear()
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "mine",
+                              durable=False) as fed:
+        assert fed.durable is False
+    assert fsyncs == []
+    frame = pd.DataFrame({"a": np.arange(20.0), "t": np.arange(20) % 2})
+    with simulate.from_dataframe(frame, target="t", n_nodes=2, tags=["t"]):
+        pass
+    assert fsyncs == []
+    with simulate.from_dataframe(frame, target="t", n_nodes=2, tags=["t"],
+                                 root=tmp_path / "csv"):
+        pass
+    assert len(fsyncs) >= 2 * 3

@@ -53,10 +53,10 @@ def _die_before_writing_config(home: str, key: str) -> None:
 
     real = _storage.write_atomic
 
-    def write(path, data):
+    def write(path, data, **options):
         if Path(path).name == "config.toml":
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(path, data)
+        return real(path, data, **options)
 
     node = Node(home)
     _storage.write_atomic = write  # type: ignore[assignment]

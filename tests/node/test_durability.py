@@ -1,4 +1,8 @@
-"""Node state survives being killed: every write that returned is there after SIGKILL."""
+"""Node state survives being killed: every write that returned is there after SIGKILL.
+
+Also for a home that does not fsync (``durable=False``, a simulation's temporary one): a
+killed process leaves its writes to the operating system, and every file is replaced whole.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork and 
 KILLS = 100
 
 
-def _writer(home: str, report: str, start: int) -> None:
+def _writer(home: str, report: str, start: int, durable: bool) -> None:
     """Write plans and policy changes to a node home; log each write once it returned."""
-    node = Node(home)
+    node = Node(home, durable=durable)
     fd = os.open(report, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.write(fd, b"ready\n")
     i = start
@@ -37,7 +41,8 @@ def _writer(home: str, report: str, start: int) -> None:
         i += 1
 
 
-def test_the_node_database_survives_sigkill_at_random_moments(tmp_path):
+@pytest.mark.parametrize("durable", [True, False], ids=["fsync", "no-fsync"])
+def test_the_node_database_survives_sigkill_at_random_moments(tmp_path, durable):
     home = tmp_path / "home"
     Node(home, node_id="durable")
     report = tmp_path / "committed.txt"
@@ -45,7 +50,8 @@ def test_the_node_database_survives_sigkill_at_random_moments(tmp_path):
     ctx.set_forkserver_preload(["fedcore.node", "fedcore.plan", __name__])
     rng = random.Random(7)
     for k in range(KILLS):
-        child = ctx.Process(target=_writer, args=(str(home), str(report), 3 * k * 1000 + 1))
+        child = ctx.Process(target=_writer,
+                            args=(str(home), str(report), 3 * k * 1000 + 1, durable))
         child.start()
         _wait_for(report, k + 1)  # the child opened the node: kill it while it writes
         time.sleep(rng.uniform(0.0, 0.1))  # a write is ~2 fsyncs: db.json, audit

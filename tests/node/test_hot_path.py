@@ -107,6 +107,13 @@ def test_an_entry_changed_by_another_process_is_read_again(tmp_path):
     mine = serving.datasets.get(entry["id"])
     mine["description"] = "a caller's copy"  # changes nothing the node reads next
     assert serving.datasets.get(entry["id"])["description"] == "renamed"
+    # The entries a search read are kept for the requests that follow it, by version too.
+    listed = serving.datasets.search(["t"])
+    listed[0]["description"] = "a caller's copy"
+    assert serving.datasets.get(entry["id"])["description"] == "renamed"
+    with other.db.transaction():
+        other.db.table("datasets").update({"description": "again"})
+    assert serving.datasets.get(entry["id"])["description"] == "again"
 
 
 def test_a_policy_changed_by_another_process_applies_to_the_next_request(tmp_path):

@@ -95,6 +95,35 @@ def test_a_deleted_csv_is_reported_unavailable(tmp_path, node):
         node.datasets.load(entry["id"])
 
 
+def test_registered_arrays_are_the_node_own_copy_and_a_replaced_file_is_read_again(
+        tmp_path, node):
+    X, y = np.arange(12.0).reshape(6, 2), np.arange(6) % 2
+    entry = node.datasets.add_arrays("scans", ["mri"], X, y)
+    X[0, 0] = 99.0  # the caller's arrays change after registering: the node's do not
+    loaded = node.datasets.load(entry["id"])
+    assert loaded.X[0, 0] == 0.0 and np.array_equal(loaded.y, y)
+    with np.load(entry["path"]) as written:  # the file holds what the node serves
+        assert np.array_equal(written["X"], loaded.X) and written["X"].dtype == loaded.X.dtype
+    # Another process (the CLI, a script) replaces the file: the next request reads it.
+    path = tmp_path / "new.npz"
+    np.savez(path, X=np.ones((6, 2)), y=np.zeros(6, dtype=int))
+    path.replace(entry["path"])
+    assert node.datasets.load(entry["id"]).X[0, 0] == 1.0
+    # Edited in place (same inode), too: here a CSV, whose size changes.
+    csv = _csv(tmp_path / "a.csv")
+    other = node.datasets.add("cohort", ["diabetes"], csv)
+    assert len(node.datasets.load(other["id"])) == 20
+    _csv(csv, n=25)
+    assert len(node.datasets.load(other["id"])) == 25
+
+
+def test_arrays_of_python_objects_are_refused_before_anything_is_written(tmp_path, node):
+    with pytest.raises(DatasetError, match="Python objects"):
+        node.datasets.add_arrays("odd", ["x"], np.array([{"a": 1}, None], dtype=object))
+    assert node.datasets.list() == []
+    assert not (node.home / "data").exists() or not any((node.home / "data").iterdir())
+
+
 def _talk(url, frames):
     """Send raw frames to a serving node from a bare researcher endpoint; return replies."""
 

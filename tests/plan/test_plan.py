@@ -173,3 +173,24 @@ def test_method_locals_that_shadow_module_globals_are_not_shipped():
     src = PlanBundle.from_class(nb.LocalsPlan).source
     assert "np.zeros" not in src and "X = " not in src
     assert "def rescale(x):" in src
+
+
+def test_nodes_loading_one_plan_get_classes_of_their_own_from_one_compilation(monkeypatch):
+    from fedcore.plan import bundle as bundle_module
+
+    compiled: list[str] = []
+
+    def counting(source, filename, mode):
+        compiled.append(filename)
+        return compile(source, filename, mode)
+
+    monkeypatch.setattr(bundle_module, "compile", counting, raising=False)
+    source = ("from fedcore_sklearn import SklearnTrainingPlan\n\n"
+              f"class P(SklearnTrainingPlan):\n    TAG = {id(compiled)}\n")
+    wire = PlanBundle({"plan.py": source}, "P", "sklearn").to_wire()
+    first, second = (PlanBundle.from_wire(wire).load() for _ in range(2))  # two nodes
+    assert first is not second and len(compiled) == 1  # one class each, compiled once
+    first.TAG = -1  # what one node's class holds is not the other's
+    assert second.TAG == id(compiled)
+    changed = PlanBundle({"plan.py": source.replace("TAG", "TAG2")}, "P", "sklearn")
+    assert changed.load().TAG2 == id(compiled) and len(compiled) == 2  # new bytes, compiled

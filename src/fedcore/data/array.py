@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -35,15 +35,21 @@ class ArrayDataset(Dataset):
         except (OSError, KeyError, ValueError) as exc:
             raise DatasetError(f"Cannot read the array dataset: {exc}") from exc
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``X`` and ``y`` into an ``.npz`` file."""
+    def save(self, path: str | Path | BinaryIO) -> Path | BinaryIO:
+        """Write ``X`` and ``y`` into an ``.npz`` file (a path, or a file open for writing)."""
+        if not isinstance(path, (str, Path)):
+            self._write(path)
+            return path
         path = Path(path)
         with open(path, "wb") as f:
-            if self.y is None:
-                np.savez(f, X=self.X)
-            else:
-                np.savez(f, X=self.X, y=self.y)
+            self._write(f)
         return path
+
+    def _write(self, f: BinaryIO) -> None:
+        if self.y is None:
+            np.savez(f, X=self.X)
+        else:
+            np.savez(f, X=self.X, y=self.y)
 
     def __len__(self) -> int:
         return len(self.X)

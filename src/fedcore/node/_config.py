@@ -43,9 +43,12 @@ def config_text(config: Mapping[str, Any]) -> str:
     return _HEADER + tomli_w.dumps(dict(config))
 
 
-def write_config(path: Path, config: Mapping[str, Any]) -> None:
-    """Replace ``path`` atomically: a reader sees the old file or the new one, whole."""
-    write_atomic(path, config_text(config))
+def write_config(path: Path, config: Mapping[str, Any], *, durable: bool = True) -> None:
+    """Replace ``path`` atomically: a reader sees the old file or the new one, whole.
+
+    ``durable``: flushed to disk (``fsync``) before it replaces the old file.
+    """
+    write_atomic(path, config_text(config), durable=durable)
 
 
 #: The request a node is answering (a new object for each, set by the node). The file is
@@ -69,15 +72,18 @@ class NodeConfig:
     change rereads the file and writes it under ``lock`` (the home's), so two processes
     changing different keys at once both keep their change. With ``storage`` (the node's
     database), a change made inside one of its transactions is written by that transaction,
-    together with its audit record (:meth:`NodeStorage.stage`).
+    together with its audit record (:meth:`NodeStorage.stage`). ``durable=False`` writes
+    the file without ``fsync`` (still replaced whole), for a home that nothing outlives.
     """
 
     #: The database whose transactions write changes with their audit records.
     storage: NodeStorage | None = None
 
     def __init__(self, path: Path, *, name: str | None = None, node_id: str | None = None,
-                 approval_required: bool | None = None, lock: HomeLock | None = None):
+                 approval_required: bool | None = None, lock: HomeLock | None = None,
+                 durable: bool = True):
         self.path = path
+        self.durable = durable
         self._lock = lock or HomeLock(path.parent / LOCK_FILE)
         remove_stale_temporaries(path)
         with self._lock.hold():
@@ -106,7 +112,7 @@ class NodeConfig:
                           **{k: s.default for k, s in SETTINGS.items() if s.default is not None}}
             if approval_required is not None:
                 self._data["approval_required"] = bool(approval_required)
-            write_config(path, self._data)
+            write_config(path, self._data, durable=self.durable)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -212,7 +218,7 @@ class NodeConfig:
         self.version += 1
         self._checked = None
         if not txn:
-            write_config(self.path, data)
+            write_config(self.path, data, durable=self.durable)
             self._stamp = stamp(self.path)
             return
         assert self.storage is not None

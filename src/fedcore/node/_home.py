@@ -49,19 +49,23 @@ class NodeHome:
 
     def __init__(self, home: str | Path, *, name: str | None = None,
                  node_id: str | None = None, approval_required: bool | None = None,
-                 policies: Iterable[Policy] = ()):
+                 policies: Iterable[Policy] = (), durable: bool = True):
         self.home = Path(home).expanduser()
         self.home.mkdir(parents=True, exist_ok=True)
+        #: Whether the home's files are flushed to disk (``fsync``) as they are written.
+        self.durable = durable
         # One writer at a time changes db.json or config.toml, in any process.
         lock = HomeLock(self.home / LOCK_FILE)
         self._config = NodeConfig(self.home / "config.toml", name=name, node_id=node_id,
-                                  approval_required=approval_required, lock=lock)
+                                  approval_required=approval_required, lock=lock,
+                                  durable=durable)
         self._node_id = str(self._config.data["node_id"])
         #: The node's key pair (``identity.key`` in its home, created on first use).
         self.identity = Identity(self.home / "identity.key")
-        self._audit = AuditLog(self.home / "audit.jsonl")
+        self._audit = AuditLog(self.home / "audit.jsonl", durable=durable)
         #: The database (TinyDB); ``with node.db.transaction():`` makes one change of it.
-        self.db = NodeDatabase(self.home / "db.json", lock=lock, journal=self._audit)
+        self.db = NodeDatabase(self.home / "db.json", lock=lock, journal=self._audit,
+                               durable=durable)
         self._config.storage = self.db.storage  # config changes go with their audit record
         #: Training plans submitted for review, and the administrator's decisions.
         self.plans = PlanStore(self.db, audit=self.audit)

@@ -41,7 +41,7 @@ from fedcore.errors import (
 )
 from fedcore.node import _landlock
 from fedcore.node.executor import private_training, run_round
-from fedcore.node.registry import _open_key, open_entry
+from fedcore.node.registry import _open_key, files_version, open_entry
 from fedcore.plan import PlanBundle, TrainingPlan, check_training_args
 from fedcore.privacy.spec import PrivacySpec
 from fedcore.wire import codec
@@ -94,7 +94,7 @@ class _Runner:
         self.dataset: tuple[Any, Dataset] | None = None
 
     def open(self, entry: Mapping[str, Any]) -> Dataset:
-        key = _open_key(entry)
+        key = (_open_key(entry), files_version(entry))  # as the node's registry keeps it
         if self.dataset is None or self.dataset[0] != key:
             self.dataset = (key, open_entry(entry))
         return self.dataset[1]

@@ -7,7 +7,8 @@ change and write it at the same time lose one of the changes. Here:
 - :class:`HomeLock` is an exclusive ``flock`` on ``write.lock`` in the node home (and a
   thread lock), taken around every read-modify-write of ``db.json`` and ``config.toml``.
 - :meth:`NodeStorage.transaction` takes the lock, reads the file afresh, lets the change
-  happen in memory, writes the file once (atomically, fsynced) and releases the lock. Every
+  happen in memory, writes the file once (atomically, fsynced unless the home is not
+  ``durable``: a simulation's temporary one) and releases the lock. Every
   TinyDB table write runs inside one; a logical change spanning several reads and writes
   (check the tags, then insert) opens one around them all: ``with node.db.transaction():``.
 - Audit records made during a transaction (``Node.audit``) are written *with* the change:
@@ -136,11 +137,14 @@ class NodeStorage(Storage):
 
     ``lock`` defaults to ``write.lock`` beside the file; ``journal`` is the audit log that
     records made in a transaction go to (without one, records are refused).
+    ``durable=False`` writes the files without ``fsync`` (each still replaced whole): for
+    a home that nothing outlives (a simulation's temporary folder).
     """
 
     def __init__(self, path: str | Path, lock: HomeLock | None = None,
-                 journal: AuditLog | None = None):
+                 journal: AuditLog | None = None, *, durable: bool = True):
         self.path = Path(path)
+        self.durable = durable
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.path)
         self.lock = lock or HomeLock(self.path.parent / LOCK_FILE)
@@ -230,9 +234,10 @@ class NodeStorage(Storage):
                 data[PENDING] = {"1": {"txn": tid, "offset": self.journal.size(),
                                        "records": records, "files": files}}
             self._parsed = None  # this process's copy is stale once it commits
-            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True, default=str))
+            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True, default=str),
+                         durable=self.durable)
             for path, staged in txn.files.items():
-                write_atomic(path, staged.text)
+                write_atomic(path, staged.text, durable=self.durable)
             if records:
                 assert self.journal is not None
                 self.journal.append_all(records)
@@ -249,7 +254,7 @@ class NodeStorage(Storage):
             records = [r for r in entry.get("records") or [] if isinstance(r, dict)]
             logged = self.journal.count_txn(tid, int(entry.get("offset") or 0))
             if logged < len(records):
-                _finish_files(entry.get("files"))
+                _finish_files(entry.get("files"), durable=self.durable)
                 self.journal.append_all([{**r, "recovered": True} for r in records[logged:]])
             self._known.append(tid)
 
@@ -300,7 +305,7 @@ class NodeStorage(Storage):
         return data if isinstance(data, dict) else {}
 
 
-def _finish_files(files: Any) -> None:
+def _finish_files(files: Any, *, durable: bool) -> None:
     """Write the files of an interrupted transaction that are still as they were before it.
 
     A file that is neither as before nor as after was changed by hand since: it is left
@@ -311,7 +316,7 @@ def _finish_files(files: Any) -> None:
             continue
         now = file_sha256(path)
         if now == change.get("old") and now != change.get("new"):
-            write_atomic(path, change["text"])
+            write_atomic(path, change["text"], durable=durable)
 
 
 def file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -363,8 +368,9 @@ class NodeDatabase(TinyDB):
     table_class = NodeTable
 
     def __init__(self, path: str | Path, *, lock: HomeLock | None = None,
-                 journal: AuditLog | None = None):
-        super().__init__(path, storage=NodeStorage, lock=lock, journal=journal)
+                 journal: AuditLog | None = None, durable: bool = True):
+        super().__init__(path, storage=NodeStorage, lock=lock, journal=journal,
+                         durable=durable)
 
     @property
     def storage(self) -> NodeStorage:

@@ -77,10 +77,15 @@ class AuditLog:
     The file stays open between records (reopened when log rotation moved it away); an
     append takes an exclusive ``flock`` so a CLI command and the serving node can both
     write without breaking the chain.
+
+    ``durable=False`` leaves out the ``fsync`` of :meth:`append_all`: for a log that
+    nothing outlives (a simulation's temporary home), where surviving a crash of the
+    machine buys nothing.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, durable: bool = True):
         self.path = Path(path)
+        self.durable = durable
         self.head_path = self.path.with_suffix(".head")
         self._lock = threading.Lock()
         self._file: IO[bytes] | None = None
@@ -105,15 +110,16 @@ class AuditLog:
         """Write ``records`` one after the other and flush them to disk (``fsync``).
 
         What a change of the node's database is recorded with: once this returns, its
-        records survive a crash of the machine too. Records deferred before
-        them (:meth:`defer`) are written first, in order.
+        records survive a crash of the machine too (unless the log is not ``durable``).
+        Records deferred before them (:meth:`defer`) are written first, in order.
         """
         with self._lock:
             f = self._handle()
             with _locked(f):
                 deferred = self._take_deferred()
                 written = self._write(f, deferred + records)[len(deferred):]
-                os.fsync(f.fileno())  # the head is not: a stale one is found and rewritten
+                if self.durable:  # the head is not: a stale one is found and rewritten
+                    os.fsync(f.fileno())
         return written
 
     def defer(self, record: dict[str, Any]) -> None:

@@ -69,6 +69,13 @@ class Node(_Rounds):
     ``config.toml`` (plus ``policies``, the site's own). ``approval_required`` sets that key
     of a new home (default ``True``: only plans an administrator approved run;
     :mod:`fedcore.simulate` turns it off); given for an existing home, it changes it.
+
+    ``durable`` (default ``True``): every change of ``config.toml``, ``db.json`` and the
+    audit log is flushed to disk (``fsync``) before it counts as made, so it survives a
+    crash of the machine. ``durable=False`` leaves the flushes out; each file is still
+    replaced whole (written beside it, then renamed), so no reader and no killed process
+    ever sees half a change. It is for a home that nothing outlives: a simulation's
+    temporary folder (:mod:`fedcore.simulate`), deleted when the simulation closes.
     """
 
     def __init__(
@@ -81,9 +88,11 @@ class Node(_Rounds):
         max_frame_size: int = codec.DEFAULT_MAX_FRAME,
         approval_required: bool | None = None,
         policies: Iterable[Policy] = (),
+        durable: bool = True,
     ):
         super().__init__(home, name=name, node_id=node_id,
-                         approval_required=approval_required, policies=policies)
+                         approval_required=approval_required, policies=policies,
+                         durable=durable)
         self._secagg = SecaggSessions(self.node_id, self._secagg_context)
         self.max_frame_size = max_frame_size
         # What the node records while it handles a request is written before the reply

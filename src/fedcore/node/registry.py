@@ -3,6 +3,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
+import stat
 import threading
 import time
 import uuid
@@ -137,7 +138,8 @@ class DatasetRegistry:
         self._data_dir = data_dir
         self._audit = audit or (lambda event, **fields: None)
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[tuple[Any, ...], Dataset]] = {}  # id -> (_open_key, dataset)
+        # id -> ((_open_key, files_version), dataset): opened datasets, while both stay the same.
+        self._cache: dict[str, tuple[tuple[Any, ...], Dataset]] = {}
         # Entries read, by id, with the version of db.json they were read from.
         self._entries: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         storage = getattr(db, "storage", None)
@@ -164,6 +166,18 @@ class DatasetRegistry:
         ``loading_plan`` applied): a ``DatasetError`` or ``ConfigurationError`` says what is
         wrong, and nothing is written. ``by`` names the administrator, for the audit log.
         """
+        return self._add(name, tags, path, kind=kind, description=description,
+                         options=options, loading_plan=loading_plan, by=by)
+
+    def _add(self, name: str, tags: Iterable[str], path: str | Path, *, kind: str | None,
+             description: str = "", options: dict[str, Any] | None = None,
+             loading_plan: DataLoadingPlan | Mapping[str, Any] | None = None, by: str = "",
+             written: tuple[Dataset, tuple[int, ...]] | None = None) -> dict[str, Any]:
+        """:meth:`add`, or with ``written``: the dataset this process just wrote at ``path``.
+
+        ``written`` holds it and the version of the file as written (:func:`files_version`);
+        it is used instead of reading the file back (unless a loading plan is given).
+        """
         tags = _clean_tags(tags)
         path = Path(path).expanduser().resolve()
         kind = kind or _infer_kind(path)
@@ -178,7 +192,12 @@ class DatasetRegistry:
             raise DatasetError(f"No file at {path}. Expected an existing {kind} file.")
         options = _clean_options(kind, options)
         plan = _plan(loading_plan)
-        dataset = spec.open(path, options, plan)
+        version: tuple[Any, ...] | None
+        if written is not None and not plan:
+            dataset, version = written
+        else:  # the version first: a change while the file is read is seen next time
+            version = files_version({"kind": kind, "path": str(path), "options": options})
+            dataset = spec.open(path, options, plan)
         metadata = dataset.metadata()
         with self._transaction(), self._lock:
             for other in self._table.all():
@@ -204,18 +223,31 @@ class DatasetRegistry:
             }
             self._table.insert(entry)
             self._audit("dataset-added", dataset=entry["id"], name=name, tags=tags, by=by)
-            self._cache[entry["id"]] = (_open_key(entry), dataset)
+            self._cache[entry["id"]] = ((_open_key(entry), version), dataset)
         return entry
 
     def add_arrays(self, name: str, tags: Iterable[str], X: Any, y: Any = None,
                    **kwargs: Any) -> dict[str, Any]:
-        """Save arrays as an ``.npz`` file in the node home and register it."""
+        """Save arrays as an ``.npz`` file in the node home and register it.
+
+        The node keeps a copy of the arrays as written instead of reading the file back
+        (until the file changes: then it is read). Arrays of Python objects are refused
+        (``DatasetError``): their file could not be read without pickle.
+        """
         from fedcore.data.array import ArrayDataset
 
+        dataset = ArrayDataset(np.array(X), None if y is None else np.array(y))  # copies
+        if dataset.X.dtype.hasobject or (dataset.y is not None and dataset.y.dtype.hasobject):
+            raise DatasetError("Cannot register arrays of Python objects (dtype object): a "
+                               "node reads datasets without pickle. Convert them to numbers "
+                               "or strings first.")
         self._data_dir.mkdir(parents=True, exist_ok=True)
-        path = self._data_dir / f"{uuid.uuid4().hex[:12]}.npz"
-        ArrayDataset(X, y).save(path)
-        return self.add(name, tags, path, kind="npz", **kwargs)
+        path = (self._data_dir / f"{uuid.uuid4().hex[:12]}.npz").resolve()
+        with open(path, "wb") as f:
+            dataset.save(f)
+            f.flush()
+            version = _version(os.fstat(f.fileno()))  # the file as written, whoever writes next
+        return self._add(name, tags, path, kind="npz", written=(dataset, version), **kwargs)
 
     def remove(self, dataset_id: str, *, by: str = "") -> None:
         """Forget a dataset (files the node copied into its home are deleted too)."""
@@ -243,6 +275,7 @@ class DatasetRegistry:
             entry = self.get(dataset_id)
             loading_plan = _plan(plan)
             spec = _LOADERS[entry["kind"]]
+            version = files_version(entry)
             dataset = spec.open(Path(entry["path"]), dict(entry["options"]), loading_plan)
             metadata = dataset.metadata()
             changes = {"loading_plan": loading_plan.to_dict() if loading_plan else None,
@@ -251,7 +284,7 @@ class DatasetRegistry:
             self._table.update(changes, Query().id == dataset_id)
             self._audit("loading-plan-set", dataset=dataset_id, plan=changes["loading_plan"],
                         by=by)
-            self._cache[dataset_id] = (_open_key({**entry, **changes}), dataset)
+            self._cache[dataset_id] = ((_open_key({**entry, **changes}), version), dataset)
         return {**entry, **changes}
 
     def get_loading_plan(self, dataset_id: str) -> DataLoadingPlan | None:
@@ -269,7 +302,12 @@ class DatasetRegistry:
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """Every entry, each with ``available`` telling whether its files are still there."""
-        return [{**e, "available": _available(e)} for e in self._table.all()]
+        version = self._version()
+        entries = self._table.all()
+        if version is not None:  # what get() keeps: a search is followed by its requests
+            for e in entries:
+                self._entries[e["id"]] = (version, dict(e))
+        return [{**e, "available": _available(e)} for e in entries]
 
     def get(self, dataset_id: str) -> dict[str, Any]:
         """The entry of ``dataset_id``; ``DatasetError`` when there is none.
@@ -309,15 +347,18 @@ class DatasetRegistry:
         """:meth:`load` for an entry already read (one database read per request).
 
         Opened datasets are kept while the entry's path, options and DataLoadingPlan are
-        unchanged, so a plan set from another process (the CLI, the GUI) is seen at once.
+        unchanged, so a plan set from another process (the CLI, the GUI) is seen at once,
+        and while its file, folder and demographics file are (:func:`files_version`), so a
+        file replaced or edited is read again.
         """
-        if not _available(entry):
+        version = files_version(entry)
+        if version is None:
             self._cache.pop(entry["id"], None)
             raise DatasetError(
                 f"Dataset {entry['name']!r} is unavailable on this node: its files were "
                 "moved or deleted. The node administrator can re-register it."
             )
-        key = _open_key(entry)
+        key = (_open_key(entry), version)
         cached = self._cache.get(entry["id"])
         if cached is None or cached[0] != key:
             cached = self._cache[entry["id"]] = (key, open_entry(entry))
@@ -449,12 +490,37 @@ def _plan(plan: DataLoadingPlan | Mapping[str, Any] | None) -> DataLoadingPlan |
 
 
 def _available(entry: Mapping[str, Any]) -> bool:
-    path = str(entry["path"])  # checked for every request: os.path rather than a Path
+    return files_version(entry) is not None
+
+
+def files_version(entry: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The inode, size and modification time of an entry's files; ``None``: one is missing.
+
+    What changes when its file or folder, or its demographics file, is replaced or edited.
+    Read for every request (one ``stat`` per file). A folder's own version changes when
+    entries are added to it or removed, not when a file deeper in it is edited.
+    """
     spec = _LOADERS.get(entry["kind"])
-    if spec is None or not (os.path.isdir(path) if spec.folder else os.path.isfile(path)):
-        return False
+    if spec is None:
+        return None
+    try:
+        st = os.stat(str(entry["path"]))
+    except OSError:
+        return None
+    if not (stat.S_ISDIR(st.st_mode) if spec.folder else stat.S_ISREG(st.st_mode)):
+        return None
     demographics = (entry.get("options") or {}).get("demographics")
-    return demographics is None or os.path.isfile(demographics)
+    if demographics is None:
+        return _version(st)
+    try:
+        other = os.stat(demographics)
+    except OSError:
+        return None
+    return _version(st) + _version(other) if stat.S_ISREG(other.st_mode) else None
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _category_counts(dataset: Dataset, metadata: Mapping[str, Any]) -> dict[str, list[int]]:

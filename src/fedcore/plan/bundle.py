@@ -35,6 +35,11 @@ __all__ = ["PlanBundle"]
 
 _PLAN_FILE = "plan.py"
 _HASH_VERSION = b"fedcore-plan-v2"
+# Compiled plan sources by the SHA-256 of their bundle: the simulated nodes of a process
+# that load one plan compile its source once (a code object is immutable; each node still
+# runs it in a module of its own and gets a class of its own).
+_COMPILED: dict[str, types.CodeType] = {}
+_COMPILED_MAX = 64
 
 
 def _field(data: bytes) -> bytes:
@@ -152,7 +157,13 @@ class PlanBundle:
         sys.modules[name] = module
         try:
             _modules.install(digest, self.files)  # the helper modules, importable from text
-            exec(compile(source, filename, "exec"), module.__dict__)
+            code = _COMPILED.get(digest)
+            if code is None:
+                code = compile(source, filename, "exec")
+                if len(_COMPILED) >= _COMPILED_MAX:
+                    _COMPILED.pop(next(iter(_COMPILED)), None)
+                _COMPILED[digest] = code
+            exec(code, module.__dict__)
         except Exception as exc:
             sys.modules.pop(name, None)
             raise PlanError(

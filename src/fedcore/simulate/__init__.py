@@ -91,12 +91,20 @@ class SimulatedFederation:
     ``nodes`` are the nodes of this process. Nodes in worker processes or Ray actors
     (``from_arrays(..., workers=N)``) are listed in :attr:`node_ids` only; :attr:`lost`
     says which of their shards stopped unasked, and why.
+
+    ``durable``: whether the nodes' homes flush their changes to disk (``fsync``) as a
+    deployed node does (see :class:`~fedcore.node.Node`). ``None`` (the default): not in
+    a temporary ``root`` (``root=None``: deleted by :meth:`close`, so nothing of it
+    outlives the process), yes in a ``root`` of yours. Files are replaced whole either way.
     """
 
-    def __init__(self, name: str | None = None, root: str | Path | None = None):
+    def __init__(self, name: str | None = None, root: str | Path | None = None, *,
+                 durable: bool | None = None):
         self.name = name or f"sim-{uuid.uuid4().hex[:8]}"
         self._own_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="fedcore-"))
+        #: Whether the nodes' homes fsync their changes (see the class's docstring).
+        self.durable = (not self._own_root) if durable is None else bool(durable)
         # One worker for every node: simulated rounds run one node at a time, which is
         # deterministic and avoids oversubscribing the cores with framework threads.
         self._executor = TurnTakingExecutor()
@@ -149,7 +157,7 @@ class SimulatedFederation:
         # A simulation is the researcher's own sandbox: no plan review (deployed nodes,
         # created by `fedcore-node init`, require approval by default).
         node = node_class(self.root / node_id, node_id=node_id, executor=self._executor,
-                          approval_required=False)
+                          approval_required=False, durable=self.durable)
         node.start(self.url)
         self.nodes.append(node)
         return node
@@ -211,7 +219,8 @@ def from_arrays(X: Any, y: Any, *, n_nodes: int, tags: Sequence[str], scheme: st
                 alpha: float = 0.5, seed: int = 0, min_samples: int = 1,
                 name: str | None = None, root: str | Path | None = None, workers: int = 1,
                 engine: str = "process", ray_address: str | None = None,
-                threads: int | None = None) -> SimulatedFederation:
+                threads: int | None = None, durable: bool | None = None
+                ) -> SimulatedFederation:
     """A federation of ``n_nodes`` hospitals sharing ``(X, y)`` by :func:`partition`.
 
     ``workers=N`` (N > 1) runs the nodes in N shards, each a worker process of this
@@ -222,12 +231,14 @@ def from_arrays(X: Any, y: Any, *, n_nodes: int, tags: Sequence[str], scheme: st
     threads in the workers as here (float sums depend on it): ``threads`` sets
     ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` in worker processes (``None``: they inherit
     this process's environment); a plan may also fix its own (``torch.set_num_threads``).
+    ``durable``: whether the homes fsync their changes (:class:`SimulatedFederation`;
+    by default only in a ``root`` of yours).
     """
     X, y = np.asarray(X), np.asarray(y)
     parts = partition(y, n_nodes, scheme=scheme, alpha=alpha, seed=seed,
                       min_samples=min_samples)
     links = _links(workers, engine, ray_address, n_nodes, threads)
-    fed = SimulatedFederation(name, root)
+    fed = SimulatedFederation(name, root, durable=durable)
     try:
         if not links:
             for i, idx in enumerate(parts):
@@ -243,6 +254,7 @@ def from_arrays(X: Any, y: Any, *, n_nodes: int, tags: Sequence[str], scheme: st
         specs = shard_specs(fed.name, shard_root, tags, ids, datasets, parts, len(links))
         for spec, _ in specs:  # the backends imported here, to import before round 1
             spec["warm"] = plugins.imported("backends")
+            spec["durable"] = fed.durable if shard_root is not None else durable
         fed.add_shards([make(spec, X[index], y[index])
                         for make, (spec, index) in zip(links, specs, strict=True)])
         fed.freeze_setup()  # the researcher's half folds every node's reply here
@@ -282,7 +294,7 @@ def build_shard(spec: ShardSpec, X: np.ndarray, y: np.ndarray | None) -> Simulat
             plugins.load("backends", backend)
         except ConfigurationError:  # not installed here: the round that needs it says so
             pass
-    fed = SimulatedFederation(spec["name"], spec["root"])
+    fed = SimulatedFederation(spec["name"], spec["root"], durable=spec.get("durable"))
     try:
         for node_id, dataset, lo, hi in spec["nodes"]:
             node = fed.add_node(node_id)
@@ -297,12 +309,15 @@ def build_shard(spec: ShardSpec, X: np.ndarray, y: np.ndarray | None) -> Simulat
 
 def from_dataframe(frame: pd.DataFrame, *, target: str, n_nodes: int, tags: Sequence[str],
                    scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
-                   name: str | None = None, root: str | Path | None = None
-                   ) -> SimulatedFederation:
-    """A federation whose hospitals each hold a CSV file of rows of ``frame``."""
+                   name: str | None = None, root: str | Path | None = None,
+                   durable: bool | None = None) -> SimulatedFederation:
+    """A federation whose hospitals each hold a CSV file of rows of ``frame``.
+
+    ``durable``: as for :func:`from_arrays`.
+    """
     if target not in frame.columns:
         raise ConfigurationError(f"No column {target!r}. Columns: {list(frame.columns)}")
-    fed = SimulatedFederation(name, root)
+    fed = SimulatedFederation(name, root, durable=durable)
     parts = partition(frame[target].to_numpy(), n_nodes, scheme=scheme, alpha=alpha, seed=seed)
     for i, idx in enumerate(parts):
         node = fed.add_node()

@@ -53,7 +53,8 @@ log = logging.getLogger("fedcore.simulate")
 
 #: What a shard is sent (as msgpack): the federation's name, where node homes go (or
 #: ``None``: a temporary folder of the shard's own), the tags, and per node
-#: ``[node_id, dataset_name, first_row, end_row]`` into the shard's arrays.
+#: ``[node_id, dataset_name, first_row, end_row]`` into the shard's arrays; ``from_arrays``
+#: adds the backends to import (``warm``) and whether the homes fsync (``durable``).
 ShardSpec = dict[str, Any]
 Record = tuple[str, str, bytes]  # (sender, receiver, frame)
 
