@@ -88,25 +88,30 @@ class FedAvg(Aggregator):
         :meth:`result` casts each back to its parameter's dtype; server optimizers build on
         them. One parameter at a time, so a caller holds one extra layer, not a model.
         """
-        if self._total <= 0:
-            raise ConfigurationError("FedAvg.result() called before any update was added.")
+        self._check_total()
         for k, s in self._sums.items():
             yield k, s / self._total
 
-    def result(self) -> ParameterSet:
+    def _check_total(self) -> None:
         if self._total <= 0:
             raise ConfigurationError("FedAvg.result() called before any update was added.")
-        out = {}
-        for k, s in self._sums.items():
-            dtype = self._reference[k].dtype if self._reference is not None else None
-            if dtype is not None and dtype.kind == "f":
-                # The float64 mean cast as it is written: what cast_like(s / total) gives,
-                # without a float64 temporary the size of the parameter.
-                out[k] = np.divide(s, self._total, out=np.empty(s.shape, dtype),
-                                   casting="same_kind")
-            else:
-                out[k] = cast_like(s / self._total, dtype)
-        return ParameterSet(out)
+
+    def result(self) -> ParameterSet:
+        self._check_total()
+        ref = self._reference
+        return ParameterSet({k: mean_as(s, self._total, ref[k].dtype if ref is not None else None)
+                             for k, s in self._sums.items()})
+
+
+def mean_as(sums: np.ndarray, total: float, dtype: np.dtype | None) -> np.ndarray:
+    """``cast_like(sums / total, dtype)``, the same bits.
+
+    A float dtype gets the quotient written straight into it, without a float64 temporary
+    the size of the parameter.
+    """
+    if dtype is not None and dtype.kind == "f":
+        return np.divide(sums, total, out=np.empty(sums.shape, dtype), casting="same_kind")
+    return cast_like(sums / total, dtype)
 
 
 def cast_like(mean: np.ndarray, dtype: np.dtype | None) -> np.ndarray:

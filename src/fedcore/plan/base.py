@@ -136,12 +136,10 @@ class TrainingPlan(abc.ABC):
         seconds and after the last step, and not at all outside a node. A plan that
         overrides :meth:`report` gets a call after every step.
         """
-        if type(self).report is not TrainingPlan.report:
-            return LocalLoop(self.training, report=self.report,
-                             batches_per_epoch=batches_per_epoch)
-        return LocalLoop(self.training,
-                         report=self.report if self.progress_callback is not None else None,
-                         batches_per_epoch=batches_per_epoch, report_every_s=REPORT_EVERY_S)
+        own = type(self).report is not TrainingPlan.report  # an override hears every step
+        report = self.report if own or self.progress_callback is not None else None
+        return LocalLoop(self.training, report=report, batches_per_epoch=batches_per_epoch,
+                         report_every_s=0.0 if own else REPORT_EVERY_S)
 
     def report(self, *, step: int, loss: float | None = None, epoch: int = 0,
                samples: int = 0, fraction: float | None = None) -> None:
