@@ -80,3 +80,28 @@ def test_rows_frame_follows_pandas_text_settings_between_rounds():
     assert again.columns.dtype == pd.DataFrame(rows).columns.dtype
     again.columns.name = "mine"
     assert rows_frame(rows).columns.name is None
+
+
+def test_rows_frame_follows_the_rows_from_round_to_round():
+    """What is kept between frames (columns, blocks, index) never outlives the rows' shape."""
+    ten = [_ok_row(i) for i in range(10)]
+    three = [_ok_row(i) for i in range(3)]
+    floats = [{**row, "n_test": 0.5} for row in three]  # same names, another type
+    texts = [{**row, "round_s": "slow"} for row in three]
+    beyond = [{**row, "n_test": 2**63} for row in three]
+    for rows in (ten, three, ten, floats, three, texts, beyond, three):
+        expected, got = pd.DataFrame(rows), rows_frame(rows)
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+        assert list(got.dtypes) == list(expected.dtypes)
+        assert got.index.equals(expected.index) and type(got.index) is type(expected.index)
+
+
+def test_rows_frames_do_not_share_their_axes():
+    rows = [_ok_row(i) for i in range(3)]
+    first = rows_frame(rows)
+    first.index.name, first.columns.name = "node", "column"
+    second = rows_frame(rows)
+    assert second.index.name is None and second.columns.name is None
+    assert not second.columns.is_(rows_frame(rows).columns)
+    second.loc[0, "node"] = "elsewhere"
+    assert rows_frame(rows).loc[0, "node"] == "node-00"

@@ -11,18 +11,17 @@ aggregator, in clear or through secure aggregation, is the ``protection`` layer
 from __future__ import annotations
 
 import logging
-import operator
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from fedcore.aggregators import Aggregator
 from fedcore.errors import FedcoreError, RoundError, SecureAggregationError
 from fedcore.params import ParameterSet
+from fedcore.researcher._frame import rows_frame
 from fedcore.researcher.federation import Federation
 from fedcore.researcher.protection import RoundProtection
 from fedcore.wire.messages import TrainReply, TrainRequest
@@ -223,96 +222,6 @@ class Round:
         """The row of a node that did not answer (gone, too late, disconnected)."""
         self._failures[node] = error
         self._row(node, "missing").update(n_samples=0, n_test=0, error=error)
-
-
-#: The dtype pandas infers for a column whose values are all of one of these exact types
-#: (``str``: the dtype it infers for text, ``str`` or ``object`` with the pandas version).
-_SCALARS: dict[type, np.dtype | None] = {int: np.dtype(np.int64), float: np.dtype(np.float64),
-                                         bool: np.dtype(np.bool_), str: None}
-
-try:  # pandas >= 3: a frame from its blocks, without inferring anything
-    from pandas.api.internals import create_dataframe_from_blocks
-except ImportError:  # pragma: no cover - older pandas infers, as it always did
-    create_dataframe_from_blocks = None
-try:  # whether pandas infers its str dtype for text (an option, deprecated in pandas 3)
-    from pandas._config import using_string_dtype
-except ImportError:  # pragma: no cover - then the column names are inferred every time
-    using_string_dtype = None
-
-#: The column names of the last frame, with what made them: the names, and pandas' settings
-#: for text (inferred as ``str``, and its storage). Every round has the same columns, and
-#: inferring their dtype, cold, was half the frame's cost (~0.25 ms).
-_last_names: tuple[tuple[tuple[str, ...], bool, str], pd.Index] | None = None
-
-
-def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """``pd.DataFrame(rows)``, the same frame, built from typed columns where that is safe.
-
-    Where every row has the same keys and each column holds values of one exact type
-    (``int`` within int64, ``float``, ``bool``, ``str``), pandas is handed one block per
-    dtype, the dtype it would have inferred, instead of inferring each column from a table
-    of objects (a round's rows, 10 rows of 17 columns, took ~0.6 ms of the event loop that
-    way). Any other rows (missing keys, ``None``, mixed types) go to ``pd.DataFrame``.
-    """
-    columns = _typed_columns(rows)
-    if columns is None or create_dataframe_from_blocks is None:
-        return pd.DataFrame(rows)
-    names = _column_names(list(columns))  # text infers as the columns' own text does
-    blocks: dict[Any, tuple[list[int], list[list[Any]]]] = {}
-    for i, (dtype, values) in enumerate(columns.values()):
-        place, data = blocks.setdefault(names.dtype if dtype is None else dtype, ([], []))
-        place.append(i)
-        data.append(values)
-    arrays: list[tuple[Any, np.ndarray]] = []
-    for dtype, (place, data) in blocks.items():
-        if isinstance(dtype, np.dtype):
-            arrays.append((np.array(data, dtype), np.array(place)))
-        else:  # an extension dtype (pandas' str) is one block per column
-            arrays.extend((pd.array(v, dtype=dtype), np.array([i]))
-                          for i, v in zip(place, data, strict=True))
-    return create_dataframe_from_blocks(arrays, index=pd.RangeIndex(len(rows)), columns=names)
-
-
-def _column_names(keys: list[str]) -> pd.Index:
-    """``pd.Index(keys)``: a copy of the last one made while the keys and settings match.
-
-    A shallow copy: the labels are read-only and shared, the name is its own.
-    """
-    global _last_names
-    if using_string_dtype is None:  # pragma: no cover
-        return pd.Index(keys)
-    made = (tuple(keys), using_string_dtype(), pd.get_option("mode.string_storage"))
-    last = _last_names
-    if last is not None and last[0] == made:
-        return last[1].copy()
-    names = pd.Index(keys)
-    _last_names = (made, names.copy())
-    return names
-
-
-def _typed_columns(rows: list[dict[str, Any]]) -> dict[str, tuple[Any, list[Any]]] | None:
-    """Each column's dtype and values, or ``None`` where pandas must infer them."""
-    if not rows:
-        return None
-    keys = rows[0].keys()
-    # The same keys, set-wise (pandas orders the columns by the first row); text names only.
-    if any(type(k) is not str for k in keys) or not all(map(keys.__eq__, map(dict.keys, rows))):
-        return None
-    names = list(keys)
-    if not names:
-        return None
-    table = map(operator.itemgetter(*names), rows) if len(names) > 1 else (
-        (r[names[0]],) for r in rows)
-    columns: dict[str, tuple[Any, list[Any]]] = {}
-    for key, column in zip(names, zip(*table, strict=True), strict=True):
-        kinds = set(map(type, column))
-        kind = kinds.pop()
-        if kinds or kind not in _SCALARS:
-            return None
-        if kind is int and not (-2**63 <= min(column) and max(column) < 2**63):
-            return None  # beyond int64: pandas' inference decides
-        columns[key] = (_SCALARS[kind], list(column))
-    return columns
 
 
 def _reply_columns(body: TrainReply) -> dict[str, Any]:
