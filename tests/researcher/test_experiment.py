@@ -140,6 +140,24 @@ def test_the_experiment_runs_inside_a_running_event_loop(breast_cancer):
     assert exp.round == 3 and len(exp.history) == 6
 
 
+def test_run_shows_each_rounds_nodes_and_metric_in_its_bar(breast_cancer, capsys):
+    """run() builds no frame per round for a hidden bar; a shown one still gets its postfix."""
+    Xtr, _, ytr, _ = breast_cancer
+    with simulate.from_arrays(Xtr, ytr, n_nodes=2, tags=["breast"]) as fed:
+        exp = _experiment(fed, progress=True, test_ratio=0.2)
+        history = exp.run(2)
+        shown = capsys.readouterr().err
+        exp.progress = False
+        exp.run(1)
+        hidden = capsys.readouterr().err
+        once = exp.run_once()
+    assert "2/2" in shown and "nodes=2/2" in shown and "accuracy=" in shown
+    assert hidden == ""
+    pd.testing.assert_frame_equal(history, exp.history.iloc[:4])
+    pd.testing.assert_frame_equal(once, exp.history.iloc[6:].reset_index(drop=True))
+    assert list(exp.history["round"]) == [1, 1, 2, 2, 3, 3, 4, 4]
+
+
 def test_hyperparameters_change_between_rounds(breast_cancer):
     Xtr, _, ytr, _ = breast_cancer
     with simulate.from_arrays(Xtr, ytr, n_nodes=2, tags=["breast"]) as fed:

@@ -267,6 +267,11 @@ class Experiment(ExperimentSettings):
 
     async def _run_once(self) -> pd.DataFrame:
         """Run one round; return its rows of :attr:`history`."""
+        result, frame = await self._round()
+        return result.frame if frame is None else frame
+
+    async def _round(self) -> tuple[RoundResult, pd.DataFrame | None]:
+        """Run one round and record it; its rows as a frame, if recording made one."""
         settings = await self._round_settings(self.round + 1, {})
         targets = settings.datasets
         protection = protection_for(
@@ -277,7 +282,7 @@ class Experiment(ExperimentSettings):
                 (targets[n].get("metadata") or {}).get("n_samples") or 1))
                 for n in settings.nodes})
         result = await Round(settings, self._session, self._aggregator, protection).run()
-        return self._apply(result)
+        return result, self._apply(result)
 
     async def _round_settings(self, rnd: int, request: dict[str, Any]) -> RoundSettings:
         self._session.listen(self.id, self._on_progress)
@@ -338,15 +343,20 @@ class Experiment(ExperimentSettings):
     fine_tune = _runtime.blocking(_fine_tune)
     afine_tune = _runtime.awaitable(_fine_tune)
 
-    def _apply(self, result: RoundResult) -> pd.DataFrame:
-        """Record a round's result: history, global model, TensorBoard, checkpoint."""
+    def _apply(self, result: RoundResult) -> pd.DataFrame | None:
+        """Record a round's result: history, global model, TensorBoard, checkpoint.
+
+        Returns the rows' frame where TensorBoard needed one, else ``None``: ``run()``
+        needs no frame per round (~0.4 ms of the event loop each).
+        """
         self._history.extend(result.rows)
         if result.error is not None:
             raise result.error
         self._params = result.params
         self.round = result.round
-        frame = result.frame
+        frame = None
         if self._tensorboard is not None:
+            frame = result.frame
             self._tensorboard.write_round(result.round, frame)
         if self.checkpoint_dir is not None:
             self.save(Path(self.checkpoint_dir) / f"round_{result.round:04d}.fedcore")
@@ -374,11 +384,13 @@ class Experiment(ExperimentSettings):
         bar_class = _progress_bar(self.progress)
         with bar_class(total=rounds, desc=self.name, unit="round",
                        disable=not self.progress) as bar:
-            self._bar = bar
+            self._bar = None if bar.disable else bar  # a hidden bar needs no postfix
             try:
                 for _ in range(rounds):
-                    rows = await self._run_once()
-                    bar.set_postfix(_postfix(rows), refresh=False)
+                    result, frame = await self._round()
+                    if not bar.disable:
+                        bar.set_postfix(_postfix(result.frame if frame is None else frame),
+                                        refresh=False)
                     bar.update(1)
             finally:
                 self._bar = None
