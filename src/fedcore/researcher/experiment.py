@@ -278,8 +278,9 @@ class Experiment(ExperimentSettings):
             self._secagg, self._session, self._aggregator, self._strategy, experiment=self.id,
             round=settings.round, nodes=settings.nodes, reference=settings.params,
             timeout=settings.wait,
-            weights_hint={n: self._strategy.weight(n, int(
-                (targets[n].get("metadata") or {}).get("n_samples") or 1))
+            weights_hint={} if self._secagg is None else {  # only secure rounds read it
+                n: self._strategy.weight(n, int(
+                    (targets[n].get("metadata") or {}).get("n_samples") or 1))
                 for n in settings.nodes})
         result = await Round(settings, self._session, self._aggregator, protection).run()
         return result, self._apply(result)
