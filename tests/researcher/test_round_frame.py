@@ -51,6 +51,7 @@ def test_rows_frame_is_the_frame_pandas_builds(rows):
     assert list(got.dtypes) == list(expected.dtypes)
     assert got.columns.dtype == expected.columns.dtype
     assert got.index.equals(expected.index) and type(got.index) is type(expected.index)
+    assert [type(got[c].array) for c in got] == [type(expected[c].array) for c in expected]
 
 
 def test_round_result_frame_keeps_its_rows_apart():

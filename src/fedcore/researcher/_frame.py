@@ -4,10 +4,10 @@ A round's rows (one per node) have the same keys and value types round after rou
 every value of a column is of one exact type (``int`` within int64, ``float``, ``bool``,
 ``str``), pandas is handed one block per dtype, the dtype it would have inferred, instead of
 inferring each column from a table of objects (10 rows of 17 columns took ~0.6 ms of the
-event loop that way). What depends only on the columns' names and types (the column index,
-which column goes to which block) is kept from the last frame while those and pandas' text
-settings stay the same. Any other rows (missing keys, ``None``, mixed types) go to
-``pd.DataFrame``.
+event loop that way). What depends only on the rows' count, names and types (the column
+index, which column goes to which block, the row index) is kept from the last frame while
+those and pandas' text settings stay the same. Any other rows (missing keys, ``None``,
+mixed types) go to ``pd.DataFrame``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.arrays import StringArray
 
 try:  # pandas >= 3: a frame from its blocks, without inferring anything
     from pandas.api.internals import create_dataframe_from_blocks
@@ -28,6 +29,9 @@ try:  # pandas' settings, read as its own ``using_string_dtype()`` reads them (g
     from pandas._config import _global_config
 except ImportError:  # pragma: no cover - then every frame is inferred by pandas
     create_dataframe_from_blocks = None
+
+#: pandas' own constructor of an array around an ndarray, without checking its values.
+_simple_new = getattr(StringArray, "_simple_new", None)
 
 __all__ = ["rows_frame"]
 
@@ -43,9 +47,9 @@ class _Layout:
 
     ``key``: the row count, the names, the types, and pandas' settings for text (inferred as
     ``str``, and its storage); ``index``: the rows' index; ``names``: the column index
-    pandas infers for the names; ``blocks``: each
-    block's dtype and the positions of its columns, in pandas' order. Text is a numpy
-    ``object`` block, or one block per column where pandas infers its ``str`` dtype.
+    pandas infers for the names; ``blocks``: each block's dtype and the positions of its
+    columns, in pandas' order. Text is a numpy ``object`` block, or one block per column
+    where pandas infers its ``str`` dtype.
     """
 
     key: tuple[Any, ...]
@@ -71,13 +75,25 @@ def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 values = np.array([columns[i] for i in place], dtype)
             except OverflowError:  # an int beyond int64: pandas' inference decides
                 return pd.DataFrame(rows)
-        else:  # pandas' str dtype, its array made as pandas makes it (no second check)
-            values = dtype.construct_array_type()._from_sequence(columns[place[0]],
-                                                                   dtype=dtype)
+        else:  # pandas' str dtype: one block per column
+            values = _text(columns[place[0]], dtype)
         arrays.append((values, np.array(place)))
     # Shallow copies (the labels are read-only and shared; the name is the frame's own).
     return create_dataframe_from_blocks(arrays, index=layout.index._view(),
                                         columns=layout.names._view())
+
+
+def _text(values: tuple[str, ...], dtype: Any) -> Any:
+    """The array of pandas' ``str`` dtype that pandas makes for ``values``, all ``str``.
+
+    With the python storage it is a ``StringArray`` around an object array of the values:
+    made here without ``_from_sequence``'s conversion of each value to ``str``, a no-op on
+    values already checked to be ``str`` (~30 us a column in the loop, cold).
+    """
+    kind = dtype.construct_array_type()
+    if kind is StringArray and _simple_new is not None:
+        return _simple_new(np.array(values, dtype=object), dtype)
+    return kind._from_sequence(values, dtype=dtype)
 
 
 def _table(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]] | None:
