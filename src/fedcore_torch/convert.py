@@ -27,30 +27,42 @@ def set_parameters(module: torch.nn.Module, params: ParameterSet) -> None:
     ``params`` may be read-only (arrays decoded from a frame are views of it): they are only
     read, and never wrapped in a tensor that could write to them.
     """
-    state = module.state_dict()
+    # keep_vars: the tensors themselves, without a detached copy of each (a node sets its
+    # model every round); they are written through numpy views, or under no_grad.
+    state = module.state_dict(keep_vars=True)
     if list(state) != list(params) or any(
-        tuple(t.shape) != np.shape(params[name]) for name, t in state.items()
+        tuple(t.shape) != _shape(params[name]) for name, t in state.items()
     ):
         ParameterSet((k, np.empty(v.shape, np.uint8)) for k, v in state.items()).check_layout(
             params, what="received model"
         )
-    with torch.no_grad():
-        for name, tensor in state.items():
-            _copy_into(tensor, np.asarray(params[name]))
+    rest = [(tensor, array) for name, tensor in state.items()
+            if not _copy_through_numpy(tensor, array := np.asarray(params[name]))]
+    if rest:
+        with torch.no_grad():
+            for tensor, array in rest:
+                # torch.from_numpy would wrap a read-only array in a writable tensor (and
+                # warn).
+                tensor.copy_(torch.from_numpy(array) if array.flags.writeable
+                             else torch.tensor(array))
 
 
-def _copy_into(tensor: torch.Tensor, array: np.ndarray) -> None:
-    if tensor.device.type == "cpu":
-        try:
-            target = tensor.numpy()  # a view: numpy copies straight into the tensor
-        except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16...)
-            pass
-        else:
-            np.copyto(target, array, casting="unsafe")  # casts as Tensor.copy_ does
-            return
-    # torch.from_numpy would wrap a read-only array in a writable tensor (and warn).
-    source = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
-    tensor.copy_(source)
+def _shape(value: Any) -> tuple[int, ...]:
+    return value.shape if isinstance(value, np.ndarray) else np.shape(value)
+
+
+def _copy_through_numpy(tensor: torch.Tensor, array: np.ndarray) -> bool:
+    """Copy ``array`` into a CPU ``tensor`` through a numpy view of it; whether it could."""
+    # numpy(force=True) of a CPU tensor without a conjugate or negative bit is a view of its
+    # memory (the detached tensor's numpy()); otherwise it would be a copy, written in vain.
+    if tensor.device.type != "cpu" or tensor.is_conj() or tensor.is_neg():
+        return False
+    try:
+        target = tensor.numpy(force=True)
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16...)
+        return False
+    np.copyto(target, array, casting="unsafe")  # casts as Tensor.copy_ does
+    return True
 
 
 def to_tensor(array: object, dtype: torch.dtype | None = None) -> torch.Tensor:

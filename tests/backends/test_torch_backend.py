@@ -18,9 +18,10 @@ from torch.nn import functional as F  # noqa: E402
 
 from fedcore import Experiment, simulate  # noqa: E402
 from fedcore.data import ArrayDataset  # noqa: E402
+from fedcore.params import ParameterSet  # noqa: E402
 from fedcore.wire import codec  # noqa: E402
 from fedcore.wire.messages import Envelope, TrainReply  # noqa: E402
-from fedcore_torch import TorchTrainingPlan  # noqa: E402
+from fedcore_torch import TorchTrainingPlan, convert  # noqa: E402
 
 
 class DigitsPlan(TorchTrainingPlan):
@@ -417,3 +418,69 @@ def test_a_kept_model_holds_no_gradients_between_rounds(digits):
     request, ds = _round_of(DigitsPlan, digits, {"epochs": 1})
     _, kept = run_round(DigitsPlan, request, ds, "n", 1, {})
     assert all(p.grad is None for p in kept.model.parameters())
+
+
+def test_set_parameters_casts_into_a_bfloat16_model_and_a_float32_one():
+    # numpy has no bfloat16: that model is set by torch's copy_, under no_grad; float64
+    # arrays go into a float32 model cast as copy_ casts them. Both stay trainable leaves.
+    weight = np.arange(6, dtype=np.float64).reshape(2, 3) / 4
+    weight.flags.writeable = False
+    params = ParameterSet({"weight": weight, "bias": np.array([1.5, -2.0])})
+    for dtype in (torch.bfloat16, torch.float32):
+        model = nn.Linear(3, 2).to(dtype)
+        convert.set_parameters(model, params)
+        assert model.weight.dtype == dtype and model.weight.requires_grad
+        assert model.weight.is_leaf and model.weight.grad_fn is None
+        assert torch.equal(model.weight, torch.tensor(weight, dtype=dtype))
+        assert torch.equal(model.bias, torch.tensor([1.5, -2.0], dtype=dtype))
+    with pytest.raises(ValueError, match="'weight' has shape \\(1, 3\\)"):
+        convert.set_parameters(nn.Linear(3, 2), ParameterSet(
+            {"weight": weight[:1], "bias": np.zeros(2)}))
+
+
+class CountingSGD(torch.optim.SGD):
+    zero_grads = 0
+
+    def zero_grad(self, set_to_none=True):
+        CountingSGD.zero_grads += 1
+        super().zero_grad(set_to_none)
+
+
+class OwnOptimizerPlan(DigitsPlan):
+    def init_optimizer(self):
+        return CountingSGD(self.model.parameters(), lr=self.training.lr, momentum=0.9)
+
+
+def test_a_plans_own_optimizer_is_zeroed_by_its_own_zero_grad_at_every_step(digits):
+    # The default SGD's gradients are dropped directly; a plan's optimizer keeps its own.
+    from fedcore.node.executor import run_round
+
+    request, ds = _round_of(OwnOptimizerPlan, digits, {"epochs": 2, "batch_size": 10})
+    CountingSGD.zero_grads = 0
+    reply, _ = run_round(OwnOptimizerPlan, request, ds, "n", 1, {})
+    assert reply.train_stats["steps"] == 20 and CountingSGD.zero_grads == 20
+
+
+def test_the_default_optimizer_trains_as_a_plain_torch_loop(digits):
+    # What the kept SGD does without its zero_grad: the same weights, bit for bit.
+    Xtr, _, ytr, _ = digits
+    plan = DigitsPlan({}, {"epochs": 2, "batch_size": 16, "lr": 0.1})
+    plan.build(seed=0)
+    start = plan.get_parameters().copy()
+    for seed in (3, 4):  # the second round reuses the kept optimizer
+        plan.set_parameters(start)
+        plan.fit(ArrayDataset(Xtr[:90], ytr[:90]), seed=seed)
+    model = DigitsPlan().init_model()
+    convert.set_parameters(model, start)
+    X = torch.as_tensor(Xtr[:90], dtype=torch.float32)
+    y = torch.as_tensor(ytr[:90])
+    generator = torch.Generator().manual_seed(4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        order = torch.randperm(len(X), generator=generator)
+        for begin in range(0, len(X), 16):
+            idx = order[begin:begin + 16]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            optimizer.step()
+    assert plan.get_parameters().equal(convert.get_parameters(model))
