@@ -415,3 +415,20 @@ def test_a_batch_encoder_refuses_what_cannot_be_sent_and_goes_on_with_the_next()
     too_big = codec.BatchEncoder(max_size=256)
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         too_big.encode_parts(good)
+
+
+def test_a_decoded_body_is_the_frozen_dataclass_its_constructor_makes():
+    import dataclasses
+
+    sent = SAMPLES["train-reply"]
+    env = codec.decode(codec.encode(Envelope(sent, sender="n1", recipient="r")))
+    got = env.body
+    assert type(got) is TrainReply and got.to_wire().keys() == sent.to_wire().keys()
+    assert repr(dataclasses.replace(got, params=sent.params)) == repr(sent)
+    assert got.extras == {} and got.extras is not TrainReply(params=sent.params,
+                                                            n_samples=1).extras
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.n_samples = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        env.sender = "x"  # type: ignore[misc]
+    assert env == dataclasses.replace(env) and env.sender == "n1" and env.reply_to == ""

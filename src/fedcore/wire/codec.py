@@ -113,7 +113,8 @@ class BatchEncoder:
         fields = env.body.to_wire()
         if type(fields) is not dict:  # pragma: no cover - every Body gives a dict
             return encode_parts(env, max_size=self.max_size)
-        self._arrays = arrays = []
+        arrays: list[np.ndarray] = []
+        self._arrays = arrays
         chunks = [_map_header(len(fields))]
         values, keys, pack = self._values, self._keys, self._pack
         try:

@@ -122,16 +122,15 @@ def assemble(cls: type[_D], values: dict[str, Any]) -> _D:
     update of its ``__dict__`` instead: the same object, ~1.5 us sooner for a reply of 14
     fields. ``values`` must name every field, in order, and nothing else.
     """
-    if not _PLAIN.get(cls, False):
-        if cls in _PLAIN:
-            return cls(**values)
-        _PLAIN[cls] = plain = not hasattr(cls, "__post_init__") and all(
-            f.init for f in dataclasses.fields(cls)) and not hasattr(cls, "__slots__")
-        if not plain:
-            return cls(**values)
-    body = object.__new__(cls)
-    body.__dict__.update(values)
-    return body
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        plain = _PLAIN[cls] = not hasattr(cls, "__post_init__") and not hasattr(
+            cls, "__slots__") and all(f.init for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    if not plain:
+        return cls(**values)
+    built = object.__new__(cls)
+    built.__dict__.update(values)
+    return built
 
 
 #: Whether each class is built by :func:`assemble`'s update of its ``__dict__``.
