@@ -86,8 +86,14 @@ class InProcessTransport(Transport):
         await self._send(peer, bytes(frame))
 
     async def send_parts(self, peer: str, parts: Sequence[Buffer]) -> None:
-        """Send ``parts`` as one message, unjoined (see :class:`~fedcore.transport.Parts`)."""
-        await self._send(peer, Parts(parts))
+        """Send ``parts`` as one message, unjoined (see :class:`~fedcore.transport.Parts`).
+
+        To a relay, which forwards one buffer, they are joined at once (a copy, as
+        :class:`~fedcore.transport.Parts` would make of them and the relay then join).
+        """
+        with self._hub.lock:
+            relay = isinstance(self._hub.endpoints.get(peer), InProcessRelay)
+        await self._send(peer, b"".join(parts) if relay else Parts(parts))
 
     async def _send(self, peer: str, frame: bytes | Parts) -> None:
         self._target(peer, frame)._deliver(self.identity, frame, asyncio.get_running_loop())

@@ -179,3 +179,23 @@ def test_scatter_gives_every_peer_one_reply_whatever_became_of_its_request():
     assert by_node["silent"].missing and "did not answer ping within 2 s" in \
         by_node["silent"].why()
     assert pending == {} and awaiting == {}  # nothing of the scatter is left behind
+
+
+def test_a_body_that_cannot_be_sent_fails_its_node_only():
+    from fedcore import _runtime
+
+    X, y = _data()
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], seed=0) as sim:
+        fed = Federation(sim.url)
+
+        async def ask():
+            client = await fed.client(["node-01", "node-02"])
+            bodies = {"node-01": SearchRequest(tags=["t", object()]),  # type: ignore[list-item]
+                      "node-02": SearchRequest(tags=["t"])}
+            return {r.node: r async for r in client.scatter(bodies, timeout=10)}
+
+        replies = _runtime.run(ask())
+        fed.close()
+    assert replies["node-01"].kind == "protocol" and not replies["node-01"].remote
+    assert "Cannot send a object" in replies["node-01"].why()
+    assert isinstance(replies["node-02"].expect(SearchReply), SearchReply)

@@ -368,3 +368,67 @@ def test_message_ids_are_128_random_bits_in_hex():
     assert len(ids) == 1000
     assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
     assert len({Envelope(Ping()).id for _ in range(10)}) == 10
+
+
+def test_a_batch_of_ids_is_as_many_fresh_128_bit_ids():
+    from fedcore.wire.messages import new_ids
+
+    ids = new_ids(1000)
+    assert len(set(ids)) == 1000 and new_ids(0) == []
+    assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    assert not set(ids) & set(new_ids(1000))
+
+
+def _joined(parts):
+    return b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+
+
+def test_a_batch_encoder_makes_each_frame_byte_for_byte_as_encode_parts():
+    shared = _params()
+    plan = {"files": {"plan.py": "x = 1\n"}, "entry": "P", "backend": "sklearn"}
+    control = {"c": np.arange(4, dtype=np.float32)}  # arrays after the model's
+    three = ParameterSet({"a": np.ones(2), "b": np.zeros(3), "c": np.ones(1, np.int32)})
+    bodies = [
+        TrainRequest(plan=plan, params=shared, dataset_id=f"ds-{i}", algorithm=control,
+                     secagg={"node": f"n{i}"}) for i in range(3)]
+    # The same control, now after three arrays, not six: its references must change.
+    bodies.append(TrainRequest(plan=plan, params=three, dataset_id="ds-x", algorithm=control))
+    bodies.append(SAMPLES["secagg"])
+    encoder = codec.BatchEncoder()
+    for i, body in enumerate(bodies):
+        env = Envelope(body=body, sender="r", recipient=f"n{i}", experiment="e", round=2)
+        frame = _joined(encoder.encode_parts(env))
+        assert frame == codec.encode(env)
+        got = codec.decode(frame)
+        assert got.recipient == f"n{i}" and got.id == env.id
+        for name in body.to_wire():
+            _assert_same(getattr(body, name), getattr(got.body, name))
+
+
+def test_a_batch_encoder_refuses_what_cannot_be_sent_and_goes_on_with_the_next():
+    encoder = codec.BatchEncoder()
+    bad = Envelope(SearchReply(node_id="n1", datasets=[{"x": object()}]))
+    with pytest.raises(ProtocolError, match="Cannot send a object"):
+        encoder.encode_parts(bad)
+    good = Envelope(SAMPLES["train"], recipient="n2")
+    assert _joined(encoder.encode_parts(good)) == codec.encode(good)
+    too_big = codec.BatchEncoder(max_size=256)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        too_big.encode_parts(good)
+
+
+def test_a_decoded_body_is_the_frozen_dataclass_its_constructor_makes():
+    import dataclasses
+
+    sent = SAMPLES["train-reply"]
+    env = codec.decode(codec.encode(Envelope(sent, sender="n1", recipient="r")))
+    got = env.body
+    assert type(got) is TrainReply and got.to_wire().keys() == sent.to_wire().keys()
+    assert repr(dataclasses.replace(got, params=sent.params)) == repr(sent)
+    assert got.extras == {} and got.extras is not TrainReply(params=sent.params,
+                                                            n_samples=1).extras
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.n_samples = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        env.sender = "x"  # type: ignore[misc]
+    assert env == dataclasses.replace(env) and env.sender == "n1" and env.reply_to == ""

@@ -12,6 +12,10 @@ from fedcore.params import ParameterSet
 #: Values per slice when folding an update into the running sums: the float64 products of
 #: one slice (2 MB) stay in cache instead of making a model-sized temporary per update.
 _CHUNK = 1 << 18
+#: Values up to which an update's layer is widened into a temporary of its own: the same
+#: arithmetic (widen, multiply in float64, add), in fewer calls (~2 us a node and round for
+#: a 64 x 10 linear model).
+_SMALL = 1 << 12
 
 
 class FedAvg(Aggregator):
@@ -64,6 +68,9 @@ class FedAvg(Aggregator):
         """``acc += a * weight`` in float64, slice by slice through a small scratch buffer."""
         a = np.asarray(a)
         n = a.size
+        if n <= _SMALL:  # a temporary of a few kB: two calls, not a scratch slice's five
+            np.add(acc, np.multiply(a, weight, dtype=np.float64), out=acc)
+            return
         if self._scratch.size < min(n, _CHUNK):
             self._scratch = np.empty(min(max(n, 1024), _CHUNK), np.float64)
         if n <= _CHUNK:  # one slice: the whole array, in its own shape

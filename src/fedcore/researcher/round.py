@@ -139,8 +139,9 @@ class Round:
         order = sorted(nodes)  # updates are folded in this order, whatever the arrival
         arrived: dict[str, Reply] = {}
         folded = 0
-        async for reply in self.session.scatter(self._requests(order), experiment=s.experiment,
-                                                round=s.round, timeout=s.wait):
+        client = await self.session.client()  # its scatter as Federation.scatter's, unwrapped
+        async for reply in client.scatter(self._requests(order), experiment=s.experiment,
+                                          round=s.round, timeout=s.wait):
             if s.deadline is not None and reply.missing and reply.seconds >= s.deadline * 0.99:
                 reply = replace(reply, error=f"TransportError: Node {reply.node!r} missed the "
                                              f"round's deadline of {s.deadline:g} s.")
@@ -158,13 +159,14 @@ class Round:
         row = self._row(node, "ok")
         row["round_trip_s"] = reply.seconds
         body = reply.expect(TrainReply)
-        error = reply.why()
+        error = ""
         if body is not None:
             try:
                 self.protection.add(node, body)
             except (ValueError, FedcoreError) as exc:
                 body, error = None, f"{type(exc).__name__}: {exc}"
         if body is None:
+            error = error or reply.why()
             self._failures[node] = error
             row.update(status="failed", n_samples=0, n_test=0, error=error)
             if reply.remote:

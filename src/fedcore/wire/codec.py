@@ -18,6 +18,7 @@ them (:data:`DTYPES`); object arrays, pickle and class names never do. An array 
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,14 +27,14 @@ import numpy as np
 
 from fedcore.errors import ProtocolError
 from fedcore.params import ParameterSet
-from fedcore.wire.messages import PROTOCOL_VERSION, Envelope, body_type
+from fedcore.wire.messages import PROTOCOL_VERSION, Envelope, assemble, body_type
 from fedcore.wire.parts import Parts
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DEFAULT_MAX_FRAME", "DTYPES", "MAGIC", "MAX_RANK", "decode", "encode", "encode_parts",
-           "peek_header", "reply_id"]
+__all__ = ["DEFAULT_MAX_FRAME", "DTYPES", "MAGIC", "MAX_RANK", "BatchEncoder", "decode", "encode",
+           "encode_parts", "peek_header", "reply_id"]
 
 MAGIC = b"FCF1"
 DEFAULT_MAX_FRAME = 1 << 31  # 2 GiB: a 1 GiB model and its header fit with room to spare
@@ -63,6 +64,98 @@ def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> list[Bu
     Transports that can write vectored I/O send the parts without joining them.
     """
     arrays: list[np.ndarray] = []
+    try:
+        body = msgpack.packb(env.body.to_wire(), default=_packer_default(arrays))
+    except TypeError as exc:
+        raise ProtocolError(str(exc)) from exc
+    return _frame_parts(env, body, arrays, max_size)
+
+
+class BatchEncoder:
+    """:func:`encode_parts` for envelopes made in one go, packing what they share once.
+
+    A scatter's requests differ in a few fields (the recipient, the dataset...) and share
+    the rest: the same global model, plan and arguments, the same objects in every body.
+    Here a body field that holds the very object an earlier frame's field held, at the same
+    place among the frame's arrays, is not packed again: its bytes are reused. The frames
+    are byte for byte those of :func:`encode_parts`.
+
+    Use one encoder for frames encoded one after another with nothing in between that may
+    change the shared objects (no ``await``), then drop it: it keeps every object it saw,
+    so that none is freed and its ``id`` reused while it holds the bytes.
+    """
+
+    def __init__(self, *, max_size: int = DEFAULT_MAX_FRAME):
+        self.max_size = max_size
+        #: ``id(value)`` -> (value, its first array's index, its bytes, its arrays).
+        self._values: dict[int, tuple[Any, int, bytes, list[np.ndarray]]] = {}
+        self._keys: dict[str, bytes] = {}  # field names, packed
+        #: ``id`` of each array of a frame -> (those arrays, their descriptors).
+        self._layouts: dict[tuple[int, ...], tuple[list[np.ndarray], list[list[Any]]]] = {}
+        self._arrays: list[np.ndarray] = []  # the arrays of the frame being encoded
+        # One packer for every frame (what ``msgpack.packb`` makes at each call); it
+        # starts empty after an exception too.
+        self._pack = msgpack.Packer(default=self._default).pack
+
+    def _default(self, obj: Any) -> Any:
+        return _packer_default(self._arrays)(obj)
+
+    def _descriptors(self, arrays: list[np.ndarray]) -> list[list[Any]]:
+        """:func:`_descriptors`, made once for the same arrays (those of shared values)."""
+        key = tuple(map(id, arrays))
+        known = self._layouts.get(key)
+        if known is None or not all(map(operator.is_, known[0], arrays)):
+            known = self._layouts[key] = (list(arrays), _descriptors(arrays))
+        return known[1]
+
+    def encode_parts(self, env: Envelope) -> list[Buffer]:
+        """The parts of ``env``'s frame, as :func:`encode_parts` makes them."""
+        fields = env.body.to_wire()
+        if type(fields) is not dict:  # pragma: no cover - every Body gives a dict
+            return encode_parts(env, max_size=self.max_size)
+        arrays: list[np.ndarray] = []
+        self._arrays = arrays
+        chunks = [_map_header(len(fields))]
+        values, keys, pack = self._values, self._keys, self._pack
+        try:
+            for name, value in fields.items():
+                key = keys.get(name)
+                if key is None:
+                    key = keys[name] = pack(name)
+                chunks.append(key)
+                known = values.get(id(value))
+                # Its bytes name its arrays by their index in the frame: the same only if
+                # they start at the same place (or there are none).
+                if known is not None and known[0] is value and (
+                        not known[3] or known[1] == len(arrays)):
+                    chunks.append(known[2])
+                    arrays.extend(known[3])
+                    continue
+                start = len(arrays)
+                packed = pack(value)
+                values[id(value)] = (value, start, packed, arrays[start:])
+                chunks.append(packed)
+            header = pack(_header(env, b"".join(chunks), self._descriptors(arrays)))
+        except TypeError as exc:
+            raise ProtocolError(str(exc)) from exc
+        finally:
+            self._arrays = []
+        return _frame_from_header(header, arrays, self.max_size)
+
+
+def _map_header(n: int) -> bytes:
+    """The msgpack header of a map of ``n`` entries (what ``packb`` writes before them)."""
+    header = _MAP_HEADERS.get(n)
+    if header is None:
+        header = msgpack.Packer().pack_map_header(n)
+    return header
+
+
+_MAP_HEADERS = {n: msgpack.Packer().pack_map_header(n) for n in range(64)}
+
+
+def _packer_default(arrays: list[np.ndarray]) -> Any:
+    """The ``default`` of msgpack for a frame: arrays and parameter sets join ``arrays``."""
 
     def default(obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
@@ -78,24 +171,42 @@ def encode_parts(env: Envelope, *, max_size: int = DEFAULT_MAX_FRAME) -> list[Bu
             "float, bool, None, bytes, list, dict, numpy arrays or a ParameterSet."
         )
 
+    return default
+
+
+def _frame_parts(env: Envelope, body: bytes, arrays: list[np.ndarray], max_size: int
+                 ) -> list[Buffer]:
+    """The frame's parts: prefix, header (routing, array descriptors, ``body``), arrays."""
     try:
-        body = msgpack.packb(env.body.to_wire(), default=default)
-        header = msgpack.packb(
-            {
-                "v": env.version,
-                "t": env.tag,
-                "id": env.id,
-                "re": env.reply_to,
-                "from": env.sender,
-                "to": env.recipient,
-                "exp": env.experiment,
-                "rnd": env.round,
-                "a": [[a.dtype.str, list(a.shape)] for a in arrays],
-                "b": body,
-            }
-        )
+        header = msgpack.packb(_header(env, body, _descriptors(arrays)))
     except TypeError as exc:
         raise ProtocolError(str(exc)) from exc
+    return _frame_from_header(header, arrays, max_size)
+
+
+def _descriptors(arrays: list[np.ndarray]) -> list[list[Any]]:
+    """One ``[dtype, shape]`` per array, as the header lists them."""
+    return [[a.dtype.str, list(a.shape)] for a in arrays]
+
+
+def _header(env: Envelope, body: bytes, descriptors: list[list[Any]]) -> dict[str, Any]:
+    """The frame's header: routing, one ``[dtype, shape]`` per array, the packed body."""
+    return {
+        "v": env.version,
+        "t": env.tag,
+        "id": env.id,
+        "re": env.reply_to,
+        "from": env.sender,
+        "to": env.recipient,
+        "exp": env.experiment,
+        "rnd": env.round,
+        "a": descriptors,
+        "b": body,
+    }
+
+
+def _frame_from_header(header: bytes, arrays: list[np.ndarray], max_size: int
+                       ) -> list[Buffer]:
     parts: list[Buffer] = [_PREFIX.pack(MAGIC, len(header)), header]
     size = _PREFIX.size + len(header)
     for arr in arrays:
@@ -287,16 +398,10 @@ def _decode(frame: Buffer | Parts, max_size: int) -> Envelope:
         raise
     except (TypeError, ValueError) as exc:  # a body's own checks (__post_init__)
         raise ProtocolError(f"Malformed {cls.TAG} body: {exc}") from exc
-    return Envelope(
-        body=body,
-        sender=routing[2],
-        recipient=routing[3],
-        experiment=routing[4],
-        round=header["rnd"],
-        id=routing[0],
-        reply_to=routing[1],
-        version=version,
-    )
+    return assemble(Envelope, {
+        "body": body, "sender": routing[2], "recipient": routing[3],
+        "experiment": routing[4], "round": header["rnd"], "id": routing[0],
+        "reply_to": routing[1], "version": version})
 
 
 _STRS = (str,) * 5

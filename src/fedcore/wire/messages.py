@@ -9,6 +9,7 @@ the tag is looked up in this module's own registry.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import types
@@ -40,6 +41,7 @@ __all__ = [
     "TrainProgress",
     "TrainReply",
     "TrainRequest",
+    "assemble",
     "body_type",
     "message_types",
 ]
@@ -94,25 +96,50 @@ class Body:
         """Build the body from decoded fields, checking the types of known fields."""
         if not isinstance(data, dict):
             raise ProtocolError(f"{cls.TAG} body must be a map. Received: {type(data).__name__}")
-        kwargs: dict[str, Any] = {}
+        values: dict[str, Any] = {}
         get = data.get
-        for name, required, expected, check in _fields(cls):
+        for name, required, expected, check, default in _fields(cls):
             value = get(name, _MISSING)
             if value is _MISSING:
                 if required:
                     raise ProtocolError(f"{cls.TAG} body lacks the required field {name!r}.")
+                values[name] = default()
                 continue
             if not check(value):
                 raise ProtocolError(
                     f"{cls.TAG}.{name} must be {_type_name(expected)}. "
                     f"Received: {type(value).__name__}"
                 )
-            kwargs[name] = value
-        return cls(**kwargs)
+            values[name] = value
+        return assemble(cls, values)
+
+
+def assemble(cls: type[_D], values: dict[str, Any]) -> _D:
+    """``cls(**values)``, for a dataclass (a body, an envelope) and every one of its fields.
+
+    A frozen dataclass sets each field through ``object.__setattr__``; one without a
+    ``__post_init__`` (where nothing runs but those assignments) gets its fields in one
+    update of its ``__dict__`` instead: the same object, ~1.5 us sooner for a reply of 14
+    fields. ``values`` must name every field, in order, and nothing else.
+    """
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        plain = _PLAIN[cls] = not hasattr(cls, "__post_init__") and not hasattr(
+            cls, "__slots__") and all(f.init for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    if not plain:
+        return cls(**values)
+    built = object.__new__(cls)
+    built.__dict__.update(values)
+    return built
+
+
+#: Whether each class is built by :func:`assemble`'s update of its ``__dict__``.
+_PLAIN: dict[type, bool] = {}
+_D = TypeVar("_D")
 
 
 _MISSING = object()  # a field the body does not have
-_FIELDS: dict[type, list[tuple[str, bool, Any, Callable[[Any], bool]]]] = {}
+_FIELDS: dict[type, list[tuple[str, bool, Any, Callable[[Any], bool], Callable[[], Any]]]] = {}
 _NAMES: dict[type, tuple[str, ...]] = {}
 
 
@@ -124,16 +151,29 @@ def _names(cls: type) -> tuple[str, ...]:
     return names
 
 
-def _fields(cls: type) -> list[tuple[str, bool, Any, Callable[[Any], bool]]]:
-    """Each field of a body class: name, whether required, its type and its checker."""
+def _fields(cls: type) -> list[tuple[str, bool, Any, Callable[[Any], bool], Callable[[], Any]]]:
+    """Each field of a body class: name, whether required, its type, its checker, default.
+
+    The default is what makes it: its ``default_factory``, or a function returning it.
+    """
     spec = _FIELDS.get(cls)
     if spec is None:
         hints = _hints(cls)
         spec = _FIELDS[cls] = [
             (f.name, f.default is dataclasses.MISSING
              and f.default_factory is dataclasses.MISSING, hints[f.name],
-             _checker(hints[f.name])) for f in dataclasses.fields(cls)]
+             _checker(hints[f.name]), _default_maker(f)) for f in dataclasses.fields(cls)]
     return spec
+
+
+def _default_maker(f: dataclasses.Field[Any]) -> Callable[[], Any]:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory
+    return functools.partial(_same, f.default)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -201,6 +241,11 @@ def _build_checker(expected: Any) -> Callable[[Any], bool]:
         if key is None and args[1] is Any:
             return lambda value: isinstance(value, dict) and all(
                 map(isinstance, value, _REPEAT_STR))
+        if key is None and args[1] is float:  # numbers: their exact types first, in C
+            return lambda value: isinstance(value, dict) and all(
+                map(isinstance, value, _REPEAT_STR)) and (
+                _NUMBERS.issuperset(map(type, value.values()))
+                or all(map(val, value.values())))
         if key is None:
             return lambda value: isinstance(value, dict) and all(
                 map(isinstance, value, _REPEAT_STR)) and all(map(val, value.values()))
@@ -212,6 +257,9 @@ def _build_checker(expected: Any) -> Callable[[Any], bool]:
 
 
 _REPEAT_STR = itertools.repeat(str)  # endless: map() stops with the checked container
+#: The exact types a ``float`` element passes as (``bool`` is not one; a subclass of
+#: ``int`` or ``float`` is checked as it always was).
+_NUMBERS = frozenset({int, float, type(None)})
 
 
 def _item_checker(expected: Any) -> Callable[[Any], bool]:
@@ -235,6 +283,16 @@ def new_id() -> str:
     building a ``UUID`` object: ~0.3 instead of ~2.7 us, twice per node and round.
     """
     return os.urandom(16).hex()
+
+
+def new_ids(n: int) -> list[str]:
+    """``n`` fresh message ids, as :func:`new_id` makes them, from one read of the OS source.
+
+    One system call for a scatter's requests instead of one each (a thread that makes a
+    system call lets go of the GIL, and may wait to take it back).
+    """
+    digits = os.urandom(16 * n).hex()
+    return [digits[i:i + 32] for i in range(0, 32 * n, 32)]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,16 @@ from fedcore.transport import Parts, Transport
 from fedcore.wire import codec
 from fedcore.wire.chunks import ChunkedTransport, Delivery
 from fedcore.wire.identity import Identity, enrolled_nodes, researcher_identity
-from fedcore.wire.messages import Body, Envelope, ErrorReply, TrainProgress
+from fedcore.wire.messages import (
+    PROTOCOL_VERSION,
+    Body,
+    Envelope,
+    ErrorReply,
+    TrainProgress,
+    assemble,
+    new_id,
+    new_ids,
+)
 from fedcore.wire.signing import Guard
 
 if TYPE_CHECKING:
@@ -248,11 +257,16 @@ class Client:
                 seen, quiet_since = self.peers(), time.monotonic()
         return self.peers()
 
-    def _register(self, peer: str, body: Body, experiment: str, round: int
-                  ) -> tuple[Envelope, asyncio.Future[Envelope]]:
-        """The envelope of a request to ``peer`` and the future its reply will fill."""
-        env = Envelope(body=body, sender=self.identity, recipient=peer,
-                       experiment=experiment, round=round)
+    def _register(self, peer: str, body: Body, experiment: str, round: int,
+                  req_id: str | None = None) -> tuple[Envelope, asyncio.Future[Envelope]]:
+        """The envelope of a request to ``peer`` and the future its reply will fill.
+
+        ``req_id`` is the request's id (default: a new one).
+        """
+        env = assemble(Envelope, {
+            "body": body, "sender": self.identity, "recipient": peer, "experiment": experiment,
+            "round": round, "id": req_id or new_id(), "reply_to": "",
+            "version": PROTOCOL_VERSION})
         if self._guard.networked and peer not in self.enrolled:
             raise GovernanceError(f"Node {peer!r} is not enrolled, so it is refused. "
                                   f"{_ENROLL_HINT}")
@@ -295,17 +309,30 @@ class Client:
         gather = _Gather(self, timeout)
         waits = self.transport.capabilities.send_waits
         try:
-            for peer, body in bodies.items():
+            # Every frame first, in one go: what the bodies share (the model, the plan...)
+            # is packed once, and nothing can change it between two frames.
+            encoder = codec.BatchEncoder(max_size=self.max_frame_size)
+            frames: list[tuple[str, Envelope, asyncio.Future[Envelope], list[Buffer]]] = []
+            for peer, body, req_id in zip(bodies, bodies.values(), new_ids(len(bodies)),
+                                          strict=True):
                 try:
-                    env, fut = self._register(peer, body, experiment, round)
+                    env, fut = self._register(peer, body, experiment, round, req_id)
                 except GovernanceError as exc:
                     gather.done.append((peer, exc))
                     continue
                 gather.watch(peer, env.id, fut)
+                try:
+                    frames.append((peer, env, fut, encoder.encode_parts(env)))
+                except Exception as exc:  # that request fails, the scatter goes on
+                    fut.set_exception(exc)
+            del encoder
+            for peer, env, fut, parts in frames:
                 if waits:
-                    gather.sending.append(asyncio.create_task(gather.send(peer, env, fut)))
+                    gather.sending.append(asyncio.create_task(
+                        gather.send(peer, env, fut, parts)))
                 else:
-                    await gather.send(peer, env, fut)
+                    await gather.send(peer, env, fut, parts)
+            del frames
             for _ in range(len(bodies)):
                 peer, result = await gather.next()
                 if not isinstance(result, (Envelope, TransportError, ProtocolError,
@@ -335,11 +362,11 @@ class _Gather:
         self._futures[req_id] = fut
         fut.add_done_callback(functools.partial(self._finished, peer, req_id))
 
-    async def send(self, peer: str, env: Envelope, fut: asyncio.Future[Envelope]) -> None:
-        """Send the request; its timeout starts once it is sent."""
+    async def send(self, peer: str, env: Envelope, fut: asyncio.Future[Envelope],
+                   parts: list[Buffer]) -> None:
+        """Send the request (its frame's ``parts``); its timeout starts once it is sent."""
         try:
-            await self.client._link.send_parts(peer, codec.encode_parts(
-                env, max_size=self.client.max_frame_size))
+            await self.client._link.send_parts(peer, parts)
         except Exception as exc:  # the request fails, the scatter goes on
             if not fut.done():
                 fut.set_exception(exc)
