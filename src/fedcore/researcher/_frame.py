@@ -115,8 +115,12 @@ def _layout(first: dict[str, Any], table: list[tuple[Any, ...]]) -> _Layout | No
     types = tuple(map(type, table[0]))
     if not all(tuple(map(type, values)) == types for values in table):
         return None
-    key = (len(table), tuple(first), types, _global_config["future"]["infer_string"],
-           _global_config["mode"]["string_storage"])
+    try:
+        settings = (_global_config["future"]["infer_string"],
+                    _global_config["mode"]["string_storage"])
+    except (KeyError, TypeError):  # pragma: no cover - a pandas that keeps them elsewhere
+        return None
+    key = (len(table), tuple(first), types, *settings)
     last = _last
     if last is not None and last.key == key:
         return last
