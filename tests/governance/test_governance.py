@@ -211,6 +211,29 @@ def test_the_built_in_policies_decide_and_explain():
     assert "has 80 samples" in _review({"min_samples": 81}, stats).reason
 
 
+class EpochsToOne(Policy):
+    """A site policy that edits the decision an allow gave it (a pattern users write)."""
+
+    name = "epochs-to-one"
+
+    def review(self, request):
+        decision = Decision.allow()
+        decision.overrides["epochs"] = 1
+        return decision
+
+
+def test_an_allow_is_a_fresh_decision_that_no_policy_can_change_for_another():
+    assert Decision.allow() == Decision(True) and Decision.allow() is not Decision.allow()
+    edited = Governance([EpochsToOne()]).review(Request(kind="train"))
+    assert edited.overrides == {"epochs": 1}
+    # The next request, through the default chain, is not clamped by that edit.
+    chain = build_governance(effective_policy({"approval_required": False}),
+                             None)  # type: ignore[arg-type]  # no plan store needed
+    later = chain.review(Request(kind="train", training_args={"epochs": 5}))
+    assert later.allowed and later.overrides == {} and later.privacy == {}
+    assert Decision.allow().overrides == {}
+
+
 class NightsOnly(Policy):
     name = "nights-only"
 

@@ -74,7 +74,14 @@ class Decision:
     @classmethod
     def allow(cls) -> Decision:
         """Let the request through unchanged."""
-        return cls(True)
+        if cls is not Decision:
+            return cls(True)
+        # Every policy answers every request, most with this: a new decision (its dicts
+        # are its own), its fields set without the frozen __init__'s call per field.
+        decision = object.__new__(Decision)
+        decision.__dict__.update(allowed=True, reason="", overrides={}, notes=(), policy="",
+                                 privacy={})
+        return decision
 
     @classmethod
     def refuse(cls, reason: str) -> Decision:

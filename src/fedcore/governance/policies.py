@@ -397,8 +397,10 @@ class TrainingArgs(Policy):
         self.allow_gpu, self.on_excess = allow_gpu, on_excess
 
     def review(self, request: Request) -> Decision:  # noqa: D102
-        if request.kind != "train":
-            return Decision.allow()
+        if request.kind != "train" or (
+                self.allow_gpu and self.max_epochs is None and self.max_updates is None
+                and self.batch_size_min is None and self.batch_size_max is None):
+            return Decision.allow()  # nothing to check (the default policy)
         limits = [(key, lo, hi, lo_name, hi_name) for key, lo, hi, lo_name, hi_name in (
             ("epochs", None, self.max_epochs, "", "max_epochs"),
             ("num_updates", None, self.max_updates, "", "max_updates"),

@@ -108,9 +108,10 @@ class NodeHome:
         training thread for a second (a long round shows in the log while it runs) and
         before a framework is imported.
         """
+        record = {"time": time.time(), "node": self.node_id, "event": event, **fields}
         caller = _caller.get()
-        extra = {"researcher_key": caller[1]} if caller else {}
-        record = {"time": time.time(), "node": self.node_id, "event": event, **fields, **extra}
+        if caller:
+            record["researcher_key"] = caller[1]
         # While a request is handled (request_scope: set by the node for each), its records
         # are written together before its reply leaves.
         if request_scope.get() is not None and not self.db.storage.in_transaction():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import logging
 import time
 import traceback
@@ -93,19 +94,19 @@ class _Progress:
             log.debug("Could not send training progress to %s: %s", self.peer, exc)
 
 
-@dataclasses.dataclass(frozen=True)
 class _Admitted:
     """A training request the node accepted: the verified plan, the decision, the data.
 
     ``dataset`` is ``None`` under process isolation (``apart``): the plan's worker opens it.
+    (A plain class: one per request, built without a frozen dataclass's call per field.)
     """
 
-    bundle: PlanBundle
-    sha: str
-    entry: dict[str, Any]
-    decision: Decision
-    dataset: Any
-    apart: bool = False
+    __slots__ = ("apart", "bundle", "dataset", "decision", "entry", "sha")
+
+    def __init__(self, bundle: PlanBundle, sha: str, entry: dict[str, Any],
+                 decision: Decision, dataset: Any, apart: bool = False):
+        self.bundle, self.sha, self.entry = bundle, sha, entry
+        self.decision, self.dataset, self.apart = decision, dataset, apart
 
 
 class _Rounds(NodeHome):
@@ -167,7 +168,7 @@ class _Rounds(NodeHome):
         self.audit("train-request", **base)
         try:  # the session the node holds decides the protection, and what governance sees
             protection = update_protection(self._secagg, request.secagg,
-                                           self._secagg_binding(env))
+                                           functools.partial(self._secagg_binding, env))
         except FedcoreError as exc:
             self.audit("secagg-refused", **base, phase="train", reason=str(exc))
             return ErrorReply(kind="protocol", message=str(exc), exc_type=type(exc).__name__)

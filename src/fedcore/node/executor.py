@@ -156,8 +156,11 @@ def private_training(plan_class: type[TrainingPlan],
     return check_wrappable(plan_class, base, privacy)
 
 
+#: ``json.dumps(..., sort_keys=True, default=repr)`` without building an encoder per call.
+_key_text = json.JSONEncoder(sort_keys=True, default=repr).encode
+
+
 def plan_key(experiment: str, plan_hash: str, request: TrainRequest) -> str:
     """What must match for a plan built in one round to serve another."""
-    args = json.dumps([request.model_args, request.training_args, request.data_info],
-                      sort_keys=True, default=repr)
+    args = _key_text([request.model_args, request.training_args, request.data_info])
     return hashlib.sha256(f"{experiment}\0{plan_hash}\0{args}".encode()).hexdigest()

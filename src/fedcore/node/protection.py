@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedcore.errors import ConfigurationError
@@ -76,10 +76,14 @@ class SecureUpdate(UpdateProtection):
         return dataclasses.replace(reply, params=ParameterSet({}), extras={}, secagg=payload)
 
 
+_CLEAR = ClearUpdate()  # holds nothing: one serves every request in clear
+
+
 def update_protection(sessions: SecaggSessions, options: Mapping[str, Any],
-                      binding: Binding) -> UpdateProtection:
+                      binding: Callable[[], Binding]) -> UpdateProtection:
     """The protection a training request asks for: its ``secagg`` options, or none.
 
-    ``ProtocolError`` when the options name a session the node does not hold for ``binding``.
+    ``binding`` gives what the session is bound to (called only when one is asked for).
+    ``ProtocolError`` when the options name a session the node does not hold for it.
     """
-    return SecureUpdate(sessions, options, binding) if options else ClearUpdate()
+    return SecureUpdate(sessions, options, binding()) if options else _CLEAR
