@@ -68,6 +68,25 @@ def test_a_simulation_freezes_its_setup_for_the_collector_until_it_closes(tmp_pa
     assert gc.get_freeze_count() == 0  # close gives the objects back to the collector
 
 
+def test_a_simulation_collects_young_objects_less_often_until_it_closes(tmp_path):
+    X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
+    before = gc.get_threshold()
+    assert before[0] < simulate.YOUNG_THRESHOLD  # Python's default, 700
+    with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "a"):
+        assert gc.get_threshold() == (simulate.YOUNG_THRESHOLD, *before[1:])
+    assert gc.get_threshold() == before  # restored at close
+    try:  # a threshold the process changed meanwhile is the process's: close keeps it
+        with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "b"):
+            gc.set_threshold(50_000, *before[1:])
+        assert gc.get_threshold() == (50_000, *before[1:])
+        # ...and one already higher is left as it is.
+        with simulate.from_arrays(X, y, n_nodes=2, tags=["t"], root=tmp_path / "c"):
+            assert gc.get_threshold() == (50_000, *before[1:])
+        assert gc.get_threshold() == (50_000, *before[1:])
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_a_simulation_leaves_the_process_own_freeze_alone(tmp_path):
     X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
     mine: list[object] = []
