@@ -204,8 +204,8 @@ class ChunkedTransport(Transport):
                                  "small to carry chunks.")
         gate = self._sending.get_or_add(peer, lambda: asyncio.Semaphore(self.in_flight))
         async with gate:  # never more frames in flight to a peer than it reassembles
-            await self._send_chunks(peer, [memoryview(p).cast("B") for p in views], total,
-                                    piece)
+            # bytes, or byte views already: a view of each, without casting again
+            await self._send_chunks(peer, [memoryview(p) for p in views], total, piece)
 
     async def _send_chunks(self, peer: str, views: list[memoryview], total: int,
                            piece: int) -> None:

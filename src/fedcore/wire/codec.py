@@ -92,13 +92,14 @@ class BatchEncoder:
         self._keys: dict[str, bytes] = {}  # field names, packed
         #: ``id`` of each array of a frame -> (those arrays, their descriptors).
         self._layouts: dict[tuple[int, ...], tuple[list[np.ndarray], list[list[Any]]]] = {}
-        self._arrays: list[np.ndarray] = []  # the arrays of the frame being encoded
+        # msgpack's ``default`` for the frame being encoded (its arrays join that frame's).
+        self._frame_default = _packer_default([])
         # One packer for every frame (what ``msgpack.packb`` makes at each call); it
         # starts empty after an exception too.
         self._pack = msgpack.Packer(default=self._default).pack
 
     def _default(self, obj: Any) -> Any:
-        return _packer_default(self._arrays)(obj)
+        return self._frame_default(obj)
 
     def _descriptors(self, arrays: list[np.ndarray]) -> list[list[Any]]:
         """:func:`_descriptors`, made once for the same arrays (those of shared values)."""
@@ -114,7 +115,7 @@ class BatchEncoder:
         if type(fields) is not dict:  # pragma: no cover - every Body gives a dict
             return encode_parts(env, max_size=self.max_size)
         arrays: list[np.ndarray] = []
-        self._arrays = arrays
+        self._frame_default = _packer_default(arrays)
         chunks = [_map_header(len(fields))]
         values, keys, pack = self._values, self._keys, self._pack
         try:
@@ -139,7 +140,7 @@ class BatchEncoder:
         except TypeError as exc:
             raise ProtocolError(str(exc)) from exc
         finally:
-            self._arrays = []
+            self._frame_default = _packer_default([])
         return _frame_from_header(header, arrays, self.max_size)
 
 
