@@ -87,6 +87,23 @@ def test_a_simulation_collects_young_objects_less_often_until_it_closes(tmp_path
         gc.set_threshold(*before)
 
 
+def test_a_larger_federation_collects_young_objects_less_often(tmp_path, monkeypatch):
+    # The threshold grows with the federation (YOUNG_PER_NODE per node, here made large so
+    # that three nodes show it), and close restores Python's own.
+    X, y = np.arange(60.0).reshape(30, 2), np.arange(30) % 2
+    before = gc.get_threshold()
+    monkeypatch.setattr(simulate, "YOUNG_PER_NODE", 7_000)
+    try:
+        with simulate.from_arrays(X, y, n_nodes=3, tags=["t"], root=tmp_path / "a"):
+            assert gc.get_threshold() == (21_000, *before[1:])
+        assert gc.get_threshold() == before
+        with simulate.from_arrays(X, y, n_nodes=1, tags=["t"], root=tmp_path / "b"):
+            assert gc.get_threshold() == (simulate.YOUNG_THRESHOLD, *before[1:])  # the floor
+        assert gc.get_threshold() == before
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_a_simulation_leaves_the_process_own_freeze_alone(tmp_path):
     X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
     mine: list[object] = []

@@ -37,14 +37,17 @@ from fedcore.node import Node
 from fedcore.node._turns import TurnTakingExecutor
 from fedcore.simulate._shards import ProcessShard, ShardLink, ShardRelay, ShardSpec, shard_specs
 
-__all__ = ["ENGINES", "YOUNG_THRESHOLD", "SimulatedFederation", "from_arrays", "from_dataframe",
-           "partition"]
+__all__ = ["ENGINES", "YOUNG_PER_NODE", "YOUNG_THRESHOLD", "SimulatedFederation", "from_arrays",
+           "from_dataframe", "partition"]
 
 #: Where ``workers`` run: worker processes of this machine, or Ray actors.
 ENGINES = ("process", "ray")
 #: The collector's youngest-generation threshold while a simulation's setup is frozen
-#: (:meth:`SimulatedFederation.freeze_setup`).
+#: (:meth:`SimulatedFederation.freeze_setup`): at least this many allocations...
 YOUNG_THRESHOLD = 10_000
+#: ...and at least this many per node of the federation (what a round keeps alive per node,
+#: with room to spare: a young collection about once a round, not once per ten nodes).
+YOUNG_PER_NODE = 100
 
 
 def partition(y: Any, n_nodes: int, *, scheme: str = "iid", alpha: float = 0.5,
@@ -116,6 +119,7 @@ class SimulatedFederation:
         self._relay: ShardRelay | None = None
         self._froze = False  # this federation froze the process's objects (gc.freeze)
         self._threshold: tuple[int, ...] | None = None  # the collector's, before it raised it
+        self._young = YOUNG_THRESHOLD  # the youngest generation's threshold it set
 
     @property
     def url(self) -> str:
@@ -192,13 +196,15 @@ class SimulatedFederation:
         unfreezes what it did not freeze.
 
         While frozen, the collector's youngest generation is also collected after
-        :data:`YOUNG_THRESHOLD` allocations instead of Python's default 700 (when it is
-        lower; ``close`` restores it unless it was changed meanwhile). Each node's request
-        and reply allocate hundreds of objects that live a few milliseconds: collected every
-        700 allocations, many were caught alive, scanned and moved to older generations,
+        :data:`YOUNG_THRESHOLD` allocations, or :data:`YOUNG_PER_NODE` per node of the
+        federation when that is more, instead of Python's default 700 (when it is lower;
+        ``close`` restores it unless it was changed meanwhile). A round keeps each node's
+        request, job and reply alive until its end (~65 objects per node): collected every
+        700 allocations, they were caught alive, scanned and moved to older generations,
         whose collections then scanned them again (at 1000 nodes ~100 us of the collector
-        per node and round, ~35 us with the higher threshold). A reference cycle that
-        becomes garbage waits at most that many allocations longer to be freed.
+        per node and round; ~35-80 us with 10,000; ~10-15 us with 100 per node). A
+        reference cycle that becomes garbage waits at most that many allocations longer to
+        be freed.
         """
         if self._froze or not gc.isenabled() or gc.get_freeze_count():
             return
@@ -207,9 +213,10 @@ class SimulatedFederation:
         gc.freeze()
         self._froze = True
         threshold = gc.get_threshold()
-        if threshold[0] < YOUNG_THRESHOLD:
+        young = self._young = max(YOUNG_THRESHOLD, YOUNG_PER_NODE * len(self.node_ids))
+        if threshold[0] < young:
             self._threshold = threshold
-            gc.set_threshold(YOUNG_THRESHOLD, *threshold[1:])
+            gc.set_threshold(young, *threshold[1:])
 
     def close(self) -> None:
         """Stop every node and delete the temporary root (when fedcore created it)."""
@@ -217,7 +224,7 @@ class SimulatedFederation:
             gc.unfreeze()
             self._froze = False
             if self._threshold is not None:  # unless it was changed meanwhile
-                if gc.get_threshold() == (YOUNG_THRESHOLD, *self._threshold[1:]):
+                if gc.get_threshold() == (self._young, *self._threshold[1:]):
                     gc.set_threshold(*self._threshold)
                 self._threshold = None
         if self._relay is not None:
