@@ -95,3 +95,60 @@ def test_fedavg_is_the_float64_fold_cast_back_bit_for_bit(dtype):
         expected = mean.astype(dtype)
         assert result[k].dtype == expected.dtype and result[k].shape == expected.shape
         assert expected.tobytes() == result[k].tobytes(), k
+
+
+def _fresh_result(reference: ParameterSet, updates: list[ParameterSet],
+                  weights: list[float]) -> ParameterSet:
+    agg = FedAvg()
+    agg.start(reference, 1)
+    for u, w in zip(updates, weights, strict=True):
+        agg.add(u, w)
+    return agg.result()
+
+
+def test_fedavg_reused_over_rounds_gives_each_round_a_fresh_aggregators_bits():
+    """The sums' memory serves the next round: no round sees another's values, and a
+    model returned earlier stays as it was."""
+    rng = np.random.default_rng(11)
+
+    def model(shapes):
+        return ParameterSet({k: rng.standard_normal(s).astype(np.float32)
+                             for k, s in shapes.items()})
+
+    same = {"w": (40, 30), "b": (30,)}
+    changed = {"w": (40, 31), "b": (30,), "extra": (5,)}  # a new shape and a new name
+    agg = FedAvg()
+    kept = []
+    for rnd, shapes in enumerate([same, same, changed, same], start=1):
+        reference = model(shapes)
+        updates = [model(shapes) for _ in range(3)]
+        weights = [10.0 + rnd, 3.5, 0.25 * rnd]
+        agg.start(reference, rnd)
+        for u, w in zip(updates, weights, strict=True):
+            agg.add(u, w)
+        out = agg.result()
+        want = _fresh_result(reference, updates, weights)
+        assert list(out) == list(want)
+        for k in want:
+            assert out[k].dtype == want[k].dtype and out[k].tobytes() == want[k].tobytes()
+        kept.append((out, {k: v.tobytes() for k, v in out.items()}))
+    for out, bits in kept:  # later rounds wrote into the sums, never into a result
+        assert {k: v.tobytes() for k, v in out.items()} == bits
+
+
+def test_fedavg_first_update_that_fails_leaves_no_partial_sums():
+    g = ParameterSet({"w": np.zeros(3), "z": np.zeros(2)})
+    agg = FedAvg()
+    agg.start(g, 1)
+    agg.add(ParameterSet({"w": np.ones(3), "z": np.ones(2)}), 1.0)
+    agg.result()
+    agg.start(g, 2)
+    # "w" fits, "z" cannot be widened to float64: the update is refused as a whole.
+    with pytest.raises(TypeError):
+        agg.add(ParameterSet({"w": np.full(3, 7.0), "z": np.ones(2, np.complex128)}), 2.0)
+    with pytest.raises(ConfigurationError, match="before any update"):
+        agg.result()
+    agg.add(ParameterSet({"w": np.full(3, 2.0), "z": np.full(2, 4.0)}), 3.0)
+    out = agg.result()
+    np.testing.assert_array_equal(out["w"], np.full(3, 2.0))
+    np.testing.assert_array_equal(out["z"], np.full(2, 4.0))

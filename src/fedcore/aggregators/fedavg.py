@@ -23,7 +23,9 @@ class FedAvg(Aggregator):
 
     Each update is folded into float64 running sums as it arrives, so memory is one copy of
     the model whatever the number of nodes. Results keep each parameter's dtype; integer
-    parameters (counters) are rounded.
+    parameters (counters) are rounded. The sums' memory serves the next round again (the
+    first update of a round overwrites it), instead of new memory the system must hand
+    over, page by page, every round.
     """
 
     name = "fedavg"
@@ -31,6 +33,8 @@ class FedAvg(Aggregator):
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
+        #: The previous round's sums, by name: the memory the next round's are written into.
+        self._spare: dict[str, np.ndarray] = {}
         self._total = 0.0
         self._reference: ParameterSet | None = None
         self._scratch = np.empty(0, np.float64)
@@ -42,6 +46,8 @@ class FedAvg(Aggregator):
 
     def start(self, global_params: ParameterSet, round: int) -> None:
         self._reference = global_params
+        if self._sums:  # nothing outside holds them: result() and means() return copies
+            self._spare = self._sums
         self._sums = {}
         self._total = 0.0
 
@@ -54,15 +60,29 @@ class FedAvg(Aggregator):
         if self._reference is not None:
             self._reference.check_layout(update, what=f"update from node {node!r}")
         if not self._sums:
-            for k, a in update.items():
-                acc = np.empty(np.shape(a), np.float64)
-                np.copyto(acc, a, casting="same_kind")
-                self._sums[k] = np.multiply(acc, weight, out=acc)
+            self._sums = self._first(update, weight)
         else:
             sums, fold = self._sums, self._fold
             for k, a in update.items():
                 fold(sums[k], a, weight)
         self._total += weight
+
+    def _first(self, update: ParameterSet, weight: float) -> dict[str, np.ndarray]:
+        """The sums of a round's first update, ``a * weight`` in float64.
+
+        Written into the previous round's sums where a parameter kept its name and shape;
+        whatever they held is overwritten. Nothing is kept unless every one was made.
+        """
+        spare, sums = self._spare, {}
+        for k, a in update.items():
+            shape = np.shape(a)
+            acc = spare.get(k)
+            if acc is None or acc.shape != shape:
+                acc = np.empty(shape, np.float64)
+            np.copyto(acc, a, casting="same_kind")
+            sums[k] = np.multiply(acc, weight, out=acc)
+        self._spare = {}  # in ``sums`` now, or of another layout: not held twice
+        return sums
 
     def _fold(self, acc: np.ndarray, a: np.ndarray, weight: float) -> None:
         """``acc += a * weight`` in float64, slice by slice through a small scratch buffer."""
