@@ -44,6 +44,8 @@ __all__ = [
     "assemble",
     "body_type",
     "message_types",
+    "rebuild",
+    "recipe",
 ]
 
 PROTOCOL_VERSION = 1
@@ -86,6 +88,11 @@ class Body:
     """Base of every message body."""
 
     TAG: ClassVar[str] = ""
+    #: Whether a sender sends bodies of this type byte for byte again and again (a node gets
+    #: the same training request every round): the decoder then remembers which bodies'
+    #: bytes passed :meth:`from_wire`'s checks (see :func:`fedcore.wire.codec.decode`). Only
+    #: for types that keep :meth:`from_wire` as it is here.
+    REPEATS: ClassVar[bool] = False
 
     def to_wire(self) -> dict[str, Any]:
         """The body's fields as a dict (arrays and ParameterSets stay as they are)."""
@@ -112,6 +119,37 @@ class Body:
                 )
             values[name] = value
         return assemble(cls, values)
+
+
+#: How :meth:`Body.from_wire` filled a body's fields from a map it accepted: ``None`` when
+#: the map names exactly the fields, in order (the map is the fields); else one entry per
+#: field, ``None`` where the map has it, the maker of its default where it lacks it.
+Recipe = tuple[Callable[[], Any] | None, ...] | None
+
+
+def recipe(cls: type[Body], data: dict[str, Any]) -> Recipe:
+    """How :meth:`Body.from_wire` of ``cls`` filled the fields from ``data`` (which it accepted).
+
+    :func:`rebuild` then builds the same body from a map that decoded from the same bytes,
+    with no check: every check's answer depends on the types of the map's values only.
+    """
+    names = _names(cls)
+    if tuple(data) == names:
+        return None
+    return tuple(None if name in data else default
+                 for name, _, _, _, default in _fields(cls))
+
+
+def rebuild(cls: type[Body], data: dict[str, Any], how: Recipe) -> Body:
+    """The body :meth:`Body.from_wire` makes of ``data``, which decoded from bytes it accepted.
+
+    ``how`` is what :func:`recipe` told of those bytes' map: ``data`` is a new map of the same
+    keys and the same types of values (new containers, arrays of the frame at hand).
+    """
+    if how is None:
+        return assemble(cls, data)
+    return assemble(cls, {name: data[name] if make is None else make()
+                          for name, make in zip(_names(cls), how, strict=True)})
 
 
 def assemble(cls: type[_D], values: dict[str, Any]) -> _D:
@@ -367,6 +405,8 @@ class SearchReply(Body):
 @dataclass(frozen=True)
 class TrainRequest(Body):
     """Run one round of training of a shipped plan on one dataset."""
+
+    REPEATS = True  # the researcher's BatchEncoder makes a node's body the same every round
 
     plan: dict[str, Any]
     params: ParameterSet
