@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import operator
 import os
 import types
 import typing
@@ -103,6 +104,11 @@ class Body:
         """Build the body from decoded fields, checking the types of known fields."""
         if not isinstance(data, dict):
             raise ProtocolError(f"{cls.TAG} body must be a map. Received: {type(data).__name__}")
+        names, checks = _checks(cls)
+        # As every sender writes it: each field, in order, and nothing else. All checks in
+        # one pass; a failing one is named by the loop below.
+        if tuple(data) == names and all(map(operator.call, checks, data.values())):
+            return assemble(cls, data)
         values: dict[str, Any] = {}
         get = data.get
         for name, required, expected, check, default in _fields(cls):
@@ -202,6 +208,17 @@ def _fields(cls: type) -> list[tuple[str, bool, Any, Callable[[Any], bool], Call
              and f.default_factory is dataclasses.MISSING, hints[f.name],
              _checker(hints[f.name]), _default_maker(f)) for f in dataclasses.fields(cls)]
     return spec
+
+
+_CHECKS: dict[type, tuple[tuple[str, ...], tuple[Callable[[Any], bool], ...]]] = {}
+
+
+def _checks(cls: type) -> tuple[tuple[str, ...], tuple[Callable[[Any], bool], ...]]:
+    """The field names of a body class and the checker of each, in order."""
+    found = _CHECKS.get(cls)
+    if found is None:
+        found = _CHECKS[cls] = (_names(cls), tuple(spec[3] for spec in _fields(cls)))
+    return found
 
 
 def _default_maker(f: dataclasses.Field[Any]) -> Callable[[], Any]:
