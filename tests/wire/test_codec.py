@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import struct
 
@@ -200,6 +201,25 @@ def test_body_fields_are_type_checked():
     raw = msgpack.packb(header)
     with pytest.raises(ProtocolError, match="search.tags must be list"):
         codec.decode(codec.MAGIC + struct.pack("<I", len(raw)) + raw)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("n_samples", True, "train-reply.n_samples must be int"),
+    ("timings", {"train_s": "1"}, "train-reply.timings must be dict"),
+    ("policy_notes", ["ok", 3], "train-reply.policy_notes must be list"),
+    ("secagg", {1: 2}, "train-reply.secagg must be dict"),
+])
+def test_a_body_with_every_field_in_order_is_checked_field_by_field(name, value, message):
+    """A body as senders write it (every field, in order) is checked in one pass; the first
+    field that fails is named, and the body keeps none of the map it was given."""
+    fields = SAMPLES["train-reply"].to_wire()
+    body = TrainReply.from_wire(fields)
+    fields["metrics_global"] = {"auc": 1.0}
+    assert body.metrics_global == {"accuracy": 0.5}
+    fields = {**SAMPLES["train-reply"].to_wire(), name: value}
+    assert tuple(fields) == tuple(f.name for f in dataclasses.fields(TrainReply))
+    with pytest.raises(ProtocolError, match=message):
+        TrainReply.from_wire(fields)
 
 
 def test_unknown_fields_are_ignored_for_forward_compatibility():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 import struct
+import threading
 from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
@@ -27,7 +28,16 @@ import numpy as np
 
 from fedcore.errors import ProtocolError
 from fedcore.params import ParameterSet
-from fedcore.wire.messages import PROTOCOL_VERSION, Envelope, assemble, body_type
+from fedcore.wire.messages import (
+    PROTOCOL_VERSION,
+    Body,
+    Envelope,
+    Recipe,
+    assemble,
+    body_type,
+    rebuild,
+    recipe,
+)
 from fedcore.wire.parts import Parts
 
 if TYPE_CHECKING:
@@ -353,6 +363,11 @@ def decode(frame: Buffer | Parts, *, max_size: int = DEFAULT_MAX_FRAME) -> Envel
 
     Raises :class:`ProtocolError` for anything that is not a well-formed frame of this
     protocol version, and never any other exception, whatever the bytes.
+
+    The body of a type that repeats (:attr:`~fedcore.wire.messages.Body.REPEATS`: a training
+    request) whose exact bytes passed every field check before in this process is not
+    checked again (the process keeps up to 4096 such bodies, 32 MiB); all else is, and
+    each decode gets its own new containers.
     """
     try:
         return _decode(frame, max_size)
@@ -394,7 +409,7 @@ def _decode(frame: Buffer | Parts, max_size: int) -> Envelope:
     if not all(map(isinstance, routing, _STRS)) or not isinstance(get("rnd"), int):
         raise ProtocolError("Malformed frame header: routing fields have the wrong types.")
     try:
-        body = cls.from_wire(body_data)
+        body = _body(cls, raw_body, body_data)
     except ProtocolError:
         raise
     except (TypeError, ValueError) as exc:  # a body's own checks (__post_init__)
@@ -406,6 +421,86 @@ def _decode(frame: Buffer | Parts, max_size: int) -> Envelope:
 
 
 _STRS = (str,) * 5
+
+
+def _body(cls: type[Body], raw: bytes, data: Any) -> Body:
+    """``cls.from_wire(data)``, its checks skipped for bytes that passed them before.
+
+    ``data`` is what ``raw`` decoded to with this frame's arrays. Whether a field passes
+    its check depends on the type of its value alone, and the same bytes decode to values
+    of the same types, containers and all (an array reference to an ``ndarray`` or an
+    error, a parameter-set reference to a ``ParameterSet`` or an error, whatever the
+    arrays): the bytes of a body of ``cls`` that passed every check pass them again. Its
+    containers are new at each decode all the same, and the arrays the frame's own.
+    """
+    if not cls.REPEATS or len(raw) > _CHECKED.max_body:
+        return cls.from_wire(data)
+    how = _CHECKED.get(cls, raw)
+    if how is _UNCHECKED:
+        body = cls.from_wire(data)
+        _CHECKED.add(cls, raw, recipe(cls, data))  # only after every check passed
+        return body
+    return rebuild(cls, data, cast(Recipe, how))
+
+
+_UNCHECKED = object()
+
+
+class _CheckedBodies:
+    """The bodies that passed :meth:`Body.from_wire`'s checks, by type and exact bytes.
+
+    Bounded in entries and in bytes (the oldest go first), bodies over ``max_body`` bytes
+    never kept. Lookups are one ``dict.get`` (atomic: several event loops and threads of a
+    simulation decode at once); additions take a lock, for the count of bytes.
+    """
+
+    def __init__(self, *, max_entries: int = 4096, max_bytes: int = 32 << 20,
+                 max_body: int = 64 << 10):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_body = max_body
+        self._recipes: dict[tuple[type[Body], bytes], Recipe] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._recipes)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the bodies kept."""
+        return self._bytes
+
+    def get(self, cls: type[Body], raw: bytes) -> Recipe | object:
+        """The recipe of the body ``raw`` of ``cls``, or ``_UNCHECKED``."""
+        return self._recipes.get((cls, raw), _UNCHECKED)
+
+    def add(self, cls: type[Body], raw: bytes, how: Recipe) -> None:
+        """Remember that ``raw``, a body of ``cls``, passed every check (``how``: its recipe)."""
+        if len(raw) > min(self.max_body, self.max_bytes):
+            return
+        key = (cls, raw)
+        recipes = self._recipes
+        with self._lock:
+            if key in recipes:
+                return
+            while recipes and (len(recipes) >= self.max_entries
+                               or self._bytes + len(raw) > self.max_bytes):
+                oldest = next(iter(recipes))
+                del recipes[oldest]
+                self._bytes -= len(oldest[1])
+            recipes[key] = how
+            self._bytes += len(raw)
+
+    def clear(self) -> None:
+        """Forget every body."""
+        with self._lock:
+            self._recipes.clear()
+            self._bytes = 0
+
+
+#: The process's checked bodies: room for the training requests of thousands of nodes.
+_CHECKED = _CheckedBodies()
 
 
 def _arrays(frame: memoryview | _Pieces, descriptors: Any, pos: int, max_size: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import operator
 import os
 import types
 import typing
@@ -44,6 +45,8 @@ __all__ = [
     "assemble",
     "body_type",
     "message_types",
+    "rebuild",
+    "recipe",
 ]
 
 PROTOCOL_VERSION = 1
@@ -86,6 +89,11 @@ class Body:
     """Base of every message body."""
 
     TAG: ClassVar[str] = ""
+    #: Whether a sender sends bodies of this type byte for byte again and again (a node gets
+    #: the same training request every round): the decoder then remembers which bodies'
+    #: bytes passed :meth:`from_wire`'s checks (see :func:`fedcore.wire.codec.decode`). Only
+    #: for types that keep :meth:`from_wire` as it is here.
+    REPEATS: ClassVar[bool] = False
 
     def to_wire(self) -> dict[str, Any]:
         """The body's fields as a dict (arrays and ParameterSets stay as they are)."""
@@ -96,6 +104,11 @@ class Body:
         """Build the body from decoded fields, checking the types of known fields."""
         if not isinstance(data, dict):
             raise ProtocolError(f"{cls.TAG} body must be a map. Received: {type(data).__name__}")
+        names, checks = _checks(cls)
+        # As every sender writes it: each field, in order, and nothing else. All checks in
+        # one pass; a failing one is named by the loop below.
+        if tuple(data) == names and all(map(operator.call, checks, data.values())):
+            return assemble(cls, data)
         values: dict[str, Any] = {}
         get = data.get
         for name, required, expected, check, default in _fields(cls):
@@ -112,6 +125,37 @@ class Body:
                 )
             values[name] = value
         return assemble(cls, values)
+
+
+#: How :meth:`Body.from_wire` filled a body's fields from a map it accepted: ``None`` when
+#: the map names exactly the fields, in order (the map is the fields); else one entry per
+#: field, ``None`` where the map has it, the maker of its default where it lacks it.
+Recipe = tuple[Callable[[], Any] | None, ...] | None
+
+
+def recipe(cls: type[Body], data: dict[str, Any]) -> Recipe:
+    """How :meth:`Body.from_wire` of ``cls`` filled the fields from ``data`` (which it accepted).
+
+    :func:`rebuild` then builds the same body from a map that decoded from the same bytes,
+    with no check: every check's answer depends on the types of the map's values only.
+    """
+    names = _names(cls)
+    if tuple(data) == names:
+        return None
+    return tuple(None if name in data else default
+                 for name, _, _, _, default in _fields(cls))
+
+
+def rebuild(cls: type[Body], data: dict[str, Any], how: Recipe) -> Body:
+    """The body :meth:`Body.from_wire` makes of ``data``, which decoded from bytes it accepted.
+
+    ``how`` is what :func:`recipe` told of those bytes' map: ``data`` is a new map of the same
+    keys and the same types of values (new containers, arrays of the frame at hand).
+    """
+    if how is None:
+        return assemble(cls, data)
+    return assemble(cls, {name: data[name] if make is None else make()
+                          for name, make in zip(_names(cls), how, strict=True)})
 
 
 def assemble(cls: type[_D], values: dict[str, Any]) -> _D:
@@ -164,6 +208,17 @@ def _fields(cls: type) -> list[tuple[str, bool, Any, Callable[[Any], bool], Call
              and f.default_factory is dataclasses.MISSING, hints[f.name],
              _checker(hints[f.name]), _default_maker(f)) for f in dataclasses.fields(cls)]
     return spec
+
+
+_CHECKS: dict[type, tuple[tuple[str, ...], tuple[Callable[[Any], bool], ...]]] = {}
+
+
+def _checks(cls: type) -> tuple[tuple[str, ...], tuple[Callable[[Any], bool], ...]]:
+    """The field names of a body class and the checker of each, in order."""
+    found = _CHECKS.get(cls)
+    if found is None:
+        found = _CHECKS[cls] = (_names(cls), tuple(spec[3] for spec in _fields(cls)))
+    return found
 
 
 def _default_maker(f: dataclasses.Field[Any]) -> Callable[[], Any]:
@@ -367,6 +422,8 @@ class SearchReply(Body):
 @dataclass(frozen=True)
 class TrainRequest(Body):
     """Run one round of training of a shipped plan on one dataset."""
+
+    REPEATS = True  # the researcher's BatchEncoder makes a node's body the same every round
 
     plan: dict[str, Any]
     params: ParameterSet
