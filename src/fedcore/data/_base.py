@@ -88,9 +88,9 @@ class Dataset(abc.ABC):
             order = np.random.default_rng(seed).permutation(n)
             found = self.subset(np.sort(order[n_test:])), self.subset(np.sort(order[:n_test]))
         else:  # one side has every sample, in order whatever the draw: none is drawn
-            every = np.arange(n, dtype=np.int64)
-            found = (self.subset(every), self.subset(every[:0])) if n_test == 0 else (
-                self.subset(every[:0]), self.subset(every))
+            every, empty = np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
+            found = (self.subset(every), self.subset(empty)) if n_test == 0 else (
+                self.subset(empty), self.subset(every))
         if len(splits) >= 8:
             splits.pop(next(iter(splits)))
         splits[(test_ratio, seed, n)] = found
