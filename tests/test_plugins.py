@@ -65,3 +65,17 @@ def test_imported_names_the_plugins_whose_module_this_process_loaded():
     assert "sklearn" in plugins.imported("backends")
     with pytest.raises(ConfigurationError):
         plugins.imported("engines")
+
+
+def test_loaded_says_whether_load_would_import_a_module(monkeypatch):
+    """A node loads a backend off its loop only while ``loaded`` says it is not imported."""
+    monkeypatch.setattr(plugins, "_cache", {})
+    assert not plugins.loaded("aggregators", "fedavg")  # a first load imports its module
+    plugins.load("aggregators", "fedavg")
+    assert plugins.loaded("aggregators", "fedavg")
+    assert not plugins.loaded("aggregators", "fedavgg")  # unknown: load raises, names one
+    with plugins.registered("aggregators", "mine", FedAvg):
+        assert plugins.loaded("aggregators", "mine")
+    assert not plugins.loaded("aggregators", "mine")
+    with pytest.raises(ConfigurationError, match="Unknown plug-in group"):
+        plugins.loaded("colours", "red")

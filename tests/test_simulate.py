@@ -129,6 +129,22 @@ def test_dataset_split_is_reproducible_and_disjoint():
     assert test.metadata()["n_samples"] == 10
 
 
+def test_dataset_split_keeps_its_samples_whether_or_not_a_side_is_empty():
+    """The split of a release: the seeded permutation's tail trains, its head tests."""
+    for n, ratio in [(1, 0.0), (1, 0.5), (1, 0.6), (2, 0.0), (2, 0.2), (7, 0.0), (7, 0.3),
+                     (50, 0.99), (50, 0.0)]:
+        ds = ArrayDataset(np.arange(2 * n).reshape(n, 2), np.arange(n))
+        train, test = ds.split(ratio, seed=3)
+        order = np.random.default_rng(3).permutation(n)
+        n_test = len(test)
+        assert n_test == (min(max(round(n * ratio), 1), n - 1) if ratio and n > 1
+                          else round(n * ratio))
+        assert train.indices.tolist() == sorted(order[n_test:].tolist())
+        assert test.indices.tolist() == sorted(order[:n_test].tolist())
+        assert train.indices.dtype == test.indices.dtype == np.int64
+        assert np.array_equal(train.arrays()[1], np.sort(order[n_test:]))
+
+
 def test_tabular_dataset_selects_columns_and_explains_mistakes(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("a,b,label\n1,2.5,x\n3,4.5,y\n")

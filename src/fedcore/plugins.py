@@ -21,7 +21,7 @@ from typing import Any
 
 from fedcore.errors import ConfigurationError, MissingDependencyError, install_hint
 
-__all__ = ["available", "imported", "load", "register", "registered"]
+__all__ = ["available", "imported", "load", "loaded", "register", "registered"]
 
 GROUPS = ("backends", "transports", "aggregators", "secagg")
 
@@ -121,6 +121,12 @@ def imported(group: str) -> list[str]:
     targets.update(_entry_points(group))
     return sorted(name for name, target in targets.items()
                   if target.partition(":")[0] in sys.modules)
+
+
+def loaded(group: str, name: str) -> bool:
+    """Whether :func:`load` would return ``name`` at once: imported already, or registered."""
+    _check_group(group)
+    return (group, name) in _cache or name in _registered[group]
 
 
 def load(group: str, name: str) -> Any:

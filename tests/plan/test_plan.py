@@ -194,3 +194,26 @@ def test_nodes_loading_one_plan_get_classes_of_their_own_from_one_compilation(mo
     assert second.TAG == id(compiled)
     changed = PlanBundle({"plan.py": source.replace("TAG", "TAG2")}, "P", "sklearn")
     assert changed.load().TAG2 == id(compiled) and len(compiled) == 2  # new bytes, compiled
+
+
+def test_a_bundle_ran_before_only_once_its_exact_files_ran_to_the_end(monkeypatch):
+    from fedcore.plan import bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "_COMPILED", {})
+    source = ("from fedcore_sklearn import SklearnTrainingPlan\n\n"
+              "class P(SklearnTrainingPlan):\n    pass\n")
+    wire = PlanBundle({"plan.py": source}, "P", "sklearn").to_wire()
+    first, second = PlanBundle.from_wire(wire), PlanBundle.from_wire(wire)
+    assert not first.ran_before and not second.ran_before  # a first load may import
+    cls = first.load()
+    assert first.ran_before and second.ran_before  # another node's copy: imports done
+    assert second.load() is not cls  # still a class of its own
+    # Other files (a blank added), even under the same class name: never run here.
+    assert not PlanBundle({"plan.py": source + "\n"}, "P", "sklearn").ran_before
+    # Code that failed half-way may not have imported what it imports: loaded as a first.
+    broken = {"plan.py": "import json\nraise RuntimeError('no')\n"}
+    for _ in range(2):
+        bad = PlanBundle(broken, "P", "sklearn")
+        with pytest.raises(PlanError, match="RuntimeError: no"):
+            bad.load()
+        assert not bad.ran_before

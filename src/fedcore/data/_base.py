@@ -81,11 +81,16 @@ class Dataset(abc.ABC):
         found = splits.get((test_ratio, seed, n))
         if found is not None:
             return found
-        order = np.random.default_rng(seed).permutation(n)
         n_test = int(round(n * test_ratio))
         if test_ratio > 0 and n > 1:
             n_test = min(max(n_test, 1), n - 1)
-        found = self.subset(np.sort(order[n_test:])), self.subset(np.sort(order[:n_test]))
+        if 0 < n_test < n:
+            order = np.random.default_rng(seed).permutation(n)
+            found = self.subset(np.sort(order[n_test:])), self.subset(np.sort(order[:n_test]))
+        else:  # one side has every sample, in order whatever the draw: none is drawn
+            every, empty = np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
+            found = (self.subset(every), self.subset(empty)) if n_test == 0 else (
+                self.subset(empty), self.subset(every))
         if len(splits) >= 8:
             splits.pop(next(iter(splits)))
         splits[(test_ratio, seed, n)] = found

@@ -223,10 +223,12 @@ class _Rounds(NodeHome):
             if bundle.backend not in self._backends:
                 # Importing a framework takes seconds: off the loop, which keeps serving.
                 # Once imported, later rounds skip the thread hop (it costs milliseconds
-                # when the machine is busy).
-                self._audit.flush()
-                await asyncio.get_running_loop().run_in_executor(
-                    None, plugins.load, "backends", bundle.backend)
+                # when the machine is busy), and so does a node whose process imported it
+                # already (another simulated node did).
+                if not plugins.loaded("backends", bundle.backend):
+                    self._audit.flush()
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, plugins.load, "backends", bundle.backend)
                 self._backends.add(bundle.backend)
             return _Admitted(bundle, sha, entry, decision, self.datasets.open(entry))
         except asyncio.CancelledError:  # the node stops while loading the framework
@@ -331,7 +333,12 @@ class _Rounds(NodeHome):
         sha = admitted.sha
         try:
             plan_class = self._plans.get(sha)
-            if plan_class is None:
+            if plan_class is None and admitted.bundle.ran_before:
+                # This process ran these files already (another simulated node): their
+                # imports are done and loading takes microseconds, no thread hop. The plan
+                # still runs in a module of this node's own and gives a class of its own.
+                plan_class = admitted.bundle.load()
+            elif plan_class is None:  # a first load may import a framework: off the loop
                 self._audit.flush()
                 plan_class = await loop.run_in_executor(None, admitted.bundle.load)
             self._plans[sha] = plan_class

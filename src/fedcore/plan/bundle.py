@@ -37,7 +37,8 @@ _PLAN_FILE = "plan.py"
 _HASH_VERSION = b"fedcore-plan-v2"
 # Compiled plan sources by the SHA-256 of their bundle: the simulated nodes of a process
 # that load one plan compile its source once (a code object is immutable; each node still
-# runs it in a module of its own and gets a class of its own).
+# runs it in a module of its own and gets a class of its own). A code object is kept once it
+# ran to the end, so a bundle found here has imported what it imports in this process.
 _COMPILED: dict[str, types.CodeType] = {}
 _COMPILED_MAX = 64
 
@@ -143,6 +144,16 @@ class PlanBundle:
         """The names of the shipped files besides ``plan.py``."""
         return sorted(name for name in self.files if name != _PLAN_FILE)
 
+    @property
+    def ran_before(self) -> bool:
+        """Whether this process ran these exact files to the end already (another load).
+
+        Loading such a bundle again imports nothing new (what its code imports is imported
+        already), so it takes microseconds: a caller may load it without moving off its
+        thread. It still runs the code in a module of its own and returns a class of its own.
+        """
+        return bool(self._loaded) or self.sha256 in _COMPILED
+
     def load(self) -> type[TrainingPlan]:
         """Execute the bundle in a fresh module and return its plan class."""
         if self._loaded:
@@ -160,10 +171,12 @@ class PlanBundle:
             code = _COMPILED.get(digest)
             if code is None:
                 code = compile(source, filename, "exec")
+                exec(code, module.__dict__)
                 if len(_COMPILED) >= _COMPILED_MAX:
                     _COMPILED.pop(next(iter(_COMPILED)), None)
-                _COMPILED[digest] = code
-            exec(code, module.__dict__)
+                _COMPILED[digest] = code  # it ran to the end: its imports are done
+            else:
+                exec(code, module.__dict__)
         except Exception as exc:
             sys.modules.pop(name, None)
             raise PlanError(
