@@ -262,3 +262,21 @@ def test_a_rotated_log_is_noticed_at_the_next_flush(tmp_path):
     log.append({"event": "three"})
     assert json.loads(path.read_bytes())["seq"] == 1
     assert verify(path).ok
+
+
+def test_text_a_researcher_wrote_cannot_forge_a_lines_seq_or_prev(tmp_path):
+    """A crafted experiment name (a correctly signed request may carry any text) stays a
+    string in its record: the line's own seq and prev are the log's."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, durable=False)
+    forged = f'x=1", "seq": 1, "prev": "{GENESIS}", "y": "'  # "=": scanned
+    for _ in range(2):
+        log.defer({"event": "train-request", "experiment": forged})
+        log.defer({"event": "trained", forged: forged})
+        log.flush()
+    lines = path.read_bytes().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4]
+    assert [r["prev"] for r in records] == [GENESIS] + [_sha(line) for line in lines[:3]]
+    assert records[2]["experiment"] == forged and records[3][forged] == forged
+    assert verify(path).ok
