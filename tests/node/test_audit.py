@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -149,3 +150,133 @@ def test_a_credential_anywhere_in_a_record_is_redacted_in_the_log(tmp_path):
     assert plain["tags"] == ["a", "b"] and plain["count"] == 3 and plain["ratio"] == 0.5
     assert secret["url"] == "mqtts://site:***@broker:8883/x?token=***"
     assert verify(tmp_path / "audit.jsonl").ok
+
+
+
+def _sha(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def test_each_line_is_the_json_of_its_seq_record_and_prev(tmp_path):
+    """A line is exactly ``json.dumps({"seq": n, **record, "prev": ...}, default=str)``
+    (the record's credentials redacted), whichever call wrote it: for keys that are not
+    strings, nested values, text that json escapes, objects written as what they print, a
+    record with its own "seq" or "prev", and an empty one."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, durable=False)
+    records = [
+        {"time": 1765000000.123456, "node": "n1", "event": "train-request", "round": 3,
+         "researcher_key": "ab" * 32},
+        {},
+        {1: "one", 2.5: None, False: [1, 2.0, (3,)], None: {"x": float("inf")}},
+        {"event": "odd", "text": 'quote " slash \\ tab \t é ☃ \U0001F600 \x00',
+         "path": tmp_path, "ok": False, "nan": float("nan")},
+        {"event": "own", "prev": "mine", "seq": "mine too", "after": 1},
+        {"prev": 5},
+        {"seq": "x=1", "url": "https://u:hunter2@h/"},
+        {"url": "mqtt://site:hunter2@broker", "n": 1},
+    ]
+    expected = [*records[:6], {"seq": "x=1", "url": "https://u:***@h/"},
+                {"url": "mqtt://site:***@broker", "n": 1}]
+    for record in records[:3]:
+        log.defer(record)
+    log.flush()
+    returned = [log.append(records[3]), *log.append_all(records[4:])]
+    lines = path.read_bytes().splitlines()
+    prev = GENESIS
+    for n, (line, record) in enumerate(zip(lines, expected, strict=True), 1):
+        assert line == json.dumps({"seq": n, **record, "prev": prev}, default=str).encode()
+        if n >= 4:  # what append and append_all return: the record as written
+            assert returned[n - 4] == {"seq": n, **record, "prev": prev}
+        prev = _sha(line)
+
+
+def test_a_record_after_a_hand_edited_head_chains_to_what_the_head_says(tmp_path):
+    """Whatever the head holds when it matches the log's size is taken as the chain's end,
+    and written as json writes it (the next verify reports the break)."""
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).append({"event": "first"})
+    size = path.stat().st_size
+    for seq, sha in ((7, "not-a-hash=1"), (9.5, "ab" * 32), (True, "ab" * 32)):
+        (tmp_path / "audit.head").write_text(json.dumps(
+            {"seq": seq, "sha256": sha, "size": size}).ljust(199) + "\n")
+        log = AuditLog(path)
+        log.defer({"event": "next"})
+        log.flush()
+        last = path.read_bytes().splitlines()[-1]
+        assert last == json.dumps({"seq": seq + 1, "event": "next", "prev": sha}).encode()
+        size = path.stat().st_size
+        log.close()
+    assert not verify(path).ok
+
+
+def test_another_writer_between_two_flushes_keeps_one_chain(tmp_path):
+    """The node's log, flushing a request's records, and another writer (a CLI command:
+    another open file, so another lock) appending between its flushes and at the same time."""
+    path = tmp_path / "audit.jsonl"
+    node, cli = AuditLog(path, durable=False), AuditLog(path, durable=False)
+    node.defer({"event": "train-request"})
+    node.flush()
+    cli.append({"event": "policy-changed"})
+    node.defer({"event": "train-request"})
+    node.defer({"event": "trained"})
+    node.flush()
+
+    def requests():
+        for i in range(200):
+            node.defer({"event": "train-request", "i": i})
+            node.defer({"event": "trained", "i": i})
+            node.flush()
+
+    serving = threading.Thread(target=requests)
+    serving.start()
+    for i in range(100):
+        cli.append_all([{"event": "policy-changed", "i": i}])
+    serving.join()
+    node.close()
+    cli.close()
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [r["seq"] for r in records] == list(range(1, 505))
+    assert [r["event"] for r in records[:4]] == ["train-request", "policy-changed",
+                                                  "train-request", "trained"]
+    assert sum(r["event"] == "policy-changed" for r in records) == 101
+    assert verify(path).ok
+
+
+def test_a_rotated_log_is_noticed_at_the_next_flush(tmp_path):
+    """A log moved away (logrotate) keeps what was written; the next records start a new
+    file at the path, with a new chain."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, durable=False)
+    log.defer({"event": "one"})
+    log.flush()
+    old = path.read_bytes()
+    path.rename(tmp_path / "audit.jsonl.1")
+    log.defer({"event": "two"})
+    log.flush()
+    assert (tmp_path / "audit.jsonl.1").read_bytes() == old
+    assert path.read_bytes() == json.dumps(
+        {"seq": 1, "event": "two", "prev": GENESIS}).encode() + b"\n"
+    path.rename(tmp_path / "audit.jsonl.2")
+    path.write_bytes(b"")  # rotated with a new empty file in its place
+    log.append({"event": "three"})
+    assert json.loads(path.read_bytes())["seq"] == 1
+    assert verify(path).ok
+
+
+def test_text_a_researcher_wrote_cannot_forge_a_lines_seq_or_prev(tmp_path):
+    """A crafted experiment name (a correctly signed request may carry any text) stays a
+    string in its record: the line's own seq and prev are the log's."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, durable=False)
+    forged = f'x=1", "seq": 1, "prev": "{GENESIS}", "y": "'  # "=": scanned
+    for _ in range(2):
+        log.defer({"event": "train-request", "experiment": forged})
+        log.defer({"event": "trained", forged: forged})
+        log.flush()
+    lines = path.read_bytes().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4]
+    assert [r["prev"] for r in records] == [GENESIS] + [_sha(line) for line in lines[:3]]
+    assert records[2]["experiment"] == forged and records[3][forged] == forged
+    assert verify(path).ok

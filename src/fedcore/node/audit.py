@@ -64,6 +64,23 @@ def _record_encoder() -> Callable[[Any], str]:
 
 
 _encode = _record_encoder()
+_sha256 = hashlib.sha256
+_Line = tuple[int, dict[str, Any], str]  # (seq, the record as written, prev) of one line
+
+
+def _full(line: _Line) -> dict[str, Any]:
+    """The record of ``line`` as written: with its ``seq`` first and ``prev`` last."""
+    seq, record, prev = line
+    return {"seq": seq, **record, "prev": prev}
+
+
+if fcntl is not None:  # an exclusive flock of the log while a process appends
+    _flock, _LOCK_EX, _LOCK_UN = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
+else:  # pragma: no cover - Windows: one writing process only
+    def _flock(fd: int, operation: int) -> None:
+        pass
+
+    _LOCK_EX = _LOCK_UN = 0
 # Every string a record holds (keys, values, what ``default=str`` makes of other objects) is
 # written as it is into the line, so a line with neither "://" nor "=" holds no text that
 # redact_url would change: the record is scrubbed (a copy, recursively) only otherwise.
@@ -88,6 +105,40 @@ def _scrubbed(value: Any) -> Any:
     if isinstance(value, (bool, int, float)):
         return value
     return redact_url(str(value))  # what json.dumps(default=str) would write
+
+
+def _line(seq: int, record: dict[str, Any], prev: str) -> tuple[str, dict[str, Any]]:
+    """What :func:`_merged_line` returns, for an int ``seq`` and an alphanumeric ``prev``.
+
+    ``prev`` is of ASCII letters and digits (a SHA-256 in hex): json writes it as it is,
+    between quotes. The line is built from the record's own text: ``seq`` and ``prev`` hold
+    no character the scan for credentials looks for, and a dict without the keys ``seq`` and
+    ``prev`` keeps its items, in order, between the two (json writes each item alone).
+    Other records are merged.
+    """
+    if type(record) is not dict or "seq" in record or "prev" in record:
+        return _merged_line(seq, record, prev)
+    body = _encode(record)
+    if "://" in body or "=" in body:  # the text may hold a credential: scrubbed
+        scrubbed = _scrubbed(record)
+        if "seq" in scrubbed or "prev" in scrubbed:  # a key that its redaction made one
+            return _merged_line(seq, record, prev)
+        record, body = scrubbed, _encode(scrubbed)
+    if len(body) == 2:  # {}
+        return f'{{"seq": {seq}, "prev": "{prev}"}}', record
+    return f'{{"seq": {seq}, {body[1:-1]}, "prev": "{prev}"}}', record
+
+
+def _merged_line(seq: Any, record: dict[str, Any], prev: Any) -> tuple[str, dict[str, Any]]:
+    """The text of ``{"seq": seq, **record, "prev": prev}``'s line, and the record it holds.
+
+    The record is scrubbed (a copy) when the line's text may hold a credential.
+    """
+    text = _encode({"seq": seq, **record, "prev": prev})
+    if "://" in text or "=" in text:
+        record = _scrubbed(record)
+        text = _encode({"seq": seq, **record, "prev": prev})
+    return text, record
 
 
 class AuditLog:
@@ -121,9 +172,7 @@ class AuditLog:
         Records deferred before it (:meth:`defer`) are written first, in order.
         """
         with self._lock:
-            f = self._handle()
-            with _locked(f):
-                return self._write(f, self._take_deferred() + [record])[-1]
+            return _full(self._commit([record], sync=False)[-1])
 
     def append_all(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Write ``records`` one after the other and flush them to disk (``fsync``).
@@ -132,14 +181,9 @@ class AuditLog:
         records survive a crash of the machine too (unless the log is not ``durable``).
         Records deferred before them (:meth:`defer`) are written first, in order.
         """
-        with self._lock:
-            f = self._handle()
-            with _locked(f):
-                deferred = self._take_deferred()
-                written = self._write(f, deferred + records)[len(deferred):]
-                if self.durable:  # the head is not: a stale one is found and rewritten
-                    os.fsync(f.fileno())
-        return written
+        with self._lock:  # the head is not fsync'd: a stale one is found and rewritten
+            lines = self._commit(records, sync=self.durable)
+        return [_full(line) for line in lines[len(lines) - len(records):]]
 
     def defer(self, record: dict[str, Any]) -> None:
         """Keep ``record`` to be written by the next :meth:`flush` (or append), in order.
@@ -156,11 +200,8 @@ class AuditLog:
     def flush(self) -> None:
         """Write the deferred records (one write; nothing to do when there are none)."""
         with self._lock:
-            if not self._deferred:
-                return
-            f = self._handle()
-            with _locked(f):
-                self._write(f, self._take_deferred())
+            if self._deferred:
+                self._commit([], sync=False)
 
     def _take_deferred(self) -> list[dict[str, Any]]:
         records, self._deferred = self._deferred, []
@@ -191,20 +232,52 @@ class AuditLog:
                     count += isinstance(record, dict) and record.get("txn") == txn
         return count
 
-    def _write(self, f: IO[bytes], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        size = os.fstat(f.fileno()).st_size
+    def _commit(self, records: list[dict[str, Any]], *, sync: bool) -> list[_Line]:
+        """Write the deferred records, then ``records``, holding the file's lock; their lines.
+
+        Under the lock, one ``stat`` of the path both notices a rotated log (another inode)
+        and gives the size of the file (its inode's: nobody appends while the lock is held).
+        ``sync``: ``fsync`` the log before the lock is released.
+        """
+        f = self._file
+        if f is not None:
+            fd = f.fileno()
+            _flock(fd, _LOCK_EX)
+            try:
+                try:
+                    st = os.stat(self.path)
+                except OSError:
+                    st = None
+                if st is not None and st.st_ino == self._ino:  # not moved away (rotated)
+                    return self._write(f, st.st_size, records, sync)
+            finally:
+                _flock(fd, _LOCK_UN)
+            self._file = None
+            f.close()
+        f = self._open()
+        fd = f.fileno()
+        _flock(fd, _LOCK_EX)
+        try:
+            return self._write(f, os.fstat(fd).st_size, records, sync)
+        finally:
+            _flock(fd, _LOCK_UN)
+
+    def _write(self, f: IO[bytes], size: int, records: list[dict[str, Any]],
+               sync: bool) -> list[_Line]:
+        records = self._take_deferred() + records
         seq, prev, torn = self._tail(f, size)
-        written, chunks = [], [b"\n"] if torn else []
+        # Lines are built from each record's own JSON text (_line) after a tail of ours;
+        # after anything else a head may hold (a hand edit), from the merged dict.
+        make = (_line if type(seq) is int and type(prev) is str and prev.isalnum()
+                and prev.isascii() else _merged_line)
+        lines: list[_Line] = []
+        chunks = [b"\n"] if torn else []
         for record in records:
             seq += 1
-            full = {"seq": seq, **record, "prev": prev}
-            text = _encode(full)
-            if "://" in text or "=" in text:  # the text may hold a credential: scrubbed
-                full = {"seq": seq, **_scrubbed(record), "prev": prev}
-                text = _encode(full)
+            text, record = make(seq, record, prev)
+            lines.append((seq, record, prev))
             line = text.encode()
-            prev = _sha(line)
-            written.append(full)
+            prev = _sha256(line).hexdigest()
             chunks += [line, b"\n"]
         data = b"".join(chunks)
         # One write of every line, then the head: a process killed between the two leaves
@@ -214,7 +287,9 @@ class AuditLog:
         f.flush()
         self._write_head(seq, prev, size + len(data))
         self._last = (size + len(data), seq, prev)
-        return written
+        if sync:
+            os.fsync(f.fileno())
+        return lines
 
     def close(self) -> None:
         """Write the deferred records and close the files (the next append reopens them)."""
@@ -245,15 +320,7 @@ class AuditLog:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _handle(self) -> IO[bytes]:
-        f = self._file
-        if f is not None:
-            try:
-                if os.stat(self.path).st_ino == self._ino:  # not moved away (rotated)
-                    return f
-            except OSError:
-                pass
-            f.close()
+    def _open(self) -> IO[bytes]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = f = open(self.path, "ab")  # noqa: SIM115 - kept open between records
         self._ino = os.fstat(f.fileno()).st_ino  # an open file keeps its inode
@@ -289,23 +356,6 @@ class AuditLog:
         text = f'{{"seq": {seq}, "sha256": "{sha}", "size": {size}}}'.encode()  # as json.dumps
         assert self._head_fd is not None
         os.pwrite(self._head_fd, text.ljust(_HEAD_SIZE - 1) + b"\n", 0)
-
-
-class _locked:  # noqa: N801 - used as a function: `with _locked(f):`
-    """An exclusive ``flock`` of ``f`` for the block (none where there is no ``fcntl``)."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, f: IO[bytes]):
-        self.fd = f.fileno()
-
-    def __enter__(self) -> None:
-        if fcntl is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        if fcntl is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def read_head(path: Path, fd: int | None = None) -> dict[str, Any] | None:
