@@ -117,7 +117,6 @@ class _Rounds(NodeHome):
     _plans: dict[str, type[TrainingPlan]]
     _warm: dict[str, TrainingPlan]
     _bundles: dict[str, PlanBundle]
-    _backends: set[str]
     _workers: PlanWorkers
     _networked: bool
 
@@ -220,16 +219,14 @@ class _Rounds(NodeHome):
                 if bundle.backend not in plugins.available("backends"):
                     plugins.load("backends", bundle.backend)  # the error names close ones
                 return _Admitted(bundle, sha, entry, decision, None, apart=True)
-            if bundle.backend not in self._backends:
+            if not plugins.loaded("backends", bundle.backend):
                 # Importing a framework takes seconds: off the loop, which keeps serving.
-                # Once imported, later rounds skip the thread hop (it costs milliseconds
-                # when the machine is busy), and so does a node whose process imported it
-                # already (another simulated node did).
-                if not plugins.loaded("backends", bundle.backend):
-                    self._audit.flush()
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, plugins.load, "backends", bundle.backend)
-                self._backends.add(bundle.backend)
+                # Once this process imported it (this node or another simulated one did),
+                # later rounds skip the thread hop (it costs milliseconds when the machine
+                # is busy).
+                self._audit.flush()
+                await asyncio.get_running_loop().run_in_executor(
+                    None, plugins.load, "backends", bundle.backend)
             return _Admitted(bundle, sha, entry, decision, self.datasets.open(entry))
         except asyncio.CancelledError:  # the node stops while loading the framework
             self.audit("train-abandoned", **base, reason="the node stopped mid-round")

@@ -64,7 +64,6 @@ def _record_encoder() -> Callable[[Any], str]:
 
 
 _encode = _record_encoder()
-_sha256 = hashlib.sha256
 _Line = tuple[int, dict[str, Any], str]  # (seq, the record as written, prev) of one line
 
 
@@ -134,10 +133,10 @@ def _merged_line(seq: Any, record: dict[str, Any], prev: Any) -> tuple[str, dict
 
     The record is scrubbed (a copy) when the line's text may hold a credential.
     """
-    text = _encode({"seq": seq, **record, "prev": prev})
+    text = _encode(_full((seq, record, prev)))
     if "://" in text or "=" in text:
         record = _scrubbed(record)
-        text = _encode({"seq": seq, **record, "prev": prev})
+        text = _encode(_full((seq, record, prev)))
     return text, record
 
 
@@ -277,7 +276,7 @@ class AuditLog:
             text, record = make(seq, record, prev)
             lines.append((seq, record, prev))
             line = text.encode()
-            prev = _sha256(line).hexdigest()
+            prev = _sha(line)
             chunks += [line, b"\n"]
         data = b"".join(chunks)
         # One write of every line, then the head: a process killed between the two leaves

@@ -103,7 +103,6 @@ class Node(_Rounds):
         self._plans: dict[str, type[TrainingPlan]] = {}
         self._warm: dict[str, TrainingPlan] = {}  # built plans kept between rounds
         self._bundles: dict[str, PlanBundle] = {}  # verified bundles, by their SHA-256
-        self._backends: set[str] = set()  # backends whose framework is imported
         self._workers = PlanWorkers(self.home, self.node_id)  # researcher code runs there
         self._networked = False  # whether serve()'s transport is a network (not in-process)
         self._handlers: dict[type[Body], Callable[[Envelope], Any]] = {
