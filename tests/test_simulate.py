@@ -55,6 +55,47 @@ def test_each_virtual_hospital_is_a_real_node_with_its_own_files(tmp_path):
     assert tmp_path.exists()  # a root the caller gave is kept
 
 
+def test_simulated_nodes_start_serving_once_every_home_holds_its_data(tmp_path):
+    # from_arrays and from_dataframe build every node and its dataset, then start them all:
+    # each node records its dataset, then that it started, and answers the search.
+    import fedcore
+
+    X, y = np.arange(60.0).reshape(30, 2), np.arange(30) % 2
+    frame = pd.DataFrame({"a": X[:, 0], "b": X[:, 1], "label": y})
+    for make in (lambda root: simulate.from_arrays(X, y, n_nodes=3, tags=["t"], root=root),
+                 lambda root: simulate.from_dataframe(frame, target="label", n_nodes=3,
+                                                      tags=["t"], root=root)):
+        root = tmp_path / str(id(make))
+        with make(root) as fed:
+            session = fedcore.Federation(fed.url)
+            try:
+                assert sorted(session.search(["t"])["node"]) == ["node-01", "node-02",
+                                                                 "node-03"]
+            finally:
+                session.close()
+            for node in fed.nodes:
+                events = [e["event"] for e in node.audit_log()]
+                assert events[:3] == ["dataset-added", "started", "search"], events
+
+
+def test_a_simulation_whose_data_a_node_refuses_leaves_no_node_serving(tmp_path):
+    from fedcore._runtime import loop
+    from fedcore.errors import DatasetError
+
+    def serving() -> int:
+        return sum(1 for t in __import__("asyncio").all_tasks(loop())
+                   if "serve" in repr(t.get_coro()))
+
+    before = serving()
+    X = np.array([[object()]] * 4, dtype=object)  # a node refuses arrays of objects
+    with pytest.raises(DatasetError, match="Python objects"):
+        simulate.from_arrays(X, np.zeros(4), n_nodes=2, tags=["t"], root=tmp_path)
+    assert serving() == before
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [p for p in held if p.startswith(str(tmp_path))]  # no audit log left open
+
+
 def test_a_simulation_freezes_its_setup_for_the_collector_until_it_closes(tmp_path):
     X, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
     assert gc.get_freeze_count() == 0

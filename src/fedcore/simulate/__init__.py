@@ -24,7 +24,7 @@ import gc
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +162,38 @@ class SimulatedFederation:
         ``node_class``: a subclass of :class:`~fedcore.node.Node` to simulate a site that
         behaves differently (fails, is slow, records what it sends).
         """
-        node_id = node_id or f"node-{len(self.nodes) + 1:02d}"
-        # A simulation is the researcher's own sandbox: no plan review (deployed nodes,
-        # created by `fedcore-node init`, require approval by default).
-        node = node_class(self.root / node_id, node_id=node_id, executor=self._executor,
-                          approval_required=False, durable=self.durable)
+        node = self._build_node(node_id or f"node-{len(self.nodes) + 1:02d}", node_class)
         node.start(self.url)
         self.nodes.append(node)
         return node
+
+    def _add_nodes(self, node_ids: Sequence[str], give_data: Callable[[int, Node], None]
+                   ) -> None:
+        """Build the nodes ``node_ids``, ``give_data(i, node)`` to each, then start them all.
+
+        Started together once their homes are written, the nodes' starts reach the loop in
+        one go, instead of waking it (and handing it the GIL) once per node between two
+        homes being written. Each node does and records what it did when started first; it
+        records its dataset before it records that it started serving.
+        """
+        built: list[Node] = []
+        try:
+            for i, node_id in enumerate(node_ids):
+                built.append(self._build_node(node_id))
+                give_data(i, built[-1])
+            for node in list(built):
+                node.start(self.url)
+                self.nodes.append(node)
+                built.remove(node)
+        finally:
+            for node in built:  # not serving: close what recording its data opened
+                node._close_audit()
+
+    def _build_node(self, node_id: str, node_class: type[Node] = Node) -> Node:
+        # A simulation is the researcher's own sandbox: no plan review (deployed nodes,
+        # created by `fedcore-node init`, require approval by default).
+        return node_class(self.root / node_id, node_id=node_id, executor=self._executor,
+                          approval_required=False, durable=self.durable)
 
     def freeze_setup(self) -> None:
         """Leave the objects that exist now out of the garbage collector's scans until close.
@@ -270,9 +294,9 @@ def from_arrays(X: Any, y: Any, *, n_nodes: int, tags: Sequence[str], scheme: st
     fed = SimulatedFederation(name, root, durable=durable)
     try:
         if not links:
-            for i, idx in enumerate(parts):
-                node = fed.add_node()
-                node.datasets.add_arrays(f"{fed.name}-part{i + 1}", tags, X[idx], y[idx])
+            fed._add_nodes([f"node-{i + 1:02d}" for i in range(len(parts))],
+                           lambda i, node: node.datasets.add_arrays(
+                               f"{fed.name}-part{i + 1}", tags, X[parts[i]], y[parts[i]]))
             fed.freeze_setup()
             return fed
         ids = [f"node-{i + 1:02d}" for i in range(n_nodes)]
@@ -325,10 +349,14 @@ def build_shard(spec: ShardSpec, X: np.ndarray, y: np.ndarray | None) -> Simulat
             pass
     fed = SimulatedFederation(spec["name"], spec["root"], durable=spec.get("durable"))
     try:
-        for node_id, dataset, lo, hi in spec["nodes"]:
-            node = fed.add_node(node_id)
+        nodes = spec["nodes"]
+
+        def give_data(i: int, node: Node) -> None:
+            _, dataset, lo, hi = nodes[i]
             node.datasets.add_arrays(dataset, spec["tags"], X[lo:hi],
                                      None if y is None else y[lo:hi])
+
+        fed._add_nodes([n[0] for n in nodes], give_data)
     except BaseException:
         fed.close()
         raise
@@ -348,11 +376,17 @@ def from_dataframe(frame: pd.DataFrame, *, target: str, n_nodes: int, tags: Sequ
         raise ConfigurationError(f"No column {target!r}. Columns: {list(frame.columns)}")
     fed = SimulatedFederation(name, root, durable=durable)
     parts = partition(frame[target].to_numpy(), n_nodes, scheme=scheme, alpha=alpha, seed=seed)
-    for i, idx in enumerate(parts):
-        node = fed.add_node()
+
+    def give_data(i: int, node: Node) -> None:
         path = node.home / "data" / f"part{i + 1}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame.iloc[idx].to_csv(path, index=False)
+        frame.iloc[parts[i]].to_csv(path, index=False)
         node.datasets.add(f"{fed.name}-part{i + 1}", tags, path)
+
+    try:
+        fed._add_nodes([f"node-{i + 1:02d}" for i in range(len(parts))], give_data)
+    except BaseException:
+        fed.close()
+        raise
     fed.freeze_setup()
     return fed
