@@ -217,3 +217,39 @@ def test_a_bundle_ran_before_only_once_its_exact_files_ran_to_the_end(monkeypatc
         with pytest.raises(PlanError, match="RuntimeError: no"):
             bad.load()
         assert not bad.ran_before
+
+
+def test_a_plan_file_edited_between_two_bundles_ships_its_new_source(tmp_path, monkeypatch):
+    # A class's source is found once per version of its file; an edit of the file (seen by
+    # linecache's check, as inspect sees it) gives the edited source, not the one kept.
+    import importlib
+
+    import fedcore.plan.bundle as bundle_module
+
+    path = tmp_path / f"edited_plan_{id(tmp_path)}.py"
+    body = ("from fedcore_sklearn import SklearnTrainingPlan\n\n"
+            "class EditedPlan(SklearnTrainingPlan):\n    def init_model(self):\n"
+            "        return {!r}\n")
+    path.write_text(body.format("first"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(path.stem)
+    parsed: list[int] = []
+    parse = bundle_module.inspect.ast.parse
+    monkeypatch.setattr(bundle_module.inspect.ast, "parse",
+                        lambda *a, **k: parsed.append(1) or parse(*a, **k))
+    first = PlanBundle.from_class(module.EditedPlan)
+    again = PlanBundle.from_class(module.EditedPlan)
+    assert again.sha256 == first.sha256 and "'first'" in first.source
+    found = len(parsed)
+    PlanBundle.from_class(module.EditedPlan)
+    assert len(parsed) < found + 2  # the whole file is not parsed again to find the class
+    path.write_text(body.format("second, longer"))  # another size: linecache sees the change
+    edited = PlanBundle.from_class(module.EditedPlan)
+    assert "'second, longer'" in edited.source and edited.sha256 != first.sha256
+    assert textwrap.dedent(inspect_source(module.EditedPlan)) in edited.source
+
+
+def inspect_source(obj):
+    import inspect
+
+    return inspect.getsource(obj)

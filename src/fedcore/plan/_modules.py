@@ -76,6 +76,7 @@ def _installed_tops() -> frozenset[str]:
     return frozenset(importlib.metadata.packages_distributions())
 
 
+@lru_cache(maxsize=1)
 def _installed_folders() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     return tuple(os.path.realpath(paths[k]) for k in ("purelib", "platlib", "stdlib",

@@ -41,6 +41,11 @@ _HASH_VERSION = b"fedcore-plan-v2"
 # ran to the end, so a bundle found here has imported what it imports in this process.
 _COMPILED: dict[str, types.CodeType] = {}
 _COMPILED_MAX = 64
+# The source of each plan class inspect found, by (file, qualified name), with the lines of
+# the file it was found in (linecache's list: a new one whenever the file changed). Before
+# Python 3.13 inspect parses the whole file to find a class, milliseconds for each
+# Experiment; a class of an unchanged file is found once per process.
+_CLASS_SOURCES: dict[tuple[str, str], tuple[list[str], str]] = {}
 
 
 def _field(data: bytes) -> bytes:
@@ -257,7 +262,7 @@ class _Collector:
 def _object_source(obj: Any) -> str:
     """Source of a class or function, from its file or from the notebook cell it came from."""
     try:
-        return textwrap.dedent(inspect.getsource(obj))
+        return textwrap.dedent(_getsource(obj))
     except (OSError, TypeError):
         pass
     # Notebook classes (Python < 3.13 cannot find them): look for the cell through one of
@@ -280,6 +285,26 @@ def _object_source(obj: Any) -> str:
         "a file or a notebook cell (not in exec or an interactive prompt), with at least one "
         "method."
     )
+
+
+def _getsource(obj: Any) -> str:
+    """``inspect.getsource(obj)``; a class's is kept per version of its file (above)."""
+    file = inspect.getsourcefile(obj) if isinstance(obj, type) else None
+    if not file:
+        return inspect.getsource(obj)
+    linecache.checkcache(file)
+    lines = linecache.getlines(file)  # the list inspect reads too, while the file is unchanged
+    key = (file, obj.__qualname__)
+    kept = _CLASS_SOURCES.get(key)
+    if kept is not None and lines and kept[0] is lines:
+        return kept[1]
+    source = inspect.getsource(obj)
+    entry = linecache.cache.get(file)
+    if lines and entry is not None and entry[2] is lines:  # found in these very lines
+        if len(_CLASS_SOURCES) >= _COMPILED_MAX:
+            _CLASS_SOURCES.pop(next(iter(_CLASS_SOURCES)), None)
+        _CLASS_SOURCES[key] = (lines, source)
+    return source
 
 
 def _class_in(filename: str, name: str, line: int | None) -> str | None:
