@@ -299,8 +299,8 @@ def _getsource(obj: Any) -> str:
     if kept is not None and lines and kept[0] is lines:
         return kept[1]
     source = inspect.getsource(obj)
-    entry = linecache.cache.get(file)
-    if lines and entry is not None and entry[2] is lines:  # found in these very lines
+    entry: tuple[Any, ...] = linecache.cache.get(file, ())
+    if lines and len(entry) > 2 and entry[2] is lines:  # found in these very lines
         if len(_CLASS_SOURCES) >= _COMPILED_MAX:
             _CLASS_SOURCES.pop(next(iter(_CLASS_SOURCES)), None)
         _CLASS_SOURCES[key] = (lines, source)

@@ -167,8 +167,8 @@ class SimulatedFederation:
         self.nodes.append(node)
         return node
 
-    def _add_nodes(self, node_ids: Sequence[str], give_data: Callable[[int, Node], None]
-                   ) -> None:
+    def _add_nodes(self, node_ids: Sequence[str],
+                   give_data: Callable[[int, Node], object]) -> None:
         """Build the nodes ``node_ids``, ``give_data(i, node)`` to each, then start them all.
 
         Started together once their homes are written, the nodes' starts reach the loop in
