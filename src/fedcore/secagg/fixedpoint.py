@@ -133,15 +133,14 @@ class FixedPoint:
                     "value(s): the training produced them; fix the plan (learning rate, "
                     "data) and retry."
                 )
-            # The conversion to float64 is exact, the product rounds once: as one
-            # multiplication reading float32 and computing in float64, but without the
-            # ufunc's buffered cast (about a third faster).
-            np.copyto(x, raw, casting="unsafe")
             if hi > self.clip or lo < -self.clip:
+                np.copyto(x, raw, casting="unsafe")
                 clipped += int(np.count_nonzero(x > self.clip)) + int(
                     np.count_nonzero(x < -self.clip))
                 np.clip(x, -self.clip, self.clip, out=x)
-            np.multiply(x, factor, out=x)
+                np.multiply(x, factor, out=x)
+            else:  # read and scaled in one pass (the float64 conversion is exact)
+                np.multiply(raw, factor, out=x, dtype=np.float64, casting="unsafe")
             np.rint(x, out=x)
             write(ints[start:stop], x, words)
         return clipped
@@ -420,8 +419,10 @@ class Encoding:
     def _write(self, update: ParameterSet, weight: float,
                extras: Mapping[str, ParameterSet] | None, out: np.ndarray, how: str
                ) -> list[int]:
-        """Encode every value and the weight into ``out`` with ``how``, a method of
-        :class:`FixedPoint` (``encode_into`` or ``add_encoding_into``); the clip counts."""
+        """Encode every value and the weight into ``out``; the clip counts.
+
+        ``how`` names the :class:`FixedPoint` method: ``encode_into`` or ``add_encoding_into``.
+        """
         pos = 0
         clipped = [0, 0]
         sets = [(0, self.values, update)] + [(1, self.extras, ps) for ps in (extras or {}).values()]

@@ -498,18 +498,19 @@ class _MaskingNode(NodeSession):
             if not isinstance(update, ParameterSet):
                 raise ConfigurationError(f"Expected the update as a ParameterSet. "
                                          f"Received {type(update).__name__}.")
-            usable = pre is not None and pre.tag[0] == peers
-            if usable and pre.done and pre.tag[1] == Layout.of(update, extras).size:
+            usable = pre if pre is not None and pre.tag[0] == peers else None
+            if usable is not None and usable.done \
+                    and usable.tag[1] == Layout.of(update, extras).size:
                 # The mask is ready and as long as the update's vector: the update is
                 # encoded onto it, in one pass and in place (the mask is used once).
-                mask = self._mask(pre)
+                mask = self._mask(usable)
                 if mask is not None:
                     layout = encoding.encode_onto(mask, update, weight, extras)
                     return self._masked(mask, layout, peers, start)
-                usable = False  # it failed (logged): the masks are made directly
+                usable = None  # it failed (logged): the masks are made directly
             vector, layout = encoding.encode(update, weight, extras, dtype)
             # Still computing (it runs on while the update is encoded), or another length.
-            mask = self._mask(pre) if usable else None
+            mask = self._mask(usable) if usable is not None else None
         finally:
             if pre is not None:
                 pre.release()
