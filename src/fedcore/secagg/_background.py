@@ -100,6 +100,11 @@ class Background(Generic[T]):
         self.seconds = time.perf_counter() - start
         self.cpu_seconds = time.thread_time() - cpu
 
+    @property
+    def done(self) -> bool:
+        """Whether the work has finished (:meth:`result` then returns without waiting)."""
+        return not self._thread.is_alive()
+
     def result(self) -> T | None:
         """The result once computed (waits for it); ``None``, logged, when the work failed."""
         self._thread.join()

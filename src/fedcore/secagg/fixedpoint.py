@@ -34,7 +34,7 @@ exact for integer weights; clip counts are plain integers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,19 @@ DEFAULT_MAX_WEIGHT = float(2**20)
 RING_BITS = (16, 24, 32, 40, 48, 56, 64)  # the rings an encoding may use (whole bytes)
 _META = 3  # weight, values clipped in params, values clipped in extras
 _CHUNK = 1 << 16
+#: How :meth:`FixedPoint._encode` puts a chunk of rounded values into its words.
+_Write = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def _store(words: np.ndarray, x: np.ndarray, scratch: np.ndarray) -> None:
+    np.copyto(words, x, casting="unsafe")  # integers already: the conversion is exact
+
+
+def _add(words: np.ndarray, x: np.ndarray, scratch: np.ndarray) -> None:
+    ints = scratch[:x.size]
+    np.copyto(ints, x, casting="unsafe")
+    unsigned = words.view(f"u{words.dtype.itemsize}")  # wraps modulo the ring
+    np.add(unsigned, ints.view(unsigned.dtype), out=unsigned)
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,20 @@ class FixedPoint:
         Returns how many values were clipped. Non-finite values raise ``ConfigurationError``.
         Works in cache-sized chunks through one float64 buffer.
         """
+        return self._encode(values, weight, out, _store)
+
+    def add_encoding_into(self, values: np.ndarray, weight: float, out: np.ndarray) -> int:
+        """Add the encoding of ``weight * clip(values)`` to ``out``, modulo its ring, in place.
+
+        What :meth:`encode_into` then an addition give, bit for bit, in one pass over ``out``
+        (a node adds its update to its precomputed mask). Returns how many values were
+        clipped; non-finite values raise ``ConfigurationError`` (``out`` is then partly
+        changed).
+        """
+        return self._encode(values, weight, out, _add)
+
+    def _encode(self, values: np.ndarray, weight: float, out: np.ndarray,
+                write: _Write) -> int:
         flat = np.asarray(values).reshape(-1)
         if flat.dtype.kind == "c":
             raise ConfigurationError("Expected real values to encode. Received complex ones: "
@@ -90,6 +117,7 @@ class FixedPoint:
         factor = weight / self.step  # weight / 2**e is exact; one rounding in the product
         clipped = 0
         buf = np.empty(min(_CHUNK, flat.size), dtype=np.float64)
+        words = np.empty(buf.size if write is _add else 0, dtype=ints.dtype)
         for start in range(0, flat.size, _CHUNK):
             stop = min(start + _CHUNK, flat.size)
             raw, x = flat[start:stop], buf[:stop - start]
@@ -114,14 +142,35 @@ class FixedPoint:
             else:  # read and scaled in one pass (the float64 conversion is exact)
                 np.multiply(raw, factor, out=x, dtype=np.float64, casting="unsafe")
             np.rint(x, out=x)
-            np.copyto(ints[start:stop], x, casting="unsafe")
+            write(ints[start:stop], x, words)
         return clipped
 
     def decode(self, sums: np.ndarray) -> np.ndarray:
         """The float64 values whose encodings add up to ``sums`` (modulo 2^64; uint32: 2^32)."""
         ints = (sums.view(np.int32) if sums.dtype == np.uint32
                 else np.asarray(sums, dtype=np.uint64).view(np.int64))
-        return np.multiply(ints, self.step, dtype=np.float64)  # one pass, one array
+        out = ints.astype(np.float64)  # the plain conversion (faster than the ufunc's cast)
+        np.multiply(out, self.step, out=out)  # exact: a power of two
+        return out
+
+    def decode_in_place(self, sums: np.ndarray) -> np.ndarray:
+        """:meth:`decode` written over ``sums`` (contiguous 8-byte words, which it consumes).
+
+        Returns the float64 view of their memory: no new array, and one pass over them in
+        cache-sized chunks (each chunk is read into a buffer before it is overwritten).
+        """
+        if sums.dtype.itemsize != 8 or sums.ndim != 1 or not sums.flags.c_contiguous \
+                or not sums.flags.writeable:
+            raise TypeError("decode_in_place expects a writable, contiguous vector of 8-byte "
+                            f"words. Received {sums.dtype} {sums.shape}.")
+        ints, out = sums.view(np.int64), sums.view(np.float64)
+        buf = np.empty(min(_CHUNK, sums.size), dtype=np.float64)
+        for start in range(0, sums.size, _CHUNK):
+            stop = min(start + _CHUNK, sums.size)
+            x = buf[:stop - start]
+            np.copyto(x, ints[start:stop], casting="unsafe")
+            np.multiply(x, self.step, out=out[start:stop])  # exact: a power of two
+        return out
 
     def error_bound(self, n_nodes: int) -> float:
         """Largest difference between a decoded sum of ``n_nodes`` values and the exact one."""
@@ -318,9 +367,36 @@ class Encoding:
 
         Of uint64, or of ``dtype`` uint32 for a 32-bit ring (half the memory and the work).
         """
-        if np.dtype(dtype).itemsize * 8 < self.ring_bits:
+        layout = self._checked_layout(update, weight, extras, np.dtype(dtype))
+        out = np.empty(layout.size, dtype=dtype)
+        clipped = self._write(update, weight, extras, out, "encode_into")
+        out[-2:] = clipped
+        return out, layout
+
+    def encode_onto(self, vector: np.ndarray, update: ParameterSet, weight: float,
+                    extras: Mapping[str, ParameterSet] | None = None) -> Layout:
+        """Add the vector :meth:`encode` makes to ``vector`` (modulo its ring), in place.
+
+        Bit for bit what ``encode`` then an addition give, without the encoded vector: one
+        pass over ``vector`` (a node adds its update to its precomputed mask). ``vector``
+        must be as long as the encoding (``ConfigurationError`` otherwise, as for what
+        :meth:`encode` refuses; ``vector`` is then left unchanged, except for non-finite
+        values, found part way).
+        """
+        layout = self._checked_layout(update, weight, extras, vector.dtype)
+        if vector.shape != (layout.size,):
+            raise ConfigurationError(f"Expected a vector of {layout.size} words to encode "
+                                     f"onto. Received {vector.shape}.")
+        clipped = self._write(update, weight, extras, vector, "add_encoding_into")
+        np.add(vector[-2:], np.array(clipped, dtype=vector.dtype), out=vector[-2:])
+        return layout
+
+    def _checked_layout(self, update: ParameterSet, weight: float,
+                        extras: Mapping[str, ParameterSet] | None, dtype: np.dtype[Any]
+                        ) -> Layout:
+        if dtype.itemsize * 8 < self.ring_bits:
             raise ConfigurationError(f"Expected a dtype of at least {self.ring_bits} bits for "
-                                     f"this ring. Received {np.dtype(dtype).name}.")
+                                     f"this ring. Received {dtype.name}.")
         if not (isinstance(weight, (int, float, np.number)) and math.isfinite(weight)
                 and 0 < weight <= self.max_weight):
             raise ConfigurationError(
@@ -334,39 +410,64 @@ class Encoding:
                 "The update does not have the global model's layout: "
                 + expected.describe_difference(Layout(layout.params, [])) + "."
             )
-        if layout.n_values * self.n_nodes >= 1 << (8 * np.dtype(dtype).itemsize):
+        if layout.n_values * self.n_nodes >= 1 << (8 * dtype.itemsize):
             raise ConfigurationError(
                 f"The clip counts of {self.n_nodes} nodes' {layout.n_values} values could wrap "
-                f"a {np.dtype(dtype).name} ring: use the 64-bit ring for a model this large.")
-        out = np.empty(layout.size, dtype=dtype)
+                f"a {dtype.name} ring: use the 64-bit ring for a model this large.")
+        return layout
+
+    def _write(self, update: ParameterSet, weight: float,
+               extras: Mapping[str, ParameterSet] | None, out: np.ndarray, how: str
+               ) -> list[int]:
+        """Encode every value and the weight into ``out``; the clip counts.
+
+        ``how`` names the :class:`FixedPoint` method: ``encode_into`` or ``add_encoding_into``.
+        """
         pos = 0
         clipped = [0, 0]
         sets = [(0, self.values, update)] + [(1, self.extras, ps) for ps in (extras or {}).values()]
         for which, fp, ps in sets:
+            write = getattr(fp, how)
             for a in ps.values():
                 size = int(np.size(a))
-                clipped[which] += fp.encode_into(np.asarray(a), float(weight),
-                                                 out[pos:pos + size])
+                clipped[which] += write(np.asarray(a), float(weight), out[pos:pos + size])
                 pos += size
-        self.weight.encode_into(np.array([1.0]), float(weight), out[pos:pos + 1])
-        out[pos + 1:pos + 3] = clipped
-        return out, layout
+        getattr(self.weight, how)(np.array([1.0]), float(weight), out[pos:pos + 1])
+        return clipped
 
     def decode(self, sums: np.ndarray, layout: Layout, n_summed: int
                ) -> tuple[ParameterSet, float, dict[str, ParameterSet], dict[str, Any]]:
         """Sums (float64), total weight, extras' sums and what the decoding reports."""
+        return self._decode(sums, layout, n_summed, "decode")
+
+    def decode_in_place(self, sums: np.ndarray, layout: Layout, n_summed: int
+                        ) -> tuple[ParameterSet, float, dict[str, ParameterSet], dict[str, Any]]:
+        """:meth:`decode`, the float64 sums written over ``sums``, which it consumes.
+
+        For a caller that owns ``sums`` (a writable, contiguous vector) and drops it: with
+        8-byte words the sums are views of its memory, made in one pass (no new array, see
+        :meth:`FixedPoint.decode_in_place`); 4-byte words cannot hold them and are decoded
+        into new arrays as by :meth:`decode`. The values are the same, bit for bit.
+        """
+        return self._decode(sums, layout, n_summed, "decode_in_place")
+
+    def _decode(self, sums: np.ndarray, layout: Layout, n_summed: int, how: str
+                ) -> tuple[ParameterSet, float, dict[str, ParameterSet], dict[str, Any]]:
         if sums.shape != (layout.size,):
             raise ProtocolError(f"Expected {layout.size} summed values. Received {sums.shape}.")
         if sums.dtype.itemsize * 8 != self.ring_bits:  # a ring narrower than its words
-            sums = _sign_extend(sums, self.ring_bits)
+            sums = _sign_extend(sums, self.ring_bits)  # a new vector, 8-byte words
+        if sums.dtype.itemsize != 8:
+            how = "decode"
         pos = 0
 
         def take(entries: list[tuple[str, tuple[int, ...]]], fp: FixedPoint) -> ParameterSet:
             nonlocal pos
+            decode = getattr(fp, how)
             out = {}
             for name, shape in entries:
                 size = math.prod(shape)
-                out[name] = fp.decode(sums[pos:pos + size]).reshape(shape)
+                out[name] = decode(sums[pos:pos + size]).reshape(shape)
                 pos += size
             return ParameterSet(out)
 

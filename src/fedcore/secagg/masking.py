@@ -322,8 +322,9 @@ class _MaskingResearcher(ResearcherSession):
             total, self._sum = self._sum, None
             C.apply_masks_spread(total, seeds)
         with self._timed("decode_s"):
-            sums, weight, extras, report = self.encoding.decode(total, self._layout,
-                                                                len(survivors))
+            # over the sum itself (no new array): it is dropped above, never used again
+            sums, weight, extras, report = self.encoding.decode_in_place(
+                total, self._layout, len(survivors))
         report.update({"scheme": self.scheme.name, "nodes": len(survivors),
                        "survivors": list(survivors), "dropped": dropped, "recovered": dropped,
                        "unmask_replies": len(self._replies), "threshold": self.t,
@@ -491,20 +492,25 @@ class _MaskingNode(NodeSession):
                 extras: Mapping[str, ParameterSet] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         pre = self._pre.take()  # used once, whatever happens below
+        dtype = _RINGS[self.scheme.ring_bits]
         try:
             peers, encoding = self._training_setup(options)
             if not isinstance(update, ParameterSet):
                 raise ConfigurationError(f"Expected the update as a ParameterSet. "
                                          f"Received {type(update).__name__}.")
-            vector, layout = encoding.encode(update, weight, extras,
-                                             _RINGS[self.scheme.ring_bits])
-            mask = None
-            if pre is not None and pre.tag[0] == peers:
-                waited = time.perf_counter()
-                mask = pre.result()
-                self.timings.update(wait_s=time.perf_counter() - waited,
-                                    precompute_s=pre.seconds,
-                                    precompute_cpu_s=pre.cpu_seconds)
+            usable = pre if pre is not None and pre.tag[0] == peers else None
+            if usable is not None and usable.done \
+                    and usable.tag[1] == Layout.of(update, extras).size:
+                # The mask is ready and as long as the update's vector: the update is
+                # encoded onto it, in one pass and in place (the mask is used once).
+                mask = self._mask(usable)
+                if mask is not None:
+                    layout = encoding.encode_onto(mask, update, weight, extras)
+                    return self._masked(mask, layout, peers, start)
+                usable = None  # it failed (logged): the masks are made directly
+            vector, layout = encoding.encode(update, weight, extras, dtype)
+            # Still computing (it runs on while the update is encoded), or another length.
+            mask = self._mask(usable) if usable is not None else None
         finally:
             if pre is not None:
                 pre.release()
@@ -517,6 +523,18 @@ class _MaskingNode(NodeSession):
             np.add(vector[:n], mask[:n], out=vector[:n])  # wraps modulo the ring
             if vector.size > n:  # extras beyond the expected length: the streams' next words
                 C.apply_masks_spread(vector[n:], self._seeds(peers), offset=n)
+        return self._masked(vector, layout, peers, start)
+
+    def _mask(self, pre: Background[np.ndarray]) -> np.ndarray | None:
+        """The precomputed mask (waiting for it), its timings kept; ``None`` if it failed."""
+        waited = time.perf_counter()
+        mask = pre.result()
+        self.timings.update(wait_s=time.perf_counter() - waited, precompute_s=pre.seconds,
+                            precompute_cpu_s=pre.cpu_seconds)
+        return mask
+
+    def _masked(self, vector: np.ndarray, layout: Layout, peers: list[str],
+                start: float) -> dict[str, Any]:
         self._peers = peers
         self.timings["protect_s"] = time.perf_counter() - start
         return self._reply(values=vector, layout=layout.to_wire())
