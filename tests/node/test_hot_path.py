@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import hashlib
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from fedcore.node import Node
 from fedcore.node._config import request_scope
 from fedcore.node._turns import FlushIfLong, TurnTakingExecutor
 from fedcore.node.audit import verify
+from fedcore.node.executor import plan_key
 from fedcore.plan.base import check_training_args
 from fedcore.wire import codec
 from fedcore.wire.messages import TrainReply
@@ -277,12 +280,6 @@ def test_a_plans_key_is_the_sha256_of_the_sorted_json_of_its_arguments():
     # The warm plan of a round is found by this key: the encoder built once writes what
     # json.dumps(sort_keys=True, default=repr) writes, so equal arguments (of equal types)
     # find the same plan and others do not.
-    import hashlib
-
-    from types import SimpleNamespace
-
-    from fedcore.node.executor import plan_key
-
     cases = [
         ({}, {"epochs": 1, "batch_size": 32, "lr": 0.5}, {"kind": "array", "n": 3}),
         ({"b": [1, 2.5, None], "a": {"z": True, "y": "é\n\"q\""}}, {"lr": 1}, {}),
