@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import hashlib
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from fedcore.node import Node
 from fedcore.node._config import request_scope
 from fedcore.node._turns import FlushIfLong, TurnTakingExecutor
 from fedcore.node.audit import verify
+from fedcore.node.executor import plan_key
 from fedcore.plan.base import check_training_args
 from fedcore.wire import codec
 from fedcore.wire.messages import TrainReply
@@ -271,3 +274,31 @@ def test_of_several_nodes_on_one_loop_only_the_one_whose_job_runs_long_writes_ea
     finally:
         pool.shutdown()
     assert writes == ["slow"]
+
+
+def test_a_plans_key_is_the_sha256_of_the_sorted_json_of_its_arguments():
+    # The warm plan of a round is found by this key: the encoder built once writes what
+    # json.dumps(sort_keys=True, default=repr) writes, so equal arguments (of equal types)
+    # find the same plan and others do not.
+    cases = [
+        ({}, {"epochs": 1, "batch_size": 32, "lr": 0.5}, {"kind": "array", "n": 3}),
+        ({"b": [1, 2.5, None], "a": {"z": True, "y": "é\n\"q\""}}, {"lr": 1}, {}),
+        ({"x": float("nan"), "y": float("-inf"), "z": -0.0}, {"lr": 1.0}, {"k": [[]]}),
+        ({"odd": ValueError("x"), "n": np.float64(2.5)}, {"lr": True}, {}),
+        ({1: "int key", "2": 2}, {}, {"deep": {"b": {"d": 1, "c": 2}}}),
+    ]
+    keys = set()
+    for model_args, training_args, data_info in cases:
+        request = SimpleNamespace(model_args=model_args, training_args=training_args,
+                                  data_info=data_info)  # the fields a key reads
+        try:
+            text = json.dumps([model_args, training_args, data_info], sort_keys=True,
+                              default=repr)
+        except TypeError:  # mixed key types cannot be sorted: neither can the key's
+            with pytest.raises(TypeError):
+                plan_key("exp", "a" * 64, request)  # type: ignore[arg-type]
+            continue
+        expected = hashlib.sha256(f"exp\0{'a' * 64}\0{text}".encode()).hexdigest()
+        assert plan_key("exp", "a" * 64, request) == expected  # type: ignore[arg-type]
+        keys.add(expected)
+    assert len(keys) == 4  # 1, 1.0 and True give different keys
