@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import json.encoder
 import time
-from collections.abc import Callable
 from typing import Any
 
 from fedcore import plugins
@@ -158,24 +156,8 @@ def private_training(plan_class: type[TrainingPlan],
     return check_wrappable(plan_class, base, privacy)
 
 
-def _key_encoder() -> Callable[[Any], str]:
-    """``json.dumps(value, sort_keys=True, default=repr)``, its C encoder built once.
-
-    ``JSONEncoder.encode`` builds that encoder anew at every call (about a quarter of a
-    key's time); this one is built with the same arguments and writes the same text. It
-    leaves out the check for circular references: the value is a request's decoded
-    fields, which msgpack cannot make circular. Without the C accelerator: ``encode``.
-    """
-    encoder = json.JSONEncoder(sort_keys=True, default=repr)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - CPython ships the accelerator
-        return encoder.encode
-    chunks = make(None, encoder.default, json.encoder.encode_basestring_ascii, None,
-                  encoder.key_separator, encoder.item_separator, True, False, True)
-    return lambda value: "".join(chunks(value, 0))
-
-
-_key_text = _key_encoder()
+#: ``json.dumps(..., sort_keys=True, default=repr)`` without building an encoder per call.
+_key_text = json.JSONEncoder(sort_keys=True, default=repr).encode
 
 
 def plan_key(experiment: str, plan_hash: str, request: TrainRequest) -> str:
