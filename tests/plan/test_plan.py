@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import linecache
 import sys
 import textwrap
@@ -246,10 +247,4 @@ def test_a_plan_file_edited_between_two_bundles_ships_its_new_source(tmp_path, m
     path.write_text(body.format("second, longer"))  # another size: linecache sees the change
     edited = PlanBundle.from_class(module.EditedPlan)
     assert "'second, longer'" in edited.source and edited.sha256 != first.sha256
-    assert textwrap.dedent(inspect_source(module.EditedPlan)) in edited.source
-
-
-def inspect_source(obj):
-    import inspect
-
-    return inspect.getsource(obj)
+    assert textwrap.dedent(inspect.getsource(module.EditedPlan)) in edited.source
