@@ -46,6 +46,7 @@ _COMPILED_MAX = 64
 # Python 3.13 inspect parses the whole file to find a class, milliseconds for each
 # Experiment; a class of an unchanged file is found once per process.
 _CLASS_SOURCES: dict[tuple[str, str], tuple[list[str], str]] = {}
+_CLASS_SOURCES_MAX = 64
 
 
 def _field(data: bytes) -> bytes:
@@ -301,7 +302,7 @@ def _getsource(obj: Any) -> str:
     source = inspect.getsource(obj)
     entry: tuple[Any, ...] = linecache.cache.get(file, ())
     if lines and len(entry) > 2 and entry[2] is lines:  # found in these very lines
-        if len(_CLASS_SOURCES) >= _COMPILED_MAX:
+        if len(_CLASS_SOURCES) >= _CLASS_SOURCES_MAX:
             _CLASS_SOURCES.pop(next(iter(_CLASS_SOURCES)), None)
         _CLASS_SOURCES[key] = (lines, source)
     return source

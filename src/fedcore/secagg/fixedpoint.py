@@ -177,6 +177,12 @@ class FixedPoint:
         return (n_nodes / 2 + 1024) * self.step
 
 
+#: How :class:`Encoding` writes each array: ``FixedPoint.encode_into`` or ``.add_encoding_into``.
+_Writer = Callable[[FixedPoint, np.ndarray, float, np.ndarray], int]
+#: How it reads them back: ``FixedPoint.decode`` or ``.decode_in_place``.
+_Reader = Callable[[FixedPoint, np.ndarray], np.ndarray]
+
+
 class Layout:
     """Names and shapes of an update and its extras, in vector order.
 
@@ -369,7 +375,7 @@ class Encoding:
         """
         layout = self._checked_layout(update, weight, extras, np.dtype(dtype))
         out = np.empty(layout.size, dtype=dtype)
-        clipped = self._write(update, weight, extras, out, "encode_into")
+        clipped = self._write(update, weight, extras, out, FixedPoint.encode_into)
         out[-2:] = clipped
         return out, layout
 
@@ -387,7 +393,7 @@ class Encoding:
         if vector.shape != (layout.size,):
             raise ConfigurationError(f"Expected a vector of {layout.size} words to encode "
                                      f"onto. Received {vector.shape}.")
-        clipped = self._write(update, weight, extras, vector, "add_encoding_into")
+        clipped = self._write(update, weight, extras, vector, FixedPoint.add_encoding_into)
         np.add(vector[-2:], np.array(clipped, dtype=vector.dtype), out=vector[-2:])
         return layout
 
@@ -417,28 +423,27 @@ class Encoding:
         return layout
 
     def _write(self, update: ParameterSet, weight: float,
-               extras: Mapping[str, ParameterSet] | None, out: np.ndarray, how: str
-               ) -> list[int]:
-        """Encode every value and the weight into ``out``; the clip counts.
+               extras: Mapping[str, ParameterSet] | None, out: np.ndarray,
+               write: _Writer) -> list[int]:
+        """Encode every value and the weight into ``out`` with ``write``; the clip counts.
 
-        ``how`` names the :class:`FixedPoint` method: ``encode_into`` or ``add_encoding_into``.
+        ``write`` is :meth:`FixedPoint.encode_into` or :meth:`FixedPoint.add_encoding_into`.
         """
         pos = 0
         clipped = [0, 0]
         sets = [(0, self.values, update)] + [(1, self.extras, ps) for ps in (extras or {}).values()]
         for which, fp, ps in sets:
-            write = getattr(fp, how)
             for a in ps.values():
                 size = int(np.size(a))
-                clipped[which] += write(np.asarray(a), float(weight), out[pos:pos + size])
+                clipped[which] += write(fp, np.asarray(a), float(weight), out[pos:pos + size])
                 pos += size
-        getattr(self.weight, how)(np.array([1.0]), float(weight), out[pos:pos + 1])
+        write(self.weight, np.array([1.0]), float(weight), out[pos:pos + 1])
         return clipped
 
     def decode(self, sums: np.ndarray, layout: Layout, n_summed: int
                ) -> tuple[ParameterSet, float, dict[str, ParameterSet], dict[str, Any]]:
         """Sums (float64), total weight, extras' sums and what the decoding reports."""
-        return self._decode(sums, layout, n_summed, "decode")
+        return self._decode(sums, layout, n_summed, FixedPoint.decode)
 
     def decode_in_place(self, sums: np.ndarray, layout: Layout, n_summed: int
                         ) -> tuple[ParameterSet, float, dict[str, ParameterSet], dict[str, Any]]:
@@ -449,25 +454,24 @@ class Encoding:
         :meth:`FixedPoint.decode_in_place`); 4-byte words cannot hold them and are decoded
         into new arrays as by :meth:`decode`. The values are the same, bit for bit.
         """
-        return self._decode(sums, layout, n_summed, "decode_in_place")
+        return self._decode(sums, layout, n_summed, FixedPoint.decode_in_place)
 
-    def _decode(self, sums: np.ndarray, layout: Layout, n_summed: int, how: str
+    def _decode(self, sums: np.ndarray, layout: Layout, n_summed: int, decode: _Reader
                 ) -> tuple[ParameterSet, float, dict[str, ParameterSet], dict[str, Any]]:
         if sums.shape != (layout.size,):
             raise ProtocolError(f"Expected {layout.size} summed values. Received {sums.shape}.")
         if sums.dtype.itemsize * 8 != self.ring_bits:  # a ring narrower than its words
             sums = _sign_extend(sums, self.ring_bits)  # a new vector, 8-byte words
-        if sums.dtype.itemsize != 8:
-            how = "decode"
+        if sums.dtype.itemsize != 8:  # cannot hold float64: decoded into new arrays
+            decode = FixedPoint.decode
         pos = 0
 
         def take(entries: list[tuple[str, tuple[int, ...]]], fp: FixedPoint) -> ParameterSet:
             nonlocal pos
-            decode = getattr(fp, how)
             out = {}
             for name, shape in entries:
                 size = math.prod(shape)
-                out[name] = decode(sums[pos:pos + size]).reshape(shape)
+                out[name] = decode(fp, sums[pos:pos + size]).reshape(shape)
                 pos += size
             return ParameterSet(out)
 
