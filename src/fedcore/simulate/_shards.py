@@ -373,7 +373,7 @@ class ShardRelay:
     async def _connect(self, node_ids: list[str]) -> None:
         for node_id in node_ids:
             # What the researcher sends a node goes on to its shard within the send: the
-            # shard gets a round's first requests while the researcher encodes the rest.
+            # shard gets a round's first requests while the researcher sends the rest.
             link = self.links[self._shard_of[node_id]]
             endpoint = InProcessRelay(self.url, role="node", identity=node_id,
                                       forward=functools.partial(_to_shard, link, node_id))

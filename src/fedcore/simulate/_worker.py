@@ -37,8 +37,37 @@ def _writer(out: IO[bytes], items: queue.SimpleQueue[tuple[Any, ...] | None]) ->
         os._exit(1)
 
 
+def batch_scheduling() -> bool:
+    """Schedule this process's threads, and those they start, as batch work (Linux).
+
+    A worker is CPU-bound throughput work. Under the default policy each wake-up of one of
+    its threads (the pipe reader with the next frames, the training thread handed a batch)
+    preempts whatever runs on that core: often another thread of the same worker, which then
+    waits for the GIL it just lost, or the researcher's loop. ``SCHED_BATCH`` keeps the
+    worker's share of the CPU and its nice value and drops only that wake-up preemption.
+    Any process may choose it for itself, and nothing needs it back: the worker ends with
+    its simulation. Returns whether every thread has it.
+    """
+    setscheduler = getattr(os, "sched_setscheduler", None)
+    policy = getattr(os, "SCHED_BATCH", None)
+    if setscheduler is None or policy is None:  # not Linux: the default policy
+        return False
+    try:  # the threads running already (imports may start some); later ones inherit it
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    done = True
+    for tid in threads:
+        try:
+            setscheduler(tid, policy, os.sched_param(0))
+        except OSError:  # refused (a seccomp profile), or the thread ended: left as it is
+            done = False
+    return done
+
+
 def main() -> int:
     """Serve one shard; the exit code is 0 after a ``stop``."""
+    batch_scheduling()  # before the shard's threads start: they inherit it
     out = os.fdopen(os.dup(1), "wb", buffering=PIPE_BUFFER)
     os.dup2(2, 1)  # prints, from Python or C, go to stderr; records keep the pipe
     sys.stdout = sys.stderr
