@@ -350,3 +350,22 @@ def test_a_home_under_a_system_folder_takes_that_folder_from_the_worker_rules(tm
     assert "/dev/null" in writable([home])
     assert "/dev" not in readable(dataset, [home])
     assert not any(p == "/dev" or p.startswith("/dev/shm") for p in readable(dataset, [home]))
+
+
+def test_a_dataset_registered_in_a_readable_folder_leaves_the_next_rules_at_once(
+        tmp_path, monkeypatch):
+    # The rules of the installation's folders are kept between rounds; a dataset registered
+    # meanwhile in one of them (here a folder on the import path) still takes that folder
+    # from the very next worker's read rules.
+    from fedcore.node._spawn import readable
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.syspath_prepend(str(shared))
+    home = str(tmp_path / "home")
+    mine = {"id": "a", "path": str(tmp_path / "a.csv")}
+    real = os.path.realpath(shared)
+    assert real in readable(mine, [home])
+    assert real in readable(mine, [home])  # asked again: the same rules
+    assert real not in readable(mine, [home, str(shared / "b.csv")])
+    assert real in readable(mine, [home])  # that dataset removed again

@@ -120,7 +120,23 @@ def readable(dataset: Mapping[str, Any], forbidden: Iterable[str]) -> list[str]:
     A folder that holds a ``forbidden`` path (the node home, another dataset) is left out,
     whatever it is (a sys.path entry such as the folder the node was started from).
     """
-    banned = [os.path.realpath(p) for p in forbidden]
+    banned = tuple(os.path.realpath(p) for p in forbidden)
+    own = [q for p in entry_paths(dataset) for q in {os.path.abspath(p), os.path.realpath(p)}]
+    return [*_installed_readable(banned, tuple(sys.path)), *own]
+
+
+@functools.lru_cache(maxsize=64)
+def _installed_readable(banned: tuple[str, ...], import_path: tuple[str, ...]
+                        ) -> tuple[str, ...]:
+    """The folders of Python and the system a worker may read, none holding a ``banned`` path.
+
+    The node asks at every round, to give a worker whose rules changed a new process: ~0.6 ms
+    of path resolution each time. It is kept per ``banned`` (the real paths of the node home
+    and of the other datasets, resolved at every call, so a dataset registered meanwhile
+    is taken out at once) and per ``import_path`` (``sys.path``, the key only). What is
+    resolved from the installation's own folders (their real paths, whether they exist) is
+    read once per process, as :func:`_package_folders` is.
+    """
     wanted = [sys.prefix, sys.base_prefix, sys.exec_prefix, *_import_path(),
               *_package_folders(), *_SYSTEM_READ]
     out: list[str] = []
@@ -130,8 +146,7 @@ def readable(dataset: Mapping[str, Any], forbidden: Iterable[str]) -> list[str]:
                         "dataset.", path)
         elif os.path.exists(path):
             out.append(path)
-    return sorted(out) + [q for p in entry_paths(dataset)
-                          for q in {os.path.abspath(p), os.path.realpath(p)}]
+    return tuple(sorted(out))
 
 
 def writable(forbidden: Iterable[str]) -> list[str]:
@@ -140,10 +155,15 @@ def writable(forbidden: Iterable[str]) -> list[str]:
     One that holds a ``forbidden`` path is left out: a node home under ``/dev/shm`` must not
     become writable to the plans of its worker. The worker's own scratch folder comes on top.
     """
-    banned = [os.path.realpath(p) for p in forbidden]
-    return [w for w in _SYSTEM_WRITE
-            if not any(_within(b, q) for b in banned
-                       for q in {os.path.abspath(w), os.path.realpath(w)})]
+    return list(_system_writable(tuple(os.path.realpath(p) for p in forbidden)))
+
+
+@functools.lru_cache(maxsize=64)
+def _system_writable(banned: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`writable` for the real paths ``banned``, once per process (see above)."""
+    return tuple(w for w in _SYSTEM_WRITE
+                 if not any(_within(b, q) for b in banned
+                            for q in {os.path.abspath(w), os.path.realpath(w)}))
 
 
 def worker_key(dataset: str, read: list[str]) -> str:
