@@ -369,3 +369,38 @@ def test_a_dataset_registered_in_a_readable_folder_leaves_the_next_rules_at_once
     assert real in readable(mine, [home])  # asked again: the same rules
     assert real not in readable(mine, [home, str(shared / "b.csv")])
     assert real in readable(mine, [home])  # that dataset removed again
+
+
+@landlock
+def test_a_dataset_the_cli_registers_while_the_node_serves_leaves_the_next_workers_rules(
+        site, tmp_path, monkeypatch):
+    # The attacker's plan reads a file in a folder its worker may read (one on the import
+    # path) and gets it; the administrator, in another process, registers that file as a
+    # dataset while the node serves; the next round's worker, given its rules anew, can no
+    # longer read that dataset, though the rules of the installation are kept between rounds.
+    import subprocess
+    import sys
+
+    node, attacker, _, dataset = site
+    shared = tmp_path / "on-import-path"
+    shared.mkdir()
+    leaked = shared / "leaked.csv"
+    pd.DataFrame({"age": [50, 60], "secret_dx": ["Z", "Y"]}).to_csv(leaked, index=False)
+    monkeypatch.syspath_prepend(str(shared))
+    source = SNOOP.replace("TARGETS_HERE", repr({"leaked": str(leaked)}))
+    bundle = PlanBundle(files={"plan.py": source}, entry="SnoopPlan", backend="sklearn")
+    node.plans.submit(bundle)
+    node.plans.approve(bundle.sha256)
+
+    def read_by_plan() -> str:
+        reply = attacker.ask("site", _request(bundle.to_wire(), dataset)).body
+        assert isinstance(reply, TrainReply), reply
+        return reply.train_stats["fit_leaked"]
+
+    assert read_by_plan().startswith("read:")  # not a dataset yet: the folder is readable
+    done = subprocess.run(
+        [sys.executable, "-m", "fedcore_node", "--home", str(node.home), "dataset", "add",
+         "--name", "leaked", "--tags", "registry-2025", "--path", str(leaked)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert read_by_plan() == "PermissionError"
