@@ -61,8 +61,10 @@ def worker_environment(environ: Mapping[str, str], scratch: Path) -> dict[str, s
     return env
 
 
-def _import_path() -> list[str]:
-    return [os.path.abspath(p or os.curdir) for p in sys.path if os.path.exists(p or os.curdir)]
+def _import_path(entries: Iterable[str] | None = None) -> list[str]:
+    """``entries`` (default: ``sys.path``) as absolute paths, those that exist."""
+    return [os.path.abspath(p or os.curdir) for p in (sys.path if entries is None else entries)
+            if os.path.exists(p or os.curdir)]
 
 
 @functools.cache
@@ -114,13 +116,36 @@ def forbidden(home: Path, entries: Iterable[Mapping[str, Any]], dataset: str) ->
                          for p in entry_paths(e))]
 
 
+def rules(dataset: Mapping[str, Any], forbidden: Iterable[str]) -> tuple[list[str], list[str]]:
+    """:func:`readable` and :func:`writable` of a worker, the ``forbidden`` paths resolved once."""
+    banned = _resolved(forbidden)
+    return _readable(dataset, banned), list(_system_writable(banned))
+
+
 def readable(dataset: Mapping[str, Any], forbidden: Iterable[str]) -> list[str]:
     """What the worker for ``dataset`` may read: Python, the system, that dataset's files.
 
     A folder that holds a ``forbidden`` path (the node home, another dataset) is left out,
     whatever it is (a sys.path entry such as the folder the node was started from).
     """
-    banned = tuple(os.path.realpath(p) for p in forbidden)
+    return _readable(dataset, _resolved(forbidden))
+
+
+def writable(forbidden: Iterable[str]) -> list[str]:
+    """The system files the worker may write (``/dev/null``, ``/dev/shm``, GPU devices).
+
+    One that holds a ``forbidden`` path is left out: a node home under ``/dev/shm`` must not
+    become writable to the plans of its worker. The worker's own scratch folder comes on top.
+    """
+    return list(_system_writable(_resolved(forbidden)))
+
+
+def _resolved(forbidden: Iterable[str]) -> tuple[str, ...]:
+    """The real paths of ``forbidden``, resolved at every call (the registry may change)."""
+    return tuple(os.path.realpath(p) for p in forbidden)
+
+
+def _readable(dataset: Mapping[str, Any], banned: tuple[str, ...]) -> list[str]:
     own = [q for p in entry_paths(dataset) for q in {os.path.abspath(p), os.path.realpath(p)}]
     return [*_installed_readable(banned, tuple(sys.path)), *own]
 
@@ -133,11 +158,11 @@ def _installed_readable(banned: tuple[str, ...], import_path: tuple[str, ...]
     The node asks at every round, to give a worker whose rules changed a new process: ~0.6 ms
     of path resolution each time. It is kept per ``banned`` (the real paths of the node home
     and of the other datasets, resolved at every call, so a dataset registered meanwhile
-    is taken out at once) and per ``import_path`` (``sys.path``, the key only). What is
-    resolved from the installation's own folders (their real paths, whether they exist) is
-    read once per process, as :func:`_package_folders` is.
+    is taken out at once) and per ``import_path`` (``sys.path``). What is resolved from the
+    installation's own folders (their real paths, whether they exist) is read once per
+    process, as :func:`_package_folders` is.
     """
-    wanted = [sys.prefix, sys.base_prefix, sys.exec_prefix, *_import_path(),
+    wanted = [sys.prefix, sys.base_prefix, sys.exec_prefix, *_import_path(import_path),
               *_package_folders(), *_SYSTEM_READ]
     out: list[str] = []
     for path in {q for p in wanted for q in (os.path.abspath(p), os.path.realpath(p))}:
@@ -147,15 +172,6 @@ def _installed_readable(banned: tuple[str, ...], import_path: tuple[str, ...]
         elif os.path.exists(path):
             out.append(path)
     return tuple(sorted(out))
-
-
-def writable(forbidden: Iterable[str]) -> list[str]:
-    """The system files the worker may write (``/dev/null``, ``/dev/shm``, GPU devices).
-
-    One that holds a ``forbidden`` path is left out: a node home under ``/dev/shm`` must not
-    become writable to the plans of its worker. The worker's own scratch folder comes on top.
-    """
-    return list(_system_writable(tuple(os.path.realpath(p) for p in forbidden)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -265,7 +281,7 @@ def start_ahead(home: Path) -> int:
             if entry is None:
                 continue
             banned = forbidden(home, entries.values(), dataset)
-            read, write = readable(entry, banned), writable(banned)
+            read, write = rules(entry, banned)
             key = worker_key(dataset, read + write)
             started[key] = Launched(home / "scratch" / key, node_id, read, write, preload)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

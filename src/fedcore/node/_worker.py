@@ -45,9 +45,9 @@ from fedcore.node._spawn import (
     MEMORY,
     names,
     readable,
+    rules,
     worker_environment,
     worker_key,
-    writable,
 )
 from fedcore.params import ParameterSet
 from fedcore.wire import codec
@@ -148,7 +148,7 @@ class PlanWorkers:
 
     def _worker(self, entry: Mapping[str, Any], forbidden: list[str],
                 preload: Mapping[str, list[str]] | None = None) -> _Worker:
-        read, write = readable(entry, forbidden), writable(forbidden)
+        read, write = rules(entry, forbidden)
         key = worker_key(str(entry["id"]), read + write)
         worker = self._workers.pop(key, None)
         if worker is None or worker.process.poll() is not None:

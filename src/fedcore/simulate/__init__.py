@@ -177,16 +177,17 @@ class SimulatedFederation:
         records its dataset before it records that it started serving.
         """
         built: list[Node] = []
+        started = 0
         try:
             for i, node_id in enumerate(node_ids):
                 built.append(self._build_node(node_id))
                 give_data(i, built[-1])
-            for node in list(built):
+            for node in built:
                 node.start(self.url)
                 self.nodes.append(node)
-                built.remove(node)
+                started += 1
         finally:
-            for node in built:  # not serving: close what recording its data opened
+            for node in built[started:]:  # not serving: close what recording its data opened
                 node._close_audit()
 
     def _build_node(self, node_id: str, node_class: type[Node] = Node) -> Node:

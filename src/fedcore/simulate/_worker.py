@@ -37,7 +37,7 @@ def _writer(out: IO[bytes], items: queue.SimpleQueue[tuple[Any, ...] | None]) ->
         os._exit(1)
 
 
-def batch_scheduling() -> bool:
+def batch_scheduling() -> None:
     """Schedule this process's threads, and those they start, as batch work (Linux).
 
     A worker is CPU-bound throughput work. Under the default policy each wake-up of one of
@@ -46,23 +46,21 @@ def batch_scheduling() -> bool:
     waits for the GIL it just lost, or the researcher's loop. ``SCHED_BATCH`` keeps the
     worker's share of the CPU and its nice value and drops only that wake-up preemption.
     Any process may choose it for itself, and nothing needs it back: the worker ends with
-    its simulation. Returns whether every thread has it.
+    its simulation. Where it is not offered or refused, a thread keeps the default policy.
     """
     setscheduler = getattr(os, "sched_setscheduler", None)
     policy = getattr(os, "SCHED_BATCH", None)
-    if setscheduler is None or policy is None:  # not Linux: the default policy
-        return False
+    if setscheduler is None or policy is None:  # not Linux
+        return
     try:  # the threads running already (imports may start some); later ones inherit it
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:
         threads = [0]
-    done = True
     for tid in threads:
         try:
             setscheduler(tid, policy, os.sched_param(0))
-        except OSError:  # refused (a seccomp profile), or the thread ended: left as it is
-            done = False
-    return done
+        except OSError:  # refused (a seccomp profile), or the thread ended
+            pass
 
 
 def main() -> int:
